@@ -1,0 +1,221 @@
+"""The adapter contract: a strict point of cut-off between the gateway and a legacy protocol.
+
+Above this line the gateway knows envelopes, recipients and receipts; below it an adapter
+knows SOAP, SFTP or an XML exchange format. An adapter never knows which subsystem it
+carries, and nothing above it knows SOAP from SFTP.
+
+Contract
+--------
+``deliver(delivery) -> DeliveryResult``
+    Hand one envelope to the legacy system for one recipient unit. It MUST be idempotent
+    per ``delivery.message_id`` + recipient: the worker delivers at least once, so a retry
+    after a crash must not produce a second effect at the receiver (use the message id as
+    the legacy system's document id, write files under a temporary name and rename).
+    Returning means the legacy system has accepted the document ("delivered").
+    Raise :class:`RetryableError` for trouble that may pass (connection refused, timeout,
+    HTTP 503, SOAP ``Server.*``); raise :class:`PermanentError` for what retrying cannot fix
+    (SOAP ``Client.*``, a rejected file name). Any other exception is treated as retryable.
+
+``poll() -> Iterable[PolledItem]``
+    Collect what the legacy system produced since last time: receipts (回执) and inbound
+    envelopes, at most ``max_per_poll`` of them. Each item carries a stable ``key``; the
+    gateway records keys in the same transaction as what it ingests and then calls
+    ``item.ack()`` (or ``item.reject(reason)``), so an item is never ingested twice, even
+    if the process dies between the commit and the ack.
+
+``check() -> Health``
+    Is the legacy system reachable and answering? Cheap; shown to administrators.
+
+``close()``
+    Release connections. Adapters are also context managers.
+
+Configuration is data: an adapter is created by type name with a name and a mapping from
+the config file (``[adapters.NAME]``); secrets come through ``context.secret(...)``.
+"""
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, ClassVar, Iterable, Mapping, Protocol
+
+from gateway.envelope import Envelope, Receipt, Recipient
+
+
+class DeliveryError(Exception):
+    retryable: ClassVar[bool] = True
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RetryableError(DeliveryError):
+    retryable = True
+
+
+class PermanentError(DeliveryError):
+    retryable = False
+
+
+class ConfigError(ValueError):
+    """An adapter's configuration is wrong; the message names the key and what was expected."""
+
+
+class BlobReader(Protocol):
+    def open(self, sha256: str) -> BinaryIO: ...
+    def size(self, sha256: str) -> int: ...
+
+
+class StateStore(Protocol):
+    """Small durable key/value state per adapter (poll cursors)."""
+
+    def get(self, key: str, default: str | None = None) -> str | None: ...
+    def set(self, key: str, value: str) -> None: ...
+
+
+@dataclass
+class AdapterContext:
+    blobs: BlobReader
+    state: StateStore
+    base_dir: Path = field(default_factory=Path.cwd)
+    secrets: Callable[[str], str | None] = os.environ.get
+
+    def secret(self, config: Mapping[str, Any], key: str) -> str | None:
+        """Resolve ``KEY_env`` (an environment variable) or ``KEY_file`` (a file) from config.
+        A secret's value never sits in the TOML itself."""
+        if f"{key}_env" in config:
+            val = self.secrets(str(config[f"{key}_env"]))
+            if val is None:
+                raise ConfigError(f"{key}_env: environment variable {config[f'{key}_env']} is not set")
+            return val
+        if f"{key}_file" in config:
+            p = Path(str(config[f"{key}_file"]))
+            p = p if p.is_absolute() else self.base_dir / p
+            try:
+                return p.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"{key}_file: cannot read {p}: {exc.strerror}") from None
+        return None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One envelope for one recipient unit."""
+
+    message_id: str
+    recipient: Recipient
+    envelope: Envelope
+    attempt: int = 1
+
+    @property
+    def delivery_id(self) -> str:
+        return f"{self.message_id}:{self.recipient.unit}"
+
+
+@dataclass
+class DeliveryResult:
+    remote_id: str | None = None
+    detail: str = ""
+
+
+@dataclass
+class Health:
+    ok: bool
+    message: str
+    latency_ms: float | None = None
+
+
+@dataclass
+class PolledItem:
+    """Something an adapter collected. Exactly one of ``receipt`` / ``envelope`` is set."""
+
+    key: str
+    receipt: Receipt | None = None
+    envelope: Envelope | None = None
+    source: str = ""
+    _ack: Callable[[], None] | None = None
+    _reject: Callable[[str], None] | None = None
+
+    def ack(self) -> None:
+        if self._ack:
+            self._ack()
+
+    def reject(self, reason: str) -> None:
+        if self._reject:
+            self._reject(reason)
+
+
+class Adapter(abc.ABC):
+    type_name: ClassVar[str]
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
+        self.name = name
+        self.config = dict(config)
+        self.context = context
+
+    @abc.abstractmethod
+    def deliver(self, delivery: Delivery) -> DeliveryResult: ...
+
+    def poll(self) -> Iterable[PolledItem]:
+        return ()
+
+    @abc.abstractmethod
+    def check(self) -> Health: ...
+
+    def recall(self, message_id: str, unit: str) -> bool:
+        """Ask the legacy system to withdraw (撤回) a document not yet signed for.
+        Returns False if it was too late; raises if the protocol has no recall."""
+        raise PermanentError(f"adapter type {self.type_name} cannot recall documents")
+
+    def handle_callback(self, body: bytes, content_type: str) -> tuple[list[PolledItem], bytes, str]:
+        """Take a push from the legacy system (e.g. the exchange box POSTing receipts).
+        Returns the items to ingest and the response body and content type to answer."""
+        raise PermanentError(f"adapter type {self.type_name} takes no callbacks")
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Adapter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # helpers for config reading with clear errors
+    def require(self, key: str, kind: type = str) -> Any:
+        if key not in self.config:
+            raise ConfigError(f"adapters.{self.name}.{key}: missing; expected a {kind.__name__}")
+        val = self.config[key]
+        if not isinstance(val, kind):
+            raise ConfigError(
+                f"adapters.{self.name}.{key}: expected a {kind.__name__}, got {type(val).__name__}"
+            )
+        return val
+
+
+_REGISTRY: dict[str, type[Adapter]] = {}
+
+
+def register(type_name: str) -> Callable[[type[Adapter]], type[Adapter]]:
+    def deco(cls: type[Adapter]) -> type[Adapter]:
+        cls.type_name = type_name
+        _REGISTRY[type_name] = cls
+        return cls
+
+    return deco
+
+
+def registered_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create(name: str, config: Mapping[str, Any], context: AdapterContext) -> Adapter:
+    type_name = config.get("type")
+    if type_name not in _REGISTRY:
+        raise ConfigError(
+            f"adapters.{name}.type: {type_name!r} is not a known adapter type; "
+            f"expected one of {', '.join(registered_types())}"
+        )
+    return _REGISTRY[type_name](name, config, context)

@@ -1,0 +1,214 @@
+"""The canonical envelope (规范信封) that every message on the one path is carried in.
+
+``schemas/envelope.xsd`` is the contract; :class:`Envelope` is its in-memory form. Payloads
+are elements in their own namespace, owned by a subsystem (``systems/``) or by the gateway
+itself (receipts, :data:`RECEIPT_NS`).
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+
+from lxml import etree
+
+from gateway import SCHEMAS, xmlsafe
+from gateway.units import uscc_problem
+
+NS = "urn:egov:gateway:envelope:v1"
+RECEIPT_NS = "urn:egov:gateway:receipt:v1"
+E = "{%s}" % NS
+
+#: Lower rank is delivered first (特急 before 加急 before ordinary).
+URGENCY_RANK = {"特提": 0, "特急": 0, "加急": 1, "平急": 1, "平件": 2}
+CLASSIFICATION_LEVEL = {"非密": 0, "秘密": 1, "机密": 2, "绝密": 3}
+
+
+class EnvelopeError(ValueError):
+    """The envelope breaks the contract; ``errors`` lists (field, message) pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        super().__init__("; ".join(f"{f}: {m}" for f, m in errors))
+        self.errors = errors
+
+
+@dataclass
+class Recipient:
+    unit: str
+    name: str | None = None
+    copy_type: str | None = None  # 主送 / 抄送 / 抄报
+    copy_no: str | None = None  # 份号, six digits
+
+
+@dataclass
+class Attachment:
+    """A claim check: content stored by SHA-256 in the blob store, referenced here."""
+
+    role: str  # "body" or "attachment"
+    name: str
+    size: int
+    sha256: str
+    media_type: str | None = None
+
+
+@dataclass
+class Envelope:
+    subsystem: str
+    type: str
+    sender_unit: str
+    recipients: list[Recipient]
+    payload: etree._Element
+    classification: str = "非密"
+    classification_period: str | None = None
+    urgency: str = "平件"
+    message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    created: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    sender_node: str | None = None
+    sender_name: str | None = None
+    in_reply_to: str | None = None
+    conversation_id: str | None = None
+    attachments: list[Attachment] = field(default_factory=list)
+
+    @property
+    def urgency_rank(self) -> int:
+        return URGENCY_RANK.get(self.urgency, 2)
+
+    @property
+    def clearance_needed(self) -> int:
+        return CLASSIFICATION_LEVEL[self.classification]
+
+    def body(self) -> Attachment | None:
+        return next((a for a in self.attachments if a.role == "body"), None)
+
+    # -- XML ---------------------------------------------------------------------------
+    def to_element(self) -> etree._Element:
+        root = etree.Element(E + "envelope", nsmap={None: NS}, version="1")
+        h = etree.SubElement(root, E + "header")
+        etree.SubElement(h, E + "message-id").text = self.message_id
+        etree.SubElement(h, E + "subsystem").text = self.subsystem
+        etree.SubElement(h, E + "type").text = self.type
+        etree.SubElement(h, E + "created").text = self.created.isoformat()
+        s = etree.SubElement(h, E + "sender", unit=self.sender_unit)
+        if self.sender_node:
+            s.set("node", self.sender_node)
+        if self.sender_name:
+            s.set("name", self.sender_name)
+        rs = etree.SubElement(h, E + "recipients")
+        for r in self.recipients:
+            el = etree.SubElement(rs, E + "recipient", unit=r.unit)
+            for attr, val in (("name", r.name), ("copy-type", r.copy_type), ("copy-no", r.copy_no)):
+                if val:
+                    el.set(attr, val)
+        c = etree.SubElement(h, E + "classification")
+        c.text = self.classification
+        if self.classification_period:
+            c.set("period", self.classification_period)
+        etree.SubElement(h, E + "urgency").text = self.urgency
+        if self.in_reply_to:
+            etree.SubElement(h, E + "in-reply-to").text = self.in_reply_to
+        if self.conversation_id:
+            etree.SubElement(h, E + "conversation-id").text = self.conversation_id
+        p = etree.SubElement(root, E + "payload")
+        p.append(_copy(self.payload))
+        if self.attachments:
+            atts = etree.SubElement(root, E + "attachments")
+            for a in self.attachments:
+                el = etree.SubElement(
+                    atts, E + "attachment", role=a.role, name=a.name, size=str(a.size), sha256=a.sha256
+                )
+                if a.media_type:
+                    el.set("media-type", a.media_type)
+        return root
+
+    def to_xml(self) -> bytes:
+        return etree.tostring(self.to_element(), xml_declaration=True, encoding="UTF-8")
+
+    @classmethod
+    def from_xml(cls, data: bytes | str | etree._Element) -> "Envelope":
+        root = data if isinstance(data, etree._Element) else xmlsafe.parse(data)
+        validate(root)
+        h = root.find(E + "header")
+        assert h is not None
+        sender = h.find(E + "sender")
+        cls_el = h.find(E + "classification")
+        payload = root.find(E + "payload")
+        atts = root.find(E + "attachments")
+        return cls(
+            message_id=h.findtext(E + "message-id", ""),
+            subsystem=h.findtext(E + "subsystem", ""),
+            type=h.findtext(E + "type", ""),
+            created=datetime.fromisoformat(h.findtext(E + "created", "")),
+            sender_unit=sender.get("unit", ""),
+            sender_node=sender.get("node"),
+            sender_name=sender.get("name"),
+            recipients=[
+                Recipient(r.get("unit", ""), r.get("name"), r.get("copy-type"), r.get("copy-no"))
+                for r in h.find(E + "recipients")
+            ],
+            classification=cls_el.text or "",
+            classification_period=cls_el.get("period"),
+            urgency=h.findtext(E + "urgency", ""),
+            in_reply_to=h.findtext(E + "in-reply-to"),
+            conversation_id=h.findtext(E + "conversation-id"),
+            payload=_copy(payload[0]),
+            attachments=[
+                Attachment(a.get("role", ""), a.get("name", ""), int(a.get("size", "0")),
+                           a.get("sha256", ""), a.get("media-type"))
+                for a in (atts if atts is not None else [])
+            ],
+        )
+
+
+def _copy(el: etree._Element) -> etree._Element:
+    return etree.fromstring(etree.tostring(el))
+
+
+@lru_cache(maxsize=1)
+def _schema() -> etree.XMLSchema:
+    doc = etree.parse(str(SCHEMAS / "envelope.xsd"), etree.XMLParser(resolve_entities=False, no_network=True))
+    return etree.XMLSchema(doc)
+
+
+def validate(root: etree._Element) -> None:
+    """XSD validation plus the checks XSD cannot express (unit code check characters)."""
+    schema = _schema()
+    if not schema.validate(root):
+        errors = [(f"line {e.line}", e.message) for e in schema.error_log]  # type: ignore[attr-defined]
+        raise EnvelopeError(errors[:10])
+    errors: list[tuple[str, str]] = []
+    for el in root.iter(E + "sender", E + "recipient"):
+        problem = uscc_problem(el.get("unit"))
+        if problem:
+            errors.append((f"{etree.QName(el).localname}/@unit {el.get('unit')}", problem))
+    if errors:
+        raise EnvelopeError(errors)
+
+
+# -- receipts (回执) -----------------------------------------------------------------------
+RECEIPT_ACTIONS = ("ARRIVED", "SIGNED", "RETURNED", "RECALLED")
+
+
+@dataclass
+class Receipt:
+    """A receipt (回执) for one recipient of one message, whatever adapter it came through."""
+
+    message_id: str
+    unit: str
+    action: str  # one of RECEIPT_ACTIONS
+    time: datetime | None = None
+    signer: str | None = None
+    receipt_no: str | None = None
+    reason: str | None = None
+
+    def to_element(self) -> etree._Element:
+        R = "{%s}" % RECEIPT_NS
+        el = etree.Element(R + "receipt", nsmap={None: RECEIPT_NS}, action=self.action)
+        etree.SubElement(el, R + "message-id").text = self.message_id
+        etree.SubElement(el, R + "unit").text = self.unit
+        for tag, val in (("signer", self.signer), ("receipt-no", self.receipt_no), ("reason", self.reason)):
+            if val:
+                etree.SubElement(el, R + tag).text = val
+        if self.time:
+            etree.SubElement(el, R + "time").text = self.time.isoformat()
+        return el
