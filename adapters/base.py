@@ -36,11 +36,19 @@ from __future__ import annotations
 
 import abc
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, ClassVar, Iterable, Mapping, Protocol
 
 from gateway.envelope import Envelope, Receipt, Recipient
+
+
+_REF_NS = uuid.UUID("6f1b8a52-4d0e-5c39-9a57-2f0c1e6b7d10")
+
+
+def remote_ref(message_id: str, unit: str) -> str:
+    return str(uuid.uuid5(_REF_NS, f"{message_id}:{unit}"))
 
 
 class DeliveryError(Exception):
@@ -112,6 +120,15 @@ class Delivery:
     @property
     def delivery_id(self) -> str:
         return f"{self.message_id}:{self.recipient.unit}"
+
+    @property
+    def remote_ref(self) -> str:
+        """The id this delivery goes by at the legacy system (SOAP ``doc_id``, the archive's
+        ``archiveid``, the ``<docid>`` in SFTP file names). Deterministic, so every retry
+        uses the same one and the legacy system can deduplicate; distinct per recipient,
+        because one message to two units behind the same system is two documents there.
+        Receipts come back naming it."""
+        return remote_ref(self.message_id, self.recipient.unit)
 
 
 @dataclass

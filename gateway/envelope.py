@@ -191,11 +191,17 @@ RECEIPT_ACTIONS = ("ARRIVED", "SIGNED", "RETURNED", "RECALLED")
 
 @dataclass
 class Receipt:
-    """A receipt (回执) for one recipient of one message, whatever adapter it came through."""
+    """A receipt (回执) for one recipient of one message, whatever adapter it came through.
 
-    message_id: str
+    It names the delivery either by ``message_id`` (+ ``unit``) or by ``remote_ref``, the
+    per-delivery reference the adapter used at the legacy system (see
+    :attr:`adapters.base.Delivery.remote_ref`); the gateway matches on whichever is set.
+    """
+
     unit: str
     action: str  # one of RECEIPT_ACTIONS
+    message_id: str | None = None
+    remote_ref: str | None = None
     time: datetime | None = None
     signer: str | None = None
     receipt_no: str | None = None
@@ -204,7 +210,10 @@ class Receipt:
     def to_element(self) -> etree._Element:
         R = "{%s}" % RECEIPT_NS
         el = etree.Element(R + "receipt", nsmap={None: RECEIPT_NS}, action=self.action)
-        etree.SubElement(el, R + "message-id").text = self.message_id
+        if self.message_id:
+            etree.SubElement(el, R + "message-id").text = self.message_id
+        if self.remote_ref:
+            etree.SubElement(el, R + "remote-ref").text = self.remote_ref
         etree.SubElement(el, R + "unit").text = self.unit
         for tag, val in (("signer", self.signer), ("receipt-no", self.receipt_no), ("reason", self.reason)):
             if val:
