@@ -1,0 +1,183 @@
+"""Node configuration: TOML (``tomllib``), validated at start.
+
+Errors name the file, the key and what was expected. Secrets never sit in the TOML: a key
+ending in ``_env`` names an environment variable, one ending in ``_file`` a file.
+
+With no file at all the node runs on its *embedded default*: SQLite in ``./var/``, the
+simulated legacy systems, and routes to them (see :func:`embedded_default`).
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.units import uscc_problem
+
+
+class ConfigError(Exception):
+    """Raised with a message fit for an operator: file, key, what was expected."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeConfig(_Strict):
+    id: str = Field(default="local", pattern=r"^[a-z][a-z0-9-]{1,31}$")
+    name: str = "本节点"
+    #: units served by this node (统一社会信用代码): the senders it accepts from its callers
+    units: list[str] = Field(default_factory=list)
+    data_dir: str = "var"
+
+    @field_validator("units")
+    @classmethod
+    def _units(cls, v: list[str]) -> list[str]:
+        for code in v:
+            problem = uscc_problem(code)
+            if problem:
+                raise ValueError(f"{code!r} is not a unified social credit code: {problem}")
+        return v
+
+
+class DatabaseConfig(_Strict):
+    #: SQLAlchemy URL; empty means SQLite at <data_dir>/gateway.db
+    url: str = ""
+    url_env: str | None = None
+    pool_size: int = Field(default=10, ge=1)
+
+
+class ApiConfig(_Strict):
+    max_json_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_blob_bytes: int = Field(default=4 * 1024**3, ge=1024)
+
+
+class RetryPolicy(_Strict):
+    max_attempts: int = Field(default=10, ge=1, le=1000)
+    base_delay: float = Field(default=1.0, gt=0)
+    max_delay: float = Field(default=600.0, gt=0)
+
+
+class WorkerConfig(_Strict):
+    enabled: bool = True
+    threads: int = Field(default=4, ge=1, le=256)
+    idle_sleep: float = Field(default=0.2, gt=0)
+    lease_seconds: float = Field(default=120.0, gt=0)
+    poll_interval: float = Field(default=5.0, gt=0)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+
+
+class WebhookConfig(_Strict):
+    secret_env: str | None = None
+    secret_file: str | None = None
+    timeout: float = 10.0
+    retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy(max_attempts=12))
+
+
+class RouteConfig(_Strict):
+    """A row of the route table (content-based router): which adapter or node a recipient
+    unit's messages go to. ``units`` empty means every unit (a default route)."""
+
+    subsystem: str = "*"
+    type: str = "*"
+    units: list[str] = Field(default_factory=list)
+    adapter: str | None = None
+    node: str | None = None
+
+    @field_validator("units")
+    @classmethod
+    def _units(cls, v: list[str]) -> list[str]:
+        return NodeConfig._units(v)  # type: ignore[arg-type]
+
+
+class Config(_Strict):
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    webhooks: WebhookConfig = Field(default_factory=WebhookConfig)
+    adapters: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    routes: list[RouteConfig] = Field(default_factory=list)
+    #: set only by the embedded default: start the simulated legacy systems
+    simulators: bool = False
+    source: str = "<embedded default>"
+    base_dir: str = "."
+
+    @property
+    def data_dir(self) -> Path:
+        p = Path(self.node.data_dir)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def database_url(self) -> str:
+        import os
+
+        if self.database.url_env:
+            url = os.environ.get(self.database.url_env)
+            if not url:
+                raise ConfigError(
+                    f"{self.source}: database.url_env: environment variable "
+                    f"{self.database.url_env} is not set"
+                )
+            return url
+        return self.database.url or f"sqlite:///{self.data_dir / 'gateway.db'}"
+
+    def check_references(self) -> None:
+        for i, r in enumerate(self.routes):
+            where = f"{self.source}: routes[{i}]"
+            if (r.adapter is None) == (r.node is None):
+                raise ConfigError(f"{where}: expected exactly one of adapter = \"…\" or node = \"…\"")
+            if r.adapter and r.adapter not in self.adapters:
+                raise ConfigError(
+                    f"{where}.adapter: {r.adapter!r} is not defined; expected one of "
+                    f"{', '.join(sorted(self.adapters)) or '(no adapters configured)'}"
+                )
+        for name, a in self.adapters.items():
+            if "type" not in a:
+                raise ConfigError(f"{self.source}: adapters.{name}.type: missing; expected soap, sftp or xml-exchange")
+            for key in a:
+                if key in ("password", "passphrase", "secret", "token", "private_key"):
+                    raise ConfigError(
+                        f"{self.source}: adapters.{name}.{key}: secrets are not allowed in the "
+                        f"file; use {key}_env (an environment variable) or {key}_file"
+                    )
+
+
+def _format(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load(path: str | Path | None) -> Config:
+    """Load and validate a node configuration; ``None`` gives the embedded default."""
+    if path is None:
+        return embedded_default()
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return from_mapping(raw, source=str(p), base_dir=str(p.resolve().parent))
+
+
+def from_mapping(raw: dict[str, Any], source: str = "<config>", base_dir: str = ".") -> Config:
+    try:
+        cfg = Config.model_validate({**raw, "source": source, "base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, source)) from None
+    cfg.check_references()
+    return cfg
+
+
+def embedded_default(base_dir: str = ".") -> Config:
+    """SQLite in ./var, simulated legacy systems; adapter addresses are filled in when the
+    simulators have started (``gateway.embedded``)."""
+    return Config(simulators=True, base_dir=base_dir, node=NodeConfig(id="prefecture", name="州人民政府办公室",
+                  units=["11522300GDR9YB9550"]))

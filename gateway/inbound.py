@@ -1,0 +1,149 @@
+"""What legacy systems produce, fed into the same path: receipts (回执) update delivery
+status; inbound envelopes are accepted like any other message.
+
+Idempotent consumer: each polled item's key is stored in the same transaction as its effect,
+and only then is the item acknowledged at the source (file moved to archive/, cursor
+advanced). A crash between the two leaves the item at the source; the next poll sees its key
+already recorded and just acknowledges it again.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from adapters.base import PolledItem
+from gateway import audit, events, pipeline
+from gateway.envelope import Receipt
+from gateway.models import Delivery, IngestedItem, ReceiptRecord
+from gateway.node import Node
+
+log = logging.getLogger("gateway.inbound")
+
+#: status a receipt moves a delivery to, from the statuses where that move is allowed
+TRANSITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ARRIVED": ("delivered", ("queued",)),
+    "SIGNED": ("signed", ("queued", "delivered", "failed")),
+    "RETURNED": ("returned", ("queued", "delivered", "failed")),
+    "RECALLED": ("recalled", ("queued", "delivered")),
+}
+
+
+class UnmatchedReceipt(LookupError):
+    pass
+
+
+def find_delivery(s: Session, r: Receipt) -> Delivery | None:
+    q = select(Delivery)
+    if r.remote_ref:
+        q = q.where(Delivery.remote_ref == r.remote_ref)
+    elif r.message_id:
+        q = q.where(Delivery.message_id == r.message_id, Delivery.unit == r.unit)
+    else:
+        return None
+    d = s.scalars(q.with_for_update()).first()
+    if d is not None and r.unit and d.unit != r.unit:
+        return None  # a receipt from another unit than the one we sent to: never trust it
+    return d
+
+
+def apply_receipt(s: Session, r: Receipt, source: str) -> str:
+    d = find_delivery(s, r)
+    if d is None:
+        raise UnmatchedReceipt(f"no delivery matches the receipt (ref {r.remote_ref or r.message_id}, unit {r.unit})")
+    now = datetime.now(timezone.utc)
+    s.add(ReceiptRecord(delivery_id=d.id, action=r.action, signer=r.signer, receipt_no=r.receipt_no,
+                        reason=r.reason, time=r.time, source=source, received_at=now))
+    new, allowed = TRANSITIONS.get(r.action, (None, ()))
+    outcome = "recorded"
+    if new and d.status in allowed:
+        prev = d.status
+        d.status, d.updated_at = new, now
+        if r.action == "ARRIVED" and d.delivered_at is None:
+            d.delivered_at = r.time or now
+        if r.action in ("SIGNED", "RETURNED"):
+            d.signer, d.receipt_no = r.signer, r.receipt_no
+            d.signed_at = r.time or now
+        if r.action == "RETURNED":
+            d.reason = r.reason
+        events.status_changed(s, d, prev)
+        outcome = new
+    audit.append(s, actor=f"adapter:{source}", action="receipt.accept", obj=f"delivery:{d.message_id}/{d.unit}",
+                 outcome=outcome, detail={"action": r.action, "signer": r.signer, "receipt_no": r.receipt_no,
+                                          "reason": r.reason})
+    return outcome
+
+
+def ingest(node: Node, adapter_name: str, item: PolledItem) -> str:
+    """Apply one polled item exactly once; acknowledge it at the source afterwards."""
+    try:
+        with node.db.begin() as s:
+            if s.get(IngestedItem, item.key) is not None:
+                outcome = "duplicate"
+            else:
+                if item.receipt is not None:
+                    outcome = apply_receipt(s, item.receipt, adapter_name)
+                elif item.envelope is not None:
+                    acc = pipeline.accept(node, item.envelope, actor=f"adapter:{adapter_name}",
+                                          source=f"adapter:{adapter_name}", session=s)
+                    outcome = "accepted" if acc.created else "duplicate-message"
+                else:
+                    outcome = "empty"
+                s.add(IngestedItem(key=item.key, adapter=adapter_name, outcome=outcome))
+    except (UnmatchedReceipt, pipeline.Rejected) as exc:
+        reason = str(exc)
+        with node.db.begin() as s:
+            if s.get(IngestedItem, item.key) is None:
+                s.add(IngestedItem(key=item.key, adapter=adapter_name, outcome="rejected"))
+                audit.append(s, actor=f"adapter:{adapter_name}", action="inbound.reject", obj=item.key,
+                             outcome="rejected", detail={"reason": reason, "source": item.source})
+        log.warning("%s: rejected %s: %s", adapter_name, item.key, reason)
+        item.reject(reason)
+        return "rejected"
+    item.ack()
+    return outcome
+
+
+def collect(node: Node, adapter_name: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in node.adapter(adapter_name).poll():
+        outcome = ingest(node, adapter_name, item)
+        counts[outcome] = counts.get(outcome, 0) + 1
+    return counts
+
+
+def collect_all(node: Node) -> dict[str, dict[str, int]]:
+    out = {}
+    for name in node.adapter_names():
+        try:
+            out[name] = collect(node, name)
+        except Exception as exc:  # noqa: BLE001 - one unreachable system must not stop the others
+            log.warning("polling %s failed: %s", name, exc)
+            out[name] = {"error": 1}
+    return out
+
+
+class Collector:
+    """Polls every adapter on a fixed interval in a background thread."""
+
+    def __init__(self, node: Node, interval: float | None = None) -> None:
+        self.node = node
+        self.interval = interval or node.config.worker.poll_interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="collector", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            collect_all(self.node)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(10)

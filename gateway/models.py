@@ -1,0 +1,192 @@
+"""Typed SQLAlchemy 2 models: the node's whole durable state.
+
+Migrations live in ``gateway/migrations`` (Alembic); change a model, add a revision.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Message(Base):
+    """One accepted message (a canonical envelope) and its summary for queries."""
+
+    __tablename__ = "messages"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    subsystem: Mapped[str] = mapped_column(String(32), index=True)
+    type: Mapped[str] = mapped_column(String(64))
+    sender_unit: Mapped[str] = mapped_column(String(18), index=True)
+    classification: Mapped[str] = mapped_column(String(8))
+    clearance: Mapped[int] = mapped_column(Integer)
+    urgency: Mapped[str] = mapped_column(String(8))
+    in_reply_to: Mapped[str | None] = mapped_column(String(128))
+    conversation_id: Mapped[str | None] = mapped_column(String(128))
+    #: the API key (caller) that submitted it; None for messages that came from adapters
+    api_key_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    source: Mapped[str] = mapped_column(String(64), default="api")
+    summary: Mapped[dict] = mapped_column(JSON, default=dict)
+    envelope_xml: Mapped[bytes] = mapped_column(LargeBinary)
+    accepted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+    deliveries: Mapped[list[Delivery]] = relationship(
+        back_populates="message", order_by="Delivery.id", lazy="selectin"
+    )
+
+
+class Delivery(Base):
+    """One recipient unit's copy of a message (收文单位), with its status."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("message_id", "unit"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), index=True)
+    unit: Mapped[str] = mapped_column(String(18))
+    unit_name: Mapped[str | None] = mapped_column(String(200))
+    copy_type: Mapped[str | None] = mapped_column(String(4))
+    copy_no: Mapped[str | None] = mapped_column(String(6))
+    #: "adapter", "node" (held for federation) or "none" (no route)
+    route_kind: Mapped[str] = mapped_column(String(8))
+    target: Mapped[str | None] = mapped_column(String(64))
+    #: queued, held, delivered, signed, returned, recalled, failed
+    status: Mapped[str] = mapped_column(String(12), index=True)
+    remote_ref: Mapped[str] = mapped_column(String(64), index=True)
+    remote_id: Mapped[str | None] = mapped_column(String(200))
+    signer: Mapped[str | None] = mapped_column(String(100))
+    receipt_no: Mapped[str | None] = mapped_column(String(100))
+    reason: Mapped[str | None] = mapped_column(Text)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    signed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    message: Mapped[Message] = relationship(back_populates="deliveries")
+
+
+class OutboxEntry(Base):
+    """Work for the delivery worker (transactional outbox). ``priority`` is the urgency
+    rank (0 特急 first); rows are claimed with a lease so a dead worker's rows return."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_ready", "state", "priority", "next_attempt_at", "id"),)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    #: "deliver", "recall" or "webhook"
+    kind: Mapped[str] = mapped_column(String(8))
+    delivery_id: Mapped[int | None] = mapped_column(ForeignKey("deliveries.id"), index=True)
+    target: Mapped[str] = mapped_column(String(400))  # adapter name, or webhook URL
+    payload: Mapped[dict | None] = mapped_column(JSON)
+    priority: Mapped[int] = mapped_column(Integer, default=2)
+    #: pending, claimed, done, dead
+    state: Mapped[str] = mapped_column(String(8), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ReceiptRecord(Base):
+    """Every receipt (回执) received, in arrival order, whatever adapter brought it."""
+
+    __tablename__ = "receipts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"), index=True)
+    action: Mapped[str] = mapped_column(String(10))
+    signer: Mapped[str | None] = mapped_column(String(100))
+    receipt_no: Mapped[str | None] = mapped_column(String(100))
+    reason: Mapped[str | None] = mapped_column(Text)
+    time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    source: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IngestedItem(Base):
+    """Keys of everything adapters have collected (idempotent consumer)."""
+
+    __tablename__ = "ingested"
+    key: Mapped[str] = mapped_column(String(400), primary_key=True)
+    adapter: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(200))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AdapterState(Base):
+    __tablename__ = "adapter_state"
+    adapter: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Blob(Base):
+    """A stored body or attachment (claim check), content-addressed."""
+
+    __tablename__ = "blobs"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    uploaded_by: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """A caller's key: stored hashed, with scopes (``documents:send`` …) and a clearance."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list] = mapped_column(JSON)
+    clearance: Mapped[int] = mapped_column(Integer, default=0)
+    #: units the caller may send for; empty = any unit this node serves
+    units: Mapped[list] = mapped_column(JSON, default=list)
+    webhook_url: Mapped[str | None] = mapped_column(String(400))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class IdempotencyRecord(Base):
+    """A POST answered once per (caller, Idempotency-Key)."""
+
+    __tablename__ = "idempotency"
+    api_key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    message_id: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEntry(Base):
+    """Append-only, hash-chained audit record (审计日志). ``hash`` covers every field and the
+    previous entry's hash, so an altered, removed or reordered entry breaks the chain."""
+
+    __tablename__ = "audit_log"
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    object: Mapped[str] = mapped_column(String(400))
+    outcome: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(Text)  # canonical JSON
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))

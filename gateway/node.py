@@ -1,0 +1,85 @@
+"""One gateway node's runtime: configuration, database, blob store, adapters, routes.
+
+Built once per process by the app factory or the command line; no import-time side effects.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from sqlalchemy import select
+
+import adapters
+from adapters.base import Adapter, AdapterContext
+from gateway.blobs import BlobStore
+from gateway.config import Config
+from gateway.db import Database
+from gateway.models import AdapterState
+from gateway.routing import RouteTable
+
+
+class DbStateStore:
+    """Durable per-adapter key/value state (poll cursors), one row per key."""
+
+    def __init__(self, db: Database, adapter: str) -> None:
+        self.db, self.adapter = db, adapter
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        with self.db.sessions() as s:
+            row = s.get(AdapterState, (self.adapter, key))
+            return row.value if row else default
+
+    def set(self, key: str, value: str) -> None:
+        with self.db.begin() as s:
+            row = s.get(AdapterState, (self.adapter, key))
+            if row:
+                row.value = value
+            else:
+                s.add(AdapterState(adapter=self.adapter, key=key, value=value))
+
+
+class Node:
+    def __init__(self, config: Config, db: Database | None = None) -> None:
+        self.config = config
+        self.db = db or Database(config.database_url(), config.database.pool_size)
+        self.data_dir = config.data_dir
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(self.data_dir / "blobs")
+        self.routes = RouteTable(config.routes)
+        self._adapters: dict[str, Adapter] = {}
+        self._lock = threading.Lock()
+        adapters.load_builtin()
+
+    @property
+    def id(self) -> str:
+        return self.config.node.id
+
+    def adapter(self, name: str) -> Adapter:
+        with self._lock:
+            a = self._adapters.get(name)
+            if a is None:
+                if name not in self.config.adapters:
+                    raise KeyError(f"no adapter named {name!r} is configured")
+                ctx = AdapterContext(blobs=self.blobs, state=DbStateStore(self.db, name),
+                                     base_dir=Path(self.config.base_dir))
+                a = adapters.create(name, self.config.adapters[name], ctx)
+                self._adapters[name] = a
+            return a
+
+    def adapter_names(self) -> list[str]:
+        return sorted(self.config.adapters)
+
+    def close(self) -> None:
+        with self._lock:
+            for a in self._adapters.values():
+                try:
+                    a.close()
+                except Exception:  # noqa: BLE001 - closing must not hide the real error
+                    pass
+            self._adapters.clear()
+        self.db.dispose()
+
+
+def list_state(node: Node, adapter: str) -> dict[str, str]:
+    with node.db.sessions() as s:
+        return {r.key: r.value for r in s.scalars(select(AdapterState).where(AdapterState.adapter == adapter))}

@@ -1,0 +1,130 @@
+"""The one path every message takes, up to "accepted" (202).
+
+``accept`` stores the message, one delivery row per recipient, one outbox row per delivery
+that has an adapter route, and the audit entry — in ONE transaction. When it returns the
+message is committed; a crash at any later instant loses nothing, because the worker finds
+the outbox rows. Everything before it (parsing, validation, routing) stores nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from adapters.base import remote_ref
+from gateway import audit
+from gateway.envelope import Envelope
+from gateway.models import Delivery, IdempotencyRecord, Message, OutboxEntry
+from gateway.node import Node
+from gateway.routing import NoRoute, Route
+
+
+class Rejected(ValueError):
+    """Input that passed the schema but breaks a rule of this node; nothing was stored."""
+
+    def __init__(self, kind: str, detail: str, status: int = 422) -> None:
+        super().__init__(detail)
+        self.kind, self.detail, self.status = kind, detail, status
+
+
+@dataclass
+class Accepted:
+    message: Message
+    created: bool  # False: an earlier accept of the same message id / Idempotency-Key
+
+
+@dataclass
+class IdempotencyKey:
+    api_key_id: str
+    key: str
+    request_hash: str
+
+
+def plan_routes(node: Node, env: Envelope) -> list[Route]:
+    routes = []
+    for r in env.recipients:
+        try:
+            routes.append(node.routes.route_for(env.subsystem, env.type, r.unit))
+        except NoRoute as exc:
+            raise Rejected("no-route", str(exc)) from None
+    for route in routes:
+        if route.kind == "adapter" and route.target not in node.config.adapters:
+            raise Rejected("no-route", f"route to adapter {route.target!r}, which is not configured")
+    return routes
+
+
+def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_key_id: str | None = None,
+           summary: dict | None = None, idempotency: IdempotencyKey | None = None,
+           session: Session | None = None) -> Accepted:
+    """Store ``env`` (already validated) for delivery. Idempotent by message id and by
+    (caller, Idempotency-Key)."""
+    routes = plan_routes(node, env)
+    if session is not None:
+        return _store(session, env, routes, actor, source, api_key_id, summary, idempotency)
+    try:
+        with node.db.begin() as s:
+            return _store(s, env, routes, actor, source, api_key_id, summary, idempotency)
+    except IntegrityError:
+        # Two identical requests raced; the other one committed first. Answer as it did.
+        with node.db.begin() as s:
+            return _store(s, env, routes, actor, source, api_key_id, summary, idempotency)
+
+
+def _store(s: Session, env: Envelope, routes: list[Route], actor: str, source: str,
+           api_key_id: str | None, summary: dict | None, idem: IdempotencyKey | None) -> Accepted:
+    if idem is not None:
+        rec = s.get(IdempotencyRecord, (idem.api_key_id, idem.key))
+        if rec is not None:
+            if rec.request_hash != idem.request_hash:
+                raise Rejected("idempotency-key-reused",
+                               f"Idempotency-Key {idem.key!r} was used before with a different request body",
+                               status=422)
+            return Accepted(s.get(Message, rec.message_id), created=False)  # type: ignore[arg-type]
+    existing = s.get(Message, env.message_id)
+    if existing is not None:
+        if existing.sender_unit != env.sender_unit or (api_key_id and existing.api_key_id != api_key_id):
+            raise Rejected("message-id-conflict", f"message id {env.message_id} is already taken", status=409)
+        return Accepted(existing, created=False)
+
+    now = datetime.now(timezone.utc)
+    msg = Message(
+        id=env.message_id, subsystem=env.subsystem, type=env.type, sender_unit=env.sender_unit,
+        classification=env.classification, clearance=env.clearance_needed, urgency=env.urgency,
+        in_reply_to=env.in_reply_to, conversation_id=env.conversation_id, api_key_id=api_key_id,
+        source=source, summary=summary or {}, envelope_xml=env.to_xml(), accepted_at=now,
+    )
+    s.add(msg)
+    deliveries = []
+    for r, route in zip(env.recipients, routes):
+        d = Delivery(
+            message_id=env.message_id, unit=r.unit, unit_name=r.name, copy_type=r.copy_type,
+            copy_no=r.copy_no, route_kind=route.kind, target=route.target,
+            status="queued" if route.kind == "adapter" else "held",
+            remote_ref=remote_ref(env.message_id, r.unit), updated_at=now,
+        )
+        s.add(d)
+        deliveries.append((d, route))
+    s.flush()
+    for d, route in deliveries:
+        if route.kind == "adapter":
+            s.add(OutboxEntry(kind="deliver", delivery_id=d.id, target=route.target,
+                              priority=env.urgency_rank, next_attempt_at=now, created_at=now))
+    if idem is not None:
+        s.add(IdempotencyRecord(api_key_id=idem.api_key_id, key=idem.key,
+                                request_hash=idem.request_hash, message_id=env.message_id))
+    audit.append(s, actor=actor, action="message.accept", obj=f"message:{env.message_id}", detail={
+        "subsystem": env.subsystem, "type": env.type, "sender": env.sender_unit,
+        "recipients": len(env.recipients), "classification": env.classification,
+        "urgency": env.urgency, "source": source,
+        "held": sum(1 for _, r in deliveries if r.kind == "node"),
+    })
+    s.flush()
+    return Accepted(msg, created=True)
+
+
+def find_message(node: Node, message_id: str) -> Message | None:
+    with node.db.sessions() as s:
+        return s.scalars(select(Message).where(Message.id == message_id)).first()

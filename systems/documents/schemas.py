@@ -1,0 +1,194 @@
+"""JSON request and response models of the documents API (validated by pydantic; the
+OpenAPI document is generated from them)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gateway.units import uscc_problem
+from systems.documents import rules
+
+Sha256 = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of content uploaded to /api/v1/blobs")
+
+
+class FileRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sha256: str = Sha256
+    name: str = Field(min_length=1, max_length=200, description="file name, e.g. 正文.ofd")
+    media_type: str | None = Field(default=None, max_length=100)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if "/" in v or "\\" in v or v in (".", "..") or "\x00" in v:
+            raise ValueError("a file name may not contain / or \\ or be . or ..")
+        return v
+
+
+class RecipientIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    unit: str = Field(description="统一社会信用代码 of the receiving unit")
+    name: str | None = Field(default=None, max_length=200)
+    copy_type: Literal["主送", "抄送", "抄报"] = Field(default="主送", description="主送 / 抄送 / 抄报")
+    copy_no: str | None = Field(default=None, description="份号, six digits; assigned if omitted")
+
+    @field_validator("unit")
+    @classmethod
+    def _unit(cls, v: str) -> str:
+        problem = uscc_problem(v)
+        if problem:
+            raise ValueError(f"not a valid unified social credit code (统一社会信用代码): {problem}")
+        return v
+
+    @field_validator("copy_no")
+    @classmethod
+    def _copy_no(cls, v: str | None) -> str | None:
+        if v is not None and (p := rules.copy_no_problem(v)):
+            raise ValueError(p)
+        return v
+
+
+class Printer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=200)
+    date: str
+
+
+class DocumentIn(BaseModel):
+    """An official document to send (发文), with its GB/T 9704 elements."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "message_id": None,
+        "sender_unit": "11522300GDR9YB9550",
+        "issuer": "州人民政府办公室",
+        "doc_type": "通知",
+        "doc_number": "州政办发〔2026〕37号",
+        "title": "关于做好2026年冬季值班和突发事件信息报送工作的通知",
+        "classification": "非密",
+        "urgency": "加急",
+        "signer": "王某某",
+        "written_date": "2026年11月20日",
+        "recipients": [{"unit": "1152230107CTPD8U2P", "name": "甲县人民政府办公室", "copy_type": "主送"}],
+        "body": {"sha256": "038f8adec3132dfe7ebe016fe76c0d31a3125212a287c3b7770beb513e845b99", "name": "正文.ofd"},
+    }]})
+
+    message_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{8,128}$",
+                                   description="the caller's own id for this message; resending it is idempotent")
+    sender_unit: str = Field(description="统一社会信用代码 of the issuing unit (发文机关)")
+    issuer: str = Field(min_length=1, max_length=200, description="发文机关 name")
+    doc_type: str = Field(description="文种, one of the 15 types: " + " ".join(rules.DOC_TYPES))
+    doc_number: str = Field(description="发文字号, e.g. 州政发〔2026〕12号")
+    title: str = Field(min_length=1, max_length=500, description="标题")
+    classification: str = Field(default="非密", description="密级: 非密, 秘密, 机密 or 绝密")
+    classification_period: str | None = Field(default=None, max_length=50, description="保密期限, required when classified")
+    urgency: str = Field(default="平件", description="紧急程度: 特急, 加急 or 平件 (ordinary)")
+    signer: str | None = Field(default=None, max_length=100, description="签发人, required for 请示 and 报告")
+    written_date: str = Field(description="成文日期, 2026年11月20日 or 2026-11-20")
+    recipients: list[RecipientIn] = Field(min_length=1, max_length=1000, description="主送/抄送/抄报 units")
+    body: FileRef = Field(description="正文 (OFD or PDF), uploaded first to /api/v1/blobs")
+    attachments: list[FileRef] = Field(default_factory=list, max_length=99, description="附件")
+    note: str | None = Field(default=None, max_length=2000, description="附注")
+    publish_level: str | None = Field(default=None, max_length=20, description="发布层次, e.g. 不公开")
+    sealed: bool = True
+    printer: Printer | None = Field(default=None, description="印发机关和印发日期")
+    conversation_id: str | None = Field(default=None, max_length=128)
+
+    @field_validator("sender_unit")
+    @classmethod
+    def _sender(cls, v: str) -> str:
+        return RecipientIn._unit(v)  # type: ignore[arg-type]
+
+    @field_validator("doc_type")
+    @classmethod
+    def _doc_type(cls, v: str) -> str:
+        if v not in rules.DOC_TYPES:
+            raise ValueError(f"{v!r} is not a document type (文种); expected one of {' '.join(rules.DOC_TYPES)}")
+        return v
+
+    @field_validator("doc_number")
+    @classmethod
+    def _doc_number(cls, v: str) -> str:
+        if p := rules.doc_number_problem(v):
+            raise ValueError(p)
+        return v
+
+    @field_validator("classification")
+    @classmethod
+    def _classification(cls, v: str) -> str:
+        if v not in rules.CLASSIFICATIONS:
+            raise ValueError(f"{v!r} is not a classification (密级); expected 非密, 秘密, 机密 or 绝密")
+        return v
+
+    @field_validator("urgency")
+    @classmethod
+    def _urgency(cls, v: str) -> str:
+        if v in ("", "普通", "平件"):
+            return "平件"
+        if v not in rules.URGENCIES:
+            raise ValueError(f"{v!r} is not an urgency (紧急程度); expected 特急, 加急 or 平件 (ordinary)")
+        return v
+
+    @field_validator("written_date")
+    @classmethod
+    def _written_date(cls, v: str) -> str:
+        d, problem = rules.written_date(v)
+        if problem:
+            raise ValueError(problem)
+        assert d is not None
+        return d.isoformat()
+
+    @model_validator(mode="after")
+    def _cross(self) -> "DocumentIn":
+        if self.classification != "非密" and not self.classification_period:
+            raise ValueError(f"a {self.classification} document needs classification_period (保密期限)")
+        if self.doc_type in rules.UPWARD_TYPES and not self.signer:
+            raise ValueError(f"a {self.doc_type} goes to a superior (上行文) and needs signer (签发人)")
+        units = [r.unit for r in self.recipients]
+        dup = {u for u in units if units.count(u) > 1}
+        if dup:
+            raise ValueError(f"recipient unit {sorted(dup)[0]} is listed twice")
+        return self
+
+
+class ReceiptOut(BaseModel):
+    action: str
+    signer: str | None = None
+    receipt_no: str | None = None
+    reason: str | None = None
+    time: datetime | None = None
+    source: str
+
+
+class RecipientStatus(BaseModel):
+    unit: str
+    name: str | None = None
+    copy_type: str | None = None
+    copy_no: str | None = None
+    status: str = Field(description="queued, held, delivered, signed, returned, recalled or failed")
+    route: str | None = Field(default=None, description="adapter or node the copy goes through")
+    signer: str | None = None
+    signed_at: datetime | None = None
+    receipt_no: str | None = None
+    reason: str | None = None
+    last_error: str | None = None
+    receipts: list[ReceiptOut] = Field(default_factory=list)
+
+
+class DocumentOut(BaseModel):
+    id: str
+    status_url: str
+    accepted_at: datetime
+    sender_unit: str
+    doc_number: str | None = None
+    title: str | None = None
+    doc_type: str | None = None
+    classification: str
+    urgency: str
+    recipients: list[RecipientStatus]
+
+
+class DocumentList(BaseModel):
+    items: list[DocumentOut]
+    next_cursor: str | None = None
