@@ -18,9 +18,14 @@ from adapters.base import (  # noqa: F401
 )
 
 
-def load_builtin() -> None:
-    """Import the built-in adapter modules so they register themselves."""
+#: built-in adapter types and the modules that register them (imported on first use)
+BUILTIN = {"soap": "adapters.soap", "sftp": "adapters.sftp", "xml-exchange": "adapters.xmlexchange"}
+
+
+def load_builtin(type_name: str | None = None) -> None:
+    """Import built-in adapter modules so they register themselves: one type, or all."""
     import importlib
 
-    for mod in ("adapters.soap", "adapters.sftp", "adapters.xmlexchange"):
-        importlib.import_module(mod)
+    for t, mod in BUILTIN.items():
+        if type_name is None or t == type_name:
+            importlib.import_module(mod)

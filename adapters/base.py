@@ -231,6 +231,11 @@ def registered_types() -> list[str]:
 def create(name: str, config: Mapping[str, Any], context: AdapterContext) -> Adapter:
     type_name = config.get("type")
     if type_name not in _REGISTRY:
+        from adapters import BUILTIN, load_builtin
+
+        if type_name in BUILTIN:
+            load_builtin(type_name)
+    if type_name not in _REGISTRY:
         raise ConfigError(
             f"adapters.{name}.type: {type_name!r} is not a known adapter type; "
             f"expected one of {', '.join(registered_types())}"

@@ -48,7 +48,6 @@ class Node:
         self.routes = RouteTable(config.routes)
         self._adapters: dict[str, Adapter] = {}
         self._lock = threading.Lock()
-        adapters.load_builtin()
 
     @property
     def id(self) -> str:

@@ -187,8 +187,11 @@ def test_iter_archive_chunks_equal_write_archive(blobs: BlobStore) -> None:
     env, _ = chinese_envelope(blobs)
     out = io.BytesIO()
     write_archive(env, env.recipients[0], blobs, out, archive_id="r1", chunk_size=300)
-    chunks = list(iter_archive(env, env.recipients[0], blobs, archive_id="r1", chunk_size=300))
+    stream = iter_archive(env, env.recipients[0], blobs, archive_id="r1", chunk_size=300)
+    announced = stream.length  # known before streaming: lets HTTP send Content-Length
+    chunks = list(stream)
     assert len(chunks) > 5 and b"".join(chunks) == out.getvalue()
+    assert announced == len(out.getvalue())
     # without appids the attribute is left out rather than invented
     assert b"appid=" not in out.getvalue()
 

@@ -543,7 +543,7 @@ class DocExchangeApp:
 # -- a real threaded HTTP server -----------------------------------------------------------
 class _QuietHandler(WSGIRequestHandler):
     """Logs to ``logging`` at debug level instead of stderr, and tracks its connection so
-    :meth:`SoapServiceServer.stop` can cut keep-alive connections too."""
+    :meth:`SoapServiceServer.stop` can cut calls in flight (werkzeug closes idle ones)."""
 
     def setup(self) -> None:
         super().setup()
@@ -573,8 +573,9 @@ class SoapServiceServer:
     """The simulator under a real threaded WSGI server on ``host`` (``port`` 0 = a free one).
 
     ``start()`` / ``stop()`` may be repeated; a restart binds the same port and keeps the
-    state. ``stop()`` closes the listening socket and every open connection, so clients get
-    "connection refused" as from a service that is really down.
+    state. ``stop()`` closes the listening socket, so new calls get "connection refused", and
+    cuts the connections of calls in flight (their clients see the connection drop, while
+    the call itself may still take effect here: an answer lost on the way back).
     """
 
     def __init__(

@@ -57,7 +57,6 @@ class PrivateCluster:
         self.tmp = Path(tempfile.mkdtemp(prefix="gwtest-pg."))
         self.data = self.tmp / "data"
         self.port = 0
-        self.started = False
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
         cmd = list(args)
@@ -105,8 +104,8 @@ class PrivateCluster:
                 "-o", f"-p {self.port}", "-w", "-t", "60", "start",
             )
             if proc.returncode == 0:
-                self.started = True
                 break
+            self._stop_server()  # in case it came up after pg_ctl gave up waiting
             if attempt == 2:
                 self._check("pg_ctl start", proc)
         with psycopg.connect(
@@ -115,10 +114,12 @@ class PrivateCluster:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(PG_DB)))
         return f"postgresql+psycopg://{PG_USER}@127.0.0.1:{self.port}/{PG_DB}"
 
-    def stop(self) -> None:
-        if self.started:
+    def _stop_server(self) -> None:
+        if (self.data / "postmaster.pid").exists():
             self._run(str(self.pg_bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
-            self.started = False
+
+    def stop(self) -> None:
+        self._stop_server()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

@@ -1,0 +1,1 @@
+"""HTTP API plumbing: problem+json errors, authentication, the OpenAPI document."""

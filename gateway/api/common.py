@@ -1,0 +1,59 @@
+"""Helpers shared by the subsystems' routes."""
+from __future__ import annotations
+
+import hashlib
+
+from flask import current_app, request
+from pydantic import BaseModel, ValidationError
+
+from gateway import xmlsafe
+from gateway.api.problems import Problem
+from gateway.node import Node
+
+
+def node() -> Node:
+    return current_app.extensions["gateway.node"]
+
+
+def validation_problem(exc: ValidationError) -> Problem:
+    errors = []
+    for e in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in e["loc"]) or "(body)"
+        errors.append({"field": loc, "message": e["msg"].removeprefix("Value error, ")})
+    detail = "; ".join(f"{x['field']}: {x['message']}" for x in errors[:5])
+    return Problem(422, "validation", detail, errors=errors)
+
+
+def parse_json(model: type[BaseModel], data: bytes) -> BaseModel:
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            first = exc.errors()[0]
+            raise Problem(400, "malformed-json", f"the body is not valid JSON: {first['msg']}") from None
+        raise validation_problem(exc) from None
+
+
+def parse_xml(data: bytes):  # type: ignore[no-untyped-def]
+    try:
+        return xmlsafe.parse(data, xmlsafe.XMLLimits(max_bytes=current_app.config["MAX_CONTENT_LENGTH"]))
+    except xmlsafe.UnsafeXMLError as exc:
+        status = 413 if exc.kind == "too-large" else 400
+        raise Problem(status, exc.kind, exc.reason) from None
+
+
+def body_bytes() -> bytes:
+    return request.get_data(cache=True)
+
+
+def request_hash() -> str:
+    h = hashlib.sha256()
+    h.update((request.mimetype or "").encode())
+    h.update(b"\n")
+    h.update(body_bytes())
+    return h.hexdigest()
+
+
+def wants_xml() -> bool:
+    best = request.accept_mimetypes.best_match(["application/json", "application/xml"])
+    return best == "application/xml"

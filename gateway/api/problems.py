@@ -1,0 +1,71 @@
+"""RFC 9457 problem details. Every error the API answers is ``application/problem+json``
+with a stable ``type`` a caller can switch on."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, Response, json, request
+from werkzeug.exceptions import HTTPException
+
+TYPE_PREFIX = "urn:egov:gateway:problem:"
+
+TITLES = {
+    "validation": "请求内容不符合要求 (request failed validation)",
+    "malformed-json": "请求体不是合法的 JSON (malformed JSON)",
+    "malformed-xml": "请求体不是合法的 XML (malformed XML)",
+    "forbidden-dtd": "不允许 DOCTYPE 或实体声明 (DOCTYPE/ENTITY not allowed)",
+    "too-large": "请求体过大 (request too large)",
+    "too-deep": "XML 嵌套过深 (XML nested too deeply)",
+    "bad-encoding": "字符编码错误 (bad character encoding)",
+    "unauthenticated": "需要有效的 API 密钥 (a valid API key is required)",
+    "forbidden-scope": "API 密钥无此权限 (the API key lacks a scope)",
+    "clearance-too-low": "密级权限不足 (clearance too low)",
+    "forbidden-unit": "无权代表该单位 (not allowed to act for this unit)",
+    "not-found": "未找到 (not found)",
+    "no-route": "收文单位无路由 (no route for a recipient)",
+    "unknown-blob": "正文或附件未上传 (body or attachment not uploaded)",
+    "idempotency-key-reused": "幂等键已用于不同请求 (Idempotency-Key reused)",
+    "message-id-conflict": "消息标识已被占用 (message id taken)",
+    "unsupported-media-type": "不支持的内容类型 (unsupported media type)",
+    "method-not-allowed": "不允许的方法 (method not allowed)",
+    "conflict": "状态冲突 (conflict)",
+    "not-ready": "服务未就绪 (not ready)",
+    "internal": "内部错误 (internal error)",
+}
+
+
+class Problem(Exception):
+    def __init__(self, status: int, kind: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.kind, self.detail, self.extra = status, kind, detail, extra
+
+
+def problem_response(status: int, kind: str, detail: str, **extra: Any) -> Response:
+    body = {"type": TYPE_PREFIX + kind, "title": TITLES.get(kind, kind), "status": status,
+            "detail": detail, "instance": request.path if request else None, **extra}
+    return Response(json.dumps(body, ensure_ascii=False), status=status,
+                    mimetype="application/problem+json")
+
+
+_HTTP_KINDS = {400: "validation", 401: "unauthenticated", 403: "forbidden-scope", 404: "not-found",
+               405: "method-not-allowed", 409: "conflict", 413: "too-large", 415: "unsupported-media-type"}
+
+
+def install(app: Flask) -> None:
+    @app.errorhandler(Problem)
+    def _problem(exc: Problem) -> Response:
+        return problem_response(exc.status, exc.kind, exc.detail, **exc.extra)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        detail = exc.description or ""
+        if status == 413:
+            detail = "the request body is larger than this endpoint accepts"
+        return problem_response(status, _HTTP_KINDS.get(status, "internal" if status >= 500 else "validation"),
+                                detail)
+
+    @app.errorhandler(Exception)
+    def _any(exc: Exception) -> Response:
+        app.logger.exception("unhandled error on %s %s", request.method, request.path)
+        return problem_response(500, "internal", "an internal error occurred; it has been logged")

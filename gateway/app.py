@@ -1,0 +1,30 @@
+"""The application factory. ``gunicorn 'gateway.app:create_app()'`` reads the node's
+configuration from ``$GATEWAY_CONFIG`` (a TOML file); without it the embedded default runs."""
+from __future__ import annotations
+
+import os
+
+from flask import Flask
+
+from gateway import config as config_mod
+from gateway.api import blobs, ops, problems
+from gateway.config import Config
+from gateway.node import Node
+
+
+def create_app(cfg: Config | str | None = None, node: Node | None = None) -> Flask:
+    if node is None:
+        if cfg is None or isinstance(cfg, str):
+            cfg = config_mod.load(cfg or os.environ.get("GATEWAY_CONFIG"))
+        node = Node(cfg)
+    app = Flask("gateway")
+    app.config["MAX_CONTENT_LENGTH"] = node.config.api.max_json_bytes
+    app.json.ensure_ascii = False  # type: ignore[attr-defined]
+    app.extensions["gateway.node"] = node
+    problems.install(app)
+    app.register_blueprint(ops.bp)
+    app.register_blueprint(blobs.bp)
+    from systems.documents.api import bp as documents_bp
+
+    app.register_blueprint(documents_bp)
+    return app

@@ -1,0 +1,315 @@
+"""The ``gateway`` command line (click)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gateway import config as config_mod
+from gateway.config import Config, ConfigError
+
+
+class Ctx:
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._cfg: Config | None = None
+
+    @property
+    def embedded(self) -> bool:
+        return self.config_path is None
+
+    def cfg(self) -> Config:
+        if self._cfg is None:
+            try:
+                self._cfg = config_mod.load(self.config_path)
+            except ConfigError as exc:
+                raise click.ClickException(str(exc)) from None
+        return self._cfg
+
+    def node(self):  # type: ignore[no-untyped-def]
+        from gateway.node import Node
+
+        try:
+            return Node(self.cfg())
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group(help="电子政务内网集成网关 — e-government intranet integration gateway.\n\n"
+                  "Without --config (or $GATEWAY_CONFIG) commands use the embedded default: "
+                  "SQLite in ./var and simulated legacy systems.")
+@click.option("--config", "-c", "config_path", envvar="GATEWAY_CONFIG", type=click.Path(dir_okay=False),
+              help="node configuration (TOML)")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    ctx.obj = Ctx(config_path)
+
+
+# -- db ------------------------------------------------------------------------------------
+@main.group(help="Database schema.")
+def db() -> None:
+    pass
+
+
+@db.command("upgrade", help="Apply Alembic migrations up to the newest schema.")
+@pass_ctx
+def db_upgrade(c: Ctx) -> None:
+    from gateway import migrate
+
+    url = c.cfg().database_url()
+    migrate.upgrade(url)
+    click.echo(f"database at {_safe_url(url)} is at the newest schema")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+# -- keys ----------------------------------------------------------------------------------
+@main.group(help="API keys of calling systems.")
+def keys() -> None:
+    pass
+
+
+@keys.command("create", help="Create an API key; the key is printed once and stored only hashed.")
+@click.option("--name", required=True, help="who the key is for, e.g. 州政府办OA")
+@click.option("--scope", "scopes", multiple=True, required=True,
+              help="documents:send, documents:read, documents:recall, blobs:write, admin or *")
+@click.option("--clearance", default="非密", show_default=True, help="highest 密级 the key may send or read")
+@click.option("--unit", "units", multiple=True, help="a unit (统一社会信用代码) the key may send for")
+@click.option("--webhook-url", help="where status changes are POSTed (signed)")
+@pass_ctx
+def keys_create(c: Ctx, name: str, scopes: tuple[str, ...], clearance: str, units: tuple[str, ...],
+                webhook_url: str | None) -> None:
+    from gateway.api.auth import create_key
+
+    n = c.node()
+    _require_schema(n)
+    try:
+        key = create_key(n.db, name=name, scopes=list(scopes), clearance=clearance, units=list(units),
+                         webhook_url=webhook_url, actor=f"cli:{_user()}")
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(key)
+
+
+@keys.command("revoke", help="Revoke an API key by its id (the part after gw_).")
+@click.argument("key_id")
+@pass_ctx
+def keys_revoke(c: Ctx, key_id: str) -> None:
+    from gateway.api.auth import revoke_key
+
+    if not revoke_key(c.node().db, key_id, actor=f"cli:{_user()}"):
+        raise click.ClickException(f"no active key with id {key_id}")
+    click.echo(f"revoked {key_id}")
+
+
+@keys.command("list", help="List API keys (never their secrets).")
+@pass_ctx
+def keys_list(c: Ctx) -> None:
+    from sqlalchemy import select
+
+    from gateway.models import ApiKey
+
+    n = c.node()
+    with n.db.sessions() as s:
+        for k in s.scalars(select(ApiKey).order_by(ApiKey.created_at)):
+            state = "revoked" if k.revoked_at else "active"
+            click.echo(f"{k.id}  {state:7}  clearance={k.clearance}  scopes={','.join(k.scopes)}  {k.name}")
+
+
+def _user() -> str:
+    return os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid())
+
+
+def _require_schema(n) -> None:  # type: ignore[no-untyped-def]
+    from gateway import migrate
+
+    if n.config.simulators:
+        migrate.upgrade(n.config.database_url())
+        return
+    try:
+        ok = migrate.current_is_head(n.db.engine)
+    except Exception as exc:  # noqa: BLE001
+        raise click.ClickException(f"cannot reach the database: {type(exc).__name__}: {exc}") from None
+    if not ok:
+        raise click.ClickException("the database schema is not current; run 'gateway db upgrade' first")
+
+
+# -- adapters ------------------------------------------------------------------------------
+@main.group(help="Legacy-system adapters.")
+def adapters() -> None:
+    pass
+
+
+@adapters.command("list", help="Configured adapters and their types.")
+@pass_ctx
+def adapters_list(c: Ctx) -> None:
+    cfg = c.cfg()
+    if not cfg.adapters:
+        click.echo("no adapters configured" + (" (the embedded default configures them at 'gateway serve')"
+                                               if c.embedded else ""))
+    for name, a in sorted(cfg.adapters.items()):
+        click.echo(f"{name}\t{a.get('type')}")
+
+
+@adapters.command("check", help="Ask each adapter (or one) whether its legacy system answers.")
+@click.argument("name", required=False)
+@pass_ctx
+def adapters_check(c: Ctx, name: str | None) -> None:
+    n = c.node()
+    names = [name] if name else n.adapter_names()
+    bad = 0
+    for a in names:
+        try:
+            h = n.adapter(a).check()
+            ok, msg, ms = h.ok, h.message, h.latency_ms
+        except Exception as exc:  # noqa: BLE001
+            ok, msg, ms = False, f"{type(exc).__name__}: {exc}", None
+        bad += not ok
+        click.echo(f"{a}\t{'OK  ' if ok else 'FAIL'}\t{'' if ms is None else f'{ms:.0f} ms'}\t{msg}")
+    n.close()
+    if bad:
+        sys.exit(1)
+
+
+# -- audit ---------------------------------------------------------------------------------
+@main.group(help="The hash-chained audit log.")
+def audit() -> None:
+    pass
+
+
+@audit.command("verify", help="Recompute the chain; exit 1 on any altered, removed or reordered entry.")
+@click.option("--expect-head", help="SEQ:HASH recorded earlier (detects removal of the newest entries)")
+@pass_ctx
+def audit_verify(c: Ctx, expect_head: str | None) -> None:
+    from gateway import audit as audit_mod
+
+    n = c.node()
+    with n.db.sessions() as s:
+        r = audit_mod.verify(s, expect_head)
+    if r.ok:
+        click.echo(f"audit log intact: {r.entries} entries, head {r.head}")
+        return
+    click.echo(f"AUDIT LOG BROKEN at entry {r.seq}: {r.problem}", err=True)
+    sys.exit(1)
+
+
+# -- sync ----------------------------------------------------------------------------------
+@main.command(help="Run a scheduled job now. Jobs: receipts (poll every adapter once).")
+@click.argument("job", type=click.Choice(["receipts"]))
+@pass_ctx
+def sync(c: Ctx, job: str) -> None:
+    from gateway import inbound
+
+    n = c.node()
+    _require_schema(n)
+    result = inbound.collect_all(n)
+    click.echo(json.dumps(result, ensure_ascii=False))
+    n.close()
+
+
+# -- worker --------------------------------------------------------------------------------
+@main.command(help="Run the delivery worker and the collector only (scale-out next to gunicorn).")
+@click.option("--once", is_flag=True, help="deliver what is due, poll once, then exit")
+@pass_ctx
+def worker(c: Ctx, once: bool) -> None:
+    import signal
+    import threading
+
+    from gateway import inbound
+    from gateway.runtime import Runtime
+    from gateway.worker import Worker
+
+    if c.embedded:
+        raise click.ClickException("'gateway worker' needs --config; the embedded default runs everything "
+                                   "in 'gateway serve'")
+    n = c.node()
+    _require_schema(n)
+    if once:
+        Worker(n).drain()
+        inbound.collect_all(n)
+        n.close()
+        return
+    rt = Runtime(n).start()
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    click.echo(f"worker {rt.worker.id if rt.worker else ''} running; Ctrl-C to stop")
+    done.wait()
+    rt.stop()
+    n.close()
+
+
+# -- serve ---------------------------------------------------------------------------------
+@main.command(help="Run the node: HTTP API, delivery worker and collector in one process tree.")
+@click.option("--bind", default="127.0.0.1:8080", show_default=True)
+@click.option("--threads", default=8, show_default=True)
+@pass_ctx
+def serve(c: Ctx, bind: str, threads: int) -> None:
+    from gateway import migrate, serve as serve_mod
+
+    cfg = c.cfg()
+    sims: Any = None
+    if c.embedded:
+        from adapters.simulators import embedded  # the one place production loads simulators
+
+        sims = embedded.plan(cfg)
+        cfg = sims.config
+        migrate.upgrade(cfg.database_url())
+        key = embedded.bootstrap_key(cfg)
+        click.echo("嵌入式默认配置 (embedded default): SQLite in ./var, simulated legacy systems")
+        if key:
+            click.echo(f"管理员 API 密钥 (admin API key, shown once, also in {cfg.data_dir}/bootstrap-api-key): {key}")
+    state: dict[str, Any] = {}
+
+    def factory():  # type: ignore[no-untyped-def]
+        from gateway.app import create_app
+        from gateway.node import Node
+
+        n = Node(cfg)
+        if not c.embedded and not migrate.current_is_head(n.db.engine):
+            raise SystemExit("the database schema is not current; run 'gateway db upgrade' first")
+        state["node"] = n
+        return create_app(node=n)
+
+    def post_worker_init(_w: Any) -> None:
+        from gateway.runtime import Runtime
+
+        if sims is not None:
+            sims.start()
+        state["runtime"] = Runtime(state["node"]).start()
+
+    def worker_exit(_s: Any, _w: Any) -> None:
+        if "runtime" in state:
+            state["runtime"].stop()
+        if sims is not None:
+            sims.stop()
+
+    click.echo(f"API on http://{bind}/api/v1/docs")
+    serve_mod.run(factory, bind=bind, threads=threads, post_worker_init=post_worker_init,
+                  worker_exit=worker_exit)
+
+
+# -- demo ----------------------------------------------------------------------------------
+@main.command(help="Send a document to recipients behind SOAP, SFTP and the XML exchange box "
+                   "(simulated), wait for their sign-for receipts, print a table. Exit 0 only if "
+                   "every recipient signed for it.")
+@click.option("--timeout", default=60.0, show_default=True, help="seconds to wait for every 签收")
+def demo(timeout: float) -> None:
+    from adapters.simulators import demo as demo_mod
+
+    sys.exit(demo_mod.run(timeout=timeout, echo=click.echo))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""``gateway serve``: gunicorn (one gthread worker) hosting the API, with the delivery worker
+and the collector started inside that worker process, so one node needs one command."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from gunicorn.app.base import BaseApplication
+
+
+class _Gunicorn(BaseApplication):
+    def __init__(self, app_factory: Callable[[], Any], options: dict[str, Any]) -> None:
+        self.app_factory = app_factory
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for k, v in self.options.items():
+            self.cfg.set(k, v)  # type: ignore[union-attr]
+
+    def load(self) -> Any:
+        return self.app_factory()
+
+
+def run(app_factory: Callable[[], Any], *, bind: str, threads: int, post_worker_init: Callable[[Any], None],
+        worker_exit: Callable[[Any, Any], None]) -> None:
+    _Gunicorn(app_factory, {
+        "bind": bind, "workers": 1, "worker_class": "gthread", "threads": threads,
+        "post_worker_init": post_worker_init, "worker_exit": worker_exit,
+        "accesslog": "-", "errorlog": "-", "timeout": 120, "graceful_timeout": 20,
+        "preload_app": False,
+    }).run()

@@ -1,0 +1,225 @@
+"""HTTP routes of the documents subsystem: ``/api/v1/documents…``."""
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime, timezone
+
+from flask import Blueprint, Response, request, url_for
+from sqlalchemy import and_, or_, select, update
+
+from gateway import audit
+from gateway.api import auth
+from gateway.api.common import (
+    body_bytes,
+    node,
+    parse_json,
+    parse_xml,
+    request_hash,
+    validation_problem,
+    wants_xml,
+)
+from gateway.api.problems import Problem
+from gateway.api.spec import operation
+from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError
+from gateway.models import Blob, Delivery, Message, OutboxEntry, ReceiptRecord
+from gateway.pipeline import IdempotencyKey, Rejected, accept
+from systems.documents import SLUG, payload
+from systems.documents.schemas import DocumentIn, DocumentList, DocumentOut, ReceiptOut, RecipientStatus
+
+bp = Blueprint("documents", __name__, url_prefix=f"/api/v1/{SLUG}")
+
+_ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _document_in() -> DocumentIn:
+    mt = request.mimetype
+    data = body_bytes()
+    if mt in ("application/json", ""):
+        return parse_json(DocumentIn, data)  # type: ignore[return-value]
+    if mt in ("application/xml", "text/xml"):
+        root = parse_xml(data)
+        try:
+            env = Envelope.from_xml(root)
+            if env.subsystem != SLUG or env.type != "document":
+                raise Problem(422, "validation", f"the envelope is for {env.subsystem}/{env.type}; this "
+                              f"endpoint takes {SLUG}/document")
+            fields = payload.from_envelope(env)
+        except EnvelopeError as exc:
+            errs = [{"field": f, "message": m} for f, m in exc.errors]
+            raise Problem(422, "validation", str(exc), errors=errs) from None
+        except ValueError as exc:
+            raise Problem(422, "validation", str(exc)) from None
+        from pydantic import ValidationError
+        try:
+            return DocumentIn.model_validate(fields)
+        except ValidationError as exc:
+            raise validation_problem(exc) from None
+    raise Problem(415, "unsupported-media-type", f"send application/json or application/xml, not {mt}")
+
+
+def _status_out(m: Message, with_receipts: bool, receipts: dict[int, list[ReceiptRecord]] | None = None) -> DocumentOut:
+    rs = []
+    for d in m.deliveries:
+        rs.append(RecipientStatus(
+            unit=d.unit, name=d.unit_name, copy_type=d.copy_type, copy_no=d.copy_no, status=d.status,
+            route=d.target, signer=d.signer, signed_at=d.signed_at, receipt_no=d.receipt_no, reason=d.reason,
+            last_error=d.last_error if d.status in ("queued", "failed") else None,
+            receipts=[ReceiptOut(action=r.action, signer=r.signer, receipt_no=r.receipt_no, reason=r.reason,
+                                 time=r.time, source=r.source) for r in (receipts or {}).get(d.id, [])]
+            if with_receipts else []))
+    s = m.summary or {}
+    return DocumentOut(id=m.id, status_url=url_for("documents.get_document", message_id=m.id),
+                       accepted_at=m.accepted_at, sender_unit=m.sender_unit, doc_number=s.get("doc_number"),
+                       title=s.get("title"), doc_type=s.get("doc_type"), classification=m.classification,
+                       urgency=m.urgency, recipients=rs)
+
+
+def _json(model, status: int = 200, **headers: str) -> Response:  # type: ignore[no-untyped-def]
+    return Response(model.model_dump_json(), status=status, mimetype="application/json", headers=headers)
+
+
+def _load(message_id: str, caller: auth.Caller, receipts: bool = True) -> DocumentOut:
+    n = node()
+    with n.db.sessions() as s:
+        m = s.get(Message, message_id)
+        if m is None or m.subsystem != SLUG or (m.api_key_id != caller.key_id and not caller.has("admin")):
+            raise Problem(404, "not-found", f"no document {message_id} sent with this API key")
+        if m.clearance > caller.clearance:
+            raise Problem(403, "clearance-too-low", "the document is classified above this key's clearance")
+        recs: dict[int, list[ReceiptRecord]] = {}
+        if receipts:
+            ids = [d.id for d in m.deliveries]
+            for r in s.scalars(select(ReceiptRecord).where(ReceiptRecord.delivery_id.in_(ids))
+                               .order_by(ReceiptRecord.id)):
+                recs.setdefault(r.delivery_id, []).append(r)
+        return _status_out(m, receipts, recs)
+
+
+@operation(method="post", path="/api/v1/documents", summary="发文：发送公文 (send an official document)",
+           tag="documents", scope="documents:send", request=DocumentIn,
+           request_media=("application/json", "application/xml"), responses={202: DocumentOut},
+           parameters=[{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}}],
+           description="Accepted (202) means stored: the document, its audit entry and one delivery per "
+                       "recipient are committed. Upload the body and attachments to /api/v1/blobs first.")
+@bp.post("")
+def send_document() -> Response:
+    n = node()
+    caller = auth.require(n.db, "documents:send")
+    doc = _document_in()
+    if caller.units and doc.sender_unit not in caller.units:
+        raise Problem(403, "forbidden-unit", f"this API key may not send for unit {doc.sender_unit}")
+    if n.config.node.units and doc.sender_unit not in n.config.node.units:
+        raise Problem(403, "forbidden-unit", f"unit {doc.sender_unit} is not served by node {n.id}")
+    if CLASSIFICATION_LEVEL[doc.classification] > caller.clearance:
+        raise Problem(403, "clearance-too-low",
+                      f"this API key's clearance does not cover {doc.classification} documents")
+    shas = [doc.body.sha256] + [a.sha256 for a in doc.attachments]
+    with n.db.sessions() as s:
+        sizes = {b.sha256: b.size for b in s.scalars(select(Blob).where(Blob.sha256.in_(shas)))}
+    missing = [x for x in shas if x not in sizes]
+    if missing:
+        raise Problem(422, "unknown-blob", f"no uploaded content has SHA-256 {missing[0]}; "
+                      f"upload it to /api/v1/blobs first")
+    env = payload.to_envelope(doc, message_id=doc.message_id, node_id=n.id, media={}, sizes=sizes)
+    idem_key = request.headers.get("Idempotency-Key")
+    idem = None
+    if idem_key:
+        if len(idem_key) > 200:
+            raise Problem(400, "validation", "Idempotency-Key is longer than 200 characters")
+        idem = IdempotencyKey(caller.key_id, idem_key, request_hash())
+    summary = {"doc_number": doc.doc_number, "title": doc.title, "doc_type": doc.doc_type}
+    try:
+        result = accept(n, env, actor=caller.actor, api_key_id=caller.key_id, summary=summary, idempotency=idem)
+    except Rejected as exc:
+        raise Problem(exc.status, exc.kind, exc.detail) from None
+    out = _load(result.message.id, caller, receipts=False)
+    headers = {"Location": out.status_url}
+    if not result.created:
+        headers["Idempotent-Replayed"] = "true"
+    return _json(out, 202, **headers)
+
+
+@operation(method="get", path="/api/v1/documents/{id}", summary="查询公文状态 (one document with each recipient's status)",
+           tag="documents", scope="documents:read", responses={200: DocumentOut}, parameters=[_ID_PARAM])
+@bp.get("/<message_id>")
+def get_document(message_id: str) -> Response:
+    n = node()
+    caller = auth.require(n.db, "documents:read")
+    out = _load(message_id, caller)
+    if wants_xml():
+        with n.db.sessions() as s:
+            m = s.get(Message, message_id)
+            assert m is not None
+            return Response(m.envelope_xml, mimetype="application/xml")
+    return _json(out)
+
+
+@operation(method="get", path="/api/v1/documents", summary="公文列表 (documents sent with this key, newest first)",
+           tag="documents", scope="documents:read", responses={200: DocumentList},
+           parameters=[{"name": "status", "in": "query", "schema": {"type": "string"},
+                        "description": "only documents with a recipient in this status"},
+                       {"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 200}},
+                       {"name": "cursor", "in": "query", "schema": {"type": "string"}}])
+@bp.get("")
+def list_documents() -> Response:
+    n = node()
+    caller = auth.require(n.db, "documents:read")
+    try:
+        limit = min(200, max(1, int(request.args.get("limit", "50"))))
+    except ValueError:
+        raise Problem(400, "validation", "limit must be an integer from 1 to 200") from None
+    q = (select(Message).where(Message.subsystem == SLUG, Message.clearance <= caller.clearance)
+         .order_by(Message.accepted_at.desc(), Message.id.desc()).limit(limit + 1))
+    if not caller.has("admin"):
+        q = q.where(Message.api_key_id == caller.key_id)
+    status = request.args.get("status")
+    if status:
+        q = q.where(Message.id.in_(select(Delivery.message_id).where(Delivery.status == status)))
+    cursor = request.args.get("cursor")
+    if cursor:
+        try:
+            at_s, mid = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+            at = datetime.fromisoformat(at_s)
+        except (ValueError, TypeError):
+            raise Problem(400, "validation", "cursor is not one this API returned") from None
+        q = q.where(or_(Message.accepted_at < at, and_(Message.accepted_at == at, Message.id < mid)))
+    with n.db.sessions() as s:
+        rows = s.scalars(q).all()
+        items = [_status_out(m, False) for m in rows[:limit]]
+        nxt = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            nxt = base64.urlsafe_b64encode(json.dumps([last.accepted_at.isoformat(), last.id]).encode()).decode()
+    return _json(DocumentList(items=items, next_cursor=nxt))
+
+
+@operation(method="post", path="/api/v1/documents/{id}/recall", summary="撤回公文 (recall before sign-for)",
+           tag="documents", scope="documents:recall", responses={202: DocumentOut}, parameters=[_ID_PARAM],
+           description="Copies not yet delivered are withdrawn at once; delivered copies are recalled at the "
+                       "receiving system; copies already signed for (已签收) cannot be recalled.")
+@bp.post("/<message_id>/recall")
+def recall_document(message_id: str) -> Response:
+    n = node()
+    caller = auth.require(n.db, "documents:recall")
+    _load(message_id, caller, receipts=False)  # ownership and clearance
+    now = datetime.now(timezone.utc)
+    with n.db.begin() as s:
+        m = s.get(Message, message_id)
+        assert m is not None
+        for d in m.deliveries:
+            if d.status in ("queued", "held"):
+                s.execute(update(OutboxEntry).where(OutboxEntry.delivery_id == d.id, OutboxEntry.kind == "deliver",
+                                                    OutboxEntry.state == "pending")
+                          .values(state="done", last_error="recalled before delivery", finished_at=now))
+                claimed = s.scalar(select(OutboxEntry.id).where(OutboxEntry.delivery_id == d.id,
+                                                                 OutboxEntry.kind == "deliver",
+                                                                 OutboxEntry.state == "claimed"))
+                if claimed is None:
+                    d.status, d.updated_at = "recalled", now
+                    continue
+            if d.status in ("delivered", "queued") and d.route_kind == "adapter":
+                s.add(OutboxEntry(kind="recall", delivery_id=d.id, target=d.target or "", priority=0,
+                                  next_attempt_at=now, created_at=now))
+        audit.append(s, actor=caller.actor, action="message.recall", obj=f"message:{message_id}")
+    return _json(_load(message_id, caller, receipts=False), 202)

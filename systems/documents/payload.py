@@ -1,0 +1,82 @@
+"""The documents payload (namespace ``urn:egov:gateway:documents:v1``) and its mapping from
+and to the JSON request model."""
+from __future__ import annotations
+
+from lxml import etree
+
+from gateway.envelope import Attachment, Envelope, Recipient
+from systems.documents import PAYLOAD_NS, rules
+from systems.documents.schemas import DocumentIn
+
+D = "{%s}" % PAYLOAD_NS
+
+
+def to_payload(doc: DocumentIn) -> etree._Element:
+    el = etree.Element(D + "document", nsmap={None: PAYLOAD_NS})
+
+    def add(tag: str, text: str | None, **attrs: str) -> None:
+        if text is None and not attrs:
+            return
+        sub = etree.SubElement(el, D + tag, **attrs)
+        if text is not None:
+            sub.text = text
+
+    prefix, year, serial = rules.split_doc_number(doc.doc_number)
+    add("doc-type", doc.doc_type)
+    add("issuer", doc.issuer)
+    add("doc-number", doc.doc_number, prefix=prefix, year=year, serial=serial)
+    add("title", doc.title)
+    add("signer", doc.signer)
+    add("written-date", doc.written_date)
+    add("publish-level", doc.publish_level)
+    add("sealed", "true" if doc.sealed else "false")
+    add("note", doc.note)
+    if doc.printer:
+        add("printer", None, name=doc.printer.name, date=doc.printer.date)
+    return el
+
+
+def to_envelope(doc: DocumentIn, *, message_id: str | None, node_id: str, media: dict[str, str | None],
+                sizes: dict[str, int]) -> Envelope:
+    recipients = []
+    classified = doc.classification != "非密"
+    for i, r in enumerate(doc.recipients, start=1):
+        copy_no = r.copy_no or (f"{i:06d}" if classified else None)
+        recipients.append(Recipient(r.unit, r.name, r.copy_type, copy_no))
+    atts = [Attachment("body", doc.body.name, sizes[doc.body.sha256], doc.body.sha256,
+                       doc.body.media_type or media.get(doc.body.name))]
+    atts += [Attachment("attachment", a.name, sizes[a.sha256], a.sha256, a.media_type) for a in doc.attachments]
+    kw = {"message_id": message_id} if message_id else {}
+    return Envelope(subsystem="documents", type="document", sender_unit=doc.sender_unit, sender_node=node_id,
+                    sender_name=doc.issuer, recipients=recipients, payload=to_payload(doc),
+                    classification=doc.classification, classification_period=doc.classification_period,
+                    urgency=doc.urgency, conversation_id=doc.conversation_id, attachments=atts, **kw)
+
+
+def from_envelope(env: Envelope) -> dict:
+    """The JSON-model fields of a canonical envelope carrying a document (for XML callers:
+    their envelope is checked by exactly the same rules as JSON)."""
+    p = env.payload
+    if p.tag != D + "document":
+        raise ValueError(f"payload must be a {{{PAYLOAD_NS}}}document element")
+    body = env.body()
+    if body is None:
+        raise ValueError("the envelope has no attachment with role=\"body\" (正文)")
+    printer = p.find(D + "printer")
+    return {
+        "message_id": env.message_id, "sender_unit": env.sender_unit,
+        "issuer": p.findtext(D + "issuer") or env.sender_name or "",
+        "doc_type": p.findtext(D + "doc-type") or "", "doc_number": p.findtext(D + "doc-number") or "",
+        "title": p.findtext(D + "title") or "", "classification": env.classification,
+        "classification_period": env.classification_period, "urgency": env.urgency,
+        "signer": p.findtext(D + "signer"), "written_date": p.findtext(D + "written-date") or "",
+        "recipients": [{"unit": r.unit, "name": r.name, "copy_type": r.copy_type or "主送", "copy_no": r.copy_no}
+                       for r in env.recipients],
+        "body": {"sha256": body.sha256, "name": body.name, "media_type": body.media_type},
+        "attachments": [{"sha256": a.sha256, "name": a.name, "media_type": a.media_type}
+                        for a in env.attachments if a.role == "attachment"],
+        "note": p.findtext(D + "note"), "publish_level": p.findtext(D + "publish-level"),
+        "sealed": (p.findtext(D + "sealed") or "true") == "true",
+        "printer": {"name": printer.get("name"), "date": printer.get("date")} if printer is not None else None,
+        "conversation_id": env.conversation_id,
+    }

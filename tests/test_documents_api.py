@@ -1,0 +1,221 @@
+"""The documents API and the one path behind it, on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import func, select
+
+from gateway import audit
+from gateway.envelope import Receipt
+from gateway.inbound import collect
+from gateway.models import AuditEntry, Delivery, Message, OutboxEntry
+from gateway.worker import Worker
+from adapters.base import PolledItem, PermanentError, RetryableError
+from tests.plugins.gatewaynode import CITY_B, COUNTY_A, COUNTY_C, EMERGENCY, Api, RecordingAdapter
+
+
+def _count(node, model) -> int:  # type: ignore[no-untyped-def]
+    with node.db.sessions() as s:
+        return s.scalar(select(func.count()).select_from(model))
+
+
+def test_accepted_document_is_stored_with_audit_and_outbox_before_202(api, gw_node):
+    r = api.post("/api/v1/documents", json=api.document(recipients=(COUNTY_A, CITY_B)))
+    assert r.status_code == 202, r.get_json()
+    body = r.get_json()
+    assert [x["status"] for x in body["recipients"]] == ["queued", "queued"]
+    assert r.headers["Location"] == f"/api/v1/documents/{body['id']}"
+    with gw_node.db.sessions() as s:
+        assert s.get(Message, body["id"]) is not None
+        assert s.scalar(select(func.count()).select_from(OutboxEntry).where(OutboxEntry.kind == "deliver")) == 2
+        actions = s.scalars(select(AuditEntry.action)).all()
+    assert "message.accept" in actions
+
+
+def test_worker_delivers_each_recipient_through_its_routed_adapter(api, gw_node):
+    body = api.post("/api/v1/documents", json=api.document(recipients=(COUNTY_A, CITY_B))).get_json()
+    Worker(gw_node).drain()
+    rec, rec2 = gw_node.adapter("rec"), gw_node.adapter("rec2")
+    assert [d.recipient.unit for d in rec.delivered] == [COUNTY_A]
+    assert [d.recipient.unit for d in rec2.delivered] == [CITY_B]
+    got = api.get(f"/api/v1/documents/{body['id']}").get_json()
+    assert {x["unit"]: x["status"] for x in got["recipients"]} == {COUNTY_A: "delivered", CITY_B: "delivered"}
+
+
+def test_recipient_at_another_node_is_held_for_federation(api, gw_node):
+    body = api.post("/api/v1/documents", json=api.document(recipients=(COUNTY_C,))).get_json()
+    assert body["recipients"][0]["status"] == "held"
+    assert body["recipients"][0]["route"] == "county-c"
+    assert Worker(gw_node).run_once() == 0
+
+
+def test_sign_for_receipt_updates_status_once(api, gw_node):
+    body = api.post("/api/v1/documents", json=api.document()).get_json()
+    Worker(gw_node).drain()
+    rec = gw_node.adapter("rec")
+    ref = rec.delivered[0].remote_ref
+    receipt = Receipt(unit=COUNTY_A, action="SIGNED", remote_ref=ref, signer="李某", receipt_no="JXF-1",
+                      time=datetime(2026, 11, 20, 10, 15, tzinfo=timezone.utc))
+    rec.pending_items = [PolledItem(key="rec:1", receipt=receipt)]
+    assert collect(gw_node, "rec") == {"signed": 1}
+    rec.pending_items = [PolledItem(key="rec:1", receipt=receipt)]  # the same item again
+    assert collect(gw_node, "rec") == {"duplicate": 1}
+    assert rec.acked == ["rec:1", "rec:1"]
+    got = api.get(f"/api/v1/documents/{body['id']}").get_json()["recipients"][0]
+    assert (got["status"], got["signer"], got["receipt_no"]) == ("signed", "李某", "JXF-1")
+    assert [x["action"] for x in got["receipts"]] == ["SIGNED"]
+
+
+def test_receipt_from_a_unit_we_did_not_send_to_is_rejected(api, gw_node):
+    api.post("/api/v1/documents", json=api.document())
+    Worker(gw_node).drain()
+    rec = gw_node.adapter("rec")
+    rejected: list[str] = []
+    item = PolledItem(key="rec:x", receipt=Receipt(unit=CITY_B, action="SIGNED", remote_ref=rec.delivered[0].remote_ref),
+                      _reject=rejected.append)
+    rec.pending_items = [item]
+    assert collect(gw_node, "rec") == {"rejected": 1}
+    assert rejected and "no delivery matches" in rejected[0]
+
+
+def test_retryable_failures_back_off_then_deliver(api, gw_node):
+    api.post("/api/v1/documents", json=api.document())
+    rec = gw_node.adapter("rec")
+    rec.failures = [RetryableError("HTTP 503"), RetryableError("HTTP 503")]
+    Worker(gw_node).drain(timeout=10)
+    import time
+    deadline = time.time() + 5
+    while not rec.delivered and time.time() < deadline:
+        Worker(gw_node).run_once()
+        time.sleep(0.02)
+    assert len(rec.delivered) == 1
+    with gw_node.db.sessions() as s:
+        e = s.scalars(select(OutboxEntry)).one()
+        assert (e.state, e.attempts) == ("done", 3)
+        outcomes = s.scalars(select(AuditEntry.outcome).where(AuditEntry.action == "delivery.attempt")).all()
+    assert outcomes == ["retry", "retry", "delivered"]
+
+
+def test_permanent_failure_is_dead_lettered_at_once(api, gw_node):
+    body = api.post("/api/v1/documents", json=api.document()).get_json()
+    gw_node.adapter("rec").failures = [PermanentError("Client.InvalidUrgency")]
+    Worker(gw_node).drain()
+    got = api.get(f"/api/v1/documents/{body['id']}").get_json()["recipients"][0]
+    assert got["status"] == "failed" and "InvalidUrgency" in got["last_error"]
+    with gw_node.db.sessions() as s:
+        assert s.scalars(select(OutboxEntry.state)).one() == "dead"
+
+
+def test_exhausted_retries_are_dead_lettered(api, gw_node):
+    api.post("/api/v1/documents", json=api.document())
+    rec = gw_node.adapter("rec")
+    rec.failures = [RetryableError("timeout")] * 3  # max_attempts = 3 in the test config
+    import time
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        Worker(gw_node).run_once()
+        with gw_node.db.sessions() as s:
+            if s.scalars(select(OutboxEntry.state)).one() == "dead":
+                break
+        time.sleep(0.02)
+    with gw_node.db.sessions() as s:
+        assert s.scalars(select(Delivery.status)).one() == "failed"
+
+
+def test_urgent_documents_are_claimed_first(api, gw_node):
+    for _ in range(5):
+        api.post("/api/v1/documents", json=api.document(urgency="平件"))
+    api.post("/api/v1/documents", json=api.document(urgency="加急"))
+    urgent = api.post("/api/v1/documents", json=api.document(urgency="特急")).get_json()["id"]
+    w = Worker(gw_node, threads=1)
+    w.run_once()
+    assert gw_node.adapter("rec").delivered[0].message_id == urgent
+    w.run_once()
+    assert gw_node.adapter("rec").delivered[1].envelope.urgency == "加急"
+
+
+def test_same_message_id_or_idempotency_key_is_accepted_once(api, gw_node):
+    doc = api.document(message_id="oa-2026-000037")
+    r1 = api.post("/api/v1/documents", json=doc)
+    r2 = api.post("/api/v1/documents", json=doc)
+    assert (r1.status_code, r2.status_code) == (202, 202)
+    assert r2.headers.get("Idempotent-Replayed") == "true"
+    doc2 = api.document()
+    a = api.post("/api/v1/documents", json=doc2, headers={"Idempotency-Key": "k-1"})
+    b = api.post("/api/v1/documents", json=doc2, headers={"Idempotency-Key": "k-1"})
+    assert a.get_json()["id"] == b.get_json()["id"]
+    c = api.post("/api/v1/documents", json={**doc2, "title": "另一个标题"}, headers={"Idempotency-Key": "k-1"})
+    assert c.status_code == 422 and c.get_json()["type"].endswith("idempotency-key-reused")
+    assert _count(gw_node, Message) == 2
+
+
+def test_recall_before_delivery_withdraws_and_after_sign_for_is_too_late(api, gw_node):
+    body = api.post("/api/v1/documents", json=api.document(recipients=(COUNTY_A, EMERGENCY))).get_json()
+    r = api.post(f"/api/v1/documents/{body['id']}/recall")
+    assert r.status_code == 202
+    assert {x["status"] for x in r.get_json()["recipients"]} == {"recalled"}
+    Worker(gw_node).drain()
+    assert gw_node.adapter("rec").delivered == []
+
+
+def test_recall_after_delivery_goes_to_the_legacy_system(api, gw_node):
+    body = api.post("/api/v1/documents", json=api.document()).get_json()
+    Worker(gw_node).drain()
+    api.post(f"/api/v1/documents/{body['id']}/recall")
+    Worker(gw_node).drain()
+    got = api.get(f"/api/v1/documents/{body['id']}").get_json()
+    assert got["recipients"][0]["status"] == "recalled"
+
+
+def test_list_is_paged_newest_first_and_only_the_callers(api, gw_node):
+    ids = [api.post("/api/v1/documents", json=api.document()).get_json()["id"] for _ in range(3)]
+    other = Api(gw_node, scopes=("documents:read",))
+    assert other.get("/api/v1/documents").get_json()["items"] == []
+    page1 = api.get("/api/v1/documents?limit=2").get_json()
+    page2 = api.get(f"/api/v1/documents?limit=2&cursor={page1['next_cursor']}").get_json()
+    got = [x["id"] for x in page1["items"] + page2["items"]]
+    assert sorted(got) == sorted(ids) and page2["next_cursor"] is None
+
+
+def test_get_as_xml_returns_the_canonical_envelope(api, gw_node):
+    body = api.post("/api/v1/documents", json=api.document()).get_json()
+    r = api.get(f"/api/v1/documents/{body['id']}", headers={"Accept": "application/xml"})
+    assert r.mimetype == "application/xml"
+    assert b"urn:egov:gateway:envelope:v1" in r.data and "州政办发〔2026〕37号".encode() in r.data
+
+
+def test_canonical_xml_envelope_is_accepted_like_json(api, gw_node):
+    from gateway.envelope import Envelope
+    from systems.documents.payload import to_envelope
+    from systems.documents.schemas import DocumentIn
+
+    doc = DocumentIn.model_validate(api.document(recipients=(COUNTY_A,)))
+    env = to_envelope(doc, message_id="xml-msg-0001", node_id="prefecture", media={},
+                      sizes={doc.body.sha256: 10})
+    r = api.post("/api/v1/documents", data=env.to_xml(), content_type="application/xml")
+    assert r.status_code == 202, r.get_json()
+    assert r.get_json()["id"] == "xml-msg-0001"
+    assert Envelope.from_xml(api.get("/api/v1/documents/xml-msg-0001", headers={"Accept": "application/xml"}).data)
+
+
+def test_audit_chain_verifies_and_detects_tampering(api, gw_node):
+    api.post("/api/v1/documents", json=api.document())
+    Worker(gw_node).drain()
+    with gw_node.db.sessions() as s:
+        assert audit.verify(s).ok
+    with gw_node.db.begin() as s:
+        e = s.get(AuditEntry, 2)
+        e.outcome = "changed"
+    with gw_node.db.sessions() as s:
+        r = audit.verify(s)
+    assert not r.ok and r.seq == 2 and "altered" in r.problem
+
+
+def test_audit_detects_a_removed_entry(api, gw_node):
+    api.post("/api/v1/documents", json=api.document())
+    Worker(gw_node).drain()
+    with gw_node.db.begin() as s:
+        s.delete(s.get(AuditEntry, 2))
+    with gw_node.db.sessions() as s:
+        r = audit.verify(s)
+    assert not r.ok and "missing" in r.problem
