@@ -41,10 +41,11 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -119,7 +120,7 @@ _KNOWN_KEYS = {
 class _Expr:
     """One compiled argument expression (``xpath:`` / ``blob:body`` / ``const:``)."""
 
-    __slots__ = ("kind", "source", "xpath", "const")
+    __slots__ = ("const", "kind", "source", "xpath")
 
     def __init__(self, kind: str, source: str, xpath: etree.XPath | None = None,
                  const: str | None = None) -> None:
@@ -159,7 +160,7 @@ def _parse_time(text: str | None) -> datetime | None:
         return None
     text = text.strip()
     for parse in (
-        lambda s: datetime.fromisoformat(s.replace("Z", "+00:00")),
+        datetime.fromisoformat,  # also takes Z and a space for T (3.11)
         lambda s: datetime.strptime(s, "%Y%m%d%H%M%S"),
         lambda s: datetime.strptime(s, "%Y/%m/%d %H:%M:%S"),
     ):

@@ -336,7 +336,8 @@ class ExchangeBoxServer:
         self._server = make_server(self.host, self.port, self.box, threaded=True,
                                    request_handler=_QuietHandler)
         self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, name="exchange-box", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="exchange-box", daemon=True)
         self._thread.start()
         return self
 

@@ -30,10 +30,11 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Self
 
 from lxml import etree
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
@@ -310,7 +311,7 @@ class DocExchangeState:
         if self._auto_thread is not None:
             self._auto_thread.join(timeout=5)
 
-    def __enter__(self) -> "DocExchangeState":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -612,7 +613,7 @@ class SoapServiceServer:
     def running(self) -> bool:
         return self._server is not None
 
-    def start(self) -> "SoapServiceServer":
+    def start(self) -> Self:
         if self._server is not None:
             return self
         srv = make_server(self.host, self._port, self.app, threaded=True,
@@ -652,7 +653,7 @@ class SoapServiceServer:
         self.stop()
         self.state.close()
 
-    def __enter__(self) -> "SoapServiceServer":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

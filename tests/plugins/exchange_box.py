@@ -45,7 +45,7 @@ class HttpEndpoint:
 
     def start(self) -> "HttpEndpoint":
         self._server = make_server("127.0.0.1", 0, self, threaded=True, request_handler=_Quiet)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
     def stop(self) -> None:

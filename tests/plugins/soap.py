@@ -2,8 +2,9 @@
 port, and SOAP adapters pointed at it. No mocks: zeep talks HTTP to a threaded WSGI server."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 

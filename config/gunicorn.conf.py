@@ -1,0 +1,23 @@
+"""gunicorn settings for a production node:
+
+    GATEWAY_CONFIG=/etc/gateway/prefecture.toml \
+        gunicorn -c config/gunicorn.conf.py 'gateway.app:create_app()'
+
+The API is stateless; run the delivery worker next to it with ``gateway worker``
+(several of each may share one PostgreSQL).
+"""
+import multiprocessing
+import os
+
+bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8080")
+workers = int(os.environ.get("GATEWAY_WORKERS", min(4, multiprocessing.cpu_count() * 2)))
+worker_class = "gthread"
+threads = int(os.environ.get("GATEWAY_THREADS", 8))
+timeout = 120            # a streamed 1 GB attachment upload must not be cut off
+graceful_timeout = 30
+keepalive = 5
+max_requests = 10000     # recycle workers now and then; state lives in the database
+max_requests_jitter = 1000
+accesslog = "-"
+errorlog = "-"
+# Never log request bodies or Authorization headers: the default access log format has neither.
