@@ -27,9 +27,10 @@ import hashlib
 import mimetypes
 import threading
 import uuid
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime, timedelta, timezone
 from functools import lru_cache
-from typing import BinaryIO, Iterator, Mapping
+from typing import BinaryIO
 
 from lxml import etree
 
@@ -41,11 +42,11 @@ from gateway.units import uscc_problem
 __all__ = [
     "ACTION_FROM_LEGACY",
     "ACTION_TO_LEGACY",
+    "DEFAULT_CHUNK",
+    "DOCUMENTS_NS",
+    "XML_DECLARATION",
     "ArchiveFormatError",
     "ArchiveStream",
-    "DOCUMENTS_NS",
-    "DEFAULT_CHUNK",
-    "XML_DECLARATION",
     "iter_archive",
     "parse_receipt",
     "read_archive",
@@ -121,7 +122,7 @@ def iter_archive(
     appids: Mapping[str, str] | None = None,
     sender_appid: str | None = None,
     chunk_size: int = DEFAULT_CHUNK,
-) -> "ArchiveStream":
+) -> ArchiveStream:
     """The archive for ONE receiver as GB18030 byte chunks (e.g. a streaming HTTP body).
 
     The header is built and every blob is checked (present, right size) *before* this
@@ -194,7 +195,7 @@ class ArchiveStream(Iterator[bytes]):
     def len(self) -> int:
         return self.length
 
-    def __iter__(self) -> "ArchiveStream":
+    def __iter__(self) -> ArchiveStream:
         return self
 
     def __next__(self) -> bytes:
@@ -331,7 +332,7 @@ def read_archive(
         contents.append(content)
         f.text = None  # the transform needs only the attributes
 
-    created = (received or datetime.now(timezone.utc)).isoformat()
+    created = (received or datetime.now(UTC)).isoformat()
     env_root = _transform(_to_envelope(), root, created=created)
     try:
         envelope = Envelope.from_xml(env_root)

@@ -1,4 +1,4 @@
-"""SFTP drop adapter (县级值班与公文交换目录): the legacy contract of ``shared/legacy/README.md`` §2.
+"""SFTP drop adapter (县级值班与公文交换目录): legacy contract ``shared/legacy/README.md`` §2.
 
 Per unit the server has ``inbox/`` (files for the legacy system) and ``outbox/`` (files it
 produces), XML in GB18030. A writer uploads ``NAME.xml.part``, renames it to ``NAME.xml`` and
@@ -33,6 +33,7 @@ Configuration (``[adapters.NAME]``, Camel-like names)::
     duty_report_to = "11522300QNNHM83X1E"          # optional: ingest ZB_ duty reports
     appids = { "1152230107CTPD8U2P" = "JXF-OA" }   # optional, for the archive format
 """
+
 from __future__ import annotations
 
 import base64
@@ -137,8 +138,14 @@ def parse_public_key(line: str) -> paramiko.PKey:
 
 def _safe_component(name: str) -> bool:
     """A single, harmless path component: a name from a listing is never trusted further."""
-    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name \
-        and "\x00" not in name and ".." not in name
+    return (
+        bool(name)
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+        and ".." not in name
+    )
 
 
 @dataclass(frozen=True)
@@ -205,10 +212,14 @@ class SftpAdapter(Adapter):
         tmpl = self._opt(key, str, default)
         fields = {f for _, f, _, _ in string.Formatter().parse(tmpl) if f is not None}
         if fields != {"unit"}:
-            raise ConfigError(f"{self._key(key)}: {tmpl!r} must contain {{unit}} and no other placeholder")
+            raise ConfigError(
+                f"{self._key(key)}: {tmpl!r} must contain {{unit}} and no other placeholder"
+            )
         sample = tmpl.format(unit="U")
         if sample.startswith("/") or "\x00" in sample or ".." in sample.split("/"):
-            raise ConfigError(f"{self._key(key)}: {tmpl!r} must be a relative path below root without '..'")
+            raise ConfigError(
+                f"{self._key(key)}: {tmpl!r} must be a relative path below root without '..'"
+            )
         return tmpl
 
     def _unit_code(self, key: str, value: object) -> str:
@@ -239,7 +250,7 @@ class SftpAdapter(Adapter):
         if not host_keys and known_hosts_path is None:
             raise ConfigError(
                 f"{self._key('host_key')}: missing; the server's host key must be pinned with "
-                "host_key = \"ssh-ed25519 AAAA...\" or known_hosts_file"
+                'host_key = "ssh-ed25519 AAAA..." or known_hosts_file'
             )
 
         root = self._opt("root", str, ".") or "."
@@ -249,7 +260,9 @@ class SftpAdapter(Adapter):
         units = tuple(self._unit_code(f"units[{i}]", u) for i, u in enumerate(units))
         read_lock = self._opt("read_lock", str, "done-file")
         if read_lock not in ("done-file", "stable-size"):
-            raise ConfigError(f"{self._key('read_lock')}: {read_lock!r}; expected 'done-file' or 'stable-size'")
+            raise ConfigError(
+                f"{self._key('read_lock')}: {read_lock!r}; expected 'done-file' or 'stable-size'"
+            )
         duty = self._opt("duty_report_to", str, None)
         appids = self._opt("appids", dict, {})
 
@@ -298,10 +311,13 @@ class SftpAdapter(Adapter):
             return paramiko.PKey.from_path(self.settings.private_key_file, passphrase)
         except paramiko.PasswordRequiredException:
             raise ConfigError(
-                f"{self._key('private_key_file')}: the key is encrypted; set passphrase_env or passphrase_file"
+                f"{self._key('private_key_file')}: the key is encrypted; "
+                "set passphrase_env or passphrase_file"
             ) from None
         except (paramiko.SSHException, paramiko.UnknownKeyType, OSError, ValueError) as exc:
-            raise ConfigError(f"{self._key('private_key_file')}: cannot load the key: {exc}") from None
+            raise ConfigError(
+                f"{self._key('private_key_file')}: cannot load the key: {exc}"
+            ) from None
 
     # -- paths ---------------------------------------------------------------------------
     def _dir(self, template: str, unit: str) -> str:
@@ -320,7 +336,9 @@ class SftpAdapter(Adapter):
             try:
                 known = paramiko.HostKeys(str(s.known_hosts_file))
             except (OSError, paramiko.SSHException) as exc:
-                raise PermanentError(f"{self._key('known_hosts_file')}: cannot read: {exc}") from None
+                raise PermanentError(
+                    f"{self._key('known_hosts_file')}: cannot read: {exc}"
+                ) from None
             lookup = s.host if s.port == 22 else f"[{s.host}]:{s.port}"
             entry = known.lookup(lookup)
             if entry:
@@ -333,8 +351,8 @@ class SftpAdapter(Adapter):
         pinned = self._pinned_keys()
         if not pinned:
             raise HostKeyMismatch(
-                f"{self._where}: no host key is pinned for {s.host}:{s.port} in {s.known_hosts_file}; "
-                "refusing to connect to an unknown server",
+                f"{self._where}: no host key is pinned for {s.host}:{s.port} "
+                f"in {s.known_hosts_file}; refusing to connect to an unknown server",
                 code="host-key-unknown",
             )
         try:
@@ -373,7 +391,9 @@ class SftpAdapter(Adapter):
                 ) from None
             presented = transport.get_remote_server_key()
             if not any(presented.asbytes() == k.asbytes() for k in pinned):
-                log.error("sftp %s: host key mismatch (presented %s)", self.name, fingerprint(presented))
+                log.error(
+                    "sftp %s: host key mismatch (presented %s)", self.name, fingerprint(presented)
+                )
                 raise HostKeyMismatch(
                     f"{self._where}: HOST KEY MISMATCH, refusing to connect: the server presented "
                     f"{fingerprint(presented)}, but the pinned key is "
@@ -395,7 +415,9 @@ class SftpAdapter(Adapter):
             raise
         except (paramiko.SSHException, OSError, EOFError) as exc:
             transport.close()
-            raise RetryableError(f"{self._where}: SSH handshake failed: {exc}", code="connect") from exc
+            raise RetryableError(
+                f"{self._where}: SSH handshake failed: {exc}", code="connect"
+            ) from exc
         self.connections_opened += 1
         return transport
 
@@ -426,7 +448,7 @@ class SftpAdapter(Adapter):
             # A transport idle since before a server restart can look alive until used:
             # reconnect once, then give up to the caller's retry policy.
             with self._lock:
-                if self._transport is transport:
+                if self._transport is transport and transport is not None:
                     transport.close()
                     self._transport = None
                     self._idle.clear()
@@ -437,8 +459,11 @@ class SftpAdapter(Adapter):
 
     def _checkin(self, client: paramiko.SFTPClient, healthy: bool) -> None:
         with self._lock:
-            if healthy and client.get_channel().get_transport() is self._transport \
-                    and len(self._idle) < _IDLE_CLIENTS:
+            if (
+                healthy
+                and client.get_channel().get_transport() is self._transport
+                and len(self._idle) < _IDLE_CLIENTS
+            ):
                 self._idle.append(client)
                 return
             transport_dead = self._transport is not None and not self._transport.is_active()
@@ -479,7 +504,9 @@ class SftpAdapter(Adapter):
         ref = delivery.remote_ref
         for what, value, pattern in (("unit", unit, UNIT_RE), ("remote ref", ref, REF_RE)):
             if not isinstance(value, str) or not pattern.fullmatch(value):
-                raise PermanentError(f"{what} {value!r} is not usable in an SFTP file name", code="bad-name")
+                raise PermanentError(
+                    f"{what} {value!r} is not usable in an SFTP file name", code="bad-name"
+                )
         name = f"GW_{ref}.xml"
         inbox = self._dir(self.settings.inbox, unit)
         final = posixpath.join(inbox, name)
@@ -493,39 +520,65 @@ class SftpAdapter(Adapter):
                 for template in (self.settings.move, self.settings.move_failed):
                     taken = posixpath.join(self._dir(template, unit), name)
                     if _exists(sftp, taken):
-                        return DeliveryResult(remote_id=ref, detail=f"already taken by the legacy system: {taken}")
+                        return DeliveryResult(
+                            remote_id=ref, detail=f"already taken by the legacy system: {taken}"
+                        )
                 if not _exists(sftp, inbox):
-                    raise RetryableError(f"{self._where}: inbox {inbox} does not exist", code="no-inbox")
+                    raise RetryableError(
+                        f"{self._where}: inbox {inbox} does not exist", code="no-inbox"
+                    )
                 _remove_quietly(sftp, part)  # what a cut-off earlier attempt left
                 written = self._upload(sftp, delivery, part)
                 size = sftp.stat(part).st_size
                 if size != written:
-                    raise RetryableError(f"{part}: the server has {size} bytes, {written} were sent")
+                    raise RetryableError(
+                        f"{part}: the server has {size} bytes, {written} were sent"
+                    )
                 _rename_over(sftp, part, final)
                 if self.settings.done_file:
                     _touch(sftp, final + DONE_SUFFIX)
         except DeliveryError:
             raise
         except archive.ArchiveFormatError as exc:
-            raise PermanentError(f"cannot write the archive for {delivery.delivery_id}: {exc}", code="format") from exc
+            raise PermanentError(
+                f"cannot write the archive for {delivery.delivery_id}: {exc}", code="format"
+            ) from exc
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise RetryableError(f"{self._where}: delivering {name} failed: {_describe(exc)}", code="transfer") from exc
+            raise RetryableError(
+                f"{self._where}: delivering {name} failed: {_describe(exc)}", code="transfer"
+            ) from exc
         log.info("sftp %s: delivered %s (%d bytes)", self.name, final, written)
         return DeliveryResult(remote_id=ref, detail=f"{final} ({written} bytes)")
 
     def _upload(self, sftp: paramiko.SFTPClient, delivery: Delivery, path: str) -> int:
-        # Unbuffered (bufsize=0): archive chunks go straight to pipelined 32 KB write
-        # requests, no copy into paramiko's write buffer; memory is one archive chunk.
+        # iter_archive checks the envelope and every blob before returning, so a document
+        # that can never be written fails before anything exists on the server.
+        chunks = archive.iter_archive(
+            delivery.envelope,
+            delivery.recipient,
+            self.context.blobs,
+            archive_id=delivery.remote_ref,
+            appids=self.settings.appids or None,
+        )
+        # Unbuffered (bufsize=0): each archive chunk goes straight into pipelined 32 KB
+        # write requests without a copy into paramiko's write buffer; memory is one chunk.
         fh = sftp.open(path, "wb", bufsize=0)
+        written = 0
         try:
             fh.set_pipelined(True)
-            written = archive.write_archive(
-                delivery.envelope, delivery.recipient, self.context.blobs, fh,
-                archive_id=delivery.remote_ref, appids=self.settings.appids or None,
-            )
+            for chunk in chunks:
+                fh.write(chunk)
+                written += len(chunk)
             _confirm_writes(fh)
-        finally:
+        except BaseException:
             fh.close()
+            if sftp.get_channel().get_transport().is_active():
+                try:  # e.g. a blob that changed while streaming: leave nothing behind
+                    _remove_quietly(sftp, path)
+                except (OSError, EOFError, paramiko.SSHException):
+                    pass
+            raise
+        fh.close()
         return written
 
     # -- poll ----------------------------------------------------------------------------
@@ -551,10 +604,14 @@ class SftpAdapter(Adapter):
         except DeliveryError:
             raise
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise RetryableError(f"{self._where}: polling failed: {_describe(exc)}", code="poll") from exc
+            raise RetryableError(
+                f"{self._where}: polling failed: {_describe(exc)}", code="poll"
+            ) from exc
         return items
 
-    def _poll_unit(self, sftp: paramiko.SFTPClient, unit: str, budget: int, items: list[PolledItem]) -> int:
+    def _poll_unit(
+        self, sftp: paramiko.SFTPClient, unit: str, budget: int, items: list[PolledItem]
+    ) -> int:
         """Take up to ``budget`` files from one outbox; return how many were taken."""
         folder = self._dir(self.settings.outbox, unit)
         try:
@@ -596,7 +653,9 @@ class SftpAdapter(Adapter):
                 if sftp.get_channel().closed or not sftp.get_channel().get_transport().is_active():
                     raise  # the connection is gone: the whole poll is retried
                 # One unreadable file (permissions, vanished) must not block the others.
-                log.warning("sftp %s: cannot read %s/%s: %s", self.name, folder, e.filename, _describe(exc))
+                log.warning(
+                    "sftp %s: cannot read %s/%s: %s", self.name, folder, e.filename, _describe(exc)
+                )
                 continue
             if item is not None:
                 items.append(item)
@@ -621,10 +680,17 @@ class SftpAdapter(Adapter):
         path = posixpath.join(folder, name)
         if not stat.S_ISREG(e.st_mode or 0):
             # lstat attributes: a symlink is never followed, it may point anywhere.
-            self._reject_now(sftp, unit, name, "not a regular file (a symlink or folder is never followed)")
+            self._reject_now(
+                sftp, unit, name, "not a regular file (a symlink or folder is never followed)"
+            )
             return None
         if (e.st_size or 0) > self.settings.max_file_size:
-            self._reject_now(sftp, unit, name, f"{e.st_size} bytes; at most {self.settings.max_file_size} are accepted")
+            self._reject_now(
+                sftp,
+                unit,
+                name,
+                f"{e.st_size} bytes; at most {self.settings.max_file_size} are accepted",
+            )
             return None
         data = _read_file(sftp, path, self.settings.max_file_size, int(e.st_size or 0))
         digest = hashlib.sha256(data).hexdigest()
@@ -645,9 +711,13 @@ class SftpAdapter(Adapter):
         if m:
             receipt = archive.parse_receipt(data)
             if receipt.remote_ref != m["ref"]:
-                raise ValueError(f"the name says document {m['ref']} but the receipt is for {receipt.remote_ref}")
+                raise ValueError(
+                    f"the name says document {m['ref']} but the receipt is for {receipt.remote_ref}"
+                )
             if receipt.unit != m["unit"]:
-                raise ValueError(f"the name says unit {m['unit']} but the receipt is from {receipt.unit}")
+                raise ValueError(
+                    f"the name says unit {m['unit']} but the receipt is from {receipt.unit}"
+                )
             return PolledItem(key=key, receipt=receipt, source=source)
         m = DUTY_NAME_RE.fullmatch(name) if self.settings.duty_report_to else None
         if m:
@@ -655,7 +725,9 @@ class SftpAdapter(Adapter):
                 raise ValueError(f"a duty report of unit {m['unit']} in the outbox of {unit}")
             datetime.strptime(m["ts"], "%Y%m%d%H%M%S")  # ValueError if not a real time
             original = xmlsafe.parse(data)
-            wrapper = etree.Element(f"{{{LEGACY_NS}}}legacy", nsmap={None: LEGACY_NS}, format="dutyreport")
+            wrapper = etree.Element(
+                f"{{{LEGACY_NS}}}legacy", nsmap={None: LEGACY_NS}, format="dutyreport"
+            )
             wrapper.append(original)
             envelope = Envelope(
                 subsystem="duty",
@@ -688,9 +760,13 @@ class SftpAdapter(Adapter):
             raise
         except (OSError, EOFError, paramiko.SSHException) as exc:
             verb = "reject" if failed else "ack"
-            raise RetryableError(f"{self._where}: {verb} of {name} failed: {_describe(exc)}") from exc
+            raise RetryableError(
+                f"{self._where}: {verb} of {name} failed: {_describe(exc)}"
+            ) from exc
 
-    def _move(self, sftp: paramiko.SFTPClient, unit: str, name: str, *, failed: bool, reason: str | None) -> None:
+    def _move(
+        self, sftp: paramiko.SFTPClient, unit: str, name: str, *, failed: bool, reason: str | None
+    ) -> None:
         if not _safe_component(name):  # defence in depth; callers pass listed, checked names
             raise PermanentError(f"refusing to move {name!r}", code="bad-name")
         src_dir = self._dir(self.settings.outbox, unit)

@@ -36,9 +36,10 @@ import os
 import re
 import stat
 import time
+from collections.abc import Iterable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import requests
 from lxml import etree
@@ -294,8 +295,7 @@ class XmlExchangeAdapter(Adapter):
             part = inbox / (name + ".part")
             try:
                 with open(part, "wb") as fh:
-                    for chunk in stream:
-                        fh.write(chunk)
+                    fh.writelines(stream)
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(part, final)
@@ -333,7 +333,7 @@ class XmlExchangeAdapter(Adapter):
                 break
             if not name.endswith(".xml"):
                 continue  # .ok / .part / .error companions, or foreign files
-            if False:
+            if not _is_plain_component(name) or ".." in name:
                 # Never joined to a path: only reported.
                 log.warning("%s: refusing outbox entry %r: not a plain file name", self.name, name)
                 if _is_plain_component(name) and name + ".ok" in present:
@@ -444,7 +444,7 @@ class XmlExchangeAdapter(Adapter):
 
 
 def _charset(content_type: str | None) -> str | None:
-    m = re.search(r"charset\s*=\s*\"?([A-Za-z0-9._-]+)", content_type or "", re.I)
+    m = re.search(r"charset\s*=\s*\"?([A-Za-z0-9._-]+)", content_type or "", re.IGNORECASE)
     return m.group(1).lower() if m else None
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from adapters.base import (
 )
 from adapters.simulators.exchange_box import ExchangeBoxServer, FolderClerk
 from adapters.xmlexchange import XmlExchangeAdapter, ack_body
+from gateway import xmlsafe
 from gateway.blobs import BlobStore
 from gateway.envelope import Envelope, Receipt
 
@@ -437,3 +439,55 @@ def test_config_errors_name_the_key(ctx, cfg: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match) as ei:
         create("box", {"type": "xml-exchange", **cfg}, ctx)
     assert str(ei.value).startswith("adapters.box.")
+
+
+# -- the simulators themselves -------------------------------------------------------------
+@pytest.mark.parametrize(
+    "body, status, match",
+    [
+        (b"<archive", 400, "invalid XML"),
+        (b'<!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]><archive/>', 400, "DOCTYPE"),
+        (b'<archive action="sendArchive"/>', 400, "archiveid"),
+    ],
+)
+def test_box_answers_400_with_a_receipt_like_error(exchange_box, body: bytes, status: int, match: str) -> None:
+    resp = requests.post(exchange_box.url + "/ArchiveHandleServlet", data=body,
+                         headers={"Content-Type": "application/xml; charset=GB18030"}, timeout=5)
+    assert resp.status_code == status
+    assert resp.headers["Content-Type"] == "application/xml; charset=GB18030"
+    root = xmlsafe.parse(resp.content)
+    assert (root.tag, root.get("action"), root.find("error").get("code")) == ("receipt", "ERROR", str(status))
+    assert match in root.findtext("error")
+    assert exchange_box.state.counters["rejected"] == 1 and exchange_box.state.archives == {}
+
+
+def test_box_auto_sign_pushes_a_sign_receipt(exchange_box, http_endpoint, ctx, envelope) -> None:
+    adapter = http_adapter(ctx, exchange_box.url)
+    ingested: list = []
+    http_endpoint.handler = gateway_route(adapter, ingested)
+    exchange_box.box.callback_url = http_endpoint.url
+    exchange_box.box.auto_sign, exchange_box.box.auto_sign_delay = True, 0.01
+    d = delivery(envelope)
+    adapter.deliver(d)
+    adapter.deliver(d)  # a duplicate is not signed twice
+    deadline = time.monotonic() + 5
+    while not exchange_box.state.callbacks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [job.wait(1) for job in exchange_box.state.callbacks] == [True]
+    assert [(i.receipt.action, i.receipt.remote_ref) for i in ingested] == [("SIGNED", d.remote_ref)]
+    with pytest.raises(ValueError, match="already SIGNED"):
+        exchange_box.box.return_archive(d.remote_ref, COUNTY_A, "too late")
+
+
+def test_folder_clerk_refuses_a_tampered_archive(tmp_path: Path, ctx, envelope) -> None:
+    root = tmp_path / "box"
+    clerk = FolderClerk(root)
+    d = delivery(envelope)
+    folder_adapter(ctx, root).deliver(d)
+    name = f"GW_{d.remote_ref}.xml"
+    path = root / "inbox" / name
+    path.write_bytes(path.read_bytes().replace(b'size="34"', b'size="35"'))
+    assert clerk.take() == []
+    assert {name, name + ".ok", name + ".error"} <= set(os.listdir(root / "failed"))
+    with pytest.raises(PermanentError, match="the box rejected"):
+        folder_adapter(ctx, root).deliver(d)  # redelivering the same would fail the same way

@@ -28,10 +28,11 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import requests
 from lxml import etree
@@ -330,7 +331,7 @@ class ExchangeBoxServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> "ExchangeBoxServer":
+    def start(self) -> ExchangeBoxServer:
         if self._server is not None:
             return self
         self._server = make_server(self.host, self.port, self.box, threaded=True,
@@ -350,7 +351,7 @@ class ExchangeBoxServer:
             self._thread.join(5)
         self._server = self._thread = None
 
-    def __enter__(self) -> "ExchangeBoxServer":
+    def __enter__(self) -> ExchangeBoxServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

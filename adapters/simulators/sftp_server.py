@@ -13,6 +13,7 @@ NOT production code (see :mod:`adapters.simulators`). Two parts:
 
 Nothing here runs at import; threads start in ``start()`` and end in ``stop()``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,7 +46,9 @@ def generate_host_key() -> paramiko.PKey:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     pem = Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
     )
     return paramiko.Ed25519Key(file_obj=io.StringIO(pem.decode("ascii")))
 
@@ -93,6 +96,11 @@ class _Handle(SFTPHandle):
         return SFTP_OP_UNSUPPORTED
 
 
+def _done(fn: Any, *args: Any) -> int:
+    fn(*args)
+    return SFTP_OK
+
+
 class _Confinement(Exception):
     """A path would leave the drop's root."""
 
@@ -106,7 +114,9 @@ class DropSFTPInterface(SFTPServerInterface):
     drop can be seen and removed but never followed out of it. Symlinks are never created.
     """
 
-    def __init__(self, server: paramiko.ServerInterface, *args: Any, root: Path, **kwargs: Any) -> None:
+    def __init__(
+        self, server: paramiko.ServerInterface, *args: Any, root: Path, **kwargs: Any
+    ) -> None:
         super().__init__(server, *args, **kwargs)
         self.root = Path(root).resolve()
 
@@ -154,7 +164,9 @@ class DropSFTPInterface(SFTPServerInterface):
         return self._call(lambda: SFTPAttributes.from_stat(os.stat(self._real(path))))
 
     def lstat(self, path: str) -> SFTPAttributes | int:
-        return self._call(lambda: SFTPAttributes.from_stat(os.lstat(self._real(path, follow=False))))
+        return self._call(
+            lambda: SFTPAttributes.from_stat(os.lstat(self._real(path, follow=False)))
+        )
 
     def open(self, path: str, flags: int, attr: SFTPAttributes) -> SFTPHandle | int:
         def run() -> SFTPHandle:
@@ -172,7 +184,7 @@ class DropSFTPInterface(SFTPServerInterface):
         return self._call(run)
 
     def remove(self, path: str) -> int:
-        return self._call(lambda: os.remove(self._real(path, follow=False)) or SFTP_OK)
+        return self._call(lambda: _done(os.remove, self._real(path, follow=False)))
 
     def rename(self, oldpath: str, newpath: str) -> int:
         # SFTP v3 rename must not replace an existing target (OpenSSH behaves the same).
@@ -186,17 +198,20 @@ class DropSFTPInterface(SFTPServerInterface):
         return self._call(run)
 
     def posix_rename(self, oldpath: str, newpath: str) -> int:
-        """posix-rename@openssh.com: atomic, replaces the target."""
+        """posix-rename@openssh.com (paramiko's server dispatches it here): atomic, replaces
+        the target."""
         return self._call(
-            lambda: os.replace(self._real(oldpath, follow=False), self._real(newpath, follow=False)) or SFTP_OK
+            lambda: _done(
+                os.replace, self._real(oldpath, follow=False), self._real(newpath, follow=False)
+            )
         )
 
     def mkdir(self, path: str, attr: SFTPAttributes) -> int:
         mode = getattr(attr, "st_mode", None) or 0o755
-        return self._call(lambda: os.mkdir(self._real(path, follow=False), mode & 0o777) or SFTP_OK)
+        return self._call(lambda: _done(os.mkdir, self._real(path, follow=False), mode & 0o777))
 
     def rmdir(self, path: str) -> int:
-        return self._call(lambda: os.rmdir(self._real(path, follow=False)) or SFTP_OK)
+        return self._call(lambda: _done(os.rmdir, self._real(path, follow=False)))
 
     def chattr(self, path: str, attr: SFTPAttributes) -> int:
         return SFTP_OP_UNSUPPORTED
@@ -240,7 +255,7 @@ class SftpDropServer:
     def port(self) -> int:
         return self._port
 
-    def start(self) -> "SftpDropServer":
+    def start(self) -> SftpDropServer:
         self.root.mkdir(parents=True, exist_ok=True)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -250,7 +265,9 @@ class SftpDropServer:
         self._sock = sock
         self._port = sock.getsockname()[1]
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._accept_loop, name=f"sftp-drop:{self._port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._accept_loop, name=f"sftp-drop:{self._port}", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -259,7 +276,7 @@ class SftpDropServer:
         while not self._stopping.is_set():
             try:
                 conn, _addr = self._sock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 break
@@ -294,7 +311,7 @@ class SftpDropServer:
         self._sock = None
         self._thread = None
 
-    def __enter__(self) -> "SftpDropServer":
+    def __enter__(self) -> SftpDropServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -356,7 +373,9 @@ class LegacySftpClerk:
             return self.units
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _UNIT_DIR.fullmatch(p.name))
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and _UNIT_DIR.fullmatch(p.name)
+        )
 
     def take_inbox(self) -> list[TakenDocument]:
         """Take every finished ``GW_*.xml`` (its ``.ok`` exists) of every unit."""
@@ -385,7 +404,7 @@ class LegacySftpClerk:
                 self.sign(doc.ref, doc.unit)
         return got
 
-    def start(self, interval: float = 1.0) -> "LegacySftpClerk":
+    def start(self, interval: float = 1.0) -> LegacySftpClerk:
         """Take the inboxes every ``interval`` seconds in a background thread; with
         ``auto_sign``, sign for what was taken ``auto_sign`` seconds later."""
         self._stopping.clear()
@@ -394,7 +413,11 @@ class LegacySftpClerk:
             while not self._stopping.wait(interval):
                 try:
                     got = self.take_inbox()
-                    if self.auto_sign is not None and got and not self._stopping.wait(self.auto_sign):
+                    if (
+                        self.auto_sign is not None
+                        and got
+                        and not self._stopping.wait(self.auto_sign)
+                    ):
                         for doc in got:
                             self.sign(doc.ref, doc.unit)
                 except OSError as exc:  # a half-written folder must not end the simulation

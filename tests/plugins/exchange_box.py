@@ -3,8 +3,9 @@ HTTP endpoint standing in for the gateway's callback route."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
@@ -43,7 +44,7 @@ class HttpEndpoint:
         assert self._server is not None
         return f"http://127.0.0.1:{self._server.server_port}"
 
-    def start(self) -> "HttpEndpoint":
+    def start(self) -> HttpEndpoint:
         self._server = make_server("127.0.0.1", 0, self, threaded=True, request_handler=_Quiet)
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self

@@ -11,6 +11,7 @@ without sshd the tests FAIL and say how to get it (``tests/run`` installs openss
 Both yield an :class:`SftpEndpoint`; ``endpoint.adapter_config(root)`` is a ready
 ``[adapters.NAME]`` mapping for :class:`adapters.sftp.SftpAdapter`.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,7 +42,9 @@ class SftpEndpoint:
     client_key_path: Path  # OpenSSH-format private key, no passphrase
     host_key_line: str  # "ssh-ed25519 AAAA..." (known_hosts style without host name)
     data_root: Path  # local folder the server's SFTP root maps to
-    remote_root: str  # the same folder as the server names it (OpenSSH: absolute path; simulator: "/")
+    remote_root: (
+        str  # the same folder as the server names it (OpenSSH: absolute path; simulator: "/")
+    )
     log_path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -76,12 +79,16 @@ def generate_ed25519(path: Path) -> str:
 
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
     )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
-    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    pub = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
     line = pub.decode("ascii")
     Path(f"{path}.pub").write_text(line + "\n")
     return line
@@ -164,7 +171,9 @@ class PrivateSshd:
             with open(self.log, "ab") as log:
                 self.proc = subprocess.Popen(
                     [self.sshd, "-D", "-e", "-f", str(conf)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
                 )
             if _wait_for_banner(port, self.proc, time.monotonic() + 15):
                 return SftpEndpoint(

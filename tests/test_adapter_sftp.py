@@ -1,0 +1,708 @@
+"""The SFTP drop adapter against a real, private OpenSSH server (and, where marked, against
+the in-process simulator, to prove it keeps the same contract). Legacy contract: README §2."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import socket
+import stat
+import threading
+import time
+import tracemalloc
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import pytest
+
+from adapters import archive
+from adapters.base import (
+    AdapterContext,
+    ConfigError,
+    Delivery,
+    PermanentError,
+    RetryableError,
+)
+from adapters.sftp import HostKeyMismatch, SftpAdapter, fingerprint, parse_public_key
+from adapters.simulators.sftp_server import (
+    DropSFTPInterface,
+    LegacySftpClerk,
+    generate_host_key,
+    public_line,
+)
+from gateway import xmlsafe
+from gateway.blobs import BlobStore
+from gateway.envelope import Attachment, Envelope, Receipt, validate
+from tests.plugins.sshd import SftpEndpoint
+
+pytestmark = pytest.mark.sshd
+
+DATA = Path(__file__).parent / "data"
+UNIT_A = "1152230107CTPD8U2P"  # 甲县人民政府办公室
+UNIT_B = "11522302GRALUMYP76"  # 乙市人民政府办公室
+PREFECTURE_EMERGENCY = "11522300QNNHM83X1E"
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+class DictState(dict):  # the StateStore protocol, in memory
+    def set(self, key: str, value: str) -> None:
+        self[key] = value
+
+
+@pytest.fixture
+def blobs(tmp_path: Path) -> BlobStore:
+    return BlobStore(tmp_path / "blobs")
+
+
+@pytest.fixture
+def context(blobs: BlobStore, tmp_path: Path) -> AdapterContext:
+    return AdapterContext(blobs=blobs, state=DictState(), base_dir=tmp_path)
+
+
+class Drop:
+    """One test's own folder on an SFTP server, with unit folders A and B."""
+
+    def __init__(self, endpoint: SftpEndpoint) -> None:
+        self.endpoint = endpoint
+        self.sub = f"t-{uuid.uuid4().hex[:12]}"
+        self.local = endpoint.data_root / self.sub
+        for unit in (UNIT_A, UNIT_B):
+            for folder in ("inbox", "outbox"):
+                (self.local / unit / folder).mkdir(parents=True)
+
+    def config(self, **overrides: Any) -> dict[str, Any]:
+        return self.endpoint.adapter_config(self.sub, **{"units": [UNIT_A, UNIT_B], **overrides})
+
+    def folder(self, unit: str, name: str) -> Path:
+        return self.local / unit / name
+
+    def listing(self, unit: str, name: str) -> list[str]:
+        d = self.folder(unit, name)
+        return sorted(os.listdir(d)) if d.exists() else []
+
+    def clerk(self) -> LegacySftpClerk:
+        return LegacySftpClerk(self.local, units=[UNIT_A, UNIT_B])
+
+
+@pytest.fixture
+def drop(openssh_server: SftpEndpoint) -> Drop:
+    return Drop(openssh_server)
+
+
+@pytest.fixture(params=["openssh", "in-process"])
+def any_drop(request: pytest.FixtureRequest) -> Drop:
+    """The same test against real OpenSSH and against the in-process simulator."""
+    name = "openssh_server" if request.param == "openssh" else "sftp_drop_server"
+    return Drop(request.getfixturevalue(name))
+
+
+@pytest.fixture
+def make_adapter(context: AdapterContext) -> Iterator[Callable[..., SftpAdapter]]:
+    made: list[SftpAdapter] = []
+
+    def make(config: dict[str, Any], name: str = "countydrop") -> SftpAdapter:
+        adapter = SftpAdapter(name, config, context)
+        made.append(adapter)
+        return adapter
+
+    yield make
+    for a in made:
+        a.close()
+
+
+def make_delivery(
+    blobs: BlobStore,
+    unit: str = UNIT_A,
+    body: bytes | None = None,
+    attachment: Attachment | None = None,
+) -> Delivery:
+    env = Envelope.from_xml((DATA / "envelope-document.xml").read_bytes())
+    env.message_id = str(uuid.uuid4())
+    sha, size = blobs.put_bytes(
+        body if body is not None else "关于值班的通知正文".encode() + os.urandom(64)
+    )
+    env.attachments = [Attachment("body", "正文.ofd", size, sha, "application/ofd")]
+    if attachment is not None:
+        env.attachments.append(attachment)
+    recipient = next(r for r in env.recipients if r.unit == unit)
+    return Delivery(message_id=env.message_id, recipient=recipient, envelope=env)
+
+
+def receipt_bytes(ref: str, unit: str = UNIT_A, action: str = "SIGNED") -> bytes:
+    return archive.write_receipt(
+        Receipt(unit=unit, action=action, remote_ref=ref, signer="李某", receipt_no="JXF-2026-0002")
+    )
+
+
+def put_outbox(
+    drop: Drop, name: str, data: bytes, *, unit: str = UNIT_A, done: bool = True
+) -> Path:
+    path = drop.folder(unit, "outbox") / name
+    path.write_bytes(data)
+    if done:
+        path.with_name(name + ".ok").touch()
+    return path
+
+
+class CuttingProxy:
+    """A TCP proxy on loopback in front of sshd. It counts connections and, when
+    ``cut_after`` is set, drops a connection once that many client->server bytes passed."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.cut_after: int | None = None
+        self.connections = 0
+        self.cuts = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.port = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._open: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.connections += 1
+            self._open += [client, upstream]
+            limit = self.cut_after
+            threading.Thread(target=self._pump, args=(client, upstream, limit), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+        passed = 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if limit is not None and passed + len(data) > limit:
+                    self.cuts += 1
+                    break  # the cable is pulled: nothing more reaches the server
+                dst.sendall(data)
+                passed += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sock.close()
+        for s in self._open:
+            s.close()
+
+
+@pytest.fixture
+def proxy(openssh_server: SftpEndpoint) -> Iterator[CuttingProxy]:
+    p = CuttingProxy(openssh_server.port)
+    yield p
+    p.close()
+
+
+class RandomStream:
+    """``size`` random bytes, produced as read, never held whole."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return os.urandom(n)
+
+
+def file_contents_sha256(path: Path, chunk: int = 4 * 1024 * 1024) -> list[str]:
+    """SHA-256 of each ``<file>`` element's decoded base64 content, streaming the archive
+    from disk (the real parser refuses a 270 MB text node, rightly)."""
+    digests: list[str] = []
+    with open(path, "rb") as fh:
+        buf = b""
+        state = "outside"
+        pending = b""
+        digest = hashlib.sha256()
+        while True:
+            data = fh.read(chunk)
+            buf += data
+            while True:
+                if state == "outside":
+                    i = buf.find(b"<file ")
+                    if i < 0:
+                        buf = buf[-8:]
+                        break
+                    j = buf.find(b">", i)
+                    if j < 0:
+                        buf = buf[i:]
+                        break
+                    buf, state, digest, pending = buf[j + 1 :], "inside", hashlib.sha256(), b""
+                else:
+                    k = buf.find(b"<")
+                    text = pending + b"".join((buf if k < 0 else buf[:k]).split())
+                    cut = len(text) - len(text) % 4
+                    digest.update(base64.b64decode(text[:cut]))
+                    pending = text[cut:]
+                    if k < 0:
+                        buf = b""
+                        break
+                    digest.update(base64.b64decode(pending))
+                    digests.append(digest.hexdigest())
+                    buf, state = buf[k:], "outside"
+            if not data:
+                return digests
+
+
+# -- deliver -----------------------------------------------------------------------------------
+def test_deliver_writes_gb18030_archive_then_done_file(
+    drop: Drop, blobs: BlobStore, make_adapter
+) -> None:
+    adapter = make_adapter(drop.config())
+    body = "正文：关于做好冬季值班工作的通知".encode() + os.urandom(300)
+    d = make_delivery(blobs, body=body)
+
+    result = adapter.deliver(d)
+
+    name = f"GW_{d.remote_ref}.xml"
+    assert result.remote_id == d.remote_ref
+    assert drop.listing(UNIT_A, "inbox") == [name, name + ".ok"]  # no .part left behind
+    assert (drop.folder(UNIT_A, "inbox") / (name + ".ok")).stat().st_size == 0
+    data = (drop.folder(UNIT_A, "inbox") / name).read_bytes()
+    assert data.startswith(b'<?xml version="1.0" encoding="GB18030"?>')
+    assert "关于做好2026年冬季值班".encode("gb18030") in data
+    root = xmlsafe.parse(data)
+    assert root.get("archiveid") == d.remote_ref
+    assert [r.get("trustorgno") for r in root.findall("receivers/receiver")] == [UNIT_A]
+    _, files = archive.read_archive(data)
+    assert [content for _, content in files] == [body]
+    assert drop.listing(UNIT_B, "inbox") == []
+
+
+def test_redelivery_has_no_second_effect(drop: Drop, blobs: BlobStore, make_adapter) -> None:
+    adapter = make_adapter(drop.config())
+    d = make_delivery(blobs)
+    adapter.deliver(d)
+    target = drop.folder(UNIT_A, "inbox") / f"GW_{d.remote_ref}.xml"
+    before = target.stat()
+
+    again = make_adapter(drop.config()).deliver(d)  # e.g. a worker retrying after a crash
+
+    after = target.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert "already" in again.detail and again.remote_id == d.remote_ref
+    assert drop.listing(UNIT_A, "inbox") == [target.name, target.name + ".ok"]
+
+    # Once the legacy system took it into archive/, a retry must not put it back in the inbox.
+    assert [t.ref for t in drop.clerk().take_inbox()] == [d.remote_ref]
+    adapter.deliver(d)
+    assert drop.listing(UNIT_A, "inbox") == []
+
+
+def test_redelivery_completes_a_missing_done_file(
+    drop: Drop, blobs: BlobStore, make_adapter
+) -> None:
+    adapter = make_adapter(drop.config())
+    d = make_delivery(blobs)
+    adapter.deliver(d)
+    ok = drop.folder(UNIT_A, "inbox") / f"GW_{d.remote_ref}.xml.ok"
+    ok.unlink()  # as if the process died between the rename and the done file
+
+    adapter.deliver(d)
+
+    assert ok.exists()
+
+
+def test_connection_cut_mid_upload_leaves_no_final_file_and_retry_succeeds(
+    drop: Drop, blobs: BlobStore, make_adapter, proxy: CuttingProxy
+) -> None:
+    big = os.urandom(6 * 1024 * 1024)
+    d = make_delivery(blobs, body=big)
+    adapter = make_adapter(drop.config(port=proxy.port, so_timeout=10))
+    proxy.cut_after = 2 * 1024 * 1024  # about a quarter of the 8 MB archive gets through
+    final = drop.folder(UNIT_A, "inbox") / f"GW_{d.remote_ref}.xml"
+
+    with pytest.raises(RetryableError):
+        adapter.deliver(d)
+
+    assert proxy.cuts == 1
+    assert not final.exists() and not Path(f"{final}.ok").exists()
+    leftovers = drop.listing(UNIT_A, "inbox")
+    assert leftovers in ([], [final.name + ".part"])
+    if leftovers:
+        assert (drop.folder(UNIT_A, "inbox") / leftovers[0]).stat().st_size < len(big)
+
+    proxy.cut_after = None
+    adapter.deliver(d)  # the same adapter reconnects by itself
+
+    assert drop.listing(UNIT_A, "inbox") == [final.name, final.name + ".ok"]
+    _, files = archive.read_archive(final.read_bytes())
+    assert files[0][1] == big
+    assert proxy.connections == 2
+
+
+def test_two_deliveries_share_one_connection(
+    drop: Drop, blobs: BlobStore, make_adapter, proxy: CuttingProxy
+) -> None:
+    adapter = make_adapter(drop.config(port=proxy.port))
+    adapter.deliver(make_delivery(blobs))
+    first = adapter.transport
+    adapter.deliver(make_delivery(blobs, unit=UNIT_B))
+
+    assert adapter.transport is first and first is not None and first.is_active()
+    assert adapter.connections_opened == 1
+    assert proxy.connections == 1
+    assert len(drop.listing(UNIT_A, "inbox")) == len(drop.listing(UNIT_B, "inbox")) == 2
+
+
+@pytest.mark.parametrize("bad_unit", ["../1152230107CTPD8U2P", "UNIT/x", "a\x00b", "A_B"])
+def test_unusable_names_are_permanent_errors(
+    drop: Drop, blobs: BlobStore, make_adapter, bad_unit: str
+) -> None:
+    adapter = make_adapter(drop.config())
+    d = make_delivery(blobs)
+    d.recipient.unit = bad_unit
+
+    with pytest.raises(PermanentError):
+        adapter.deliver(d)
+
+    assert not any(p.name.startswith("GW_") for p in drop.local.rglob("*"))
+
+
+def test_missing_blob_is_permanent(drop: Drop, blobs: BlobStore, make_adapter) -> None:
+    d = make_delivery(blobs)
+    d.envelope.attachments[0].sha256 = hashlib.sha256(b"never stored").hexdigest()
+
+    with pytest.raises(PermanentError, match="not available"):
+        make_adapter(drop.config()).deliver(d)
+
+    assert drop.listing(UNIT_A, "inbox") == []
+
+
+def test_large_attachment_is_streamed_with_bounded_memory(
+    drop: Drop, blobs: BlobStore, make_adapter
+) -> None:
+    size = 200 * 1024 * 1024
+    sha, _ = blobs.put_stream(RandomStream(size))
+    d = make_delivery(
+        blobs, attachment=Attachment("attachment", "附件1.pdf", size, sha, "application/pdf")
+    )
+    adapter = make_adapter(drop.config())
+    adapter.check()  # connect first: the measurement is about the transfer
+
+    tracemalloc.start()
+    try:
+        t0 = time.perf_counter()
+        result = adapter.deliver(d)
+        elapsed = time.perf_counter() - t0
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    final = drop.folder(UNIT_A, "inbox") / f"GW_{d.remote_ref}.xml"
+    written = final.stat().st_size
+    print(
+        f"\n200 MB attachment: {written / 1e6:.0f} MB archive in {elapsed:.1f} s "
+        f"({written / elapsed / 1e6:.0f} MB/s), traced peak {peak / 2**20:.1f} MiB"
+    )
+    # Several archive chunks (2 MiB each) may be alive at once; a whole-file read would be
+    # 200 MiB plus its 270 MiB encoding.
+    assert peak < 32 * 2**20
+    assert str(written) in result.detail
+    body_sha = d.envelope.attachments[0].sha256
+    assert file_contents_sha256(final) == [body_sha, sha]
+
+
+# -- host key pinning --------------------------------------------------------------------------
+def test_changed_host_key_is_refused_naming_both_fingerprints(
+    drop: Drop, blobs: BlobStore, make_adapter
+) -> None:
+    other = generate_host_key()
+    adapter = make_adapter(drop.config(host_key=public_line(other)))
+    real = parse_public_key(drop.endpoint.host_key_line)
+
+    with pytest.raises(HostKeyMismatch) as err:
+        adapter.deliver(make_delivery(blobs))
+
+    assert isinstance(err.value, PermanentError)
+    assert fingerprint(real) in str(err.value) and fingerprint(other) in str(err.value)
+    health = adapter.check()
+    assert not health.ok and "HOST KEY MISMATCH" in health.message
+    assert drop.listing(UNIT_A, "inbox") == []
+
+
+def test_server_without_a_pinned_key_type_is_refused(drop: Drop, make_adapter) -> None:
+    rsa = paramiko.RSAKey.generate(1024)  # sshd here only has an ed25519 host key
+    adapter = make_adapter(drop.config(host_key=public_line(rsa)))
+
+    health = adapter.check()
+
+    assert not health.ok and fingerprint(rsa) in health.message
+
+
+def test_known_hosts_file_pins_or_refuses(drop: Drop, tmp_path: Path, make_adapter) -> None:
+    ep = drop.endpoint
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[{ep.host}]:{ep.port} {ep.host_key_line}\n")
+    cfg = drop.config(known_hosts_file=str(known))
+    del cfg["host_key"]
+    assert make_adapter(cfg).check().ok
+
+    known.write_text(f"otherhost {ep.host_key_line}\n")  # no entry for this server: unknown
+    with pytest.raises(HostKeyMismatch, match="no host key is pinned"):
+        make_adapter(cfg).deliver(make_delivery(BlobStore(tmp_path / "b2")))
+
+
+def test_check_reports_latency(drop: Drop, make_adapter) -> None:
+    health = make_adapter(drop.config()).check()
+    assert health.ok and health.latency_ms is not None and health.latency_ms >= 0
+
+
+def test_configuration_errors_name_the_key(drop: Drop, context: AdapterContext) -> None:
+    cfg = drop.config()
+    del cfg["host_key"]
+    with pytest.raises(ConfigError, match=r"adapters\.countydrop\.host_key"):
+        SftpAdapter("countydrop", cfg, context)
+    with pytest.raises(ConfigError, match=r"adapters\.countydrop\.read_lock"):
+        SftpAdapter("countydrop", drop.config(read_lock="whenever"), context)
+    with pytest.raises(ConfigError, match=r"adapters\.countydrop\.inbox"):
+        SftpAdapter("countydrop", drop.config(inbox="../{unit}/inbox"), context)
+    with pytest.raises(ConfigError, match=r"adapters\.countydrop\.units\[0\]"):
+        SftpAdapter("countydrop", drop.config(units=["NOTAUNIT"]), context)
+    with pytest.raises(ConfigError, match=r"adapters\.countydrop\.port"):
+        SftpAdapter("countydrop", drop.config(port="22"), context)
+
+
+# -- poll ----------------------------------------------------------------------------------------
+def test_poll_takes_only_finished_receipts_and_ack_archives_them(
+    any_drop: Drop, make_adapter
+) -> None:
+    drop = any_drop
+    ref, unfinished_ref = str(uuid.uuid4()), str(uuid.uuid4())
+    name = f"HZ_{ref}_{UNIT_A}.xml"
+    put_outbox(drop, name, receipt_bytes(ref))
+    put_outbox(drop, f"HZ_{unfinished_ref}_{UNIT_A}.xml", receipt_bytes(unfinished_ref), done=False)
+    adapter = make_adapter(drop.config())
+
+    items = adapter.poll()
+
+    assert len(items) == 1
+    item = items[0]
+    assert item.receipt is not None and item.envelope is None
+    assert (item.receipt.remote_ref, item.receipt.unit, item.receipt.action) == (
+        ref,
+        UNIT_A,
+        "SIGNED",
+    )
+    assert item.receipt.signer == "李某"
+    digest = hashlib.sha256(receipt_bytes(ref)).hexdigest()
+    assert item.key == f"countydrop:{UNIT_A}/outbox/{name}:{digest}"
+
+    item.ack()
+
+    assert drop.listing(UNIT_A, "archive") == [name, name + ".ok"]
+    assert drop.listing(UNIT_A, "outbox") == [f"HZ_{unfinished_ref}_{UNIT_A}.xml"]
+    assert adapter.poll() == []
+    item.ack()  # a repeated ack (the gateway crashed after the first) is harmless
+
+
+def test_round_trip_with_the_legacy_clerk(any_drop: Drop, blobs: BlobStore, make_adapter) -> None:
+    adapter = make_adapter(any_drop.config())
+    d = make_delivery(blobs, unit=UNIT_B)
+    adapter.deliver(d)
+    clerk = any_drop.clerk()
+    assert [(t.unit, t.ref) for t in clerk.take_inbox()] == [(UNIT_B, d.remote_ref)]
+    clerk.return_document(d.remote_ref, UNIT_B, "文号有误，请更正后重发")
+
+    [item] = adapter.poll()
+
+    assert item.receipt is not None
+    assert (item.receipt.action, item.receipt.reason) == ("RETURNED", "文号有误，请更正后重发")
+    assert item.receipt.remote_ref == d.remote_ref
+    item.ack()
+    assert any_drop.listing(UNIT_B, "outbox") == []
+
+
+def test_reject_moves_to_failed_with_the_reason(drop: Drop, make_adapter) -> None:
+    ref = str(uuid.uuid4())
+    name = f"HZ_{ref}_{UNIT_A}.xml"
+    put_outbox(drop, name, receipt_bytes(ref))
+    [item] = make_adapter(drop.config()).poll()
+
+    item.reject("no delivery with this reference 无此公文")
+
+    assert drop.listing(UNIT_A, "failed") == [name, name + ".error", name + ".ok"]
+    note = (drop.folder(UNIT_A, "failed") / (name + ".error")).read_text("utf-8")
+    assert "无此公文" in note
+    assert drop.listing(UNIT_A, "outbox") == []
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"<receipt action='SIGN'", "not well-formed"),
+        (b"<?xml version='1.0' encoding='GB18030'?><receipt action='LOST' archiveid='x'/>", "LOST"),
+        (None, "the name says document"),  # a valid receipt, but for another document
+    ],
+    ids=["malformed-xml", "unknown-action", "name-content-mismatch"],
+)
+def test_unreadable_receipt_goes_to_failed_at_once(
+    drop: Drop, make_adapter, content: bytes | None, reason: str
+) -> None:
+    ref = str(uuid.uuid4())
+    name = f"HZ_{ref}_{UNIT_A}.xml"
+    put_outbox(drop, name, content if content is not None else receipt_bytes(str(uuid.uuid4())))
+
+    assert make_adapter(drop.config()).poll() == []
+
+    assert drop.listing(UNIT_A, "failed") == [name, name + ".error", name + ".ok"]
+    assert reason in (drop.folder(UNIT_A, "failed") / (name + ".error")).read_text("utf-8")
+
+
+def test_max_per_poll_bounds_each_poll(drop: Drop, make_adapter) -> None:
+    for unit in (UNIT_A, UNIT_B):
+        for _ in range(3):
+            ref = str(uuid.uuid4())
+            put_outbox(drop, f"HZ_{ref}_{unit}.xml", receipt_bytes(ref, unit), unit=unit)
+    adapter = make_adapter(drop.config(max_per_poll=4))
+
+    sizes = []
+    for _ in range(3):
+        items = adapter.poll()
+        sizes.append(len(items))
+        for item in items:
+            item.ack()
+
+    assert sizes == [4, 2, 0]
+
+
+def test_same_file_has_the_same_key_after_a_restart(drop: Drop, make_adapter) -> None:
+    ref = str(uuid.uuid4())
+    put_outbox(drop, f"HZ_{ref}_{UNIT_A}.xml", receipt_bytes(ref))
+    first = make_adapter(drop.config()).poll()
+    # The process "dies" after the gateway committed the key but before the ack:
+    restarted = make_adapter(drop.config())
+    again = restarted.poll()
+
+    assert [i.key for i in again] == [i.key for i in first] and len(first) == 1
+    again[0].ack()
+    assert make_adapter(drop.config()).poll() == []
+
+
+def test_symlink_in_outbox_is_never_followed(drop: Drop, make_adapter, tmp_path: Path) -> None:
+    ref = str(uuid.uuid4())
+    secret = tmp_path / "secret.xml"  # outside the drop, and a valid receipt
+    secret.write_bytes(receipt_bytes(ref))
+    name = f"HZ_{ref}_{UNIT_A}.xml"
+    link = drop.folder(UNIT_A, "outbox") / name
+    link.symlink_to(secret)
+    link.with_name(name + ".ok").touch()
+
+    assert make_adapter(drop.config()).poll() == []
+
+    moved = drop.folder(UNIT_A, "failed") / name
+    assert moved.is_symlink()  # the link itself was moved, its target left alone
+    assert secret.read_bytes() == receipt_bytes(ref)
+    assert "symlink" in (drop.folder(UNIT_A, "failed") / (name + ".error")).read_text()
+
+
+def test_dotdot_name_from_a_hostile_server_is_never_used(
+    sftp_drop_server: SftpEndpoint, make_adapter
+) -> None:
+    requested: list[str] = []
+    ref = str(uuid.uuid4())
+    # Both climb to the unit folder; the second even passes a naive "starts with HZ_" test.
+    evil = [f"../HZ_{ref}_{UNIT_A}.xml", f"HZ_0/../../HZ_{ref}_{UNIT_A}.xml"]
+
+    class HostileFS(DropSFTPInterface):
+        """Lists '../' names in every outbox and records every path the client asks for."""
+
+        def list_folder(self, path: str) -> Any:
+            out = super().list_folder(path)
+            if isinstance(out, list) and path.rstrip("/").endswith("outbox"):
+                for fake in evil + [e + ".ok" for e in evil]:
+                    attr = paramiko.SFTPAttributes()
+                    attr.filename, attr.st_mode, attr.st_size, attr.st_mtime = (
+                        fake,
+                        stat.S_IFREG | 0o644,
+                        300,
+                        0,
+                    )
+                    out.append(attr)
+            return out
+
+    for op in ("open", "stat", "lstat", "remove", "rename", "posix_rename", "mkdir"):
+
+        def recorder(self: Any, path: str, *rest: Any, _op: str = op) -> Any:
+            requested.append(path)
+            requested.extend(r for r in rest if isinstance(r, str))
+            return getattr(DropSFTPInterface, _op)(self, path, *rest)
+
+        setattr(HostileFS, op, recorder)
+
+    sftp_drop_server.extra["server"].sftp_interface = HostileFS
+    drop = Drop(sftp_drop_server)
+    # If the name were followed it would find a perfectly valid receipt one level up.
+    (drop.local / UNIT_A / f"HZ_{ref}_{UNIT_A}.xml").write_bytes(receipt_bytes(ref))
+    (drop.local / UNIT_A / f"HZ_{ref}_{UNIT_A}.xml.ok").touch()
+
+    assert make_adapter(drop.config()).poll() == []
+    assert not any(".." in p for p in requested)
+    assert (drop.local / UNIT_A / f"HZ_{ref}_{UNIT_A}.xml").exists()
+
+
+def test_stable_size_read_lock_waits_for_a_file_to_stop_changing(drop: Drop, make_adapter) -> None:
+    ref, growing_ref = str(uuid.uuid4()), str(uuid.uuid4())
+    put_outbox(drop, f"HZ_{ref}_{UNIT_A}.xml", receipt_bytes(ref), done=False)
+    growing = put_outbox(
+        drop, f"HZ_{growing_ref}_{UNIT_A}.xml", receipt_bytes(growing_ref)[:40], done=False
+    )
+    adapter = make_adapter(drop.config(read_lock="stable-size", stable_seconds=0.3))
+
+    assert adapter.poll() == []  # first sight: nothing is known to be stable yet
+    time.sleep(0.35)
+    with open(growing, "ab") as fh:  # its writer is still at it
+        fh.write(receipt_bytes(growing_ref)[40:])
+    first = adapter.poll()
+    assert [i.receipt.remote_ref for i in first if i.receipt] == [ref]
+    first[0].ack()
+
+    time.sleep(0.35)  # now unchanged for stable_seconds since the last poll saw it
+    second = adapter.poll()
+    assert [i.receipt.remote_ref for i in second if i.receipt] == [growing_ref]
+
+
+def test_duty_report_becomes_an_envelope_for_the_configured_unit(drop: Drop, make_adapter) -> None:
+    name = f"ZB_{UNIT_A}_20261126145210.xml"
+    original = (DATA / "ZB_1152230107CTPD8U2P_20261126145210.xml").read_bytes()
+    put_outbox(drop, name, original)
+    ref = str(uuid.uuid4())
+    put_outbox(drop, f"HZ_{ref}_{UNIT_A}.xml", receipt_bytes(ref))
+
+    without = make_adapter(drop.config()).poll()  # duty reports are not this adapter's job yet
+    assert [i.receipt is not None for i in without] == [True]
+
+    items = make_adapter(drop.config(duty_report_to=PREFECTURE_EMERGENCY)).poll()
+    [report] = [i for i in items if i.envelope is not None]
+
+    env = report.envelope
+    assert (env.subsystem, env.type, env.sender_unit) == ("duty", "duty-report", UNIT_A)
+    assert [r.unit for r in env.recipients] == [PREFECTURE_EMERGENCY]
+    assert env.payload.tag == "{urn:egov:gateway:legacy:v1}legacy"
+    assert env.payload.get("format") == "dutyreport"
+    [inner] = list(env.payload)
+    assert inner.tag == "dutyreport" and inner.findtext("summary") == "今日无突发事件，值班正常。"
+    validate(env.to_element())  # a valid canonical envelope
+    report.ack()
+    assert name in drop.listing(UNIT_A, "archive")
