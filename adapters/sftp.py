@@ -444,9 +444,16 @@ class SftpAdapter(Adapter):
                     return client
         try:
             return self._open_client(transport)
-        except (paramiko.SSHException, OSError, EOFError):
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            if transport.is_active():
+                # The connection is fine, the server just refused one more channel (its
+                # MaxSessions): keep the transport for the other callers.
+                raise RetryableError(
+                    f"{self._where}: the server refused an SFTP channel: {_describe(exc)}",
+                    code="channel",
+                ) from exc
             # A transport idle since before a server restart can look alive until used:
-            # reconnect once, then give up to the caller's retry policy.
+            # reconnect once, then leave it to the caller's retry policy.
             with self._lock:
                 if self._transport is transport and transport is not None:
                     transport.close()

@@ -263,7 +263,7 @@ def serve(c: Ctx, bind: str, threads: int) -> None:
     if c.embedded:
         from adapters.simulators import embedded  # the one place production loads simulators
 
-        sims = embedded.plan(cfg)
+        sims = embedded.plan(cfg, api_port=int(bind.rsplit(":", 1)[1]))
         cfg = sims.config
         migrate.upgrade(cfg.database_url())
         key = embedded.bootstrap_key(cfg)

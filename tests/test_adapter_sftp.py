@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import os
 import socket
 import stat
@@ -48,9 +49,17 @@ PREFECTURE_EMERGENCY = "11522300QNNHM83X1E"
 
 
 # -- fixtures ----------------------------------------------------------------------------------
-class DictState(dict):  # the StateStore protocol, in memory
+class DictState:
+    """The StateStore protocol, in memory."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self.values.get(key, default)
+
     def set(self, key: str, value: str) -> None:
-        self[key] = value
+        self.values[key] = value
 
 
 @pytest.fixture
@@ -214,16 +223,20 @@ def proxy(openssh_server: SftpEndpoint) -> Iterator[CuttingProxy]:
     p.close()
 
 
-class RandomStream:
+class RandomStream(io.RawIOBase):
     """``size`` random bytes, produced as read, never held whole."""
 
     def __init__(self, size: int) -> None:
         self.left = size
 
-    def read(self, n: int = -1) -> bytes:
-        n = self.left if n < 0 else min(n, self.left)
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        n = min(len(buf), self.left)
+        buf[:n] = os.urandom(n)
         self.left -= n
-        return os.urandom(n)
+        return n
 
 
 def file_contents_sha256(path: Path, chunk: int = 4 * 1024 * 1024) -> list[str]:
@@ -394,7 +407,7 @@ def test_large_attachment_is_streamed_with_bounded_memory(
     drop: Drop, blobs: BlobStore, make_adapter
 ) -> None:
     size = 200 * 1024 * 1024
-    sha, _ = blobs.put_stream(RandomStream(size))
+    sha, _ = blobs.put_stream(io.BufferedReader(RandomStream(size), 1 << 20))
     d = make_delivery(
         blobs, attachment=Attachment("attachment", "附件1.pdf", size, sha, "application/pdf")
     )
@@ -706,3 +719,161 @@ def test_duty_report_becomes_an_envelope_for_the_configured_unit(drop: Drop, mak
     validate(env.to_element())  # a valid canonical envelope
     report.ack()
     assert name in drop.listing(UNIT_A, "archive")
+
+
+# -- connection handling -----------------------------------------------------------------------
+def test_concurrent_deliveries_share_one_connection(
+    drop: Drop, blobs: BlobStore, make_adapter, proxy: CuttingProxy
+) -> None:
+    adapter = make_adapter(drop.config(port=proxy.port))
+    deliveries = [make_delivery(blobs, unit=(UNIT_A, UNIT_B)[i % 2]) for i in range(8)]
+    errors: list[BaseException] = []
+
+    def run(d: Delivery) -> None:
+        try:
+            adapter.deliver(d)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(d,)) for d in deliveries]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+
+    assert errors == []
+    assert proxy.connections == 1 and adapter.connections_opened == 1
+    assert len(drop.listing(UNIT_A, "inbox")) == len(drop.listing(UNIT_B, "inbox")) == 8
+
+
+def test_reconnects_after_the_server_restarts(
+    sftp_drop_server: SftpEndpoint, blobs: BlobStore, make_adapter
+) -> None:
+    drop = Drop(sftp_drop_server)
+    adapter = make_adapter(drop.config())
+    adapter.deliver(make_delivery(blobs))
+    server = sftp_drop_server.extra["server"]
+    server.stop()  # drops every connection
+    server.start()  # same port, same keys
+
+    adapter.deliver(make_delivery(blobs))
+
+    assert adapter.connections_opened == 2
+    assert len(drop.listing(UNIT_A, "inbox")) == 4
+
+
+def test_encrypted_private_key_takes_its_passphrase_from_the_environment(
+    drop: Drop, tmp_path: Path, blobs: BlobStore
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    plain = serialization.load_ssh_private_key(drop.endpoint.client_key_path.read_bytes(), None)
+    encrypted = tmp_path / "client_encrypted"
+    encrypted.write_bytes(
+        plain.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.BestAvailableEncryption(b"s3cret-\xe5\xaf\x86".decode().encode()),
+        )
+    )
+    cfg = drop.config(private_key_file=str(encrypted), passphrase_env="DROP_KEY_PASS")
+    env = {"DROP_KEY_PASS": "s3cret-密"}
+    ctx = AdapterContext(blobs=blobs, state=DictState(), base_dir=tmp_path, secrets=env.get)
+
+    with SftpAdapter("countydrop", cfg, ctx) as adapter:
+        assert adapter.check().ok
+    del cfg["passphrase_env"]
+    with pytest.raises(ConfigError, match=r"adapters\.countydrop\.private_key_file: .*encrypted"):
+        SftpAdapter("countydrop", cfg, ctx)
+
+
+def test_ack_replaces_a_same_named_file_already_in_archive(drop: Drop, make_adapter) -> None:
+    ref = str(uuid.uuid4())
+    name = f"HZ_{ref}_{UNIT_A}.xml"
+    (drop.folder(UNIT_A, "archive")).mkdir()
+    (drop.folder(UNIT_A, "archive") / name).write_bytes(b"an older copy")
+    put_outbox(drop, name, receipt_bytes(ref))
+    [item] = make_adapter(drop.config()).poll()
+
+    item.ack()
+
+    assert (drop.folder(UNIT_A, "archive") / name).read_bytes() == receipt_bytes(ref)
+    assert drop.listing(UNIT_A, "outbox") == []
+
+
+# -- the in-process simulator ------------------------------------------------------------------
+@pytest.fixture
+def raw_sftp(sftp_drop_server: SftpEndpoint) -> Iterator[paramiko.SFTPClient]:
+    """A plain paramiko client on the simulator (what any SFTP client could send)."""
+    key = paramiko.Ed25519Key(filename=str(sftp_drop_server.client_key_path))
+    transport = paramiko.Transport(("127.0.0.1", sftp_drop_server.port))
+    transport.connect(
+        username="anyone", pkey=key, hostkey=parse_public_key(sftp_drop_server.host_key_line)
+    )
+    client = paramiko.SFTPClient.from_transport(transport)
+    assert client is not None
+    yield client
+    transport.close()
+
+
+def test_simulator_confines_every_path_to_its_root(
+    sftp_drop_server: SftpEndpoint, raw_sftp: paramiko.SFTPClient, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside.txt"  # a sibling of the drop's root
+    outside.write_text("not yours")
+    root = sftp_drop_server.data_root
+    (root / "escape").symlink_to(outside)
+    (root / "escape-dir").symlink_to(tmp_path)
+
+    with pytest.raises(FileNotFoundError):  # '..' is collapsed at the root, never above it
+        raw_sftp.open("/../../outside.txt")
+    with pytest.raises(PermissionError):
+        raw_sftp.open("escape")
+    with pytest.raises(PermissionError):
+        raw_sftp.listdir("escape-dir")
+    with pytest.raises(PermissionError):
+        raw_sftp.open("escape-dir/outside.txt", "w")
+    assert stat.S_ISLNK(raw_sftp.lstat("escape").st_mode or 0)  # seen as a link, not followed
+    raw_sftp.remove("escape")  # removing the link itself is fine
+    assert outside.read_text() == "not yours"
+    assert raw_sftp.normalize("../..") == "/"
+
+
+def test_simulator_posix_rename_replaces_and_plain_rename_refuses(
+    sftp_drop_server: SftpEndpoint, raw_sftp: paramiko.SFTPClient
+) -> None:
+    for name, text in (("a", "new"), ("b", "old"), ("c", "other")):
+        with raw_sftp.open(name, "w") as fh:
+            fh.write(text)
+
+    raw_sftp.posix_rename("a", "b")
+    with pytest.raises(OSError):
+        raw_sftp.rename("b", "c")
+
+    assert sorted(raw_sftp.listdir(".")) == ["b", "c"]
+    assert (sftp_drop_server.data_root / "b").read_text() == "new"
+
+
+def test_legacy_clerk_signs_in_the_background(
+    sftp_drop_server: SftpEndpoint, blobs: BlobStore, make_adapter
+) -> None:
+    drop = Drop(sftp_drop_server)
+    adapter = make_adapter(drop.config())
+    d = make_delivery(blobs)
+    adapter.deliver(d)
+    clerk = drop.clerk()
+    clerk.auto_sign = 0.05
+    clerk.start(interval=0.05)
+    try:
+        deadline = time.monotonic() + 10
+        items = adapter.poll()
+        while not items and time.monotonic() < deadline:
+            time.sleep(0.05)
+            items = adapter.poll()
+    finally:
+        clerk.stop()
+
+    assert [(i.receipt.action, i.receipt.remote_ref) for i in items if i.receipt] == [
+        ("SIGNED", d.remote_ref)
+    ]
+    assert f"GW_{d.remote_ref}.xml" in drop.listing(UNIT_A, "archive")
