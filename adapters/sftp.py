@@ -306,18 +306,21 @@ class SftpAdapter(Adapter):
 
     def _load_private_key(self) -> paramiko.PKey:
         passphrase = self.context.secret(self.config, "passphrase")
+        key = self._key("private_key_file")
+        # Bytes: from_path hands the passphrase to cryptography, which refuses str. Positional:
+        # the keyword is `passphrase` in paramiko 3/4 and `password` in 5.
+        secret = passphrase.encode("utf-8") if passphrase is not None else None
         try:
-            # positional: the keyword is `passphrase` in paramiko 3/4 and `password` in 5
-            return paramiko.PKey.from_path(self.settings.private_key_file, passphrase)
-        except paramiko.PasswordRequiredException:
-            raise ConfigError(
-                f"{self._key('private_key_file')}: the key is encrypted; "
-                "set passphrase_env or passphrase_file"
-            ) from None
+            return paramiko.PKey.from_path(self.settings.private_key_file, secret)
+        except (paramiko.PasswordRequiredException, TypeError) as exc:
+            # paramiko 3 raises PasswordRequiredException, 5 lets cryptography's TypeError out
+            if secret is None:
+                raise ConfigError(
+                    f"{key}: the key is encrypted; set passphrase_env or passphrase_file"
+                ) from None
+            raise ConfigError(f"{key}: cannot load the key: {exc}") from None
         except (paramiko.SSHException, paramiko.UnknownKeyType, OSError, ValueError) as exc:
-            raise ConfigError(
-                f"{self._key('private_key_file')}: cannot load the key: {exc}"
-            ) from None
+            raise ConfigError(f"{key}: cannot load the key (wrong passphrase?): {exc}") from None
 
     # -- paths ---------------------------------------------------------------------------
     def _dir(self, template: str, unit: str) -> str:
@@ -474,7 +477,7 @@ class SftpAdapter(Adapter):
                 self._idle.append(client)
                 return
             transport_dead = self._transport is not None and not self._transport.is_active()
-        client.close()
+        _close_quietly(client)
         if transport_dead:
             self._drop_transport()
 
@@ -483,7 +486,7 @@ class SftpAdapter(Adapter):
             transport, self._transport = self._transport, None
             idle, self._idle = self._idle, []
         for c in idle:
-            c.close()
+            _close_quietly(c)
         if transport is not None:
             transport.close()
 
@@ -824,6 +827,15 @@ def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}"
+
+
+def _close_quietly(client: paramiko.SFTPClient) -> None:
+    # Closing a channel sends a message; on a connection that is already gone that raises,
+    # and there is nothing left to release.
+    try:
+        client.close()
+    except (OSError, EOFError, paramiko.SSHException):
+        pass
 
 
 def _exists(sftp: paramiko.SFTPClient, path: str) -> bool:

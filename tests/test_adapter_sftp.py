@@ -14,6 +14,7 @@ import time
 import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +143,17 @@ def make_delivery(
 
 
 def receipt_bytes(ref: str, unit: str = UNIT_A, action: str = "SIGNED") -> bytes:
+    """A legacy receipt file; the same bytes for the same arguments."""
+    signed = datetime(2026, 11, 20, 10, 15, tzinfo=archive.CHINA_TZ)
     return archive.write_receipt(
-        Receipt(unit=unit, action=action, remote_ref=ref, signer="李某", receipt_no="JXF-2026-0002")
+        Receipt(
+            unit=unit,
+            action=action,
+            remote_ref=ref,
+            signer="李某",
+            time=signed,
+            receipt_no="JXF-2026-0002",
+        )
     )
 
 
@@ -773,7 +783,7 @@ def test_encrypted_private_key_takes_its_passphrase_from_the_environment(
         plain.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.OpenSSH,
-            serialization.BestAvailableEncryption(b"s3cret-\xe5\xaf\x86".decode().encode()),
+            serialization.BestAvailableEncryption("s3cret-密".encode()),
         )
     )
     cfg = drop.config(private_key_file=str(encrypted), passphrase_env="DROP_KEY_PASS")
@@ -792,12 +802,13 @@ def test_ack_replaces_a_same_named_file_already_in_archive(drop: Drop, make_adap
     name = f"HZ_{ref}_{UNIT_A}.xml"
     (drop.folder(UNIT_A, "archive")).mkdir()
     (drop.folder(UNIT_A, "archive") / name).write_bytes(b"an older copy")
-    put_outbox(drop, name, receipt_bytes(ref))
+    receipt = receipt_bytes(ref)
+    put_outbox(drop, name, receipt)
     [item] = make_adapter(drop.config()).poll()
 
     item.ack()
 
-    assert (drop.folder(UNIT_A, "archive") / name).read_bytes() == receipt_bytes(ref)
+    assert (drop.folder(UNIT_A, "archive") / name).read_bytes() == receipt
     assert drop.listing(UNIT_A, "outbox") == []
 
 

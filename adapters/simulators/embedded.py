@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,48 +58,59 @@ def _key(path: Path) -> paramiko.Ed25519Key:
 
 @dataclass
 class Simulators:
+    """Ports and keys are chosen by :func:`plan`; the servers and their threads are created
+    in :meth:`start`, in the process that serves (``gateway serve`` forks a gunicorn worker,
+    and threads do not survive a fork)."""
+
     config: Config
-    soap: SoapServiceServer
-    sftp: SftpDropServer
-    clerk: LegacySftpClerk
-    box: ExchangeBoxServer
-    started: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    sim_dir: Path
+    ports: dict[str, int]
+    api_port: int
+    sign_delay: float
+    soap: SoapServiceServer | None = None
+    sftp: SftpDropServer | None = None
+    clerk: LegacySftpClerk | None = None
+    box: ExchangeBoxServer | None = None
 
     def start(self) -> "Simulators":
-        self.soap.start()
-        self.sftp.start()
-        self.clerk.start(interval=0.5)
-        self.box.start()
-        self.started = True
+        host_key = _key(self.sim_dir / "sftp_host_ed25519")
+        client_key = _key(self.sim_dir / "gateway_sftp_ed25519")
+        self.soap = SoapServiceServer(DocExchangeState(auto_sign=True, auto_sign_delay=self.sign_delay),
+                                      port=self.ports["soap"]).start()
+        root = self.sim_dir / "sftp-drop"
+        self.sftp = SftpDropServer(root, host_key, [client_key], port=self.ports["sftp"]).start()
+        self.clerk = LegacySftpClerk(root, units=[CITY_B], auto_sign=self.sign_delay).start(interval=0.5)
+        callback = f"http://127.0.0.1:{self.api_port}/api/v1/callbacks/exchangebox"
+        self.box = ExchangeBoxServer(ExchangeBox(callback_url=callback, auto_sign=True,
+                                                 auto_sign_delay=self.sign_delay), port=self.ports["box"]).start()
         return self
 
     def stop(self) -> None:
-        if not self.started:
-            return
-        for stop in (self.box.stop, self.clerk.stop, self.sftp.stop, self.soap.stop, self.soap.state.close):
+        stops = []
+        if self.box:
+            stops.append(self.box.stop)
+        if self.clerk:
+            stops.append(self.clerk.stop)
+        if self.sftp:
+            stops.append(self.sftp.stop)
+        if self.soap:
+            stops += [self.soap.stop, self.soap.state.close]
+        for stop in stops:
             try:
                 stop()
             except Exception:  # noqa: BLE001 - stop everything we can
                 pass
-        self.started = False
+        self.soap = self.sftp = self.clerk = self.box = None
 
 
 def plan(cfg: Config, *, api_port: int = 8080, sign_delay: float = 2.0) -> Simulators:
     """Choose ports, prepare keys and folders, and return the node configuration pointing at
     the simulators (they are started by :meth:`Simulators.start`)."""
-    sim_dir = cfg.data_dir / "simulators"
+    sim_dir = cfg.data_dir.resolve() / "simulators"
     sim_dir.mkdir(parents=True, exist_ok=True)
     host_key = _key(sim_dir / "sftp_host_ed25519")
-    client_key = _key(sim_dir / "gateway_sftp_ed25519")
-
-    soap = SoapServiceServer(DocExchangeState(auto_sign=True, auto_sign_delay=sign_delay), port=free_port())
-    sftp_root = sim_dir / "sftp-drop"
-    sftp = SftpDropServer(sftp_root, host_key, [client_key], port=free_port())
-    clerk = LegacySftpClerk(sftp_root, units=[CITY_B], auto_sign=sign_delay)
-    box_port = free_port()
-    box = ExchangeBoxServer(ExchangeBox(callback_url=f"http://127.0.0.1:{api_port}/api/v1/callbacks/exchangebox",
-                                        auto_sign=True, auto_sign_delay=sign_delay), port=box_port)
+    _key(sim_dir / "gateway_sftp_ed25519")
+    ports = {"soap": free_port(), "sftp": free_port(), "box": free_port()}
     raw: dict[str, Any] = {
         "node": {"id": "prefecture", "name": UNITS[PREFECTURE], "units": [PREFECTURE, EMERGENCY],
                  "data_dir": str(cfg.data_dir.resolve())},
@@ -107,11 +118,11 @@ def plan(cfg: Config, *, api_port: int = 8080, sign_delay: float = 2.0) -> Simul
         "worker": {"poll_interval": 1.0, "idle_sleep": 0.1},
         "adapters": {
             "docexchange": {"type": "soap", "wsdl": "schemas/legacy/docexchange.wsdl",
-                            "address": f"http://127.0.0.1:{soap.port}/docexchange"},
-            "countydrop": {"type": "sftp", "host": "127.0.0.1", "port": sftp.port, "username": "gateway",
+                            "address": f"http://127.0.0.1:{ports['soap']}/docexchange"},
+            "countydrop": {"type": "sftp", "host": "127.0.0.1", "port": ports["sftp"], "username": "gateway",
                            "private_key_file": str(sim_dir / "gateway_sftp_ed25519"),
                            "host_key": public_line(host_key), "units": [CITY_B]},
-            "exchangebox": {"type": "xml-exchange", "mode": "http", "address": f"http://127.0.0.1:{box_port}",
+            "exchangebox": {"type": "xml-exchange", "mode": "http", "address": f"http://127.0.0.1:{ports['box']}",
                             "sender_appid": "ZZF-OA"},
         },
         "routes": [
@@ -123,7 +134,7 @@ def plan(cfg: Config, *, api_port: int = 8080, sign_delay: float = 2.0) -> Simul
     }
     node_cfg = config_mod.from_mapping(raw, source="<embedded default>", base_dir=str(Path(config_mod.__file__).resolve().parent.parent))
     node_cfg.simulators = True
-    return Simulators(node_cfg, soap, sftp, clerk, box)
+    return Simulators(node_cfg, sim_dir, ports, api_port, sign_delay)
 
 
 def bootstrap_key(cfg: Config) -> str | None:
