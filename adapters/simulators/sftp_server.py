@@ -6,7 +6,8 @@ NOT production code (see :mod:`adapters.simulators`). Two parts:
   path confined to the folder (``..`` and symlinks leading outside are refused), atomic
   ``posix-rename@openssh.com``. The tests run the adapter against real OpenSSH too; this
   server must behave the same for everything the adapter uses.
-* :class:`LegacySftpClerk` - what the legacy system does on that folder: takes finished
+* :class:`LegacySftpClerk` - what the legacy system does on that folder (one
+  :class:`~adapters.simulators.exchange_box.FolderClerk` per unit folder): takes finished
   ``GW_*.xml`` documents (those with ``.ok``) from each unit's ``inbox/`` into ``archive/``,
   and writes receipts (回执) ``HZ_<docid>_<unit>.xml`` into ``outbox/`` the way a writer must
   (``.part`` -> rename -> empty ``.ok``), when a clerk signs (签收) or returns (退回) one.
