@@ -26,11 +26,21 @@ class _Strict(BaseModel):
 
 
 class NodeConfig(_Strict):
-    id: str = Field(default="local", pattern=r"^[a-z][a-z0-9-]{1,31}$")
+    id: str = "local"
     name: str = "本节点"
     #: units served by this node (统一社会信用代码): the senders it accepts from its callers
     units: list[str] = Field(default_factory=list)
     data_dir: str = "var"
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[a-z][a-z0-9-]{1,31}", v):
+            raise ValueError(f"{v!r} is not a node id; expected 2-32 lowercase letters, digits or '-', "
+                             f"starting with a letter, e.g. county-a")
+        return v
 
     @field_validator("units")
     @classmethod
