@@ -297,7 +297,7 @@ def read_archive(
     """Read an inbound archive: the canonical envelope (message id = archiveid, all
     receivers as recipients, ``created`` = ``received`` or now, since the format has no
     creation time) and each file's content, verified against its size and SHA-256."""
-    root = _parse(data, "archive", limits)
+    root = _parse(data, "archive", limits or xmlsafe.XMLLimits(large_text=True))
     if root.tag != "archive":
         raise ArchiveFormatError("archive", f"root element is <{root.tag}>, expected <archive>")
     if not root.get("archiveid"):

@@ -43,15 +43,19 @@ class UnsafeXMLError(ValueError):
 class XMLLimits:
     max_bytes: int = DEFAULT_MAX_BYTES
     max_depth: int = DEFAULT_MAX_DEPTH
+    #: libxml2 refuses a single text node over 10 MB unless told otherwise. Archives carry
+    #: base64 file contents inline, so their readers opt in; ``max_bytes`` still bounds the
+    #: whole document, and entities stay forbidden, so this opens no amplification.
+    large_text: bool = False
 
 
-def _parser() -> etree.XMLParser:
+def _parser(large_text: bool = False) -> etree.XMLParser:
     return etree.XMLParser(
         resolve_entities=False,
         no_network=True,
         load_dtd=False,
         dtd_validation=False,
-        huge_tree=False,
+        huge_tree=large_text,
         remove_blank_text=False,
         collect_ids=False,
     )
@@ -95,7 +99,7 @@ def parse(data: bytes | str, limits: XMLLimits | None = None) -> etree._Element:
         raise UnsafeXMLError("a DOCTYPE or ENTITY declaration is not allowed", kind="forbidden-dtd")
     data = _normalise_gb(data)
     try:
-        root = etree.fromstring(data, _parser())
+        root = etree.fromstring(data, _parser(limits.large_text))
     except etree.XMLSyntaxError as exc:
         raise UnsafeXMLError(f"not well-formed XML: {exc.msg} (line {exc.lineno})") from None
     if root is None:

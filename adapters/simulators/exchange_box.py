@@ -200,7 +200,7 @@ class ExchangeBox:
             return self._reject(415, f"Content-Type {req.mimetype!r}; expected application/xml")
         data = req.get_data(cache=False)
         try:
-            root = xmlsafe.parse(data, xmlsafe.XMLLimits(max_bytes=self.max_bytes))
+            root = xmlsafe.parse(data, xmlsafe.XMLLimits(max_bytes=self.max_bytes, large_text=True))
             archive_id, receivers = check_archive(root)
         except xmlsafe.UnsafeXMLError as exc:
             return self._reject(400, f"invalid XML: {exc.reason}")
@@ -386,7 +386,7 @@ class FolderClerk:
             if not m or not (inbox / (name + ".ok")).exists():
                 continue
             try:
-                root = xmlsafe.parse((inbox / name).read_bytes())
+                root = xmlsafe.parse((inbox / name).read_bytes(), xmlsafe.XMLLimits(large_text=True))
                 archive_id, receivers = check_archive(root)
                 if archive_id != m["ref"]:
                     raise ArchiveRejected(f"archiveid {archive_id} does not match the file name")

@@ -1,0 +1,126 @@
+"""Signed webhooks to the caller over real HTTP, and the operations endpoints."""
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from datetime import datetime, timezone
+
+import pytest
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+from adapters.base import PolledItem
+from gateway.envelope import Receipt
+from gateway.inbound import collect
+from gateway.worker import Worker
+from tests.plugins.gatewaynode import COUNTY_A, Api
+
+
+class Receiver:
+    """A caller's webhook endpoint: answers 500 to the first ``fail_first`` posts."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.posts: list[tuple[dict, bytes]] = []
+        self.fail_first = fail_first
+        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @Request.application
+    def app(self, request: Request) -> Response:
+        self.posts.append((dict(request.headers), request.get_data()))
+        if len(self.posts) <= self.fail_first:
+            return Response("busy", status=500)
+        return Response("ok")
+
+
+@pytest.fixture
+def receiver():  # type: ignore[no-untyped-def]
+    r = Receiver(fail_first=1)
+    yield r
+    r.server.shutdown()
+
+
+def _drain_until(node, pred, timeout=10.0):  # type: ignore[no-untyped-def]
+    w = Worker(node)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not pred():
+        w.run_once()
+        time.sleep(0.02)
+    return pred()
+
+
+def test_status_changes_reach_the_caller_signed_and_retried(gw_node, receiver):
+    api = Api(gw_node, webhook_url=receiver.url)
+    mid = api.post("/api/v1/documents", json=api.document()).get_json()["id"]
+    Worker(gw_node).drain()
+    rec = gw_node.adapter("rec")
+    rec.pending_items = [PolledItem(key="k1", receipt=Receipt(
+        unit=COUNTY_A, action="SIGNED", remote_ref=rec.delivered[0].remote_ref, signer="李某",
+        receipt_no="JXF-9", time=datetime.now(timezone.utc)))]
+    collect(gw_node, "rec")
+    assert _drain_until(gw_node, lambda: sum(1 for _ in receiver.posts) >= 3)
+    events = [json.loads(body) for headers, body in receiver.posts[1:]]  # the first answer was a 500
+    assert [(e["status"], e["previous"]) for e in sorted(events, key=lambda e: e["at"])] == [
+        ("delivered", "queued"), ("signed", "delivered")]
+    assert all(e["message_id"] == mid and e["unit"] == COUNTY_A for e in events)
+    # every post verifies with the node's published key, over timestamp + "." + body
+    pem = api.get("/api/v1/webhooks/public-key").get_json()["public_key_pem"]
+    pub = load_pem_public_key(pem.encode())
+    for headers, body in receiver.posts:
+        sig = headers["Gateway-Signature"].removeprefix("ed25519=")
+        pub.verify(base64.b64decode(sig), headers["Gateway-Timestamp"].encode() + b"." + body)
+    # and a tampered body does not
+    headers, body = receiver.posts[-1]
+    from cryptography.exceptions import InvalidSignature
+    with pytest.raises(InvalidSignature):
+        pub.verify(base64.b64decode(headers["Gateway-Signature"][8:]),
+                   headers["Gateway-Timestamp"].encode() + b"." + body.replace(b'"unit"', b'"unjt"'))
+
+
+def test_readyz_metrics_and_openapi(api, gw_node):
+    assert api.client.get("/healthz").get_json() == {"status": "ok"}
+    ready = api.client.get("/readyz")
+    assert ready.status_code == 200 and ready.get_json()["checks"]["migrations"] == "ok"
+    api.post("/api/v1/documents", json=api.document())
+    text = api.client.get("/metrics").get_data(as_text=True)
+    assert 'gateway_outbox_entries{kind="deliver",state="pending"} 1.0' in text
+    assert 'gateway_deliveries{status="queued",target="rec"} 1.0' in text
+    spec = api.client.get("/api/v1/openapi.json").get_json()
+    assert spec["openapi"].startswith("3.")
+    post = spec["paths"]["/api/v1/documents"]["post"]
+    assert set(post["requestBody"]["content"]) == {"application/json", "application/xml"}
+    schema = spec["components"]["schemas"]["DocumentIn"]
+    assert "doc_number" in schema["required"] and "recipients" in schema["properties"]
+    assert "application/problem+json" in post["responses"]["422"]["content"]
+    docs = api.client.get("/api/v1/docs")
+    assert docs.status_code == 200 and "接口文档" in docs.get_data(as_text=True)
+    assert api.client.get("/api/v1/docs/assets/swagger-ui-bundle.js").status_code == 200
+
+
+def test_readyz_says_not_ready_before_migrations(tmp_path):
+    from gateway.app import create_app
+    from gateway.node import Node
+    from tests.plugins.gatewaynode import node_config
+
+    node = Node(node_config(tmp_path, f"sqlite:///{tmp_path}/empty.db"))
+    r = create_app(node=node).test_client().get("/readyz")
+    assert r.status_code == 503 and "gateway db upgrade" in r.get_json()["checks"]["migrations"]
+    node.close()
+
+
+def test_blob_upload_is_streamed_and_content_addressed(api, gw_node):
+    import hashlib
+    import io
+
+    data = b"\x00\x01OFD" * 300_000
+    r = api.post("/api/v1/blobs", data=io.BytesIO(data), content_type="application/octet-stream")
+    assert r.status_code == 201
+    assert r.get_json() == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    again = api.post("/api/v1/blobs", data=data, content_type="application/octet-stream")
+    assert again.get_json()["sha256"] == r.get_json()["sha256"]
+    assert gw_node.blobs.path(r.get_json()["sha256"]).read_bytes() == data
+    assert list((gw_node.blobs.root / "tmp").iterdir()) == []
