@@ -15,8 +15,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from adapters.base import remote_ref
-from gateway import audit
-from gateway.envelope import Envelope
+from gateway import audit, payloads
+from gateway.envelope import Envelope, EnvelopeError
 from gateway.models import Delivery, IdempotencyRecord, Message, OutboxEntry
 from gateway.node import Node
 from gateway.routing import NoRoute, Route
@@ -61,6 +61,10 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
            session: Session | None = None) -> Accepted:
     """Store ``env`` (already validated) for delivery. Idempotent by message id and by
     (caller, Idempotency-Key)."""
+    try:
+        payloads.validate(env.payload)
+    except EnvelopeError as exc:
+        raise Rejected("validation", str(exc)) from None
     routes = plan_routes(node, env)
     if session is not None:
         return _store(session, env, routes, actor, source, api_key_id, summary, idempotency)
