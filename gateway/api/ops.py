@@ -98,9 +98,9 @@ def docs() -> str:
 
 @bp.get("/api/v1/docs/assets/<path:name>")
 def docs_assets(name: str) -> Response:
-    import swagger_ui_bundle
+    import swagger_ui
 
-    return send_from_directory(Path(swagger_ui_bundle.swagger_ui_path), name, max_age=3600)
+    return send_from_directory(Path(swagger_ui.__file__).resolve().parent / "static", name, max_age=3600)
 
 
 @bp.get("/api/v1/webhooks/public-key")

@@ -1,0 +1,121 @@
+"""Documents accepted per second through POST /api/v1/documents (202) versus a bare Flask
+endpoint that only parses the same JSON, both under config/gunicorn.conf.py with the same
+worker count and threads. Target: gateway / bare >= 0.5.
+
+Each document is ~20 KB of JSON (UTF-8) with one recipient; see _common.padded_document.
+The gateway node: SQLite (the embedded default's style: a file in the data dir, WAL,
+synchronous=FULL), a default route to a SOAP adapter, NO delivery worker running (only the
+gunicorn app), so only the cost of accepting is measured. With PostgreSQL available the same
+node on a private PostgreSQL cluster is measured too (--no-postgres skips it).
+
+Rounds alternate bare / gateway(sqlite) / gateway(postgresql) so machine noise hits all
+alike; each rate is the mean over the rounds and each ratio is gateway mean / bare mean.
+
+    .venv/bin/python bench/accept_rate.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402
+
+TARGET = 0.5
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one short round (< 60 s)")
+    ap.add_argument("--workers", type=int, default=2, help="gunicorn workers, both servers (default 2 = cores)")
+    ap.add_argument("--threads", type=int, default=8, help="gthread threads per worker (default 8, as the conf)")
+    ap.add_argument("--clients", type=int, default=8, help="load generator threads = connections (default 8)")
+    ap.add_argument("--duration", type=float, help="seconds measured per target and round")
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--no-postgres", action="store_true")
+    a = ap.parse_args()
+    duration = a.duration or (4.0 if a.quick else 10.0)
+    rounds = a.rounds or (1 if a.quick else 3)
+    warmup = 1.0 if a.quick else 2.0
+    c.install_cleanup()
+
+    tmp = c.tempdir("accept")
+    targets: dict[str, c.Gunicorn] = {}
+    keys: dict[str, str] = {}
+    backends = ["sqlite"]
+    if not a.no_postgres:
+        backends.append("postgresql")
+    for backend in backends:
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp / 'sqlite' / 'var' / 'gateway.db'}"
+        else:
+            try:
+                url = c.PgCluster().start()
+            except Exception as exc:  # noqa: BLE001
+                c.log(f"PostgreSQL not available ({exc}); measuring SQLite only")
+                backends.remove("postgresql")
+                break
+        d = tmp / backend
+        d.mkdir(exist_ok=True)
+        conf = c.write_node_config(d / "node.toml", c.node_config(d / "var", url))
+        node, key = c.prepare_node(conf)
+        node.close()
+        g = c.gateway_gunicorn(conf, workers=a.workers, threads=a.threads, logdir=tmp, name=f"gateway-{backend}")
+        targets[f"gateway({backend})"] = g
+        keys[f"gateway({backend})"] = key
+    bare = c.bare_gunicorn(workers=a.workers, threads=a.threads, logdir=tmp)
+    for g in [*targets.values(), bare]:
+        g.wait_ready()
+
+    # the same blobs on every gateway node -> the same SHA-256s -> byte-identical documents
+    body = c.body_bytes(64 * 1024, "body")
+    atts = [c.body_bytes(2048, f"att{i}") for i in range(99)]
+    doc_bytes = b""
+    for name, g in targets.items():
+        body_sha = c.upload_blob(g.url, keys[name], body)
+        att_shas = [c.upload_blob(g.url, keys[name], x) for x in atts]
+        doc_bytes = c.padded_document(body_sha, att_shas)
+    doc_file = tmp / "doc.json"
+    doc_file.write_bytes(doc_bytes)
+    n_atts = len(__import__("json").loads(doc_bytes)["attachments"])
+    c.log(f"document: {len(doc_bytes)} bytes of JSON, 1 recipient, note 2000 chars, {n_atts} attachments")
+
+    order = [("bare flask", bare), *targets.items()]
+    results: dict[str, list[dict]] = {n: [] for n, _ in order}
+    for name, g in order:  # short warm-up: imports, pools, SQLite/PG caches
+        c.run_loadgen(g.url + "/api/v1/documents", [doc_file], key=keys.get(name), threads=a.clients,
+                      duration=1.0)
+    for r in range(rounds):
+        for name, g in order:
+            res = c.run_loadgen(g.url + "/api/v1/documents", [doc_file], key=keys.get(name), threads=a.clients,
+                                duration=duration, warmup=warmup)
+            if res["errors"]:
+                c.log(f"{name}: {res['errors']} errors, e.g. {res['first_errors']}")
+            lat = res["latency"][0]
+            c.log(f"round {r + 1}/{rounds} {name}: {res['rate']:.1f}/s  p50 {lat['p50'] * 1000:.1f} ms  "
+                  f"p99 {lat['p99'] * 1000:.1f} ms  errors {res['errors']}  "
+                  f"loadgen cpu {res['cpu_seconds'] / res['elapsed'] * 100:.0f}% of a core")
+            results[name].append(res)
+
+    def mean_rate(name: str) -> float:
+        return statistics.mean(x["rate"] for x in results[name])
+
+    base = mean_rate("bare flask")
+    parts = []
+    ok_all = True
+    for name in targets:
+        rate = mean_rate(name)
+        ratio = rate / base if base else 0.0
+        ok = ratio >= TARGET and not any(x["errors"] for x in results[name])
+        ok_all &= ok
+        parts.append(f"{name} {rate:.1f}/s, bare flask {base:.1f}/s, ratio {ratio:.2f} "
+                     f"(target >= {TARGET}) {c.verdict(ok)}")
+    print(f"accept_rate: {'; '.join(parts)} [{len(doc_bytes)} B JSON, gunicorn {a.workers}x{a.threads} gthread, "
+          f"{a.clients} client threads, {rounds}x{duration:g}s]", flush=True)
+    sys.exit(0 if ok_all else 1)
+
+
+if __name__ == "__main__":
+    main()
