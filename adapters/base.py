@@ -164,12 +164,17 @@ class PolledItem:
             self._reject(reason)
 
 
+#: keys of an ``[adapters.NAME]`` table that the gateway itself reads (the worker's retry
+#: policy, the callback endpoint's guard); adapters never see them
+GATEWAY_KEYS = frozenset({"retry", "callback_token_env", "callback_token_file", "callback_allow"})
+
+
 class Adapter(abc.ABC):
     type_name: ClassVar[str]
 
     def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
         self.name = name
-        self.config = dict(config)
+        self.config = {k: v for k, v in config.items() if k not in GATEWAY_KEYS}
         self.context = context
 
     @abc.abstractmethod

@@ -19,18 +19,25 @@ exists and afterwards moves both to ``archive/`` (or to ``failed/`` beside ``NAM
 Configuration (``[adapters.NAME]``, Camel-like names)::
 
     type = "sftp"
-    host = "drop.county.example"      port = 22      username = "gateway"
-    private_key_file = "keys/drop_ed25519"         # passphrase_env / passphrase_file optional
-    host_key = "ssh-ed25519 AAAA..."               # or known_hosts_file = "keys/known_hosts"
-    root = "."                                     # remote base folder
-    inbox = "{unit}/inbox"    outbox = "{unit}/outbox"
-    move = "{unit}/archive"   move_failed = "{unit}/failed"
-    units = ["1152230107CTPD8U2P"]                 # whose outbox is polled
-    done_file = true                               # write NAME.ok after the rename
-    read_lock = "done-file"                        # or "stable-size" (+ stable_seconds = 5)
-    max_per_poll = 100        max_file_size = 16777216
-    connect_timeout = 10      so_timeout = 60      server_alive_interval = 30
-    duty_report_to = "11522300QNNHM83X1E"          # optional: ingest ZB_ duty reports
+    host = "drop.county.example"
+    port = 22
+    username = "gateway"
+    private_key_file = "keys/drop_ed25519"   # key auth only; passphrase_env / passphrase_file
+    host_key = "ssh-ed25519 AAAA..."         # or a list, or known_hosts_file = "keys/known_hosts"
+    root = "."                               # remote base folder; the templates are below it
+    inbox = "{unit}/inbox"
+    outbox = "{unit}/outbox"
+    move = "{unit}/archive"                  # where ack() moves a collected file
+    move_failed = "{unit}/failed"            # where reject() moves it, beside NAME.error
+    units = ["1152230107CTPD8U2P"]           # whose outbox is polled
+    done_file = true                         # create NAME.ok after the rename
+    read_lock = "done-file"                  # or "stable-size" with stable_seconds = 5
+    max_per_poll = 100
+    max_file_size = 16777216                 # larger outbox files go to failed/
+    connect_timeout = 10                     # seconds, TCP connect + SSH handshake
+    so_timeout = 60                          # seconds a stalled server may keep a call waiting
+    server_alive_interval = 30               # SSH keepalive; 0 = off
+    duty_report_to = "11522300QNNHM83X1E"    # optional: ingest ZB_ duty reports for this unit
     appids = { "1152230107CTPD8U2P" = "JXF-OA" }   # optional, for the archive format
 """
 
@@ -108,6 +115,14 @@ _KEY_ALGS = {
 _IDLE_CLIENTS = 2  # SFTP channels kept open on the one transport for reuse
 
 _NS_KEYS = uuid.UUID("1f0d2c4e-7b0a-5e61-8d3c-5a9e0b7c2f41")
+
+
+KNOWN_KEYS = frozenset(
+    """type host port username private_key_file passphrase_env passphrase_file host_key
+    known_hosts_file root inbox outbox move move_failed units done_file read_lock
+    stable_seconds max_per_poll max_file_size connect_timeout so_timeout
+    server_alive_interval duty_report_to appids""".split()
+)
 
 
 class HostKeyMismatch(PermanentError):
@@ -229,6 +244,12 @@ class SftpAdapter(Adapter):
         return str(value)
 
     def _read_settings(self) -> SftpSettings:
+        unknown = sorted(set(self.config) - KNOWN_KEYS)
+        if unknown:  # a misspelt read_lock must not silently become the default
+            raise ConfigError(
+                f"{self._key(unknown[0])}: unknown setting; expected one of "
+                f"{', '.join(sorted(KNOWN_KEYS))}"
+            )
         host = self.require("host")
         if not host.strip():
             raise ConfigError(f"{self._key('host')}: must not be empty")
@@ -448,9 +469,10 @@ class SftpAdapter(Adapter):
         try:
             return self._open_client(transport)
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            if transport.is_active():
+            if isinstance(exc, paramiko.ChannelException) and transport.is_active():
                 # The connection is fine, the server just refused one more channel (its
-                # MaxSessions): keep the transport for the other callers.
+                # MaxSessions): keep the transport for the other callers. Anything else
+                # means the transport is broken, even if its reader thread has not noticed.
                 raise RetryableError(
                     f"{self._where}: the server refused an SFTP channel: {_describe(exc)}",
                     code="channel",
@@ -467,18 +489,19 @@ class SftpAdapter(Adapter):
                 transport = self._transport
             return self._open_client(transport)
 
-    def _checkin(self, client: paramiko.SFTPClient, healthy: bool) -> None:
+    def _checkin(self, client: paramiko.SFTPClient, error: BaseException | None) -> None:
         with self._lock:
-            if (
-                healthy
-                and client.get_channel().get_transport() is self._transport
-                and len(self._idle) < _IDLE_CLIENTS
-            ):
+            transport = client.get_channel().get_transport()
+            if error is None and transport is self._transport and len(self._idle) < _IDLE_CLIENTS:
                 self._idle.append(client)
                 return
-            transport_dead = self._transport is not None and not self._transport.is_active()
+            broken = (
+                transport is self._transport
+                and transport is not None
+                and (not transport.is_active() or _breaks_connection(error))
+            )
         _close_quietly(client)
-        if transport_dead:
+        if broken:
             self._drop_transport()
 
     def _drop_transport(self) -> None:
@@ -495,12 +518,12 @@ class SftpAdapter(Adapter):
         """An SFTP client on the shared transport. After any error the client is closed
         (stray pipelined responses may be pending on it) and a dead transport dropped."""
         client = self._checkout()
-        ok = False
         try:
             yield client
-            ok = True
-        finally:
-            self._checkin(client, healthy=ok)
+        except BaseException as exc:
+            self._checkin(client, exc)
+            raise
+        self._checkin(client, None)
 
     @property
     def transport(self) -> paramiko.Transport | None:
@@ -827,6 +850,20 @@ def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}"
+
+
+_CONNECTION_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN}
+
+
+def _breaks_connection(exc: BaseException | None) -> bool:
+    """Does ``exc`` mean the SSH connection itself is unusable (as opposed to an SFTP status
+    such as "no such file", which paramiko also raises as OSError)?"""
+    if isinstance(exc, (EOFError, paramiko.SSHException, TimeoutError)):
+        return True
+    if isinstance(exc, OSError):
+        # paramiko's channel raises a bare socket.error("Socket is closed")
+        return exc.errno in _CONNECTION_ERRNOS or str(exc) == "Socket is closed"
+    return False
 
 
 def _close_quietly(client: paramiko.SFTPClient) -> None:

@@ -218,6 +218,14 @@ class CuttingProxy:
                 pass
             s.close()
 
+    def sever(self) -> None:
+        """Pull the cable on every connection made so far."""
+        for s in self._open:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
@@ -356,10 +364,10 @@ def test_connection_cut_mid_upload_leaves_no_final_file_and_retry_succeeds(
     proxy.cut_after = 2 * 1024 * 1024  # about a quarter of the 8 MB archive gets through
     final = drop.folder(UNIT_A, "inbox") / f"GW_{d.remote_ref}.xml"
 
-    with pytest.raises(RetryableError):
+    with pytest.raises(RetryableError) as cut:
         adapter.deliver(d)
 
-    assert proxy.cuts == 1
+    assert proxy.cuts == 1, cut.value
     assert not final.exists() and not Path(f"{final}.ok").exists()
     leftovers = drop.listing(UNIT_A, "inbox")
     assert leftovers in ([], [final.name + ".part"])
@@ -367,7 +375,7 @@ def test_connection_cut_mid_upload_leaves_no_final_file_and_retry_succeeds(
         assert (drop.folder(UNIT_A, "inbox") / leftovers[0]).stat().st_size < len(big)
 
     proxy.cut_after = None
-    adapter.deliver(d)  # the same adapter reconnects by itself
+    adapter.deliver(d)  # the same adapter reconnects by itself, straight away
 
     assert drop.listing(UNIT_A, "inbox") == [final.name, final.name + ".ok"]
     _, files = archive.read_archive(final.read_bytes())
@@ -505,6 +513,8 @@ def test_configuration_errors_name_the_key(drop: Drop, context: AdapterContext) 
         SftpAdapter("countydrop", drop.config(units=["NOTAUNIT"]), context)
     with pytest.raises(ConfigError, match=r"adapters\.countydrop\.port"):
         SftpAdapter("countydrop", drop.config(port="22"), context)
+    with pytest.raises(ConfigError, match=r"adapters\.countydrop\.readLock: unknown"):
+        SftpAdapter("countydrop", drop.config(readLock="stable-size"), context)
 
 
 # -- poll ----------------------------------------------------------------------------------------
@@ -756,6 +766,27 @@ def test_concurrent_deliveries_share_one_connection(
     assert len(drop.listing(UNIT_A, "inbox")) == len(drop.listing(UNIT_B, "inbox")) == 8
 
 
+def test_a_connection_that_died_unnoticed_is_replaced_on_the_next_call(
+    drop: Drop, blobs: BlobStore, make_adapter, proxy: CuttingProxy, monkeypatch
+) -> None:
+    adapter = make_adapter(drop.config(port=proxy.port))
+    adapter.deliver(make_delivery(blobs))
+    dead = adapter.transport
+    assert dead is not None
+    proxy.sever()
+    deadline = time.monotonic() + 5
+    while dead.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # Pretend the reader thread has not noticed yet: the transport still claims to be alive.
+    monkeypatch.setattr(dead, "is_active", lambda: True)
+
+    adapter.deliver(make_delivery(blobs))
+
+    assert adapter.transport is not dead
+    assert adapter.connections_opened == 2 and proxy.connections == 2
+    assert len(drop.listing(UNIT_A, "inbox")) == 4
+
+
 def test_reconnects_after_the_server_restarts(
     sftp_drop_server: SftpEndpoint, blobs: BlobStore, make_adapter
 ) -> None:
@@ -888,3 +919,29 @@ def test_legacy_clerk_signs_in_the_background(
         ("SIGNED", d.remote_ref)
     ]
     assert f"GW_{d.remote_ref}.xml" in drop.listing(UNIT_A, "archive")
+
+
+def test_simulator_takes_public_keys_only_and_stops_its_threads(tmp_path: Path) -> None:
+    from adapters.simulators.sftp_server import SftpDropServer
+
+    host_key, client_key, stranger = generate_host_key(), generate_host_key(), generate_host_key()
+    before = set(threading.enumerate())
+    server = SftpDropServer(tmp_path, host_key, [client_key]).start()
+    good = paramiko.Transport(("127.0.0.1", server.port))
+    good.connect(username="gw", pkey=client_key, hostkey=host_key)
+    try:
+        with pytest.raises(paramiko.AuthenticationException):
+            with paramiko.Transport(("127.0.0.1", server.port)) as t:
+                t.connect(username="gw", pkey=stranger)
+        with paramiko.Transport(("127.0.0.1", server.port)) as t:
+            t.start_client()
+            with pytest.raises(paramiko.BadAuthenticationType):
+                t.auth_password("gw", "guess")
+    finally:
+        server.stop()
+        good.close()
+
+    deadline = time.monotonic() + 5
+    while set(threading.enumerate()) - before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert set(threading.enumerate()) - before == set()

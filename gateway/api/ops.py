@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 from pathlib import Path
 
-from flask import Blueprint, Response, json, render_template_string, request, send_from_directory
+from flask import Blueprint, Response, current_app, json, render_template_string, request, send_from_directory
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select, text
@@ -120,7 +120,11 @@ def adapter_callback(adapter_name: str) -> Response:
     if cfg is None:
         raise Problem(404, "not-found", f"no adapter named {adapter_name}")
     adapter = n.adapter(adapter_name)
-    token = adapter.context.secret(cfg, "callback_token")
+    try:
+        token = adapter.context.secret(cfg, "callback_token")
+    except ValueError as exc:  # a configured token that cannot be read: refuse, and say why in the log
+        current_app.logger.error("callback %s: %s", adapter_name, exc)
+        raise Problem(503, "not-ready", "the callback token is not configured correctly on this node") from None
     if token is not None:
         if not hmac.compare_digest(request.args.get("token", ""), token):
             raise Problem(401, "unauthenticated", "the callback token is missing or wrong")
