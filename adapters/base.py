@@ -39,7 +39,8 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, ClassVar, Iterable, Mapping, Protocol
+from typing import Any, BinaryIO, ClassVar, Protocol
+from collections.abc import Callable, Iterable, Mapping
 
 from gateway.envelope import Envelope, Receipt, Recipient
 
@@ -199,7 +200,7 @@ class Adapter(abc.ABC):
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "Adapter":
+    def __enter__(self) -> Adapter:
         return self
 
     def __exit__(self, *exc: object) -> None:

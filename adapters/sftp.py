@@ -118,10 +118,7 @@ _NS_KEYS = uuid.UUID("1f0d2c4e-7b0a-5e61-8d3c-5a9e0b7c2f41")
 
 
 KNOWN_KEYS = frozenset(
-    """type host port username private_key_file passphrase_env passphrase_file host_key
-    known_hosts_file root inbox outbox move move_failed units done_file read_lock
-    stable_seconds max_per_poll max_file_size connect_timeout so_timeout
-    server_alive_interval duty_report_to appids""".split()
+    ["type", "host", "port", "username", "private_key_file", "passphrase_env", "passphrase_file", "host_key", "known_hosts_file", "root", "inbox", "outbox", "move", "move_failed", "units", "done_file", "read_lock", "stable_seconds", "max_per_poll", "max_file_size", "connect_timeout", "so_timeout", "server_alive_interval", "duty_report_to", "appids"]
 )
 
 

@@ -35,7 +35,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -188,9 +189,7 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     lines: list[str] = []
     tables: list[tuple[str, Any]] = []
     for k, v in data.items():
-        if isinstance(v, dict):
-            tables.append((k, v))
-        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+        if isinstance(v, dict) or isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
             tables.append((k, v))
         else:
             lines.append(f"{k} = {_toml_value(v)}")
@@ -398,7 +397,7 @@ class Gunicorn:
             "GATEWAY_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
         self.name = name
 
-    def wait_ready(self, path: str = "/healthz", timeout: float = 60) -> "Gunicorn":
+    def wait_ready(self, path: str = "/healthz", timeout: float = 60) -> Gunicorn:
         import requests
 
         def up() -> bool:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterator
+from datetime import datetime, UTC
+from typing import Any
+from collections.abc import Iterator
 
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
@@ -29,7 +30,7 @@ _LOCK_ID = 0x6761_7564  # "gaud"
 
 def _digest(prev: str, seq: int, at: datetime, actor: str, action: str, obj: str, outcome: str, detail: str) -> str:
     h = hashlib.sha256()
-    for part in (prev, str(seq), at.astimezone(timezone.utc).isoformat(timespec="microseconds"),
+    for part in (prev, str(seq), at.astimezone(UTC).isoformat(timespec="microseconds"),
                  actor, action, obj, outcome, detail):
         h.update(part.encode("utf-8"))
         h.update(b"\x1f")
@@ -49,7 +50,7 @@ def append(session: Session, *, actor: str, action: str, obj: str, outcome: str 
         select(AuditEntry.seq, AuditEntry.hash).order_by(AuditEntry.seq.desc()).limit(1)
     ).first()
     seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
-    at = datetime.now(timezone.utc)
+    at = datetime.now(UTC)
     d = canonical(detail)
     entry = AuditEntry(seq=seq, at=at, actor=actor, action=action, object=obj, outcome=outcome,
                        detail=d, prev_hash=prev, hash=_digest(prev, seq, at, actor, action, obj, outcome, d))
@@ -88,7 +89,7 @@ def verify(session: Session, expect_head: str | None = None) -> VerifyResult:
         if e.prev_hash != prev:
             return VerifyResult(False, n, prev, f"entry {e.seq} does not follow entry {e.seq - 1} "
                                 f"(removed or reordered)", e.seq)
-        at = e.at if e.at.tzinfo else e.at.replace(tzinfo=timezone.utc)
+        at = e.at if e.at.tzinfo else e.at.replace(tzinfo=UTC)
         if _digest(e.prev_hash, e.seq, at, e.actor, e.action, e.object, e.outcome, e.detail) != e.hash:
             return VerifyResult(False, n, prev, f"entry {e.seq} was altered (its hash does not match "
                                 f"its content)", e.seq)

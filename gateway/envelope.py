@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from functools import lru_cache
 
 from lxml import etree
@@ -63,7 +63,7 @@ class Envelope:
     classification_period: str | None = None
     urgency: str = "平件"
     message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    created: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    created: datetime = field(default_factory=lambda: datetime.now(UTC))
     sender_node: str | None = None
     sender_name: str | None = None
     in_reply_to: str | None = None
@@ -125,7 +125,7 @@ class Envelope:
         return etree.tostring(self.to_element(), xml_declaration=True, encoding="UTF-8")
 
     @classmethod
-    def from_xml(cls, data: bytes | str | etree._Element) -> "Envelope":
+    def from_xml(cls, data: bytes | str | etree._Element) -> Envelope:
         root = data if isinstance(data, etree._Element) else xmlsafe.parse(data)
         validate(root)
         h = root.find(E + "header")

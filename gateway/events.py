@@ -5,7 +5,7 @@ and the worker sends and retries it like any delivery.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 from sqlalchemy.orm import Session
 
@@ -19,7 +19,7 @@ def status_changed(s: Session, d: Delivery, previous: str, *, detail: dict | Non
     key = s.get(ApiKey, msg.api_key_id)
     if key is None or not key.webhook_url or key.revoked_at is not None:
         return
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     event = {
         "event": f"{msg.subsystem}.status",
         "message_id": d.message_id,

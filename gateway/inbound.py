@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -54,7 +54,7 @@ def apply_receipt(s: Session, r: Receipt, source: str) -> str:
     d = find_delivery(s, r)
     if d is None:
         raise UnmatchedReceipt(f"no delivery matches the receipt (ref {r.remote_ref or r.message_id}, unit {r.unit})")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     s.add(ReceiptRecord(delivery_id=d.id, action=r.action, signer=r.signer, receipt_no=r.receipt_no,
                         reason=r.reason, time=r.time, source=source, received_at=now))
     new, allowed = TRANSITIONS.get(r.action, (None, ()))

@@ -4,6 +4,7 @@ Built once per process by the app factory or the command line; no import-time si
 """
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from gateway.config import Config
 from gateway.db import Database
 from gateway.models import AdapterState
 from gateway.routing import RouteTable
+
+log = logging.getLogger("gateway.node")
 
 
 class DbStateStore:
@@ -73,8 +76,8 @@ class Node:
             for a in self._adapters.values():
                 try:
                     a.close()
-                except Exception:  # noqa: BLE001 - closing must not hide the real error
-                    pass
+                except Exception:  # closing one adapter must not stop the others closing
+                    log.warning("closing adapter %s failed", a.name, exc_info=True)
             self._adapters.clear()
         self.db.dispose()
 

@@ -3,7 +3,7 @@ namespace names here (``schemas/payload-*.xsd``) on every path in — API, adapt
 federation. A namespace with no schema is refused, so nothing unvalidated is ever stored."""
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from lxml import etree
 
@@ -17,7 +17,7 @@ SCHEMA_FILES = {
 CODE_CHECKED = {RECEIPT_NS, "urn:egov:gateway:legacy:v1"}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _schema(name: str) -> etree.XMLSchema:
     doc = etree.parse(str(SCHEMAS / name), etree.XMLParser(resolve_entities=False, no_network=True))
     return etree.XMLSchema(doc)

@@ -8,7 +8,7 @@ the outbox rows. Everything before it (parsing, validation, routing) stores noth
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -93,7 +93,7 @@ def _store(s: Session, env: Envelope, routes: list[Route], actor: str, source: s
             raise Rejected("message-id-conflict", f"message id {env.message_id} is already taken", status=409)
         return Accepted(existing, created=False)
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     msg = Message(
         id=env.message_id, subsystem=env.subsystem, type=env.type, sender_unit=env.sender_unit,
         classification=env.classification, clearance=env.clearance_needed, urgency=env.urgency,

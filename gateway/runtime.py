@@ -12,7 +12,7 @@ class Runtime:
         self.worker = Worker(node) if worker else None
         self.collector = Collector(node) if collector else None
 
-    def start(self) -> "Runtime":
+    def start(self) -> Runtime:
         if self.worker:
             self.worker.start()
         if self.collector:

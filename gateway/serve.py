@@ -2,7 +2,8 @@
 and the collector started inside that worker process, so one node needs one command."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from gunicorn.app.base import BaseApplication
 

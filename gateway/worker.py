@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from functools import lru_cache
 
 import requests
@@ -42,7 +42,7 @@ log = logging.getLogger("gateway.worker")
 def aware(dt: datetime | None) -> datetime | None:
     if dt is None or dt.tzinfo is not None:
         return dt
-    return dt.replace(tzinfo=timezone.utc)
+    return dt.replace(tzinfo=UTC)
 
 
 def backoff(policy: RetryPolicy, attempt: int) -> float:
@@ -76,7 +76,7 @@ class Worker:
     def claim(self, limit: int) -> list[int]:
         if limit <= 0:
             return []
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         sub = (select(OutboxEntry.id)
                .where(OutboxEntry.state == "pending", OutboxEntry.next_attempt_at <= now)
                .order_by(OutboxEntry.priority, OutboxEntry.next_attempt_at, OutboxEntry.id)
@@ -95,7 +95,7 @@ class Worker:
 
     def reap_expired_leases(self) -> int:
         """Return rows whose worker died (lease expired) to the queue."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         with self.node.db.begin() as s:
             res = s.execute(update(OutboxEntry)
                             .where(OutboxEntry.state == "claimed", OutboxEntry.lease_until < now)
@@ -149,7 +149,7 @@ class Worker:
         return RetryPolicy(**raw) if raw else self.cfg.retry
 
     def _record(self, entry_id: int, err: DeliveryError | None, result_id: str | None, extra: dict) -> None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         with self.node.db.begin() as s:
             entry = s.get(OutboxEntry, entry_id, with_for_update=True)
             if entry is None or entry.state != "claimed" or entry.claimed_by != self.id:
@@ -257,10 +257,7 @@ class Worker:
                         self._busy += 1
                     assert self._pool is not None
                     self._pool.submit(self.process, i).add_done_callback(self._done)
-                if not ids:
-                    self._wake.wait(self.cfg.idle_sleep)
-                    self._wake.clear()
-                elif free - len(ids) <= 0:
+                if not ids or free - len(ids) <= 0:
                     self._wake.wait(self.cfg.idle_sleep)
                     self._wake.clear()
             except Exception:  # noqa: BLE001 - the database may be briefly unavailable

@@ -1,7 +1,7 @@
 """The documents API and the one path behind it, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 from sqlalchemy import func, select
 
@@ -11,7 +11,7 @@ from gateway.inbound import collect
 from gateway.models import AuditEntry, Delivery, Message, OutboxEntry
 from gateway.worker import Worker
 from adapters.base import PolledItem, PermanentError, RetryableError
-from tests.plugins.gatewaynode import CITY_B, COUNTY_A, COUNTY_C, EMERGENCY, Api, RecordingAdapter
+from tests.plugins.gatewaynode import CITY_B, COUNTY_A, COUNTY_C, EMERGENCY, Api
 
 
 def _count(node, model) -> int:  # type: ignore[no-untyped-def]
@@ -55,7 +55,7 @@ def test_sign_for_receipt_updates_status_once(api, gw_node):
     rec = gw_node.adapter("rec")
     ref = rec.delivered[0].remote_ref
     receipt = Receipt(unit=COUNTY_A, action="SIGNED", remote_ref=ref, signer="李某", receipt_no="JXF-1",
-                      time=datetime(2026, 11, 20, 10, 15, tzinfo=timezone.utc))
+                      time=datetime(2026, 11, 20, 10, 15, tzinfo=UTC))
     rec.pending_items = [PolledItem(key="rec:1", receipt=receipt)]
     assert collect(gw_node, "rec") == {"signed": 1}
     rec.pending_items = [PolledItem(key="rec:1", receipt=receipt)]  # the same item again

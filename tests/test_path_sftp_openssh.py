@@ -75,7 +75,7 @@ def test_duty_report_from_the_drop_enters_the_path_once(tmp_path, database_url, 
         with node.db.sessions() as s:
             m = s.scalars(select(Message).where(Message.subsystem == "duty")).one()
             assert m.sender_unit == CITY_B and m.source == "adapter:countydrop"
-            assert "今日无突发事件".encode("utf-8") in m.envelope_xml
+            assert "今日无突发事件".encode() in m.envelope_xml
         assert (openssh_server.data_root / sub / CITY_B / "archive" / name).exists()
     finally:
         node.close()

@@ -5,7 +5,7 @@ import base64
 import json
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -60,7 +60,7 @@ def test_status_changes_reach_the_caller_signed_and_retried(gw_node, receiver):
     rec = gw_node.adapter("rec")
     rec.pending_items = [PolledItem(key="k1", receipt=Receipt(
         unit=COUNTY_A, action="SIGNED", remote_ref=rec.delivered[0].remote_ref, signer="李某",
-        receipt_no="JXF-9", time=datetime.now(timezone.utc)))]
+        receipt_no="JXF-9", time=datetime.now(UTC)))]
     collect(gw_node, "rec")
     assert _drain_until(gw_node, lambda: sum(1 for _ in receiver.posts) >= 3)
     events = [json.loads(body) for headers, body in receiver.posts[1:]]  # the first answer was a 500

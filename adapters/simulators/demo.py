@@ -7,7 +7,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import requests
 from werkzeug.serving import WSGIRequestHandler, make_server

@@ -6,6 +6,7 @@ Loaded only by ``gateway serve`` without configuration and by ``gateway demo``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from adapters.simulators.sftp_server import LegacySftpClerk, SftpDropServer, pub
 from adapters.simulators.soap_service import DocExchangeState, SoapServiceServer
 from gateway import config as config_mod
 from gateway.config import Config
+
+log = logging.getLogger("adapters.simulators")
 
 PREFECTURE = "11522300GDR9YB9550"
 EMERGENCY = "11522300QNNHM83X1E"
@@ -72,7 +75,7 @@ class Simulators:
     clerk: LegacySftpClerk | None = None
     box: ExchangeBoxServer | None = None
 
-    def start(self) -> "Simulators":
+    def start(self) -> Simulators:
         host_key = _key(self.sim_dir / "sftp_host_ed25519")
         client_key = _key(self.sim_dir / "gateway_sftp_ed25519")
         self.soap = SoapServiceServer(DocExchangeState(auto_sign=True, auto_sign_delay=self.sign_delay),
@@ -98,8 +101,8 @@ class Simulators:
         for stop in stops:
             try:
                 stop()
-            except Exception:  # noqa: BLE001 - stop everything we can
-                pass
+            except Exception:  # stop everything we can, and say what would not stop
+                log.warning("stopping a simulator failed", exc_info=True)
         self.soap = self.sftp = self.clerk = self.box = None
 
 

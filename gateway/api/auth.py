@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 from flask import g, request
 
@@ -68,7 +68,7 @@ def revoke_key(db: Database, key_id: str, actor: str = "cli") -> bool:
         k = s.get(ApiKey, key_id)
         if k is None or k.revoked_at is not None:
             return False
-        k.revoked_at = datetime.now(timezone.utc)
+        k.revoked_at = datetime.now(UTC)
         audit.append(s, actor=actor, action="admin.key.revoke", obj=f"key:{key_id}")
         return True
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 from flask import Blueprint, Response, request, url_for
 from sqlalchemy import and_, or_, select, update
@@ -203,7 +203,7 @@ def recall_document(message_id: str) -> Response:
     n = node()
     caller = auth.require(n.db, "documents:recall")
     _load(message_id, caller, receipts=False)  # ownership and clearance
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with n.db.begin() as s:
         m = s.get(Message, message_id)
         assert m is not None

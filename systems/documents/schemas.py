@@ -140,7 +140,7 @@ class DocumentIn(BaseModel):
         return d.isoformat()
 
     @model_validator(mode="after")
-    def _cross(self) -> "DocumentIn":
+    def _cross(self) -> DocumentIn:
         if self.classification != "非密" and not self.classification_period:
             raise ValueError(f"a {self.classification} document needs classification_period (保密期限)")
         if self.doc_type in rules.UPWARD_TYPES and not self.signer:

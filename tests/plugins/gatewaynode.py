@@ -4,7 +4,8 @@ The edges — SOAP, SFTP, the exchange box — are tested against real peers els
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import pytest
 
@@ -35,7 +36,7 @@ COUNTY_C = "11522323C4H14TRW96"
 class RecordingAdapter(Adapter):
     """Records deliveries in memory; scripted failures; receipts fed by the test."""
 
-    instances: dict[str, "RecordingAdapter"] = {}
+    instances: dict[str, RecordingAdapter] = {}
 
     def __init__(self, name, config, context):  # type: ignore[no-untyped-def]
         super().__init__(name, config, context)
