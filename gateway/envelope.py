@@ -125,9 +125,10 @@ class Envelope:
         return etree.tostring(self.to_element(), xml_declaration=True, encoding="UTF-8")
 
     @classmethod
-    def from_xml(cls, data: bytes | str | etree._Element) -> Envelope:
+    def from_xml(cls, data: bytes | str | etree._Element, *, validate: bool = True) -> Envelope:
         root = data if isinstance(data, etree._Element) else xmlsafe.parse(data)
-        validate(root)
+        if validate:
+            _validate(root)
         h = root.find(E + "header")
         assert h is not None
         sender = h.find(E + "sender")
@@ -171,6 +172,10 @@ def _schema() -> etree.XMLSchema:
 
 
 def validate(root: etree._Element) -> None:
+    _validate(root)
+
+
+def _validate(root: etree._Element) -> None:
     """XSD validation plus the checks XSD cannot express (unit code check characters)."""
     schema = _schema()
     if not schema.validate(root):

@@ -7,21 +7,22 @@ from __future__ import annotations
 
 from datetime import datetime, UTC
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gateway.models import ApiKey, Delivery, Message, OutboxEntry
 
 
 def status_changed(s: Session, d: Delivery, previous: str, *, detail: dict | None = None) -> None:
-    msg = s.get(Message, d.message_id)
-    if msg is None or not msg.api_key_id:
-        return
-    key = s.get(ApiKey, msg.api_key_id)
-    if key is None or not key.webhook_url or key.revoked_at is not None:
+    # Two narrow lookups: this runs for every status change, often with no webhook at all.
+    row = s.execute(select(Message.subsystem, ApiKey.webhook_url)
+                    .join(ApiKey, ApiKey.id == Message.api_key_id)
+                    .where(Message.id == d.message_id, ApiKey.revoked_at.is_(None))).first()
+    if row is None or not row.webhook_url:
         return
     now = datetime.now(UTC)
     event = {
-        "event": f"{msg.subsystem}.status",
+        "event": f"{row.subsystem}.status",
         "message_id": d.message_id,
         "unit": d.unit,
         "status": d.status,
@@ -32,5 +33,5 @@ def status_changed(s: Session, d: Delivery, previous: str, *, detail: dict | Non
         "at": now.isoformat(),
         **(detail or {}),
     }
-    s.add(OutboxEntry(kind="webhook", delivery_id=d.id, target=key.webhook_url, payload=event,
+    s.add(OutboxEntry(kind="webhook", delivery_id=d.id, target=row.webhook_url, payload=event,
                       priority=1, next_attempt_at=now, created_at=now))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, UTC
 
-from sqlalchemy import select
+from sqlalchemy import DateTime, insert, literal, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -34,6 +34,7 @@ class Rejected(ValueError):
 class Accepted:
     message: Message
     created: bool  # False: an earlier accept of the same message id / Idempotency-Key
+    routes: list[Route] | None = None  # per recipient, in envelope order (when created)
 
 
 @dataclass
@@ -101,21 +102,22 @@ def _store(s: Session, env: Envelope, routes: list[Route], actor: str, source: s
         source=source, summary=summary or {}, envelope_xml=env.to_xml(), accepted_at=now,
     )
     s.add(msg)
-    deliveries = []
-    for r, route in zip(env.recipients, routes):
-        d = Delivery(
-            message_id=env.message_id, unit=r.unit, unit_name=r.name, copy_type=r.copy_type,
-            copy_no=r.copy_no, route_kind=route.kind, target=route.target,
-            status="queued" if route.kind == "adapter" else "held",
-            remote_ref=remote_ref(env.message_id, r.unit), updated_at=now,
-        )
-        s.add(d)
-        deliveries.append((d, route))
     s.flush()
-    for d, route in deliveries:
-        if route.kind == "adapter":
-            s.add(OutboxEntry(kind="deliver", delivery_id=d.id, target=route.target,
-                              priority=env.urgency_rank, next_attempt_at=now, created_at=now))
+    # Bulk statements: a document to 200 units is two INSERTs here, not 400 round trips.
+    rows = [dict(message_id=env.message_id, unit=r.unit, unit_name=r.name, copy_type=r.copy_type,
+                 copy_no=r.copy_no, route_kind=route.kind, target=route.target,
+                 status="queued" if route.kind == "adapter" else "held",
+                 remote_ref=remote_ref(env.message_id, r.unit), updated_at=now)
+            for r, route in zip(env.recipients, routes)]
+    s.execute(insert(Delivery), rows)
+    if any(route.kind == "adapter" for route in routes):
+        ts = literal(now, DateTime(timezone=True))
+        s.execute(insert(OutboxEntry).from_select(
+            ["kind", "delivery_id", "target", "priority", "state", "attempts", "next_attempt_at", "created_at"],
+            select(literal("deliver"), Delivery.id, Delivery.target, literal(env.urgency_rank),
+                   literal("pending"), literal(0), ts, ts)
+            .where(Delivery.message_id == env.message_id, Delivery.route_kind == "adapter")
+            .order_by(Delivery.id)))
     if idem is not None:
         s.add(IdempotencyRecord(api_key_id=idem.api_key_id, key=idem.key,
                                 request_hash=idem.request_hash, message_id=env.message_id))
@@ -123,10 +125,10 @@ def _store(s: Session, env: Envelope, routes: list[Route], actor: str, source: s
         "subsystem": env.subsystem, "type": env.type, "sender": env.sender_unit,
         "recipients": len(env.recipients), "classification": env.classification,
         "urgency": env.urgency, "source": source,
-        "held": sum(1 for _, r in deliveries if r.kind == "node"),
+        "held": sum(1 for r in routes if r.kind == "node"),
     })
     s.flush()
-    return Accepted(msg, created=True)
+    return Accepted(msg, created=True, routes=routes)
 
 
 def find_message(node: Node, message_id: str) -> Message | None:

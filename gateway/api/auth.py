@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, UTC
 
@@ -63,6 +65,11 @@ def create_key(db: Database, *, name: str, scopes: list[str], clearance: str = "
     return f"gw_{key_id}_{secret}"
 
 
+def forget_cached_keys() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
 def revoke_key(db: Database, key_id: str, actor: str = "cli") -> bool:
     with db.begin() as s:
         k = s.get(ApiKey, key_id)
@@ -80,6 +87,12 @@ def _presented() -> str | None:
     return request.headers.get("X-API-Key")
 
 
+#: verified keys, per process, for a few seconds: a revocation takes effect within this time
+CACHE_SECONDS = 5.0
+_cache: dict[str, tuple[float, Caller]] = {}
+_cache_lock = threading.Lock()
+
+
 def authenticate(db: Database) -> Caller:
     token = _presented()
     if not token:
@@ -87,11 +100,22 @@ def authenticate(db: Database) -> Caller:
     parts = token.split("_", 2)
     if len(parts) != 3 or parts[0] != "gw":
         raise Problem(401, "unauthenticated", "the API key is not in the form gw_<id>_<secret>")
+    digest = _hash(token)
+    now = time.monotonic()
+    with _cache_lock:
+        hit = _cache.get(digest)
+    if hit is not None and now - hit[0] < CACHE_SECONDS:
+        g.caller = hit[1]
+        return hit[1]
     with db.sessions() as s:
         k = s.get(ApiKey, parts[1])
         if k is None or k.revoked_at is not None or not hmac.compare_digest(k.secret_hash, _hash(parts[2])):
             raise Problem(401, "unauthenticated", "the API key is unknown or revoked")
         caller = Caller(k.id, k.name, tuple(k.scopes), k.clearance, tuple(k.units or ()))
+    with _cache_lock:
+        if len(_cache) > 10_000:
+            _cache.clear()
+        _cache[digest] = (now, caller)
     g.caller = caller
     return caller
 

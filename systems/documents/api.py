@@ -75,6 +75,18 @@ def _status_out(m: Message, with_receipts: bool, receipts: dict[int, list[Receip
                        urgency=m.urgency, recipients=rs)
 
 
+def _accepted_out(m: Message, env, routes) -> DocumentOut:  # type: ignore[no-untyped-def]
+    """The 202 answer, built from what was just stored (no second read)."""
+    rs = [RecipientStatus(unit=r.unit, name=r.name, copy_type=r.copy_type, copy_no=r.copy_no,
+                          status="queued" if route.kind == "adapter" else "held", route=route.target)
+          for r, route in zip(env.recipients, routes)]
+    s = m.summary or {}
+    return DocumentOut(id=m.id, status_url=url_for("documents.get_document", message_id=m.id),
+                       accepted_at=m.accepted_at, sender_unit=m.sender_unit, doc_number=s.get("doc_number"),
+                       title=s.get("title"), doc_type=s.get("doc_type"), classification=m.classification,
+                       urgency=m.urgency, recipients=rs)
+
+
 def _json(model, status: int = 200, **headers: str) -> Response:  # type: ignore[no-untyped-def]
     return Response(model.model_dump_json(), status=status, mimetype="application/json", headers=headers)
 
@@ -116,7 +128,7 @@ def send_document() -> Response:
                       f"this API key's clearance does not cover {doc.classification} documents")
     shas = [doc.body.sha256] + [a.sha256 for a in doc.attachments]
     with n.db.sessions() as s:
-        sizes = {b.sha256: b.size for b in s.scalars(select(Blob).where(Blob.sha256.in_(shas)))}
+        sizes = dict(s.execute(select(Blob.sha256, Blob.size).where(Blob.sha256.in_(shas))).all())
     missing = [x for x in shas if x not in sizes]
     if missing:
         raise Problem(422, "unknown-blob", f"no uploaded content has SHA-256 {missing[0]}; "
@@ -133,7 +145,10 @@ def send_document() -> Response:
         result = accept(n, env, actor=caller.actor, api_key_id=caller.key_id, summary=summary, idempotency=idem)
     except Rejected as exc:
         raise Problem(exc.status, exc.kind, exc.detail) from None
-    out = _load(result.message.id, caller, receipts=False)
+    if result.created and result.routes is not None:
+        out = _accepted_out(result.message, env, result.routes)
+    else:
+        out = _load(result.message.id, caller, receipts=False)
     headers = {"Location": out.status_url}
     if not result.created:
         headers["Idempotent-Replayed"] = "true"

@@ -145,8 +145,8 @@ class DocumentIn(BaseModel):
             raise ValueError(f"a {self.classification} document needs classification_period (保密期限)")
         if self.doc_type in rules.UPWARD_TYPES and not self.signer:
             raise ValueError(f"a {self.doc_type} goes to a superior (上行文) and needs signer (签发人)")
-        units = [r.unit for r in self.recipients]
-        dup = {u for u in units if units.count(u) > 1}
+        seen: set[str] = set()
+        dup = {r.unit for r in self.recipients if r.unit in seen or seen.add(r.unit)}  # type: ignore[func-returns-value]
         if dup:
             raise ValueError(f"recipient unit {sorted(dup)[0]} is listed twice")
         return self
