@@ -19,7 +19,7 @@ from datetime import datetime, UTC
 from typing import Any
 from collections.abc import Iterator
 
-from sqlalchemy import select, text
+from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
 from gateway.models import AuditEntry
@@ -44,19 +44,41 @@ def canonical(detail: dict[str, Any] | None) -> str:
 def append(session: Session, *, actor: str, action: str, obj: str, outcome: str = "ok",
            detail: dict[str, Any] | None = None) -> AuditEntry:
     """Append one entry in ``session``'s transaction."""
+    return append_many(session, [Record(actor, action, obj, outcome, detail)])[0]
+
+
+@dataclass
+class Record:
+    actor: str
+    action: str
+    obj: str
+    outcome: str = "ok"
+    detail: dict[str, Any] | None = None
+
+
+def append_many(session: Session, records: list[Record]) -> list[AuditEntry]:
+    """Append entries in order, in ``session``'s transaction, with one read of the chain's
+    head and one multi-row insert."""
+    if not records:
+        return []
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_ID})
+    session.flush()  # entries appended earlier in this transaction are part of the head
     last = session.execute(
         select(AuditEntry.seq, AuditEntry.hash).order_by(AuditEntry.seq.desc()).limit(1)
     ).first()
-    seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
+    seq, prev = (last[0], last[1]) if last else (0, GENESIS)
     at = datetime.now(UTC)
-    d = canonical(detail)
-    entry = AuditEntry(seq=seq, at=at, actor=actor, action=action, object=obj, outcome=outcome,
-                       detail=d, prev_hash=prev, hash=_digest(prev, seq, at, actor, action, obj, outcome, d))
-    session.add(entry)
-    session.flush()
-    return entry
+    rows = []
+    for r in records:
+        seq += 1
+        d = canonical(r.detail)
+        h = _digest(prev, seq, at, r.actor, r.action, r.obj, r.outcome, d)
+        rows.append(dict(seq=seq, at=at, actor=r.actor, action=r.action, object=r.obj, outcome=r.outcome,
+                         detail=d, prev_hash=prev, hash=h))
+        prev = h
+    session.execute(insert(AuditEntry), rows)
+    return [AuditEntry(**row) for row in rows]
 
 
 @dataclass

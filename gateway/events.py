@@ -35,3 +35,26 @@ def status_changed(s: Session, d: Delivery, previous: str, *, detail: dict | Non
     }
     s.add(OutboxEntry(kind="webhook", delivery_id=d.id, target=row.webhook_url, payload=event,
                       priority=1, next_attempt_at=now, created_at=now))
+
+
+def status_changed_many(s: Session, changes: list[tuple[int, str, str]]) -> None:
+    """Webhook rows for many (delivery id, previous, new status) changes with two queries."""
+    ids = [c[0] for c in changes]
+    targets = {r.id: r for r in s.execute(
+        select(Delivery.id, Delivery.message_id, Delivery.unit, Delivery.signer, Delivery.receipt_no,
+               Delivery.reason, Message.subsystem, ApiKey.webhook_url)
+        .join(Message, Message.id == Delivery.message_id)
+        .join(ApiKey, ApiKey.id == Message.api_key_id)
+        .where(Delivery.id.in_(ids), ApiKey.revoked_at.is_(None), ApiKey.webhook_url.is_not(None)))}
+    if not targets:
+        return
+    now = datetime.now(UTC)
+    for delivery_id, previous, status in changes:
+        t = targets.get(delivery_id)
+        if t is None:
+            continue
+        event = {"event": f"{t.subsystem}.status", "message_id": t.message_id, "unit": t.unit, "status": status,
+                 "previous": previous, "signer": t.signer, "receipt_no": t.receipt_no, "reason": t.reason,
+                 "at": now.isoformat()}
+        s.add(OutboxEntry(kind="webhook", delivery_id=delivery_id, target=t.webhook_url, payload=event,
+                          priority=1, next_attempt_at=now, created_at=now))

@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 import requests
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from adapters.base import Delivery as AdapterDelivery
 from adapters.base import DeliveryError, PermanentError, RetryableError
@@ -180,12 +180,48 @@ class Worker:
         return RetryPolicy(**raw) if raw else self.cfg.retry
 
     def record(self, outcomes: list[Outcome]) -> None:
-        """Record outcomes in one transaction."""
+        """Record outcomes in one transaction: successful deliveries with a few set-based
+        statements (the common case, and the one a fast peer makes hot), the rest row by row."""
         if not outcomes:
             return
+        fast = [o for o in outcomes if o.error is None and o.job.kind == "deliver"]
+        slow = [o for o in outcomes if not (o.error is None and o.job.kind == "deliver")]
         with self.node.db.begin() as s:
-            for o in outcomes:
+            if fast:
+                self._record_delivered(s, fast)
+            for o in slow:
                 self._record_one(s, o)
+
+    def _record_delivered(self, s, outs: list[Outcome]) -> None:  # type: ignore[no-untyped-def]
+        now = datetime.now(UTC)
+        by_id = {o.job.id: o for o in outs}
+        mine = s.execute(
+            update(OutboxEntry)
+            .where(OutboxEntry.id.in_(list(by_id)), OutboxEntry.state == "claimed", OutboxEntry.claimed_by == self.id)
+            .values(state="done", attempts=OutboxEntry.attempts + 1, finished_at=now, last_error=None)
+            .returning(OutboxEntry.id, OutboxEntry.delivery_id, OutboxEntry.attempts, OutboxEntry.target),
+            execution_options={"synchronize_session": False}).all()
+        if not mine:
+            return  # every lease expired and other workers took the rows over
+        q = select(Delivery.id, Delivery.status, Delivery.message_id, Delivery.unit).where(
+            Delivery.id.in_([r.delivery_id for r in mine]))
+        if self.node.db.postgres:
+            q = q.with_for_update()
+        current = {r.id: r for r in s.execute(q)}
+        changed = [r for r in mine if current[r.delivery_id].status == "queued"]
+        if changed:
+            t = Delivery.__table__
+            s.execute(update(t).where(t.c.id == bindparam("b_id"), t.c.status == "queued")
+                      .values(status="delivered", delivered_at=now, updated_at=now, last_error=None,
+                              remote_id=bindparam("b_remote")),
+                      [{"b_id": r.delivery_id, "b_remote": by_id[r.id].remote_id} for r in changed],
+                      execution_options={"synchronize_session": False})
+            events.status_changed_many(s, [(current[r.delivery_id].id, "queued", "delivered") for r in changed])
+        actor = f"worker:{self.id}"
+        audit.append_many(s, [audit.Record(
+            actor, "delivery.attempt", f"delivery:{current[r.delivery_id].message_id}/{current[r.delivery_id].unit}",
+            "delivered", {"adapter": r.target, "attempt": r.attempts, "remote_id": by_id[r.id].remote_id})
+            for r in mine])
 
     def _record_one(self, s, o: Outcome) -> None:  # type: ignore[no-untyped-def]
         now = datetime.now(UTC)
