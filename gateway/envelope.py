@@ -6,6 +6,7 @@ itself (receipts, :data:`RECEIPT_NS`).
 """
 from __future__ import annotations
 
+import copy
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, UTC
@@ -126,7 +127,8 @@ class Envelope:
 
     @classmethod
     def from_xml(cls, data: bytes | str | etree._Element, *, validate: bool = True) -> Envelope:
-        root = data if isinstance(data, etree._Element) else xmlsafe.parse(data)
+        owned = not isinstance(data, etree._Element)  # a tree we parsed ourselves needs no copy
+        root = xmlsafe.parse(data) if owned else data  # type: ignore[arg-type]
         if validate:
             _validate(root)
         h = root.find(E + "header")
@@ -152,7 +154,7 @@ class Envelope:
             urgency=h.findtext(E + "urgency", ""),
             in_reply_to=h.findtext(E + "in-reply-to"),
             conversation_id=h.findtext(E + "conversation-id"),
-            payload=_copy(payload[0]),
+            payload=payload[0] if owned else _copy(payload[0]),
             attachments=[
                 Attachment(a.get("role", ""), a.get("name", ""), int(a.get("size", "0")),
                            a.get("sha256", ""), a.get("media-type"))
@@ -162,7 +164,7 @@ class Envelope:
 
 
 def _copy(el: etree._Element) -> etree._Element:
-    return etree.fromstring(etree.tostring(el))
+    return copy.deepcopy(el)
 
 
 @lru_cache(maxsize=1)

@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -72,6 +73,7 @@ class Job:
     target: str
     attempts: int
     payload: dict | None
+    priority: int = 2
     message_id: str | None = None
     envelope_xml: bytes | None = None
     recipient: Recipient | None = None
@@ -129,7 +131,7 @@ class Worker:
                 .outerjoin(Message, Message.id == Delivery.message_id)
                 .where(OutboxEntry.id.in_(ids))).all()
         rows.sort(key=lambda r: (r.priority, r.id))
-        return [Job(r.id, r.kind, r.target, r.attempts, r.payload, r.message_id, r.envelope_xml,
+        return [Job(r.id, r.kind, r.target, r.attempts, r.payload, r.priority, r.message_id, r.envelope_xml,
                     Recipient(r.unit, r.unit_name, r.copy_type, r.copy_no) if r.unit else None)
                 for r in rows]
 
@@ -323,7 +325,11 @@ class Worker:
             self._wake.set()
 
     def _dispatch_loop(self) -> None:
+        """Keep every delivery thread busy with a small local queue of claimed rows: one claim
+        transaction per batch, not per delivery. The queue holds at most ``threads`` rows
+        beyond those running, so a 特急 document accepted now waits behind at most that many."""
         last_reap = 0.0
+        ready: deque[Job] = deque()
         while not self._stop.is_set():
             try:
                 if time.monotonic() - last_reap > max(1.0, self.cfg.lease_seconds / 4):
@@ -331,18 +337,31 @@ class Worker:
                     last_reap = time.monotonic()
                 with self._busy_lock:
                     free = self.threads - self._busy
-                jobs = self.claim(free)
-                for job in jobs:
+                if len(ready) < max(1, self.threads // 2):
+                    fresh = self.claim(self.threads + free - len(ready))
+                    # an urgent row claimed now goes ahead of ordinary rows claimed earlier
+                    ready = deque(sorted([*ready, *fresh], key=lambda j: j.priority))
+                while free > 0 and ready:
+                    job = ready.popleft()
                     with self._busy_lock:
                         self._busy += 1
+                    free -= 1
                     assert self._pool is not None
                     self._pool.submit(self._run, job)
-                if not jobs or len(jobs) >= free:
-                    self._wake.wait(self.cfg.idle_sleep)
-                    self._wake.clear()
+                self._wake.wait(self.cfg.idle_sleep)
+                self._wake.clear()
             except Exception:  # the database may be briefly unavailable
                 log.exception("dispatcher loop error; retrying")
                 self._stop.wait(1.0)
+        if ready:  # give unstarted rows back at once rather than after the lease
+            self._release([j.id for j in ready])
+
+    def _release(self, ids: list[int]) -> None:
+        with self.node.db.begin() as s:
+            s.execute(update(OutboxEntry).where(OutboxEntry.id.in_(ids), OutboxEntry.claimed_by == self.id,
+                                                OutboxEntry.state == "claimed")
+                      .values(state="pending", claimed_by=None, lease_until=None),
+                      execution_options={"synchronize_session": False})
 
     def _record_loop(self) -> None:
         while True:
