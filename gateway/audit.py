@@ -41,6 +41,10 @@ def canonical(detail: dict[str, Any] | None) -> str:
     return json.dumps(detail or {}, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str)
 
 
+_HEAD = select(AuditEntry.seq, AuditEntry.hash).order_by(AuditEntry.seq.desc()).limit(1)
+_INSERT = insert(AuditEntry.__table__)
+
+
 def append(session: Session, *, actor: str, action: str, obj: str, outcome: str = "ok",
            detail: dict[str, Any] | None = None) -> AuditEntry:
     """Append one entry in ``session``'s transaction."""
@@ -64,9 +68,7 @@ def append_many(session: Session, records: list[Record]) -> list[AuditEntry]:
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_ID})
     session.flush()  # entries appended earlier in this transaction are part of the head
-    last = session.execute(
-        select(AuditEntry.seq, AuditEntry.hash).order_by(AuditEntry.seq.desc()).limit(1)
-    ).first()
+    last = session.execute(_HEAD).first()
     seq, prev = (last[0], last[1]) if last else (0, GENESIS)
     at = datetime.now(UTC)
     rows = []
@@ -77,7 +79,7 @@ def append_many(session: Session, records: list[Record]) -> list[AuditEntry]:
         rows.append(dict(seq=seq, at=at, actor=r.actor, action=r.action, object=r.obj, outcome=r.outcome,
                          detail=d, prev_hash=prev, hash=h))
         prev = h
-    session.execute(insert(AuditEntry), rows)
+    session.execute(_INSERT, rows)
     return [AuditEntry(**row) for row in rows]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, UTC
 
-from sqlalchemy import DateTime, insert, literal, select
+from sqlalchemy import DateTime, Integer, bindparam, insert, literal, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -78,57 +78,66 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
             return _store(s, env, routes, actor, source, api_key_id, summary, idempotency)
 
 
+# Statements built once: constructing them per request costs more than running them.
+_IDEM = select(IdempotencyRecord.request_hash, IdempotencyRecord.message_id).where(
+    IdempotencyRecord.api_key_id == bindparam("key_id"), IdempotencyRecord.key == bindparam("key"))
+_EXISTING = select(Message.sender_unit, Message.api_key_id).where(Message.id == bindparam("mid"))
+_INSERT_MESSAGE = insert(Message.__table__)
+_INSERT_DELIVERIES = insert(Delivery.__table__)
+_INSERT_IDEM = insert(IdempotencyRecord.__table__)
+_INSERT_OUTBOX = insert(OutboxEntry.__table__).from_select(
+    ["kind", "delivery_id", "target", "priority", "state", "attempts", "next_attempt_at", "created_at"],
+    select(literal("deliver"), Delivery.id, Delivery.target, bindparam("priority", type_=Integer),
+           literal("pending"), literal(0), bindparam("now", type_=DateTime(timezone=True)),
+           bindparam("now2", type_=DateTime(timezone=True)))
+    .where(Delivery.message_id == bindparam("mid"), Delivery.route_kind == "adapter")
+    .order_by(Delivery.id))
+
+
 def _store(s: Session, env: Envelope, routes: list[Route], actor: str, source: str,
            api_key_id: str | None, summary: dict | None, idem: IdempotencyKey | None) -> Accepted:
     if idem is not None:
-        rec = s.get(IdempotencyRecord, (idem.api_key_id, idem.key))
+        rec = s.execute(_IDEM, {"key_id": idem.api_key_id, "key": idem.key}).first()
         if rec is not None:
             if rec.request_hash != idem.request_hash:
                 raise Rejected("idempotency-key-reused",
                                f"Idempotency-Key {idem.key!r} was used before with a different request body",
                                status=422)
-            return Accepted(s.get(Message, rec.message_id), created=False)  # type: ignore[arg-type]
-    existing = s.get(Message, env.message_id)
+            return Accepted(Message(id=rec.message_id), created=False)
+    existing = s.execute(_EXISTING, {"mid": env.message_id}).first()
     if existing is not None:
         if existing.sender_unit != env.sender_unit or (api_key_id and existing.api_key_id != api_key_id):
             raise Rejected("message-id-conflict", f"message id {env.message_id} is already taken", status=409)
-        return Accepted(existing, created=False)
+        return Accepted(Message(id=env.message_id), created=False)
 
     now = datetime.now(UTC)
-    msg = Message(
+    values = dict(
         id=env.message_id, subsystem=env.subsystem, type=env.type, sender_unit=env.sender_unit,
         classification=env.classification, clearance=env.clearance_needed, urgency=env.urgency,
         in_reply_to=env.in_reply_to, conversation_id=env.conversation_id, api_key_id=api_key_id,
         source=source, summary=summary or {}, envelope_xml=env.to_xml(), accepted_at=now,
     )
-    s.add(msg)
-    s.flush()
+    s.execute(_INSERT_MESSAGE, values)
     # Bulk statements: a document to 200 units is two INSERTs here, not 400 round trips.
     rows = [dict(message_id=env.message_id, unit=r.unit, unit_name=r.name, copy_type=r.copy_type,
                  copy_no=r.copy_no, route_kind=route.kind, target=route.target,
                  status="queued" if route.kind == "adapter" else "held",
-                 remote_ref=remote_ref(env.message_id, r.unit), updated_at=now)
+                 remote_ref=remote_ref(env.message_id, r.unit), updated_at=now, remote_id=None,
+                 signer=None, receipt_no=None, reason=None, last_error=None, delivered_at=None, signed_at=None)
             for r, route in zip(env.recipients, routes)]
-    s.execute(insert(Delivery), rows)
+    s.execute(_INSERT_DELIVERIES, rows)
     if any(route.kind == "adapter" for route in routes):
-        ts = literal(now, DateTime(timezone=True))
-        s.execute(insert(OutboxEntry).from_select(
-            ["kind", "delivery_id", "target", "priority", "state", "attempts", "next_attempt_at", "created_at"],
-            select(literal("deliver"), Delivery.id, Delivery.target, literal(env.urgency_rank),
-                   literal("pending"), literal(0), ts, ts)
-            .where(Delivery.message_id == env.message_id, Delivery.route_kind == "adapter")
-            .order_by(Delivery.id)))
+        s.execute(_INSERT_OUTBOX, {"priority": env.urgency_rank, "now": now, "now2": now, "mid": env.message_id})
     if idem is not None:
-        s.add(IdempotencyRecord(api_key_id=idem.api_key_id, key=idem.key,
-                                request_hash=idem.request_hash, message_id=env.message_id))
+        s.execute(_INSERT_IDEM, dict(api_key_id=idem.api_key_id, key=idem.key, request_hash=idem.request_hash,
+                                     message_id=env.message_id, created_at=now))
     audit.append(s, actor=actor, action="message.accept", obj=f"message:{env.message_id}", detail={
         "subsystem": env.subsystem, "type": env.type, "sender": env.sender_unit,
         "recipients": len(env.recipients), "classification": env.classification,
         "urgency": env.urgency, "source": source,
         "held": sum(1 for r in routes if r.kind == "node"),
     })
-    s.flush()
-    return Accepted(msg, created=True, routes=routes)
+    return Accepted(Message(**values), created=True, routes=routes)
 
 
 def find_message(node: Node, message_id: str) -> Message | None:
