@@ -260,6 +260,10 @@ class SoapAdapter(Adapter):
         self._session.mount("http://", http)
         self._session.mount("https://", http)
         self._session.verify = verify
+        # Trust comes from this configuration only: with trust_env, requests lets
+        # REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in the process environment replace ca_file
+        # (the TLS test caught exactly that), and proxies from the environment apply too.
+        self._session.trust_env = False
         self._transport = _Transport(
             session=self._session, timeout=self._timeout, operation_timeout=self._timeout
         )

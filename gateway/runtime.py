@@ -7,10 +7,14 @@ from gateway.worker import Worker
 
 
 class Runtime:
-    def __init__(self, node: Node, *, worker: bool = True, collector: bool = True) -> None:
+    """``[worker] enabled = false`` runs the API alone (e.g. several API instances with the
+    workers elsewhere)."""
+
+    def __init__(self, node: Node, *, worker: bool | None = None, collector: bool | None = None) -> None:
         self.node = node
-        self.worker = Worker(node) if worker else None
-        self.collector = Collector(node) if collector else None
+        enabled = node.config.worker.enabled
+        self.worker = Worker(node) if (enabled if worker is None else worker) else None
+        self.collector = Collector(node) if (enabled if collector is None else collector) else None
 
     def start(self) -> Runtime:
         if self.worker:

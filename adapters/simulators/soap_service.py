@@ -588,8 +588,11 @@ class SoapServiceServer:
         path: str = DEFAULT_PATH,
         username: str | None = None,
         password: str | None = None,
+        ssl_context: Any = None,
     ) -> None:
         self.state = state if state is not None else DocExchangeState()
+        #: an ``ssl.SSLContext`` with the server certificate: the service speaks HTTPS
+        self.ssl_context = ssl_context
         self.app = DocExchangeApp(self.state, path=path, username=username, password=password)
         self.host = host
         self._port = port
@@ -603,7 +606,7 @@ class SoapServiceServer:
     @property
     def url(self) -> str:
         """The service address, e.g. ``http://127.0.0.1:PORT/docexchange``."""
-        return f"http://{self.host}:{self._port}{self.app.path}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self._port}{self.app.path}"
 
     @property
     def wsdl_url(self) -> str:
@@ -617,7 +620,7 @@ class SoapServiceServer:
         if self._server is not None:
             return self
         srv = make_server(self.host, self._port, self.app, threaded=True,
-                          request_handler=_QuietHandler)
+                          request_handler=_QuietHandler, ssl_context=self.ssl_context)
         srv.gw_connections = set()  # type: ignore[attr-defined]
         srv.gw_lock = threading.Lock()  # type: ignore[attr-defined]
         # Cut connections make handler threads fail mid-write; that is expected here.
