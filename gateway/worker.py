@@ -77,6 +77,7 @@ class Job:
     message_id: str | None = None
     envelope_xml: bytes | None = None
     recipient: Recipient | None = None
+    delivery_status: str | None = None
 
 
 @dataclass
@@ -126,13 +127,14 @@ class Worker:
             rows = s.execute(
                 select(OutboxEntry.id, OutboxEntry.kind, OutboxEntry.target, OutboxEntry.attempts,
                        OutboxEntry.payload, OutboxEntry.priority, Delivery.message_id, Delivery.unit,
-                       Delivery.unit_name, Delivery.copy_type, Delivery.copy_no, Message.envelope_xml)
+                       Delivery.unit_name, Delivery.copy_type, Delivery.copy_no, Delivery.status,
+                       Message.envelope_xml)
                 .outerjoin(Delivery, Delivery.id == OutboxEntry.delivery_id)
                 .outerjoin(Message, Message.id == Delivery.message_id)
                 .where(OutboxEntry.id.in_(ids))).all()
         rows.sort(key=lambda r: (r.priority, r.id))
         return [Job(r.id, r.kind, r.target, r.attempts, r.payload, r.priority, r.message_id, r.envelope_xml,
-                    Recipient(r.unit, r.unit_name, r.copy_type, r.copy_no) if r.unit else None)
+                    Recipient(r.unit, r.unit_name, r.copy_type, r.copy_no) if r.unit else None, r.status)
                 for r in rows]
 
     def reap_expired_leases(self) -> int:
@@ -158,6 +160,9 @@ class Worker:
                 out.remote_id = res.remote_id
             elif job.kind == "recall":
                 assert job.message_id and job.recipient
+                if job.delivery_status == "queued":
+                    # the copy is being delivered right now: recall it once that has finished
+                    raise RetryableError("the copy is still being delivered; the recall follows it")
                 out.extra["recalled"] = self.node.adapter(job.target).recall(job.message_id, job.recipient.unit)
             elif job.kind == "webhook":
                 self._send_webhook(job.target, job.payload or {})
