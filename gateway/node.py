@@ -8,7 +8,6 @@ import logging
 import threading
 from pathlib import Path
 
-from sqlalchemy import select
 
 import adapters
 from adapters.base import Adapter, AdapterContext
@@ -81,7 +80,3 @@ class Node:
             self._adapters.clear()
         self.db.dispose()
 
-
-def list_state(node: Node, adapter: str) -> dict[str, str]:
-    with node.db.sessions() as s:
-        return {r.key: r.value for r in s.scalars(select(AdapterState).where(AdapterState.adapter == adapter))}

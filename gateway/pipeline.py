@@ -139,7 +139,3 @@ def _store(s: Session, env: Envelope, routes: list[Route], actor: str, source: s
     })
     return Accepted(Message(**values), created=True, routes=routes)
 
-
-def find_message(node: Node, message_id: str) -> Message | None:
-    with node.db.sessions() as s:
-        return s.scalars(select(Message).where(Message.id == message_id)).first()

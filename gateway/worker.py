@@ -45,12 +45,6 @@ from gateway.node import Node
 log = logging.getLogger("gateway.worker")
 
 
-def aware(dt: datetime | None) -> datetime | None:
-    if dt is None or dt.tzinfo is not None:
-        return dt
-    return dt.replace(tzinfo=UTC)
-
-
 def backoff(policy: RetryPolicy, attempt: int) -> float:
     """Exponential backoff with jitter: half fixed, half random, so retries of many rows
     that failed together spread out instead of hitting the recovering peer at once."""

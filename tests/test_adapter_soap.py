@@ -18,25 +18,14 @@ from adapters.base import ConfigError, Delivery, PermanentError, RetryableError
 from adapters.simulators.soap_service import SEND_FIELDS, SoapServiceServer
 from adapters.soap import CURSOR_KEY, DEFAULT_SEND_ARGUMENTS, SoapAdapter
 from gateway import ROOT, xmlsafe
-from gateway.blobs import BlobStore
-from gateway.envelope import Attachment, Envelope
+from gateway.envelope import Envelope
 from tests.plugins.soap import DictState
 
-SAMPLE = Path(__file__).parent / "data" / "envelope-document.xml"
-BODY = "正文：请各单位认真做好冬季值班和突发事件信息报送工作。\n".encode() * 40
+from tests.plugins.soap import BODY  # noqa: E402 - the sample document's body (正文)
 COUNTY_A = "1152230107CTPD8U2P"
 CITY_B = "11522302GRALUMYP76"
 
 MakeAdapter = Callable[..., SoapAdapter]
-
-
-@pytest.fixture
-def document(soap_blobs: BlobStore) -> Envelope:
-    """The sample document envelope, its body (正文) really in the blob store."""
-    env = Envelope.from_xml(SAMPLE.read_bytes())
-    sha, size = soap_blobs.put_bytes(BODY)
-    env.attachments = [Attachment("body", "正文.ofd", size, sha, "application/ofd")]
-    return env
 
 
 def to(env: Envelope, unit: str) -> Delivery:

@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 from adapters.base import RetryableError
 from adapters.simulators.soap_service import DocExchangeState, SoapServiceServer
 from tests.plugins.gatewaynode import COUNTY_A
-from tests.test_adapter_soap import document, to  # noqa: F401 - the sample document fixture
+from tests.test_adapter_soap import to
 
 
 def _name(cn: str) -> x509.Name:

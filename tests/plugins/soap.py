@@ -12,8 +12,11 @@ from adapters.base import AdapterContext
 from adapters.simulators.soap_service import DocExchangeState, SoapServiceServer
 from adapters.soap import SoapAdapter
 from gateway.blobs import BlobStore
+from gateway.envelope import Attachment, Envelope
 
 DOCEXCHANGE_WSDL = "schemas/legacy/docexchange.wsdl"
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "envelope-document.xml"
+BODY = "正文：请各单位认真做好冬季值班和突发事件信息报送工作。\n".encode() * 40
 
 
 class DictState:
@@ -54,6 +57,15 @@ def soap_service(soap_service_factory: Callable[..., SoapServiceServer]) -> Soap
 @pytest.fixture
 def soap_blobs(tmp_path: Path) -> BlobStore:
     return BlobStore(tmp_path / "blobs")
+
+
+@pytest.fixture
+def document(soap_blobs: BlobStore) -> Envelope:
+    """The sample document envelope, its body (正文) really in the blob store."""
+    env = Envelope.from_xml(SAMPLE.read_bytes())
+    sha, size = soap_blobs.put_bytes(BODY)
+    env.attachments = [Attachment("body", "正文.ofd", size, sha, "application/ofd")]
+    return env
 
 
 @pytest.fixture
