@@ -15,6 +15,7 @@ What lives here:
   ``loadgen`` (HTTP load: threads, one ``requests.Session`` each, keep-alive),
   ``peer`` (the simulated SOAP document exchange service, with a timing endpoint),
   ``soap-direct`` (the baseline: ``SoapAdapter.deliver`` called directly with N threads);
+* :class:`SoapNode`: the peer + node + sample document setup of soap_e2e and urgency;
 * :func:`percentile`.
 
 Clocks: ``time.monotonic()`` is CLOCK_MONOTONIC on Linux, one clock for every process on the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -54,7 +56,8 @@ COUNTY_A = "1152230107CTPD8U2P"    # the one recipient of single-recipient docum
 # -- bookkeeping -------------------------------------------------------------------------
 _PROCS: list[subprocess.Popen] = []
 _DIRS: list[Path] = []
-_CLEANUPS: list[Any] = []
+_CLEANUPS: list[Any] = []        # run before the processes are stopped
+_LATE_CLEANUPS: list[Any] = []   # run after the processes are stopped
 _cleaned = False
 
 
@@ -69,65 +72,78 @@ def tempdir(prefix: str) -> Path:
     return d
 
 
-def on_cleanup(fn: Any) -> None:
-    """Run ``fn()`` at clean-up, before processes are stopped and dirs removed (LIFO)."""
-    _CLEANUPS.append(fn)
+def on_cleanup(fn: Any, *, after_processes: bool = False) -> None:
+    """Run ``fn()`` at clean-up (LIFO), before the processes are stopped, or after them with
+    ``after_processes`` (e.g. a server they are still connected to); dirs are removed last."""
+    (_LATE_CLEANUPS if after_processes else _CLEANUPS).append(fn)
 
 
 def spawn(cmd: Sequence[str], *, log_file: Path | None = None, env: dict[str, str] | None = None,
           cwd: Path = REPO, stdout: Any = None, stdin: Any = subprocess.DEVNULL) -> subprocess.Popen:
     """Start ``cmd`` in its own session; it is stopped (by its process group id) at clean-up."""
-    out = stdout
-    if out is None:
-        out = open(log_file, "ab") if log_file else subprocess.DEVNULL
-    p = subprocess.Popen(list(cmd), cwd=cwd, env={**os.environ, **(env or {})}, stdin=stdin,
-                         stdout=out, stderr=subprocess.STDOUT if log_file else None,
-                         start_new_session=True)
+    with contextlib.ExitStack() as files:  # a log file we open is closed here; the child has its own copy
+        out = stdout
+        if out is None:
+            out = files.enter_context(open(log_file, "ab")) if log_file else subprocess.DEVNULL
+        p = subprocess.Popen(list(cmd), cwd=cwd, env={**os.environ, **(env or {})}, stdin=stdin,
+                             stdout=out, stderr=subprocess.STDOUT if log_file else None,
+                             start_new_session=True)
     _PROCS.append(p)
     return p
 
 
 def stop(p: subprocess.Popen, timeout: float = 15.0) -> None:
     """SIGTERM the process group we created for ``p``; SIGKILL it if it does not go."""
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
+    try:
+        if p.poll() is None:
             try:
-                os.killpg(p.pid, signal.SIGKILL)
+                os.killpg(p.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-            p.wait(5)
-    else:  # the leader is gone; children of its group may not be
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    if p in _PROCS:
-        _PROCS.remove(p)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(5)
+        else:  # the leader is gone; children of its group may not be
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    finally:
+        if p in _PROCS:
+            _PROCS.remove(p)
 
 
-def cleanup() -> None:
-    global _cleaned
-    if _cleaned:
-        return
-    _cleaned = True
-    for fn in reversed(_CLEANUPS):
+def _run_cleanups(fns: list[Any]) -> None:
+    for fn in reversed(fns):
         try:
             fn()
         except Exception as exc:  # noqa: BLE001
             log(f"clean-up step failed: {exc}")
+    fns.clear()
+
+
+def cleanup() -> None:
+    """The clean-up steps, then every process we started, then the late clean-up steps,
+    then the temp dirs. Runs once (also registered with atexit by :func:`install_cleanup`)."""
+    global _cleaned
+    if _cleaned:
+        return
+    _cleaned = True
+    _run_cleanups(_CLEANUPS)
     for p in reversed(list(_PROCS)):
         try:
             stop(p)
         except Exception as exc:  # noqa: BLE001
             log(f"stopping pid {p.pid} failed: {exc}")
+    _run_cleanups(_LATE_CLEANUPS)
     for d in _DIRS:
         shutil.rmtree(d, ignore_errors=True)
+    _DIRS.clear()
 
 
 def _on_signal(signum: int, _frame: Any) -> None:
@@ -135,6 +151,7 @@ def _on_signal(signum: int, _frame: Any) -> None:
 
 
 def install_cleanup() -> None:
+    """:func:`cleanup` at exit; SIGTERM and SIGINT exit (with 128 + the signal) through it."""
     atexit.register(cleanup)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -227,7 +244,7 @@ def write_node_config(path: Path, raw: dict[str, Any]) -> Path:
     return path
 
 
-def prepare_node(path: Path) -> tuple[Any, str]:
+def prepare_node(path: Path, key_name: str = "基准测试") -> tuple[Any, str]:
     """``gateway db upgrade`` on the configured database, then an admin-ish API key (all
     scopes, clearance 绝密, no webhook). Returns (Node, key); close the node when done."""
     from gateway import config as config_mod
@@ -238,7 +255,7 @@ def prepare_node(path: Path) -> tuple[Any, str]:
     cfg = config_mod.load(path)
     migrate.upgrade(cfg.database_url())
     node = Node(cfg)
-    key = create_key(node.db, name="基准测试", scopes=["*"], clearance="绝密", actor="bench")
+    key = create_key(node.db, name=key_name, scopes=["*"], clearance="绝密", actor="bench")
     return node, key
 
 
@@ -511,13 +528,18 @@ def run_loadgen(url: str, bodies: Sequence[Path], *, key: str | None, threads: i
         cmd += ["--duration", str(duration)]
     if count is not None:
         cmd += ["--count", str(count)]
+    return _run_role(cmd, timeout)
+
+
+def _run_role(cmd: list[str], timeout: float) -> dict[str, Any]:
+    """Run ``python bench/_common.py ROLE ...`` (``cmd``) to the end; the JSON of its last line."""
     p = spawn(cmd, stdout=subprocess.PIPE)
     try:
         out, _ = p.communicate(timeout=timeout)
     finally:
         stop(p)
     if p.returncode != 0:
-        raise RuntimeError(f"loadgen failed (exit {p.returncode})")
+        raise RuntimeError(f"{cmd[2]} failed (exit {p.returncode})")
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
@@ -685,14 +707,7 @@ def run_soap_direct(peer_url: str, body: Path, doc: Path, *, threads: int, count
                     timeout: float = 600) -> dict[str, Any]:
     cmd = [PY, str(BENCH / "_common.py"), "soap-direct", "--url", peer_url, "--body", str(body),
            "--doc", str(doc), "--threads", str(threads), "--count", str(count)]
-    p = spawn(cmd, stdout=subprocess.PIPE)
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    finally:
-        stop(p)
-    if p.returncode != 0:
-        raise RuntimeError(f"soap-direct failed (exit {p.returncode})")
-    return json.loads(out.decode().strip().splitlines()[-1])
+    return _run_role(cmd, timeout)
 
 
 def _soap_direct_main(a: argparse.Namespace) -> None:
@@ -757,6 +772,42 @@ def _soap_direct_main(a: argparse.Namespace) -> None:
                           "doc_ids": [d.remote_ref for d in deliveries]}))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- the setup of the SOAP delivery benchmarks (soap_e2e, urgency) --------------------------
+class SoapNode:
+    """The SOAP peer in its own process (response delay ``delay``); a fresh SQLite node in
+    ``tmp`` whose default route goes to it (worker ``worker_threads``) and its API key; a
+    16 KB body stored as a blob (``sha``) and a 1-recipient 平件 document with it (``doc``,
+    JSON), both also written to ``tmp`` for the direct baseline. ``node`` stays open: close
+    it when done."""
+
+    def __init__(self, tmp: Path, *, delay: float, worker_threads: int) -> None:
+        self.tmp = tmp
+        self.peer = Peer(delay=delay, logdir=tmp)
+        self.conf = write_node_config(tmp / "node.toml", node_config(
+            tmp / "var", f"sqlite:///{tmp / 'var' / 'gateway.db'}", peer_url=self.peer.url,
+            worker_threads=worker_threads))
+        self.node, self.key = prepare_node(self.conf)
+        body = body_bytes(16 * 1024, "body")
+        (tmp / "body.ofd").write_bytes(body)
+        self.sha = store_blob(self.node, body, self.key)
+        self.doc = json.dumps(document(self.sha), ensure_ascii=False).encode()
+        (tmp / "doc.json").write_bytes(self.doc)
+
+    def soap_direct(self, *, threads: int, count: int) -> dict[str, Any]:
+        """The baseline (:func:`run_soap_direct`) with this body and document; raises if any
+        call failed."""
+        res = run_soap_direct(self.peer.url, self.tmp / "body.ofd", self.tmp / "doc.json", threads=threads,
+                              count=count)
+        if res["errors"]:
+            raise RuntimeError(f"direct calls failed: {res['first_errors']}")
+        return res
+
+    def start_worker(self) -> subprocess.Popen:
+        """``gateway --config X worker``; its output goes to ``tmp/worker.log``."""
+        return spawn([str(VENV_BIN / "gateway"), "--config", str(self.conf), "worker"],
+                     log_file=self.tmp / "worker.log", env={"PYTHONUNBUFFERED": "1"})
 
 
 def main() -> None:

@@ -55,120 +55,26 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402  (process/temp-dir bookkeeping and clean-up are shared)
+    COUNTY_A, GUNICORN_CONF, PREFECTURE, PY, VENV_BIN, cleanup, free_port, install_cleanup, log, on_cleanup,
+    prepare_node, spawn, tempdir, wait_for,
+)
 
-PY = sys.executable
-VENV_BIN = Path(PY).parent
-GUNICORN_CONF = REPO / "config" / "gunicorn.conf.py"
-
-PREFECTURE = "11522300GDR9YB9550"  # the sending unit (served by the node)
-COUNTY_A = "1152230107CTPD8U2P"    # the recipient, behind the SFTP drop
+# PREFECTURE sends; COUNTY_A is the recipient, behind the SFTP drop
 ADAPTER = "drop"
 SUB = "drop"                       # the adapter's root below the sshd data root
 MIB = 1024 * 1024
 MB = 1_000_000
 RATIO_TARGET = 0.9
 RSS_TARGET_MB = 150.0
-
-
-# -- bookkeeping (copied from the bench/_common.py approach; that file is not ours) ----------
-_PROCS: list[subprocess.Popen] = []
-_DIRS: list[Path] = []
-_CLEANUPS: list[Callable[[], None]] = []
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def tempdir(prefix: str) -> Path:
-    d = Path(tempfile.mkdtemp(prefix=f"gwbench-{prefix}."))
-    _DIRS.append(d)
-    return d
-
-
-def spawn(cmd: Sequence[str], *, log_file: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``cmd`` in its own session; it is stopped by its process group id at clean-up."""
-    with open(log_file, "ab") as out:
-        p = subprocess.Popen(list(cmd), cwd=REPO, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
-                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    _PROCS.append(p)
-    return p
-
-
-def stop(p: subprocess.Popen, timeout: float = 15.0) -> None:
-    """SIGTERM the process group we created for ``p``; SIGKILL it if it does not go."""
-    try:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait(5)
-        else:  # the leader is gone; members of its group may not be
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-    finally:
-        if p in _PROCS:
-            _PROCS.remove(p)
-
-
-def cleanup() -> None:
-    """Our processes first (so their SSH sessions end), then the clean-up steps (sshd), then
-    the temp dirs."""
-    for p in reversed(list(_PROCS)):
-        try:
-            stop(p)
-        except Exception as exc:  # noqa: BLE001
-            log(f"stopping pid {p.pid} failed: {exc}")
-    for fn in reversed(_CLEANUPS):
-        try:
-            fn()
-        except Exception as exc:  # noqa: BLE001
-            log(f"clean-up step failed: {exc}")
-    _CLEANUPS.clear()
-    for d in _DIRS:
-        shutil.rmtree(d, ignore_errors=True)
-    _DIRS.clear()
-
-
-def _on_signal(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(interval)
-    if not pred():
-        raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def tail(path: Path, n: int = 3000) -> str:
@@ -260,7 +166,7 @@ def start_sshd() -> Any:
     if binary is None:
         raise RuntimeError("OpenSSH server (/usr/sbin/sshd) is not installed (apt-get install openssh-server)")
     server = sshd_mod.PrivateSshd(binary)
-    _CLEANUPS.append(server.stop)
+    on_cleanup(server.stop, after_processes=True)  # after our processes, so their SSH sessions end first
     try:
         return server.start()
     except (KeyboardInterrupt, SystemExit):
@@ -326,22 +232,6 @@ subsystem = "documents"
 units = [{toml_str(COUNTY_A)}]
 adapter = {toml_str(ADAPTER)}
 """, encoding="utf-8")
-
-
-def prepare_node(conf: Path) -> str:
-    """Schema upgrade and an API key with every scope (clearance 绝密)."""
-    from gateway import config as config_mod
-    from gateway import migrate
-    from gateway.api.auth import create_key
-    from gateway.node import Node
-
-    cfg = config_mod.load(conf)
-    migrate.upgrade(cfg.database_url())
-    node = Node(cfg)
-    try:
-        return create_key(node.db, name="基准测试 sftp_large", scopes=["*"], clearance="绝密", actor="bench")
-    finally:
-        node.close()
 
 
 class Api:
@@ -547,7 +437,8 @@ def run(a: argparse.Namespace) -> int:
     conf = tmp / "node.toml"
     data_dir = tmp / "var"
     write_config(conf, data_dir=data_dir, ep=ep, threads=a.worker_threads)
-    key = prepare_node(conf)
+    node, key = prepare_node(conf, "基准测试 sftp_large")  # schema upgrade, an API key with every scope
+    node.close()
     api = Api(conf, workers=a.workers, threads=a.threads, logdir=tmp)
     worker, worker_log = start_worker(conf, tmp)
     api.wait_ready()
@@ -569,7 +460,7 @@ def run(a: argparse.Namespace) -> int:
     log("idle RSS: " + ", ".join(f"{role} {pid} {idle[pid]['VmRSS'] / MB:.0f} MB"
                                  for pid, role in watched().items() if pid in idle))
     sampler = RssSampler(watched).start()
-    _CLEANUPS.append(sampler.stop)
+    on_cleanup(sampler.stop, after_processes=True)
 
     # 1. the gateway path
     io_before = {pid: proc_io(pid).get("wchar", 0) for pid in api.worker_pids()}
@@ -666,12 +557,11 @@ def main() -> None:
     a = ap.parse_args()
     if a.size_mb is not None and a.size_mb <= 0:
         ap.error("--size-mb must be positive")
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    install_cleanup()
     code = 2
     try:
         code = run(a)
-    except SystemExit as exc:  # SIGINT / SIGTERM (see _on_signal)
+    except SystemExit as exc:  # SIGINT / SIGTERM (see _common.install_cleanup)
         log(f"interrupted (exit {exc.code}); cleaning up")
         raise
     except Exception as exc:  # noqa: BLE001

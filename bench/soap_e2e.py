@@ -21,7 +21,6 @@ The worker's wall time from process start is printed for information.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -51,18 +50,11 @@ def main() -> None:
     c.install_cleanup()
 
     tmp = c.tempdir("soap-e2e")
-    peer = c.Peer(delay=a.delay, logdir=tmp)
-    conf = c.write_node_config(tmp / "node.toml", c.node_config(
-        tmp / "var", f"sqlite:///{tmp / 'var' / 'gateway.db'}", peer_url=peer.url, worker_threads=a.threads))
-    node, key = c.prepare_node(conf)
-    body = c.body_bytes(16 * 1024, "body")
-    (tmp / "body.ofd").write_bytes(body)
-    sha = c.store_blob(node, body, key)
-    doc = json.dumps(c.document(sha), ensure_ascii=False).encode()
-    (tmp / "doc.json").write_bytes(doc)
+    setup = c.SoapNode(tmp, delay=a.delay, worker_threads=a.threads)
+    peer, node = setup.peer, setup.node
 
     t0 = time.monotonic()
-    ids = c.accept_direct(node, [doc] * n, key)
+    ids = c.accept_direct(node, [setup.doc] * n, setup.key)
     c.log(f"accepted {n} documents in-process in {time.monotonic() - t0:.1f} s")
     from adapters.base import remote_ref
 
@@ -71,9 +63,7 @@ def main() -> None:
     baselines = []
 
     def baseline() -> None:
-        res = c.run_soap_direct(peer.url, tmp / "body.ofd", tmp / "doc.json", threads=a.threads, count=n)
-        if res["errors"]:
-            raise RuntimeError(f"direct calls failed: {res['first_errors']}")
+        res = setup.soap_direct(threads=a.threads, count=n)
         rate, got = peer_rate(peer, res["doc_ids"])
         c.log(f"direct SoapAdapter.deliver x{n}, {a.threads} threads: {rate:.1f}/s at the peer "
               f"(client side {res['rate']:.1f}/s, call p50 {res['p50'] * 1000:.1f} ms)")
@@ -82,8 +72,7 @@ def main() -> None:
     baseline()
 
     t_start = time.monotonic()
-    worker = c.spawn([str(c.VENV_BIN / "gateway"), "--config", str(conf), "worker"], log_file=tmp / "worker.log",
-                     env={"PYTHONUNBUFFERED": "1"})
+    worker = setup.start_worker()
     deadline = t_start + max(120.0, n / 5)
     while time.monotonic() < deadline:
         if worker.poll() is not None:

@@ -46,30 +46,20 @@ def main() -> None:
     c.install_cleanup()
 
     tmp = c.tempdir("urgency")
-    peer = c.Peer(delay=a.delay, logdir=tmp)
-    conf = c.write_node_config(tmp / "node.toml", c.node_config(
-        tmp / "var", f"sqlite:///{tmp / 'var' / 'gateway.db'}", peer_url=peer.url, worker_threads=a.threads))
-    node, key = c.prepare_node(conf)
-    body = c.body_bytes(16 * 1024, "body")
-    (tmp / "body.ofd").write_bytes(body)
-    sha = c.store_blob(node, body, key)
-    plain = json.dumps(c.document(sha, urgency="平件"), ensure_ascii=False).encode()
-    (tmp / "doc.json").write_bytes(plain)
+    setup = c.SoapNode(tmp, delay=a.delay, worker_threads=a.threads)  # its document is a 平件
+    peer, node, key, sha = setup.peer, setup.node, setup.key, setup.sha
 
     t0 = time.monotonic()
-    c.accept_direct(node, [plain] * backlog, key)
+    c.accept_direct(node, [setup.doc] * backlog, key)
     c.log(f"backlog: {backlog} 平件 documents queued in-process in {time.monotonic() - t0:.1f} s")
 
-    bare = c.run_soap_direct(peer.url, tmp / "body.ofd", tmp / "doc.json", threads=1, count=20)
-    if bare["errors"]:
-        raise RuntimeError(f"direct calls failed: {bare['first_errors']}")
+    bare = setup.soap_direct(threads=1, count=20)
     c.log(f"bare peer call (SoapAdapter.deliver, sequential x20): p50 {bare['p50'] * 1000:.1f} ms, "
           f"p99 {bare['p99'] * 1000:.1f} ms")
     before = peer.stats()["documents"]
 
-    api = c.gateway_gunicorn(conf, workers=a.workers, threads=8, logdir=tmp)
-    worker = c.spawn([str(c.VENV_BIN / "gateway"), "--config", str(conf), "worker"], log_file=tmp / "worker.log",
-                     env={"PYTHONUNBUFFERED": "1"})
+    api = c.gateway_gunicorn(setup.conf, workers=a.workers, threads=8, logdir=tmp)
+    worker = setup.start_worker()
     api.wait_ready()
     c.wait_for(lambda: peer.stats()["documents"] - before >= 50, 120, "the worker to start delivering the backlog")
 

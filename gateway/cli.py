@@ -268,7 +268,8 @@ def serve(c: Ctx, bind: str, threads: int) -> None:
         key = embedded.bootstrap_key(cfg)
         click.echo("嵌入式默认配置 (embedded default): SQLite in ./var, simulated legacy systems")
         if key:
-            click.echo(f"管理员 API 密钥 (admin API key, shown once, also in {cfg.data_dir}/bootstrap-api-key): {key}")
+            # the key itself is never printed: stdout often ends up in a log
+            click.echo(f"管理员 API 密钥已写入 (admin API key written to) {cfg.data_dir / 'bootstrap-api-key'} (mode 0600)")
     state: dict[str, Any] = {}
 
     def factory():  # type: ignore[no-untyped-def]
