@@ -1,21 +1,33 @@
-"""Engine and session factory.
+"""Engine, sessions, and how writes reach the disk.
 
 SQLite runs in WAL mode with ``synchronous=FULL`` (accepted means committed, even on power
-loss). Write units of work (:meth:`Database.begin`) start with ``BEGIN IMMEDIATE`` and are
-serialised by a per-process lock, so writers queue in order instead of sleeping in SQLite's
-busy handler; reads (:meth:`Database.sessions`) use a deferred ``BEGIN`` and never wait for
-a writer (WAL readers see the last commit). PostgreSQL is used as it is.
+loss). Writers are serialised without ever sleeping in SQLite's busy handler: a thread lock
+inside the process and an ``flock`` on ``<database>.writelock`` across processes (gunicorn
+workers, ``gateway worker``), taken before ``BEGIN IMMEDIATE``. Reads
+(:meth:`Database.sessions`) use a deferred ``BEGIN`` and never wait for a writer.
+
+:meth:`Database.write` is *group commit*: concurrent callers' units of work run in one
+transaction, each inside its own savepoint, and one commit (one fsync) makes them all durable
+before any of them returns. A failing unit rolls back alone. PostgreSQL gains the same way
+(one commit, one audit-chain lock per group).
 """
 from __future__ import annotations
 
+import fcntl
+import os
+import queue
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 _WRITE = "gateway_write"
+T = TypeVar("T")
 
 
 def make_engine(url: str, pool_size: int = 10) -> Engine:
@@ -45,24 +57,113 @@ def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
 
 
+class _WriterLock:
+    """One writer at a time: threads of this process, then processes sharing the file."""
+
+    def __init__(self, path: str | None) -> None:
+        self._thread_lock = threading.Lock()
+        self._path = path
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        if self._path is None:
+            return
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+
+@dataclass
+class _Job:
+    fn: Callable[[Session], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
 class Database:
+    #: at most this many units of work share one commit
+    GROUP_MAX = 64
+
     def __init__(self, url: str, pool_size: int = 10) -> None:
         self.url = url
         self.engine = make_engine(url, pool_size)
         self.postgres = is_postgres(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._writes = sessionmaker(self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False)
-        self._write_lock: threading.Lock | None = None if self.postgres else threading.Lock()
+        self._lock: _WriterLock | None = None
+        if not self.postgres:
+            db = make_url(url).database
+            self._lock = _WriterLock(f"{db}.writelock" if db and db != ":memory:" else None)
+        self._jobs: queue.Queue[_Job] = queue.Queue()
+        self._committer: threading.Thread | None = None
+        self._committer_lock = threading.Lock()
 
     @contextmanager
     def begin(self) -> Iterator[Session]:
         """One write unit of work: committed on success, rolled back on any exception."""
-        if self._write_lock is None:
+        if self._lock is None:
             with self._writes.begin() as session:
                 yield session
             return
-        with self._write_lock, self._writes.begin() as session:
+        with self._lock, self._writes.begin() as session:
             yield session
+
+    def write(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn(session)`` in a transaction shared with other concurrent callers and return
+        its result once that transaction is committed (group commit). An exception from ``fn``
+        is raised here and undoes only ``fn``'s own changes."""
+        self._ensure_committer()
+        job = _Job(fn)
+        self._jobs.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[no-any-return]
+
+    def _ensure_committer(self) -> None:
+        if self._committer is not None and self._committer.is_alive() and self._committer_pid == os.getpid():
+            return
+        with self._committer_lock:
+            if self._committer is None or not self._committer.is_alive() or self._committer_pid != os.getpid():
+                self._committer_pid = os.getpid()  # a forked child needs its own thread
+                self._committer = threading.Thread(target=self._commit_loop, name="group-commit", daemon=True)
+                self._committer.start()
+
+    def _commit_loop(self) -> None:
+        while True:
+            batch = [self._jobs.get()]
+            while len(batch) < self.GROUP_MAX:
+                try:
+                    batch.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                with self.begin() as s:
+                    for job in batch:
+                        try:
+                            with s.begin_nested():
+                                job.result = job.fn(s)
+                        except Exception as exc:  # this unit alone is undone
+                            job.error = exc
+            except BaseException as exc:  # the commit itself failed: nothing of the group is stored
+                for job in batch:
+                    if job.error is None:
+                        job.error = exc
+            for job in batch:
+                job.done.set()
 
     def dispose(self) -> None:
         self.engine.dispose()

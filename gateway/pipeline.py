@@ -69,13 +69,14 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
     routes = plan_routes(node, env)
     if session is not None:
         return _store(session, env, routes, actor, source, api_key_id, summary, idempotency)
+    def unit(s: Session) -> Accepted:
+        return _store(s, env, routes, actor, source, api_key_id, summary, idempotency)
+
     try:
-        with node.db.begin() as s:
-            return _store(s, env, routes, actor, source, api_key_id, summary, idempotency)
+        return node.db.write(unit)  # group commit: returns once committed
     except IntegrityError:
         # Two identical requests raced; the other one committed first. Answer as it did.
-        with node.db.begin() as s:
-            return _store(s, env, routes, actor, source, api_key_id, summary, idempotency)
+        return node.db.write(unit)
 
 
 # Statements built once: constructing them per request costs more than running them.
