@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime, UTC
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from gateway.models import ApiKey, Delivery, Message, OutboxEntry
@@ -37,15 +37,19 @@ def status_changed(s: Session, d: Delivery, previous: str, *, detail: dict | Non
                       priority=1, next_attempt_at=now, created_at=now))
 
 
+_WEBHOOK_TARGETS = (
+    select(Delivery.id, Delivery.message_id, Delivery.unit, Delivery.signer, Delivery.receipt_no,
+           Delivery.reason, Message.subsystem, ApiKey.webhook_url)
+    .join(Message, Message.id == Delivery.message_id)
+    .join(ApiKey, ApiKey.id == Message.api_key_id)
+    .where(Delivery.id.in_(bindparam("ids", expanding=True)), ApiKey.revoked_at.is_(None),
+           ApiKey.webhook_url.is_not(None)))
+
+
 def status_changed_many(s: Session, changes: list[tuple[int, str, str]]) -> None:
     """Webhook rows for many (delivery id, previous, new status) changes with two queries."""
     ids = [c[0] for c in changes]
-    targets = {r.id: r for r in s.execute(
-        select(Delivery.id, Delivery.message_id, Delivery.unit, Delivery.signer, Delivery.receipt_no,
-               Delivery.reason, Message.subsystem, ApiKey.webhook_url)
-        .join(Message, Message.id == Delivery.message_id)
-        .join(ApiKey, ApiKey.id == Message.api_key_id)
-        .where(Delivery.id.in_(ids), ApiKey.revoked_at.is_(None), ApiKey.webhook_url.is_not(None)))}
+    targets = {r.id: r for r in s.execute(_WEBHOOK_TARGETS, {"ids": ids})}
     if not targets:
         return
     now = datetime.now(UTC)

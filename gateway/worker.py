@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 import requests
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Integer, bindparam, select, update
 
 from adapters.base import Delivery as AdapterDelivery
 from adapters.base import DeliveryError, PermanentError, RetryableError
@@ -59,6 +59,46 @@ def backoff(policy: RetryPolicy, attempt: int) -> float:
 def _envelope(message_id: str, xml: bytes) -> Envelope:
     # Stored envelopes were validated when they were accepted.
     return Envelope.from_xml(xml, validate=False)
+
+
+# Statements built once (constructing them per call costs more than running them).
+_OUTBOX = OutboxEntry.__table__
+_DELIVERIES = Delivery.__table__
+
+
+def _claim_statement(skip_locked: bool):  # type: ignore[no-untyped-def]
+    sub = (select(_OUTBOX.c.id)
+           .where(_OUTBOX.c.state == "pending", _OUTBOX.c.next_attempt_at <= bindparam("now"))
+           .order_by(_OUTBOX.c.priority, _OUTBOX.c.next_attempt_at, _OUTBOX.c.id)
+           .limit(bindparam("limit", type_=Integer)))
+    if skip_locked:
+        sub = sub.with_for_update(skip_locked=True)
+    return (update(_OUTBOX).where(_OUTBOX.c.id.in_(sub.scalar_subquery()))
+            .values(state="claimed", claimed_by=bindparam("me"), lease_until=bindparam("lease"))
+            .returning(_OUTBOX.c.id))
+
+
+_CLAIM = _claim_statement(False)
+_CLAIM_PG = _claim_statement(True)  # FOR UPDATE SKIP LOCKED: workers never block each other
+_CLAIMED_ROWS = (
+    select(OutboxEntry.id, OutboxEntry.kind, OutboxEntry.target, OutboxEntry.attempts, OutboxEntry.payload,
+           OutboxEntry.priority, Delivery.message_id, Delivery.unit, Delivery.unit_name, Delivery.copy_type,
+           Delivery.copy_no, Delivery.status, Message.envelope_xml)
+    .outerjoin(Delivery, Delivery.id == OutboxEntry.delivery_id)
+    .outerjoin(Message, Message.id == Delivery.message_id)
+    .where(OutboxEntry.id.in_(bindparam("ids", expanding=True))))
+_DONE = (update(_OUTBOX)
+         .where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True)), _OUTBOX.c.state == "claimed",
+                _OUTBOX.c.claimed_by == bindparam("me"))
+         .values(state="done", attempts=_OUTBOX.c.attempts + 1, finished_at=bindparam("now"), last_error=None)
+         .returning(_OUTBOX.c.id, _OUTBOX.c.delivery_id, _OUTBOX.c.attempts, _OUTBOX.c.target))
+_CURRENT = select(Delivery.id, Delivery.status, Delivery.message_id, Delivery.unit).where(
+    Delivery.id.in_(bindparam("ids", expanding=True)))
+_CURRENT_PG = _CURRENT.with_for_update()
+_DELIVERED = (update(_DELIVERIES)
+              .where(_DELIVERIES.c.id == bindparam("b_id"), _DELIVERIES.c.status == "queued")
+              .values(status="delivered", delivered_at=bindparam("b_now"), updated_at=bindparam("b_now"),
+                      last_error=None, remote_id=bindparam("b_remote")))
 
 
 @dataclass
@@ -106,29 +146,13 @@ class Worker:
         if limit <= 0:
             return []
         now = datetime.now(UTC)
-        sub = (select(OutboxEntry.id)
-               .where(OutboxEntry.state == "pending", OutboxEntry.next_attempt_at <= now)
-               .order_by(OutboxEntry.priority, OutboxEntry.next_attempt_at, OutboxEntry.id)
-               .limit(limit))
-        if self.node.db.postgres:
-            sub = sub.with_for_update(skip_locked=True)
-        stmt = (update(OutboxEntry)
-                .where(OutboxEntry.id.in_(sub.scalar_subquery()))
-                .values(state="claimed", claimed_by=self.id,
-                        lease_until=now + timedelta(seconds=self.cfg.lease_seconds))
-                .returning(OutboxEntry.id))
+        claim = _CLAIM_PG if self.node.db.postgres else _CLAIM
         with self.node.db.begin() as s:
-            ids = list(s.execute(stmt, execution_options={"synchronize_session": False}).scalars())
+            ids = list(s.execute(claim, {"now": now, "limit": limit, "me": self.id,
+                                         "lease": now + timedelta(seconds=self.cfg.lease_seconds)}).scalars())
             if not ids:
                 return []
-            rows = s.execute(
-                select(OutboxEntry.id, OutboxEntry.kind, OutboxEntry.target, OutboxEntry.attempts,
-                       OutboxEntry.payload, OutboxEntry.priority, Delivery.message_id, Delivery.unit,
-                       Delivery.unit_name, Delivery.copy_type, Delivery.copy_no, Delivery.status,
-                       Message.envelope_xml)
-                .outerjoin(Delivery, Delivery.id == OutboxEntry.delivery_id)
-                .outerjoin(Message, Message.id == Delivery.message_id)
-                .where(OutboxEntry.id.in_(ids))).all()
+            rows = s.execute(_CLAIMED_ROWS, {"ids": ids}).all()
         rows.sort(key=lambda r: (r.priority, r.id))
         return [Job(r.id, r.kind, r.target, r.attempts, r.payload, r.priority, r.message_id, r.envelope_xml,
                     Recipient(r.unit, r.unit_name, r.copy_type, r.copy_no) if r.unit else None, r.status)
@@ -199,27 +223,15 @@ class Worker:
     def _record_delivered(self, s, outs: list[Outcome]) -> None:  # type: ignore[no-untyped-def]
         now = datetime.now(UTC)
         by_id = {o.job.id: o for o in outs}
-        mine = s.execute(
-            update(OutboxEntry)
-            .where(OutboxEntry.id.in_(list(by_id)), OutboxEntry.state == "claimed", OutboxEntry.claimed_by == self.id)
-            .values(state="done", attempts=OutboxEntry.attempts + 1, finished_at=now, last_error=None)
-            .returning(OutboxEntry.id, OutboxEntry.delivery_id, OutboxEntry.attempts, OutboxEntry.target),
-            execution_options={"synchronize_session": False}).all()
+        mine = s.execute(_DONE, {"ids": list(by_id), "me": self.id, "now": now}).all()
         if not mine:
             return  # every lease expired and other workers took the rows over
-        q = select(Delivery.id, Delivery.status, Delivery.message_id, Delivery.unit).where(
-            Delivery.id.in_([r.delivery_id for r in mine]))
-        if self.node.db.postgres:
-            q = q.with_for_update()
-        current = {r.id: r for r in s.execute(q)}
+        q = _CURRENT_PG if self.node.db.postgres else _CURRENT
+        current = {r.id: r for r in s.execute(q, {"ids": [r.delivery_id for r in mine]})}
         changed = [r for r in mine if current[r.delivery_id].status == "queued"]
         if changed:
-            t = Delivery.__table__
-            s.execute(update(t).where(t.c.id == bindparam("b_id"), t.c.status == "queued")
-                      .values(status="delivered", delivered_at=now, updated_at=now, last_error=None,
-                              remote_id=bindparam("b_remote")),
-                      [{"b_id": r.delivery_id, "b_remote": by_id[r.id].remote_id} for r in changed],
-                      execution_options={"synchronize_session": False})
+            s.execute(_DELIVERED, [{"b_id": r.delivery_id, "b_remote": by_id[r.id].remote_id, "b_now": now}
+                                   for r in changed])
             events.status_changed_many(s, [(current[r.delivery_id].id, "queued", "delivered") for r in changed])
         actor = f"worker:{self.id}"
         audit.append_many(s, [audit.Record(
