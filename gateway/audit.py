@@ -19,7 +19,7 @@ from datetime import datetime, UTC
 from typing import Any
 from collections.abc import Iterator
 
-from sqlalchemy import insert, select, text
+from sqlalchemy import Connection, insert, select, text
 from sqlalchemy.orm import Session
 
 from gateway.models import AuditEntry
@@ -60,14 +60,16 @@ class Record:
     detail: dict[str, Any] | None = None
 
 
-def append_many(session: Session, records: list[Record]) -> list[AuditEntry]:
-    """Append entries in order, in ``session``'s transaction, with one read of the chain's
-    head and one multi-row insert."""
+def append_many(session: Session | Connection, records: list[Record]) -> list[AuditEntry]:
+    """Append entries in order, in the transaction of ``session`` (an ORM Session or a Core
+    Connection), with one read of the chain's head and one multi-row insert."""
     if not records:
         return []
-    if session.get_bind().dialect.name == "postgresql":
+    dialect = session.dialect if isinstance(session, Connection) else session.get_bind().dialect
+    if dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_ID})
-    session.flush()  # entries appended earlier in this transaction are part of the head
+    if isinstance(session, Session):
+        session.flush()  # entries appended earlier in this transaction are part of the head
     last = session.execute(_HEAD).first()
     seq, prev = (last[0], last[1]) if last else (0, GENESIS)
     at = datetime.now(UTC)

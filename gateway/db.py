@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -102,7 +102,8 @@ class Database:
         self.engine = make_engine(url, pool_size)
         self.postgres = is_postgres(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._writes = sessionmaker(self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False)
+        self._write_engine = self.engine.execution_options(**{_WRITE: True})
+        self._writes = sessionmaker(self._write_engine, expire_on_commit=False)
         self._lock: _WriterLock | None = None
         if not self.postgres:
             db = make_url(url).database
@@ -120,6 +121,17 @@ class Database:
             return
         with self._lock, self._writes.begin() as session:
             yield session
+
+    @contextmanager
+    def begin_core(self) -> Iterator[Connection]:
+        """A write transaction on a plain Connection: for hot paths made only of Core
+        statements, without the ORM session's bookkeeping."""
+        if self._lock is None:
+            with self._write_engine.begin() as conn:
+                yield conn
+            return
+        with self._lock, self._write_engine.begin() as conn:
+            yield conn
 
     def write(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn(session)`` in a transaction shared with other concurrent callers and return

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime, UTC
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Connection, bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from gateway.models import ApiKey, Delivery, Message, OutboxEntry
@@ -46,7 +46,7 @@ _WEBHOOK_TARGETS = (
            ApiKey.webhook_url.is_not(None)))
 
 
-def status_changed_many(s: Session, changes: list[tuple[int, str, str]]) -> None:
+def status_changed_many(s: Session | Connection, changes: list[tuple[int, str, str]]) -> None:
     """Webhook rows for many (delivery id, previous, new status) changes with two queries."""
     ids = [c[0] for c in changes]
     targets = {r.id: r for r in s.execute(_WEBHOOK_TARGETS, {"ids": ids})}
@@ -60,5 +60,6 @@ def status_changed_many(s: Session, changes: list[tuple[int, str, str]]) -> None
         event = {"event": f"{t.subsystem}.status", "message_id": t.message_id, "unit": t.unit, "status": status,
                  "previous": previous, "signer": t.signer, "receipt_no": t.receipt_no, "reason": t.reason,
                  "at": now.isoformat()}
-        s.add(OutboxEntry(kind="webhook", delivery_id=delivery_id, target=t.webhook_url, payload=event,
-                          priority=1, next_attempt_at=now, created_at=now))
+        s.execute(insert(OutboxEntry.__table__).values(
+            kind="webhook", delivery_id=delivery_id, target=t.webhook_url, payload=event, priority=1,
+            state="pending", attempts=0, next_attempt_at=now, created_at=now))

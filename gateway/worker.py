@@ -147,7 +147,7 @@ class Worker:
             return []
         now = datetime.now(UTC)
         claim = _CLAIM_PG if self.node.db.postgres else _CLAIM
-        with self.node.db.begin() as s:
+        with self.node.db.begin_core() as s:
             ids = list(s.execute(claim, {"now": now, "limit": limit, "me": self.id,
                                          "lease": now + timedelta(seconds=self.cfg.lease_seconds)}).scalars())
             if not ids:
@@ -214,11 +214,13 @@ class Worker:
             return
         fast = [o for o in outcomes if o.error is None and o.job.kind == "deliver"]
         slow = [o for o in outcomes if not (o.error is None and o.job.kind == "deliver")]
-        with self.node.db.begin() as s:
-            if fast:
-                self._record_delivered(s, fast)
-            for o in slow:
-                self._record_one(s, o)
+        if fast:
+            with self.node.db.begin_core() as conn:
+                self._record_delivered(conn, fast)
+        if slow:
+            with self.node.db.begin() as s:
+                for o in slow:
+                    self._record_one(s, o)
 
     def _record_delivered(self, s, outs: list[Outcome]) -> None:  # type: ignore[no-untyped-def]
         now = datetime.now(UTC)
