@@ -33,17 +33,19 @@ class Message(Base):
     """One accepted message (a canonical envelope) and its summary for queries."""
 
     __tablename__ = "messages"
+    # A caller lists its own messages, newest first.
+    __table_args__ = (Index("ix_messages_key_accepted", "api_key_id", "accepted_at"),)
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    subsystem: Mapped[str] = mapped_column(String(32), index=True)
+    subsystem: Mapped[str] = mapped_column(String(32))
     type: Mapped[str] = mapped_column(String(64))
-    sender_unit: Mapped[str] = mapped_column(String(18), index=True)
+    sender_unit: Mapped[str] = mapped_column(String(18))
     classification: Mapped[str] = mapped_column(String(8))
     clearance: Mapped[int] = mapped_column(Integer)
     urgency: Mapped[str] = mapped_column(String(8))
     in_reply_to: Mapped[str | None] = mapped_column(String(128))
     conversation_id: Mapped[str | None] = mapped_column(String(128))
     #: the API key (caller) that submitted it; None for messages that came from adapters
-    api_key_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    api_key_id: Mapped[str | None] = mapped_column(String(32))
     source: Mapped[str] = mapped_column(String(64), default="api")
     summary: Mapped[dict] = mapped_column(JSON, default=dict)
     envelope_xml: Mapped[bytes] = mapped_column(LargeBinary)
@@ -58,9 +60,10 @@ class Delivery(Base):
     """One recipient unit's copy of a message (收文单位), with its status."""
 
     __tablename__ = "deliveries"
+    # The unique (message_id, unit) index also serves lookups by message_id.
     __table_args__ = (UniqueConstraint("message_id", "unit"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"), index=True)
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"))
     unit: Mapped[str] = mapped_column(String(18))
     unit_name: Mapped[str | None] = mapped_column(String(200))
     copy_type: Mapped[str | None] = mapped_column(String(4))
@@ -69,7 +72,7 @@ class Delivery(Base):
     route_kind: Mapped[str] = mapped_column(String(8))
     target: Mapped[str | None] = mapped_column(String(64))
     #: queued, held, delivered, signed, returned, recalled, failed
-    status: Mapped[str] = mapped_column(String(12), index=True)
+    status: Mapped[str] = mapped_column(String(12))
     remote_ref: Mapped[str] = mapped_column(String(64), index=True)
     remote_id: Mapped[str | None] = mapped_column(String(200))
     signer: Mapped[str | None] = mapped_column(String(100))

@@ -123,8 +123,7 @@ def _store(s: Session, env: Envelope, routes: list[Route], actor: str, source: s
     rows = [dict(message_id=env.message_id, unit=r.unit, unit_name=r.name, copy_type=r.copy_type,
                  copy_no=r.copy_no, route_kind=route.kind, target=route.target,
                  status="queued" if route.kind == "adapter" else "held",
-                 remote_ref=remote_ref(env.message_id, r.unit), updated_at=now, remote_id=None,
-                 signer=None, receipt_no=None, reason=None, last_error=None, delivered_at=None, signed_at=None)
+                 remote_ref=remote_ref(env.message_id, r.unit), updated_at=now)
             for r, route in zip(env.recipients, routes)]
     s.execute(_INSERT_DELIVERIES, rows)
     if any(route.kind == "adapter" for route in routes):
