@@ -14,9 +14,11 @@ before any of them returns. A failing unit rolls back alone. PostgreSQL gains th
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 _WRITE = "gateway_write"
+log = logging.getLogger("gateway.db")
 T = TypeVar("T")
 
 
@@ -43,6 +46,10 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
+            # Checkpoints run in a background thread (Database._checkpoint_loop), not inside
+            # whichever commit happens to cross the WAL threshold: that commit would pay for
+            # copying the whole WAL back, which shows up as tail latency on accepts.
+            cur.execute("PRAGMA wal_autocheckpoint=0")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -109,12 +116,15 @@ class Database:
             db = make_url(url).database
             self._lock = _WriterLock(f"{db}.writelock" if db and db != ":memory:" else None)
         self._jobs: queue.Queue[_Job] = queue.Queue()
+        self._checkpointer: threading.Thread | None = None
+        self._checkpointer_pid = 0
         self._committer: threading.Thread | None = None
         self._committer_lock = threading.Lock()
 
     @contextmanager
     def begin(self) -> Iterator[Session]:
         """One write unit of work: committed on success, rolled back on any exception."""
+        self._ensure_checkpointer()
         if self._lock is None:
             with self._writes.begin() as session:
                 yield session
@@ -126,6 +136,7 @@ class Database:
     def begin_core(self) -> Iterator[Connection]:
         """A write transaction on a plain Connection: for hot paths made only of Core
         statements, without the ORM session's bookkeeping."""
+        self._ensure_checkpointer()
         if self._lock is None:
             with self._write_engine.begin() as conn:
                 yield conn
@@ -144,6 +155,28 @@ class Database:
         if job.error is not None:
             raise job.error
         return job.result  # type: ignore[no-any-return]
+
+    CHECKPOINT_SECONDS = 1.0
+
+    def _ensure_checkpointer(self) -> None:
+        if self.postgres or (self._checkpointer is not None and self._checkpointer_pid == os.getpid()):
+            return
+        with self._committer_lock:
+            if self._checkpointer is None or self._checkpointer_pid != os.getpid():
+                self._checkpointer_pid = os.getpid()
+                self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="wal-checkpoint",
+                                                      daemon=True)
+                self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        while True:
+            time.sleep(self.CHECKPOINT_SECONDS)
+            try:
+                with self.engine.connect() as conn:
+                    # PASSIVE: copies what it can without waiting for, or blocking, anyone
+                    conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            except Exception:  # the next round tries again
+                log.warning("WAL checkpoint failed", exc_info=True)
 
     def _ensure_committer(self) -> None:
         if self._committer is not None and self._committer.is_alive() and self._committer_pid == os.getpid():
