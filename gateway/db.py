@@ -94,7 +94,7 @@ class _WriterLock:
 
 @dataclass
 class _Job:
-    fn: Callable[[Session], Any]
+    fn: Callable[[Connection], Any]
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
@@ -144,8 +144,8 @@ class Database:
         with self._lock, self._write_engine.begin() as conn:
             yield conn
 
-    def write(self, fn: Callable[[Session], T]) -> T:
-        """Run ``fn(session)`` in a transaction shared with other concurrent callers and return
+    def write(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn(connection)`` (Core statements only) in a transaction shared with other concurrent callers and return
         its result once that transaction is committed (group commit). An exception from ``fn``
         is raised here and undoes only ``fn``'s own changes."""
         self._ensure_committer()
@@ -196,11 +196,11 @@ class Database:
                 except queue.Empty:
                     break
             try:
-                with self.begin() as s:
+                with self.begin_core() as conn:
                     for job in batch:
                         try:
-                            with s.begin_nested():
-                                job.result = job.fn(s)
+                            with conn.begin_nested():
+                                job.result = job.fn(conn)
                         except Exception as exc:  # this unit alone is undone
                             job.error = exc
             except BaseException as exc:  # the commit itself failed: nothing of the group is stored

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, UTC
 
-from sqlalchemy import DateTime, Integer, bindparam, insert, literal, select
+from sqlalchemy import Connection, DateTime, Integer, bindparam, insert, literal, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -69,7 +69,7 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
     routes = plan_routes(node, env)
     if session is not None:
         return _store(session, env, routes, actor, source, api_key_id, summary, idempotency)
-    def unit(s: Session) -> Accepted:
+    def unit(s: Connection) -> Accepted:
         return _store(s, env, routes, actor, source, api_key_id, summary, idempotency)
 
     try:
@@ -95,7 +95,7 @@ _INSERT_OUTBOX = insert(OutboxEntry.__table__).from_select(
     .order_by(Delivery.id))
 
 
-def _store(s: Session, env: Envelope, routes: list[Route], actor: str, source: str,
+def _store(s: Session | Connection, env: Envelope, routes: list[Route], actor: str, source: str,
            api_key_id: str | None, summary: dict | None, idem: IdempotencyKey | None) -> Accepted:
     if idem is not None:
         rec = s.execute(_IDEM, {"key_id": idem.api_key_id, "key": idem.key}).first()
