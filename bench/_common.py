@@ -297,13 +297,12 @@ def body_bytes(size: int, salt: str = "") -> bytes:
 
 
 def make_units(n: int, start: int = 1) -> list[str]:
-    """``n`` distinct valid 统一社会信用代码 (17 chars from the alphabet + check character)."""
-    from gateway.units import check_character, uscc_problem
+    """``n`` distinct valid 统一社会信用代码 (organisation code and code check characters)."""
+    from gateway.units import make, uscc_problem
 
     out = []
     for i in range(start, start + n):
-        first17 = f"11522300{i:09d}"
-        code = first17 + check_character(first17)
+        code = make("11522300", f"{i:08d}")
         assert uscc_problem(code) is None, code
         out.append(code)
     return out

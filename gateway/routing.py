@@ -23,8 +23,18 @@ class RouteTable:
 
     def __init__(self, rows: list[RouteConfig]) -> None:
         self.rows = rows
+        self._cache: dict[tuple[str, str, str], Route] = {}  # the table is fixed for the process
 
     def route_for(self, subsystem: str, type_: str, unit: str) -> Route:
+        key = (subsystem, type_, unit)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = self._match(subsystem, type_, unit)
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+        return hit
+
+    def _match(self, subsystem: str, type_: str, unit: str) -> Route:
         for r in self.rows:
             if r.subsystem not in ("*", subsystem) or r.type not in ("*", type_):
                 continue

@@ -77,8 +77,12 @@ def _status_out(m: Message, with_receipts: bool, receipts: dict[int, list[Receip
 
 def _accepted_out(m: Message, env, routes) -> DocumentOut:  # type: ignore[no-untyped-def]
     """The 202 answer, built from what was just stored (no second read)."""
-    rs = [RecipientStatus(unit=r.unit, name=r.name, copy_type=r.copy_type, copy_no=r.copy_no,
-                          status="queued" if route.kind == "adapter" else "held", route=route.target)
+    # model_construct: these values were validated on the way in; a 200-unit answer should
+    # not validate them a second time
+    rs = [RecipientStatus.model_construct(unit=r.unit, name=r.name, copy_type=r.copy_type, copy_no=r.copy_no,
+                                          status="queued" if route.kind == "adapter" else "held",
+                                          route=route.target, signer=None, signed_at=None, receipt_no=None,
+                                          reason=None, last_error=None, receipts=[])
           for r, route in zip(env.recipients, routes)]
     s = m.summary or {}
     return DocumentOut(id=m.id, status_url=url_for("documents.get_document", message_id=m.id),
