@@ -53,8 +53,11 @@ _REF_NS_BYTES = _REF_NS.bytes
 def remote_ref(message_id: str, unit: str) -> str:
     """``uuid5(_REF_NS, "<message_id>:<unit>")``, computed directly (a 200-unit document
     needs 200 of them on the accept path)."""
-    digest = hashlib.sha1(_REF_NS_BYTES + f"{message_id}:{unit}".encode()).digest()
-    return str(uuid.UUID(bytes=digest[:16], version=5))
+    b = bytearray(hashlib.sha1(_REF_NS_BYTES + f"{message_id}:{unit}".encode()).digest()[:16])
+    b[6] = (b[6] & 0x0F) | 0x50  # version 5
+    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class DeliveryError(Exception):

@@ -10,7 +10,8 @@ from gateway.envelope import Receipt
 from gateway.inbound import collect
 from gateway.models import AuditEntry, Delivery, Message, OutboxEntry
 from gateway.worker import Worker
-from adapters.base import PolledItem, PermanentError, RetryableError
+from adapters.base import PermanentError, PolledItem, RetryableError
+from systems.documents.schemas import DocumentOut
 from tests.plugins.gatewaynode import CITY_B, COUNTY_A, COUNTY_C, EMERGENCY, Api
 
 
@@ -23,6 +24,7 @@ def test_accepted_document_is_stored_with_audit_and_outbox_before_202(api, gw_no
     r = api.post("/api/v1/documents", json=api.document(recipients=(COUNTY_A, CITY_B)))
     assert r.status_code == 202, r.get_json()
     body = r.get_json()
+    DocumentOut.model_validate(body)  # the 202 answer keeps to its published schema
     assert [x["status"] for x in body["recipients"]] == ["queued", "queued"]
     assert r.headers["Location"] == f"/api/v1/documents/{body['id']}"
     with gw_node.db.sessions() as s:
