@@ -84,7 +84,6 @@ _IDEM = select(IdempotencyRecord.request_hash, IdempotencyRecord.message_id).whe
     IdempotencyRecord.api_key_id == bindparam("key_id"), IdempotencyRecord.key == bindparam("key"))
 _EXISTING = select(Message.sender_unit, Message.api_key_id).where(Message.id == bindparam("mid"))
 _INSERT_MESSAGE = insert(Message.__table__)
-_INSERT_DELIVERIES = insert(Delivery.__table__)
 _INSERT_IDEM = insert(IdempotencyRecord.__table__)
 _INSERT_OUTBOX = insert(OutboxEntry.__table__).from_select(
     ["kind", "delivery_id", "target", "priority", "state", "attempts", "next_attempt_at", "created_at"],
@@ -93,6 +92,26 @@ _INSERT_OUTBOX = insert(OutboxEntry.__table__).from_select(
            bindparam("now2", type_=DateTime(timezone=True)))
     .where(Delivery.message_id == bindparam("mid"), Delivery.route_kind == "adapter")
     .order_by(Delivery.id))
+
+
+_DELIVERY_COLUMNS = ("message_id", "unit", "unit_name", "copy_type", "copy_no", "route_kind", "target",
+                     "status", "remote_ref", "updated_at")
+
+
+def _insert_deliveries(s: Session | Connection, env: Envelope, routes: list[Route], now: datetime) -> None:
+    """One row per recipient through the driver's executemany: SQLAlchemy's per-row parameter
+    processing costs more than the insert itself once a document goes to 200 units."""
+    conn = s.connection() if isinstance(s, Session) else s
+    sqlite = conn.dialect.name == "sqlite"
+    # SQLite keeps DateTime as text in SQLAlchemy's own format; PostgreSQL takes the datetime
+    ts: object = now.strftime("%Y-%m-%d %H:%M:%S.%f") if sqlite else now
+    mark = "?" if sqlite else "%s"
+    sql = (f"INSERT INTO deliveries ({', '.join(_DELIVERY_COLUMNS)}) "
+           f"VALUES ({', '.join([mark] * len(_DELIVERY_COLUMNS))})")
+    conn.exec_driver_sql(sql, [
+        (env.message_id, r.unit, r.name, r.copy_type, r.copy_no, route.kind, route.target,
+         "queued" if route.kind == "adapter" else "held", remote_ref(env.message_id, r.unit), ts)
+        for r, route in zip(env.recipients, routes)])
 
 
 def _store(s: Session | Connection, env: Envelope, routes: list[Route], actor: str, source: str,
@@ -120,12 +139,7 @@ def _store(s: Session | Connection, env: Envelope, routes: list[Route], actor: s
     )
     s.execute(_INSERT_MESSAGE, values)
     # Bulk statements: a document to 200 units is two INSERTs here, not 400 round trips.
-    rows = [dict(message_id=env.message_id, unit=r.unit, unit_name=r.name, copy_type=r.copy_type,
-                 copy_no=r.copy_no, route_kind=route.kind, target=route.target,
-                 status="queued" if route.kind == "adapter" else "held",
-                 remote_ref=remote_ref(env.message_id, r.unit), updated_at=now)
-            for r, route in zip(env.recipients, routes)]
-    s.execute(_INSERT_DELIVERIES, rows)
+    _insert_deliveries(s, env, routes, now)
     if any(route.kind == "adapter" for route in routes):
         s.execute(_INSERT_OUTBOX, {"priority": env.urgency_rank, "now": now, "now2": now, "mid": env.message_id})
     if idem is not None:
