@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import IO
 
 from lxml import etree
@@ -118,17 +119,14 @@ def parse_stream(stream: IO[bytes], limits: XMLLimits | None = None) -> etree._E
 
 
 def _check_depth(root: etree._Element, max_depth: int) -> None:
-    # iterwalk keeps this iterative: a deep document cannot exhaust the Python stack.
-    depth = 0
-    for event, _ in etree.iterwalk(root, events=("start", "end")):
-        if event == "start":
-            depth += 1
-            if depth > max_depth:
-                raise UnsafeXMLError(
-                    f"the document nests deeper than {max_depth} levels", kind="too-deep"
-                )
-        else:
-            depth -= 1
+    # One compiled XPath, evaluated in C: is there an element below max_depth levels?
+    if _too_deep(max_depth)(root):
+        raise UnsafeXMLError(f"the document nests deeper than {max_depth} levels", kind="too-deep")
+
+
+@lru_cache(maxsize=8)
+def _too_deep(max_depth: int) -> etree.XPath:
+    return etree.XPath("boolean(/*" + "/*" * max_depth + ")")
 
 
 def tostring_gb18030(root: etree._Element) -> bytes:
