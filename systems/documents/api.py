@@ -135,12 +135,12 @@ def send_document() -> Response:
     # The blob store is content-addressed and written only by a complete upload, so a file
     # under its SHA-256 is proof of the upload and gives its size (no database round trip).
     sizes: dict[str, int] = {}
-    for sha in [doc.body.sha256] + [a.sha256 for a in doc.attachments]:
+    missing: list[str] = []
+    for sha in [doc.body.sha256, *(a.sha256 for a in doc.attachments)]:
         try:
             sizes[sha] = n.blobs.size(sha)
         except FileNotFoundError:
-            pass
-    missing = [x for x in [doc.body.sha256] + [a.sha256 for a in doc.attachments] if x not in sizes]
+            missing.append(sha)
     if missing:
         raise Problem(422, "unknown-blob", f"no uploaded content has SHA-256 {missing[0]}; "
                       f"upload it to /api/v1/blobs first")
