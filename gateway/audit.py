@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from sqlalchemy import Connection, insert, select, text
 from sqlalchemy.orm import Session
 
-from gateway.models import AuditEntry
+from gateway.models import table, AuditEntry
 
 GENESIS = "0" * 64
 _LOCK_ID = 0x6761_7564  # "gaud"
@@ -42,10 +42,10 @@ def canonical(detail: dict[str, Any] | None) -> str:
 
 
 _HEAD = select(AuditEntry.seq, AuditEntry.hash).order_by(AuditEntry.seq.desc()).limit(1)
-_INSERT = insert(AuditEntry.__table__)
+_INSERT = insert(table(AuditEntry))
 
 
-def append(session: Session, *, actor: str, action: str, obj: str, outcome: str = "ok",
+def append(session: Session | Connection, *, actor: str, action: str, obj: str, outcome: str = "ok",
            detail: dict[str, Any] | None = None) -> AuditEntry:
     """Append one entry in ``session``'s transaction."""
     return append_many(session, [Record(actor, action, obj, outcome, detail)])[0]

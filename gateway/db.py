@@ -119,6 +119,7 @@ class Database:
         self._checkpointer: threading.Thread | None = None
         self._checkpointer_pid = 0
         self._committer: threading.Thread | None = None
+        self._committer_pid = 0
         self._committer_lock = threading.Lock()
 
     @contextmanager

@@ -127,8 +127,11 @@ class Envelope:
 
     @classmethod
     def from_xml(cls, data: bytes | str | etree._Element, *, validate: bool = True) -> Envelope:
-        owned = not isinstance(data, etree._Element)  # a tree we parsed ourselves needs no copy
-        root = xmlsafe.parse(data) if owned else data  # type: ignore[arg-type]
+        root: etree._Element
+        if isinstance(data, etree._Element):
+            root, owned = data, False
+        else:
+            root, owned = xmlsafe.parse(data), True  # a tree we parsed ourselves needs no copy
         if validate:
             _validate(root)
         h = root.find(E + "header")
@@ -181,8 +184,8 @@ def _validate(root: etree._Element) -> None:
     """XSD validation plus the checks XSD cannot express (unit code check characters)."""
     schema = _schema()
     if not schema.validate(root):
-        errors = [(f"line {e.line}", e.message) for e in schema.error_log]  # type: ignore[attr-defined]
-        raise EnvelopeError(errors[:10])
+        found = [(f"line {e.line}", e.message) for e in schema.error_log]  # type: ignore[attr-defined]
+        raise EnvelopeError(found[:10])
     errors: list[tuple[str, str]] = []
     for el in root.iter(E + "sender", E + "recipient"):
         problem = uscc_problem(el.get("unit"))

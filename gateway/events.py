@@ -10,7 +10,7 @@ from datetime import datetime, UTC
 from sqlalchemy import Connection, bindparam, insert, select
 from sqlalchemy.orm import Session
 
-from gateway.models import ApiKey, Delivery, Message, OutboxEntry
+from gateway.models import table, ApiKey, Delivery, Message, OutboxEntry
 
 
 def status_changed(s: Session, d: Delivery, previous: str, *, detail: dict | None = None) -> None:
@@ -60,6 +60,6 @@ def status_changed_many(s: Session | Connection, changes: list[tuple[int, str, s
         event = {"event": f"{t.subsystem}.status", "message_id": t.message_id, "unit": t.unit, "status": status,
                  "previous": previous, "signer": t.signer, "receipt_no": t.receipt_no, "reason": t.reason,
                  "at": now.isoformat()}
-        s.execute(insert(OutboxEntry.__table__).values(
+        s.execute(insert(table(OutboxEntry)).values(
             kind="webhook", delivery_id=delivery_id, target=t.webhook_url, payload=event, priority=1,
             state="pending", attempts=0, next_attempt_at=now, created_at=now))

@@ -4,7 +4,8 @@ Migrations live in ``gateway/migrations`` (Alembic); change a model, add a revis
 """
 from __future__ import annotations
 
-from datetime import datetime, UTC
+from datetime import UTC, datetime
+from typing import cast
 
 from sqlalchemy import (
     JSON,
@@ -15,6 +16,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -27,6 +29,11 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     pass
+
+
+def table(model: type[Base]) -> Table:
+    """The Core table of a model, typed for insert()/update()."""
+    return cast(Table, model.__table__)
 
 
 class Message(Base):

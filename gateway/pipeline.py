@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from adapters.base import remote_ref
 from gateway import audit, payloads
 from gateway.envelope import Envelope, EnvelopeError
-from gateway.models import Delivery, IdempotencyRecord, Message, OutboxEntry
+from gateway.models import table, Delivery, IdempotencyRecord, Message, OutboxEntry
 from gateway.node import Node
 from gateway.routing import NoRoute, Route
 
@@ -83,9 +83,9 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
 _IDEM = select(IdempotencyRecord.request_hash, IdempotencyRecord.message_id).where(
     IdempotencyRecord.api_key_id == bindparam("key_id"), IdempotencyRecord.key == bindparam("key"))
 _EXISTING = select(Message.sender_unit, Message.api_key_id).where(Message.id == bindparam("mid"))
-_INSERT_MESSAGE = insert(Message.__table__)
-_INSERT_IDEM = insert(IdempotencyRecord.__table__)
-_INSERT_OUTBOX = insert(OutboxEntry.__table__).from_select(
+_INSERT_MESSAGE = insert(table(Message))
+_INSERT_IDEM = insert(table(IdempotencyRecord))
+_INSERT_OUTBOX = insert(table(OutboxEntry)).from_select(
     ["kind", "delivery_id", "target", "priority", "state", "attempts", "next_attempt_at", "created_at"],
     select(literal("deliver"), Delivery.id, Delivery.target, bindparam("priority", type_=Integer),
            literal("pending"), literal(0), bindparam("now", type_=DateTime(timezone=True)),

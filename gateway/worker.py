@@ -30,16 +30,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from typing import cast
 
 import requests
-from sqlalchemy import Integer, bindparam, select, update
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import CursorResult, Integer, bindparam, select, update
 
 from adapters.base import Delivery as AdapterDelivery
 from adapters.base import DeliveryError, PermanentError, RetryableError
 from gateway import audit, events, nodekey
 from gateway.config import RetryPolicy
 from gateway.envelope import Envelope, Recipient
-from gateway.models import Delivery, Message, OutboxEntry
+from gateway.models import table, Delivery, Message, OutboxEntry
 from gateway.node import Node
 
 log = logging.getLogger("gateway.worker")
@@ -62,8 +64,8 @@ def _envelope(message_id: str, xml: bytes) -> Envelope:
 
 
 # Statements built once (constructing them per call costs more than running them).
-_OUTBOX = OutboxEntry.__table__
-_DELIVERIES = Delivery.__table__
+_OUTBOX = table(OutboxEntry)
+_DELIVERIES = table(Delivery)
 
 
 def _claim_statement(skip_locked: bool):  # type: ignore[no-untyped-def]
@@ -139,7 +141,7 @@ class Worker:
         self._wake = threading.Event()
         self._outcomes: queue.Queue[Outcome] = queue.Queue()
         self._http = requests.Session()
-        self._key = None
+        self._key: Ed25519PrivateKey | None = None
 
     # -- claiming ------------------------------------------------------------------------
     def claim(self, limit: int) -> list[Job]:
@@ -153,7 +155,7 @@ class Worker:
             if not ids:
                 return []
             rows = s.execute(_CLAIMED_ROWS, {"ids": ids}).all()
-        rows.sort(key=lambda r: (r.priority, r.id))
+        rows = sorted(rows, key=lambda r: (r.priority, r.id))
         return [Job(r.id, r.kind, r.target, r.attempts, r.payload, r.priority, r.message_id, r.envelope_xml,
                     Recipient(r.unit, r.unit_name, r.copy_type, r.copy_no) if r.unit else None, r.status)
                 for r in rows]
@@ -166,7 +168,7 @@ class Worker:
                             .where(OutboxEntry.state == "claimed", OutboxEntry.lease_until < now)
                             .values(state="pending", claimed_by=None, lease_until=None),
                             execution_options={"synchronize_session": False})
-            return res.rowcount or 0
+            return cast(CursorResult, res).rowcount or 0
 
     # -- processing ----------------------------------------------------------------------
     def execute(self, job: Job) -> Outcome:

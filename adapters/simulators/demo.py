@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 from collections.abc import Callable
+from typing import Any
 
 import requests
 from werkzeug.serving import WSGIRequestHandler, make_server
@@ -72,7 +73,7 @@ def _scenario(node: Node, base: str, timeout: float, echo: Callable[[str], None]
     r = http.post(f"{base}/api/v1/blobs", data=body, headers={"Content-Type": "application/octet-stream"})
     r.raise_for_status()
     sha = r.json()["sha256"]
-    doc = {
+    doc: dict[str, Any] = {
         "sender_unit": embedded.PREFECTURE, "issuer": "州人民政府办公室", "doc_type": "通知",
         "doc_number": "州政办发〔2026〕37号", "title": "关于做好2026年冬季值班和突发事件信息报送工作的通知",
         "urgency": "加急", "signer": "王某某", "written_date": "2026年11月20日",

@@ -156,6 +156,7 @@ def send_document() -> Response:
         result = accept(n, env, actor=caller.actor, api_key_id=caller.key_id, summary=summary, idempotency=idem)
     except Rejected as exc:
         raise Problem(exc.status, exc.kind, exc.detail) from None
+    out: dict | DocumentOut
     if result.created and result.routes is not None:
         out = _accepted_out(result.message, env, result.routes)
     else:

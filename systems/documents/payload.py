@@ -2,6 +2,8 @@
 and to the JSON request model."""
 from __future__ import annotations
 
+from typing import Any
+
 from lxml import etree
 
 from gateway.envelope import Attachment, Envelope, Recipient
@@ -46,7 +48,7 @@ def to_envelope(doc: DocumentIn, *, message_id: str | None, node_id: str, media:
     atts = [Attachment("body", doc.body.name, sizes[doc.body.sha256], doc.body.sha256,
                        doc.body.media_type or media.get(doc.body.name))]
     atts += [Attachment("attachment", a.name, sizes[a.sha256], a.sha256, a.media_type) for a in doc.attachments]
-    kw = {"message_id": message_id} if message_id else {}
+    kw: dict[str, Any] = {"message_id": message_id} if message_id else {}
     return Envelope(subsystem="documents", type="document", sender_unit=doc.sender_unit, sender_node=node_id,
                     sender_name=doc.issuer, recipients=recipients, payload=to_payload(doc),
                     classification=doc.classification, classification_period=doc.classification_period,
