@@ -18,7 +18,6 @@ import logging
 import os
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -100,6 +99,9 @@ class _Job:
     error: BaseException | None = None
 
 
+_STOP: Any = object()  # tells the group-commit thread to finish
+
+
 class Database:
     #: at most this many units of work share one commit
     GROUP_MAX = 64
@@ -117,6 +119,7 @@ class Database:
             self._lock = _WriterLock(f"{db}.writelock" if db and db != ":memory:" else None)
         self._jobs: queue.Queue[_Job] = queue.Queue()
         self._checkpointer: threading.Thread | None = None
+        self._closed = threading.Event()
         self._checkpointer_pid = 0
         self._committer: threading.Thread | None = None
         self._committer_pid = 0
@@ -170,8 +173,7 @@ class Database:
                 self._checkpointer.start()
 
     def _checkpoint_loop(self) -> None:
-        while True:
-            time.sleep(self.CHECKPOINT_SECONDS)
+        while not self._closed.wait(self.CHECKPOINT_SECONDS):
             try:
                 with self.engine.connect() as conn:
                     # PASSIVE: copies what it can without waiting for, or blocking, anyone
@@ -190,12 +192,19 @@ class Database:
 
     def _commit_loop(self) -> None:
         while True:
-            batch = [self._jobs.get()]
+            first = self._jobs.get()
+            if first is _STOP:
+                return
+            batch = [first]
             while len(batch) < self.GROUP_MAX:
                 try:
-                    batch.append(self._jobs.get_nowait())
+                    nxt = self._jobs.get_nowait()
                 except queue.Empty:
                     break
+                if nxt is _STOP:
+                    self._jobs.put(nxt)  # finish this group, then stop
+                    break
+                batch.append(nxt)
             try:
                 with self.begin_core() as conn:
                     for job in batch:
@@ -212,4 +221,11 @@ class Database:
                 job.done.set()
 
     def dispose(self) -> None:
+        """Stop the background threads and close every pooled connection."""
+        self._closed.set()
+        if self._committer is not None and self._committer.is_alive():
+            self._jobs.put(_STOP)
+            self._committer.join(10)
+        if self._checkpointer is not None and self._checkpointer.is_alive():
+            self._checkpointer.join(10)
         self.engine.dispose()
