@@ -221,3 +221,12 @@ def test_audit_detects_a_removed_entry(api, gw_node):
     with gw_node.db.sessions() as s:
         r = audit.verify(s)
     assert not r.ok and "missing" in r.problem
+
+
+def test_times_are_given_with_their_offset(api, gw_node):
+    """A naive time would be read as Beijing time by a caller in UTC+8."""
+    created = api.post("/api/v1/documents", json=api.document()).get_json()
+    got = api.get(f"/api/v1/documents/{created['id']}").get_json()
+    for body in (created, got):
+        assert body["accepted_at"].endswith("Z"), body["accepted_at"]
+    assert created["accepted_at"] == got["accepted_at"]

@@ -81,7 +81,7 @@ def _accepted_out(m: Message, env, routes) -> dict:  # type: ignore[no-untyped-d
     s = m.summary or {}
     return {
         "id": m.id, "status_url": url_for("documents.get_document", message_id=m.id),
-        "accepted_at": m.accepted_at.isoformat(), "sender_unit": m.sender_unit,
+        "accepted_at": m.accepted_at.isoformat().replace("+00:00", "Z"), "sender_unit": m.sender_unit,
         "doc_number": s.get("doc_number"), "title": s.get("title"), "doc_type": s.get("doc_type"),
         "classification": m.classification, "urgency": m.urgency,
         "recipients": [{"unit": r.unit, "name": r.name, "copy_type": r.copy_type, "copy_no": r.copy_no,
