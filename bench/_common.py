@@ -376,7 +376,7 @@ def accept_direct(node: Any, docs: Sequence[bytes], key: str, batch: int = 200) 
                 need = [x for x in shas if x not in sizes_cache]
                 if need:
                     sizes_cache.update({b.sha256: b.size for b in s.scalars(select(Blob).where(Blob.sha256.in_(need)))})
-                env = payload.to_envelope(doc, message_id=doc.message_id, node_id=node.id, media={},
+                env = payload.to_envelope(doc, message_id=doc.message_id, node_id=node.id,
                                           sizes=sizes_cache)
                 summary = {"doc_number": doc.doc_number, "title": doc.title, "doc_type": doc.doc_type}
                 res = accept(node, env, actor=actor, api_key_id=kid, summary=summary, session=s)
@@ -740,7 +740,7 @@ def _soap_direct_main(a: argparse.Namespace) -> None:
             sizes.setdefault(att.sha256, 1)
         deliveries = []
         for _ in range(a.count):
-            env = payload.to_envelope(doc, message_id=str(uuid.uuid4()), node_id="prefecture", media={}, sizes=sizes)
+            env = payload.to_envelope(doc, message_id=str(uuid.uuid4()), node_id="prefecture", sizes=sizes)
             r = env.recipients[0]
             deliveries.append(Delivery(message_id=env.message_id, recipient=Recipient(r.unit, r.name, r.copy_type,
                                                                                       r.copy_no),

@@ -80,8 +80,6 @@ class WorkerConfig(_Strict):
 
 
 class WebhookConfig(_Strict):
-    secret_env: str | None = None
-    secret_file: str | None = None
     timeout: float = 10.0
     retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy(max_attempts=12))
 

@@ -192,7 +192,7 @@ def test_canonical_xml_envelope_is_accepted_like_json(api, gw_node):
     from systems.documents.schemas import DocumentIn
 
     doc = DocumentIn.model_validate(api.document(recipients=(COUNTY_A,)))
-    env = to_envelope(doc, message_id="xml-msg-0001", node_id="prefecture", media={},
+    env = to_envelope(doc, message_id="xml-msg-0001", node_id="prefecture",
                       sizes={doc.body.sha256: 10})
     r = api.post("/api/v1/documents", data=env.to_xml(), content_type="application/xml")
     assert r.status_code == 202, r.get_json()

@@ -144,7 +144,7 @@ def send_document() -> Response:
     if missing:
         raise Problem(422, "unknown-blob", f"no uploaded content has SHA-256 {missing[0]}; "
                       f"upload it to /api/v1/blobs first")
-    env = payload.to_envelope(doc, message_id=doc.message_id, node_id=n.id, media={}, sizes=sizes)
+    env = payload.to_envelope(doc, message_id=doc.message_id, node_id=n.id, sizes=sizes)
     idem_key = request.headers.get("Idempotency-Key")
     idem = None
     if idem_key:

@@ -38,15 +38,14 @@ def to_payload(doc: DocumentIn) -> etree._Element:
     return el
 
 
-def to_envelope(doc: DocumentIn, *, message_id: str | None, node_id: str, media: dict[str, str | None],
-                sizes: dict[str, int]) -> Envelope:
+def to_envelope(doc: DocumentIn, *, message_id: str | None, node_id: str, sizes: dict[str, int]) -> Envelope:
     recipients = []
     classified = doc.classification != "非密"
     for i, r in enumerate(doc.recipients, start=1):
         copy_no = r.copy_no or (f"{i:06d}" if classified else None)
         recipients.append(Recipient(r.unit, r.name, r.copy_type, copy_no))
     atts = [Attachment("body", doc.body.name, sizes[doc.body.sha256], doc.body.sha256,
-                       doc.body.media_type or media.get(doc.body.name))]
+                       doc.body.media_type)]
     atts += [Attachment("attachment", a.name, sizes[a.sha256], a.sha256, a.media_type) for a in doc.attachments]
     kw: dict[str, Any] = {"message_id": message_id} if message_id else {}
     return Envelope(subsystem="documents", type="document", sender_unit=doc.sender_unit, sender_node=node_id,
