@@ -46,9 +46,9 @@ _INSERT = insert(table(AuditEntry))
 
 
 def append(session: Session | Connection, *, actor: str, action: str, obj: str, outcome: str = "ok",
-           detail: dict[str, Any] | None = None) -> AuditEntry:
+           detail: dict[str, Any] | None = None) -> None:
     """Append one entry in ``session``'s transaction."""
-    return append_many(session, [Record(actor, action, obj, outcome, detail)])[0]
+    append_many(session, [Record(actor, action, obj, outcome, detail)])
 
 
 @dataclass
@@ -60,11 +60,11 @@ class Record:
     detail: dict[str, Any] | None = None
 
 
-def append_many(session: Session | Connection, records: list[Record]) -> list[AuditEntry]:
+def append_many(session: Session | Connection, records: list[Record]) -> None:
     """Append entries in order, in the transaction of ``session`` (an ORM Session or a Core
     Connection), with one read of the chain's head and one multi-row insert."""
     if not records:
-        return []
+        return
     dialect = session.dialect if isinstance(session, Connection) else session.get_bind().dialect
     if dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_ID})
@@ -82,7 +82,6 @@ def append_many(session: Session | Connection, records: list[Record]) -> list[Au
                          detail=d, prev_hash=prev, hash=h))
         prev = h
     session.execute(_INSERT, rows)
-    return [AuditEntry(**row) for row in rows]
 
 
 @dataclass

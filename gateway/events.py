@@ -13,28 +13,9 @@ from sqlalchemy.orm import Session
 from gateway.models import table, ApiKey, Delivery, Message, OutboxEntry
 
 
-def status_changed(s: Session, d: Delivery, previous: str, *, detail: dict | None = None) -> None:
-    # Two narrow lookups: this runs for every status change, often with no webhook at all.
-    row = s.execute(select(Message.subsystem, ApiKey.webhook_url)
-                    .join(ApiKey, ApiKey.id == Message.api_key_id)
-                    .where(Message.id == d.message_id, ApiKey.revoked_at.is_(None))).first()
-    if row is None or not row.webhook_url:
-        return
-    now = datetime.now(UTC)
-    event = {
-        "event": f"{row.subsystem}.status",
-        "message_id": d.message_id,
-        "unit": d.unit,
-        "status": d.status,
-        "previous": previous,
-        "signer": d.signer,
-        "receipt_no": d.receipt_no,
-        "reason": d.reason,
-        "at": now.isoformat(),
-        **(detail or {}),
-    }
-    s.add(OutboxEntry(kind="webhook", delivery_id=d.id, target=row.webhook_url, payload=event,
-                      priority=1, next_attempt_at=now, created_at=now))
+def status_changed(s: Session, d: Delivery, previous: str) -> None:
+    """A webhook row for one changed delivery (ORM path: the session flushes ``d`` first)."""
+    status_changed_many(s, [(d.id, previous, d.status)])
 
 
 _WEBHOOK_TARGETS = (
@@ -47,7 +28,8 @@ _WEBHOOK_TARGETS = (
 
 
 def status_changed_many(s: Session | Connection, changes: list[tuple[int, str, str]]) -> None:
-    """Webhook rows for many (delivery id, previous, new status) changes with two queries."""
+    """Webhook rows for (delivery id, previous, new status) changes: one query finds the
+    deliveries whose caller has a webhook; most have none, and then nothing is written."""
     ids = [c[0] for c in changes]
     targets = {r.id: r for r in s.execute(_WEBHOOK_TARGETS, {"ids": ids})}
     if not targets:

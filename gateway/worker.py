@@ -200,9 +200,6 @@ class Worker:
             out.error = RetryableError(f"{type(exc).__name__}: {exc}")
         return out
 
-    def process(self, job: Job) -> None:
-        self.record([self.execute(job)])
-
     def _policy(self, kind: str, target: str) -> RetryPolicy:
         if kind == "webhook":
             return self.node.config.webhooks.retry
@@ -254,15 +251,9 @@ class Worker:
         actor = f"worker:{self.id}"
         err = o.error
         if err is None:
+            # successful deliveries never come here: _record_delivered takes them set-based
             entry.state, entry.finished_at, entry.last_error = "done", now, None
-            if entry.kind == "deliver" and d is not None:
-                if d.status == "queued":
-                    prev, d.status, d.delivered_at, d.updated_at = d.status, "delivered", now, now
-                    d.remote_id, d.last_error = o.remote_id, None
-                    events.status_changed(s, d, prev)
-                audit.append(s, actor=actor, action="delivery.attempt", obj=obj, outcome="delivered",
-                             detail={"adapter": entry.target, "attempt": entry.attempts, "remote_id": o.remote_id})
-            elif entry.kind == "recall" and d is not None:
+            if entry.kind == "recall" and d is not None:
                 if o.extra.get("recalled"):
                     prev, d.status, d.updated_at = d.status, "recalled", now
                     events.status_changed(s, d, prev)

@@ -6,6 +6,7 @@ import json
 from datetime import datetime, UTC
 
 from flask import Blueprint, Response, request, url_for
+from pydantic import ValidationError
 from sqlalchemy import and_, or_, select, update
 
 from gateway import audit
@@ -50,7 +51,6 @@ def _document_in() -> DocumentIn:
             raise Problem(422, "validation", str(exc), errors=errs) from None
         except ValueError as exc:
             raise Problem(422, "validation", str(exc)) from None
-        from pydantic import ValidationError
         try:
             return DocumentIn.model_validate(fields)
         except ValidationError as exc:
@@ -68,22 +68,24 @@ def _status_out(m: Message, with_receipts: bool, receipts: dict[int, list[Receip
             receipts=[ReceiptOut(action=r.action, signer=r.signer, receipt_no=r.receipt_no, reason=r.reason,
                                  time=r.time, source=r.source) for r in (receipts or {}).get(d.id, [])]
             if with_receipts else []))
+    return DocumentOut(**_header(m), recipients=rs)
+
+
+def _header(m: Message) -> dict:
+    """The document-level fields of a DocumentOut, whichever way the answer is built."""
     s = m.summary or {}
-    return DocumentOut(id=m.id, status_url=url_for("documents.get_document", message_id=m.id),
-                       accepted_at=m.accepted_at, sender_unit=m.sender_unit, doc_number=s.get("doc_number"),
-                       title=s.get("title"), doc_type=s.get("doc_type"), classification=m.classification,
-                       urgency=m.urgency, recipients=rs)
+    return {"id": m.id, "status_url": url_for("documents.get_document", message_id=m.id),
+            "accepted_at": m.accepted_at, "sender_unit": m.sender_unit, "doc_number": s.get("doc_number"),
+            "title": s.get("title"), "doc_type": s.get("doc_type"), "classification": m.classification,
+            "urgency": m.urgency}
 
 
 def _accepted_out(m: Message, env, routes) -> dict:  # type: ignore[no-untyped-def]
     """The 202 answer (schema: DocumentOut), built from what was just stored: no second read,
     and no second validation of values that were validated on the way in."""
-    s = m.summary or {}
     return {
-        "id": m.id, "status_url": url_for("documents.get_document", message_id=m.id),
-        "accepted_at": m.accepted_at.isoformat().replace("+00:00", "Z"), "sender_unit": m.sender_unit,
-        "doc_number": s.get("doc_number"), "title": s.get("title"), "doc_type": s.get("doc_type"),
-        "classification": m.classification, "urgency": m.urgency,
+        **_header(m),
+        "accepted_at": m.accepted_at.isoformat().replace("+00:00", "Z"),  # as pydantic writes it
         "recipients": [{"unit": r.unit, "name": r.name, "copy_type": r.copy_type, "copy_no": r.copy_no,
                         "status": "queued" if route.kind == "adapter" else "held", "route": route.target,
                         "signer": None, "signed_at": None, "receipt_no": None, "reason": None,
