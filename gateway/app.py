@@ -27,4 +27,7 @@ def create_app(cfg: Config | str | None = None, node: Node | None = None) -> Fla
     from systems.documents.api import bp as documents_bp
 
     app.register_blueprint(documents_bp)
+    from gateway.federation.api import bp as federation_bp
+
+    app.register_blueprint(federation_bp)
     return app

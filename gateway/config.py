@@ -100,6 +100,73 @@ class RouteConfig(_Strict):
         return NodeConfig._units(v)  # type: ignore[arg-type]
 
 
+class ScheduleConfig(_Strict):
+    """``[schedules.JOB]``: when a scheduled job runs. ``cron`` has five fields (minute hour
+    day month weekday) or six (with seconds first); times are the node's local time zone."""
+
+    cron: str
+    enabled: bool = True
+    #: the time zone the cron expression is read in (China Standard Time by default)
+    timezone: str = "Asia/Shanghai"
+
+
+class PeerConfig(_Strict):
+    """``[peers.NODE_ID]``: another node this node exchanges with directly, its pinned key."""
+
+    #: base URL of the peer's API (its /federation/v1/... lives under it); empty = no HTTP link
+    url: str = ""
+    #: the peer's public key: PEM text, or "ed25519:<base64 of the 32 raw bytes>"
+    public_key: str = ""
+    public_key_file: str | None = None
+    #: units (统一社会信用代码) the peer serves, known before any directory arrives
+    units: list[str] = Field(default_factory=list)
+    #: "http": forwarded as soon as accepted; "batch": carried by the push/pull sync jobs
+    #: (links that are up only part of the time); "ferry": signed batch files (网闸)
+    link: str = "http"
+    timeout: float = Field(default=30.0, gt=0)
+    retry: RetryPolicy | None = None
+    #: ferry links: where batch files go out and come in (a folder, or sftp://… later)
+    ferry_out: str | None = None
+    ferry_in: str | None = None
+
+    @field_validator("units")
+    @classmethod
+    def _units(cls, v: list[str]) -> list[str]:
+        return NodeConfig._units(v)  # type: ignore[arg-type]
+
+    @field_validator("link")
+    @classmethod
+    def _link(cls, v: str) -> str:
+        if v not in ("http", "batch", "ferry"):
+            raise ValueError(f"{v!r} is not a link kind; expected http, batch or ferry")
+        return v
+
+
+class FederationConfig(_Strict):
+    """``[federation]``: this node's place among the nodes."""
+
+    #: signature algorithm of this node's key: ed25519, or sm2 (国密) where required
+    algorithm: str = "ed25519"
+    #: the node that relays for this one when no direct link to a destination exists
+    #: (a county's prefecture); it must be one of [peers]
+    parent: str | None = None
+    #: seconds a signed request's created time may differ from this node's clock
+    max_skew: float = Field(default=300.0, gt=0)
+    #: publish the signed directory (the prefecture node does)
+    publish_directory: bool = False
+    #: hours a published directory stays valid
+    directory_ttl_hours: float = Field(default=72.0, gt=0)
+    #: the peer to fetch the directory from (default: parent)
+    directory_from: str | None = None
+
+    @field_validator("algorithm")
+    @classmethod
+    def _algorithm(cls, v: str) -> str:
+        if v not in ("ed25519", "sm2"):
+            raise ValueError(f"{v!r} is not a supported algorithm; expected ed25519 or sm2")
+        return v
+
+
 class Config(_Strict):
     node: NodeConfig = Field(default_factory=NodeConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
@@ -108,6 +175,9 @@ class Config(_Strict):
     webhooks: WebhookConfig = Field(default_factory=WebhookConfig)
     adapters: dict[str, dict[str, Any]] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    peers: dict[str, PeerConfig] = Field(default_factory=dict)
+    schedules: dict[str, ScheduleConfig] = Field(default_factory=dict)
     #: set only by the embedded default: start the simulated legacy systems
     simulators: bool = False
     source: str = "<embedded default>"
@@ -141,6 +211,22 @@ class Config(_Strict):
                     f"{where}.adapter: {r.adapter!r} is not defined; expected one of "
                     f"{', '.join(sorted(self.adapters)) or '(no adapters configured)'}"
                 )
+        fed = self.federation
+        for key, peer in (("federation.parent", fed.parent), ("federation.directory_from", fed.directory_from)):
+            if peer is not None and peer not in self.peers:
+                raise ConfigError(f"{self.source}: {key}: {peer!r} is not one of [peers] "
+                                  f"({', '.join(sorted(self.peers)) or 'none configured'})")
+        for name, p in self.peers.items():
+            if name == self.node.id:
+                raise ConfigError(f"{self.source}: peers.{name}: a node cannot be its own peer")
+            if not p.public_key and not p.public_key_file:
+                raise ConfigError(f"{self.source}: peers.{name}.public_key: missing; expected the peer's "
+                                  f"pinned public key (PEM or ed25519:<base64>) or public_key_file")
+            if p.link in ("http", "batch") and not p.url:
+                raise ConfigError(f"{self.source}: peers.{name}.url: missing; a {p.link} link needs the "
+                                  f"peer's base URL, e.g. http://10.1.2.3:8080")
+            if p.link == "ferry" and not (p.ferry_out or p.ferry_in):
+                raise ConfigError(f"{self.source}: peers.{name}: a ferry link needs ferry_out and/or ferry_in")
         for name, a in self.adapters.items():
             if "type" not in a:
                 raise ConfigError(f"{self.source}: adapters.{name}.type: missing; expected soap, sftp or xml-exchange")

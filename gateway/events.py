@@ -1,13 +1,15 @@
-"""Status changes of a delivery, turned into audit entries and webhooks for the caller.
+"""Status changes of a delivery, turned into webhooks for the caller and, for a message that
+came from another node, a status report back to that node.
 
-A webhook is an outbox row of kind ``webhook``: it is committed with the change it reports,
-and the worker sends and retries it like any delivery.
+A webhook is an outbox row of kind ``webhook``, a status report one of kind ``status``: each
+is committed with the change it reports, and the worker sends and retries it like any
+delivery.
 """
 from __future__ import annotations
 
 from datetime import datetime, UTC
 
-from sqlalchemy import Connection, bindparam, insert, select
+from sqlalchemy import Connection, and_, bindparam, insert, or_, select
 from sqlalchemy.orm import Session
 
 from gateway.models import table, ApiKey, Delivery, Message, OutboxEntry
@@ -20,11 +22,13 @@ def status_changed(s: Session, d: Delivery, previous: str) -> None:
 
 _WEBHOOK_TARGETS = (
     select(Delivery.id, Delivery.message_id, Delivery.unit, Delivery.signer, Delivery.receipt_no,
-           Delivery.reason, Message.subsystem, ApiKey.webhook_url)
+           Delivery.reason, Delivery.last_error, Delivery.signed_at, Message.subsystem, Message.source,
+           ApiKey.webhook_url)
     .join(Message, Message.id == Delivery.message_id)
-    .join(ApiKey, ApiKey.id == Message.api_key_id)
-    .where(Delivery.id.in_(bindparam("ids", expanding=True)), ApiKey.revoked_at.is_(None),
-           ApiKey.webhook_url.is_not(None)))
+    .outerjoin(ApiKey, and_(ApiKey.id == Message.api_key_id, ApiKey.revoked_at.is_(None)))
+    .where(Delivery.id.in_(bindparam("ids", expanding=True)),
+           or_(ApiKey.webhook_url.is_not(None), Message.source.startswith("node:"))))
+_INSERT = insert(table(OutboxEntry))
 
 
 def status_changed_many(s: Session | Connection, changes: list[tuple[int, str, str]]) -> None:
@@ -35,13 +39,25 @@ def status_changed_many(s: Session | Connection, changes: list[tuple[int, str, s
     if not targets:
         return
     now = datetime.now(UTC)
+    rows = []
     for delivery_id, previous, status in changes:
         t = targets.get(delivery_id)
         if t is None:
             continue
-        event = {"event": f"{t.subsystem}.status", "message_id": t.message_id, "unit": t.unit, "status": status,
-                 "previous": previous, "signer": t.signer, "receipt_no": t.receipt_no, "reason": t.reason,
-                 "at": now.isoformat()}
-        s.execute(insert(table(OutboxEntry)).values(
-            kind="webhook", delivery_id=delivery_id, target=t.webhook_url, payload=event, priority=1,
-            state="pending", attempts=0, next_attempt_at=now, created_at=now))
+        if t.webhook_url:
+            event = {"event": f"{t.subsystem}.status", "message_id": t.message_id, "unit": t.unit,
+                     "status": status, "previous": previous, "signer": t.signer, "receipt_no": t.receipt_no,
+                     "reason": t.reason, "at": now.isoformat()}
+            rows.append(dict(kind="webhook", delivery_id=delivery_id, target=t.webhook_url, payload=event,
+                             priority=1, state="pending", attempts=0, next_attempt_at=now, created_at=now))
+        if t.source.startswith("node:") and status != "queued":
+            # back to the node the message came from (which passes it on towards the sender)
+            at = t.signed_at if status in ("signed", "returned") and t.signed_at else now
+            item = {"message_id": t.message_id, "unit": t.unit, "status": status, "signer": t.signer,
+                    "receipt_no": t.receipt_no, "reason": t.reason, "at": at.isoformat(),
+                    "error": t.last_error if status == "failed" else None}
+            rows.append(dict(kind="status", delivery_id=delivery_id, target=t.source.removeprefix("node:"),
+                             payload=item, priority=1, state="pending", attempts=0, next_attempt_at=now,
+                             created_at=now))
+    if rows:
+        s.execute(_INSERT, rows)

@@ -95,10 +95,10 @@ class Delivery(Base):
     unit_name: Mapped[str | None] = mapped_column(String(200))
     copy_type: Mapped[str | None] = mapped_column(String(4))
     copy_no: Mapped[str | None] = mapped_column(String(6))
-    #: "adapter", "node" (held for federation) or "none" (no route)
+    #: "adapter" (a legacy system here) or "node" (forwarded to the next node, ``target``)
     route_kind: Mapped[str] = mapped_column(String(8))
     target: Mapped[str | None] = mapped_column(String(64))
-    #: queued, held, delivered, signed, returned, recalled, failed
+    #: queued, delivered, signed, returned, recalled, failed
     status: Mapped[str] = mapped_column(String(12))
     remote_ref: Mapped[str] = mapped_column(String(64), index=True)
     remote_id: Mapped[str | None] = mapped_column(String(200))
@@ -118,12 +118,16 @@ class OutboxEntry(Base):
     rank (0 特急 first); rows are claimed with a lease so a dead worker's rows return."""
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_ready", "state", "priority", "next_attempt_at", "id"),)
+    __table_args__ = (Index("ix_outbox_ready", "state", "priority", "next_attempt_at", "id"),
+                      Index("ix_outbox_conversation", "conversation", "target", "id"))
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
-    #: "deliver", "recall" or "webhook"
+    #: "deliver", "recall", "webhook"; federation: "forward" (a message to the next node),
+    #: "status" (a status change back to the node a message came from)
     kind: Mapped[str] = mapped_column(String(8))
     delivery_id: Mapped[int | None] = mapped_column(ForeignKey("deliveries.id"), index=True)
-    target: Mapped[str] = mapped_column(String(400))  # adapter name, or webhook URL
+    target: Mapped[str] = mapped_column(String(400))  # adapter name, peer node id, or webhook URL
+    #: forwarded rows of one conversation (初报, 续报 …) leave for a node in accept order
+    conversation: Mapped[str | None] = mapped_column(String(128))
     payload: Mapped[dict | None] = mapped_column(JSON)
     priority: Mapped[int] = mapped_column(Integer, default=2)
     #: pending, claimed, done, dead
@@ -220,3 +224,48 @@ class AuditEntry(Base):
     detail: Mapped[str] = mapped_column(Text)  # canonical JSON
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class FederationNonce(Base):
+    """Nonces of signed node-to-node requests seen recently (replay protection). Kept for
+    twice the allowed clock skew; a second request with the same (key id, nonce) is refused."""
+
+    __tablename__ = "federation_nonces"
+    key_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class DirectoryVersion(Base):
+    """A signed federation directory (节点目录) as published by the prefecture node: nodes,
+    their addresses and keys, and the units each serves. The newest verified one routes."""
+
+    __tablename__ = "directory"
+    version: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                         autoincrement=False)
+    issuer: Mapped[str] = mapped_column(String(64))
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: the signed document exactly as received (canonical JSON) and its detached signature
+    document: Mapped[bytes] = mapped_column(LargeBinary)
+    signature: Mapped[str] = mapped_column(String(200))
+    fetched_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class JobRun(Base):
+    """One run of a scheduled job (``[schedules]`` or ``gateway sync JOB``), with its outcome.
+    (job, tick) is unique: one run per schedule tick however many instances are running."""
+
+    __tablename__ = "job_runs"
+    __table_args__ = (UniqueConstraint("job", "tick"), Index("ix_job_runs_job_started", "job", "started_at"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job: Mapped[str] = mapped_column(String(64))
+    #: the schedule tick this run belongs to; manual runs use their start time
+    tick: Mapped[datetime] = mapped_column(UTCDateTime())
+    trigger: Mapped[str] = mapped_column(String(16))  # "schedule" or "manual"
+    instance: Mapped[str] = mapped_column(String(200))
+    #: running, ok, failed
+    outcome: Mapped[str] = mapped_column(String(12), default="running")
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 
 import adapters
@@ -16,6 +17,9 @@ from gateway.config import Config
 from gateway.db import Database
 from gateway.models import AdapterState
 from gateway.routing import RouteTable
+
+if TYPE_CHECKING:
+    from gateway.federation.state import Federation
 
 log = logging.getLogger("gateway.node")
 
@@ -47,9 +51,10 @@ class Node:
         self.data_dir = config.data_dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(self.data_dir / "blobs")
-        self.routes = RouteTable(config.routes)
+        self.routes = RouteTable(config.routes, config)
         self._adapters: dict[str, Adapter] = {}
         self._lock = threading.Lock()
+        self._federation: Federation | None = None
 
     @property
     def id(self) -> str:
@@ -67,6 +72,16 @@ class Node:
                 self._adapters[name] = a
             return a
 
+    @property
+    def federation(self) -> Federation:
+        """Signing client and pinned peer keys (built on first use)."""
+        with self._lock:
+            if self._federation is None:
+                from gateway.federation.state import Federation
+
+                self._federation = Federation(self)
+            return self._federation
+
     def adapter_names(self) -> list[str]:
         return sorted(self.config.adapters)
 
@@ -78,5 +93,7 @@ class Node:
                 except Exception:  # closing one adapter must not stop the others closing
                     log.warning("closing adapter %s failed", a.name, exc_info=True)
             self._adapters.clear()
+            if self._federation is not None:
+                self._federation.close()
         self.db.dispose()
 

@@ -34,7 +34,7 @@ from typing import cast
 
 import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import CursorResult, Integer, bindparam, select, update
+from sqlalchemy import CursorResult, Integer, bindparam, exists, or_, select, update
 
 from adapters.base import Delivery as AdapterDelivery
 from adapters.base import DeliveryError, PermanentError, RetryableError
@@ -68,9 +68,17 @@ _OUTBOX = table(OutboxEntry)
 _DELIVERIES = table(Delivery)
 
 
+_EARLIER = _OUTBOX.alias("earlier")
+
+
 def _claim_statement(skip_locked: bool):  # type: ignore[no-untyped-def]
+    # Within a conversation (初报, 续报 …) rows leave for a node in order: a row waits while an
+    # earlier row of its conversation to the same target is pending or in flight.
+    in_order = or_(_OUTBOX.c.conversation.is_(None), ~exists().where(
+        _EARLIER.c.conversation == _OUTBOX.c.conversation, _EARLIER.c.target == _OUTBOX.c.target,
+        _EARLIER.c.id < _OUTBOX.c.id, _EARLIER.c.state.in_(("pending", "claimed"))))
     sub = (select(_OUTBOX.c.id)
-           .where(_OUTBOX.c.state == "pending", _OUTBOX.c.next_attempt_at <= bindparam("now"))
+           .where(_OUTBOX.c.state == "pending", _OUTBOX.c.next_attempt_at <= bindparam("now"), in_order)
            .order_by(_OUTBOX.c.priority, _OUTBOX.c.next_attempt_at, _OUTBOX.c.id)
            .limit(bindparam("limit", type_=Integer)))
     if skip_locked:
@@ -181,6 +189,15 @@ class Worker:
                 res = self.node.adapter(job.target).deliver(AdapterDelivery(
                     message_id=job.message_id, recipient=job.recipient, envelope=env, attempt=job.attempts + 1))
                 out.remote_id = res.remote_id
+            elif job.kind == "forward":
+                out.extra.update(self._forward(job))
+            elif job.kind == "status":
+                self.node.federation.client.post(job.target, "/status", {"items": [job.payload]})
+            elif job.kind == "recall" and job.target in self.node.config.peers:
+                assert job.message_id and job.recipient
+                self.node.federation.client.post(job.target, "/recall", {"message_id": job.message_id,
+                                                                         "units": [job.recipient.unit]})
+                out.extra["requested"] = True
             elif job.kind == "recall":
                 assert job.message_id and job.recipient
                 if job.delivery_status == "queued":
@@ -200,9 +217,27 @@ class Worker:
             out.error = RetryableError(f"{type(exc).__name__}: {exc}")
         return out
 
+    def _forward(self, job: Job) -> dict:
+        """Hand a message to the next node for the units behind it that are still queued
+        (a unit recalled meanwhile is left out)."""
+        assert job.message_id and job.envelope_xml is not None and job.payload
+        with self.node.db.sessions() as s:
+            queued = set(s.scalars(select(Delivery.unit).where(
+                Delivery.message_id == job.message_id, Delivery.route_kind == "node",
+                Delivery.target == job.target, Delivery.status == "queued")))
+        units = [u for u in job.payload["units"] if u in queued]
+        if not units:
+            return {"units": [], "skipped": True}
+        answer = self.node.federation.client.post(job.target, "/messages", {
+            "message_id": job.message_id, "units": units, "hops": job.payload["hops"],
+            "envelope": job.envelope_xml.decode("utf-8")})
+        return {"units": units, "answer": answer}
+
     def _policy(self, kind: str, target: str) -> RetryPolicy:
         if kind == "webhook":
             return self.node.config.webhooks.retry
+        if target in self.node.config.peers and kind in ("forward", "status", "recall"):
+            return self.node.config.peers[target].retry or self.cfg.retry
         raw = self.node.config.adapters.get(target, {}).get("retry")
         return RetryPolicy(**raw) if raw else self.cfg.retry
 
@@ -262,9 +297,22 @@ class Worker:
                     d.reason, outcome = "撤回失败：对方已签收 (recall too late: already signed for)", "too-late"
                 audit.append(s, actor=actor, action="delivery.recall", obj=obj, outcome=outcome,
                              detail={"adapter": entry.target})
+            elif entry.kind == "recall":
+                audit.append(s, actor=actor, action="delivery.recall", obj=obj, outcome="requested",
+                             detail={"node": entry.target})
             elif entry.kind == "webhook":
                 audit.append(s, actor=actor, action="webhook.send", obj=obj, outcome="sent",
                              detail={"url": entry.target, "attempt": entry.attempts})
+            elif entry.kind == "forward" and d is not None:
+                units = o.extra.get("units", [])
+                audit.append(s, actor=actor, action="message.forward", obj=f"message:{d.message_id}",
+                             outcome="skipped" if o.extra.get("skipped") else "forwarded",
+                             detail={"node": entry.target, "units": units, "attempt": entry.attempts,
+                                     "accepted_at": (o.extra.get("answer") or {}).get("accepted_at")})
+            elif entry.kind == "status":
+                p = entry.payload or {}
+                audit.append(s, actor=actor, action="status.send", obj=obj, outcome="sent",
+                             detail={"node": entry.target, "status": p.get("status")})
             return
         policy = self._policy(entry.kind, entry.target)
         message = str(err)[:2000]
@@ -275,11 +323,19 @@ class Worker:
             if d is not None and entry.kind == "deliver" and d.status == "queued":
                 prev, d.status, d.last_error, d.updated_at = d.status, "failed", message, now
                 events.status_changed(s, d, prev)
+            elif d is not None and entry.kind == "forward":
+                # every unit behind that node fails with the forward
+                for other in s.scalars(select(Delivery).where(
+                        Delivery.message_id == d.message_id, Delivery.route_kind == "node",
+                        Delivery.target == entry.target, Delivery.status == "queued",
+                        Delivery.unit.in_((entry.payload or {}).get("units", [])))):
+                    prev, other.status, other.last_error, other.updated_at = other.status, "failed", message, now
+                    events.status_changed(s, other, prev)
         else:
             entry.state, entry.claimed_by, entry.lease_until = "pending", None, None
             entry.next_attempt_at = now + timedelta(seconds=backoff(policy, entry.attempts))
             outcome = "retry"
-            if d is not None and entry.kind == "deliver":
+            if d is not None and entry.kind in ("deliver", "forward"):
                 d.last_error = message
         audit.append(s, actor=actor, action="webhook.attempt" if entry.kind == "webhook" else "delivery.attempt",
                      obj=obj, outcome=outcome, detail={"target": entry.target, "attempt": entry.attempts,

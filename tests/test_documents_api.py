@@ -44,10 +44,12 @@ def test_worker_delivers_each_recipient_through_its_routed_adapter(api, gw_node)
     assert {x["unit"]: x["status"] for x in got["recipients"]} == {COUNTY_A: "delivered", CITY_B: "delivered"}
 
 
-def test_recipient_at_another_node_is_held_for_federation(api, gw_node):
-    body = api.post("/api/v1/documents", json=api.document(recipients=(COUNTY_C,))).get_json()
-    assert body["recipients"][0]["status"] == "held"
-    assert body["recipients"][0]["route"] == "county-c"
+def test_recipient_at_a_node_that_is_not_a_peer_has_no_route(api, gw_node):
+    r = api.post("/api/v1/documents", json=api.document(recipients=(COUNTY_C,)))
+    assert r.status_code == 422, r.get_json()
+    problem = r.get_json()
+    assert problem["type"] == "urn:egov:gateway:problem:no-route"
+    assert "county-c" in problem["detail"] and "not a peer" in problem["detail"]
     assert Worker(gw_node).run_once() == 0
 
 

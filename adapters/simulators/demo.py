@@ -28,7 +28,7 @@ RECIPIENTS = [
 ]
 
 STATUS_ZH = {"queued": "排队中", "delivered": "已送达", "signed": "已签收", "returned": "已退回",
-             "recalled": "已撤回", "failed": "失败", "held": "待转发"}
+             "recalled": "已撤回", "failed": "失败"}
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -132,7 +132,6 @@ def plan(cfg: Config, *, api_port: int = 8080, sign_delay: float = 2.0) -> Simul
             {"units": [COUNTY_A], "adapter": "docexchange"},
             {"units": [CITY_B], "adapter": "countydrop"},
             {"units": [EMERGENCY, PREFECTURE], "adapter": "exchangebox"},
-            {"units": [COUNTY_C], "node": "county-c"},
         ],
     }
     node_cfg = config_mod.from_mapping(raw, source="<embedded default>", base_dir=str(Path(config_mod.__file__).resolve().parent.parent))

@@ -30,6 +30,11 @@ TITLES = {
     "method-not-allowed": "不允许的方法 (method not allowed)",
     "conflict": "状态冲突 (conflict)",
     "not-ready": "服务未就绪 (not ready)",
+    "bad-signature": "节点签名无效 (node signature invalid)",
+    "unknown-key": "未知节点密钥 (unknown node key)",
+    "stale-request": "请求时间超出允许偏差 (request time outside the allowed clock skew)",
+    "replayed-request": "重放的请求 (replayed request)",
+    "peer-unavailable": "对端节点不可用 (peer node unavailable)",
     "internal": "内部错误 (internal error)",
 }
 

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime, UTC
+from datetime import datetime
 
 from flask import Blueprint, Response, request, url_for
 from pydantic import ValidationError
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, or_, select
 
-from gateway import audit
+from gateway import audit, pipeline
 from gateway.api import auth
 from gateway.api.common import (
     body_bytes,
@@ -23,7 +23,7 @@ from gateway.api.common import (
 from gateway.api.problems import Problem
 from gateway.api.spec import operation
 from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError
-from gateway.models import Delivery, Message, OutboxEntry, ReceiptRecord
+from gateway.models import Delivery, Message, ReceiptRecord
 from gateway.pipeline import IdempotencyKey, Rejected, accept
 from systems.documents import SLUG, payload
 from systems.documents.schemas import DocumentIn, DocumentList, DocumentOut, ReceiptOut, RecipientStatus
@@ -87,7 +87,7 @@ def _accepted_out(m: Message, env, routes) -> dict:  # type: ignore[no-untyped-d
         **_header(m),
         "accepted_at": m.accepted_at.isoformat().replace("+00:00", "Z"),  # as pydantic writes it
         "recipients": [{"unit": r.unit, "name": r.name, "copy_type": r.copy_type, "copy_no": r.copy_no,
-                        "status": "queued" if route.kind == "adapter" else "held", "route": route.target,
+                        "status": "queued", "route": route.target,
                         "signer": None, "signed_at": None, "receipt_no": None, "reason": None,
                         "last_error": None, "receipts": []}
                        for r, route in zip(env.recipients, routes)],
@@ -232,23 +232,7 @@ def recall_document(message_id: str) -> Response:
     n = node()
     caller = auth.require(n.db, "documents:recall")
     _load(message_id, caller, receipts=False)  # ownership and clearance
-    now = datetime.now(UTC)
     with n.db.begin() as s:
-        m = s.get(Message, message_id)
-        assert m is not None
-        for d in m.deliveries:
-            if d.status in ("queued", "held"):
-                s.execute(update(OutboxEntry).where(OutboxEntry.delivery_id == d.id, OutboxEntry.kind == "deliver",
-                                                    OutboxEntry.state == "pending")
-                          .values(state="done", last_error="recalled before delivery", finished_at=now))
-                claimed = s.scalar(select(OutboxEntry.id).where(OutboxEntry.delivery_id == d.id,
-                                                                 OutboxEntry.kind == "deliver",
-                                                                 OutboxEntry.state == "claimed"))
-                if claimed is None:
-                    d.status, d.updated_at = "recalled", now
-                    continue
-            if d.status in ("delivered", "queued") and d.route_kind == "adapter":
-                s.add(OutboxEntry(kind="recall", delivery_id=d.id, target=d.target or "", priority=0,
-                                  next_attempt_at=now, created_at=now))
+        pipeline.recall(s, message_id)
         audit.append(s, actor=caller.actor, action="message.recall", obj=f"message:{message_id}")
     return _json(_load(message_id, caller, receipts=False), 202)

@@ -166,7 +166,7 @@ class RecipientStatus(BaseModel):
     name: str | None = None
     copy_type: str | None = None
     copy_no: str | None = None
-    status: str = Field(description="queued, held, delivered, signed, returned, recalled or failed")
+    status: str = Field(description="queued, delivered, signed, returned, recalled or failed")
     route: str | None = Field(default=None, description="adapter or node the copy goes through")
     signer: str | None = None
     signed_at: datetime | None = None

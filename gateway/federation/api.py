@@ -1,0 +1,123 @@
+"""The receiving side of federation: ``/federation/v1/...``, every request signed (RFC 9421)
+by a peer whose key is pinned in ``[peers]``. A refused request gets a problem+json answer
+and an audit entry."""
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from flask import Blueprint, Response, current_app, request, stream_with_context
+from sqlalchemy import delete, insert
+from sqlalchemy.exc import IntegrityError
+
+from gateway import audit
+from gateway.api.problems import Problem
+from gateway.federation import transfer
+from gateway.federation.signing import SignatureRejected, verify
+from gateway.models import FederationNonce, table
+from gateway.node import Node
+
+bp = Blueprint("federation", __name__, url_prefix="/federation/v1")
+
+_STATUS = {"bad-signature": 401, "unknown-key": 401, "stale-request": 401, "replayed-request": 401}
+_INSERT_NONCE = insert(table(FederationNonce))
+
+
+def _node() -> Node:
+    return current_app.extensions["gateway.node"]
+
+
+def authenticate(n: Node) -> str:
+    """The peer that signed this request, or a 401 problem (with an audit entry)."""
+    body = request.get_data(cache=True)
+    fed = n.federation
+    try:
+        v = verify(request.method, request.url, request.headers, body, keys=fed.peer_key,
+                   max_skew=n.config.federation.max_skew)
+        try:
+            n.db.write(lambda c: c.execute(_INSERT_NONCE, {"key_id": v.key_id, "nonce": v.nonce,
+                                                           "seen_at": datetime.now(UTC)}))
+        except IntegrityError:
+            raise SignatureRejected("replayed-request", f"this request from node {v.key_id} was seen before "
+                                    f"(nonce {v.nonce}); a replayed request is refused", v.key_id) from None
+        fed.maybe_purge_nonces()
+        return v.key_id
+    except SignatureRejected as exc:
+        with n.db.begin() as s:
+            audit.append(s, actor=f"node:{exc.key_id or 'unknown'}", action="federation.reject",
+                         obj=f"{request.method} {request.path}", outcome=exc.kind,
+                         detail={"reason": exc.detail, "remote_addr": request.remote_addr})
+        raise Problem(_STATUS[exc.kind], exc.kind, exc.detail) from None
+
+
+def _json_body() -> Any:
+    try:
+        return json.loads(request.get_data(cache=True) or b"null")
+    except ValueError as exc:
+        raise Problem(400, "malformed-json", f"the body is not JSON: {exc}") from None
+
+
+def _answer(fn, *args: Any) -> Response:  # type: ignore[no-untyped-def]
+    try:
+        result = fn(*args)
+    except transfer.TransferError as exc:
+        raise Problem(exc.status, exc.kind, exc.detail) from None
+    return Response(json.dumps(result, ensure_ascii=False), status=200, mimetype="application/json")
+
+
+@bp.post("/messages")
+def receive_message() -> Response:
+    n = _node()
+    peer = authenticate(n)
+    try:
+        answer, created = transfer.import_message(n, peer, _json_body())
+    except transfer.TransferError as exc:
+        raise Problem(exc.status, exc.kind, exc.detail) from None
+    return Response(json.dumps(answer, ensure_ascii=False), status=200, mimetype="application/json",
+                    headers={"Idempotent-Replayed": "false" if created else "true"})
+
+
+@bp.post("/status")
+def receive_status() -> Response:
+    n = _node()
+    peer = authenticate(n)
+    body = _json_body()
+    return _answer(transfer.apply_statuses, n, peer, body.get("items") if isinstance(body, dict) else None)
+
+
+@bp.post("/recall")
+def receive_recall() -> Response:
+    n = _node()
+    peer = authenticate(n)
+    return _answer(transfer.recall, n, peer, _json_body())
+
+
+@bp.get("/messages/<message_id>/blobs/<sha256>")
+def send_blob(message_id: str, sha256: str) -> Response:
+    n = _node()
+    peer = authenticate(n)
+    if not transfer.blob_allowed(n, peer, message_id, sha256) or not n.blobs.exists(sha256):
+        raise Problem(404, "not-found", f"no content {sha256} of a message forwarded to node {peer}")
+
+    def stream():  # type: ignore[no-untyped-def]
+        with n.blobs.open(sha256) as f:
+            while chunk := f.read(1 << 20):
+                yield chunk
+
+    return Response(stream_with_context(stream()), mimetype="application/octet-stream",
+                    headers={"Content-Length": str(n.blobs.size(sha256))})
+
+
+@bp.get("/ping")
+def ping() -> Response:
+    n = _node()
+    peer = authenticate(n)
+    return Response(json.dumps({"node": n.id, "peer": peer, "time": datetime.now(UTC).isoformat()}),
+                    mimetype="application/json")
+
+
+def purge_nonces(n: Node) -> int:
+    cutoff = datetime.now(UTC) - timedelta(seconds=2 * n.config.federation.max_skew + 60)
+    with n.db.begin() as s:
+        return s.execute(delete(FederationNonce).where(FederationNonce.seen_at < cutoff)).rowcount  # type: ignore[attr-defined]

@@ -1,0 +1,95 @@
+"""Signed requests from this node to its peers (``/federation/v1/...``)."""
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import requests
+
+from adapters.base import PermanentError, RetryableError
+from gateway.config import Config
+from gateway.federation import keys
+from gateway.federation.signing import Signer
+
+PREFIX = "/federation/v1"
+
+
+class PeerClient:
+    """One per process; thread-safe (a requests session per thread)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.node_id = config.node.id
+        self._signer = Signer(self.node_id, keys.own_key(config))
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = self._local.session = requests.Session()
+            s.trust_env = False  # a proxy from the environment must not sit between nodes
+        return s
+
+    def url(self, peer: str, path: str) -> str:
+        p = self.config.peers.get(peer)
+        if p is None:
+            raise PermanentError(f"node {peer!r} is not a peer of this node")
+        if not p.url:
+            raise PermanentError(f"peer {peer!r} has no URL (its link is {p.link})")
+        return p.url.rstrip("/") + PREFIX + path
+
+    def post(self, peer: str, path: str, payload: Any) -> dict:
+        url = self.url(peer, path)
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        headers = self._signer.sign("POST", url, {"Content-Type": "application/json"}, body)
+        try:
+            r = self._session().post(url, data=body, headers=headers, timeout=self.config.peers[peer].timeout)
+        except requests.RequestException as exc:
+            raise RetryableError(f"node {peer}: {type(exc).__name__}: {exc}") from None
+        return _answer(peer, r)
+
+    @contextmanager
+    def get_stream(self, peer: str, path: str) -> Iterator[requests.Response]:
+        url = self.url(peer, path)
+        headers = self._signer.sign("GET", url, {}, None)
+        try:
+            r = self._session().get(url, headers=headers, stream=True, timeout=self.config.peers[peer].timeout)
+        except requests.RequestException as exc:
+            raise RetryableError(f"node {peer}: {type(exc).__name__}: {exc}") from None
+        try:
+            if r.status_code != 200:
+                _answer(peer, r)
+            yield r
+        finally:
+            r.close()
+
+    def get_json(self, peer: str, path: str) -> dict:
+        with self.get_stream(peer, path) as r:
+            return _answer(peer, r)
+
+    def close(self) -> None:
+        s = getattr(self._local, "session", None)
+        if s is not None:
+            s.close()
+
+
+def _answer(peer: str, r: requests.Response) -> dict:
+    if r.status_code < 300:
+        try:
+            body = r.json()
+        except ValueError:
+            raise RetryableError(f"node {peer}: answered HTTP {r.status_code} without JSON") from None
+        return body if isinstance(body, dict) else {"items": body}
+    try:
+        problem = r.json()
+        detail = f"{problem.get('type', '')}: {problem.get('detail', '')}"
+    except ValueError:
+        detail = r.text[:300]
+    msg = f"node {peer} answered HTTP {r.status_code}: {detail}"
+    # 4xx (apart from timeouts, rate limits and clock trouble) will not pass by retrying
+    if 400 <= r.status_code < 500 and r.status_code not in (408, 425, 429) and "stale-request" not in detail:
+        raise PermanentError(msg, code=str(r.status_code))
+    raise RetryableError(msg, code=str(r.status_code))

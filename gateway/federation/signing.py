@@ -1,0 +1,142 @@
+"""HTTP Message Signatures (RFC 9421) on node-to-node requests.
+
+Every request under ``/federation/v1`` carries ``Signature-Input`` and ``Signature`` over
+the method, the path and query, and (when there is a body) the ``Content-Digest`` of the
+body, with the parameters ``created``, ``keyid`` (the sending node's id), ``nonce`` and
+``tag="egov-federation"``. The receiver
+
+1. knows the key id: it names a configured peer, whose public key is pinned;
+2. accepts the created time only within ``[federation] max_skew`` of its own clock;
+3. checks the signature and that the body matches the signed digest;
+4. refuses a nonce it has seen (replay), remembering nonces for twice the skew.
+
+The signature itself is made and checked by the ``http-message-signatures`` library;
+the policy (which key, how old, replay) is this module's.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import http_sf
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from http_message_signatures import (
+    HTTPMessageSigner,
+    HTTPMessageVerifier,
+    HTTPSignatureKeyResolver,
+    InvalidSignature,
+    algorithms,
+)
+from http_message_signatures.exceptions import HTTPMessageSignaturesException
+
+TAG = "egov-federation"
+LABEL = "fed"
+_WITH_BODY = ("@method", "@path", "@query", "content-digest")
+_NO_BODY = ("@method", "@path", "@query")
+
+
+class SignatureRejected(Exception):
+    """Why a signed request was refused. ``kind`` becomes the problem type."""
+
+    def __init__(self, kind: str, detail: str, key_id: str | None = None) -> None:
+        super().__init__(detail)
+        self.kind, self.detail, self.key_id = kind, detail, key_id
+
+
+class _OneKey(HTTPSignatureKeyResolver):
+    def __init__(self, key_id: str, private: Ed25519PrivateKey | None = None,
+                 public: Ed25519PublicKey | None = None) -> None:
+        self.key_id, self.private, self.public = key_id, private, public
+
+    def resolve_private_key(self, key_id: str) -> Ed25519PrivateKey:
+        assert key_id == self.key_id and self.private is not None
+        return self.private
+
+    def resolve_public_key(self, key_id: str) -> Ed25519PublicKey | None:
+        return self.public if key_id == self.key_id else None
+
+
+@dataclass
+class _Message:
+    """The view of a request the library reads: method, full URL, headers."""
+
+    method: str
+    url: str
+    headers: Any
+
+
+class Signer:
+    def __init__(self, key_id: str, key: Ed25519PrivateKey) -> None:
+        self.key_id = key_id
+        self._signer = HTTPMessageSigner(signature_algorithm=algorithms.ED25519,
+                                         key_resolver=_OneKey(key_id, private=key))
+
+    def sign(self, method: str, url: str, headers: dict[str, str], body: bytes | None,
+             created: dt.datetime | None = None) -> dict[str, str]:
+        """Add the digest and signature headers to ``headers`` (and return it)."""
+        msg = _Message(method.upper(), url, headers)
+        # with a body the library adds Content-Digest and covers it
+        self._signer.sign(msg, key_id=self.key_id, covered_component_ids=_NO_BODY, body=body or None,
+                          created=created or dt.datetime.now(dt.UTC), nonce=secrets.token_urlsafe(18),
+                          label=LABEL, tag=TAG, include_alg=True)
+        return headers
+
+
+@dataclass
+class Verified:
+    key_id: str
+    nonce: str
+    created: dt.datetime
+
+
+def verify(method: str, url: str, headers: Mapping[str, str] | Any, body: bytes, *,
+           keys: Callable[[str], Ed25519PublicKey | None], max_skew: float,
+           now: dt.datetime | None = None) -> Verified:
+    """Check a request's signature against the pinned key of the peer it names. Raises
+    :class:`SignatureRejected` (kinds: bad-signature, unknown-key, stale-request). Replay
+    (the nonce) is checked by the caller, which owns the nonce store."""
+    now = now or dt.datetime.now(dt.UTC)
+    raw = headers.get("Signature-Input")
+    if not raw or not headers.get("Signature"):
+        raise SignatureRejected("bad-signature", "the request is not signed: Signature-Input and Signature "
+                                "headers (RFC 9421) are required on /federation/v1")
+    try:
+        parsed = http_sf.parse(raw.encode(), tltype="dictionary")
+        assert isinstance(parsed, dict)
+        entry = parsed[LABEL]
+        params: dict[str, Any] = dict(entry[1])  # type: ignore[index, arg-type]
+    except Exception:  # noqa: BLE001 - any parse failure is the same answer
+        raise SignatureRejected("bad-signature", f"Signature-Input is malformed or has no {LABEL!r} "
+                                "signature") from None
+    key_id, created, nonce = params.get("keyid"), params.get("created"), params.get("nonce")
+    if not isinstance(key_id, str) or not isinstance(created, int) or not isinstance(nonce, str) or not nonce:
+        raise SignatureRejected("bad-signature", "the signature must carry keyid, created and nonce parameters")
+    public = keys(key_id)
+    if public is None:
+        raise SignatureRejected("unknown-key", f"key id {key_id!r} is not a peer of this node; its public key "
+                                "must be pinned in [peers] first", key_id)
+    skew = created - now.timestamp()
+    if abs(skew) > max_skew:
+        raise SignatureRejected("stale-request", f"the request was signed at {_iso(created)}, "
+                                f"{abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} this node's clock "
+                                f"({now.isoformat(timespec='seconds')}); at most {max_skew:.0f} s is accepted. "
+                                "Check the clocks (NTP) of both nodes", key_id)
+    verifier = HTTPMessageVerifier(signature_algorithm=algorithms.ED25519,
+                                   key_resolver=_OneKey(key_id, public=public))
+    verifier.max_clock_skew = dt.timedelta(seconds=max_skew)
+    try:
+        verifier.verify(_Message(method.upper(), url, dict(headers)), max_age=dt.timedelta(seconds=max_skew),
+                        expect_tag=TAG, require_components=_WITH_BODY if body else _NO_BODY, body=body)
+    except (InvalidSignature, HTTPMessageSignaturesException) as exc:
+        why = str(exc) or ("the signature does not match the request (its method, path, query or body "
+                           "changed on the way, or another key made it)")
+        raise SignatureRejected("bad-signature", f"the signature of node {key_id!r} does not verify: {why}",
+                                key_id) from None
+    return Verified(key_id, nonce, dt.datetime.fromtimestamp(created, dt.UTC))
+
+
+def _iso(ts: int) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,213 @@
+"""What travels between nodes, and what each side does with it.
+
+* A **forward** carries one message to the next node for the units behind it:
+  ``{"message_id", "units": [...], "hops": [node ids it passed, sender last], "envelope": "<xml>"}``.
+  The receiver accepts it once (by message id): a repeat gets the same answer. Bodies and
+  attachments (claim checks) it does not have yet it fetches from the sender first, so
+  "accepted" means the whole document is here.
+* A **status** item reports a copy's new status back to the node the message came from:
+  ``{"message_id", "unit", "status", "signer", "receipt_no", "reason", "at", "error"}``.
+  Applied on the sender only to copies it forwarded to that very node, and only in the
+  forward direction of the status machine, so repeats and stale reports change nothing.
+* A **recall** asks the next node to withdraw its copies of a message for some units.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from adapters.base import PermanentError, RetryableError
+from gateway import audit, events, pipeline
+from gateway.envelope import Envelope, EnvelopeError
+from gateway.models import Delivery, Message, ReceiptRecord
+from gateway.node import Node
+
+log = logging.getLogger("gateway.federation")
+
+#: a status reported by the next node, and the local statuses it may move a copy from
+STATUS_FROM: dict[str, tuple[str, ...]] = {
+    "delivered": ("queued",),
+    "signed": ("queued", "delivered", "failed"),
+    "returned": ("queued", "delivered", "failed"),
+    "recalled": ("queued", "delivered"),
+    "failed": ("queued",),
+}
+MAX_HOPS = 6
+
+
+class TransferError(Exception):
+    """A forward, status or recall the receiver refuses; ``kind`` is the problem type."""
+
+    def __init__(self, status: int, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.kind, self.detail = status, kind, detail
+
+
+# -- receiving a forward -------------------------------------------------------------------
+def _str_list(body: dict, key: str) -> list[str]:
+    v = body.get(key)
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+        raise TransferError(400, "validation", f"{key}: expected a non-empty list of strings")
+    return v
+
+
+def import_message(node: Node, peer: str, body: Any) -> tuple[dict, bool]:
+    if not isinstance(body, dict):
+        raise TransferError(400, "validation", "expected a JSON object with message_id, units, hops, envelope")
+    mid, xml = body.get("message_id"), body.get("envelope")
+    if not isinstance(mid, str) or not isinstance(xml, str):
+        raise TransferError(400, "validation", "message_id and envelope (the canonical XML) are required strings")
+    units, hops = _str_list(body, "units"), _str_list(body, "hops")
+    if hops[-1] != peer:
+        raise TransferError(400, "validation", f"hops: the last hop must be the sending node {peer!r}, "
+                                               f"got {hops[-1]!r}")
+    if node.id in hops or len(hops) > MAX_HOPS:
+        raise TransferError(422, "no-route", f"the message has already passed this node or too many nodes "
+                                             f"({' -> '.join(hops)}): a routing loop")
+    try:
+        env = Envelope.from_xml(xml.encode("utf-8"))
+    except EnvelopeError as exc:
+        raise TransferError(422, "validation", f"envelope: {exc}") from None
+    except ValueError as exc:  # xmlsafe's refusals (DTD, size, depth …)
+        raise TransferError(400, "malformed-xml", f"envelope: {exc}") from None
+    if env.message_id != mid:
+        raise TransferError(400, "validation", f"message_id {mid!r} differs from the envelope's {env.message_id!r}")
+    if env.sender_node != hops[0]:
+        raise TransferError(422, "validation", f"the envelope's sender node {env.sender_node!r} is not the first "
+                                               f"hop {hops[0]!r}")
+    served = node.config.peers[hops[0]].units if hops[0] in node.config.peers else []
+    if served and env.sender_unit not in served:
+        raise TransferError(422, "forbidden-unit", f"sender unit {env.sender_unit} is not served by node {hops[0]}")
+    known = {r.unit for r in env.recipients}
+    stray = [u for u in units if u not in known]
+    if stray:
+        raise TransferError(422, "validation", f"units {', '.join(stray)} are not recipients of the message")
+    _fetch_blobs(node, peer, env)
+    try:
+        acc = pipeline.accept(node, env, actor=f"node:{peer}", source=f"node:{peer}", units=set(units),
+                              hops=tuple(hops), summary={"via": peer, "origin": hops[0]})
+    except pipeline.Rejected as exc:
+        raise TransferError(exc.status, exc.kind, exc.detail) from None
+    with node.db.sessions() as s:
+        m = s.get(Message, mid)
+        assert m is not None
+        here = sorted(s.scalars(select(Delivery.unit).where(Delivery.message_id == mid)))
+    missing = [u for u in units if u not in here]
+    if missing:
+        # the same message id came before for other units: never two messages under one id
+        raise TransferError(409, "message-id-conflict", f"message {mid} is already here for other units; "
+                                                        f"units {', '.join(missing)} were not part of it")
+    # the same answer for the first delivery and every repeat (the API says which it was in
+    # the Idempotent-Replayed header)
+    return {"message_id": mid, "node": node.id, "units": sorted(units),
+            "accepted_at": m.accepted_at.isoformat().replace("+00:00", "Z")}, acc.created
+
+
+def _fetch_blobs(node: Node, peer: str, env: Envelope) -> None:
+    for a in env.attachments:
+        if node.blobs.exists(a.sha256):
+            continue
+        try:
+            with node.federation.client.get_stream(peer, f"/messages/{env.message_id}/blobs/{a.sha256}") as r:
+                r.raw.decode_content = True
+                sha, size = node.blobs.put_stream(r.raw, max_bytes=a.size)
+        except (RetryableError, PermanentError) as exc:
+            raise TransferError(502, "peer-unavailable", f"fetching {a.name} ({a.sha256[:12]}…) from node {peer} "
+                                                         f"failed: {exc}") from None
+        if sha != a.sha256 or size != a.size:
+            raise TransferError(422, "validation", f"{a.name}: node {peer} sent content whose SHA-256 or size "
+                                                   f"does not match the envelope")
+
+
+def blob_allowed(node: Node, peer: str, message_id: str, sha256: str) -> bool:
+    """A peer may fetch a blob only of a message this node forwards to it."""
+    with node.db.sessions() as s:
+        xml = s.scalar(select(Message.envelope_xml).where(
+            Message.id == message_id,
+            Message.id.in_(select(Delivery.message_id).where(Delivery.message_id == message_id,
+                                                             Delivery.route_kind == "node",
+                                                             Delivery.target == peer))))
+    if xml is None:
+        return False
+    env = Envelope.from_xml(xml, validate=False)
+    return any(a.sha256 == sha256 for a in env.attachments)
+
+
+# -- status coming back -------------------------------------------------------------------
+def apply_statuses(node: Node, peer: str, items: Any) -> dict:
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise TransferError(400, "validation", "items: expected a list of status objects")
+    counts: dict[str, int] = {}
+    with node.db.begin() as s:
+        for item in items:
+            outcome = _apply_status(s, peer, item)
+            counts[outcome] = counts.get(outcome, 0) + 1
+    return {"node": node.id, "outcomes": counts}
+
+
+def _time(v: Any) -> datetime | None:
+    if not isinstance(v, str):
+        return None
+    try:
+        t = datetime.fromisoformat(v.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _apply_status(s: Session, peer: str, item: dict) -> str:
+    mid, unit, status = item.get("message_id"), item.get("unit"), item.get("status")
+    if not isinstance(mid, str) or not isinstance(unit, str) or status not in STATUS_FROM:
+        raise TransferError(400, "validation", f"a status item needs message_id, unit and a status among "
+                                               f"{', '.join(STATUS_FROM)}; got {item!r}"[:400])
+    d = s.scalars(select(Delivery).where(Delivery.message_id == mid, Delivery.unit == unit,
+                                         Delivery.route_kind == "node", Delivery.target == peer)
+                  .with_for_update()).first()
+    if d is None:
+        # not a copy this node forwarded to that node: never let one node report for another
+        audit.append(s, actor=f"node:{peer}", action="status.reject", obj=f"delivery:{mid}/{unit}",
+                     outcome="unmatched", detail={"status": status})
+        return "unmatched"
+    now = datetime.now(UTC)
+    at = _time(item.get("at")) or now
+    signer, receipt_no, reason = (str(item[k])[:200] if item.get(k) is not None else None
+                                  for k in ("signer", "receipt_no", "reason"))
+    if status in ("signed", "returned"):
+        s.add(ReceiptRecord(delivery_id=d.id, action=status.upper(), signer=signer, receipt_no=receipt_no,
+                            reason=reason, time=at, source=f"node:{peer}", received_at=now))
+    outcome = "unchanged"
+    if d.status in STATUS_FROM[status]:
+        prev, d.status, d.updated_at = d.status, status, now
+        if status == "delivered":
+            d.delivered_at = at
+        elif status in ("signed", "returned"):
+            d.signer, d.receipt_no, d.signed_at = signer, receipt_no, at
+            d.delivered_at = d.delivered_at or at
+            if status == "returned":
+                d.reason = reason
+        elif status == "failed":
+            d.last_error = str(item.get("error") or "failed at the receiving node")[:2000]
+        events.status_changed(s, d, prev)
+        outcome = status
+    audit.append(s, actor=f"node:{peer}", action="status.accept", obj=f"delivery:{mid}/{unit}", outcome=outcome,
+                 detail={"status": status, "signer": signer, "receipt_no": receipt_no, "reason": reason})
+    return outcome
+
+
+# -- recall from the sending node ---------------------------------------------------------
+def recall(node: Node, peer: str, body: Any) -> dict:
+    if not isinstance(body, dict) or not isinstance(body.get("message_id"), str):
+        raise TransferError(400, "validation", "expected {\"message_id\": …, \"units\": [...]}")
+    mid, units = body["message_id"], _str_list(body, "units")
+    with node.db.begin() as s:
+        m = s.get(Message, mid)
+        if m is None or m.source != f"node:{peer}":
+            raise TransferError(404, "not-found", f"no message {mid} came here from node {peer}")
+        pipeline.recall(s, mid, set(units))
+        audit.append(s, actor=f"node:{peer}", action="message.recall", obj=f"message:{mid}",
+                     detail={"units": units})
+    return {"message_id": mid, "node": node.id, "units": units, "state": "recall-requested"}

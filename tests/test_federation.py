@@ -1,0 +1,231 @@
+"""Three nodes as separate processes on loopback (``adapters/simulators/cluster.py``): the
+prefecture and two counties, each with its own SQLite database, key pair and SOAP document
+exchange service. Forwarding, relaying through the prefecture, receipts flowing back, recall
+across nodes, and the signed-request checks (bad signature, unknown key, replay, stale clock)."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import create_engine, select
+
+from adapters.simulators.cluster import CITY_B, COUNTY_A, EMERGENCY, PREFECTURE, Cluster, NodeProc
+from gateway import nodekey
+from gateway.federation.signing import Signer
+from gateway.models import AuditEntry, Delivery, Message
+
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("fed"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.close()
+
+
+def send(node: NodeProc, sender: str, recipients: tuple[str, ...], title: str = "联网测试",
+         **extra: object) -> str:
+    s = node.session()
+    sha = s.post(f"{node.url}/api/v1/blobs", data=f"{title} 正文".encode() * 200,
+                 headers={"Content-Type": "application/octet-stream"}).json()["sha256"]
+    doc = {"sender_unit": sender, "issuer": "测试机关", "doc_type": "通知", "doc_number": "州政办发〔2026〕41号",
+           "title": title, "written_date": "2026-11-26", "recipients": [{"unit": u} for u in recipients],
+           "body": {"sha256": sha, "name": "正文.ofd", "media_type": "application/ofd"}, **extra}
+    r = s.post(f"{node.url}/api/v1/documents", json=doc)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def statuses(node: NodeProc, mid: str) -> dict[str, dict]:
+    r = node.session().get(f"{node.url}/api/v1/documents/{mid}")
+    assert r.status_code == 200, r.text
+    return {x["unit"]: x for x in r.json()["recipients"]}
+
+
+def wait_for(node: NodeProc, mid: str, want: dict[str, str], timeout: float = 60.0) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = statuses(node, mid)
+        if {u: x["status"] for u, x in got.items()} == want:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"{node.id}: statuses {({u: (x['status'], x['last_error']) for u, x in got.items()})}, "
+                        f"expected {want}")
+        time.sleep(0.2)
+
+
+def rows(node: NodeProc, stmt):  # type: ignore[no-untyped-def]
+    engine = create_engine(node.database_url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(stmt).all()
+    finally:
+        engine.dispose()
+
+
+def test_a_document_reaches_units_at_two_counties_and_each_sign_for_comes_back(cluster: Cluster) -> None:
+    pref, a, b = cluster.nodes["prefecture"], cluster.nodes["county-a"], cluster.nodes["county-b"]
+    mid = send(pref, PREFECTURE, (EMERGENCY, COUNTY_A, CITY_B))
+    got = wait_for(pref, mid, {EMERGENCY: "signed", COUNTY_A: "signed", CITY_B: "signed"})
+    assert got[COUNTY_A]["signer"] == "甲县人民政府办公室值班员"
+    assert got[CITY_B]["signer"] == "乙市人民政府办公室值班员"
+    assert got[COUNTY_A]["route"] == "county-a" and got[CITY_B]["route"] == "county-b"
+    assert [r["action"] for r in got[COUNTY_A]["receipts"]] == ["SIGNED"]
+    # each county's legacy system got exactly one copy, with the body fetched from the prefecture
+    [doc_a] = [d for d in a.soap.state.all_documents() if d.title == "联网测试"]
+    assert doc_a.recipient_unit == COUNTY_A
+    assert doc_a.body == "联网测试 正文".encode() * 200
+    # the county stored the message for its own unit only, from the prefecture
+    [(source, summary)] = rows(a, select(Message.source, Message.summary).where(Message.id == mid))
+    assert source == "node:prefecture" and summary["origin"] == "prefecture"
+    assert [u for (u,) in rows(a, select(Delivery.unit).where(Delivery.message_id == mid))] == [COUNTY_A]
+    assert rows(b, select(Delivery.unit).where(Delivery.message_id == mid)) == [(CITY_B,)]
+
+
+def test_county_to_county_traffic_is_relayed_by_the_prefecture(cluster: Cluster) -> None:
+    pref, a, b = cluster.nodes["prefecture"], cluster.nodes["county-a"], cluster.nodes["county-b"]
+    mid = send(a, COUNTY_A, (CITY_B,), title="县际转发测试")
+    got = wait_for(a, mid, {CITY_B: "signed"})
+    assert got[CITY_B]["route"] == "prefecture"  # the next hop
+    assert got[CITY_B]["signer"] == "乙市人民政府办公室值班员"
+    # the prefecture relayed it: it holds a copy routed on to county-b, also signed
+    assert rows(pref, select(Delivery.target, Delivery.status).where(Delivery.message_id == mid)) == [
+        ("county-b", "signed")]
+    [(source,)] = rows(b, select(Message.source).where(Message.id == mid))
+    assert source == "node:prefecture"
+    forwards = rows(pref, select(AuditEntry.detail).where(AuditEntry.action == "message.forward",
+                                                          AuditEntry.object == f"message:{mid}"))
+    assert len(forwards) == 1 and json.loads(forwards[0][0])["node"] == "county-b"
+
+
+def _signer_as(cluster: Cluster, node_id: str) -> Signer:
+    return Signer(node_id, nodekey.load_or_create(cluster.nodes[node_id].data_dir))
+
+
+def _post(url: str, body: bytes, headers: dict[str, str]) -> requests.Response:
+    return requests.post(url, data=body, headers={"Content-Type": "application/json", **headers}, timeout=30)
+
+
+def test_a_repeated_forward_is_accepted_once_and_answered_the_same(cluster: Cluster) -> None:
+    pref, a = cluster.nodes["prefecture"], cluster.nodes["county-a"]
+    mid = send(pref, PREFECTURE, (COUNTY_A,), title="重复转发测试")
+    wait_for(pref, mid, {COUNTY_A: "signed"})
+    [(xml,)] = rows(pref, select(Message.envelope_xml).where(Message.id == mid))
+    body = json.dumps({"message_id": mid, "units": [COUNTY_A], "hops": ["prefecture"],
+                       "envelope": xml.decode()}).encode()
+    url = f"{a.url}/federation/v1/messages"
+    signer = _signer_as(cluster, "prefecture")
+    answers = [_post(url, body, signer.sign("POST", url, {}, body)) for _ in range(2)]
+    assert [r.status_code for r in answers] == [200, 200], answers[0].text
+    assert answers[0].json() == answers[1].json()
+    assert answers[0].json()["units"] == [COUNTY_A]
+    assert {r.headers["Idempotent-Replayed"] for r in answers} == {"true"}  # the worker's came first
+    assert len(rows(a, select(Delivery.id).where(Delivery.message_id == mid))) == 1
+    docs = [d for d in a.soap.state.all_documents() if d.title == "重复转发测试"]
+    assert len(docs) == 1
+
+
+def _rejections(node: NodeProc, kind: str) -> int:
+    return len(rows(node, select(AuditEntry.seq).where(AuditEntry.action == "federation.reject",
+                                                       AuditEntry.outcome == kind)))
+
+
+@pytest.mark.parametrize("case", ["unsigned", "unknown-key", "wrong-key", "tampered-body", "other-path",
+                                  "stale-past", "stale-future"])
+def test_bad_node_requests_are_refused_with_a_problem_and_an_audit_entry(cluster: Cluster, case: str) -> None:
+    pref = cluster.nodes["prefecture"]
+    url = f"{pref.url}/federation/v1/status"
+    body = json.dumps({"items": []}).encode()
+    now = dt.datetime.now(dt.UTC)
+    kind = {"unsigned": "bad-signature", "unknown-key": "unknown-key", "wrong-key": "bad-signature",
+            "tampered-body": "bad-signature", "other-path": "bad-signature", "stale-past": "stale-request",
+            "stale-future": "stale-request"}[case]
+    if case == "unsigned":
+        headers: dict[str, str] = {}
+    elif case == "unknown-key":
+        headers = Signer("county-x", Ed25519PrivateKey.generate()).sign("POST", url, {}, body)
+    elif case == "wrong-key":
+        headers = Signer("county-a", Ed25519PrivateKey.generate()).sign("POST", url, {}, body)
+    else:
+        signer = _signer_as(cluster, "county-a")
+        created = {"stale-past": now - dt.timedelta(hours=1), "stale-future": now + dt.timedelta(hours=1)}.get(case)
+        signed_url = url.replace("/status", "/recall") if case == "other-path" else url
+        headers = signer.sign("POST", signed_url, {}, body, created=created)
+        if case == "tampered-body":
+            body = json.dumps({"items": [{"message_id": "x"}]}).encode()
+    before = _rejections(pref, kind)
+    r = _post(url, body, headers)
+    assert r.status_code == 401, r.text
+    assert r.headers["Content-Type"].startswith("application/problem+json")
+    problem = r.json()
+    assert problem["type"] == f"urn:egov:gateway:problem:{kind}"
+    assert problem["detail"]
+    if case.startswith("stale"):
+        assert "clock" in problem["detail"]
+    assert _rejections(pref, kind) == before + 1
+
+
+def test_a_replayed_request_is_refused(cluster: Cluster) -> None:
+    pref = cluster.nodes["prefecture"]
+    url = f"{pref.url}/federation/v1/ping"
+    headers = _signer_as(cluster, "county-b").sign("GET", url, {}, None)
+    first = requests.get(url, headers=headers, timeout=30)
+    assert first.status_code == 200, first.text
+    assert first.json()["peer"] == "county-b"
+    before = _rejections(pref, "replayed-request")
+    again = requests.get(url, headers=headers, timeout=30)
+    assert again.status_code == 401
+    assert again.json()["type"] == "urn:egov:gateway:problem:replayed-request"
+    assert _rejections(pref, "replayed-request") == before + 1
+
+
+def test_a_status_report_for_a_copy_forwarded_elsewhere_changes_nothing(cluster: Cluster) -> None:
+    """County B may report only on copies the prefecture forwarded to county B."""
+    pref = cluster.nodes["prefecture"]
+    mid = send(pref, PREFECTURE, (COUNTY_A,), title="越权回执测试")
+    wait_for(pref, mid, {COUNTY_A: "signed"})
+    url = f"{pref.url}/federation/v1/status"
+    body = json.dumps({"items": [{"message_id": mid, "unit": COUNTY_A, "status": "returned",
+                                  "reason": "冒充退回"}]}).encode()
+    r = _post(url, body, _signer_as(cluster, "county-b").sign("POST", url, {}, body))
+    assert r.status_code == 200 and r.json()["outcomes"] == {"unmatched": 1}
+    assert statuses(pref, mid)[COUNTY_A]["status"] == "signed"
+
+
+def test_recall_reaches_the_copy_at_another_node(cluster: Cluster) -> None:
+    pref, b = cluster.nodes["prefecture"], cluster.nodes["county-b"]
+    b.soap.state.auto_sign_delay = 3600.0  # county B's clerk does not sign this one
+    try:
+        mid = send(pref, PREFECTURE, (CITY_B,), title="跨节点撤回测试")
+        wait_for(pref, mid, {CITY_B: "delivered"})
+        r = pref.session().post(f"{pref.url}/api/v1/documents/{mid}/recall")
+        assert r.status_code == 202, r.text
+        wait_for(pref, mid, {CITY_B: "recalled"})
+        assert rows(b, select(Delivery.status).where(Delivery.message_id == mid)) == [("recalled",)]
+    finally:
+        b.soap.state.auto_sign_delay = cluster.sign_delay
+
+
+def test_federation_config_errors_name_the_key(tmp_path: Path) -> None:
+    from gateway import config as config_mod
+
+    def err(raw: dict) -> str:
+        with pytest.raises(config_mod.ConfigError) as e:
+            config_mod.from_mapping(raw, source="node.toml")
+        return str(e.value)
+
+    assert "node.toml: federation.parent: 'prefecture' is not one of [peers]" in err(
+        {"federation": {"parent": "prefecture"}})
+    assert "peers.prefecture.public_key: missing" in err({"peers": {"prefecture": {"url": "http://x"}}})
+    assert "peers.prefecture.url: missing" in err({"peers": {"prefecture": {"public_key": "ed25519:AA"}}})
+    assert "peers.prefecture.link" in err({"peers": {"prefecture": {"url": "http://x", "public_key": "k",
+                                                                    "link": "carrier-pigeon"}}})
