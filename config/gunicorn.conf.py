@@ -20,6 +20,9 @@ max_requests = 10000     # recycle workers now and then; state lives in the data
 max_requests_jitter = 1000
 accesslog = "-"
 errorlog = "-"
+# gunicorn 25+ opens a control socket at ~/.gunicorn/gunicorn.ctl; several instances on one
+# host (API instances, nodes) would take it from each other, and nothing here uses it.
+control_socket_disable = True
 # Never log request bodies or Authorization headers: the default access log format has neither.
 
 

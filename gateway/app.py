@@ -28,6 +28,8 @@ def create_app(cfg: Config | str | None = None, node: Node | None = None) -> Fla
 
     app.register_blueprint(documents_bp)
     from gateway.federation.api import bp as federation_bp
+    from gateway.federation.directory import bp as directory_bp
 
     app.register_blueprint(federation_bp)
+    app.register_blueprint(directory_bp)
     return app

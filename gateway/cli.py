@@ -23,10 +23,14 @@ class Ctx:
 
     def cfg(self) -> Config:
         if self._cfg is None:
+            from gateway import scheduler
+
             try:
-                self._cfg = config_mod.load(self.config_path)
+                cfg = config_mod.load(self.config_path)
+                scheduler.validate(cfg)  # [schedules] name jobs that exist, with valid cron
             except ConfigError as exc:
                 raise click.ClickException(str(exc)) from None
+            self._cfg = cfg
         return self._cfg
 
     def node(self):  # type: ignore[no-untyped-def]
@@ -204,17 +208,46 @@ def audit_verify(c: Ctx, expect_head: str | None) -> None:
 
 
 # -- sync ----------------------------------------------------------------------------------
-@main.command(help="Run a scheduled job now. Jobs: receipts (poll every adapter once).")
-@click.argument("job", type=click.Choice(["receipts"]))
+@main.command(help="Run a scheduled job now (JOB), or list the jobs with their schedules and last runs "
+                   "(--list). Built-in job: receipts (poll every adapter once). Prints one line of JSON "
+                   "(job, outcome, detail); exits 1 if the run failed.")
+@click.argument("job", required=False)
+@click.option("--list", "list_jobs", is_flag=True, help="list the jobs, their schedules and last runs")
 @pass_ctx
-def sync(c: Ctx, job: str) -> None:
-    from gateway import inbound
+def sync(c: Ctx, job: str | None, list_jobs: bool) -> None:
+    from datetime import UTC
 
+    from gateway import scheduler
+
+    if list_jobs == (job is not None):
+        raise click.UsageError("give a JOB to run, or --list")
+    try:
+        scheduler.validate(c.cfg())
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    known = [j.name for j in scheduler.jobs()]
+    if job is not None and job not in known:
+        raise click.BadParameter(f"no job named {job!r}; expected one of {', '.join(known)}", param_hint="JOB")
     n = c.node()
     _require_schema(n)
-    result = inbound.collect_all(n)
-    click.echo(json.dumps(result, ensure_ascii=False))
-    n.close()
+    if job is None:
+        last = scheduler.last_runs(n, known)
+        for j in scheduler.jobs():
+            sc = n.config.schedules.get(j.name)
+            when = "—" if sc is None else f"{sc.cron} ({sc.timezone})" + ("" if sc.enabled else " disabled")
+            run = last.get(j.name)
+            ran = "never run" if run is None else (
+                f"last run {run.started_at.astimezone(UTC).isoformat(timespec='seconds')} {run.outcome}")
+            click.echo(f"{j.name}\t{when}\t{ran}\t{j.help}")
+        n.close()
+        return
+    try:
+        result = scheduler.run_job(n, job, trigger="manual", actor=f"cli:{_user()}")
+    finally:
+        n.close()
+    click.echo(json.dumps(result.summary(), ensure_ascii=False))
+    if result.outcome == "failed":
+        sys.exit(1)
 
 
 # -- worker --------------------------------------------------------------------------------
@@ -301,14 +334,64 @@ def serve(c: Ctx, bind: str, threads: int) -> None:
 
 
 # -- demo ----------------------------------------------------------------------------------
-@main.command(help="Send a document to recipients behind SOAP, SFTP and the XML exchange box "
-                   "(simulated), wait for their sign-for receipts, print a table. Exit 0 only if "
-                   "every recipient signed for it.")
-@click.option("--timeout", default=60.0, show_default=True, help="seconds to wait for every 签收")
-def demo(timeout: float) -> None:
+@main.command(help="A self-contained scenario on simulated legacy systems. Part 1: one node sends a "
+                   "document to recipients behind SOAP, SFTP and the XML exchange box. Part 2: a "
+                   "prefecture and two county nodes (separate processes on loopback); the prefecture "
+                   "sends to units at both counties, county A to county B (relayed). Each prints every "
+                   "recipient's 签收. Exit 0 only if every recipient signed for it.")
+@click.option("--timeout", default=60.0, show_default=True, help="seconds to wait for every 签收, per part")
+@click.option("--part", type=click.Choice(["all", "adapters", "nodes"]), default="all", show_default=True,
+              help="run both parts, or only one")
+def demo(timeout: float, part: str) -> None:
     from adapters.simulators import demo as demo_mod
+    from adapters.simulators import demo_nodes
 
-    sys.exit(demo_mod.run(timeout=timeout, echo=click.echo))
+    rc = 0
+    if part in ("all", "adapters"):
+        click.echo("== 一、单节点：三种遗留系统 (one node, three legacy systems) ==")
+        rc |= demo_mod.run(timeout=timeout, echo=click.echo)
+    if part in ("all", "nodes"):
+        click.echo("\n== 二、跨节点：州节点与两个县节点 (across nodes: prefecture and two counties) ==")
+        rc |= demo_nodes.run(timeout=timeout, echo=click.echo)
+    sys.exit(rc)
+
+
+# -- federation -------------------------------------------------------------------------------
+@main.group(help="Node-to-node federation.")
+def federation() -> None:
+    pass
+
+
+@federation.command("key", help="Print this node's public key, in the form a peer pins it "
+                                "([peers.<this node>] public_key = \"…\"). Creates the key pair on first use.")
+@pass_ctx
+def federation_key(c: Ctx) -> None:
+    from gateway.federation import keys
+
+    cfg = c.cfg()
+    click.echo(keys.public_text(keys.own_key(cfg)))
+
+
+@federation.command("ping", help="Send a signed request to a peer (or every peer) and show whether it "
+                                 "accepts this node's signature.")
+@click.argument("peer", required=False)
+@pass_ctx
+def federation_ping(c: Ctx, peer: str | None) -> None:
+    n = c.node()
+    names = [peer] if peer else sorted(n.config.peers)
+    if peer and peer not in n.config.peers:
+        raise click.ClickException(f"{peer!r} is not one of [peers] ({', '.join(names) or 'none'})")
+    bad = 0
+    for name in names:
+        try:
+            answer = n.federation.client.get_json(name, "/ping")
+            click.echo(f"{name}\tOK  \tit knows us as {answer.get('peer')}")
+        except Exception as exc:  # noqa: BLE001 - report every peer
+            bad += 1
+            click.echo(f"{name}\tFAIL\t{exc}")
+    n.close()
+    if bad:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

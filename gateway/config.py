@@ -115,7 +115,8 @@ class PeerConfig(_Strict):
 
     #: base URL of the peer's API (its /federation/v1/... lives under it); empty = no HTTP link
     url: str = ""
-    #: the peer's public key: PEM text, or "ed25519:<base64 of the 32 raw bytes>"
+    #: the peer's pinned public key: "ed25519:<base64 of 32 bytes>", "sm2:<base64 of the
+    #: 65-byte uncompressed point>", or PEM text (`gateway federation key` prints a node's own)
     public_key: str = ""
     public_key_file: str | None = None
     #: units (统一社会信用代码) the peer serves, known before any directory arrives
@@ -221,7 +222,7 @@ class Config(_Strict):
                 raise ConfigError(f"{self.source}: peers.{name}: a node cannot be its own peer")
             if not p.public_key and not p.public_key_file:
                 raise ConfigError(f"{self.source}: peers.{name}.public_key: missing; expected the peer's "
-                                  f"pinned public key (PEM or ed25519:<base64>) or public_key_file")
+                                  f"pinned public key (ed25519:<base64>, sm2:<base64> or PEM) or public_key_file")
             if p.link in ("http", "batch") and not p.url:
                 raise ConfigError(f"{self.source}: peers.{name}.url: missing; a {p.link} link needs the "
                                   f"peer's base URL, e.g. http://10.1.2.3:8080")

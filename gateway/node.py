@@ -51,7 +51,11 @@ class Node:
         self.data_dir = config.data_dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(self.data_dir / "blobs")
-        self.routes = RouteTable(config.routes, config)
+        from gateway.federation.directory import DirectoryCache
+
+        #: the newest stored federation directory (re-read from the database every few seconds)
+        self.directory: DirectoryCache = DirectoryCache(self.db, config, on_change=lambda: self._routes.invalidate())
+        self._routes = RouteTable(config.routes, config, directory=self.directory_node)
         self._adapters: dict[str, Adapter] = {}
         self._lock = threading.Lock()
         self._federation: Federation | None = None
@@ -59,6 +63,17 @@ class Node:
     @property
     def id(self) -> str:
         return self.config.node.id
+
+    @property
+    def routes(self) -> RouteTable:
+        """The route table. Its cached routes are dropped when a newer directory has been stored
+        by any process (looked up at most every few seconds)."""
+        self.directory.check()
+        return self._routes
+
+    def directory_node(self, unit: str) -> str | None:
+        """The node that serves ``unit`` according to the newest stored directory."""
+        return self.directory.node_for(unit)
 
     def adapter(self, name: str) -> Adapter:
         with self._lock:

@@ -1,38 +1,89 @@
-"""The node's own Ed25519 key pair: it signs webhooks now and federation requests later.
+"""The node's own key pair: it signs webhooks and federation requests.
 
-Kept at ``<data_dir>/node-ed25519.pem`` (mode 0600), created on first use. Callers verify a
-webhook with the public key from ``GET /api/v1/webhooks/public-key``.
+Ed25519 by default, kept at ``<data_dir>/node-ed25519.pem``; a node with ``[federation]
+algorithm = "sm2"`` (国密) signs federation requests with an SM2 key kept at
+``<data_dir>/node-sm2.pem`` instead. Both are PKCS#8 PEM, mode 0600, created on first use;
+a key another process created meanwhile is never overwritten. Callers verify a webhook with
+the public key from ``GET /api/v1/webhooks/public-key`` (webhooks are signed with Ed25519).
 """
 from __future__ import annotations
 
 import base64
 import os
+import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+if TYPE_CHECKING:
+    from gateway.federation.sm2 import SM2PrivateKey
+
+ED25519_FILE = "node-ed25519.pem"
+SM2_FILE = "node-sm2.pem"
+
+K = TypeVar("K")
+
+
+def _load_or_create(path: Path, load: Callable[[bytes], K], generate: Callable[[], tuple[K, bytes]]) -> K:
+    """The key in ``path``, or a new one written there (mode 0600). The new key is written
+    to a temporary file of this call's own and linked into place, so two processes starting
+    at once never overwrite each other's key: the loser of the race loads the winner's."""
+    while True:
+        if path.exists():
+            return load(path.read_bytes())
+        key, pem = generate()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)  # fails if the key exists: never overwrite a key
+            return key
+        except FileExistsError:
+            continue  # another process created it meanwhile: use that one
+        finally:
+            os.unlink(tmp)
+
 
 def load_or_create(data_dir: Path) -> Ed25519PrivateKey:
-    path = data_dir / "node-ed25519.pem"
-    if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    """The node's Ed25519 key (``<data_dir>/node-ed25519.pem``)."""
+    path = data_dir / ED25519_FILE
+
+    def load(pem: bytes) -> Ed25519PrivateKey:
+        key = serialization.load_pem_private_key(pem, password=None)
         assert isinstance(key, Ed25519PrivateKey), f"{path} is not an Ed25519 private key"
         return key
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    try:
-        os.link(tmp, path)  # never overwrite a key another process created meanwhile
-    except FileExistsError:
-        os.unlink(tmp)
-        return load_or_create(data_dir)
-    os.unlink(tmp)
-    return key
+
+    def generate() -> tuple[Ed25519PrivateKey, bytes]:
+        key = Ed25519PrivateKey.generate()
+        return key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+
+    return _load_or_create(path, load, generate)
+
+
+def load_or_create_sm2(data_dir: Path) -> SM2PrivateKey:
+    """The node's SM2 key (``<data_dir>/node-sm2.pem``), for ``[federation] algorithm = "sm2"``."""
+    from gateway.federation.sm2 import SM2PrivateKey
+
+    path = data_dir / SM2_FILE
+
+    def load(pem: bytes) -> SM2PrivateKey:
+        try:
+            return SM2PrivateKey.from_pem(pem)
+        except ValueError as exc:
+            raise ValueError(f"{path} is not an SM2 private key: {exc}") from None
+
+    def generate() -> tuple[SM2PrivateKey, bytes]:
+        key = SM2PrivateKey.generate()
+        return key, key.private_pem()
+
+    return _load_or_create(path, load, generate)
 
 
 def public_pem(key: Ed25519PrivateKey) -> str:

@@ -16,7 +16,8 @@ class _Gunicorn(BaseApplication):
 
     def load_config(self) -> None:
         for k, v in self.options.items():
-            self.cfg.set(k, v)  # type: ignore[union-attr]
+            if k in self.cfg.settings:  # type: ignore[union-attr] # (older gunicorns lack some settings)
+                self.cfg.set(k, v)  # type: ignore[union-attr]
 
     def load(self) -> Any:
         return self.app_factory()
@@ -29,4 +30,6 @@ def run(app_factory: Callable[[], Any], *, bind: str, threads: int, post_worker_
         "post_worker_init": post_worker_init, "worker_exit": worker_exit,
         "accesslog": "-", "errorlog": "-", "timeout": 120, "graceful_timeout": 20,
         "preload_app": False,
+        # no control socket: several nodes on one host would take ~/.gunicorn/gunicorn.ctl from each other
+        "control_socket_disable": True,
     }).run()

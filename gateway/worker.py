@@ -71,16 +71,23 @@ _DELIVERIES = table(Delivery)
 _EARLIER = _OUTBOX.alias("earlier")
 
 
-def _claim_statement(skip_locked: bool):  # type: ignore[no-untyped-def]
-    # Within a conversation (初报, 续报 …) rows leave for a node in order: a row waits while an
-    # earlier row of its conversation to the same target is pending or in flight.
-    in_order = or_(_OUTBOX.c.conversation.is_(None), ~exists().where(
-        _EARLIER.c.conversation == _OUTBOX.c.conversation, _EARLIER.c.target == _OUTBOX.c.target,
-        _EARLIER.c.id < _OUTBOX.c.id, _EARLIER.c.state.in_(("pending", "claimed"))))
-    sub = (select(_OUTBOX.c.id)
-           .where(_OUTBOX.c.state == "pending", _OUTBOX.c.next_attempt_at <= bindparam("now"), in_order)
-           .order_by(_OUTBOX.c.priority, _OUTBOX.c.next_attempt_at, _OUTBOX.c.id)
-           .limit(bindparam("limit", type_=Integer)))
+def _claim_statement(skip_locked: bool, by_target: bool = False):  # type: ignore[no-untyped-def]
+    if by_target:
+        # a batch for one peer (sync jobs): everything pending for it, in the order it was queued
+        sub = (select(_OUTBOX.c.id).where(_OUTBOX.c.state == "pending", _OUTBOX.c.target == bindparam("for_target"))
+               .order_by(_OUTBOX.c.id).limit(bindparam("limit", type_=Integer)))
+    else:
+        # Within a conversation (初报, 续报 …) rows leave for a node in order: a row waits while
+        # an earlier row of its conversation to the same target is pending or in flight.
+        in_order = or_(_OUTBOX.c.conversation.is_(None), ~exists().where(
+            _EARLIER.c.conversation == _OUTBOX.c.conversation, _EARLIER.c.target == _OUTBOX.c.target,
+            _EARLIER.c.id < _OUTBOX.c.id, _EARLIER.c.state.in_(("pending", "claimed"))))
+        # rows for peers reached only by sync jobs (batch and ferry links) wait for those jobs
+        sub = (select(_OUTBOX.c.id)
+               .where(_OUTBOX.c.state == "pending", _OUTBOX.c.next_attempt_at <= bindparam("now"), in_order,
+                      _OUTBOX.c.target.not_in(bindparam("parked", expanding=True)))
+               .order_by(_OUTBOX.c.priority, _OUTBOX.c.next_attempt_at, _OUTBOX.c.id)
+               .limit(bindparam("limit", type_=Integer)))
     if skip_locked:
         sub = sub.with_for_update(skip_locked=True)
     return (update(_OUTBOX).where(_OUTBOX.c.id.in_(sub.scalar_subquery()))
@@ -90,6 +97,8 @@ def _claim_statement(skip_locked: bool):  # type: ignore[no-untyped-def]
 
 _CLAIM = _claim_statement(False)
 _CLAIM_PG = _claim_statement(True)  # FOR UPDATE SKIP LOCKED: workers never block each other
+_CLAIM_TARGET = _claim_statement(False, by_target=True)
+_CLAIM_TARGET_PG = _claim_statement(True, by_target=True)
 _CLAIMED_ROWS = (
     select(OutboxEntry.id, OutboxEntry.kind, OutboxEntry.target, OutboxEntry.attempts, OutboxEntry.payload,
            OutboxEntry.priority, Delivery.message_id, Delivery.unit, Delivery.unit_name, Delivery.copy_type,
@@ -109,6 +118,17 @@ _DELIVERED = (update(_DELIVERIES)
               .where(_DELIVERIES.c.id == bindparam("b_id"), _DELIVERIES.c.status == "queued")
               .values(status="delivered", delivered_at=bindparam("b_now"), updated_at=bindparam("b_now"),
                       last_error=None, remote_id=bindparam("b_remote")))
+
+
+def queued_units(node: Node, message_id: str, target: str, units: list[str], resend: bool = False) -> list[str]:
+    """Of ``units`` forwarded to node ``target``, those whose copy is still queued here (or,
+    for a forward sent again by reconciliation, not yet final)."""
+    statuses = ("queued", "delivered") if resend else ("queued",)
+    with node.db.sessions() as s:
+        queued = set(s.scalars(select(Delivery.unit).where(
+            Delivery.message_id == message_id, Delivery.route_kind == "node",
+            Delivery.target == target, Delivery.status.in_(statuses))))
+    return [u for u in units if u in queued]
 
 
 @dataclass
@@ -150,20 +170,29 @@ class Worker:
         self._outcomes: queue.Queue[Outcome] = queue.Queue()
         self._http = requests.Session()
         self._key: Ed25519PrivateKey | None = None
+        #: peers whose rows only the sync jobs carry (batch and ferry links)
+        self.parked = [name for name, p in node.config.peers.items() if p.link != "http"]
 
     # -- claiming ------------------------------------------------------------------------
-    def claim(self, limit: int) -> list[Job]:
+    def claim(self, limit: int, *, target: str | None = None) -> list[Job]:
+        """Claim up to ``limit`` due rows, most urgent first; with ``target``, the rows queued
+        for that one peer in queue order, due or not (a sync job's batch)."""
         if limit <= 0:
             return []
         now = datetime.now(UTC)
-        claim = _CLAIM_PG if self.node.db.postgres else _CLAIM
+        pg = self.node.db.postgres
+        params: dict[str, object]
+        if target is None:
+            claim, params = _CLAIM_PG if pg else _CLAIM, {"parked": self.parked}
+        else:
+            claim, params = _CLAIM_TARGET_PG if pg else _CLAIM_TARGET, {"for_target": target}
         with self.node.db.begin_core() as s:
-            ids = list(s.execute(claim, {"now": now, "limit": limit, "me": self.id,
+            ids = list(s.execute(claim, {"now": now, "limit": limit, "me": self.id, **params,
                                          "lease": now + timedelta(seconds=self.cfg.lease_seconds)}).scalars())
             if not ids:
                 return []
             rows = s.execute(_CLAIMED_ROWS, {"ids": ids}).all()
-        rows = sorted(rows, key=lambda r: (r.priority, r.id))
+        rows = sorted(rows, key=lambda r: r.id) if target else sorted(rows, key=lambda r: (r.priority, r.id))
         return [Job(r.id, r.kind, r.target, r.attempts, r.payload, r.priority, r.message_id, r.envelope_xml,
                     Recipient(r.unit, r.unit_name, r.copy_type, r.copy_no) if r.unit else None, r.status)
                 for r in rows]
@@ -221,11 +250,8 @@ class Worker:
         """Hand a message to the next node for the units behind it that are still queued
         (a unit recalled meanwhile is left out)."""
         assert job.message_id and job.envelope_xml is not None and job.payload
-        with self.node.db.sessions() as s:
-            queued = set(s.scalars(select(Delivery.unit).where(
-                Delivery.message_id == job.message_id, Delivery.route_kind == "node",
-                Delivery.target == job.target, Delivery.status == "queued")))
-        units = [u for u in job.payload["units"] if u in queued]
+        units = queued_units(self.node, job.message_id, job.target, job.payload["units"],
+                             bool(job.payload.get("resend")))
         if not units:
             return {"units": [], "skipped": True}
         answer = self.node.federation.client.post(job.target, "/messages", {
@@ -420,6 +446,11 @@ class Worker:
                 self._stop.wait(1.0)
         if ready:  # give unstarted rows back at once rather than after the lease
             self._release([j.id for j in ready])
+
+    def release(self, ids: list[int]) -> None:
+        """Give claimed rows back untouched (not attempted)."""
+        if ids:
+            self._release(ids)
 
     def _release(self, ids: list[int]) -> None:
         with self.node.db.begin() as s:

@@ -20,12 +20,36 @@ def _config(tmp_path: Path, body: str = "") -> Path:
     return p
 
 
-def test_demo_delivers_to_all_three_adapters_and_exits_0_when_all_signed(tmp_path):
+def test_demo_delivers_through_all_three_adapters_and_across_three_nodes(tmp_path):
     r = gateway("demo", "--timeout", "60", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("已签收") == 3
+    single, nodes = r.stdout.split("== 二、跨节点")
+    assert single.count("已签收") == 3
     for channel in ("SOAP", "SFTP", "XML"):
-        assert channel in r.stdout
+        assert channel in single
+    # prefecture -> units at both counties and one of its own; county A -> county B, relayed
+    assert nodes.count("已签收") == 4 and nodes.count("全部签收") == 1
+    for route in ("转发至甲县节点", "转发至乙市节点", "本节点公文交换", "经州节点中转"):
+        assert route in nodes
+    assert "Traceback" not in r.stderr
+
+
+def test_federation_key_prints_the_key_a_peer_pins(tmp_path):
+    from gateway import nodekey
+    from gateway.federation.keys import public_text
+
+    conf = _config(tmp_path)
+    r = gateway("-c", str(conf), "federation", "key", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == public_text(nodekey.load_or_create(tmp_path / "var"))
+    assert r.stdout.startswith("ed25519:")
+
+
+def test_a_bad_schedule_is_a_clear_error_before_anything_starts(tmp_path):
+    conf = _config(tmp_path, '[schedules.push]\ncron = "every day"\n')
+    r = gateway("-c", str(conf), "worker", "--once", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "schedules.push.cron" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_keys_create_prints_a_key_stored_only_hashed(tmp_path):
@@ -81,8 +105,17 @@ def test_config_errors_name_the_file_the_key_and_the_expectation(tmp_path):
     assert "hunter2" not in r.stderr
 
 
-def test_example_configuration_is_valid():
-    from gateway import config
+def test_example_configurations_are_valid_and_agree_with_each_other():
+    from gateway import config, scheduler
+    from gateway.federation import keys
 
-    cfg = config.load(ROOT / "config" / "prefecture.toml")
-    assert set(cfg.adapters) == {"docexchange", "countydrop", "exchangebox"}
+    cfgs = {n: config.load(ROOT / "config" / f"{n}.toml") for n in ("prefecture", "county-a", "county-b")}
+    assert set(cfgs["prefecture"].adapters) == {"docexchange", "countydrop", "exchangebox"}
+    for name, cfg in cfgs.items():
+        assert cfg.node.id == name
+        scheduler.validate(cfg)
+        for peer_id, peer in cfg.peers.items():
+            keys.peer_key(cfg, peer_id, peer)  # every pinned key parses
+            # the two sides of a link agree on its kind and on who serves which units
+            assert cfgs[peer_id].peers[name].link == peer.link
+            assert set(peer.units) == set(cfgs[peer_id].node.units)

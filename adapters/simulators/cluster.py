@@ -119,8 +119,11 @@ class Cluster:
     node's configuration (``{"county-a": {"worker": {...}}}``)."""
 
     def __init__(self, root: Path, *, sign_delay: float = 0.3, overrides: dict[str, dict] | None = None,
-                 database_urls: dict[str, str] | None = None, echo=None) -> None:  # type: ignore[no-untyped-def]
+                 database_urls: dict[str, str] | None = None, links: dict[tuple[str, str], str] | None = None,
+                 echo=None) -> None:  # type: ignore[no-untyped-def]
         self.root = Path(root)
+        #: link kinds between two nodes other than "http", e.g. {("prefecture", "county-b"): "batch"}
+        self.links = {frozenset(k): v for k, v in (links or {}).items()}
         self.sign_delay = sign_delay
         self.overrides = overrides or {}
         self.database_urls = database_urls or {}
@@ -135,7 +138,9 @@ class Cluster:
         for node_id in LAYOUT:
             root = self.root / node_id
             (root / "var").mkdir(parents=True, exist_ok=True)
-            self.public[node_id] = public_text(nodekey.load_or_create(root / "var"))
+            sm2 = self.overrides.get(node_id, {}).get("federation", {}).get("algorithm") == "sm2"
+            key = nodekey.load_or_create_sm2(root / "var") if sm2 else nodekey.load_or_create(root / "var")
+            self.public[node_id] = public_text(key)
             soap = SoapServiceServer(DocExchangeState(auto_sign=True, auto_sign_delay=self.sign_delay,
                                                       auto_signer=f"{LAYOUT[node_id][0]}值班员"))
             self.nodes[node_id] = NodeProc(node_id, root, free_port(), root / "node.toml", soap,
@@ -157,7 +162,8 @@ class Cluster:
                                          "timeout": 10}},
             "federation": {"max_skew": 300} if node.id == "prefecture" else {"parent": "prefecture"},
             "peers": {p: {"url": f"http://127.0.0.1:{self.nodes[p].port}", "public_key": self.public[p],
-                          "units": LAYOUT[p][1], "timeout": 30} for p in peer_ids},
+                          "units": LAYOUT[p][1], "timeout": 30,
+                          "link": self.links.get(frozenset((node.id, p)), "http")} for p in peer_ids},
             "routes": [{"units": units, "adapter": "docexchange"}]
                       + ([] if node.id == "prefecture" else [{"node": "prefecture"}]),
         }
@@ -166,14 +172,20 @@ class Cluster:
         return cfg
 
     def start(self, timeout: float = 90.0) -> Cluster:
+        from concurrent.futures import ThreadPoolExecutor
+
         if not self.nodes:
             self.plan()
-        for node in self.nodes.values():
+
+        def prepare(node: NodeProc) -> None:
             node.soap.start()
             node.config_path.write_text(to_toml(self.config_for(node)), encoding="utf-8")
             node.cli("db", "upgrade")
             node.api_key = node.cli("keys", "create", "--name", f"{node.id} 测试系统", "--scope", "*",
                                     "--clearance", "绝密").stdout.strip()
+
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(prepare, self.nodes.values()))
         for node in self.nodes.values():
             self.start_node(node.id, wait=False)
         for node in self.nodes.values():
@@ -222,13 +234,13 @@ class Cluster:
         node.proc = None
 
     def close(self) -> None:
-        for node_id in list(self.nodes):
-            try:
-                self.stop_node(node_id)
-            finally:
-                node = self.nodes[node_id]
-                node.soap.stop()
-                node.soap.state.close()
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max(1, len(self.nodes))) as pool:
+            list(pool.map(self.stop_node, list(self.nodes)))
+        for node in self.nodes.values():
+            node.soap.stop()
+            node.soap.state.close()
 
     def __enter__(self) -> Cluster:
         return self.start()

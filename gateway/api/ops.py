@@ -15,6 +15,7 @@ from gateway import inbound, nodekey
 from gateway.api.common import node
 from gateway.api.problems import Problem
 from gateway.api.spec import document
+from gateway.federation import directory
 from gateway.migrate import current_is_head
 from gateway.models import Delivery, OutboxEntry
 
@@ -43,7 +44,11 @@ def readyz() -> Response:
     except Exception as exc:  # noqa: BLE001
         checks["database"] = f"unreachable: {type(exc).__name__}"
         ok = False
-    body = {"status": "ready" if ok else "not ready", "node": n.id, "checks": checks}
+    fed_dir = directory.state(n) if ok else None
+    if fed_dir is not None:  # an expired directory still routes: ready, but degraded
+        checks["directory"] = fed_dir.text
+    status = ("degraded" if fed_dir is not None and fed_dir.degraded else "ready") if ok else "not ready"
+    body = {"status": status, "node": n.id, "checks": checks}
     return Response(json.dumps(body, ensure_ascii=False), status=200 if ok else 503, mimetype="application/json")
 
 
@@ -68,6 +73,7 @@ class _DbCollector:
                                                    .group_by(Delivery.target, Delivery.status)):
                 deliveries.add_metric([target or "", status], count)
             yield deliveries
+        yield from directory.metrics(self.n)
 
 
 @bp.get("/metrics")

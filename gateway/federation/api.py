@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from gateway import audit
 from gateway.api.problems import Problem
-from gateway.federation import transfer
+from gateway.federation import batch, reconcile, transfer
 from gateway.federation.signing import SignatureRejected, verify
 from gateway.models import FederationNonce, table
 from gateway.node import Node
@@ -107,6 +107,41 @@ def send_blob(message_id: str, sha256: str) -> Response:
 
     return Response(stream_with_context(stream()), mimetype="application/octet-stream",
                     headers={"Content-Length": str(n.blobs.size(sha256))})
+
+
+@bp.post("/batch")
+def receive_batch() -> Response:
+    n = _node()
+    peer = authenticate(n)
+    body = _json_body()
+    return _answer(batch.apply_items, n, peer, body.get("items") if isinstance(body, dict) else None)
+
+
+@bp.get("/batch")
+def serve_batch() -> Response:
+    n = _node()
+    peer = authenticate(n)
+    try:
+        after, limit = int(request.args.get("after", "0")), int(request.args.get("limit", "200"))
+    except ValueError:
+        raise Problem(400, "validation", "after and limit must be integers") from None
+    return _answer(batch.serve_batch, n, peer, after, max(1, limit))
+
+
+@bp.post("/batch/ack")
+def acknowledge_batch() -> Response:
+    n = _node()
+    peer = authenticate(n)
+    body = _json_body()
+    return _answer(batch.acknowledge, n, peer, body.get("results") if isinstance(body, dict) else None)
+
+
+@bp.post("/reconcile")
+def reconcile_copies() -> Response:
+    n = _node()
+    peer = authenticate(n)
+    body = _json_body()
+    return _answer(reconcile.answer, n, peer, body.get("items") if isinstance(body, dict) else None)
 
 
 @bp.get("/ping")

@@ -1,48 +1,93 @@
 """Node keys: this node's own signing key and the pinned public keys of its peers.
 
-Ed25519 is the default. A peer's key is pinned in configuration as PEM text, or as
-``ed25519:<base64 of the 32 raw bytes>`` (the form ``gateway federation key`` prints).
+Ed25519 is the default; ``[federation] algorithm = "sm2"`` gives the node an SM2 key (国密,
+:mod:`gateway.federation.sm2`). A peer's key is pinned in configuration, whatever its kind
+(a node with an Ed25519 key may have SM2 peers and the other way round), as
+
+* ``ed25519:<base64 of the 32 raw bytes>``,
+* ``sm2:<base64 of the 65-byte uncompressed point 04||x||y>``, or
+* PEM text (SubjectPublicKeyInfo) of an Ed25519 or SM2 public key.
+
+:func:`public_text` prints the short form for either kind.
 """
 from __future__ import annotations
 
 import base64
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gateway import nodekey
 from gateway.config import Config, ConfigError, PeerConfig
+from gateway.federation.sm2 import SM2PrivateKey, SM2PublicKey
+
+#: this node's own key
+NodeKey = Ed25519PrivateKey | SM2PrivateKey
+#: a peer's pinned public key
+PeerKey = Ed25519PublicKey | SM2PublicKey
+
+_FORMS = ("PEM text, ed25519:<base64 of the 32 raw bytes> or "
+          "sm2:<base64 of the 65-byte uncompressed point 04||x||y>")
 
 
-def own_key(config: Config) -> Ed25519PrivateKey:
+def own_key(config: Config) -> NodeKey:
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    if config.federation.algorithm == "sm2":
+        return nodekey.load_or_create_sm2(config.data_dir)
     return nodekey.load_or_create(config.data_dir)
 
 
-def public_text(key: Ed25519PrivateKey) -> str:
-    """The short form of a node's public key, for a peer's ``public_key = "…"``."""
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+def public_of(key: NodeKey | PeerKey) -> PeerKey:
+    return key.public_key() if isinstance(key, (Ed25519PrivateKey, SM2PrivateKey)) else key
+
+
+def algorithm_of(key: NodeKey | PeerKey) -> str:
+    """``ed25519`` or ``sm2``, as ``[federation] algorithm`` names them."""
+    return "sm2" if isinstance(key, (SM2PrivateKey, SM2PublicKey)) else "ed25519"
+
+
+def public_text(key: NodeKey | PeerKey) -> str:
+    """The short form of a node's public key (from its private or public key), for a peer's
+    ``public_key = "…"``: ``ed25519:…`` or ``sm2:…``."""
+    public = public_of(key)
+    if isinstance(public, SM2PublicKey):
+        return "sm2:" + base64.b64encode(public.point()).decode()
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return "ed25519:" + base64.b64encode(raw).decode()
 
 
-def parse_public(text: str, where: str) -> Ed25519PublicKey:
+def parse_public(text: str, where: str) -> PeerKey:
     text = text.strip()
     try:
         if text.startswith("ed25519:"):
             raw = base64.b64decode(text.removeprefix("ed25519:"), validate=True)
             return Ed25519PublicKey.from_public_bytes(raw)
+        if text.startswith("sm2:"):
+            raw = base64.b64decode(text.removeprefix("sm2:"), validate=True)
+            return SM2PublicKey.from_point(raw)
         if text.startswith("-----BEGIN"):
-            key = serialization.load_pem_public_key(text.encode())
-            if isinstance(key, Ed25519PublicKey):
-                return key
-            raise ConfigError(f"{where}: expected an Ed25519 public key, got {type(key).__name__}")
+            return _parse_pem(text, where)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{where}: not a valid public key ({exc})") from None
-    raise ConfigError(f"{where}: expected PEM text or ed25519:<base64 of 32 bytes>")
+    raise ConfigError(f"{where}: expected {_FORMS}")
 
 
-def peer_key(config: Config, peer_id: str, peer: PeerConfig) -> Ed25519PublicKey:
+def _parse_pem(text: str, where: str) -> PeerKey:
+    if "PRIVATE KEY-----" in text.split("\n", 1)[0]:
+        raise ConfigError(f"{where}: this is a private key; pin the peer's public key (and keep the "
+                          f"private key on the peer only)")
+    try:
+        key = serialization.load_pem_public_key(text.encode())
+    except UnsupportedAlgorithm:  # cryptography knows no SM2 curve: Tongsuo reads it
+        return SM2PublicKey.from_pem(text.encode())
+    if isinstance(key, Ed25519PublicKey):
+        return key
+    raise ConfigError(f"{where}: expected an Ed25519 or SM2 public key, got {type(key).__name__}")
+
+
+def peer_key(config: Config, peer_id: str, peer: PeerConfig) -> PeerKey:
     where = f"{config.source}: peers.{peer_id}.public_key"
     text = peer.public_key
     if peer.public_key_file:

@@ -10,8 +10,14 @@ body, with the parameters ``created``, ``keyid`` (the sending node's id), ``nonc
 3. checks the signature and that the body matches the signed digest;
 4. refuses a nonce it has seen (replay), remembering nonces for twice the skew.
 
+The algorithm follows the key: Ed25519 (``alg="ed25519"``), or SM2 with SM3 (国密) for a
+node with ``[federation] algorithm = "sm2"``, ``alg="sm2-sm3"`` -- RFC 9421 registers no SM2
+algorithm, so the identifier is this federation's own (the signature is ``r || s``, 64 bytes,
+like RFC 9421's ECDSA; see :mod:`gateway.federation.sm2`). The receiver verifies with the
+algorithm of the key it pinned for the sending node and refuses an ``alg`` that names another.
+
 The signature itself is made and checked by the ``http-message-signatures`` library;
-the policy (which key, how old, replay) is this module's.
+the policy (which key, which algorithm, how old, replay) is this module's.
 """
 from __future__ import annotations
 
@@ -22,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import http_sf
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from http_message_signatures import (
     HTTPMessageSigner,
     HTTPMessageVerifier,
@@ -30,7 +35,11 @@ from http_message_signatures import (
     InvalidSignature,
     algorithms,
 )
+from http_message_signatures.algorithms import HTTPSignatureAlgorithm
 from http_message_signatures.exceptions import HTTPMessageSignaturesException
+
+from gateway.federation.keys import NodeKey, PeerKey, algorithm_of
+from gateway.federation.sm2 import SM2PrivateKey, SM2PublicKey
 
 TAG = "egov-federation"
 LABEL = "fed"
@@ -46,16 +55,45 @@ class SignatureRejected(Exception):
         self.kind, self.detail, self.key_id = kind, detail, key_id
 
 
+class SM2_SM3(HTTPSignatureAlgorithm):
+    """SM2 with SM3 (GB/T 32918.2, Z over the default ID ``1234567812345678``); the signature
+    is ``r || s`` (64 bytes). ``sm2-sm3`` is not an RFC 9421 registered identifier."""
+
+    algorithm_id = "sm2-sm3"
+
+    def __init__(self, public_key: Any = None, private_key: Any = None) -> None:
+        if public_key is not None and not isinstance(public_key, SM2PublicKey):
+            raise HTTPMessageSignaturesException("Unexpected public key type")
+        if private_key is not None and not isinstance(private_key, SM2PrivateKey):
+            raise HTTPMessageSignaturesException("Unexpected private key type")
+        self.public_key, self.private_key = public_key, private_key
+
+    def sign(self, message: bytes) -> bytes:
+        assert self.private_key is not None
+        return self.private_key.sign(message)
+
+    def verify(self, signature: bytes, message: bytes) -> None:
+        assert self.public_key is not None
+        self.public_key.verify(signature, message)
+
+
+#: [federation] algorithm -> the RFC 9421 algorithm
+ALGORITHMS: dict[str, type[HTTPSignatureAlgorithm]] = {"ed25519": algorithms.ED25519, "sm2": SM2_SM3}
+
+
+def algorithm_for(key: NodeKey | PeerKey) -> type[HTTPSignatureAlgorithm]:
+    return ALGORITHMS[algorithm_of(key)]
+
+
 class _OneKey(HTTPSignatureKeyResolver):
-    def __init__(self, key_id: str, private: Ed25519PrivateKey | None = None,
-                 public: Ed25519PublicKey | None = None) -> None:
+    def __init__(self, key_id: str, private: NodeKey | None = None, public: PeerKey | None = None) -> None:
         self.key_id, self.private, self.public = key_id, private, public
 
-    def resolve_private_key(self, key_id: str) -> Ed25519PrivateKey:
+    def resolve_private_key(self, key_id: str) -> NodeKey:
         assert key_id == self.key_id and self.private is not None
         return self.private
 
-    def resolve_public_key(self, key_id: str) -> Ed25519PublicKey | None:
+    def resolve_public_key(self, key_id: str) -> PeerKey | None:
         return self.public if key_id == self.key_id else None
 
 
@@ -69,9 +107,12 @@ class _Message:
 
 
 class Signer:
-    def __init__(self, key_id: str, key: Ed25519PrivateKey) -> None:
+    """Signs this node's requests with its key: Ed25519, or SM2 (``alg="sm2-sm3"``)."""
+
+    def __init__(self, key_id: str, key: NodeKey) -> None:
         self.key_id = key_id
-        self._signer = HTTPMessageSigner(signature_algorithm=algorithms.ED25519,
+        self.algorithm = algorithm_for(key)
+        self._signer = HTTPMessageSigner(signature_algorithm=self.algorithm,
                                          key_resolver=_OneKey(key_id, private=key))
 
     def sign(self, method: str, url: str, headers: dict[str, str], body: bytes | None,
@@ -93,7 +134,7 @@ class Verified:
 
 
 def verify(method: str, url: str, headers: Mapping[str, str] | Any, body: bytes, *,
-           keys: Callable[[str], Ed25519PublicKey | None], max_skew: float,
+           keys: Callable[[str], PeerKey | None], max_skew: float,
            now: dt.datetime | None = None) -> Verified:
     """Check a request's signature against the pinned key of the peer it names. Raises
     :class:`SignatureRejected` (kinds: bad-signature, unknown-key, stale-request). Replay
@@ -118,13 +159,20 @@ def verify(method: str, url: str, headers: Mapping[str, str] | Any, body: bytes,
     if public is None:
         raise SignatureRejected("unknown-key", f"key id {key_id!r} is not a peer of this node; its public key "
                                 "must be pinned in [peers] first", key_id)
+    algorithm = algorithm_for(public)
+    alg = params.get("alg")
+    if alg is not None and alg != algorithm.algorithm_id:
+        raise SignatureRejected("bad-signature", f"the signature of node {key_id!r} names alg={alg!r}, but the "
+                                f"public key pinned for it is {algorithm_of(public)} ({algorithm.algorithm_id!r}); "
+                                f"its [federation] algorithm and the key pinned for it in [peers] must agree",
+                                key_id)
     skew = created - now.timestamp()
     if abs(skew) > max_skew:
         raise SignatureRejected("stale-request", f"the request was signed at {_iso(created)}, "
                                 f"{abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} this node's clock "
                                 f"({now.isoformat(timespec='seconds')}); at most {max_skew:.0f} s is accepted. "
                                 "Check the clocks (NTP) of both nodes", key_id)
-    verifier = HTTPMessageVerifier(signature_algorithm=algorithms.ED25519,
+    verifier = HTTPMessageVerifier(signature_algorithm=algorithm,
                                    key_resolver=_OneKey(key_id, public=public))
     verifier.max_clock_skew = dt.timedelta(seconds=max_skew)
     try:

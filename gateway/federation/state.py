@@ -5,8 +5,6 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from gateway.federation import keys
 from gateway.federation.client import PeerClient
 
@@ -30,7 +28,8 @@ class Federation:
                 self._client = PeerClient(self.node.config)
             return self._client
 
-    def peer_key(self, key_id: str) -> Ed25519PublicKey | None:
+    def peer_key(self, key_id: str) -> keys.PeerKey | None:
+        """The pinned public key (Ed25519 or SM2) of the peer ``key_id``, or None."""
         return self._keys.get(key_id)
 
     def maybe_purge_nonces(self) -> None:

@@ -89,7 +89,7 @@ def import_message(node: Node, peer: str, body: Any) -> tuple[dict, bool]:
     _fetch_blobs(node, peer, env)
     try:
         acc = pipeline.accept(node, env, actor=f"node:{peer}", source=f"node:{peer}", units=set(units),
-                              hops=tuple(hops), summary={"via": peer, "origin": hops[0]})
+                              hops=tuple(hops), summary={"via": peer, "origin": hops[0], "hops": hops})
     except pipeline.Rejected as exc:
         raise TransferError(exc.status, exc.kind, exc.detail) from None
     with node.db.sessions() as s:
@@ -144,7 +144,7 @@ def apply_statuses(node: Node, peer: str, items: Any) -> dict:
     counts: dict[str, int] = {}
     with node.db.begin() as s:
         for item in items:
-            outcome = _apply_status(s, peer, item)
+            outcome = apply_status(s, peer, item)
             counts[outcome] = counts.get(outcome, 0) + 1
     return {"node": node.id, "outcomes": counts}
 
@@ -159,7 +159,7 @@ def _time(v: Any) -> datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
-def _apply_status(s: Session, peer: str, item: dict) -> str:
+def apply_status(s: Session, peer: str, item: dict) -> str:
     mid, unit, status = item.get("message_id"), item.get("unit"), item.get("status")
     if not isinstance(mid, str) or not isinstance(unit, str) or status not in STATUS_FROM:
         raise TransferError(400, "validation", f"a status item needs message_id, unit and a status among "

@@ -1,0 +1,281 @@
+"""Batches: what the sync jobs carry over links that are up only part of the time.
+
+A peer with ``link = "batch"`` (or ``"ferry"``) gets nothing from the delivery worker: the
+forwards, status reports and recalls queued for it wait in the outbox until a sync job takes
+them, in queue order, as a batch of *items*::
+
+    {"seq": <outbox id>, "kind": "forward" | "status" | "recall", ...the same fields as the
+     single request to /federation/v1/messages, /status or /recall}
+
+The receiver applies the items in order, each in its own transaction and each idempotent,
+and keeps a cursor per sending node: the highest ``seq`` it has applied. A batch cut in the
+middle is simply sent again; items at or below the cursor are answered ``duplicate``
+without being applied twice, and an item that hits trouble that may pass (a peer that does
+not answer a blob fetch) stops the batch there, so nothing overtakes it — a 续报 never
+arrives before its 初报.
+
+* ``push`` (job): send our queued items to each batch peer (``POST /federation/v1/batch``).
+* ``pull`` (job): fetch the items a batch peer has queued for us
+  (``GET /federation/v1/batch?after=<cursor>``), apply them, then acknowledge
+  (``POST /federation/v1/batch/ack``); the ``after`` cursor also acknowledges everything up
+  to it, so a lost acknowledgement costs nothing but a repeat.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import select, update
+
+from adapters.base import PermanentError, RetryableError
+from gateway.federation import transfer
+from gateway.models import AdapterState, OutboxEntry
+from gateway.node import Node
+from gateway.worker import Job, Outcome, Worker, queued_units
+
+log = logging.getLogger("gateway.federation.batch")
+
+BATCH_SIZE = 200
+_KINDS = ("forward", "status", "recall")
+
+
+# -- the receiver's cursor -----------------------------------------------------------------
+def _cursor_key(peer: str) -> tuple[str, str]:
+    return (f"peer:{peer}", "applied_seq")
+
+
+def applied_seq(node: Node, peer: str) -> int:
+    with node.db.sessions() as s:
+        row = s.get(AdapterState, _cursor_key(peer))
+        return int(row.value) if row else 0
+
+
+def _set_applied(node: Node, peer: str, seq: int) -> None:
+    with node.db.begin() as s:
+        row = s.get(AdapterState, _cursor_key(peer), with_for_update=True)
+        if row is None:
+            s.add(AdapterState(adapter=_cursor_key(peer)[0], key=_cursor_key(peer)[1], value=str(seq)))
+        elif int(row.value) < seq:
+            row.value = str(seq)
+
+
+# -- building items (sender) --------------------------------------------------------------
+def item_for(node: Node, job: Job) -> dict[str, Any] | None:
+    """The batch item for one claimed outbox row (None: nothing left to send)."""
+    if job.kind == "forward":
+        assert job.message_id is not None and job.payload is not None
+        units = queued_units(node, job.message_id, job.target, job.payload["units"],
+                             bool(job.payload.get("resend")))
+        if not units:
+            return None
+        assert job.envelope_xml is not None and job.payload is not None
+        return {"seq": job.id, "kind": "forward", "message_id": job.message_id, "units": units,
+                "hops": job.payload["hops"], "envelope": job.envelope_xml.decode("utf-8")}
+    if job.kind == "status":
+        return {"seq": job.id, "kind": "status", **(job.payload or {})}
+    if job.kind == "recall":
+        assert job.recipient is not None
+        return {"seq": job.id, "kind": "recall", "message_id": job.message_id, "units": [job.recipient.unit]}
+    raise PermanentError(f"outbox kind {job.kind!r} does not travel in batches")
+
+
+# -- applying items (receiver) ------------------------------------------------------------
+def apply_items(node: Node, peer: str, items: Any) -> dict[str, Any]:
+    """Apply a batch from ``peer`` in order. Answers one result per item it looked at:
+    ``ok``, ``duplicate`` (at or below the cursor, or already here), ``rejected`` (will never
+    be accepted: the sender dead-letters it) or ``retry`` (the batch stopped there)."""
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise transfer.TransferError(400, "validation", "items: expected a list of objects")
+    seqs = [i.get("seq") for i in items]
+    if not all(isinstance(q, int) for q in seqs) or seqs != sorted(seqs) or len(set(seqs)) != len(seqs):
+        raise transfer.TransferError(400, "validation", "items: each needs an integer seq, strictly increasing")
+    cursor = start = applied_seq(node, peer)
+    results: list[dict[str, Any]] = []
+    for item in items:
+        seq = item["seq"]
+        if seq <= cursor:
+            results.append({"seq": seq, "outcome": "duplicate"})
+            continue
+        try:
+            detail = _apply_one(node, peer, item)
+            results.append({"seq": seq, "outcome": "ok", **detail})
+        except transfer.TransferError as exc:
+            if exc.status >= 500 or exc.kind == "peer-unavailable":
+                results.append({"seq": seq, "outcome": "retry", "detail": exc.detail})
+                break
+            results.append({"seq": seq, "outcome": "rejected", "type": exc.kind, "detail": exc.detail})
+        cursor = seq
+    if cursor > start:
+        _set_applied(node, peer, cursor)
+    return {"node": node.id, "applied_seq": cursor, "results": results}
+
+
+def _apply_one(node: Node, peer: str, item: dict[str, Any]) -> dict[str, Any]:
+    kind = item.get("kind")
+    body = {k: v for k, v in item.items() if k not in ("seq", "kind")}
+    if kind == "forward":
+        answer, created = transfer.import_message(node, peer, body)
+        return {"created": created, "accepted_at": answer["accepted_at"]}
+    if kind == "status":
+        return {"status": transfer.apply_statuses(node, peer, [body])["outcomes"]}
+    if kind == "recall":
+        transfer.recall(node, peer, body)
+        return {}
+    raise transfer.TransferError(400, "validation", f"item kind {kind!r}; expected forward, status or recall")
+
+
+# -- recording what the receiver answered (sender) ------------------------------------------
+def record_results(node: Node, worker: Worker, jobs: list[Job], results: list[dict[str, Any]]) -> dict[str, int]:
+    by_seq = {r.get("seq"): r for r in results if isinstance(r, dict)}
+    outcomes: list[Outcome] = []
+    untouched: list[int] = []
+    counts: dict[str, int] = {}
+    for job in jobs:
+        r = by_seq.get(job.id)
+        if r is None:
+            untouched.append(job.id)
+            continue
+        kind = r.get("outcome")
+        counts[str(kind)] = counts.get(str(kind), 0) + 1
+        if kind in ("ok", "duplicate"):
+            outcomes.append(Outcome(job, extra={"units": job.payload.get("units", []) if job.payload else [],
+                                                "answer": {"accepted_at": r.get("accepted_at")}}))
+        elif kind == "rejected":
+            outcomes.append(Outcome(job, error=PermanentError(f"node refused it: {r.get('type')}: {r.get('detail')}")))
+        else:
+            outcomes.append(Outcome(job, error=RetryableError(str(r.get("detail") or "the node asked to retry"))))
+    worker.record(outcomes)
+    worker.release(untouched)
+    return counts
+
+
+# -- the jobs -------------------------------------------------------------------------------
+def batch_peers(node: Node) -> list[str]:
+    return [name for name, p in node.config.peers.items() if p.link == "batch"]
+
+
+def push(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
+    """Send every queued item to each batch peer, batch after batch, until none is left or
+    the peer stops answering (the rest waits for the next run)."""
+    out: dict[str, Any] = {}
+    for peer in peers if peers is not None else batch_peers(node):
+        worker = Worker(node, worker_id=f"push:{peer}:{node.id}")
+        sent: dict[str, int] = {}
+        try:
+            while True:
+                jobs = worker.claim(BATCH_SIZE, target=peer)
+                if not jobs:
+                    break
+                items, empty = [], []
+                for job in jobs:
+                    item = item_for(node, job)
+                    (items.append(item) if item is not None else empty.append(job))
+                record_results(node, worker, empty, [{"seq": j.id, "outcome": "ok"} for j in empty])
+                if not items:
+                    continue
+                try:
+                    answer = node.federation.client.post(peer, "/batch", {"items": items})
+                except (RetryableError, PermanentError):
+                    worker.release([j.id for j in jobs if j not in empty])
+                    raise
+                counts = record_results(node, worker, [j for j in jobs if j not in empty],
+                                        answer.get("results", []))
+                for k, v in counts.items():
+                    sent[k] = sent.get(k, 0) + v
+                if counts.get("retry") or len(answer.get("results", [])) < len(items):
+                    break  # the peer stopped part-way: the rest waits for the next run
+            out[peer] = sent
+        except (RetryableError, PermanentError) as exc:
+            out[peer] = {**sent, "error": str(exc)[:300]}
+    failed = [p for p, v in out.items() if "error" in v]
+    if failed and len(failed) == len(out):
+        raise RetryableError(f"push: no batch peer answered ({'; '.join(out[p]['error'] for p in failed)})")
+    return out
+
+
+def serve_batch(node: Node, peer: str, after: int, limit: int) -> dict[str, Any]:
+    """The items queued here for ``peer`` after its cursor (the pull side). Rows at or below
+    the cursor were applied there: they are marked done here (a lost acknowledgement)."""
+    if peer not in batch_peers(node):
+        raise transfer.TransferError(409, "conflict", f"node {peer} is not a batch peer of node {node.id}")
+    _acknowledge(node, peer, [{"seq": None, "upto": after}])
+    worker = Worker(node, worker_id=f"pull:{peer}:{node.id}")
+    jobs = worker.claim(min(limit, BATCH_SIZE), target=peer)
+    items, empty = [], []
+    for job in jobs:
+        item = item_for(node, job)
+        (items.append(item) if item is not None else empty.append(job))
+    # the rows stay claimed under a lease until acknowledged; unacknowledged ones return to
+    # the queue when the lease runs out
+    record_results(node, worker, empty, [{"seq": j.id, "outcome": "ok"} for j in empty])
+    return {"node": node.id, "items": items}
+
+
+def _acknowledge(node: Node, peer: str, results: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    upto = max((r.get("upto") or 0 for r in results), default=0)
+    if upto:
+        with node.db.begin() as s:
+            n = s.execute(update(OutboxEntry).where(
+                OutboxEntry.target == peer, OutboxEntry.id <= upto, OutboxEntry.kind.in_(_KINDS),
+                OutboxEntry.state.in_(("pending", "claimed")))
+                .values(state="done", last_error=None)).rowcount  # type: ignore[attr-defined]
+            counts["done-by-cursor"] = n or 0
+    return counts
+
+
+def acknowledge(node: Node, peer: str, results: Any) -> dict[str, Any]:
+    if not isinstance(results, list):
+        raise transfer.TransferError(400, "validation", "results: expected a list")
+    worker = Worker(node, worker_id=f"pull:{peer}:{node.id}")
+    seqs = [r["seq"] for r in results if isinstance(r, dict) and isinstance(r.get("seq"), int)]
+    with node.db.sessions() as s:
+        ids = list(s.scalars(select(OutboxEntry.id).where(OutboxEntry.id.in_(seqs), OutboxEntry.target == peer,
+                                                          OutboxEntry.state == "claimed")))
+    # take the rows over from whichever pull claimed them, then record like the worker does
+    with node.db.begin() as s:
+        s.execute(update(OutboxEntry).where(OutboxEntry.id.in_(ids)).values(claimed_by=worker.id))
+    jobs = [j for j in _jobs(node, ids)]
+    counts = record_results(node, worker, jobs, results)
+    return {"node": node.id, "outcomes": counts}
+
+
+def _jobs(node: Node, ids: list[int]) -> list[Job]:
+    from gateway.worker import _CLAIMED_ROWS
+    from gateway.envelope import Recipient
+
+    if not ids:
+        return []
+    with node.db.begin_core() as s:
+        rows = s.execute(_CLAIMED_ROWS, {"ids": ids}).all()
+    return [Job(r.id, r.kind, r.target, r.attempts, r.payload, r.priority, r.message_id, r.envelope_xml,
+                Recipient(r.unit, r.unit_name, r.copy_type, r.copy_no) if r.unit else None, r.status)
+            for r in sorted(rows, key=lambda r: r.id)]
+
+
+def pull(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
+    """Fetch and apply what each batch peer has queued for this node."""
+    out: dict[str, Any] = {}
+    for peer in peers if peers is not None else batch_peers(node):
+        got: dict[str, int] = {}
+        try:
+            while True:
+                after = applied_seq(node, peer)
+                batch = node.federation.client.get_json(peer, f"/batch?after={after}&limit={BATCH_SIZE}")
+                items = batch.get("items", [])
+                if not items:
+                    break
+                applied = apply_items(node, peer, items)
+                results = applied["results"]
+                node.federation.client.post(peer, "/batch/ack", {"results": results})
+                for r in results:
+                    got[r["outcome"]] = got.get(r["outcome"], 0) + 1
+                if any(r["outcome"] == "retry" for r in results):
+                    break
+            out[peer] = got
+        except (RetryableError, PermanentError, transfer.TransferError) as exc:
+            out[peer] = {**got, "error": str(exc)[:300]}
+    failed = [p for p, v in out.items() if "error" in v]
+    if failed and len(failed) == len(out):
+        raise RetryableError(f"pull: no batch peer answered ({'; '.join(out[p]['error'] for p in failed)})")
+    return out

@@ -1,0 +1,131 @@
+"""Reconciliation (对账): compare what this node and each peer believe about the copies this
+node forwarded, and repair the gaps.
+
+For every copy forwarded to a peer that is not final here (still ``queued`` or
+``delivered``) and whose forward has left, the job asks the peer what it knows
+(``POST /federation/v1/reconcile``). Then:
+
+* the peer has moved further (delivered, signed for, returned, recalled, failed) but the
+  report never arrived (a dead-lettered status, a restored database): the status is applied
+  here as if it had been reported, with its receipt;
+* the peer has no such copy at all (its database was restored from an older backup, or a
+  forward was lost): the copy is forwarded again. Forwards are idempotent at the receiver,
+  so a copy that does exist is never doubled.
+"""
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, exists, insert, select
+from sqlalchemy.orm import aliased
+
+from adapters.base import PermanentError, RetryableError
+from gateway import audit
+from gateway.federation import transfer
+from gateway.models import Delivery, Message, OutboxEntry, table
+from gateway.node import Node
+
+CHUNK = 500
+#: copies older than this are not reconciled (they are settled, or an operator's matter)
+WINDOW = timedelta(days=30)
+_OPEN = ("queued", "delivered")
+
+
+def answer(node: Node, peer: str, items: Any) -> dict[str, Any]:
+    """The receiving side: the status of each asked copy that came here from ``peer``."""
+    if not isinstance(items, list) or len(items) > CHUNK or not all(
+            isinstance(i, dict) and isinstance(i.get("message_id"), str) and isinstance(i.get("unit"), str)
+            for i in items):
+        raise transfer.TransferError(400, "validation", f"items: expected at most {CHUNK} objects with "
+                                                        "message_id and unit")
+    wanted = {(i["message_id"], i["unit"]) for i in items}
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    with node.db.sessions() as s:
+        q = (select(Delivery).join(Message, Message.id == Delivery.message_id)
+             .where(Message.source == f"node:{peer}", Delivery.message_id.in_({m for m, _ in wanted})))
+        for d in s.scalars(q):
+            if (d.message_id, d.unit) in wanted:
+                at = d.signed_at or d.delivered_at or d.updated_at
+                found[(d.message_id, d.unit)] = {
+                    "message_id": d.message_id, "unit": d.unit, "status": d.status, "signer": d.signer,
+                    "receipt_no": d.receipt_no, "reason": d.reason, "at": at.isoformat() if at else None,
+                    "error": d.last_error if d.status == "failed" else None}
+    return {"node": node.id, "items": [found.get((m, u), {"message_id": m, "unit": u, "status": "unknown"})
+                                       for m, u in sorted(wanted)]}
+
+
+def _open_copies(node: Node, peer: str) -> list[tuple[str, str, str]]:
+    fwd = aliased(OutboxEntry)
+    sibling = aliased(Delivery)
+    in_flight = exists().where(
+        fwd.kind == "forward", fwd.target == peer, fwd.state.in_(("pending", "claimed")),
+        fwd.delivery_id == select(sibling.id).where(
+            and_(sibling.message_id == Delivery.message_id, sibling.route_kind == "node", sibling.target == peer))
+        .order_by(sibling.id).limit(1).scalar_subquery())
+    since = datetime.now(UTC) - WINDOW
+    with node.db.sessions() as s:
+        return [(r.message_id, r.unit, r.status) for r in s.execute(
+            select(Delivery.message_id, Delivery.unit, Delivery.status).where(
+                Delivery.route_kind == "node", Delivery.target == peer, Delivery.status.in_(_OPEN),
+                Delivery.updated_at >= since, ~in_flight).order_by(Delivery.id))]
+
+
+def run(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
+    """The scheduled job ``reconcile``."""
+    out: dict[str, Any] = {}
+    for peer in peers if peers is not None else [p for p, c in node.config.peers.items() if c.url]:
+        counts = {"checked": 0, "repaired": 0, "reforwarded": 0, "agree": 0}
+        try:
+            copies = _open_copies(node, peer)
+            for i in range(0, len(copies), CHUNK):
+                chunk = copies[i:i + CHUNK]
+                mine = {(m, u): st for m, u, st in chunk}
+                got = node.federation.client.post(peer, "/reconcile", {
+                    "items": [{"message_id": m, "unit": u} for m, u, _ in chunk]})
+                counts["checked"] += len(chunk)
+                _repair(node, peer, mine, got.get("items", []), counts)
+            out[peer] = counts
+        except (RetryableError, PermanentError) as exc:
+            out[peer] = {**counts, "error": str(exc)[:300]}
+    if out and all("error" in v for v in out.values()):
+        raise RetryableError("reconcile: no peer answered (" + "; ".join(v["error"] for v in out.values()) + ")")
+    return out
+
+
+def _repair(node: Node, peer: str, mine: dict[tuple[str, str], str], theirs: list[Any],
+            counts: dict[str, int]) -> None:
+    missing: dict[str, list[str]] = {}
+    with node.db.begin() as s:
+        for item in theirs:
+            if not isinstance(item, dict):
+                continue
+            key = (item.get("message_id"), item.get("unit"))
+            if key not in mine:
+                continue  # the peer answered something we did not ask
+            status = item.get("status")
+            if status == "unknown":
+                missing.setdefault(key[0], []).append(key[1])  # type: ignore[arg-type]
+            elif status == mine[key] or status == "queued":
+                counts["agree"] += 1
+            elif status in transfer.STATUS_FROM:
+                if transfer.apply_status(s, peer, item) == status:
+                    counts["repaired"] += 1
+                else:
+                    counts["agree"] += 1
+        now = datetime.now(UTC)
+        for mid, units in missing.items():
+            m = s.get(Message, mid)
+            if m is None:
+                continue
+            hops = [*(m.summary or {}).get("hops", []), node.id]
+            s.execute(insert(table(OutboxEntry)).values(
+                kind="forward", target=peer, priority=1, state="pending", attempts=0, next_attempt_at=now,
+                created_at=now, conversation=m.conversation_id, payload={"units": units, "hops": hops, "resend": True},
+                delivery_id=select(Delivery.id).where(Delivery.message_id == mid, Delivery.route_kind == "node",
+                                                      Delivery.target == peer).order_by(Delivery.id).limit(1)
+                .scalar_subquery()))
+            audit.append(s, actor=f"reconcile:{node.id}", action="message.reforward", obj=f"message:{mid}",
+                         outcome="queued", detail={"node": peer, "units": units,
+                                                   "why": "the node has no record of these copies"})
+            counts["reforwarded"] += len(units)
