@@ -110,6 +110,33 @@ class ScheduleConfig(_Strict):
     timezone: str = "Asia/Shanghai"
 
 
+class FerrySftpConfig(_Strict):
+    """``[peers.NODE_ID.ferry_out]`` / ``ferry_in`` as a table: a folder on an SFTP server
+    (the isolation device's, or a drop it reads). Key authentication only, the server's host
+    key pinned; the key's passphrase comes from ``passphrase_env`` or ``passphrase_file``."""
+
+    host: str
+    port: int = Field(default=22, gt=0, lt=65536)
+    username: str
+    private_key_file: str
+    passphrase_env: str | None = None
+    passphrase_file: str | None = None
+    #: the server's host key, "ssh-ed25519 AAAA…" (or a list), or known_hosts_file
+    host_key: str | list[str] | None = None
+    known_hosts_file: str | None = None
+    #: the remote folder the batch files are written to or taken from
+    path: str = "."
+    connect_timeout: float = Field(default=10.0, gt=0)
+    so_timeout: float = Field(default=60.0, gt=0)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v or "\x00" in v or ".." in v.split("/"):
+            raise ValueError(f"{v!r}: expected a folder without '..'")
+        return v
+
+
 class PeerConfig(_Strict):
     """``[peers.NODE_ID]``: another node this node exchanges with directly, its pinned key."""
 
@@ -125,15 +152,30 @@ class PeerConfig(_Strict):
     #: (links that are up only part of the time); "ferry": signed batch files (网闸)
     link: str = "http"
     timeout: float = Field(default=30.0, gt=0)
+    #: the highest 密级 this link may carry, either way (绝密 never travels between nodes by default)
+    clearance: str = "机密"
     retry: RetryPolicy | None = None
-    #: ferry links: where batch files go out and come in (a folder, or sftp://… later)
-    ferry_out: str | None = None
-    ferry_in: str | None = None
+    #: ferry links (网闸): where the signed batch files for the peer are written, and where
+    #: its files arrive: a local folder (a path), or a folder on an SFTP server (a table)
+    ferry_out: str | FerrySftpConfig | None = None
+    ferry_in: str | FerrySftpConfig | None = None
+    #: a ferry file is closed after the item that takes it past this many bytes
+    ferry_max_bytes: int = Field(default=1024**3, ge=1024)
+    #: seconds an incoming ferry file must have been left alone before it is judged: a file
+    #: that is wrong and younger than this may still be arriving, and waits for a later run
+    ferry_settle: float = Field(default=60.0, ge=0)
 
     @field_validator("units")
     @classmethod
     def _units(cls, v: list[str]) -> list[str]:
         return NodeConfig._units(v)  # type: ignore[arg-type]
+
+    @field_validator("clearance")
+    @classmethod
+    def _clearance(cls, v: str) -> str:
+        if v not in ("非密", "秘密", "机密", "绝密"):
+            raise ValueError(f"{v!r} is not a 密级; expected 非密, 秘密, 机密 or 绝密")
+        return v
 
     @field_validator("link")
     @classmethod
@@ -227,7 +269,19 @@ class Config(_Strict):
                 raise ConfigError(f"{self.source}: peers.{name}.url: missing; a {p.link} link needs the "
                                   f"peer's base URL, e.g. http://10.1.2.3:8080")
             if p.link == "ferry" and not (p.ferry_out or p.ferry_in):
-                raise ConfigError(f"{self.source}: peers.{name}: a ferry link needs ferry_out and/or ferry_in")
+                raise ConfigError(f"{self.source}: peers.{name}: a ferry link needs ferry_out and/or ferry_in "
+                                  f"(a folder, or an SFTP table with host, username, private_key_file, "
+                                  f"host_key and path)")
+            if p.ferry_out is not None and p.ferry_out == p.ferry_in:
+                raise ConfigError(f"{self.source}: peers.{name}.ferry_in: the same folder as ferry_out; files "
+                                  f"going out and coming in need a folder each")
+            for key, loc in (("ferry_out", p.ferry_out), ("ferry_in", p.ferry_in)):
+                if isinstance(loc, FerrySftpConfig) and not (loc.host_key or loc.known_hosts_file):
+                    raise ConfigError(f"{self.source}: peers.{name}.{key}.host_key: missing; the SFTP server's "
+                                      f"host key must be pinned with host_key = \"ssh-ed25519 AAAA...\" or "
+                                      f"known_hosts_file")
+                if isinstance(loc, str) and not loc.strip():
+                    raise ConfigError(f"{self.source}: peers.{name}.{key}: empty; expected a folder")
         for name, a in self.adapters.items():
             if "type" not in a:
                 raise ConfigError(f"{self.source}: adapters.{name}.type: missing; expected soap, sftp or xml-exchange")

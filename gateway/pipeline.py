@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from adapters.base import remote_ref
 from gateway import audit, events, payloads
-from gateway.envelope import Envelope, EnvelopeError, Recipient
+from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError, Recipient
 from gateway.models import table, Delivery, IdempotencyRecord, Message, OutboxEntry
 from gateway.node import Node
 from gateway.routing import NoRoute, Route
@@ -58,6 +58,11 @@ def plan_routes(node: Node, env: Envelope, recipients: list[Recipient] | None = 
     for route in routes:
         if route.kind == "adapter" and route.target not in node.config.adapters:
             raise Rejected("no-route", f"route to adapter {route.target!r}, which is not configured")
+        peer = node.config.peers.get(route.target) if route.kind == "node" else None
+        if peer is not None and env.clearance_needed > CLASSIFICATION_LEVEL[peer.clearance]:
+            # a node is never given a message above what its link is cleared for
+            raise Rejected("no-route", f"the link to node {route.target} is cleared up to {peer.clearance}; "
+                                       f"a {env.classification} message cannot travel on it")
     return routes
 
 

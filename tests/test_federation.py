@@ -229,3 +229,29 @@ def test_federation_config_errors_name_the_key(tmp_path: Path) -> None:
     assert "peers.prefecture.url: missing" in err({"peers": {"prefecture": {"public_key": "ed25519:AA"}}})
     assert "peers.prefecture.link" in err({"peers": {"prefecture": {"url": "http://x", "public_key": "k",
                                                                     "link": "carrier-pigeon"}}})
+
+
+def test_a_message_above_the_link_clearance_never_leaves_nor_enters(cluster: Cluster) -> None:
+    pref, a = cluster.nodes["prefecture"], cluster.nodes["county-a"]
+    s = pref.session()
+    sha = s.post(f"{pref.url}/api/v1/blobs", data="绝密正文".encode(),
+                 headers={"Content-Type": "application/octet-stream"}).json()["sha256"]
+    doc = {"sender_unit": PREFECTURE, "issuer": "测试机关", "doc_type": "通知", "doc_number": "州政办发〔2026〕60号",
+           "title": "密级测试", "written_date": "2026-11-26", "classification": "绝密",
+           "classification_period": "10年", "recipients": [{"unit": COUNTY_A}],
+           "body": {"sha256": sha, "name": "正文.ofd"}}
+    r = s.post(f"{pref.url}/api/v1/documents", json=doc)
+    assert r.status_code == 422, r.text
+    assert "cleared up to 机密" in r.json()["detail"]
+    # and a node that receives one anyway refuses it (403), storing nothing
+    ok = send(pref, PREFECTURE, (COUNTY_A,), title="密级测试二")
+    [(xml,)] = rows(pref, select(Message.envelope_xml).where(Message.id == ok))
+    forged_id = f"forged-{ok}"
+    forged = (xml.decode().replace(ok, forged_id).replace(">非密<", ">绝密<"))
+    body = json.dumps({"message_id": forged_id, "units": [COUNTY_A], "hops": ["prefecture"],
+                       "envelope": forged}).encode()
+    url = f"{a.url}/federation/v1/messages"
+    r = _post(url, body, _signer_as(cluster, "prefecture").sign("POST", url, {}, body))
+    assert r.status_code == 403, r.text
+    assert r.json()["type"] == "urn:egov:gateway:problem:clearance-too-low"
+    assert rows(a, select(Message.id).where(Message.id == forged_id)) == []

@@ -120,10 +120,14 @@ class Cluster:
 
     def __init__(self, root: Path, *, sign_delay: float = 0.3, overrides: dict[str, dict] | None = None,
                  database_urls: dict[str, str] | None = None, links: dict[tuple[str, str], str] | None = None,
-                 echo=None) -> None:  # type: ignore[no-untyped-def]
+                 echo=None, peer_settings: dict[tuple[str, str], dict[str, Any]] | None = None,
+                 ) -> None:  # type: ignore[no-untyped-def]
         self.root = Path(root)
-        #: link kinds between two nodes other than "http", e.g. {("prefecture", "county-b"): "batch"}
+        #: link kinds between two nodes other than "http", e.g. {("prefecture", "county-b"): "batch"};
+        #: a "ferry" link gets its folders (see :meth:`ferry_dir`)
         self.links = {frozenset(k): v for k, v in (links or {}).items()}
+        #: more settings of one node's [peers.X] table: {("county-b", "prefecture"): {"ferry_settle": 0}}
+        self.peer_settings = peer_settings or {}
         self.sign_delay = sign_delay
         self.overrides = overrides or {}
         self.database_urls = database_urls or {}
@@ -161,15 +165,31 @@ class Cluster:
                                          "address": f"http://127.0.0.1:{node.soap.port}/docexchange",
                                          "timeout": 10}},
             "federation": {"max_skew": 300} if node.id == "prefecture" else {"parent": "prefecture"},
-            "peers": {p: {"url": f"http://127.0.0.1:{self.nodes[p].port}", "public_key": self.public[p],
-                          "units": LAYOUT[p][1], "timeout": 30,
-                          "link": self.links.get(frozenset((node.id, p)), "http")} for p in peer_ids},
+            "peers": {p: self.peer_config(node.id, p) for p in peer_ids},
             "routes": [{"units": units, "adapter": "docexchange"}]
                       + ([] if node.id == "prefecture" else [{"node": "prefecture"}]),
         }
         for key, val in self.overrides.get(node.id, {}).items():
             cfg[key] = {**cfg.get(key, {}), **val} if isinstance(val, dict) else val
         return cfg
+
+    def peer_config(self, node_id: str, peer: str) -> dict[str, Any]:
+        """Node ``node_id``'s ``[peers.PEER]`` table."""
+        link = self.links.get(frozenset((node_id, peer)), "http")
+        cfg: dict[str, Any] = {"url": f"http://127.0.0.1:{self.nodes[peer].port}", "public_key": self.public[peer],
+                               "units": LAYOUT[peer][1], "timeout": 30, "link": link}
+        if link == "ferry":
+            cfg.update(ferry_out=str(self.ferry_dir(node_id, peer, "out")),
+                       ferry_in=str(self.ferry_dir(node_id, peer, "in")))
+        return {**cfg, **self.peer_settings.get((node_id, peer), {})}
+
+    def ferry_dir(self, node_id: str, peer: str, direction: str) -> Path:
+        """On a ferry link, the folder where node ``node_id`` writes its files for ``peer``
+        (``"out"``) or takes the files from ``peer`` (``"in"``). The isolation device is
+        whoever copies one node's out folder to the other's in folder (a test, the demo)."""
+        if direction not in ("out", "in"):
+            raise ValueError(f"direction {direction!r}; expected out or in")
+        return self.root / node_id / "ferry" / (f"to-{peer}" if direction == "out" else f"from-{peer}")
 
     def start(self, timeout: float = 90.0) -> Cluster:
         from concurrent.futures import ThreadPoolExecutor

@@ -122,10 +122,10 @@ def serve_batch() -> Response:
     n = _node()
     peer = authenticate(n)
     try:
-        after, limit = int(request.args.get("after", "0")), int(request.args.get("limit", "200"))
+        limit = int(request.args.get("limit", "200"))
     except ValueError:
-        raise Problem(400, "validation", "after and limit must be integers") from None
-    return _answer(batch.serve_batch, n, peer, after, max(1, limit))
+        raise Problem(400, "validation", "limit must be an integer") from None
+    return _answer(batch.serve_batch, n, peer, max(1, limit))
 
 
 @bp.post("/batch/ack")

@@ -8,17 +8,19 @@ them, in queue order, as a batch of *items*::
      single request to /federation/v1/messages, /status or /recall}
 
 The receiver applies the items in order, each in its own transaction and each idempotent,
-and keeps a cursor per sending node: the highest ``seq`` it has applied. A batch cut in the
-middle is simply sent again; items at or below the cursor are answered ``duplicate``
-without being applied twice, and an item that hits trouble that may pass (a peer that does
-not answer a blob fetch) stops the batch there, so nothing overtakes it — a 续报 never
-arrives before its 初报.
+and records every item it has applied (sending node, ``seq``): its cursor. A batch cut in
+the middle is simply sent again; the items recorded before the cut are answered
+``duplicate`` without being applied twice, and an item that hits trouble that may pass (a
+peer that does not answer a blob fetch) stops the batch there, so nothing overtakes it — a
+续报 never arrives before its 初报. (The record is per item, not a high-water mark: outbox
+ids are handed out at insert and, on PostgreSQL, concurrent transactions may commit them out
+of order, so a lower ``seq`` can become visible after a higher one was sent.)
 
 * ``push`` (job): send our queued items to each batch peer (``POST /federation/v1/batch``).
-* ``pull`` (job): fetch the items a batch peer has queued for us
-  (``GET /federation/v1/batch?after=<cursor>``), apply them, then acknowledge
-  (``POST /federation/v1/batch/ack``); the ``after`` cursor also acknowledges everything up
-  to it, so a lost acknowledgement costs nothing but a repeat.
+* ``pull`` (job): fetch the items a batch peer has queued for us (``GET /federation/v1/batch``;
+  they stay claimed there under a lease), apply them, then acknowledge
+  (``POST /federation/v1/batch/ack``). A lost acknowledgement costs a repeat: the lease runs
+  out, the items are served again and answered ``duplicate``.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from sqlalchemy import select, update
 
 from adapters.base import PermanentError, RetryableError
 from gateway.federation import transfer
-from gateway.models import AdapterState, OutboxEntry
+from gateway.models import IngestedItem, OutboxEntry
 from gateway.node import Node
 from gateway.worker import Job, Outcome, Worker, queued_units
 
@@ -40,23 +42,29 @@ _KINDS = ("forward", "status", "recall")
 
 
 # -- the receiver's cursor -----------------------------------------------------------------
-def _cursor_key(peer: str) -> tuple[str, str]:
-    return (f"peer:{peer}", "applied_seq")
+def _key(peer: str, seq: int) -> str:
+    return f"batch:{peer}:{seq}"
 
 
-def applied_seq(node: Node, peer: str) -> int:
+def _applied(node: Node, peer: str, seqs: list[int]) -> set[int]:
+    if not seqs:
+        return set()
     with node.db.sessions() as s:
-        row = s.get(AdapterState, _cursor_key(peer))
-        return int(row.value) if row else 0
+        keys = set(s.scalars(select(IngestedItem.key).where(IngestedItem.key.in_([_key(peer, q) for q in seqs]))))
+    return {q for q in seqs if _key(peer, q) in keys}
 
 
-def _set_applied(node: Node, peer: str, seq: int) -> None:
+def _record_applied(node: Node, peer: str, results: list[dict[str, Any]]) -> None:
+    """Remember what was applied (or refused for good), after the items' own transactions: a
+    crash in between makes a resent item run again, which its idempotency absorbs."""
+    done = [r for r in results if r["outcome"] in ("ok", "rejected")]
+    if not done:
+        return
     with node.db.begin() as s:
-        row = s.get(AdapterState, _cursor_key(peer), with_for_update=True)
-        if row is None:
-            s.add(AdapterState(adapter=_cursor_key(peer)[0], key=_cursor_key(peer)[1], value=str(seq)))
-        elif int(row.value) < seq:
-            row.value = str(seq)
+        present = set(s.scalars(select(IngestedItem.key).where(
+            IngestedItem.key.in_([_key(peer, r["seq"]) for r in done]))))
+        s.add_all([IngestedItem(key=_key(peer, r["seq"]), adapter=f"peer:{peer}", outcome=r["outcome"])
+                   for r in done if _key(peer, r["seq"]) not in present])
 
 
 # -- building items (sender) --------------------------------------------------------------
@@ -89,11 +97,11 @@ def apply_items(node: Node, peer: str, items: Any) -> dict[str, Any]:
     seqs = [i.get("seq") for i in items]
     if not all(isinstance(q, int) for q in seqs) or seqs != sorted(seqs) or len(set(seqs)) != len(seqs):
         raise transfer.TransferError(400, "validation", "items: each needs an integer seq, strictly increasing")
-    cursor = start = applied_seq(node, peer)
+    seen = _applied(node, peer, seqs)
     results: list[dict[str, Any]] = []
     for item in items:
         seq = item["seq"]
-        if seq <= cursor:
+        if seq in seen:
             results.append({"seq": seq, "outcome": "duplicate"})
             continue
         try:
@@ -104,10 +112,8 @@ def apply_items(node: Node, peer: str, items: Any) -> dict[str, Any]:
                 results.append({"seq": seq, "outcome": "retry", "detail": exc.detail})
                 break
             results.append({"seq": seq, "outcome": "rejected", "type": exc.kind, "detail": exc.detail})
-        cursor = seq
-    if cursor > start:
-        _set_applied(node, peer, cursor)
-    return {"node": node.id, "applied_seq": cursor, "results": results}
+    _record_applied(node, peer, results)
+    return {"node": node.id, "results": results}
 
 
 def _apply_one(node: Node, peer: str, item: dict[str, Any]) -> dict[str, Any]:
@@ -193,12 +199,10 @@ def push(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
     return out
 
 
-def serve_batch(node: Node, peer: str, after: int, limit: int) -> dict[str, Any]:
-    """The items queued here for ``peer`` after its cursor (the pull side). Rows at or below
-    the cursor were applied there: they are marked done here (a lost acknowledgement)."""
+def serve_batch(node: Node, peer: str, limit: int) -> dict[str, Any]:
+    """The items queued here for ``peer``, in queue order (the pull side)."""
     if peer not in batch_peers(node):
         raise transfer.TransferError(409, "conflict", f"node {peer} is not a batch peer of node {node.id}")
-    _acknowledge(node, peer, [{"seq": None, "upto": after}])
     worker = Worker(node, worker_id=f"pull:{peer}:{node.id}")
     jobs = worker.claim(min(limit, BATCH_SIZE), target=peer)
     items, empty = [], []
@@ -209,19 +213,6 @@ def serve_batch(node: Node, peer: str, after: int, limit: int) -> dict[str, Any]
     # the queue when the lease runs out
     record_results(node, worker, empty, [{"seq": j.id, "outcome": "ok"} for j in empty])
     return {"node": node.id, "items": items}
-
-
-def _acknowledge(node: Node, peer: str, results: list[dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    upto = max((r.get("upto") or 0 for r in results), default=0)
-    if upto:
-        with node.db.begin() as s:
-            n = s.execute(update(OutboxEntry).where(
-                OutboxEntry.target == peer, OutboxEntry.id <= upto, OutboxEntry.kind.in_(_KINDS),
-                OutboxEntry.state.in_(("pending", "claimed")))
-                .values(state="done", last_error=None)).rowcount  # type: ignore[attr-defined]
-            counts["done-by-cursor"] = n or 0
-    return counts
 
 
 def acknowledge(node: Node, peer: str, results: Any) -> dict[str, Any]:
@@ -260,8 +251,7 @@ def pull(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
         got: dict[str, int] = {}
         try:
             while True:
-                after = applied_seq(node, peer)
-                batch = node.federation.client.get_json(peer, f"/batch?after={after}&limit={BATCH_SIZE}")
+                batch = node.federation.client.get_json(peer, f"/batch?limit={BATCH_SIZE}")
                 items = batch.get("items", [])
                 if not items:
                     break

@@ -11,8 +11,10 @@ register("push", batch.push, "send the items queued for batch peers (links up on
 register("pull", batch.pull, "fetch and apply the items batch peers have queued for this node")
 register("reconcile", reconcile.run, "compare forwarded copies with each peer and repair the gaps")
 
-try:  # the signed directory (its own module registers the 'directory' job)
-    importlib.import_module("gateway.federation.directory")
-except ModuleNotFoundError as exc:  # pragma: no cover - only while it is being built
-    if exc.name != "gateway.federation.directory":
-        raise
+# modules that register their own jobs: the signed directory, the ferry link
+for _module in ("gateway.federation.directory", "gateway.federation.ferry"):
+    try:
+        importlib.import_module(_module)
+    except ModuleNotFoundError as exc:  # pragma: no cover - only while one is being built
+        if exc.name != _module:
+            raise

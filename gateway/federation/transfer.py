@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from adapters.base import PermanentError, RetryableError
 from gateway import audit, events, pipeline
-from gateway.envelope import Envelope, EnvelopeError
+from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError
 from gateway.models import Delivery, Message, ReceiptRecord
 from gateway.node import Node
 
@@ -74,6 +74,10 @@ def import_message(node: Node, peer: str, body: Any) -> tuple[dict, bool]:
         raise TransferError(422, "validation", f"envelope: {exc}") from None
     except ValueError as exc:  # xmlsafe's refusals (DTD, size, depth …)
         raise TransferError(400, "malformed-xml", f"envelope: {exc}") from None
+    link = node.config.peers[peer].clearance
+    if env.clearance_needed > CLASSIFICATION_LEVEL[link]:
+        raise TransferError(403, "clearance-too-low", f"the link from node {peer} is cleared up to {link}; "
+                                                      f"a {env.classification} message is refused")
     if env.message_id != mid:
         raise TransferError(400, "validation", f"message_id {mid!r} differs from the envelope's {env.message_id!r}")
     if env.sender_node != hops[0]:
@@ -176,11 +180,11 @@ def apply_status(s: Session, peer: str, item: dict) -> str:
     at = _time(item.get("at")) or now
     signer, receipt_no, reason = (str(item[k])[:200] if item.get(k) is not None else None
                                   for k in ("signer", "receipt_no", "reason"))
-    if status in ("signed", "returned"):
-        s.add(ReceiptRecord(delivery_id=d.id, action=status.upper(), signer=signer, receipt_no=receipt_no,
-                            reason=reason, time=at, source=f"node:{peer}", received_at=now))
     outcome = "unchanged"
     if d.status in STATUS_FROM[status]:
+        if status in ("signed", "returned"):  # a repeated report adds no second receipt
+            s.add(ReceiptRecord(delivery_id=d.id, action=status.upper(), signer=signer, receipt_no=receipt_no,
+                                reason=reason, time=at, source=f"node:{peer}", received_at=now))
         prev, d.status, d.updated_at = d.status, status, now
         if status == "delivered":
             d.delivered_at = at
