@@ -72,6 +72,12 @@ def tempdir(prefix: str) -> Path:
     return d
 
 
+def keep_dir(d: Path) -> None:
+    """Do not remove ``d`` at clean-up (``--keep``: look at logs and databases afterwards)."""
+    if d in _DIRS:
+        _DIRS.remove(d)
+
+
 def on_cleanup(fn: Any, *, after_processes: bool = False) -> None:
     """Run ``fn()`` at clean-up (LIFO), before the processes are stopped, or after them with
     ``after_processes`` (e.g. a server they are still connected to); dirs are removed last."""
@@ -171,6 +177,37 @@ def wait_for(pred: Any, timeout: float, what: str, interval: float = 0.1) -> Non
         time.sleep(interval)
     if not pred():
         raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def cpu_seconds(pid: int, *, children: bool = True) -> float:
+    """CPU time (user + system) used so far by process ``pid`` and, with ``children``, by its
+    live child processes (e.g. gunicorn's workers), from /proc; 0 for a process that is gone."""
+    clk = os.sysconf("SC_CLK_TCK")
+
+    def one(p: int) -> float:
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(f[11]) + int(f[12])) / clk
+
+    total = one(pid)
+    if children:
+        try:
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            kids = []
+        total += sum(cpu_seconds(int(k)) for k in kids)
+    return total
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, all cores, from /proc/stat; the
+    busy share between two readings is Δbusy / Δtotal (× the number of cores = cores busy)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = f[3] + (f[4] if len(f) > 4 else 0)  # idle + iowait
+    clk = os.sysconf("SC_CLK_TCK")
+    return (sum(f) - idle) / clk, sum(f) / clk
 
 
 # -- statistics --------------------------------------------------------------------------
@@ -506,6 +543,16 @@ class PgCluster:
                              autocommit=True) as conn:
             conn.execute("CREATE DATABASE gateway_bench")
         return f"postgresql+psycopg://{self.USER}@127.0.0.1:{self.port}/gateway_bench"
+
+    def create_database(self, name: str) -> str:
+        """Another empty database on this cluster (e.g. one per round); its SQLAlchemy URL."""
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.USER, dbname="postgres",
+                             autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return f"postgresql+psycopg://{self.USER}@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():

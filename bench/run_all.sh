@@ -7,7 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=.venv/bin/python
 mkdir -p bench/results && printf "*\n" > bench/results/.gitignore
 status=0
-for name in accept_rate soap_e2e urgency fanout sftp_large; do
+for name in accept_rate soap_e2e urgency fanout sftp_large forwarding scaleout; do
     echo "== $name $*" >&2
     "$PY" "bench/$name.py" "$@" >"bench/results/$name.out" 2>"bench/results/$name.log"
     rc=$?

@@ -7,6 +7,7 @@ itself (receipts, :data:`RECEIPT_NS`).
 from __future__ import annotations
 
 import copy
+import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, UTC
@@ -170,10 +171,19 @@ def _copy(el: etree._Element) -> etree._Element:
     return copy.deepcopy(el)
 
 
+_BUILD = threading.Lock()
+
+
 @lru_cache(maxsize=1)
 def _schema() -> etree.XMLSchema:
-    doc = etree.parse(str(SCHEMAS / "envelope.xsd"), etree.XMLParser(resolve_entities=False, no_network=True))
-    return etree.XMLSchema(doc)
+    # lxml (libxml2) corrupts a schema built by several threads at once, for good: one at a time
+    with _BUILD:
+        doc = etree.parse(str(SCHEMAS / "envelope.xsd"), etree.XMLParser(resolve_entities=False, no_network=True))
+        return etree.XMLSchema(doc)
+
+
+def schema() -> etree.XMLSchema:
+    return _schema()
 
 
 def validate(root: etree._Element) -> None:

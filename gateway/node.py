@@ -51,6 +51,9 @@ class Node:
         self.data_dir = config.data_dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(self.data_dir / "blobs")
+        from gateway import payloads
+
+        payloads.warm()  # before any request or delivery thread can race to build them
         from gateway.federation.directory import DirectoryCache
 
         #: the newest stored federation directory (re-read from the database every few seconds)

@@ -3,6 +3,7 @@ namespace names here (``schemas/payload-*.xsd``) on every path in — API, adapt
 federation. A namespace with no schema is refused, so nothing unvalidated is ever stored."""
 from __future__ import annotations
 
+import threading
 from functools import cache
 
 from lxml import etree
@@ -17,10 +18,24 @@ SCHEMA_FILES = {
 CODE_CHECKED = {RECEIPT_NS, "urn:egov:gateway:legacy:v1"}
 
 
+_BUILD = threading.Lock()
+
+
 @cache
 def _schema(name: str) -> etree.XMLSchema:
-    doc = etree.parse(str(SCHEMAS / name), etree.XMLParser(resolve_entities=False, no_network=True))
-    return etree.XMLSchema(doc)
+    # lxml (libxml2) corrupts a schema built by several threads at once, for good: one at a time
+    with _BUILD:
+        doc = etree.parse(str(SCHEMAS / name), etree.XMLParser(resolve_entities=False, no_network=True))
+        return etree.XMLSchema(doc)
+
+
+def warm() -> None:
+    """Build every schema now, before request threads start."""
+    from gateway import envelope
+
+    envelope.schema()
+    for name in SCHEMA_FILES.values():
+        _schema(name)
 
 
 def validate(payload: etree._Element) -> None:

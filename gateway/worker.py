@@ -147,6 +147,21 @@ class Job:
     delivery_status: str | None = None
 
 
+def _groups(jobs: list[Job]) -> list[list[Job]]:
+    """Jobs in claim order, status reports (and forwards) for the same node put together."""
+    out: list[list[Job]] = []
+    together: dict[tuple[str, str], list[Job]] = {}
+    for j in jobs:
+        if j.kind in ("status", "forward"):
+            if (j.kind, j.target) not in together:
+                together[(j.kind, j.target)] = []
+                out.append(together[(j.kind, j.target)])
+            together[(j.kind, j.target)].append(j)
+        else:
+            out.append([j])
+    return out
+
+
 @dataclass
 class Outcome:
     job: Job
@@ -254,9 +269,12 @@ class Worker:
                              bool(job.payload.get("resend")))
         if not units:
             return {"units": [], "skipped": True}
+        from gateway.federation.transfer import inline_blobs
+
+        env = _envelope(job.message_id, job.envelope_xml)
         answer = self.node.federation.client.post(job.target, "/messages", {
             "message_id": job.message_id, "units": units, "hops": job.payload["hops"],
-            "envelope": job.envelope_xml.decode("utf-8")})
+            "envelope": job.envelope_xml.decode("utf-8"), "blobs": inline_blobs(self.node, env)})
         return {"units": units, "answer": answer}
 
     def _policy(self, kind: str, target: str) -> RetryPolicy:
@@ -386,7 +404,10 @@ class Worker:
     def run_once(self) -> int:
         """Claim and process one batch synchronously (tests, ``gateway worker --once``)."""
         jobs = self.claim(self.threads)
-        self.record([self.execute(j) for j in jobs])
+        outcomes: list[Outcome] = []
+        for group in _groups(jobs):
+            outcomes += self.execute_group(group)
+        self.record(outcomes)
         return len(jobs)
 
     def drain(self, timeout: float = 30.0) -> None:
@@ -407,9 +428,52 @@ class Worker:
     def wake(self) -> None:
         self._wake.set()
 
-    def _run(self, job: Job) -> None:
+    def execute_group(self, jobs: list[Job]) -> list[Outcome]:
+        """Status reports and forwards for one node travel together: one signed request
+        (``/status``, or ``/batch`` for forwards, applied there in order). Everything else
+        runs one by one."""
+        if len(jobs) == 1:
+            return [self.execute(jobs[0])]
         try:
-            self._outcomes.put(self.execute(job))
+            if jobs[0].kind == "status":
+                self.node.federation.client.post(jobs[0].target, "/status", {"items": [j.payload for j in jobs]})
+                return [Outcome(j) for j in jobs]
+            return self._forward_many(jobs)
+        except DeliveryError as exc:
+            return [Outcome(j, error=exc) for j in jobs]
+        except Exception as exc:  # noqa: BLE001 - must not kill the worker
+            log.exception("%s to %s: unexpected error", jobs[0].kind, jobs[0].target)
+            return [Outcome(j, error=RetryableError(f"{type(exc).__name__}: {exc}")) for j in jobs]
+
+    def _forward_many(self, jobs: list[Job]) -> list[Outcome]:
+        from gateway.federation.batch import item_for
+
+        items, out = [], {}
+        for j in jobs:
+            item = item_for(self.node, j)
+            if item is None:
+                out[j.id] = Outcome(j, extra={"units": [], "skipped": True})
+            else:
+                items.append(item)
+        if items:
+            answer = self.node.federation.client.post(jobs[0].target, "/batch", {"items": items})
+            results = {r.get("seq"): r for r in answer.get("results", []) if isinstance(r, dict)}
+            for item in items:
+                j = next(x for x in jobs if x.id == item["seq"])
+                r = results.get(j.id, {"outcome": "retry", "detail": "the node stopped before this item"})
+                if r.get("outcome") in ("ok", "duplicate"):
+                    out[j.id] = Outcome(j, extra={"units": item["units"], "answer": r})
+                elif r.get("outcome") == "rejected":
+                    out[j.id] = Outcome(j, error=PermanentError(f"node {j.target} refused it: {r.get('type')}: "
+                                                                f"{r.get('detail')}"))
+                else:
+                    out[j.id] = Outcome(j, error=RetryableError(f"node {j.target}: {r.get('detail')}"))
+        return [out[j.id] for j in jobs]
+
+    def _run(self, group: list[Job]) -> None:
+        try:
+            for outcome in self.execute_group(group):
+                self._outcomes.put(outcome)
         finally:
             with self._busy_lock:
                 self._busy -= 1
@@ -434,11 +498,16 @@ class Worker:
                     ready = deque(sorted([*ready, *fresh], key=lambda j: j.priority))
                 while free > 0 and ready:
                     job = ready.popleft()
+                    group = [job]
+                    if job.kind in ("status", "forward"):  # the others ready for that node go along
+                        group += [j for j in ready if j.kind == job.kind and j.target == job.target][:99]
+                        for j in group[1:]:
+                            ready.remove(j)
                     with self._busy_lock:
                         self._busy += 1
                     free -= 1
                     assert self._pool is not None
-                    self._pool.submit(self._run, job)
+                    self._pool.submit(self._run, group)
                 self._wake.wait(self.cfg.idle_sleep)
                 self._wake.clear()
             except Exception:  # the database may be briefly unavailable

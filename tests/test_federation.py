@@ -255,3 +255,20 @@ def test_a_message_above_the_link_clearance_never_leaves_nor_enters(cluster: Clu
     assert r.status_code == 403, r.text
     assert r.json()["type"] == "urn:egov:gateway:problem:clearance-too-low"
     assert rows(a, select(Message.id).where(Message.id == forged_id)) == []
+
+
+def test_a_burst_of_documents_to_one_node_arrives_each_once(cluster: Cluster) -> None:
+    """Forwards (and status reports) ready together for one node travel in one request."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pref, a = cluster.nodes["prefecture"], cluster.nodes["county-a"]
+    with ThreadPoolExecutor(8) as pool:
+        mids = list(pool.map(lambda i: send(pref, PREFECTURE, (COUNTY_A,), title=f"批量转发{i}"), range(24)))
+    for mid in mids:
+        wait_for(pref, mid, {COUNTY_A: "signed"})
+    assert sorted(m for (m,) in rows(a, select(Message.id).where(Message.id.in_(mids)))) == sorted(mids)
+    docs = [d for d in a.soap.state.all_documents() if d.title.startswith("批量转发")]
+    assert len(docs) == len(mids) == len({d.doc_id for d in docs})
+    forwards = rows(pref, select(AuditEntry.object).where(AuditEntry.action == "message.forward",
+                                                          AuditEntry.object.in_([f"message:{m}" for m in mids])))
+    assert len(forwards) == len(mids)

@@ -256,8 +256,12 @@ class Cluster:
     def close(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max(1, len(self.nodes))) as pool:
-            list(pool.map(self.stop_node, list(self.nodes)))
+        try:
+            with ThreadPoolExecutor(max(1, len(self.nodes))) as pool:
+                list(pool.map(self.stop_node, list(self.nodes)))
+        except RuntimeError:  # at interpreter exit no new threads start: one by one
+            for node_id in list(self.nodes):
+                self.stop_node(node_id)
         for node in self.nodes.values():
             node.soap.stop()
             node.soap.state.close()

@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from adapters.base import PermanentError, RetryableError
+from gateway.envelope import Envelope
 from gateway.federation import transfer
 from gateway.models import IngestedItem, OutboxEntry
 from gateway.node import Node
@@ -68,8 +69,10 @@ def _record_applied(node: Node, peer: str, results: list[dict[str, Any]]) -> Non
 
 
 # -- building items (sender) --------------------------------------------------------------
-def item_for(node: Node, job: Job) -> dict[str, Any] | None:
-    """The batch item for one claimed outbox row (None: nothing left to send)."""
+def item_for(node: Node, job: Job, *, inline: bool = True) -> dict[str, Any] | None:
+    """The batch item for one claimed outbox row (None: nothing left to send). Small bodies
+    and attachments travel inside a forward item unless ``inline`` is off (a ferry file
+    carries every blob itself)."""
     if job.kind == "forward":
         assert job.message_id is not None and job.payload is not None
         units = queued_units(node, job.message_id, job.target, job.payload["units"],
@@ -77,8 +80,12 @@ def item_for(node: Node, job: Job) -> dict[str, Any] | None:
         if not units:
             return None
         assert job.envelope_xml is not None and job.payload is not None
-        return {"seq": job.id, "kind": "forward", "message_id": job.message_id, "units": units,
+        item = {"seq": job.id, "kind": "forward", "message_id": job.message_id, "units": units,
                 "hops": job.payload["hops"], "envelope": job.envelope_xml.decode("utf-8")}
+        if inline:
+            env = Envelope.from_xml(job.envelope_xml, validate=False)
+            item["blobs"] = transfer.inline_blobs(node, env)
+        return item
     if job.kind == "status":
         return {"seq": job.id, "kind": "status", **(job.payload or {})}
     if job.kind == "recall":

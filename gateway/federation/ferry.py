@@ -498,7 +498,7 @@ def _plan(node: Node, jobs: list[Job], max_bytes: int) -> _Plan:
     total = items_bytes = 0
     for i, job in enumerate(jobs):
         try:
-            item = batch.item_for(node, job)
+            item = batch.item_for(node, job, inline=False)
             if item is None:
                 plan.empty.append(job)
                 continue

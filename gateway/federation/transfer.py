@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +39,10 @@ STATUS_FROM: dict[str, tuple[str, ...]] = {
     "failed": ("queued",),
 }
 MAX_HOPS = 6
+#: bodies and attachments up to this size travel inside the forward (base64), up to
+#: INLINE_TOTAL per message; larger ones are fetched by the receiver (a claim check)
+INLINE_MAX = 256 * 1024
+INLINE_TOTAL = 1024 * 1024
 
 
 class TransferError(Exception):
@@ -90,6 +96,7 @@ def import_message(node: Node, peer: str, body: Any) -> tuple[dict, bool]:
     stray = [u for u in units if u not in known]
     if stray:
         raise TransferError(422, "validation", f"units {', '.join(stray)} are not recipients of the message")
+    _store_inline(node, env, body.get("blobs"))
     _fetch_blobs(node, peer, env)
     try:
         acc = pipeline.accept(node, env, actor=f"node:{peer}", source=f"node:{peer}", units=set(units),
@@ -109,6 +116,41 @@ def import_message(node: Node, peer: str, body: Any) -> tuple[dict, bool]:
     # the Idempotent-Replayed header)
     return {"message_id": mid, "node": node.id, "units": sorted(units),
             "accepted_at": m.accepted_at.isoformat().replace("+00:00", "Z")}, acc.created
+
+
+def inline_blobs(node: Node, env: Envelope) -> dict[str, str]:
+    """The small bodies and attachments of ``env``, base64, to travel with its forward: most
+    official documents are small, and a fetch back to the sender costs a signed round trip."""
+    out: dict[str, str] = {}
+    total = 0
+    for a in env.attachments:
+        if a.size > INLINE_MAX or total + a.size > INLINE_TOTAL or a.sha256 in out or not node.blobs.exists(a.sha256):
+            continue
+        with node.blobs.open(a.sha256) as f:
+            out[a.sha256] = base64.b64encode(f.read()).decode("ascii")
+        total += a.size
+    return out
+
+
+def _store_inline(node: Node, env: Envelope, blobs: Any) -> None:
+    if not blobs:
+        return
+    if not isinstance(blobs, dict):
+        raise TransferError(400, "validation", "blobs: expected an object of SHA-256 -> base64 content")
+    sizes = {a.sha256: a.size for a in env.attachments}
+    for sha, b64 in blobs.items():
+        if sha not in sizes or not isinstance(b64, str):
+            raise TransferError(400, "validation", f"blobs: {sha!r} is not an attachment of the envelope")
+        if node.blobs.exists(sha):
+            continue
+        try:
+            data = base64.b64decode(b64, validate=True)
+        except ValueError:
+            raise TransferError(400, "validation", f"blobs: {sha[:12]}… is not base64") from None
+        if len(data) != sizes[sha] or hashlib.sha256(data).hexdigest() != sha:
+            raise TransferError(422, "validation", f"blobs: the content sent for {sha[:12]}… does not match "
+                                                   f"its SHA-256 or size in the envelope")
+        node.blobs.put_bytes(data)
 
 
 def _fetch_blobs(node: Node, peer: str, env: Envelope) -> None:
