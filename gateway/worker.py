@@ -48,6 +48,8 @@ log = logging.getLogger("gateway.worker")
 
 #: seconds the recorder waits for more outcomes before committing a batch
 RECORD_WINDOW = 0.005
+#: forwards to one node sent together in one request (the receiver accepts them in turn)
+FORWARDS_PER_REQUEST = 8
 
 
 def backoff(policy: RetryPolicy, attempt: int) -> float:
@@ -291,10 +293,14 @@ class Worker:
         if not outcomes:
             return
         fast = [o for o in outcomes if o.error is None and o.job.kind == "deliver"]
-        slow = [o for o in outcomes if not (o.error is None and o.job.kind == "deliver")]
-        if fast:
+        forwarded = [o for o in outcomes if o.error is None and o.job.kind == "forward"]
+        slow = [o for o in outcomes if o.error is not None or o.job.kind not in ("deliver", "forward")]
+        if fast or forwarded:
             with self.node.db.begin_core() as conn:
-                self._record_delivered(conn, fast)
+                if fast:
+                    self._record_delivered(conn, fast)
+                if forwarded:
+                    self._record_forwarded(conn, forwarded)
         if slow:
             with self.node.db.begin() as s:
                 for o in slow:
@@ -319,6 +325,19 @@ class Worker:
             "delivered", {"adapter": r.target, "attempt": r.attempts, "remote_id": by_id[r.id].remote_id})
             for r in mine])
 
+    def _record_forwarded(self, s, outs: list[Outcome]) -> None:  # type: ignore[no-untyped-def]
+        """Forwards handed over: the rows are done; the copies stay queued until the next
+        node reports their status."""
+        by_id = {o.job.id: o for o in outs}
+        mine = s.execute(_DONE, {"ids": list(by_id), "me": self.id, "now": datetime.now(UTC)}).all()
+        actor = f"worker:{self.id}"
+        audit.append_many(s, [audit.Record(
+            actor, "message.forward", f"message:{by_id[r.id].job.message_id}",
+            "skipped" if by_id[r.id].extra.get("skipped") else "forwarded",
+            {"node": r.target, "units": by_id[r.id].extra.get("units", []), "attempt": r.attempts,
+             "accepted_at": (by_id[r.id].extra.get("answer") or {}).get("accepted_at")})
+            for r in mine])
+
     def _record_one(self, s, o: Outcome) -> None:  # type: ignore[no-untyped-def]
         now = datetime.now(UTC)
         entry = s.get(OutboxEntry, o.job.id, with_for_update=True)
@@ -330,7 +349,7 @@ class Worker:
         actor = f"worker:{self.id}"
         err = o.error
         if err is None:
-            # successful deliveries never come here: _record_delivered takes them set-based
+            # successful deliveries and forwards never come here: they are recorded set-based
             entry.state, entry.finished_at, entry.last_error = "done", now, None
             if entry.kind == "recall" and d is not None:
                 if o.extra.get("recalled"):
@@ -347,12 +366,6 @@ class Worker:
             elif entry.kind == "webhook":
                 audit.append(s, actor=actor, action="webhook.send", obj=obj, outcome="sent",
                              detail={"url": entry.target, "attempt": entry.attempts})
-            elif entry.kind == "forward" and d is not None:
-                units = o.extra.get("units", [])
-                audit.append(s, actor=actor, action="message.forward", obj=f"message:{d.message_id}",
-                             outcome="skipped" if o.extra.get("skipped") else "forwarded",
-                             detail={"node": entry.target, "units": units, "attempt": entry.attempts,
-                                     "accepted_at": (o.extra.get("answer") or {}).get("accepted_at")})
             elif entry.kind == "status":
                 p = entry.payload or {}
                 audit.append(s, actor=actor, action="status.send", obj=obj, outcome="sent",
@@ -500,7 +513,10 @@ class Worker:
                     job = ready.popleft()
                     group = [job]
                     if job.kind in ("status", "forward"):  # the others ready for that node go along
-                        group += [j for j in ready if j.kind == job.kind and j.target == job.target][:99]
+                        # (status reports are applied there in one transaction; forwards one by one,
+                        # so a few per request keep several requests, and commits, in flight)
+                        cap = 199 if job.kind == "status" else FORWARDS_PER_REQUEST - 1
+                        group += [j for j in ready if j.kind == job.kind and j.target == job.target][:cap]
                         for j in group[1:]:
                             ready.remove(j)
                     with self._busy_lock:

@@ -39,6 +39,8 @@ from gateway.worker import Job, Outcome, Worker, queued_units
 log = logging.getLogger("gateway.federation.batch")
 
 BATCH_SIZE = 200
+#: forwards of a batch accepted in one transaction (one commit), at most
+ACCEPT_TOGETHER = 16
 _KINDS = ("forward", "status", "recall")
 
 
@@ -106,19 +108,47 @@ def apply_items(node: Node, peer: str, items: Any) -> dict[str, Any]:
         raise transfer.TransferError(400, "validation", "items: each needs an integer seq, strictly increasing")
     seen = _applied(node, peer, seqs)
     results: list[dict[str, Any]] = []
+    pending: list[tuple[int, transfer.Incoming]] = []  # checked forwards, accepted together
+
+    def flush() -> None:
+        for (seq, inc), acc in zip(pending, transfer.accept_many(node, [inc for _, inc in pending])):
+            if isinstance(acc, transfer.TransferError):
+                results.append({"seq": seq, "outcome": "rejected", "type": acc.kind, "detail": acc.detail})
+                continue
+            try:
+                ans = transfer.answer(node, inc, acc)
+                results.append({"seq": seq, "outcome": "ok", "created": acc.created,
+                                "accepted_at": ans["accepted_at"]})
+            except transfer.TransferError as exc:
+                results.append({"seq": seq, "outcome": "rejected", "type": exc.kind, "detail": exc.detail})
+        pending.clear()
+
+    stopped = False
     for item in items:
         seq = item["seq"]
         if seq in seen:
             results.append({"seq": seq, "outcome": "duplicate"})
             continue
         try:
-            detail = _apply_one(node, peer, item)
-            results.append({"seq": seq, "outcome": "ok", **detail})
+            if item.get("kind") == "forward":
+                body = {k: v for k, v in item.items() if k not in ("seq", "kind")}
+                pending.append((seq, transfer.prepare(node, peer, body)))
+                if len(pending) >= ACCEPT_TOGETHER:
+                    flush()
+                continue
+            flush()  # what came before this item is accepted before it is applied
+            results.append({"seq": seq, "outcome": "ok", **_apply_one(node, peer, item)})
         except transfer.TransferError as exc:
             if exc.status >= 500 or exc.kind == "peer-unavailable":
+                flush()
                 results.append({"seq": seq, "outcome": "retry", "detail": exc.detail})
+                stopped = True
                 break
+            flush()
             results.append({"seq": seq, "outcome": "rejected", "type": exc.kind, "detail": exc.detail})
+    if not stopped:
+        flush()
+    results.sort(key=lambda r: r["seq"])
     _record_applied(node, peer, results)
     return {"node": node.id, "results": results}
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from adapters.base import PermanentError, RetryableError
@@ -61,7 +63,52 @@ def _str_list(body: dict, key: str) -> list[str]:
     return v
 
 
+@dataclass
+class Incoming:
+    """A forward that passed every check and whose contents are stored: ready to accept."""
+
+    peer: str
+    env: Envelope
+    units: list[str]
+    hops: list[str]
+
+
 def import_message(node: Node, peer: str, body: Any) -> tuple[dict, bool]:
+    """Check, store and accept one forward; the answer is the same for every repeat."""
+    inc = prepare(node, peer, body)
+    try:
+        acc = pipeline.accept(node, inc.env, **_accept_args(inc))
+    except pipeline.Rejected as exc:
+        raise TransferError(exc.status, exc.kind, exc.detail) from None
+    return answer(node, inc, acc), acc.created
+
+
+def _accept_args(inc: Incoming) -> dict[str, Any]:
+    return dict(actor=f"node:{inc.peer}", source=f"node:{inc.peer}", units=set(inc.units), hops=tuple(inc.hops),
+                summary={"via": inc.peer, "origin": inc.hops[0], "hops": inc.hops})
+
+
+def accept_many(node: Node, batch: list[Incoming]) -> list[pipeline.Accepted | TransferError]:
+    """Accept several checked forwards in ONE transaction (one commit), each in its own
+    savepoint so that one refused forward leaves the others standing."""
+    def unit(conn: Connection) -> list[pipeline.Accepted | TransferError]:
+        out: list[pipeline.Accepted | TransferError] = []
+        for inc in batch:
+            try:
+                with conn.begin_nested():
+                    out.append(pipeline.accept(node, inc.env, session=conn, **_accept_args(inc)))
+            except pipeline.Rejected as exc:
+                out.append(TransferError(exc.status, exc.kind, exc.detail))
+            except IntegrityError:  # the same message arrived by another request meanwhile
+                out.append(pipeline.Accepted(Message(id=inc.env.message_id), created=False))
+        return out
+
+    return node.db.write(unit)
+
+
+def prepare(node: Node, peer: str, body: Any) -> Incoming:
+    """Every check of a forward, and its small contents stored (or fetched from the sender);
+    nothing of the message itself is stored yet."""
     if not isinstance(body, dict):
         raise TransferError(400, "validation", "expected a JSON object with message_id, units, hops, envelope")
     mid, xml = body.get("message_id"), body.get("envelope")
@@ -98,24 +145,28 @@ def import_message(node: Node, peer: str, body: Any) -> tuple[dict, bool]:
         raise TransferError(422, "validation", f"units {', '.join(stray)} are not recipients of the message")
     _store_inline(node, env, body.get("blobs"))
     _fetch_blobs(node, peer, env)
-    try:
-        acc = pipeline.accept(node, env, actor=f"node:{peer}", source=f"node:{peer}", units=set(units),
-                              hops=tuple(hops), summary={"via": peer, "origin": hops[0], "hops": hops})
-    except pipeline.Rejected as exc:
-        raise TransferError(exc.status, exc.kind, exc.detail) from None
-    with node.db.sessions() as s:
-        m = s.get(Message, mid)
-        assert m is not None
-        here = sorted(s.scalars(select(Delivery.unit).where(Delivery.message_id == mid)))
-    missing = [u for u in units if u not in here]
-    if missing:
-        # the same message id came before for other units: never two messages under one id
-        raise TransferError(409, "message-id-conflict", f"message {mid} is already here for other units; "
-                                                        f"units {', '.join(missing)} were not part of it")
+    return Incoming(peer, env, units, hops)
+
+
+def answer(node: Node, inc: Incoming, acc: pipeline.Accepted) -> dict:
+    mid, units = inc.env.message_id, inc.units
+    if acc.created:
+        accepted_at = acc.message.accepted_at  # just stored, for exactly these units
+    else:
+        with node.db.sessions() as s:
+            m = s.get(Message, mid)
+            assert m is not None
+            accepted_at = m.accepted_at
+            here = set(s.scalars(select(Delivery.unit).where(Delivery.message_id == mid)))
+        missing = [u for u in units if u not in here]
+        if missing:
+            # the same message id came before for other units: never two messages under one id
+            raise TransferError(409, "message-id-conflict", f"message {mid} is already here for other units; "
+                                                            f"units {', '.join(missing)} were not part of it")
     # the same answer for the first delivery and every repeat (the API says which it was in
     # the Idempotent-Replayed header)
     return {"message_id": mid, "node": node.id, "units": sorted(units),
-            "accepted_at": m.accepted_at.isoformat().replace("+00:00", "Z")}, acc.created
+            "accepted_at": accepted_at.isoformat().replace("+00:00", "Z")}
 
 
 def inline_blobs(node: Node, env: Envelope) -> dict[str, str]:
