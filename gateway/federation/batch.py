@@ -154,11 +154,9 @@ def apply_items(node: Node, peer: str, items: Any) -> dict[str, Any]:
 
 
 def _apply_one(node: Node, peer: str, item: dict[str, Any]) -> dict[str, Any]:
+    """A status or recall item (forwards are checked and accepted together by apply_items)."""
     kind = item.get("kind")
     body = {k: v for k, v in item.items() if k not in ("seq", "kind")}
-    if kind == "forward":
-        answer, created = transfer.import_message(node, peer, body)
-        return {"created": created, "accepted_at": answer["accepted_at"]}
     if kind == "status":
         return {"status": transfer.apply_statuses(node, peer, [body])["outcomes"]}
     if kind == "recall":
