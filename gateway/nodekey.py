@@ -86,12 +86,19 @@ def load_or_create_sm2(data_dir: Path) -> SM2PrivateKey:
     return _load_or_create(path, load, generate)
 
 
-def public_pem(key: Ed25519PrivateKey) -> str:
+def public_pem(key: Ed25519PrivateKey | SM2PrivateKey) -> str:
+    if not isinstance(key, Ed25519PrivateKey):  # SM2
+        return key.public_key().pem()
     return key.public_key().public_bytes(serialization.Encoding.PEM,
                                          serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
-def sign(key: Ed25519PrivateKey, data: bytes) -> str:
+def algorithm(key: Ed25519PrivateKey | SM2PrivateKey) -> str:
+    """The name webhook receivers see: ed25519, or sm2-sm3 (SM2 with SM3, default ID)."""
+    return "ed25519" if isinstance(key, Ed25519PrivateKey) else "sm2-sm3"
+
+
+def sign(key: Ed25519PrivateKey | SM2PrivateKey, data: bytes) -> str:
     return base64.b64encode(key.sign(data)).decode()
 
 

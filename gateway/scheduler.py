@@ -319,6 +319,13 @@ def _run_locked(node: Node, spec: Job, trigger: str, tick: datetime, instance: s
     started = datetime.now(UTC)
     try:
         with node.db.begin() as s:
+            # We hold the job's lock, so no run of it is alive anywhere: a row still 'running'
+            # belongs to a process that died mid-run. Say so instead of leaving it running.
+            for stale in s.scalars(select(JobRun).where(JobRun.job == spec.name, JobRun.outcome == "running")):
+                stale.outcome, stale.finished_at = "failed", started
+                stale.detail = {"error": "Abandoned", "message": "the process running it ended before it finished"}
+                audit.append(s, actor=actor, action="job.run", obj=f"job:{spec.name}", outcome="abandoned",
+                             detail={"run": stale.id, "instance": stale.instance, "tick": stale.tick.isoformat()})
             row = JobRun(job=spec.name, tick=tick, trigger=trigger, instance=instance, outcome="running",
                          detail={}, started_at=started)
             s.add(row)

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -43,6 +43,9 @@ from gateway.config import RetryPolicy
 from gateway.envelope import Envelope, Recipient
 from gateway.models import table, Delivery, Message, OutboxEntry
 from gateway.node import Node
+
+if TYPE_CHECKING:
+    from gateway.federation.sm2 import SM2PrivateKey
 
 log = logging.getLogger("gateway.worker")
 
@@ -186,7 +189,7 @@ class Worker:
         self._wake = threading.Event()
         self._outcomes: queue.Queue[Outcome] = queue.Queue()
         self._http = requests.Session()
-        self._key: Ed25519PrivateKey | None = None
+        self._key: Ed25519PrivateKey | SM2PrivateKey | None = None
         #: peers whose rows only the sync jobs carry (batch and ferry links)
         self.parked = [name for name, p in node.config.peers.items() if p.link != "http"]
 
@@ -399,13 +402,15 @@ class Worker:
                                                       "error": message, "retryable": err.retryable})
 
     def _send_webhook(self, url: str, payload: dict) -> None:
-        if self._key is None:
-            self._key = nodekey.load_or_create(self.node.data_dir)
+        if self._key is None:  # the node key: Ed25519, or SM2 where [federation] algorithm = "sm2"
+            from gateway.federation.keys import own_key
+
+            self._key = own_key(self.node.config)
         body = json.dumps(payload, ensure_ascii=False, sort_keys=True).encode("utf-8")
         ts = str(int(time.time()))
         sig = nodekey.sign(self._key, ts.encode() + b"." + body)
         headers = {"Content-Type": "application/json; charset=utf-8", "Gateway-Timestamp": ts,
-                   "Gateway-Signature": f"ed25519={sig}", "Gateway-Node": self.node.id}
+                   "Gateway-Signature": f"{nodekey.algorithm(self._key)}={sig}", "Gateway-Node": self.node.id}
         try:
             r = self._http.post(url, data=body, headers=headers, timeout=self.node.config.webhooks.timeout)
         except requests.RequestException as exc:

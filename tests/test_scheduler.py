@@ -390,3 +390,21 @@ def test_two_scheduler_processes_run_each_tick_once(tmp_path, database_url):
         assert audit.verify(s).ok  # two processes appended to one chain
         assert s.scalar(select(AuditEntry.seq).order_by(AuditEntry.seq.desc()).limit(1)) == len(rows)
     node.close()
+
+
+def test_a_run_left_running_by_a_dead_process_is_marked_abandoned_by_the_next_run(tmp_path, database_url):
+    conf = _toml(tmp_path, database_url, '[adapters.rec]\ntype = "recording"\n')
+    migrate.upgrade(database_url)
+    node = Node(config_mod.load(conf))
+    try:
+        with node.db.begin() as s:  # what a process killed in the middle of a run leaves behind
+            s.add(JobRun(job="receipts", tick=datetime(2026, 11, 26, 8, 0, tzinfo=UTC), trigger="schedule",
+                         instance="gone:1234", outcome="running", detail={}))
+        result = scheduler.run_job(node, "receipts", trigger="manual")
+        assert result.outcome == "ok"
+        runs = {r.instance: r for r in _runs(node, "receipts")}
+        assert runs["gone:1234"].outcome == "failed" and runs["gone:1234"].detail["error"] == "Abandoned"
+        assert runs["gone:1234"].finished_at is not None
+        assert [e.outcome for e in _audit(node, "job:receipts")].count("abandoned") == 1
+    finally:
+        node.close()

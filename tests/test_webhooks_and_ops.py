@@ -124,3 +124,33 @@ def test_blob_upload_is_streamed_and_content_addressed(api, gw_node):
     assert again.get_json()["sha256"] == r.get_json()["sha256"]
     assert gw_node.blobs.path(r.get_json()["sha256"]).read_bytes() == data
     assert list((gw_node.blobs.root / "tmp").iterdir()) == []
+
+
+def test_an_sm2_node_signs_its_webhooks_with_sm2(tmp_path, database_url, receiver):
+    """[federation] algorithm = "sm2" (国密): webhooks too are signed with the node's SM2 key."""
+    from gateway import migrate
+    from gateway.federation.sm2 import SM2PublicKey
+    from gateway.node import Node
+    from tests.plugins.gatewaynode import node_config
+
+    cfg = node_config(tmp_path, database_url, federation={"algorithm": "sm2"})
+    migrate.upgrade(cfg.database_url())
+    node = Node(cfg)
+    try:
+        api = Api(node, webhook_url=receiver.url)
+        api.post("/api/v1/documents", json=api.document())
+        assert _drain_until(node, lambda: len(receiver.posts) >= 2)
+        published = api.get("/api/v1/webhooks/public-key").get_json()
+        assert published["algorithm"] == "sm2-sm3"
+        pub = SM2PublicKey.from_pem(published["public_key_pem"].encode())
+        for headers, body in receiver.posts:
+            alg, _, sig = headers["Gateway-Signature"].partition("=")
+            assert alg == "sm2-sm3"
+            pub.verify(base64.b64decode(sig), headers["Gateway-Timestamp"].encode() + b"." + body)
+        from cryptography.exceptions import InvalidSignature
+        headers, body = receiver.posts[-1]
+        with pytest.raises(InvalidSignature):
+            pub.verify(base64.b64decode(headers["Gateway-Signature"].partition("=")[2]),
+                       headers["Gateway-Timestamp"].encode() + b"." + body + b" ")
+    finally:
+        node.close()

@@ -112,10 +112,13 @@ def docs_assets(name: str) -> Response:
 @bp.get("/api/v1/webhooks/public-key")
 def webhook_key() -> Response:
     n = node()
-    pem = nodekey.public_pem(nodekey.load_or_create(n.data_dir))
-    return Response(json.dumps({"node": n.id, "algorithm": "ed25519", "public_key_pem": pem,
+    from gateway.federation.keys import own_key
+
+    key = own_key(n.config)  # Ed25519, or SM2 where [federation] algorithm = "sm2"
+    alg = nodekey.algorithm(key)
+    return Response(json.dumps({"node": n.id, "algorithm": alg, "public_key_pem": nodekey.public_pem(key),
                                 "signed": "Gateway-Timestamp + '.' + body",
-                                "header": "Gateway-Signature: ed25519=<base64>"}), mimetype="application/json")
+                                "header": f"Gateway-Signature: {alg}=<base64>"}), mimetype="application/json")
 
 
 @bp.post("/api/v1/callbacks/<adapter_name>")
