@@ -82,7 +82,9 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
         raise Rejected("validation", str(exc)) from None
     recipients = env.recipients if units is None else [r for r in env.recipients if r.unit in units]
     routes = plan_routes(node, env, recipients, hops)
-    plan = _Plan(recipients, routes, tuple(hops), node.id)
+    # serialised here, not inside the transaction: writers queue on one lock (SQLite), and
+    # what happens while holding it limits every accept on the node
+    plan = _Plan(recipients, routes, tuple(hops), node.id, env.to_xml())
     if session is not None:
         return _store(session, env, plan, actor, source, api_key_id, summary, idempotency)
 
@@ -126,6 +128,7 @@ class _Plan:
     routes: list[Route]
     hops: tuple[str, ...]
     self_id: str
+    envelope_xml: bytes
 
 
 _DELIVERY_COLUMNS = ("message_id", "unit", "unit_name", "copy_type", "copy_no", "route_kind", "target",
@@ -169,7 +172,7 @@ def _store(s: Session | Connection, env: Envelope, plan: _Plan, actor: str, sour
         id=env.message_id, subsystem=env.subsystem, type=env.type, sender_unit=env.sender_unit,
         classification=env.classification, clearance=env.clearance_needed, urgency=env.urgency,
         in_reply_to=env.in_reply_to, conversation_id=env.conversation_id, api_key_id=api_key_id,
-        source=source, summary=summary or {}, envelope_xml=env.to_xml(), accepted_at=now,
+        source=source, summary=summary or {}, envelope_xml=plan.envelope_xml, accepted_at=now,
     )
     routes = plan.routes
     s.execute(_INSERT_MESSAGE, values)
