@@ -94,7 +94,7 @@ def _is_plain_component(name: str) -> bool:
     return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     # The rename is durable only once the directory entry is; not every platform allows it.
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -289,7 +289,7 @@ class XmlExchangeAdapter(Adapter):
                 # A retry after a crash between rename and .ok: finish the protocol only.
                 if not ok.exists():
                     ok.touch()
-                    _fsync_dir(inbox)
+                    fsync_dir(inbox)
                 return DeliveryResult(remote_id=ref, detail=f"already in inbox/{name}")
             stream = self._archive(delivery, ref)
             part = inbox / (name + ".part")
@@ -302,9 +302,9 @@ class XmlExchangeAdapter(Adapter):
             except BaseException:
                 part.unlink(missing_ok=True)
                 raise
-            _fsync_dir(inbox)
+            fsync_dir(inbox)
             ok.touch()
-            _fsync_dir(inbox)
+            fsync_dir(inbox)
         except ArchiveFormatError as exc:  # a blob changed while streaming
             raise RetryableError(f"archive {ref} aborted while writing: {exc}") from None
         except OSError as exc:
@@ -404,8 +404,8 @@ class XmlExchangeAdapter(Adapter):
             os.replace(outbox / (name + ".ok"), dest / (target + ".ok"))
         except FileNotFoundError:
             pass
-        _fsync_dir(dest)
-        _fsync_dir(outbox)
+        fsync_dir(dest)
+        fsync_dir(outbox)
 
     def _reject_file(self, outbox: Path, name: str, reason: str) -> None:
         self._move(outbox, name, "failed", reason)

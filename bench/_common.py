@@ -704,19 +704,7 @@ def _peer_main(a: argparse.Namespace) -> None:
 
     from adapters.simulators.soap_service import DocExchangeState, SoapServiceServer
 
-    class TimedState(DocExchangeState):
-        def __init__(self, **kw: Any) -> None:
-            super().__init__(**kw)
-            self.arrivals: dict[str, float] = {}
-
-        def send_document(self, fields: Any) -> str:
-            rid = super().send_document(fields)
-            now = time.monotonic()
-            with self._lock:
-                self.arrivals.setdefault(str(fields["doc_id"]), now)
-            return rid
-
-    state = TimedState(response_delay=a.delay)
+    state = DocExchangeState(response_delay=a.delay)
     server = SoapServiceServer(state, port=a.port)
     inner = server.app
 

@@ -47,30 +47,6 @@ from adapters.simulators.soap_service import DocExchangeState  # noqa: E402
 TARGET = 0.6
 
 
-class TimedState(DocExchangeState):
-    """A simulator's state (auto-signing off) with the first arrival time of each doc_id on
-    CLOCK_MONOTONIC."""
-
-    def __init__(self) -> None:
-        super().__init__(auto_sign=False)
-        self.arrivals: dict[str, float] = {}
-
-    def send_document(self, fields: Any) -> str:
-        rid = super().send_document(fields)
-        now = time.monotonic()
-        with self._lock:
-            self.arrivals.setdefault(str(fields["doc_id"]), now)
-        return rid
-
-    def count(self, refs: list[str]) -> int:
-        with self._lock:
-            return sum(1 for r in refs if r in self.arrivals)
-
-    def times(self, refs: list[str]) -> dict[str, float]:
-        with self._lock:
-            return {r: self.arrivals[r] for r in refs if r in self.arrivals}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -100,7 +76,7 @@ def main() -> None:
     # The simulators: auto-signing off, and the arrival time of each document on CLOCK_MONOTONIC.
     states = {}
     for node_id, node in cluster.nodes.items():
-        states[node_id] = TimedState()
+        states[node_id] = DocExchangeState()  # no auto-signing; first arrivals timed
         node.soap = SoapServiceServer(states[node_id])
     c.on_cleanup(lambda: _close(cluster))
     pref, county = cluster.nodes["prefecture"], cluster.nodes["county-a"]
@@ -131,14 +107,14 @@ def main() -> None:
         refs = [remote_ref(mid, EMERGENCY) for mid in res["ids"]]
         deadline = time.monotonic() + max(120.0, n / 5)
         while time.monotonic() < deadline:
-            if state.count(refs) == n:
+            if len(state.arrived(refs)) == n:
                 break
             for p in (pref, county):
                 if p.proc is not None and p.proc.poll() is not None:
                     raise RuntimeError(f"node {p.id} exited; see its log: "
                                        f"{(p.root / 'node.log').read_text(errors='replace')[-2000:]}")
             time.sleep(0.05)
-        times = state.times(refs)
+        times = state.arrived(refs)
         if len(times) < n:
             raise RuntimeError(f"{name}: only {len(times)}/{n} documents reached the prefecture's SOAP "
                                f"simulator in time")

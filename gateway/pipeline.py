@@ -116,7 +116,9 @@ _INSERT_OUTBOX = insert(table(OutboxEntry)).from_select(
 _FIRST_OF_HOP = (select(Delivery.id).where(Delivery.message_id == bindparam("mid"), Delivery.route_kind == "node",
                                            Delivery.target == bindparam("hop"))
                  .order_by(Delivery.id).limit(1).scalar_subquery())
-_INSERT_FORWARD = insert(table(OutboxEntry)).values(
+#: one forward outbox row for the units of a message behind next hop ``hop`` (also used by
+#: reconciliation to forward copies again)
+INSERT_FORWARD = insert(table(OutboxEntry)).values(
     kind="forward", delivery_id=_FIRST_OF_HOP, target=bindparam("hop"), payload=bindparam("payload"),
     priority=bindparam("priority"), state="pending", attempts=0, next_attempt_at=bindparam("now"),
     created_at=bindparam("now"), conversation=bindparam("conversation"))
@@ -186,7 +188,7 @@ def _store(s: Session | Connection, env: Envelope, plan: _Plan, actor: str, sour
             hops.setdefault(route.target, []).append(r.unit)
     for hop, units in hops.items():
         # one forward per next node, whatever the number of units behind it
-        s.execute(_INSERT_FORWARD, {"mid": env.message_id, "hop": hop, "priority": env.urgency_rank, "now": now,
+        s.execute(INSERT_FORWARD, {"mid": env.message_id, "hop": hop, "priority": env.urgency_rank, "now": now,
                                     "payload": {"units": units, "hops": [*plan.hops, plan.self_id]},
                                     "conversation": env.conversation_id})
     if idem is not None:

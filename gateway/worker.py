@@ -167,6 +167,13 @@ def _groups(jobs: list[Job]) -> list[list[Job]]:
     return out
 
 
+def jobs_from_rows(rows) -> list[Job]:  # type: ignore[no-untyped-def]
+    """Jobs from rows of ``_CLAIMED_ROWS``, in the given order."""
+    return [Job(r.id, r.kind, r.target, r.attempts, r.payload, r.priority, r.message_id, r.envelope_xml,
+                Recipient(r.unit, r.unit_name, r.copy_type, r.copy_no) if r.unit else None, r.status)
+            for r in rows]
+
+
 @dataclass
 class Outcome:
     job: Job
@@ -213,9 +220,7 @@ class Worker:
                 return []
             rows = s.execute(_CLAIMED_ROWS, {"ids": ids}).all()
         rows = sorted(rows, key=lambda r: r.id) if target else sorted(rows, key=lambda r: (r.priority, r.id))
-        return [Job(r.id, r.kind, r.target, r.attempts, r.payload, r.priority, r.message_id, r.envelope_xml,
-                    Recipient(r.unit, r.unit_name, r.copy_type, r.copy_no) if r.unit else None, r.status)
-                for r in rows]
+        return jobs_from_rows(rows)
 
     def reap_expired_leases(self) -> int:
         """Return rows whose worker died (lease expired) to the queue."""
@@ -269,18 +274,14 @@ class Worker:
     def _forward(self, job: Job) -> dict:
         """Hand a message to the next node for the units behind it that are still queued
         (a unit recalled meanwhile is left out)."""
-        assert job.message_id and job.envelope_xml is not None and job.payload
-        units = queued_units(self.node, job.message_id, job.target, job.payload["units"],
-                             bool(job.payload.get("resend")))
-        if not units:
-            return {"units": [], "skipped": True}
-        from gateway.federation.transfer import inline_blobs
+        from gateway.federation.batch import item_for
 
-        env = _envelope(job.message_id, job.envelope_xml)
-        answer = self.node.federation.client.post(job.target, "/messages", {
-            "message_id": job.message_id, "units": units, "hops": job.payload["hops"],
-            "envelope": job.envelope_xml.decode("utf-8"), "blobs": inline_blobs(self.node, env)})
-        return {"units": units, "answer": answer}
+        item = item_for(self.node, job)  # the same body a batch carries, less seq and kind
+        if item is None:
+            return {"units": [], "skipped": True}
+        answer = self.node.federation.client.post(
+            job.target, "/messages", {k: v for k, v in item.items() if k not in ("seq", "kind")})
+        return {"units": item["units"], "answer": answer}
 
     def _policy(self, kind: str, target: str) -> RetryPolicy:
         if kind == "webhook":
@@ -464,28 +465,16 @@ class Worker:
             return [Outcome(j, error=RetryableError(f"{type(exc).__name__}: {exc}")) for j in jobs]
 
     def _forward_many(self, jobs: list[Job]) -> list[Outcome]:
-        from gateway.federation.batch import item_for
+        from gateway.federation.batch import outcome_for, split
 
-        items, out = [], {}
-        for j in jobs:
-            item = item_for(self.node, j)
-            if item is None:
-                out[j.id] = Outcome(j, extra={"units": [], "skipped": True})
-            else:
-                items.append(item)
-        if items:
-            answer = self.node.federation.client.post(jobs[0].target, "/batch", {"items": items})
+        send, empty = split(self.node, jobs)
+        out = {j.id: Outcome(j, extra={"units": [], "skipped": True}) for j in empty}
+        if send:
+            answer = self.node.federation.client.post(jobs[0].target, "/batch", {"items": [i for _, i in send]})
             results = {r.get("seq"): r for r in answer.get("results", []) if isinstance(r, dict)}
-            for item in items:
-                j = next(x for x in jobs if x.id == item["seq"])
-                r = results.get(j.id, {"outcome": "retry", "detail": "the node stopped before this item"})
-                if r.get("outcome") in ("ok", "duplicate"):
-                    out[j.id] = Outcome(j, extra={"units": item["units"], "answer": r})
-                elif r.get("outcome") == "rejected":
-                    out[j.id] = Outcome(j, error=PermanentError(f"node {j.target} refused it: {r.get('type')}: "
-                                                                f"{r.get('detail')}"))
-                else:
-                    out[j.id] = Outcome(j, error=RetryableError(f"node {j.target}: {r.get('detail')}"))
+            stopped = {"outcome": "retry", "detail": "the node stopped before this item"}
+            for j, item in send:
+                out[j.id] = outcome_for(j, results.get(j.id, stopped), item["units"])
         return [out[j.id] for j in jobs]
 
     def _run(self, group: list[Job]) -> None:

@@ -13,7 +13,9 @@ from typing import Any
 
 import requests
 
-from adapters.simulators.cluster import CITY_B, COUNTY_A, EMERGENCY, PREFECTURE, UNIT_NAMES, Cluster, NodeProc
+from adapters.simulators.cluster import (
+    CITY_B, COUNTY_A, EMERGENCY, LAYOUT, PREFECTURE, UNIT_NAMES, Cluster, NodeProc,
+)
 from adapters.simulators.demo import STATUS_ZH, _pad
 
 ROUTE_ZH = {"county-a": "转发至甲县节点", "county-b": "转发至乙市节点", "prefecture": "经州节点中转",
@@ -45,7 +47,7 @@ def run(timeout: float = 90.0, echo: Callable[[str], None] = print) -> int:
             cluster.start()
             pref, a = cluster.nodes["prefecture"], cluster.nodes["county-a"]
             for n in cluster.nodes.values():
-                echo(f"  {n.id:<11} {n.url}  ({', '.join(UNIT_NAMES[u] for u in cluster_units(n.id))})")
+                echo(f"  {n.id:<11} {n.url}  ({', '.join(UNIT_NAMES[u] for u in LAYOUT[n.id][1])})")
             sent = [
                 (pref, _send(pref, PREFECTURE, "州政办发〔2026〕52号", "关于做好冬季森林防火工作的通知",
                              [COUNTY_A, CITY_B, EMERGENCY], "demo-nodes-1")),
@@ -82,9 +84,3 @@ def run(timeout: float = 90.0, echo: Callable[[str], None] = print) -> int:
             return 1
         finally:
             cluster.close()
-
-
-def cluster_units(node_id: str) -> list[str]:
-    from adapters.simulators.cluster import LAYOUT
-
-    return LAYOUT[node_id][1]

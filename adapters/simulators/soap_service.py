@@ -139,6 +139,8 @@ class DocExchangeState:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._docs: dict[str, StoredDocument] = {}
+        #: doc_id -> first arrival on CLOCK_MONOTONIC (benchmarks time deliveries by it)
+        self.arrivals: dict[str, float] = {}
         self._receipts: list[StoredReceipt] = []
         self._receipt_ids = itertools.count(1)
         self._calls: collections.Counter[str] = collections.Counter()
@@ -225,6 +227,7 @@ class DocExchangeState:
                 received=_now(),
             )
             self._docs[doc_id] = doc
+            self.arrivals[doc_id] = time.monotonic()
             if self._auto_thread is not None:
                 self._sign_queue.append((time.monotonic() + self.auto_sign_delay, doc_id))
                 self._cond.notify_all()
@@ -302,6 +305,11 @@ class DocExchangeState:
                         self.sign(doc_id, self.auto_signer)
                 timeout = self._sign_queue[0][0] - now if self._sign_queue else None
                 self._cond.wait(timeout)
+
+    def arrived(self, doc_ids: list[str]) -> dict[str, float]:
+        """First arrival time (CLOCK_MONOTONIC) of each of ``doc_ids`` that has arrived."""
+        with self._lock:
+            return {d: self.arrivals[d] for d in doc_ids if d in self.arrivals}
 
     def close(self) -> None:
         """Stop the auto-sign thread (if any). The data stays readable."""

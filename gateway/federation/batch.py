@@ -30,11 +30,10 @@ from typing import Any
 from sqlalchemy import select, update
 
 from adapters.base import PermanentError, RetryableError
-from gateway.envelope import Envelope
 from gateway.federation import transfer
 from gateway.models import IngestedItem, OutboxEntry
 from gateway.node import Node
-from gateway.worker import Job, Outcome, Worker, queued_units
+from gateway.worker import _CLAIMED_ROWS, Job, Outcome, Worker, _envelope, jobs_from_rows, queued_units
 
 log = logging.getLogger("gateway.federation.batch")
 
@@ -85,8 +84,7 @@ def item_for(node: Node, job: Job, *, inline: bool = True) -> dict[str, Any] | N
         item = {"seq": job.id, "kind": "forward", "message_id": job.message_id, "units": units,
                 "hops": job.payload["hops"], "envelope": job.envelope_xml.decode("utf-8")}
         if inline:
-            env = Envelope.from_xml(job.envelope_xml, validate=False)
-            item["blobs"] = transfer.inline_blobs(node, env)
+            item["blobs"] = transfer.inline_blobs(node, _envelope(job.message_id, job.envelope_xml))
         return item
     if job.kind == "status":
         return {"seq": job.id, "kind": "status", **(job.payload or {})}
@@ -166,6 +164,29 @@ def _apply_one(node: Node, peer: str, item: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- recording what the receiver answered (sender) ------------------------------------------
+def split(node: Node, jobs: list[Job]) -> tuple[list[tuple[Job, dict[str, Any]]], list[Job]]:
+    """The (job, item) pairs to send, and the jobs left with nothing to send."""
+    send, empty = [], []
+    for job in jobs:
+        item = item_for(node, job)
+        if item is None:
+            empty.append(job)
+        else:
+            send.append((job, item))
+    return send, empty
+
+
+def outcome_for(job: Job, r: dict[str, Any], units: list[str] | None = None) -> Outcome:
+    """What one item's result from the receiver means for its outbox row."""
+    kind = r.get("outcome")
+    if kind in ("ok", "duplicate"):
+        sent = units if units is not None else (job.payload or {}).get("units", [])
+        return Outcome(job, extra={"units": sent, "answer": {"accepted_at": r.get("accepted_at")}})
+    if kind == "rejected":
+        return Outcome(job, error=PermanentError(f"node {job.target} refused it: {r.get('type')}: {r.get('detail')}"))
+    return Outcome(job, error=RetryableError(f"node {job.target}: {r.get('detail') or 'asked to retry'}"))
+
+
 def record_results(node: Node, worker: Worker, jobs: list[Job], results: list[dict[str, Any]]) -> dict[str, int]:
     by_seq = {r.get("seq"): r for r in results if isinstance(r, dict)}
     outcomes: list[Outcome] = []
@@ -176,15 +197,8 @@ def record_results(node: Node, worker: Worker, jobs: list[Job], results: list[di
         if r is None:
             untouched.append(job.id)
             continue
-        kind = r.get("outcome")
-        counts[str(kind)] = counts.get(str(kind), 0) + 1
-        if kind in ("ok", "duplicate"):
-            outcomes.append(Outcome(job, extra={"units": job.payload.get("units", []) if job.payload else [],
-                                                "answer": {"accepted_at": r.get("accepted_at")}}))
-        elif kind == "rejected":
-            outcomes.append(Outcome(job, error=PermanentError(f"node refused it: {r.get('type')}: {r.get('detail')}")))
-        else:
-            outcomes.append(Outcome(job, error=RetryableError(str(r.get("detail") or "the node asked to retry"))))
+        counts[str(r.get("outcome"))] = counts.get(str(r.get("outcome")), 0) + 1
+        outcomes.append(outcome_for(job, r))
     worker.record(outcomes)
     worker.release(untouched)
     return counts
@@ -207,20 +221,17 @@ def push(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
                 jobs = worker.claim(BATCH_SIZE, target=peer)
                 if not jobs:
                     break
-                items, empty = [], []
-                for job in jobs:
-                    item = item_for(node, job)
-                    (items.append(item) if item is not None else empty.append(job))
+                send, empty = split(node, jobs)
                 record_results(node, worker, empty, [{"seq": j.id, "outcome": "ok"} for j in empty])
-                if not items:
+                if not send:
                     continue
+                items = [item for _, item in send]
                 try:
                     answer = node.federation.client.post(peer, "/batch", {"items": items})
                 except (RetryableError, PermanentError):
-                    worker.release([j.id for j in jobs if j not in empty])
+                    worker.release([j.id for j, _ in send])
                     raise
-                counts = record_results(node, worker, [j for j in jobs if j not in empty],
-                                        answer.get("results", []))
+                counts = record_results(node, worker, [j for j, _ in send], answer.get("results", []))
                 for k, v in counts.items():
                     sent[k] = sent.get(k, 0) + v
                 if counts.get("retry") or len(answer.get("results", [])) < len(items):
@@ -239,15 +250,11 @@ def serve_batch(node: Node, peer: str, limit: int) -> dict[str, Any]:
     if peer not in batch_peers(node):
         raise transfer.TransferError(409, "conflict", f"node {peer} is not a batch peer of node {node.id}")
     worker = Worker(node, worker_id=f"pull:{peer}:{node.id}")
-    jobs = worker.claim(min(limit, BATCH_SIZE), target=peer)
-    items, empty = [], []
-    for job in jobs:
-        item = item_for(node, job)
-        (items.append(item) if item is not None else empty.append(job))
+    send, empty = split(node, worker.claim(min(limit, BATCH_SIZE), target=peer))
     # the rows stay claimed under a lease until acknowledged; unacknowledged ones return to
     # the queue when the lease runs out
     record_results(node, worker, empty, [{"seq": j.id, "outcome": "ok"} for j in empty])
-    return {"node": node.id, "items": items}
+    return {"node": node.id, "items": [item for _, item in send]}
 
 
 def acknowledge(node: Node, peer: str, results: Any) -> dict[str, Any]:
@@ -261,22 +268,17 @@ def acknowledge(node: Node, peer: str, results: Any) -> dict[str, Any]:
     # take the rows over from whichever pull claimed them, then record like the worker does
     with node.db.begin() as s:
         s.execute(update(OutboxEntry).where(OutboxEntry.id.in_(ids)).values(claimed_by=worker.id))
-    jobs = [j for j in _jobs(node, ids)]
+    jobs = _jobs(node, ids)
     counts = record_results(node, worker, jobs, results)
     return {"node": node.id, "outcomes": counts}
 
 
 def _jobs(node: Node, ids: list[int]) -> list[Job]:
-    from gateway.worker import _CLAIMED_ROWS
-    from gateway.envelope import Recipient
-
     if not ids:
         return []
-    with node.db.begin_core() as s:
+    with node.db.sessions() as s:
         rows = s.execute(_CLAIMED_ROWS, {"ids": ids}).all()
-    return [Job(r.id, r.kind, r.target, r.attempts, r.payload, r.priority, r.message_id, r.envelope_xml,
-                Recipient(r.unit, r.unit_name, r.copy_type, r.copy_no) if r.unit else None, r.status)
-            for r in sorted(rows, key=lambda r: r.id)]
+    return jobs_from_rows(sorted(rows, key=lambda r: r.id))
 
 
 def pull(node: Node, peers: list[str] | None = None) -> dict[str, Any]:

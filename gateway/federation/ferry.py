@@ -66,6 +66,7 @@ from sqlalchemy.orm import Session
 from adapters import sftp as sftp_adapter
 from adapters.base import AdapterContext, DeliveryError, PermanentError, RetryableError
 from adapters.base import ConfigError as AdapterConfigError
+from adapters.xmlexchange import fsync_dir
 from gateway import audit
 from gateway.blobs import BlobStore
 from gateway.config import ConfigError, FerrySftpConfig
@@ -214,7 +215,7 @@ class FolderLocation(Location):
         except BaseException:
             part.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         return counter.n
 
     def remove(self, name: str) -> None:
@@ -229,22 +230,9 @@ class FolderLocation(Location):
         os.replace(self.path / name, dst / target)
         if (self.path / (name + SIG_EXT)).exists():
             os.replace(self.path / (name + SIG_EXT), dst / (target + SIG_EXT))
-        _fsync_dir(dst)
-        _fsync_dir(self.path)
+        fsync_dir(dst)
+        fsync_dir(self.path)
         return target
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # not every file system can sync a folder
-    finally:
-        os.close(fd)
 
 
 class _SftpReader:

@@ -17,13 +17,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, insert, select
+from sqlalchemy import and_, exists, select
 from sqlalchemy.orm import aliased
 
 from adapters.base import PermanentError, RetryableError
-from gateway import audit
+from gateway import audit, pipeline
 from gateway.federation import transfer
-from gateway.models import Delivery, Message, OutboxEntry, table
+from gateway.models import Delivery, Message, OutboxEntry
 from gateway.node import Node
 
 CHUNK = 500
@@ -121,12 +121,9 @@ def _repair(node: Node, peer: str, mine: dict[tuple[str, str], str], theirs: lis
             if m is None:
                 continue
             hops = [*(m.summary or {}).get("hops", []), node.id]
-            s.execute(insert(table(OutboxEntry)).values(
-                kind="forward", target=peer, priority=1, state="pending", attempts=0, next_attempt_at=now,
-                created_at=now, conversation=m.conversation_id, payload={"units": units, "hops": hops, "resend": True},
-                delivery_id=select(Delivery.id).where(Delivery.message_id == mid, Delivery.route_kind == "node",
-                                                      Delivery.target == peer).order_by(Delivery.id).limit(1)
-                .scalar_subquery()))
+            s.execute(pipeline.INSERT_FORWARD, {"mid": mid, "hop": peer, "priority": 1, "now": now,
+                                                "conversation": m.conversation_id,
+                                                "payload": {"units": units, "hops": hops, "resend": True}})
             audit.append(s, actor=f"reconcile:{node.id}", action="message.reforward", obj=f"message:{mid}",
                          outcome="queued", detail={"node": peer, "units": units,
                                                    "why": "the node has no record of these copies"})
