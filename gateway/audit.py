@@ -60,6 +60,19 @@ class Record:
     detail: dict[str, Any] | None = None
 
 
+def _chain(seq: int, prev: str, at: datetime, records: list[Record]) -> list[dict[str, Any]]:
+    """The rows that continue a chain whose head is (``seq``, ``prev``)."""
+    rows = []
+    for r in records:
+        seq += 1
+        d = canonical(r.detail)
+        h = _digest(prev, seq, at, r.actor, r.action, r.obj, r.outcome, d)
+        rows.append(dict(seq=seq, at=at, actor=r.actor, action=r.action, object=r.obj, outcome=r.outcome,
+                         detail=d, prev_hash=prev, hash=h))
+        prev = h
+    return rows
+
+
 def append_many(session: Session | Connection, records: list[Record]) -> None:
     """Append entries in order, in the transaction of ``session`` (an ORM Session or a Core
     Connection), with one read of the chain's head and one multi-row insert."""
@@ -72,16 +85,31 @@ def append_many(session: Session | Connection, records: list[Record]) -> None:
         session.flush()  # entries appended earlier in this transaction are part of the head
     last = session.execute(_HEAD).first()
     seq, prev = (last[0], last[1]) if last else (0, GENESIS)
+    session.execute(_INSERT, _chain(seq, prev, datetime.now(UTC), records))
+
+
+_COLUMNS = ("seq", "at", "actor", "action", "object", "outcome", "detail", "prev_hash", "hash")
+_DRIVER_SQL = {
+    postgres: (f"SELECT pg_advisory_xact_lock({_LOCK_ID})" if postgres else None,
+               "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+               f"INSERT INTO audit_log ({', '.join(_COLUMNS)}) VALUES ({', '.join([mark] * len(_COLUMNS))})")
+    for postgres, mark in ((True, "%s"), (False, "?"))
+}
+
+
+def append_driver(cursor: Any, postgres: bool, records: list[Record]) -> None:
+    """:func:`append_many` on a DBAPI cursor (sqlite3 or psycopg) inside the caller's
+    transaction: for the accept path, which runs while every other writer waits."""
+    lock, head, insert_sql = _DRIVER_SQL[postgres]
+    if lock:
+        cursor.execute(lock)
+    cursor.execute(head)
+    last = cursor.fetchone()
     at = datetime.now(UTC)
-    rows = []
-    for r in records:
-        seq += 1
-        d = canonical(r.detail)
-        h = _digest(prev, seq, at, r.actor, r.action, r.obj, r.outcome, d)
-        rows.append(dict(seq=seq, at=at, actor=r.actor, action=r.action, object=r.obj, outcome=r.outcome,
-                         detail=d, prev_hash=prev, hash=h))
-        prev = h
-    session.execute(_INSERT, rows)
+    rows = _chain(last[0], last[1], at, records) if last else _chain(0, GENESIS, at, records)
+    # SQLite keeps timestamps as text in SQLAlchemy's format (see gateway.models.UTCDateTime)
+    stamp: object = at if postgres else at.strftime("%Y-%m-%d %H:%M:%S.%f")
+    cursor.executemany(insert_sql, [(r["seq"], stamp, *(r[c] for c in _COLUMNS[2:])) for r in rows])
 
 
 @dataclass

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import cast
+import json
+from typing import Any, cast
 from datetime import datetime, UTC
 
-from sqlalchemy import Connection, CursorResult, DateTime, Integer, bindparam, insert, literal, select, update
+from sqlalchemy import Connection, CursorResult, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from adapters.base import remote_ref
 from gateway import audit, events, payloads
 from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError, Recipient
-from gateway.models import table, Delivery, IdempotencyRecord, Message, OutboxEntry
+from gateway.models import table, Delivery, Message, OutboxEntry
 from gateway.node import Node
 from gateway.routing import NoRoute, Route
 
@@ -98,26 +99,11 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
         return node.db.write(unit)
 
 
-# Statements built once: constructing them per request costs more than running them.
-_IDEM = select(IdempotencyRecord.request_hash, IdempotencyRecord.message_id).where(
-    IdempotencyRecord.api_key_id == bindparam("key_id"), IdempotencyRecord.key == bindparam("key"))
-_EXISTING = select(Message.sender_unit, Message.api_key_id).where(Message.id == bindparam("mid"))
-_INSERT_MESSAGE = insert(table(Message))
-_INSERT_IDEM = insert(table(IdempotencyRecord))
-_INSERT_OUTBOX = insert(table(OutboxEntry)).from_select(
-    ["kind", "delivery_id", "target", "priority", "state", "attempts", "next_attempt_at", "created_at"],
-    select(literal("deliver"), Delivery.id, Delivery.target, bindparam("priority", type_=Integer),
-           literal("pending"), literal(0), bindparam("now", type_=DateTime(timezone=True)),
-           bindparam("now2", type_=DateTime(timezone=True)))
-    .where(Delivery.message_id == bindparam("mid"), Delivery.route_kind == "adapter")
-    .order_by(Delivery.id))
-
-
+#: one forward outbox row for the units of a message behind next hop ``hop`` (also used by
+#: reconciliation to forward copies again)
 _FIRST_OF_HOP = (select(Delivery.id).where(Delivery.message_id == bindparam("mid"), Delivery.route_kind == "node",
                                            Delivery.target == bindparam("hop"))
                  .order_by(Delivery.id).limit(1).scalar_subquery())
-#: one forward outbox row for the units of a message behind next hop ``hop`` (also used by
-#: reconciliation to forward copies again)
 INSERT_FORWARD = insert(table(OutboxEntry)).values(
     kind="forward", delivery_id=_FIRST_OF_HOP, target=bindparam("hop"), payload=bindparam("payload"),
     priority=bindparam("priority"), state="pending", attempts=0, next_attempt_at=bindparam("now"),
@@ -133,76 +119,115 @@ class _Plan:
     envelope_xml: bytes
 
 
+_MESSAGE_COLUMNS = ("id", "subsystem", "type", "sender_unit", "classification", "clearance", "urgency",
+                    "in_reply_to", "conversation_id", "api_key_id", "source", "summary", "envelope_xml",
+                    "accepted_at")
 _DELIVERY_COLUMNS = ("message_id", "unit", "unit_name", "copy_type", "copy_no", "route_kind", "target",
                      "status", "remote_ref", "updated_at")
+_IDEM_COLUMNS = ("api_key_id", "key", "request_hash", "message_id", "created_at")
 
 
-def _insert_deliveries(s: Session | Connection, env: Envelope, plan: _Plan, now: datetime) -> None:
-    """One row per recipient through the driver's executemany: SQLAlchemy's per-row parameter
-    processing costs more than the insert itself once a document goes to 200 units."""
-    conn = s.connection() if isinstance(s, Session) else s
-    sqlite = conn.dialect.name == "sqlite"
-    # SQLite keeps DateTime as text in SQLAlchemy's own format; PostgreSQL takes the datetime
-    ts: object = now.strftime("%Y-%m-%d %H:%M:%S.%f") if sqlite else now
-    mark = "?" if sqlite else "%s"
-    sql = (f"INSERT INTO deliveries ({', '.join(_DELIVERY_COLUMNS)}) "
-           f"VALUES ({', '.join([mark] * len(_DELIVERY_COLUMNS))})")
-    conn.exec_driver_sql(sql, [
-        (env.message_id, r.unit, r.name, r.copy_type, r.copy_no, route.kind, route.target,
-         "queued", remote_ref(env.message_id, r.unit), ts)
-        for r, route in zip(plan.recipients, plan.routes)])
+class _Sql:
+    """The accept path's statements for one driver (sqlite3 or psycopg), run on its cursor.
+
+    Every other writer waits while they run (SQLite has one writer; PostgreSQL serialises the
+    audit chain), so they skip SQLAlchemy's per-statement work (compiled-cache lookup, bind
+    processing, result set-up), which costs more than the statements themselves. The values
+    are stored exactly as the models' types store them (checked by tests/test_pipeline_sql.py)."""
+
+    def __init__(self, postgres: bool) -> None:
+        m = "%s" if postgres else "?"
+        self.postgres = postgres
+
+        def insert_sql(name: str, cols: tuple[str, ...], json_col: str = "") -> str:
+            marks = [f"CAST({m} AS JSON)" if postgres and c == json_col else m for c in cols]
+            return f"INSERT INTO {name} ({', '.join(cols)}) VALUES ({', '.join(marks)})"
+
+        self.idem = f"SELECT request_hash, message_id FROM idempotency WHERE api_key_id = {m} AND key = {m}"
+        self.existing = f"SELECT sender_unit, api_key_id FROM messages WHERE id = {m}"
+        self.message = insert_sql("messages", _MESSAGE_COLUMNS, "summary")
+        self.deliveries = insert_sql("deliveries", _DELIVERY_COLUMNS)
+        self.outbox = ("INSERT INTO outbox (kind, delivery_id, target, priority, state, attempts, next_attempt_at, "
+                       f"created_at) SELECT 'deliver', id, target, {m}, 'pending', 0, {m}, {m} FROM deliveries "
+                       f"WHERE message_id = {m} AND route_kind = 'adapter' ORDER BY id")
+        self.idem_insert = insert_sql("idempotency", _IDEM_COLUMNS)
+
+    def stamp(self, t: datetime) -> object:
+        # SQLite keeps DateTime as text in SQLAlchemy's own format; PostgreSQL takes the datetime
+        return t if self.postgres else t.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+_SQL = {True: _Sql(True), False: _Sql(False)}
 
 
 def _store(s: Session | Connection, env: Envelope, plan: _Plan, actor: str, source: str,
            api_key_id: str | None, summary: dict | None, idem: IdempotencyKey | None) -> Accepted:
+    if isinstance(s, Session):
+        s.flush()  # the caller's pending rows (an audit entry, say) go first
+    conn = s.connection() if isinstance(s, Session) else s
+    sql = _SQL[conn.dialect.name == "postgresql"]
+    cur = conn.connection.cursor()
+    try:
+        return _store_rows(cur, sql, conn, env, plan, actor, source, api_key_id, summary, idem)
+    finally:
+        cur.close()
+
+
+def _store_rows(cur: Any, sql: _Sql, conn: Connection, env: Envelope, plan: _Plan, actor: str, source: str,
+                api_key_id: str | None, summary: dict | None, idem: IdempotencyKey | None) -> Accepted:
     if idem is not None:
-        rec = s.execute(_IDEM, {"key_id": idem.api_key_id, "key": idem.key}).first()
+        cur.execute(sql.idem, (idem.api_key_id, idem.key))
+        rec = cur.fetchone()
         if rec is not None:
-            if rec.request_hash != idem.request_hash:
+            if rec[0] != idem.request_hash:
                 raise Rejected("idempotency-key-reused",
                                f"Idempotency-Key {idem.key!r} was used before with a different request body",
                                status=422)
-            return Accepted(Message(id=rec.message_id), created=False)
-    existing = s.execute(_EXISTING, {"mid": env.message_id}).first()
+            return Accepted(Message(id=rec[1]), created=False)
+    cur.execute(sql.existing, (env.message_id,))
+    existing = cur.fetchone()
     if existing is not None:
-        if existing.sender_unit != env.sender_unit or (api_key_id and existing.api_key_id != api_key_id):
+        if existing[0] != env.sender_unit or (api_key_id and existing[1] != api_key_id):
             raise Rejected("message-id-conflict", f"message id {env.message_id} is already taken", status=409)
         return Accepted(Message(id=env.message_id), created=False)
 
     now = datetime.now(UTC)
+    stamp = sql.stamp(now)
     values = dict(
         id=env.message_id, subsystem=env.subsystem, type=env.type, sender_unit=env.sender_unit,
         classification=env.classification, clearance=env.clearance_needed, urgency=env.urgency,
         in_reply_to=env.in_reply_to, conversation_id=env.conversation_id, api_key_id=api_key_id,
         source=source, summary=summary or {}, envelope_xml=plan.envelope_xml, accepted_at=now,
     )
+    cur.execute(sql.message, tuple(json.dumps(values[c]) if c == "summary" else stamp if c == "accepted_at"
+                                   else values[c] for c in _MESSAGE_COLUMNS))
     routes = plan.routes
-    s.execute(_INSERT_MESSAGE, values)
-    # Bulk statements: a document to 200 units is two INSERTs here, not 400 round trips.
-    _insert_deliveries(s, env, plan, now)
+    # a document to 200 units is one executemany here, not 200 statements
+    cur.executemany(sql.deliveries, [
+        (env.message_id, r.unit, r.name, r.copy_type, r.copy_no, route.kind, route.target,
+         "queued", remote_ref(env.message_id, r.unit), stamp)
+        for r, route in zip(plan.recipients, routes)])
     if any(route.kind == "adapter" for route in routes):
-        s.execute(_INSERT_OUTBOX, {"priority": env.urgency_rank, "now": now, "now2": now, "mid": env.message_id})
+        cur.execute(sql.outbox, (env.urgency_rank, stamp, stamp, env.message_id))
     hops: dict[str, list[str]] = {}
     for r, route in zip(plan.recipients, routes):
         if route.kind == "node":
             hops.setdefault(route.target, []).append(r.unit)
     for hop, units in hops.items():
         # one forward per next node, whatever the number of units behind it
-        s.execute(INSERT_FORWARD, {"mid": env.message_id, "hop": hop, "priority": env.urgency_rank, "now": now,
-                                    "payload": {"units": units, "hops": [*plan.hops, plan.self_id]},
-                                    "conversation": env.conversation_id})
+        conn.execute(INSERT_FORWARD, {"mid": env.message_id, "hop": hop, "priority": env.urgency_rank, "now": now,
+                                      "payload": {"units": units, "hops": [*plan.hops, plan.self_id]},
+                                      "conversation": env.conversation_id})
     if idem is not None:
-        s.execute(_INSERT_IDEM, dict(api_key_id=idem.api_key_id, key=idem.key, request_hash=idem.request_hash,
-                                     message_id=env.message_id, created_at=now))
-    audit.append(s, actor=actor, action="message.accept", obj=f"message:{env.message_id}", detail={
+        cur.execute(sql.idem_insert, (idem.api_key_id, idem.key, idem.request_hash, env.message_id, stamp))
+    audit.append_driver(cur, sql.postgres, [audit.Record(actor, "message.accept", f"message:{env.message_id}", detail={
         "subsystem": env.subsystem, "type": env.type, "sender": env.sender_unit,
         "recipients": len(env.recipients), "classification": env.classification,
         "urgency": env.urgency, "source": source,
         "forwarded": sum(1 for r in routes if r.kind == "node"),
         **({"hops": list(plan.hops), "units": len(plan.recipients)} if plan.hops else {}),
-    })
+    })])
     return Accepted(Message(**values), created=True, routes=routes)
-
 
 
 def recall(s: Session, message_id: str, units: Collection[str] | None = None) -> None:
