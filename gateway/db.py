@@ -19,7 +19,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -153,6 +153,7 @@ class Database:
         its result once that transaction is committed (group commit). An exception from ``fn``
         is raised here and undoes only ``fn``'s own changes."""
         self._ensure_committer()
+        self._ensure_checkpointer()
         job = _Job(fn)
         self._jobs.put(job)
         job.done.wait()
@@ -191,13 +192,18 @@ class Database:
                 self._committer.start()
 
     def _commit_loop(self) -> None:
+        conn: Connection | None = None  # kept between groups: a pool checkout per group costs
         while True:
             first = self._jobs.get()
             if first is _STOP:
+                if conn is not None:
+                    conn.close()
                 return
             batch = [first]
             try:
-                with self.begin_core() as conn:
+                if conn is None:
+                    conn = self._write_engine.connect()
+                with self._lock or nullcontext(), conn.begin():
                     # The group is gathered while holding the writer lock, not before taking
                     # it: whatever queued while another process wrote joins this commit.
                     cur = conn.connection.cursor()
@@ -219,6 +225,10 @@ class Database:
                 for job in batch:
                     if job.error is None:
                         job.error = exc
+                if conn is not None:  # start the next group on a fresh connection
+                    conn.invalidate()
+                    conn.close()
+                    conn = None
             for job in batch:
                 job.done.set()
 

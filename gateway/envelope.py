@@ -7,6 +7,7 @@ itself (receipts, :data:`RECEIPT_NS`).
 from __future__ import annotations
 
 import copy
+import re
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -124,7 +125,58 @@ class Envelope:
         return root
 
     def to_xml(self) -> bytes:
-        return etree.tostring(self.to_element(), xml_declaration=True, encoding="UTF-8")
+        """The envelope as UTF-8 XML: byte for byte what ``etree.tostring(self.to_element(),
+        xml_declaration=True, encoding="UTF-8")`` gives (tests/test_envelope_xml.py holds it to
+        that), written as text because building the element tree costs a quarter of the CPU of
+        an accept with 40 attachments."""
+        if NS in self.payload.nsmap.values():  # lxml would merge those declarations: leave it to lxml
+            return etree.tostring(self.to_element(), xml_declaration=True, encoding="UTF-8")
+        # one scan over every value decides whether any needs escaping (usually none does)
+        values = [self.message_id, self.subsystem, self.type, self.sender_unit, self.sender_node or "",
+                  self.sender_name or "", self.classification, self.classification_period or "", self.urgency,
+                  self.in_reply_to or "", self.conversation_id or ""]
+        for r in self.recipients:
+            values += (r.unit, r.name or "", r.copy_type or "", r.copy_no or "")
+        for a in self.attachments:
+            values += (a.role, a.name, a.sha256, a.media_type or "")
+        clean = _PLAIN.search("".join(values)) is None
+        _text, _attr = (_as_is, _as_is) if clean else (_escape_text, _escape_attr)
+        out = [_XML_HEAD, "<header><message-id>", _text(self.message_id), "</message-id><subsystem>",
+               _text(self.subsystem), "</subsystem><type>", _text(self.type), "</type><created>",
+               _text(self.created.isoformat()), '</created><sender unit="', _attr(self.sender_unit), '"']
+        if self.sender_node:
+            out += [' node="', _attr(self.sender_node), '"']
+        if self.sender_name:
+            out += [' name="', _attr(self.sender_name), '"']
+        out.append("/><recipients>" if self.recipients else "/><recipients/>")
+        for r in self.recipients:
+            out += ['<recipient unit="', _attr(r.unit), '"']
+            for attr, val in ((' name="', r.name), (' copy-type="', r.copy_type), (' copy-no="', r.copy_no)):
+                if val:
+                    out += [attr, _attr(val), '"']
+            out.append("/>")
+        if self.recipients:
+            out.append("</recipients>")
+        out.append("<classification")
+        if self.classification_period:
+            out += [' period="', _attr(self.classification_period), '"']
+        out += [">", _text(self.classification), "</classification><urgency>", _text(self.urgency), "</urgency>"]
+        if self.in_reply_to:
+            out += ["<in-reply-to>", _text(self.in_reply_to), "</in-reply-to>"]
+        if self.conversation_id:
+            out += ["<conversation-id>", _text(self.conversation_id), "</conversation-id>"]
+        out += ["</header><payload>", etree.tostring(self.payload, encoding="unicode"), "</payload>"]
+        if self.attachments:
+            out.append("<attachments>")
+            for a in self.attachments:
+                out += ['<attachment role="', _attr(a.role), '" name="', _attr(a.name), '" size="', str(a.size),
+                        '" sha256="', _attr(a.sha256), '"']
+                if a.media_type:
+                    out += [' media-type="', _attr(a.media_type), '"']
+                out.append("/>")
+            out.append("</attachments>")
+        out.append("</envelope>")
+        return "".join(out).encode("utf-8")
 
     @classmethod
     def from_xml(cls, data: bytes | str | etree._Element, *, validate: bool = True) -> Envelope:
@@ -165,6 +217,34 @@ class Envelope:
                 for a in (atts if atts is not None else [])
             ],
         )
+
+
+_XML_HEAD = f"<?xml version='1.0' encoding='UTF-8'?>\n<envelope xmlns=\"{NS}\" version=\"1\">"
+#: what XML 1.0 cannot carry; lxml refuses it when a tree is built, and so does Envelope.to_xml
+_NOT_XML = re.compile("[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\ud800-\\udfff\\ufffe\\uffff]")
+#: a string without any of these is written as it is (the common case, checked in one scan)
+_PLAIN = re.compile('[&<>"\\t\\n\\r\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\ud800-\\udfff\\ufffe\\uffff]')
+
+
+def _escape(value: str, attribute: bool) -> str:
+    if _NOT_XML.search(value):
+        raise ValueError("All strings must be XML compatible: Unicode or ASCII, no NULL bytes or control characters")
+    value = value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\r", "&#13;")
+    if attribute:
+        value = value.replace('"', "&quot;").replace("\n", "&#10;").replace("\t", "&#9;")
+    return value
+
+
+def _as_is(value: str) -> str:
+    return value
+
+
+def _escape_text(value: str) -> str:
+    return _escape(value, False)
+
+
+def _escape_attr(value: str) -> str:
+    return _escape(value, True)
 
 
 def _copy(el: etree._Element) -> etree._Element:

@@ -1,0 +1,71 @@
+"""Envelope.to_xml writes the envelope as text; it must be byte for byte what lxml writes for
+Envelope.to_element (the reference), for any values, and refuse what XML cannot carry."""
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lxml import etree
+
+from gateway.envelope import Attachment, Envelope, Recipient
+
+XML_CHARS = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00") \
+    .filter(lambda c: c in "\t\n\r" or c >= " " and c not in "\ufffe\uffff")
+TEXT = st.text(XML_CHARS, min_size=1, max_size=20)
+OPTIONAL = st.none() | TEXT
+
+
+def _reference(env: Envelope) -> bytes:
+    return etree.tostring(env.to_element(), xml_declaration=True, encoding="UTF-8")
+
+
+def _payload(text: str, attr: str) -> etree._Element:
+    p = etree.Element("{urn:egov:gateway:documents:v1}document", nsmap={None: "urn:egov:gateway:documents:v1"})
+    t = etree.SubElement(p, "{urn:egov:gateway:documents:v1}title", note=attr)
+    t.text = text
+    return p
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(TEXT, min_size=8, max_size=8), optional=st.lists(OPTIONAL, min_size=7, max_size=7),
+       recipients=st.lists(st.tuples(TEXT, OPTIONAL, OPTIONAL, OPTIONAL), max_size=4),
+       attachments=st.lists(st.tuples(TEXT, st.integers(0, 2**40), OPTIONAL), max_size=4))
+def test_text_writer_matches_lxml(texts, optional, recipients, attachments):  # type: ignore[no-untyped-def]
+    env = Envelope(subsystem=texts[0], type=texts[1], sender_unit=texts[2], message_id=texts[3],
+                   recipients=[Recipient(*r) for r in recipients], payload=_payload(texts[4], texts[5]),
+                   classification=texts[6], urgency=texts[7], classification_period=optional[0],
+                   sender_node=optional[1], sender_name=optional[2], in_reply_to=optional[3],
+                   conversation_id=optional[4],
+                   attachments=[Attachment("attachment", n, size, "a" * 64, mt) for n, size, mt in attachments],
+                   created=datetime(2026, 11, 26, 8, 0, tzinfo=UTC))
+    assert env.to_xml() == _reference(env)
+
+
+def test_payload_from_a_parsed_envelope_with_prefixes():  # type: ignore[no-untyped-def]
+    doc = etree.fromstring(
+        b'<w xmlns:d="urn:egov:gateway:documents:v1" xmlns:o="urn:other"><d:document o:x="1">'
+        b'<d:title>t</d:title><o:extra>e</o:extra></d:document>tail</w>')
+    for payload in (doc[0], etree.fromstring(etree.tostring(doc[0], with_tail=False))):
+        env = Envelope(subsystem="documents", type="document", sender_unit="11522300GDR9YB9550",
+                       recipients=[Recipient("1152230107CTPD8U2P")], payload=payload)
+        assert env.to_xml() == _reference(env)
+
+
+def test_payload_that_redeclares_the_envelope_namespace_is_left_to_lxml():  # type: ignore[no-untyped-def]
+    p = etree.fromstring(b'<r:receipt xmlns:r="urn:egov:gateway:receipt:v1" '
+                         b'xmlns:e="urn:egov:gateway:envelope:v1"><e:x/></r:receipt>')
+    env = Envelope(subsystem="documents", type="receipt", sender_unit="11522300GDR9YB9550", recipients=[],
+                   payload=p)
+    assert env.to_xml() == _reference(env)
+
+
+@pytest.mark.parametrize("bad", ["a\x00b", "\x07", "x\x1f", "\ufffe"])
+def test_what_xml_cannot_carry_is_refused_like_lxml(bad):  # type: ignore[no-untyped-def]
+    env = Envelope(subsystem="documents", type="document", sender_unit="11522300GDR9YB9550",
+                   recipients=[Recipient("1152230107CTPD8U2P", name=bad)], payload=_payload("t", "a"))
+    with pytest.raises(ValueError):
+        _reference(env)
+    with pytest.raises(ValueError):
+        env.to_xml()
