@@ -32,3 +32,16 @@ def post_fork(server, worker):  # noqa: ARG001 - gunicorn's hook signature
     import sys
 
     sys.setswitchinterval(0.001)
+
+
+def post_worker_init(worker):  # noqa: ARG001
+    # Everything loaded so far (Flask, SQLAlchemy, lxml, schemas) lives as long as the worker:
+    # move it out of the garbage collector's sight, so that collections walk only the objects
+    # of requests in flight; and collect the youngest generation every 10,000 allocations
+    # instead of 700, since nearly everything a request allocates is freed by reference
+    # counting when it ends, before any collection would have looked at it.
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)

@@ -30,6 +30,14 @@ class BlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(exist_ok=True)
         self._prefix = str(self.root) + os.sep
+        # sizes are looked up relative to the store's folder: a shorter path walk for each of
+        # the (up to 100) attachments a document names on the accept path
+        self._dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_dir_fd", None)
+        if fd is not None:
+            os.close(fd)
 
     def _where(self, sha256: str) -> str:
         # plain strings: a document with 40 attachments checks 40 blobs on the accept path,
@@ -45,7 +53,10 @@ class BlobStore:
         return os.path.isfile(self._where(sha256))
 
     def size(self, sha256: str) -> int:
-        return os.stat(self._where(sha256)).st_size
+        """The size of a stored blob; FileNotFoundError if there is none."""
+        if not _SHA256.fullmatch(sha256):
+            raise ValueError("not a SHA-256 hex digest")
+        return os.stat(f"{sha256[:2]}/{sha256[2:4]}/{sha256}", dir_fd=self._dir_fd).st_size
 
     def open(self, sha256: str) -> BinaryIO:
         return open(self._where(sha256), "rb")
