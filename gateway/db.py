@@ -124,6 +124,7 @@ class Database:
         self._committer: threading.Thread | None = None
         self._committer_pid = 0
         self._committer_lock = threading.Lock()
+        self._held = threading.local()
 
     @contextmanager
     def begin(self) -> Iterator[Session]:
@@ -139,14 +140,36 @@ class Database:
     @contextmanager
     def begin_core(self) -> Iterator[Connection]:
         """A write transaction on a plain Connection: for hot paths made only of Core
-        statements, without the ORM session's bookkeeping."""
+        statements, without the ORM session's bookkeeping. A thread that called
+        :meth:`hold_connection` gets its own kept connection."""
         self._ensure_checkpointer()
-        if self._lock is None:
-            with self._write_engine.begin() as conn:
-                yield conn
+        held: Connection | None = getattr(self._held, "conn", None)
+        if held is not None:
+            try:
+                with self._lock or nullcontext(), held.begin():
+                    yield held
+            except BaseException:
+                self.release_connection()  # the next transaction starts on a fresh connection
+                raise
             return
-        with self._lock, self._write_engine.begin() as conn:
+        with self._lock or nullcontext(), self._write_engine.begin() as conn:
             yield conn
+
+    def hold_connection(self) -> None:
+        """This thread writes in a loop (the worker's claimer and recorder): keep one write
+        connection for it, since a pool checkout and its events per transaction cost more than
+        a small claim itself. :meth:`release_connection` gives it back."""
+        if getattr(self._held, "conn", None) is None:
+            self._held.conn = self._write_engine.connect()
+
+    def release_connection(self) -> None:
+        conn: Connection | None = getattr(self._held, "conn", None)
+        self._held.conn = None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - a broken connection is dropped either way
+                conn.invalidate()
 
     def write(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn(connection)`` (Core statements only) in a transaction shared with other concurrent callers and return
@@ -192,18 +215,15 @@ class Database:
                 self._committer.start()
 
     def _commit_loop(self) -> None:
-        conn: Connection | None = None  # kept between groups: a pool checkout per group costs
+        self.hold_connection()  # kept between groups
         while True:
             first = self._jobs.get()
             if first is _STOP:
-                if conn is not None:
-                    conn.close()
+                self.release_connection()
                 return
             batch = [first]
             try:
-                if conn is None:
-                    conn = self._write_engine.connect()
-                with self._lock or nullcontext(), conn.begin():
+                with self.begin_core() as conn:
                     # The group is gathered while holding the writer lock, not before taking
                     # it: whatever queued while another process wrote joins this commit.
                     cur = conn.connection.cursor()
@@ -225,10 +245,7 @@ class Database:
                 for job in batch:
                     if job.error is None:
                         job.error = exc
-                if conn is not None:  # start the next group on a fresh connection
-                    conn.invalidate()
-                    conn.close()
-                    conn = None
+                self.hold_connection()
             for job in batch:
                 job.done.set()
 

@@ -49,8 +49,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.worker")
 
-#: seconds the recorder waits for more outcomes before committing a batch
-RECORD_WINDOW = 0.005
+#: seconds the recorder waits for more outcomes before committing a batch: each commit costs a
+#: turn of the write lock, an fsync and an audit-chain read, so a fast peer's outcomes are
+#: recorded a few dozen at a time (a crash inside the window means those deliveries run again,
+#: which the peers' idempotent document ids absorb, as after any crash before recording)
+RECORD_WINDOW = 0.02
 #: forwards to one node sent together in one request (the receiver accepts them in turn)
 FORWARDS_PER_REQUEST = 8
 
@@ -488,10 +491,12 @@ class Worker:
 
     def _dispatch_loop(self) -> None:
         """Keep every delivery thread busy with a small local queue of claimed rows: one claim
-        transaction per batch, not per delivery. The queue holds at most ``threads`` rows
-        beyond those running, so a 特急 document accepted now waits behind at most that many."""
+        transaction per batch (of about ``threads`` rows), not per delivery. The queue holds at
+        most ``2 × threads`` rows beyond those running, so a 特急 document accepted now waits
+        behind at most that many (bench/urgency.py measures it)."""
         last_reap = 0.0
         ready: deque[Job] = deque()
+        self.node.db.hold_connection()
         while not self._stop.is_set():
             try:
                 if time.monotonic() - last_reap > max(1.0, self.cfg.lease_seconds / 4):
@@ -499,8 +504,8 @@ class Worker:
                     last_reap = time.monotonic()
                 with self._busy_lock:
                     free = self.threads - self._busy
-                if len(ready) < max(1, self.threads // 2):
-                    fresh = self.claim(self.threads + free - len(ready))
+                if len(ready) < self.threads:
+                    fresh = self.claim(2 * self.threads + free - len(ready))
                     # an urgent row claimed now goes ahead of ordinary rows claimed earlier
                     ready = deque(sorted([*ready, *fresh], key=lambda j: j.priority))
                 while free > 0 and ready:
@@ -525,6 +530,7 @@ class Worker:
                 self._stop.wait(1.0)
         if ready:  # give unstarted rows back at once rather than after the lease
             self._release([j.id for j in ready])
+        self.node.db.release_connection()
 
     def release(self, ids: list[int]) -> None:
         """Give claimed rows back untouched (not attempted)."""
@@ -539,11 +545,13 @@ class Worker:
                       execution_options={"synchronize_session": False})
 
     def _record_loop(self) -> None:
+        self.node.db.hold_connection()
         while True:
             try:
                 first = self._outcomes.get(timeout=0.2)
             except queue.Empty:
                 if self._stop.is_set():
+                    self.node.db.release_connection()
                     return
                 continue
             batch = [first]
