@@ -34,9 +34,22 @@ class Rejected(ValueError):
         self.kind, self.detail, self.status = kind, detail, status
 
 
+@dataclass(slots=True)
+class StoredMessage:
+    """What an accept stored (or found already stored): the fields its answer needs. A plain
+    object, not an ORM instance, which would cost as much to build as an INSERT."""
+
+    id: str
+    accepted_at: datetime | None = None
+    sender_unit: str | None = None
+    classification: str | None = None
+    urgency: str | None = None
+    summary: dict | None = None
+
+
 @dataclass
 class Accepted:
-    message: Message
+    message: StoredMessage
     created: bool  # False: an earlier accept of the same message id / Idempotency-Key
     routes: list[Route] | None = None  # per recipient, in envelope order (when created)
 
@@ -83,14 +96,15 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
         raise Rejected("validation", str(exc)) from None
     recipients = env.recipients if units is None else [r for r in env.recipients if r.unit in units]
     routes = plan_routes(node, env, recipients, hops)
-    # serialised here, not inside the transaction: writers queue on one lock (SQLite), and
-    # what happens while holding it limits every accept on the node
-    plan = _Plan(recipients, routes, tuple(hops), node.id, env.to_xml())
+    # Everything but the statements is prepared here, not inside the transaction: writers
+    # queue on one lock (SQLite), and what happens while holding it limits every accept.
+    plan = _plan(env, recipients, routes, tuple(hops), node.id, node.db.postgres, actor, source, api_key_id,
+                 summary)
     if session is not None:
-        return _store(session, env, plan, actor, source, api_key_id, summary, idempotency)
+        return _store(session, env, plan, idempotency)
 
     def unit(s: Connection) -> Accepted:
-        return _store(s, env, plan, actor, source, api_key_id, summary, idempotency)
+        return _store(s, env, plan, idempotency)
 
     try:
         return node.db.write(unit)  # group commit: returns once committed
@@ -108,15 +122,6 @@ INSERT_FORWARD = insert(table(OutboxEntry)).values(
     kind="forward", delivery_id=_FIRST_OF_HOP, target=bindparam("hop"), payload=bindparam("payload"),
     priority=bindparam("priority"), state="pending", attempts=0, next_attempt_at=bindparam("now"),
     created_at=bindparam("now"), conversation=bindparam("conversation"))
-
-
-@dataclass
-class _Plan:
-    recipients: list[Recipient]
-    routes: list[Route]
-    hops: tuple[str, ...]
-    self_id: str
-    envelope_xml: bytes
 
 
 _MESSAGE_COLUMNS = ("id", "subsystem", "type", "sender_unit", "classification", "clearance", "urgency",
@@ -160,21 +165,56 @@ class _Sql:
 _SQL = {True: _Sql(True), False: _Sql(False)}
 
 
-def _store(s: Session | Connection, env: Envelope, plan: _Plan, actor: str, source: str,
-           api_key_id: str | None, summary: dict | None, idem: IdempotencyKey | None) -> Accepted:
+@dataclass
+class _Plan:
+    """An accept's rows, built before the transaction."""
+
+    recipients: list[Recipient]
+    routes: list[Route]
+    hops: tuple[str, ...]
+    self_id: str
+    message: StoredMessage
+    message_row: tuple
+    delivery_rows: list[tuple]
+    stamp: object  # the accept time as the database takes it
+    audit: audit.Record
+
+
+def _plan(env: Envelope, recipients: list[Recipient], routes: list[Route], hops: tuple[str, ...], self_id: str,
+          postgres: bool, actor: str, source: str, api_key_id: str | None, summary: dict | None) -> _Plan:
+    now = datetime.now(UTC)
+    stamp = _SQL[postgres].stamp(now)
+    summary = summary or {}
+    message_row = (env.message_id, env.subsystem, env.type, env.sender_unit, env.classification,
+                   env.clearance_needed, env.urgency, env.in_reply_to, env.conversation_id, api_key_id, source,
+                   json.dumps(summary), env.to_xml(), stamp)
+    delivery_rows = [(env.message_id, r.unit, r.name, r.copy_type, r.copy_no, route.kind, route.target,
+                      "queued", remote_ref(env.message_id, r.unit), stamp) for r, route in zip(recipients, routes)]
+    record = audit.Record(actor, "message.accept", f"message:{env.message_id}", detail={
+        "subsystem": env.subsystem, "type": env.type, "sender": env.sender_unit,
+        "recipients": len(env.recipients), "classification": env.classification,
+        "urgency": env.urgency, "source": source,
+        "forwarded": sum(1 for r in routes if r.kind == "node"),
+        **({"hops": list(hops), "units": len(recipients)} if hops else {}),
+    })
+    message = StoredMessage(env.message_id, now, env.sender_unit, env.classification, env.urgency, summary)
+    return _Plan(recipients, routes, hops, self_id, message, message_row, delivery_rows, stamp, record)
+
+
+def _store(s: Session | Connection, env: Envelope, plan: _Plan, idem: IdempotencyKey | None) -> Accepted:
     if isinstance(s, Session):
         s.flush()  # the caller's pending rows (an audit entry, say) go first
     conn = s.connection() if isinstance(s, Session) else s
     sql = _SQL[conn.dialect.name == "postgresql"]
     cur = conn.connection.cursor()
     try:
-        return _store_rows(cur, sql, conn, env, plan, actor, source, api_key_id, summary, idem)
+        return _store_rows(cur, sql, conn, env, plan, idem)
     finally:
         cur.close()
 
 
-def _store_rows(cur: Any, sql: _Sql, conn: Connection, env: Envelope, plan: _Plan, actor: str, source: str,
-                api_key_id: str | None, summary: dict | None, idem: IdempotencyKey | None) -> Accepted:
+def _store_rows(cur: Any, sql: _Sql, conn: Connection, env: Envelope, plan: _Plan,
+                idem: IdempotencyKey | None) -> Accepted:
     if idem is not None:
         cur.execute(sql.idem, (idem.api_key_id, idem.key))
         rec = cur.fetchone()
@@ -183,51 +223,35 @@ def _store_rows(cur: Any, sql: _Sql, conn: Connection, env: Envelope, plan: _Pla
                 raise Rejected("idempotency-key-reused",
                                f"Idempotency-Key {idem.key!r} was used before with a different request body",
                                status=422)
-            return Accepted(Message(id=rec[1]), created=False)
+            return Accepted(StoredMessage(rec[1]), created=False)
     cur.execute(sql.existing, (env.message_id,))
     existing = cur.fetchone()
     if existing is not None:
+        api_key_id = plan.message_row[_MESSAGE_COLUMNS.index("api_key_id")]
         if existing[0] != env.sender_unit or (api_key_id and existing[1] != api_key_id):
             raise Rejected("message-id-conflict", f"message id {env.message_id} is already taken", status=409)
-        return Accepted(Message(id=env.message_id), created=False)
+        return Accepted(StoredMessage(env.message_id), created=False)
 
-    now = datetime.now(UTC)
-    stamp = sql.stamp(now)
-    values = dict(
-        id=env.message_id, subsystem=env.subsystem, type=env.type, sender_unit=env.sender_unit,
-        classification=env.classification, clearance=env.clearance_needed, urgency=env.urgency,
-        in_reply_to=env.in_reply_to, conversation_id=env.conversation_id, api_key_id=api_key_id,
-        source=source, summary=summary or {}, envelope_xml=plan.envelope_xml, accepted_at=now,
-    )
-    cur.execute(sql.message, tuple(json.dumps(values[c]) if c == "summary" else stamp if c == "accepted_at"
-                                   else values[c] for c in _MESSAGE_COLUMNS))
-    routes = plan.routes
+    cur.execute(sql.message, plan.message_row)
     # a document to 200 units is one executemany here, not 200 statements
-    cur.executemany(sql.deliveries, [
-        (env.message_id, r.unit, r.name, r.copy_type, r.copy_no, route.kind, route.target,
-         "queued", remote_ref(env.message_id, r.unit), stamp)
-        for r, route in zip(plan.recipients, routes)])
+    cur.executemany(sql.deliveries, plan.delivery_rows)
+    routes = plan.routes
     if any(route.kind == "adapter" for route in routes):
-        cur.execute(sql.outbox, (env.urgency_rank, stamp, stamp, env.message_id))
+        cur.execute(sql.outbox, (env.urgency_rank, plan.stamp, plan.stamp, env.message_id))
     hops: dict[str, list[str]] = {}
     for r, route in zip(plan.recipients, routes):
         if route.kind == "node":
             hops.setdefault(route.target, []).append(r.unit)
     for hop, units in hops.items():
         # one forward per next node, whatever the number of units behind it
-        conn.execute(INSERT_FORWARD, {"mid": env.message_id, "hop": hop, "priority": env.urgency_rank, "now": now,
+        conn.execute(INSERT_FORWARD, {"mid": env.message_id, "hop": hop, "priority": env.urgency_rank,
+                                      "now": plan.message.accepted_at,
                                       "payload": {"units": units, "hops": [*plan.hops, plan.self_id]},
                                       "conversation": env.conversation_id})
     if idem is not None:
-        cur.execute(sql.idem_insert, (idem.api_key_id, idem.key, idem.request_hash, env.message_id, stamp))
-    audit.append_driver(cur, sql.postgres, [audit.Record(actor, "message.accept", f"message:{env.message_id}", detail={
-        "subsystem": env.subsystem, "type": env.type, "sender": env.sender_unit,
-        "recipients": len(env.recipients), "classification": env.classification,
-        "urgency": env.urgency, "source": source,
-        "forwarded": sum(1 for r in routes if r.kind == "node"),
-        **({"hops": list(plan.hops), "units": len(plan.recipients)} if plan.hops else {}),
-    })])
-    return Accepted(Message(**values), created=True, routes=routes)
+        cur.execute(sql.idem_insert, (idem.api_key_id, idem.key, idem.request_hash, env.message_id, plan.stamp))
+    audit.append_driver(cur, sql.postgres, [plan.audit])
+    return Accepted(plan.message, created=True, routes=routes)
 
 
 def recall(s: Session, message_id: str, units: Collection[str] | None = None) -> None:

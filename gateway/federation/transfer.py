@@ -100,7 +100,7 @@ def accept_many(node: Node, batch: list[Incoming]) -> list[pipeline.Accepted | T
             except pipeline.Rejected as exc:
                 out.append(TransferError(exc.status, exc.kind, exc.detail))
             except IntegrityError:  # the same message arrived by another request meanwhile
-                out.append(pipeline.Accepted(Message(id=inc.env.message_id), created=False))
+                out.append(pipeline.Accepted(pipeline.StoredMessage(inc.env.message_id), created=False))
         return out
 
     return node.db.write(unit)
@@ -150,7 +150,7 @@ def prepare(node: Node, peer: str, body: Any) -> Incoming:
 
 def answer(node: Node, inc: Incoming, acc: pipeline.Accepted) -> dict:
     mid, units = inc.env.message_id, inc.units
-    if acc.created:
+    if acc.created and acc.message.accepted_at is not None:
         accepted_at = acc.message.accepted_at  # just stored, for exactly these units
     else:
         with node.db.sessions() as s:

@@ -25,7 +25,7 @@ from gateway.api.problems import Problem
 from gateway.api.spec import operation
 from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError
 from gateway.models import Delivery, Message, ReceiptRecord
-from gateway.pipeline import IdempotencyKey, Rejected, accept
+from gateway.pipeline import IdempotencyKey, Rejected, StoredMessage, accept
 from systems.documents import SLUG, payload
 from systems.documents.schemas import DocumentIn, DocumentList, DocumentOut, ReceiptOut, RecipientStatus
 
@@ -81,7 +81,7 @@ def status_url(message_id: str) -> str:
 _SAFE = "!$&'()*+,:;=@-._~"
 
 
-def _header(m: Message) -> dict:
+def _header(m: Message | StoredMessage) -> dict:
     """The document-level fields of a DocumentOut, whichever way the answer is built."""
     s = m.summary or {}
     return {"id": m.id, "status_url": status_url(m.id),
@@ -90,9 +90,10 @@ def _header(m: Message) -> dict:
             "urgency": m.urgency}
 
 
-def _accepted_out(m: Message, env, routes) -> dict:  # type: ignore[no-untyped-def]
+def _accepted_out(m: StoredMessage, env, routes) -> dict:  # type: ignore[no-untyped-def]
     """The 202 answer (schema: DocumentOut), built from what was just stored: no second read,
     and no second validation of values that were validated on the way in."""
+    assert m.accepted_at is not None
     return {
         **_header(m),
         "accepted_at": m.accepted_at.isoformat().replace("+00:00", "Z"),  # as pydantic writes it
