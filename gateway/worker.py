@@ -197,7 +197,7 @@ class Worker:
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._wake = threading.Event()
-        self._outcomes: queue.Queue[Outcome] = queue.Queue()
+        self._outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self._http = requests.Session()
         self._key: Ed25519PrivateKey | SM2PrivateKey | None = None
         #: peers whose rows only the sync jobs carry (batch and ferry links)
