@@ -9,7 +9,11 @@ workers, ``gateway worker``), taken before ``BEGIN IMMEDIATE``. Reads
 :meth:`Database.write` is *group commit*: concurrent callers' units of work run in one
 transaction, each inside its own savepoint, and one commit (one fsync) makes them all durable
 before any of them returns. A failing unit rolls back alone. PostgreSQL gains the same way
-(one commit, one audit-chain lock per group).
+(one commit, one audit-chain lock per group). On SQLite the group's connection commits with
+``synchronous=NORMAL`` and the group-commit thread then fsyncs the WAL file itself, *after*
+letting go of the writer lock and before any caller returns: the next writer (another
+gunicorn worker) already works while this group waits for the disk, and one fsync often
+covers both groups. Every other connection keeps ``synchronous=FULL``.
 """
 from __future__ import annotations
 
@@ -125,9 +129,11 @@ class Database:
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
         self._writes = sessionmaker(self._write_engine, expire_on_commit=False)
         self._lock: _WriterLock | None = None
+        self._wal: str | None = None
         if not self.postgres:
             db = make_url(url).database
             self._lock = _WriterLock(f"{db}.writelock" if db and db != ":memory:" else None)
+            self._wal = f"{db}-wal" if db and db != ":memory:" else None
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._checkpointer: threading.Thread | None = None
         self._closed = threading.Event()
@@ -226,7 +232,7 @@ class Database:
                 self._committer.start()
 
     def _commit_loop(self) -> None:
-        self.hold_connection()  # kept between groups
+        self._hold_group_connection()
         while True:
             first = self._jobs.get()
             if first is _STOP:
@@ -252,13 +258,36 @@ class Database:
                             break
                         batch.append(job)
                     cur.close()
-            except BaseException as exc:  # the commit itself failed: nothing of the group is stored
+                if self._wal is not None:
+                    self._sync_wal()  # committed above; durable from here, before anyone returns
+            except BaseException as exc:  # the commit or the fsync failed
+                log.error("group commit of %d units failed: %s", len(batch), exc)
                 for job in batch:
                     if job.error is None:
                         job.error = exc
-                self.hold_connection()
+                self._hold_group_connection()
             for job in batch:
                 job.finish()
+
+    def _hold_group_connection(self) -> None:
+        self.hold_connection()
+        if self._wal is not None:
+            # this connection's commits are made durable by _sync_wal; detached from the pool,
+            # so that it is closed for good afterwards and never lent out with this setting
+            conn: Connection = self._held.conn
+            conn.detach()
+            conn.connection.dbapi_connection.execute("PRAGMA synchronous=NORMAL")  # type: ignore[union-attr]
+
+    def _sync_wal(self) -> None:
+        """fsync the WAL file. Opened by name each time: our connection keeps the WAL in
+        place, and a descriptor kept from earlier could point to a file SQLite has since
+        removed (after every connection closed) and recreated."""
+        assert self._wal is not None
+        fd = os.open(self._wal, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _run(conn: Connection, cur: Any, job: _Job) -> None:
