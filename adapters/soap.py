@@ -522,7 +522,7 @@ class SoapAdapter(Adapter):
     # -- deliver -------------------------------------------------------------------------
     def _arguments(self, delivery: Delivery) -> dict[str, Any]:
         env = delivery.envelope
-        root = env.to_element()
+        root = env.tree()  # read only: the XPath expressions below never change it
         rcpt = delivery.recipient
         variables = {
             "recipient": rcpt.unit,

@@ -72,6 +72,22 @@ class Envelope:
     in_reply_to: str | None = None
     conversation_id: str | None = None
     attachments: list[Attachment] = field(default_factory=list)
+    #: the tree ``tree()`` answers with; dropped whenever a field is set
+    _tree: etree._Element | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name != "_tree":
+            object.__setattr__(self, "_tree", None)
+
+    def tree(self) -> etree._Element:
+        """The envelope as an element tree, to read (XPath), never to change: the tree it was
+        parsed from, or one built from its fields on first use. Setting a field drops it (a
+        list changed in place is not noticed: build a new Envelope instead)."""
+        if self._tree is None:
+            object.__setattr__(self, "_tree", self.to_element())
+        assert self._tree is not None
+        return self._tree
 
     @property
     def urgency_rank(self) -> int:
@@ -193,7 +209,7 @@ class Envelope:
         cls_el = h.find(E + "classification")
         payload = root.find(E + "payload")
         atts = root.find(E + "attachments")
-        return cls(
+        env = cls(
             message_id=h.findtext(E + "message-id", ""),
             subsystem=h.findtext(E + "subsystem", ""),
             type=h.findtext(E + "type", ""),
@@ -217,6 +233,9 @@ class Envelope:
                 for a in (atts if atts is not None else [])
             ],
         )
+        if owned:  # the tree just parsed is this envelope: tree() need not build another
+            object.__setattr__(env, "_tree", root)
+        return env
 
 
 _XML_HEAD = f"<?xml version='1.0' encoding='UTF-8'?>\n<envelope xmlns=\"{NS}\" version=\"1\">"

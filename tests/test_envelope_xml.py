@@ -69,3 +69,17 @@ def test_what_xml_cannot_carry_is_refused_like_lxml(bad):  # type: ignore[no-unt
         _reference(env)
     with pytest.raises(ValueError):
         env.to_xml()
+
+
+def test_tree_is_the_parsed_tree_until_a_field_changes():  # type: ignore[no-untyped-def]
+    env = Envelope(subsystem="documents", type="document", sender_unit="11522300GDR9YB9550",
+                   recipients=[Recipient("1152230107CTPD8U2P", name="甲县")], payload=_payload("标题", "a"))
+    built = env.tree()
+    assert env.tree() is built  # built once
+    assert etree.tostring(built) == etree.tostring(env.to_element())
+    env.urgency = "特急"  # any field set: the old tree no longer describes the envelope
+    assert env.tree() is not built and env.tree().findtext("{urn:egov:gateway:envelope:v1}header/"
+                                                           "{urn:egov:gateway:envelope:v1}urgency") == "特急"
+    parsed = Envelope.from_xml(env.to_xml(), validate=False)
+    assert etree.tostring(parsed.tree()) == etree.tostring(env.to_element())
+    assert parsed.tree() is parsed.payload.getparent().getparent()  # the tree it was parsed from, not a copy
