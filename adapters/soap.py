@@ -120,7 +120,7 @@ _KNOWN_KEYS = {
 class _Expr:
     """One compiled argument expression (``xpath:`` / ``blob:body`` / ``const:``)."""
 
-    __slots__ = ("const", "kind", "source", "xpath")
+    __slots__ = ("const", "kind", "source", "xpath", "_per_thread")
 
     def __init__(self, kind: str, source: str, xpath: etree.XPath | None = None,
                  const: str | None = None) -> None:
@@ -128,6 +128,17 @@ class _Expr:
         self.source = source
         self.xpath = xpath
         self.const = const
+        self._per_thread = threading.local()
+
+    def evaluate(self, root: etree._Element, variables: Mapping[str, str]) -> Any:
+        """Evaluate with this thread's own copy of the compiled expression: an lxml XPath
+        object lets one thread at a time evaluate it, so delivery threads sharing one queued
+        on its lock for every argument of every document."""
+        xp = getattr(self._per_thread, "xpath", None)
+        if xp is None:
+            assert self.xpath is not None
+            xp = self._per_thread.xpath = etree.XPath(self.xpath.path, namespaces=XPATH_NAMESPACES)
+        return xp(root, **variables)
 
 
 def _xpath_string(result: Any) -> str:
@@ -543,7 +554,7 @@ class SoapAdapter(Adapter):
             else:
                 assert expr.xpath is not None
                 try:
-                    args[name] = _xpath_string(expr.xpath(root, **variables))
+                    args[name] = _xpath_string(expr.evaluate(root, variables))
                 except etree.XPathError as exc:
                     raise PermanentError(
                         f"{self._key('send.arguments.' + name)}: {expr.source!r} failed on "
