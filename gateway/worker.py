@@ -26,7 +26,6 @@ import threading
 import time
 import uuid
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -193,7 +192,9 @@ class Worker:
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._pool: ThreadPoolExecutor | None = None
+        #: groups of jobs for the delivery threads (None tells one thread to finish)
+        self._work: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()
+        self._delivery_threads: list[threading.Thread] = []
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._wake = threading.Event()
@@ -441,7 +442,10 @@ class Worker:
 
     def start(self) -> None:
         self._stop.clear()
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="delivery")
+        self._delivery_threads = [threading.Thread(target=self._delivery_loop, name=f"delivery-{i}", daemon=True)
+                                  for i in range(self.threads)]
+        for t in self._delivery_threads:
+            t.start()
         self._threads = [threading.Thread(target=self._dispatch_loop, name="outbox-dispatcher", daemon=True),
                          threading.Thread(target=self._record_loop, name="outbox-recorder", daemon=True)]
         for t in self._threads:
@@ -489,6 +493,13 @@ class Worker:
                 self._busy -= 1
             self._wake.set()
 
+    def _delivery_loop(self) -> None:
+        while True:
+            group = self._work.get()
+            if group is None:
+                return
+            self._run(group)
+
     def _dispatch_loop(self) -> None:
         """Keep every delivery thread busy with a local queue of claimed rows: one claim
         transaction per batch (of about ``2 × threads`` rows; a claim costs about as much as
@@ -522,8 +533,7 @@ class Worker:
                     with self._busy_lock:
                         self._busy += 1
                     free -= 1
-                    assert self._pool is not None
-                    self._pool.submit(self._run, group)
+                    self._work.put(group)
                 self._wake.wait(self.cfg.idle_sleep)
                 self._wake.clear()
             except Exception:  # the database may be briefly unavailable
@@ -573,8 +583,27 @@ class Worker:
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
-        if self._pool:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        for t in self._threads:
+        dispatcher, recorder = self._threads or (None, None)
+        if dispatcher is not None:
+            dispatcher.join(timeout)  # hands out nothing more after this
+        # groups not started yet go back to the queue at once, not after their lease
+        unstarted: list[int] = []
+        while True:
+            try:
+                group = self._work.get_nowait()
+            except queue.Empty:
+                break
+            if group:
+                unstarted += [j.id for j in group]
+        for _ in self._delivery_threads:
+            self._work.put(None)
+        for t in self._delivery_threads:
             t.join(timeout)
+        if unstarted:
+            try:
+                self._release(unstarted)
+            except Exception:  # noqa: BLE001 - their lease returns them anyway
+                log.warning("could not give back %d unstarted rows", len(unstarted), exc_info=True)
+        if recorder is not None:
+            recorder.join(timeout)  # records what the delivery threads finished
         self._http.close()
