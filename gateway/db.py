@@ -232,7 +232,6 @@ class Database:
                 self._committer.start()
 
     def _commit_loop(self) -> None:
-        self._hold_group_connection()
         while True:
             first = self._jobs.get()
             if first is _STOP:
@@ -240,6 +239,8 @@ class Database:
                 return
             batch = [first]
             try:
+                if getattr(self._held, "conn", None) is None:  # first group, or after a failure
+                    self._hold_group_connection()
                 with self.begin_core() as conn:
                     # The group is gathered while holding the writer lock, not before taking
                     # it: whatever queued while another process wrote joins this commit.
@@ -265,7 +266,7 @@ class Database:
                 for job in batch:
                     if job.error is None:
                         job.error = exc
-                self._hold_group_connection()
+                self.release_connection()
             for job in batch:
                 job.finish()
 
