@@ -462,7 +462,9 @@ class Worker:
             return [self.execute(jobs[0])]
         try:
             if jobs[0].kind == "status":
-                self.node.federation.client.post(jobs[0].target, "/status", {"items": [j.payload for j in jobs]})
+                # in the order the changes happened (a 签收 after its 已送达)
+                self.node.federation.client.post(jobs[0].target, "/status", {
+                    "items": [j.payload for j in sorted(jobs, key=lambda j: j.id)]})
                 return [Outcome(j) for j in jobs]
             return self._forward_many(jobs)
         except DeliveryError as exc:

@@ -165,9 +165,10 @@ def _apply_one(node: Node, peer: str, item: dict[str, Any]) -> dict[str, Any]:
 
 # -- recording what the receiver answered (sender) ------------------------------------------
 def split(node: Node, jobs: list[Job]) -> tuple[list[tuple[Job, dict[str, Any]]], list[Job]]:
-    """The (job, item) pairs to send, and the jobs left with nothing to send."""
+    """The (job, item) pairs to send, in queue order (the receiver applies them in turn and
+    refuses a batch whose seq does not increase), and the jobs left with nothing to send."""
     send, empty = [], []
-    for job in jobs:
+    for job in sorted(jobs, key=lambda j: j.id):
         item = item_for(node, job)
         if item is None:
             empty.append(job)
