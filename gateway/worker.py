@@ -72,7 +72,6 @@ def _envelope(message_id: str, xml: bytes) -> Envelope:
 
 # Statements built once (constructing them per call costs more than running them).
 _OUTBOX = table(OutboxEntry)
-_DELIVERIES = table(Delivery)
 
 
 _EARLIER = _OUTBOX.alias("earlier")
@@ -118,13 +117,6 @@ _DONE = (update(_OUTBOX)
                 _OUTBOX.c.claimed_by == bindparam("me"))
          .values(state="done", attempts=_OUTBOX.c.attempts + 1, finished_at=bindparam("now"), last_error=None)
          .returning(_OUTBOX.c.id, _OUTBOX.c.delivery_id, _OUTBOX.c.attempts, _OUTBOX.c.target))
-_CURRENT = select(Delivery.id, Delivery.status, Delivery.message_id, Delivery.unit).where(
-    Delivery.id.in_(bindparam("ids", expanding=True)))
-_CURRENT_PG = _CURRENT.with_for_update()
-_DELIVERED = (update(_DELIVERIES)
-              .where(_DELIVERIES.c.id == bindparam("b_id"), _DELIVERIES.c.status == "queued")
-              .values(status="delivered", delivered_at=bindparam("b_now"), updated_at=bindparam("b_now"),
-                      last_error=None, remote_id=bindparam("b_remote")))
 
 
 def queued_units(node: Node, message_id: str, target: str, units: list[str], resend: bool = False) -> list[str]:
@@ -315,23 +307,39 @@ class Worker:
                     self._record_one(s, o)
 
     def _record_delivered(self, s, outs: list[Outcome]) -> None:  # type: ignore[no-untyped-def]
+        """Deliveries that succeeded: their rows done, their copies delivered, one audit entry
+        each. Statements on the driver's cursor (as on the accept path): the recorder commits
+        a batch every few dozen deliveries while the claimer and the API wait for the lock."""
+        postgres = self.node.db.postgres
+        m = "%s" if postgres else "?"
         now = datetime.now(UTC)
+        stamp: object = now if postgres else now.strftime("%Y-%m-%d %H:%M:%S.%f")
         by_id = {o.job.id: o for o in outs}
-        mine = s.execute(_DONE, {"ids": list(by_id), "me": self.id, "now": now}).all()
-        if not mine:
-            return  # every lease expired and other workers took the rows over
-        q = _CURRENT_PG if self.node.db.postgres else _CURRENT
-        current = {r.id: r for r in s.execute(q, {"ids": [r.delivery_id for r in mine]})}
-        changed = [r for r in mine if current[r.delivery_id].status == "queued"]
-        if changed:
-            s.execute(_DELIVERED, [{"b_id": r.delivery_id, "b_remote": by_id[r.id].remote_id, "b_now": now}
-                                   for r in changed])
-            events.status_changed_many(s, [(current[r.delivery_id].id, "queued", "delivered") for r in changed])
-        actor = f"worker:{self.id}"
-        audit.append_many(s, [audit.Record(
-            actor, "delivery.attempt", f"delivery:{current[r.delivery_id].message_id}/{current[r.delivery_id].unit}",
-            "delivered", {"adapter": r.target, "attempt": r.attempts, "remote_id": by_id[r.id].remote_id})
-            for r in mine])
+        cur = s.connection.cursor()
+        try:
+            marks = ", ".join([m] * len(by_id))
+            cur.execute(f"UPDATE outbox SET state = 'done', attempts = attempts + 1, finished_at = {m}, "
+                        f"last_error = NULL WHERE id IN ({marks}) AND state = 'claimed' AND claimed_by = {m} "
+                        f"RETURNING id, delivery_id, attempts, target", (stamp, *by_id, self.id))
+            mine = cur.fetchall()
+            if not mine:
+                return  # every lease expired and other workers took the rows over
+            delivery_ids = [r[1] for r in mine]
+            cur.execute(f"SELECT id, status, message_id, unit FROM deliveries WHERE id IN "
+                        f"({', '.join([m] * len(delivery_ids))}){' FOR UPDATE' if postgres else ''}", delivery_ids)
+            current = {r[0]: r for r in cur.fetchall()}
+            changed = [r for r in mine if current[r[1]][1] == "queued"]
+            if changed:
+                cur.executemany(f"UPDATE deliveries SET status = 'delivered', delivered_at = {m}, updated_at = {m}, "
+                                f"last_error = NULL, remote_id = {m} WHERE id = {m} AND status = 'queued'",
+                                [(stamp, stamp, by_id[r[0]].remote_id, r[1]) for r in changed])
+                events.status_changed_many(s, [(r[1], "queued", "delivered") for r in changed])
+            actor = f"worker:{self.id}"
+            audit.append_driver(cur, postgres, [audit.Record(
+                actor, "delivery.attempt", f"delivery:{current[r[1]][2]}/{current[r[1]][3]}", "delivered",
+                {"adapter": r[3], "attempt": r[2], "remote_id": by_id[r[0]].remote_id}) for r in mine])
+        finally:
+            cur.close()
 
     def _record_forwarded(self, s, outs: list[Outcome]) -> None:  # type: ignore[no-untyped-def]
         """Forwards handed over: the rows are done; the copies stay queued until the next

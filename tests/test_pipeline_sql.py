@@ -69,3 +69,29 @@ def test_rows_written_by_the_driver_match_what_the_orm_writes(api, gw_node):
         result = audit.verify(s)
     assert result.ok, result.problem
     assert result.entries >= 4
+
+
+def test_outcomes_recorded_by_the_driver_read_back_like_orm_rows(api, gw_node):
+    """The worker records successful deliveries on the driver's cursor too (Worker._record_delivered)."""
+    from gateway.worker import Worker
+
+    r = api.post("/api/v1/documents", json=api.document(recipients=(COUNTY_A, CITY_B)))
+    mid = r.get_json()["id"]
+    Worker(gw_node).drain()
+    with gw_node.db.sessions() as s:
+        m = s.get(Message, mid)
+        assert m is not None
+        assert [(d.status, d.remote_id is not None) for d in m.deliveries] == [("delivered", True)] * 2
+        for d in m.deliveries:
+            assert d.delivered_at is not None and d.delivered_at.tzinfo is not None
+            assert abs((datetime.now(UTC) - d.delivered_at).total_seconds()) < 60
+        rows = s.scalars(select(OutboxEntry).where(OutboxEntry.delivery_id.in_([d.id for d in m.deliveries]))).all()
+        assert [(o.state, o.attempts, o.finished_at is not None) for o in rows] == [("done", 1, True)] * 2
+        entries = s.scalars(select(AuditEntry).where(AuditEntry.action == "delivery.attempt",
+                                                     AuditEntry.object.like(f"delivery:{mid}/%"))).all()
+        assert sorted(e.object for e in entries) == sorted(f"delivery:{mid}/{u}" for u in (COUNTY_A, CITY_B))
+        assert all(e.outcome == "delivered" for e in entries)
+        assert audit.verify(s).ok
+    if not gw_node.db.postgres:  # the same text format as the ORM writes
+        ours = _raw(gw_node, "SELECT delivered_at FROM deliveries WHERE message_id = :i LIMIT 1", i=mid)[0]
+        assert len(ours) == 26 and ours[10] == " "
