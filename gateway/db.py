@@ -130,6 +130,7 @@ class Database:
         self._writes = sessionmaker(self._write_engine, expire_on_commit=False)
         self._lock: _WriterLock | None = None
         self._wal: str | None = None
+        self._sync_self = False  # the group connection commits NORMAL and _sync_wal follows
         if not self.postgres:
             db = make_url(url).database
             self._lock = _WriterLock(f"{db}.writelock" if db and db != ":memory:" else None)
@@ -259,7 +260,7 @@ class Database:
                             break
                         batch.append(job)
                     cur.close()
-                if self._wal is not None:
+                if self._sync_self:
                     self._sync_wal()  # committed above; durable from here, before anyone returns
             except BaseException as exc:  # the commit or the fsync failed
                 log.error("group commit of %d units failed: %s", len(batch), exc)
@@ -272,12 +273,19 @@ class Database:
 
     def _hold_group_connection(self) -> None:
         self.hold_connection()
+        self._sync_self = False
         if self._wal is not None:
-            # this connection's commits are made durable by _sync_wal; detached from the pool,
-            # so that it is closed for good afterwards and never lent out with this setting
             conn: Connection = self._held.conn
-            conn.detach()
-            conn.connection.dbapi_connection.execute("PRAGMA synchronous=NORMAL")  # type: ignore[union-attr]
+            dbapi = conn.connection.dbapi_connection
+            assert dbapi is not None
+            # Only in WAL mode (a file system without shared memory leaves SQLite in its
+            # rollback journal, where this connection simply stays FULL).
+            if dbapi.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                # this connection's commits are made durable by _sync_wal; detached from the
+                # pool, so that it is closed for good afterwards, never lent out with NORMAL
+                conn.detach()
+                dbapi.execute("PRAGMA synchronous=NORMAL")
+                self._sync_self = True
 
     def _sync_wal(self) -> None:
         """fsync the WAL file. Opened by name each time: our connection keeps the WAL in
