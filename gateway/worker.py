@@ -64,9 +64,11 @@ def backoff(policy: RetryPolicy, attempt: int) -> float:
     return cap / 2 + random.uniform(0, cap / 2)
 
 
-@lru_cache(maxsize=2048)
+@lru_cache(maxsize=256)
 def _envelope(message_id: str, xml: bytes) -> Envelope:
-    # Stored envelopes were validated when they were accepted.
+    # Stored envelopes were validated when they were accepted. Cached for the copies of one
+    # message to many units (each entry holds the XML and its tree: a few hundred KB at most
+    # for a 40-attachment document, so 256 of them stay well inside the worker's memory).
     return Envelope.from_xml(xml, validate=False)
 
 
