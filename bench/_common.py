@@ -100,28 +100,25 @@ def spawn(cmd: Sequence[str], *, log_file: Path | None = None, env: dict[str, st
 
 def stop(p: subprocess.Popen, timeout: float = 15.0) -> None:
     """SIGTERM the process group we created for ``p``; SIGKILL it if it does not go."""
+    from adapters.simulators.cluster import stop_process_group
+
     try:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait(5)
-        else:  # the leader is gone; children of its group may not be
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        stop_process_group(p, timeout)
     finally:
         if p in _PROCS:
             _PROCS.remove(p)
+
+
+def run(main: Any) -> None:
+    """``if __name__ == "__main__": c.run(main)`` in every benchmark: a benchmark that fails
+    exits 2, never 1, which means "target missed" (bench/README.md)."""
+    try:
+        main()
+    except Exception:  # noqa: BLE001
+        import traceback
+
+        traceback.print_exc()
+        sys.exit(2)
 
 
 def _run_cleanups(fns: list[Any]) -> None:

@@ -288,10 +288,4 @@ def _settle(node: Any, timeout: float = 120.0) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception:  # the benchmark itself failed: exit 2, not 1 (1 is "target missed")
-        import traceback
-
-        traceback.print_exc()
-        sys.exit(2)
+    c.run(main)

@@ -167,10 +167,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception:  # the benchmark itself failed: exit 2, not 1 (1 is "target missed")
-        import traceback
-
-        traceback.print_exc()
-        sys.exit(2)
+    c.run(main)

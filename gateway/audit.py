@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from sqlalchemy import Connection, insert, select, text
 from sqlalchemy.orm import Session
 
+from gateway.db import driver_mark, driver_stamp
 from gateway.models import table, AuditEntry
 
 GENESIS = "0" * 64
@@ -93,7 +94,7 @@ _DRIVER_SQL = {
     postgres: (f"SELECT pg_advisory_xact_lock({_LOCK_ID})" if postgres else None,
                "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
                f"INSERT INTO audit_log ({', '.join(_COLUMNS)}) VALUES ({', '.join([mark] * len(_COLUMNS))})")
-    for postgres, mark in ((True, "%s"), (False, "?"))
+    for postgres, mark in ((True, driver_mark(True)), (False, driver_mark(False)))
 }
 
 
@@ -107,8 +108,7 @@ def append_driver(cursor: Any, postgres: bool, records: list[Record]) -> None:
     last = cursor.fetchone()
     at = datetime.now(UTC)
     rows = _chain(last[0], last[1], at, records) if last else _chain(0, GENESIS, at, records)
-    # SQLite keeps timestamps as text in SQLAlchemy's format (see gateway.models.UTCDateTime)
-    stamp: object = at if postgres else at.strftime("%Y-%m-%d %H:%M:%S.%f")
+    stamp = driver_stamp(at, postgres)
     cursor.executemany(insert_sql, [(r["seq"], stamp, *(r[c] for c in _COLUMNS[2:])) for r in rows])
 
 

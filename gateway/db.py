@@ -24,6 +24,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -60,6 +61,17 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
 
         return engine
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def driver_stamp(t: datetime, postgres: bool) -> object:
+    """A timestamp as the driver takes it for a ``UTCDateTime`` column, for statements run on
+    the DBAPI cursor: PostgreSQL takes the datetime, SQLite keeps text in SQLAlchemy's format."""
+    return t if postgres else t.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def driver_mark(postgres: bool) -> str:
+    """The driver's parameter marker (psycopg ``%s``, sqlite3 ``?``)."""
+    return "%s" if postgres else "?"
 
 
 def is_postgres(engine: Engine) -> bool:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from adapters.base import remote_ref
 from gateway import audit, events, payloads
+from gateway.db import driver_mark, driver_stamp
 from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError, Recipient
 from gateway.models import table, Delivery, Message, OutboxEntry
 from gateway.node import Node
@@ -141,7 +142,7 @@ class _Sql:
     are stored exactly as the models' types store them (checked by tests/test_pipeline_sql.py)."""
 
     def __init__(self, postgres: bool) -> None:
-        m = "%s" if postgres else "?"
+        m = driver_mark(postgres)
         self.postgres = postgres
 
         def insert_sql(name: str, cols: tuple[str, ...], json_col: str = "") -> str:
@@ -158,8 +159,7 @@ class _Sql:
         self.idem_insert = insert_sql("idempotency", _IDEM_COLUMNS)
 
     def stamp(self, t: datetime) -> object:
-        # SQLite keeps DateTime as text in SQLAlchemy's own format; PostgreSQL takes the datetime
-        return t if self.postgres else t.strftime("%Y-%m-%d %H:%M:%S.%f")
+        return driver_stamp(t, self.postgres)
 
 
 _SQL = {True: _Sql(True), False: _Sql(False)}

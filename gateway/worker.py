@@ -39,6 +39,7 @@ from adapters.base import Delivery as AdapterDelivery
 from adapters.base import DeliveryError, PermanentError, RetryableError
 from gateway import audit, events, nodekey
 from gateway.config import RetryPolicy
+from gateway.db import driver_mark, driver_stamp
 from gateway.envelope import Envelope, Recipient
 from gateway.models import table, Delivery, Message, OutboxEntry
 from gateway.node import Node
@@ -313,9 +314,8 @@ class Worker:
         each. Statements on the driver's cursor (as on the accept path): the recorder commits
         a batch every few dozen deliveries while the claimer and the API wait for the lock."""
         postgres = self.node.db.postgres
-        m = "%s" if postgres else "?"
-        now = datetime.now(UTC)
-        stamp: object = now if postgres else now.strftime("%Y-%m-%d %H:%M:%S.%f")
+        m = driver_mark(postgres)
+        stamp = driver_stamp(datetime.now(UTC), postgres)
         by_id = {o.job.id: o for o in outs}
         cur = s.connection.cursor()
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import make_url
 
 from adapters.base import remote_ref
-from adapters.simulators.cluster import to_toml
+from adapters.simulators.cluster import stop_process_group, to_toml
 from adapters.simulators.soap_service import DocExchangeState, SoapServiceServer
 from gateway.models import AuditEntry, Delivery, JobRun, OutboxEntry
 
@@ -114,17 +113,7 @@ class Procs:
                 raise AssertionError(f"{name} exited with {p.returncode}:\n{self.log(name)[-3000:]}")
 
     def stop(self, name: str) -> None:
-        p = self.procs[name]
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
+        stop_process_group(self.procs[name], 30)
 
     def stop_all(self) -> None:
         for name in list(self.procs):

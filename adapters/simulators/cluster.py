@@ -79,6 +79,30 @@ def to_toml(doc: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+
+def stop_process_group(p: subprocess.Popen, timeout: float = 15.0, sig: int = signal.SIGTERM) -> None:
+    """Stop the process group started for ``p`` (``start_new_session=True``): ``sig`` (SIGTERM),
+    then SIGKILL if it has not gone within ``timeout``; a group whose leader has already exited
+    may still have children, and is killed."""
+    if p.poll() is not None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(5)
+
 @dataclass
 class NodeProc:
     id: str
@@ -242,15 +266,7 @@ class Cluster:
         node = self.nodes[node_id]
         if node.proc is None:
             return
-        try:
-            os.killpg(node.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            node.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(node.proc.pid, signal.SIGKILL)
-            node.proc.wait(10)
+        stop_process_group(node.proc, 30, sig)
         node.proc = None
 
     def close(self) -> None:
