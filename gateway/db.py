@@ -17,11 +17,12 @@ covers both groups. Every other connection keeps ``synchronous=FULL``.
 """
 from __future__ import annotations
 
+import collections
 import fcntl
 import logging
 import os
-import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
@@ -34,6 +35,16 @@ from sqlalchemy.orm import Session, sessionmaker
 _WRITE = "gateway_write"
 log = logging.getLogger("gateway.db")
 T = TypeVar("T")
+_DATABASES: weakref.WeakSet[Database] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    # runs in the child, which has only the forking thread: nothing can race this reset
+    for db in list(_DATABASES):
+        db._group_state()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def make_engine(url: str, pool_size: int = 10) -> Engine:
@@ -49,6 +60,10 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
+            # Savepoints (one per unit of a group commit) keep their undo pages in a statement
+            # journal; on disk that is a temp file created, written and deleted per
+            # transaction. In memory it costs no system call (durability is the WAL's business).
+            cur.execute("PRAGMA temp_store=MEMORY")
             # Checkpoints run in a background thread (Database._checkpoint_loop), not inside
             # whichever commit happens to cross the WAL threshold: that commit would pay for
             # copying the whole WAL back, which shows up as tail latency on accepts.
@@ -57,7 +72,9 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn):  # type: ignore[no-untyped-def]
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
+            # on the driver's connection: exec_driver_sql would cost a full statement execution
+            conn.connection.dbapi_connection.execute(
+                "BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
 
         return engine
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
@@ -107,26 +124,31 @@ class _WriterLock:
 
 
 class _Job:
-    """A unit of work for the group-commit thread. ``wait`` blocks until ``finish`` (a plain
-    lock as the latch: an Event costs several Python-level lock operations per accept)."""
+    """A unit of work for a group commit. Its owner blocks in ``wait`` until the leader of
+    the group that ran it calls ``finish``, or until it is made the next leader (``lead``).
+    The latch is a plain lock: an Event costs several Python-level lock operations."""
 
-    __slots__ = ("fn", "result", "error", "_latch")
+    __slots__ = ("fn", "result", "error", "done", "lead", "_latch")
 
     def __init__(self, fn: Callable[[Connection], Any]) -> None:
         self.fn = fn
         self.result: Any = None
         self.error: BaseException | None = None
+        self.done = False
+        self.lead = False  # woken to lead the next group, not because it is done
         self._latch = threading.Lock()
         self._latch.acquire()
 
     def finish(self) -> None:
+        self.done = True
+        self._latch.release()
+
+    def promote(self) -> None:
+        self.lead = True
         self._latch.release()
 
     def wait(self) -> None:
         self._latch.acquire()
-
-
-_STOP: Any = object()  # tells the group-commit thread to finish
 
 
 class Database:
@@ -147,14 +169,21 @@ class Database:
             db = make_url(url).database
             self._lock = _WriterLock(f"{db}.writelock" if db and db != ":memory:" else None)
             self._wal = f"{db}-wal" if db and db != ":memory:" else None
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._checkpointer: threading.Thread | None = None
         self._closed = threading.Event()
         self._checkpointer_pid = 0
-        self._committer: threading.Thread | None = None
-        self._committer_pid = 0
-        self._committer_lock = threading.Lock()
+        self._checkpointer_lock = threading.Lock()
         self._held = threading.local()
+        self._group_state()
+        _DATABASES.add(self)
+
+    def _group_state(self) -> None:
+        """Group commit's state, made anew in a forked child (see _after_fork): a lock held
+        by a thread of the parent, or the parent's connection, must not carry over."""
+        self._pid = os.getpid()
+        self._jobs: collections.deque[_Job] = collections.deque()  # append/popleft are atomic
+        self._leader = threading.Lock()  # held by the thread leading a group, or passed on
+        self._gconn: Connection | None = None  # the group's connection; only the leader uses it
 
     @contextmanager
     def begin(self) -> Iterator[Session]:
@@ -202,24 +231,126 @@ class Database:
                 conn.invalidate()
 
     def write(self, fn: Callable[[Connection], T]) -> T:
-        """Run ``fn(connection)`` (Core statements only) in a transaction shared with other concurrent callers and return
-        its result once that transaction is committed (group commit). An exception from ``fn``
-        is raised here and undoes only ``fn``'s own changes."""
-        self._ensure_committer()
+        """Run ``fn(connection)`` (Core statements only) in a transaction shared with other
+        concurrent callers and return its result once that transaction is committed (group
+        commit). An exception from ``fn`` is raised here and undoes only ``fn``'s own changes.
+
+        There is no commit thread: the caller that finds no group running leads one itself
+        (it runs every queued unit, its own included, and commits them together); the others
+        wait. A leader that finishes with units still queued passes the lead to the owner of
+        the oldest, so nobody is kept leading for others. This saves a hand-over to another
+        thread and back on every group."""
         self._ensure_checkpointer()
         job = _Job(fn)
-        self._jobs.put(job)
-        job.wait()
+        self._jobs.append(job)
+        if self._leader.acquire(blocking=False):
+            self._lead(job)
+        else:
+            job.wait()
+            if job.lead:  # the lead (and the leader lock) was passed to this thread
+                self._lead(job)
         if job.error is not None:
             raise job.error
         return job.result  # type: ignore[no-any-return]
+
+    def _lead(self, me: _Job) -> None:
+        """Run groups, holding the lead, until ``me`` has run; then pass the lead on (or
+        release it). Every job taken into a group is finished, whatever fails."""
+        while True:
+            batch = self._take()
+            mine = me in batch  # always, unless more than GROUP_MAX were queued before it
+            error: BaseException | None = None
+            synced = False
+            try:
+                synced = self._commit_group(batch)
+            except BaseException as exc:  # the commit failed, so every unit of the group did
+                log.error("group commit of %d units failed: %s", len(batch), exc)
+                error = exc
+                self._drop_group_connection()
+            if mine:
+                # The next group is written (by the next leader) while this one's fsync runs.
+                self._hand_over()
+            if synced:
+                try:
+                    self._sync_wal()  # committed above; durable from here, before anyone returns
+                except BaseException as exc:
+                    error = exc
+            for job in batch:
+                if error is not None and job.error is None:
+                    job.error = error
+                if job is me:
+                    job.done = True
+                else:
+                    job.finish()
+            if mine:
+                return
+
+    def _take(self) -> list[_Job]:
+        """The queued jobs, oldest first, up to GROUP_MAX (only the leader takes)."""
+        batch: list[_Job] = []
+        jobs = self._jobs
+        while jobs and len(batch) < self.GROUP_MAX:
+            batch.append(jobs.popleft())
+        return batch
+
+    def _hand_over(self) -> None:
+        """Give the lead to the owner of the oldest queued job, or release it. A job queued
+        just as the lock is released is not stranded: its owner either got the lock, or
+        failed to because this thread still held it, and then this check sees the job."""
+        while True:
+            if self._jobs:
+                self._jobs[0].promote()  # the lock passes with it; only the leader pops
+                return
+            self._leader.release()
+            if not self._jobs or not self._leader.acquire(blocking=False):
+                return
+
+    def _commit_group(self, batch: list[_Job]) -> bool:
+        """Run the batch's units, each in its own savepoint, in one transaction, and commit.
+        True when the WAL still has to be fsynced by this thread (see the module docstring)."""
+        conn = self._group_connection()
+        # The writer lock is taken before the transaction; on SQLite the group was gathered
+        # while another process wrote, so whatever queued meanwhile is already in it.
+        with self._lock or nullcontext(), conn.begin():
+            cur = conn.connection.cursor()
+            for job in batch:
+                self._run(conn, cur, job)
+            cur.close()
+        return self._sync_self
+
+    def _group_connection(self) -> Connection:
+        conn = self._gconn
+        if conn is not None:
+            return conn
+        conn = self._gconn = self._write_engine.connect()
+        self._sync_self = False
+        if self._wal is not None:
+            dbapi = conn.connection.dbapi_connection
+            assert dbapi is not None
+            # Only in WAL mode (a file system without shared memory leaves SQLite in its
+            # rollback journal, where this connection simply stays FULL).
+            if dbapi.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                # this connection's commits are made durable by _sync_wal; detached from the
+                # pool, so that it is closed for good afterwards, never lent out with NORMAL
+                conn.detach()
+                dbapi.execute("PRAGMA synchronous=NORMAL")
+                self._sync_self = True
+        return conn
+
+    def _drop_group_connection(self) -> None:
+        conn, self._gconn = self._gconn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - a broken connection is dropped either way
+                conn.invalidate()
 
     CHECKPOINT_SECONDS = 1.0
 
     def _ensure_checkpointer(self) -> None:
         if self.postgres or (self._checkpointer is not None and self._checkpointer_pid == os.getpid()):
             return
-        with self._committer_lock:
+        with self._checkpointer_lock:
             if self._checkpointer is None or self._checkpointer_pid != os.getpid():
                 self._checkpointer_pid = os.getpid()
                 self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="wal-checkpoint",
@@ -234,70 +365,6 @@ class Database:
                     conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
             except Exception:  # the next round tries again
                 log.warning("WAL checkpoint failed", exc_info=True)
-
-    def _ensure_committer(self) -> None:
-        if self._committer is not None and self._committer.is_alive() and self._committer_pid == os.getpid():
-            return
-        with self._committer_lock:
-            if self._committer is None or not self._committer.is_alive() or self._committer_pid != os.getpid():
-                self._committer_pid = os.getpid()  # a forked child needs its own thread
-                self._committer = threading.Thread(target=self._commit_loop, name="group-commit", daemon=True)
-                self._committer.start()
-
-    def _commit_loop(self) -> None:
-        while True:
-            first = self._jobs.get()
-            if first is _STOP:
-                self.release_connection()
-                return
-            batch = [first]
-            try:
-                if getattr(self._held, "conn", None) is None:  # first group, or after a failure
-                    self._hold_group_connection()
-                with self.begin_core() as conn:
-                    # The group is gathered while holding the writer lock, not before taking
-                    # it: whatever queued while another process wrote joins this commit.
-                    cur = conn.connection.cursor()
-                    job = first
-                    while True:
-                        self._run(conn, cur, job)
-                        if len(batch) >= self.GROUP_MAX:
-                            break
-                        try:
-                            job = self._jobs.get_nowait()
-                        except queue.Empty:
-                            break
-                        if job is _STOP:
-                            self._jobs.put(job)  # finish this group, then stop
-                            break
-                        batch.append(job)
-                    cur.close()
-                if self._sync_self:
-                    self._sync_wal()  # committed above; durable from here, before anyone returns
-            except BaseException as exc:  # the commit or the fsync failed
-                log.error("group commit of %d units failed: %s", len(batch), exc)
-                for job in batch:
-                    if job.error is None:
-                        job.error = exc
-                self.release_connection()
-            for job in batch:
-                job.finish()
-
-    def _hold_group_connection(self) -> None:
-        self.hold_connection()
-        self._sync_self = False
-        if self._wal is not None:
-            conn: Connection = self._held.conn
-            dbapi = conn.connection.dbapi_connection
-            assert dbapi is not None
-            # Only in WAL mode (a file system without shared memory leaves SQLite in its
-            # rollback journal, where this connection simply stays FULL).
-            if dbapi.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
-                # this connection's commits are made durable by _sync_wal; detached from the
-                # pool, so that it is closed for good afterwards, never lent out with NORMAL
-                conn.detach()
-                dbapi.execute("PRAGMA synchronous=NORMAL")
-                self._sync_self = True
 
     def _sync_wal(self) -> None:
         """fsync the WAL file. Opened by name each time: our connection keeps the WAL in
@@ -326,9 +393,11 @@ class Database:
     def dispose(self) -> None:
         """Stop the background threads and close every pooled connection."""
         self._closed.set()
-        if self._committer is not None and self._committer.is_alive():
-            self._jobs.put(_STOP)
-            self._committer.join(10)
+        if self._pid == os.getpid() and self._leader.acquire(timeout=10):
+            try:
+                self._drop_group_connection()
+            finally:
+                self._leader.release()
         if self._checkpointer is not None and self._checkpointer.is_alive():
             self._checkpointer.join(10)
         self.engine.dispose()

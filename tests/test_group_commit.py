@@ -60,7 +60,7 @@ def test_a_unit_error_reaches_its_caller_unchanged(tmp_path):
 
 
 def test_sqlite_group_is_fsynced_before_its_callers_return_and_other_connections_stay_full(tmp_path, monkeypatch):
-    """The group's connection commits with synchronous=NORMAL and the group-commit thread
+    """The group's connection commits with synchronous=NORMAL and the group's leader
     fsyncs the WAL itself (outside the writer lock); a caller returns only after that fsync.
     Every other connection, and the pool, keeps synchronous=FULL (2)."""
     import os
@@ -86,11 +86,77 @@ def test_sqlite_group_is_fsynced_before_its_callers_return_and_other_connections
 
     for i in range(3):
         during = db.write(unit(i))
-        # SQLite's own syncs do not pass through os.fsync: these are the group-commit thread's
+        # SQLite's own syncs do not pass through os.fsync: these are the leader's
         assert synced.count(wal) == during + 1 and synced[-1] == wal
-    held = db._held  # the group-commit thread's connection is its own, not this thread's
+    held = db._held  # the group's connection is the group's, not this thread's
     assert getattr(held, "conn", None) is None
     for _ in range(3):  # pooled connections: FULL
         with db.engine.connect() as c:
             assert c.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+    db.dispose()
+
+
+def test_no_caller_is_left_waiting_when_the_lead_passes_between_threads(tmp_path):
+    """Leader/follower: callers arriving at every moment of a group (while it runs, as the
+    lead is released or passed on) all return, each with its own unit committed once."""
+    import random
+
+    url = f"sqlite:///{tmp_path}/g.db"
+    migrate.upgrade(url)
+    db = Database(url)
+    done: list[int] = []
+    lock = threading.Lock()
+
+    def caller(t: int) -> None:
+        rnd = random.Random(t)
+        for i in range(60):
+            k = t * 1000 + i
+
+            def fn(s, k=k):  # type: ignore[no-untyped-def]
+                s.execute(insert(AdapterState.__table__).values(adapter="t", key=f"k{k}", value="v"))
+                return k
+
+            assert db.write(fn) == k
+            with lock:
+                done.append(k)
+            if rnd.random() < 0.3:
+                threading.Event().wait(rnd.random() / 1000)
+
+    threads = [threading.Thread(target=caller, args=(t,)) for t in range(12)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not any(th.is_alive() for th in threads), "a caller never returned"
+    assert len(done) == 12 * 60
+    with db.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(AdapterState)) == 12 * 60
+    db.dispose()
+
+
+def test_a_forked_child_starts_with_its_own_group_state(tmp_path):
+    """A child forked while a parent thread leads a group (the leader lock held, the
+    parent's connection open) writes with fresh state instead of waiting on that lock."""
+    import os
+    import signal
+
+    url = f"sqlite:///{tmp_path}/g.db"
+    migrate.upgrade(url)
+    db = Database(url)
+    db.write(lambda s: s.execute(insert(AdapterState.__table__).values(adapter="t", key="parent", value="v")))
+    assert db._leader.acquire(blocking=False)  # as if a parent thread were leading a group
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        signal.alarm(20)  # a child stuck on the parent's lock dies instead of hanging the test
+        try:
+            db.write(lambda s: s.execute(insert(AdapterState.__table__).values(adapter="t", key="child", value="v")))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    db._leader.release()
+    assert os.waitstatus_to_exitcode(status) == 0
+    with db.sessions() as s:
+        assert set(s.scalars(select(AdapterState.key))) == {"parent", "child"}
     db.dispose()
