@@ -160,3 +160,40 @@ def test_a_forked_child_starts_with_its_own_group_state(tmp_path):
     with db.sessions() as s:
         assert set(s.scalars(select(AdapterState.key))) == {"parent", "child"}
     db.dispose()
+
+
+def test_the_wal_starts_over_under_steady_writes(tmp_path):
+    """A PASSIVE checkpoint never catches up with writers that keep committing, and SQLite
+    starts the WAL over only when a commit finds it all copied: without the RESTART step
+    the WAL grew by every frame written (1.5 GB in 40 s of accepts)."""
+    import time
+
+    url = f"sqlite:///{tmp_path}/g.db"
+    migrate.upgrade(url)
+    db = Database(url)
+    db.WAL_RESTART_FRAMES = 200
+    stop = threading.Event()
+    written = [0]
+
+    def writer() -> None:
+        while not stop.is_set():
+            n = written[0]
+            db.write(lambda s, n=n: s.execute(insert(AdapterState.__table__).values(
+                adapter="t", key=f"k{n}", value="x" * 3000)))
+            written[0] += 1
+
+    th = threading.Thread(target=writer)
+    th.start()
+    try:
+        frames = []
+        deadline = time.monotonic() + 20
+        while written[0] < 3000 and time.monotonic() < deadline:
+            frames.append(db.checkpoint()[0])
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        th.join(30)
+    # each row fills about a page: the writer wrote far more frames than the WAL now holds
+    assert written[0] >= 1000, written[0]
+    assert max(frames[len(frames) // 2:]) < written[0] // 2, (written[0], frames)
+    db.dispose()
