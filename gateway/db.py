@@ -259,16 +259,21 @@ class Database:
         """Run groups, holding the lead, until ``me`` has run; then pass the lead on (or
         release it). Every job taken into a group is finished, whatever fails."""
         while True:
-            batch = self._take()
-            mine = me in batch  # always, unless more than GROUP_MAX were queued before it
+            batch: list[_Job] = []
             error: BaseException | None = None
             synced = False
             try:
-                synced = self._commit_group(batch)
+                # The writer lock is taken before the group is gathered: on SQLite whatever
+                # queued while another process wrote joins this commit.
+                with self._lock or nullcontext():
+                    batch = self._take()
+                    synced = self._commit_group(batch)
             except BaseException as exc:  # the commit failed, so every unit of the group did
+                batch = batch or self._take()
                 log.error("group commit of %d units failed: %s", len(batch), exc)
                 error = exc
                 self._drop_group_connection()
+            mine = me in batch  # always, unless more than GROUP_MAX were queued before it
             if mine:
                 # The next group is written (by the next leader) while this one's fsync runs.
                 self._hand_over()
@@ -308,12 +313,11 @@ class Database:
                 return
 
     def _commit_group(self, batch: list[_Job]) -> bool:
-        """Run the batch's units, each in its own savepoint, in one transaction, and commit.
-        True when the WAL still has to be fsynced by this thread (see the module docstring)."""
+        """Run the batch's units, each in its own savepoint, in one transaction, and commit
+        (the caller holds the writer lock). True when the WAL still has to be fsynced by this
+        thread (see the module docstring)."""
         conn = self._group_connection()
-        # The writer lock is taken before the transaction; on SQLite the group was gathered
-        # while another process wrote, so whatever queued meanwhile is already in it.
-        with self._lock or nullcontext(), conn.begin():
+        with conn.begin():
             cur = conn.connection.cursor()
             for job in batch:
                 self._run(conn, cur, job)
