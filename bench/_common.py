@@ -793,12 +793,14 @@ def _soap_direct_main(a: argparse.Namespace) -> None:
             with lock:
                 lat.append(time.monotonic() - t0)
 
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.process_time()
         with ThreadPoolExecutor(a.threads) as pool:
             list(pool.map(one, deliveries))
         elapsed = time.monotonic() - t0
+        cpu = time.process_time() - cpu0
         adapter.close()
         print(json.dumps({"ok": len(lat), "errors": len(errors), "first_errors": errors[:3], "elapsed": elapsed,
+                          "cpu_seconds": cpu,
                           "rate": len(lat) / elapsed, "p50": percentile(lat, 50), "p99": percentile(lat, 99),
                           "doc_ids": [d.remote_ref for d in deliveries]}))
     finally:

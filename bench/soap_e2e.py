@@ -66,7 +66,8 @@ def main() -> None:
         res = setup.soap_direct(threads=a.threads, count=n)
         rate, got = peer_rate(peer, res["doc_ids"])
         c.log(f"direct SoapAdapter.deliver x{n}, {a.threads} threads: {rate:.1f}/s at the peer "
-              f"(client side {res['rate']:.1f}/s, call p50 {res['p50'] * 1000:.1f} ms)")
+              f"(client side {res['rate']:.1f}/s, call p50 {res['p50'] * 1000:.1f} ms, client CPU "
+              f"{res['cpu_seconds'] / n * 1000:.2f} ms a call)")
         baselines.append(rate)
 
     baseline()

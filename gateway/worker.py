@@ -164,6 +164,21 @@ def _groups(jobs: list[Job]) -> list[list[Job]]:
     return out
 
 
+def _take_group(ready: deque[Job]) -> list[Job]:
+    """The next group from the local queue: its first job, and with a status report or a
+    forward the others ready for the same node (status reports are applied there in one
+    transaction; forwards one by one, so a few per request keep several requests, and
+    commits, in flight)."""
+    job = ready.popleft()
+    group = [job]
+    if job.kind in ("status", "forward"):
+        cap = 199 if job.kind == "status" else FORWARDS_PER_REQUEST - 1
+        group += [j for j in ready if j.kind == job.kind and j.target == job.target][:cap]
+        for j in group[1:]:
+            ready.remove(j)
+    return group
+
+
 def jobs_from_rows(rows) -> list[Job]:  # type: ignore[no-untyped-def]
     """Jobs from rows of ``_CLAIMED_ROWS``, in the given order."""
     return [Job(r.id, r.kind, r.target, r.attempts, r.payload, r.priority, r.message_id, r.envelope_xml,
@@ -187,12 +202,14 @@ class Worker:
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        #: groups of jobs for the delivery threads (None tells one thread to finish)
-        self._work: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()
+        #: claimed rows not started yet, most urgent first; the delivery threads take from it
+        #: themselves (guarded by _cv, as are _busy and _closing)
+        self._ready: deque[Job] = deque()
+        self._cv = threading.Condition(threading.Lock())
+        self._busy = 0  # delivery threads running a group
+        self._closing = False  # delivery threads finish (stop)
         self._delivery_threads: list[threading.Thread] = []
-        self._busy = 0
-        self._busy_lock = threading.Lock()
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # the dispatcher: claim now
         self._outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self._http = requests.Session()
         self._key: Ed25519PrivateKey | SM2PrivateKey | None = None
@@ -452,6 +469,7 @@ class Worker:
 
     def start(self) -> None:
         self._stop.clear()
+        self._closing = False
         self._delivery_threads = [threading.Thread(target=self._delivery_loop, name=f"delivery-{i}", daemon=True)
                                   for i in range(self.threads)]
         for t in self._delivery_threads:
@@ -496,63 +514,56 @@ class Worker:
                 out[j.id] = outcome_for(j, results.get(j.id, stopped), item["units"])
         return [out[j.id] for j in jobs]
 
-    def _run(self, group: list[Job]) -> None:
-        try:
-            for outcome in self.execute_group(group):
-                self._outcomes.put(outcome)
-        finally:
-            with self._busy_lock:
-                self._busy -= 1
-            self._wake.set()
-
     def _delivery_loop(self) -> None:
+        """Take the most urgent ready group and run it, until stopped. The delivery threads
+        take work themselves: handing each delivery out through the dispatcher cost a wake-up
+        of that thread per delivery. The dispatcher is woken only to claim more."""
+        cv, low = self._cv, 2 * self.threads
         while True:
-            group = self._work.get()
-            if group is None:
-                return
-            self._run(group)
+            with cv:
+                while not self._ready and not self._closing:
+                    cv.wait()
+                if not self._ready:
+                    return  # closing, and nothing left to take
+                group = _take_group(self._ready)
+                self._busy += 1
+                refill = len(self._ready) < low
+            if refill and not self._wake.is_set():
+                self._wake.set()
+            try:
+                for outcome in self.execute_group(group):
+                    self._outcomes.put(outcome)
+            finally:
+                with cv:
+                    self._busy -= 1
 
     def _dispatch_loop(self) -> None:
-        """Keep every delivery thread busy with a local queue of claimed rows: one claim
-        transaction per batch (of about ``2 × threads`` rows; a claim costs about as much as
-        several deliveries' own work), not per delivery. A row claimed later that is more urgent
+        """Keep a local queue of claimed rows for the delivery threads: one claim transaction
+        per batch (of about ``2 × threads`` rows; a claim costs about as much as several
+        deliveries' own work), not per delivery. A row claimed later that is more urgent
         goes to the front of the queue, so a 特急 document accepted now waits only for the next
         claim, after about ``2 × threads`` deliveries (bench/urgency.py measures it)."""
         last_reap = 0.0
-        ready: deque[Job] = deque()
         self.node.db.hold_connection()
         while not self._stop.is_set():
             try:
                 if time.monotonic() - last_reap > max(1.0, self.cfg.lease_seconds / 4):
                     self.reap_expired_leases()
                     last_reap = time.monotonic()
-                with self._busy_lock:
-                    free = self.threads - self._busy
-                if len(ready) < 2 * self.threads:
-                    fresh = self.claim(4 * self.threads + free - len(ready))
-                    # an urgent row claimed now goes ahead of ordinary rows claimed earlier
-                    ready = deque(sorted([*ready, *fresh], key=lambda j: j.priority))
-                while free > 0 and ready:
-                    job = ready.popleft()
-                    group = [job]
-                    if job.kind in ("status", "forward"):  # the others ready for that node go along
-                        # (status reports are applied there in one transaction; forwards one by one,
-                        # so a few per request keep several requests, and commits, in flight)
-                        cap = 199 if job.kind == "status" else FORWARDS_PER_REQUEST - 1
-                        group += [j for j in ready if j.kind == job.kind and j.target == job.target][:cap]
-                        for j in group[1:]:
-                            ready.remove(j)
-                    with self._busy_lock:
-                        self._busy += 1
-                    free -= 1
-                    self._work.put(group)
+                with self._cv:
+                    queued, free = len(self._ready), self.threads - self._busy
+                if queued < 2 * self.threads:
+                    fresh = self.claim(4 * self.threads + free - queued)
+                    if fresh:
+                        with self._cv:
+                            # an urgent row claimed now goes ahead of ordinary rows claimed earlier
+                            self._ready = deque(sorted([*self._ready, *fresh], key=lambda j: j.priority))
+                            self._cv.notify(len(fresh))
                 self._wake.wait(self.cfg.idle_sleep)
                 self._wake.clear()
             except Exception:  # the database may be briefly unavailable
                 log.exception("dispatcher loop error; retrying")
                 self._stop.wait(1.0)
-        if ready:  # give unstarted rows back at once rather than after the lease
-            self._release([j.id for j in ready])
         self.node.db.release_connection()
 
     def release(self, ids: list[int]) -> None:
@@ -597,18 +608,13 @@ class Worker:
         self._wake.set()
         dispatcher, recorder = self._threads or (None, None)
         if dispatcher is not None:
-            dispatcher.join(timeout)  # hands out nothing more after this
-        # groups not started yet go back to the queue at once, not after their lease
-        unstarted: list[int] = []
-        while True:
-            try:
-                group = self._work.get_nowait()
-            except queue.Empty:
-                break
-            if group:
-                unstarted += [j.id for j in group]
-        for _ in self._delivery_threads:
-            self._work.put(None)
+            dispatcher.join(timeout)  # claims nothing more after this
+        # rows not started yet go back to the queue at once, not after their lease
+        with self._cv:
+            unstarted = [j.id for j in self._ready]
+            self._ready.clear()
+            self._closing = True
+            self._cv.notify_all()
         for t in self._delivery_threads:
             t.join(timeout)
         if unstarted:
