@@ -518,7 +518,7 @@ class Worker:
         """Take the most urgent ready group and run it, until stopped. The delivery threads
         take work themselves: handing each delivery out through the dispatcher cost a wake-up
         of that thread per delivery. The dispatcher is woken only to claim more."""
-        cv, low = self._cv, 2 * self.threads
+        cv, low = self._cv, 4 * self.threads
         while True:
             with cv:
                 while not self._ready and not self._closing:
@@ -539,10 +539,11 @@ class Worker:
 
     def _dispatch_loop(self) -> None:
         """Keep a local queue of claimed rows for the delivery threads: one claim transaction
-        per batch (of about ``2 × threads`` rows; a claim costs about as much as several
-        deliveries' own work), not per delivery. A row claimed later that is more urgent
-        goes to the front of the queue, so a 特急 document accepted now waits only for the next
-        claim, after about ``2 × threads`` deliveries (bench/urgency.py measures it)."""
+        per batch (up to ``8 × threads`` rows, again when fewer than ``4 × threads`` are
+        left; a claim costs about as much as several deliveries' own work), not per delivery.
+        A row claimed later that is more urgent goes to the front of the queue, so a 特急
+        document accepted now waits only for the next claim, after about ``4 × threads``
+        deliveries (bench/urgency.py measures it)."""
         last_reap = 0.0
         self.node.db.hold_connection()
         while not self._stop.is_set():
@@ -552,8 +553,8 @@ class Worker:
                     last_reap = time.monotonic()
                 with self._cv:
                     queued, free = len(self._ready), self.threads - self._busy
-                if queued < 2 * self.threads:
-                    fresh = self.claim(4 * self.threads + free - queued)
+                if queued < 4 * self.threads:
+                    fresh = self.claim(8 * self.threads + free - queued)
                     if fresh:
                         with self._cv:
                             # an urgent row claimed now goes ahead of ordinary rows claimed earlier
