@@ -7,8 +7,10 @@ itself (receipts, :data:`RECEIPT_NS`).
 from __future__ import annotations
 
 import copy
+import os
 import re
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, UTC
@@ -44,6 +46,18 @@ class Recipient:
     copy_no: str | None = None  # 份号, six digits
 
 
+def new_message_id() -> str:
+    """A UUID version 7 (RFC 9562): 48 bits of Unix time in milliseconds, then 74 random
+    bits. Ids made one after another sort together, so each new message (and its delivery
+    rows, keyed by message id) lands next to the last one in the database's indexes instead
+    of on a random page: in SQLite that page is usually already in the group's WAL frames."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = ((ms & 0xFFFF_FFFF_FFFF) << 80) | (0x7 << 76) | ((rand >> 62) & 0xFFF) << 64
+    value |= (0b10 << 62) | (rand & 0x3FFF_FFFF_FFFF_FFFF)
+    return str(uuid.UUID(int=value))
+
+
 @dataclass
 class Attachment:
     """A claim check: content stored by SHA-256 in the blob store, referenced here."""
@@ -65,7 +79,7 @@ class Envelope:
     classification: str = "非密"
     classification_period: str | None = None
     urgency: str = "平件"
-    message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    message_id: str = field(default_factory=lambda: new_message_id())
     created: datetime = field(default_factory=lambda: datetime.now(UTC))
     sender_node: str | None = None
     sender_name: str | None = None

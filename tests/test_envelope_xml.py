@@ -83,3 +83,21 @@ def test_tree_is_the_parsed_tree_until_a_field_changes():  # type: ignore[no-unt
     parsed = Envelope.from_xml(env.to_xml(), validate=False)
     assert etree.tostring(parsed.tree()) == etree.tostring(env.to_element())
     assert parsed.tree() is parsed.payload.getparent().getparent()  # the tree it was parsed from, not a copy
+
+
+def test_generated_message_ids_are_uuid7_and_sort_by_time():
+    """New message ids are UUIDv7: a valid UUID whose first 48 bits are the time in ms, so ids
+    made later sort after earlier ones (index locality in the database)."""
+    import time
+    import uuid
+
+    from gateway.envelope import new_message_id
+
+    first = new_message_id()
+    u = uuid.UUID(first)
+    assert (u.version, u.variant) == (7, uuid.RFC_4122)
+    assert abs(int(u.hex[:12], 16) - time.time_ns() // 1_000_000) < 5_000
+    time.sleep(0.002)
+    later = [new_message_id() for _ in range(100)]
+    assert all(first < x for x in later)
+    assert len(set(later)) == 100
