@@ -94,6 +94,19 @@ class Envelope:
         if name != "_tree":
             object.__setattr__(self, "_tree", None)
 
+    def __getattr__(self, name: str) -> object:
+        # Only reached for an attribute the instance lacks: an envelope read by from_xml
+        # builds its attachment list on first use. Reading 40 attachments' attributes from
+        # the tree costs a third of the parse, and delivering over SOAP needs none of them
+        # but the body (blob:body arguments), some adapters not even that.
+        if name == "attachments":
+            el = self.__dict__.get("_attachments_el")
+            if el is not None:
+                value = _attachments(el)
+                object.__setattr__(self, "attachments", value)  # the tree still matches
+                return value
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def tree(self) -> etree._Element:
         """The envelope as an element tree, to read (XPath), never to change: the tree it was
         parsed from, or one built from its fields on first use. Setting a field drops it (a
@@ -241,15 +254,21 @@ class Envelope:
             in_reply_to=h.findtext(E + "in-reply-to"),
             conversation_id=h.findtext(E + "conversation-id"),
             payload=payload[0] if owned else _copy(payload[0]),
-            attachments=[
-                Attachment(a.get("role", ""), a.get("name", ""), int(a.get("size", "0")),
-                           a.get("sha256", ""), a.get("media-type"))
-                for a in (atts if atts is not None else [])
-            ],
         )
+        if atts is not None and len(atts):
+            if owned:  # read on first use (see __getattr__); the tree is this envelope's own
+                del env.__dict__["attachments"]
+                env.__dict__["_attachments_el"] = atts
+            else:
+                object.__setattr__(env, "attachments", _attachments(atts))
         if owned:  # the tree just parsed is this envelope: tree() need not build another
             object.__setattr__(env, "_tree", root)
         return env
+
+
+def _attachments(el: etree._Element) -> list[Attachment]:
+    return [Attachment(a.get("role", ""), a.get("name", ""), int(a.get("size", "0")), a.get("sha256", ""),
+                       a.get("media-type")) for a in el]
 
 
 _XML_HEAD = f"<?xml version='1.0' encoding='UTF-8'?>\n<envelope xmlns=\"{NS}\" version=\"1\">"

@@ -101,3 +101,38 @@ def test_generated_message_ids_are_uuid7_and_sort_by_time():
     later = [new_message_id() for _ in range(100)]
     assert all(first < x for x in later)
     assert len(set(later)) == 100
+
+
+def test_attachments_read_on_first_use_match_the_xml():
+    """from_xml leaves the attachment list to first use; it is then what the XML says, the
+    parsed tree stays valid, and the envelope writes the same XML."""
+    import copy
+
+    from gateway.envelope import Attachment, Envelope, Recipient
+    from lxml import etree
+
+    payload = etree.fromstring(b'<p xmlns="urn:egov:gateway:legacy:v1">x</p>')
+    atts = [Attachment("body", "正文.ofd", 10, "a" * 64, "application/ofd"),
+            Attachment("attachment", "附件1.pdf", 20, "b" * 64)]
+    built = Envelope(subsystem="documents", type="document", sender_unit="11522300GDR9YB9550",
+                     recipients=[Recipient("1152230107CTPD8U2P")], payload=payload, attachments=atts)
+    xml = built.to_xml()
+    env = Envelope.from_xml(xml, validate=False)
+    assert "attachments" not in vars(env)  # not read yet
+    tree = env.tree()
+    twin = copy.deepcopy(env)
+    assert env.body() == atts[0]
+    assert env.attachments == atts and env.tree() is tree  # reading them kept the tree
+    assert twin.attachments == atts
+    assert Envelope.from_xml(xml, validate=False).to_xml() == xml  # writing reads them too
+    env.attachments = atts[:1]
+    assert env.attachments == atts[:1] and env._tree is None  # setting them drops the tree
+    empty = Envelope.from_xml(Envelope(subsystem="documents", type="document", sender_unit="x",
+                                       recipients=[], payload=payload).to_xml(), validate=False)
+    assert empty.attachments == []
+    try:
+        env.no_such_field  # noqa: B018
+    except AttributeError as exc:
+        assert "no_such_field" in str(exc)
+    else:
+        raise AssertionError("an unknown attribute must raise AttributeError")
