@@ -28,6 +28,7 @@ from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from typing import Any, TypeVar
 
+import sqlalchemy.exc
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -164,6 +165,10 @@ class Database:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
         self._writes = sessionmaker(self._write_engine, expire_on_commit=False)
+        #: a unique or foreign key violation, raised by SQLAlchemy or (statements run on the
+        #: driver's cursor) by the driver itself
+        self.integrity_errors: tuple[type[Exception], ...] = (
+            sqlalchemy.exc.IntegrityError, self.engine.dialect.dbapi.IntegrityError)  # type: ignore[union-attr]
         self._lock: _WriterLock | None = None
         self._wal: str | None = None
         self._sync_self = False  # the group connection commits NORMAL and _sync_wal follows

@@ -15,7 +15,6 @@ from typing import Any, cast
 from datetime import datetime, UTC
 
 from sqlalchemy import Connection, CursorResult, bindparam, insert, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from adapters.base import remote_ref
@@ -109,8 +108,9 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
 
     try:
         return node.db.write(unit)  # group commit: returns once committed
-    except IntegrityError:
-        # Two identical requests raced; the other one committed first. Answer as it did.
+    except node.db.integrity_errors:
+        # Two identical requests raced (PostgreSQL: two transactions both found no message
+        # and both inserted it); the other one committed first. Answer as it did.
         return node.db.write(unit)
 
 

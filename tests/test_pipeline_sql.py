@@ -95,3 +95,34 @@ def test_outcomes_recorded_by_the_driver_read_back_like_orm_rows(api, gw_node):
     if not gw_node.db.postgres:  # the same text format as the ORM writes
         ours = _raw(gw_node, "SELECT delivered_at FROM deliveries WHERE message_id = :i LIMIT 1", i=mid)[0]
         assert len(ours) == 26 and ours[10] == " "
+
+
+def test_a_race_lost_at_the_driver_is_answered_like_a_replay(gw_node, monkeypatch):
+    """The accept statements run on the driver's cursor, so a unique violation from a racing
+    identical request (PostgreSQL: two transactions both found no row and both inserted)
+    is the driver's IntegrityError, not SQLAlchemy's; accept must still retry and answer
+    as for a replay, never fail."""
+    from gateway import pipeline
+    from systems.documents import payload
+    from systems.documents.schemas import DocumentIn
+    from tests.plugins.gatewaynode import Api
+
+    api = Api(gw_node)
+    first = api.post("/api/v1/documents", json=api.document(title="竞争"))
+    assert first.status_code == 202
+    mid = first.get_json()["id"]
+    real_store = pipeline._store
+    calls = []
+
+    def store(s, env, plan, idem):  # type: ignore[no-untyped-def]
+        calls.append(env.message_id)
+        if len(calls) == 1:
+            raise gw_node.db.engine.dialect.dbapi.IntegrityError("duplicate key value violates unique constraint")
+        return real_store(s, env, plan, idem)
+
+    monkeypatch.setattr(pipeline, "_store", store)
+    doc = DocumentIn.model_validate(api.document(title="竞争"))
+    env = payload.to_envelope(doc, message_id=mid, node_id=gw_node.id,
+                              sizes={doc.body.sha256: gw_node.blobs.size(doc.body.sha256)})
+    got = pipeline.accept(gw_node, env, actor="test", api_key_id=api.key.split("_", 2)[1])
+    assert calls == [mid, mid] and got.created is False and got.message.id == mid

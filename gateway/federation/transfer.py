@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from adapters.base import PermanentError, RetryableError
@@ -99,7 +98,7 @@ def accept_many(node: Node, batch: list[Incoming]) -> list[pipeline.Accepted | T
                     out.append(pipeline.accept(node, inc.env, session=conn, **_accept_args(inc)))
             except pipeline.Rejected as exc:
                 out.append(TransferError(exc.status, exc.kind, exc.detail))
-            except IntegrityError:  # the same message arrived by another request meanwhile
+            except node.db.integrity_errors:  # the same message arrived by another request meanwhile
                 out.append(pipeline.Accepted(pipeline.StoredMessage(inc.env.message_id), created=False))
         return out
 
