@@ -322,11 +322,21 @@ class Database:
         (the caller holds the writer lock). True when the WAL still has to be fsynced by this
         thread (see the module docstring)."""
         conn = self._group_connection()
-        with conn.begin():
-            cur = conn.connection.cursor()
-            for job in batch:
-                self._run(conn, cur, job)
-            cur.close()
+        with conn.begin() as tx:
+            if len(batch) == 1:
+                # Alone in its transaction, a unit needs no savepoint (PostgreSQL: two round
+                # trips fewer): if it fails, the whole transaction is its own to roll back.
+                job = batch[0]
+                try:
+                    job.result = job.fn(conn)
+                except Exception as exc:
+                    job.error = exc
+                    tx.rollback()
+            else:
+                cur = conn.connection.cursor()
+                for job in batch:
+                    self._run(conn, cur, job)
+                cur.close()
         return self._sync_self
 
     def _group_connection(self) -> Connection:

@@ -197,3 +197,20 @@ def test_the_wal_starts_over_under_steady_writes(tmp_path):
     assert written[0] >= 1000, written[0]
     assert max(frames[len(frames) // 2:]) < written[0] // 2, (written[0], frames)
     db.dispose()
+
+
+def test_a_unit_alone_in_its_group_that_fails_leaves_nothing(database_url):
+    """A group of one runs without a savepoint: its failure rolls the transaction back."""
+    migrate.upgrade(database_url)
+    db = Database(database_url)
+
+    def bad(s):  # type: ignore[no-untyped-def]
+        s.execute(insert(AdapterState.__table__).values(adapter="t", key="alone", value="v"))
+        raise ValueError("refused after writing")
+
+    with pytest.raises(ValueError):
+        db.write(bad)
+    db.write(lambda s: s.execute(insert(AdapterState.__table__).values(adapter="t", key="next", value="v")))
+    with db.sessions() as s:
+        assert set(s.scalars(select(AdapterState.key))) == {"next"}
+    db.dispose()
