@@ -230,29 +230,39 @@ class Envelope:
             root, owned = xmlsafe.parse(data), True  # a tree we parsed ourselves needs no copy
         if validate:
             _validate(root)
-        h = root.find(E + "header")
-        assert h is not None
-        sender = h.find(E + "sender")
-        cls_el = h.find(E + "classification")
-        payload = root.find(E + "payload")
-        atts = root.find(E + "attachments")
+        # one pass over the children instead of a find() each: lxml's find() and findtext()
+        # parse their path in Python every time, and this runs for every delivery
+        top = _children(root)
+        h = top[E + "header"]
+        head = _children(h)
+
+        def text(tag: str) -> str:
+            el = head.get(E + tag)
+            return "" if el is None else (el.text or "")
+
+        def optional(tag: str) -> str | None:
+            el = head.get(E + tag)
+            return None if el is None else (el.text or "")
+
+        sender, cls_el, payload = head[E + "sender"], head[E + "classification"], top[E + "payload"]
+        atts = top.get(E + "attachments")
         env = cls(
-            message_id=h.findtext(E + "message-id", ""),
-            subsystem=h.findtext(E + "subsystem", ""),
-            type=h.findtext(E + "type", ""),
-            created=datetime.fromisoformat(h.findtext(E + "created", "")),
+            message_id=text("message-id"),
+            subsystem=text("subsystem"),
+            type=text("type"),
+            created=datetime.fromisoformat(text("created")),
             sender_unit=sender.get("unit", ""),
             sender_node=sender.get("node"),
             sender_name=sender.get("name"),
             recipients=[
                 Recipient(r.get("unit", ""), r.get("name"), r.get("copy-type"), r.get("copy-no"))
-                for r in h.find(E + "recipients")
+                for r in head[E + "recipients"]
             ],
             classification=cls_el.text or "",
             classification_period=cls_el.get("period"),
-            urgency=h.findtext(E + "urgency", ""),
-            in_reply_to=h.findtext(E + "in-reply-to"),
-            conversation_id=h.findtext(E + "conversation-id"),
+            urgency=text("urgency"),
+            in_reply_to=optional("in-reply-to"),
+            conversation_id=optional("conversation-id"),
             payload=payload[0] if owned else _copy(payload[0]),
         )
         if atts is not None and len(atts):
@@ -264,6 +274,14 @@ class Envelope:
         if owned:  # the tree just parsed is this envelope: tree() need not build another
             object.__setattr__(env, "_tree", root)
         return env
+
+
+def _children(el: etree._Element) -> dict[str, etree._Element]:
+    """An element's child elements by tag (the first of each, as find() would give)."""
+    out: dict[str, etree._Element] = {}
+    for child in el:
+        out.setdefault(child.tag, child)  # type: ignore[call-overload]
+    return out
 
 
 def _attachments(el: etree._Element) -> list[Attachment]:
