@@ -179,6 +179,16 @@ def _take_group(ready: deque[Job]) -> list[Job]:
     return group
 
 
+def _batch_size(threads: int, pace: float | None, lease: float) -> int:
+    """Rows a claim tops the local queue up to: ``8 × threads``, but no more than are
+    delivered in a quarter of the lease at the current pace (deliveries a second; None
+    before it is known), and at least ``threads``."""
+    batch = 8 * threads
+    if pace is not None:
+        batch = max(threads, min(batch, int(pace * lease / 4)))
+    return batch
+
+
 def jobs_from_rows(rows) -> list[Job]:  # type: ignore[no-untyped-def]
     """Jobs from rows of ``_CLAIMED_ROWS``, in the given order."""
     return [Job(r.id, r.kind, r.target, r.attempts, r.payload, r.priority, r.message_id, r.envelope_xml,
@@ -208,6 +218,8 @@ class Worker:
         self._cv = threading.Condition(threading.Lock())
         self._busy = 0  # delivery threads running a group
         self._closing = False  # delivery threads finish (stop)
+        self._done = 0  # groups' jobs finished (the dispatcher's measure of pace)
+        self._low = 4 * self.threads  # fewer ready rows than this: the dispatcher claims more
         self._delivery_threads: list[threading.Thread] = []
         self._wake = threading.Event()  # the dispatcher: claim now
         self._outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
@@ -518,7 +530,7 @@ class Worker:
         """Take the most urgent ready group and run it, until stopped. The delivery threads
         take work themselves: handing each delivery out through the dispatcher cost a wake-up
         of that thread per delivery. The dispatcher is woken only to claim more."""
-        cv, low = self._cv, 4 * self.threads
+        cv = self._cv
         while True:
             with cv:
                 while not self._ready and not self._closing:
@@ -527,7 +539,7 @@ class Worker:
                     return  # closing, and nothing left to take
                 group = _take_group(self._ready)
                 self._busy += 1
-                refill = len(self._ready) < low
+                refill = len(self._ready) < self._low
             if refill and not self._wake.is_set():
                 self._wake.set()
             try:
@@ -536,25 +548,38 @@ class Worker:
             finally:
                 with cv:
                     self._busy -= 1
+                    self._done += len(group)
 
     def _dispatch_loop(self) -> None:
         """Keep a local queue of claimed rows for the delivery threads: one claim transaction
-        per batch (up to ``8 × threads`` rows, again when fewer than ``4 × threads`` are
-        left; a claim costs about as much as several deliveries' own work), not per delivery.
-        A row claimed later that is more urgent goes to the front of the queue, so a 特急
-        document accepted now waits only for the next claim, after about ``4 × threads``
-        deliveries (bench/urgency.py measures it)."""
+        per batch (up to ``8 × threads`` rows, again when fewer than half that are left; a
+        claim costs about as much as several deliveries' own work), not per delivery. A row
+        claimed later that is more urgent goes to the front of the queue, so a 特急 document
+        accepted now waits only for the next claim, after about ``4 × threads`` deliveries
+        (bench/urgency.py measures it).
+
+        The batch is also bounded by the pace of delivery: no more rows than are delivered in
+        a quarter of the lease. A row waiting here longer than its lease would be taken back
+        (and tried a second time) while a slow peer holds every thread."""
         last_reap = 0.0
+        pace_at, pace_done, pace = time.monotonic(), 0, None
         self.node.db.hold_connection()
         while not self._stop.is_set():
             try:
-                if time.monotonic() - last_reap > max(1.0, self.cfg.lease_seconds / 4):
+                now = time.monotonic()
+                if now - last_reap > max(1.0, self.cfg.lease_seconds / 4):
                     self.reap_expired_leases()
-                    last_reap = time.monotonic()
+                    last_reap = now
                 with self._cv:
-                    queued, free = len(self._ready), self.threads - self._busy
-                if queued < 4 * self.threads:
-                    fresh = self.claim(8 * self.threads + free - queued)
+                    queued, free, done = len(self._ready), self.threads - self._busy, self._done
+                if now - pace_at >= 1.0:  # deliveries a second, smoothed
+                    rate = (done - pace_done) / (now - pace_at)
+                    pace = rate if pace is None else (pace + rate) / 2
+                    pace_at, pace_done = now, done
+                batch = _batch_size(self.threads, pace, self.cfg.lease_seconds)
+                self._low = batch // 2
+                if queued < self._low:
+                    fresh = self.claim(batch + free - queued)
                     if fresh:
                         with self._cv:
                             # an urgent row claimed now goes ahead of ordinary rows claimed earlier
