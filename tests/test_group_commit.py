@@ -186,15 +186,15 @@ def test_the_wal_starts_over_under_steady_writes(tmp_path):
     th.start()
     try:
         frames = []
-        deadline = time.monotonic() + 20
-        while written[0] < 3000 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120  # a generous bound for a slow disk; about 3 s here
+        while written[0] < 1500 and time.monotonic() < deadline:
             frames.append(db.checkpoint()[0])
             time.sleep(0.05)
     finally:
         stop.set()
         th.join(30)
     # each row fills about a page: the writer wrote far more frames than the WAL now holds
-    assert written[0] >= 1000, written[0]
+    assert written[0] >= 1500, f"only {written[0]} writes in 120 s"
     assert max(frames[len(frames) // 2:]) < written[0] // 2, (written[0], frames)
     db.dispose()
 
