@@ -380,6 +380,8 @@ class Database:
 
     #: WAL frames (pages) beyond which a checkpoint starts the WAL over: 64 MiB of 4 KiB pages
     WAL_RESTART_FRAMES = 16384
+    #: how long that checkpoint waits for readers, while every writer waits for it
+    RESTART_WAIT_MS = 100
 
     def _checkpoint_loop(self) -> None:
         while not self._closed.wait(self.CHECKPOINT_SECONDS):
@@ -398,15 +400,23 @@ class Database:
         without bound (1.5 GB after 40 s of accepts), and every read got slower as it searched
         a longer WAL index. So once the WAL holds more than WAL_RESTART_FRAMES, the rest is
         copied holding the writer lock (a few milliseconds: PASSIVE did the bulk), waiting
-        for readers as needed (RESTART); the next commit then writes the WAL from its start,
-        and ``journal_size_limit`` trims the file."""
+        up to RESTART_WAIT_MS for readers (RESTART); the next commit then writes the WAL
+        from its start, and ``journal_size_limit`` trims the file."""
         with self.engine.connect() as conn:
             dbapi = conn.connection.dbapi_connection
             assert dbapi is not None
             _busy, frames, copied = dbapi.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             if frames > self.WAL_RESTART_FRAMES and self._lock is not None:
                 with self._lock:
-                    _busy, frames, copied = dbapi.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                    # Writers wait while this runs: a reader still on an old snapshot (a
+                    # long report, say) is waited for briefly, not for the usual 30 s; if it
+                    # is not done by then, this round ends as a PASSIVE one and the next
+                    # second tries again.
+                    dbapi.execute(f"PRAGMA busy_timeout={self.RESTART_WAIT_MS}")
+                    try:
+                        _busy, frames, copied = dbapi.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                    finally:
+                        dbapi.execute("PRAGMA busy_timeout=30000")
             return frames, copied
 
     def _sync_wal(self) -> None:

@@ -214,3 +214,34 @@ def test_a_unit_alone_in_its_group_that_fails_leaves_nothing(database_url):
     with db.sessions() as s:
         assert set(s.scalars(select(AdapterState.key))) == {"next"}
     db.dispose()
+
+
+def test_the_wal_restart_waits_for_a_long_reader_only_briefly(tmp_path):
+    """Writers wait while the RESTART checkpoint runs, so a reader still on an old snapshot
+    (a long report) is waited for a tenth of a second, not the 30 s busy timeout; the
+    checkpoint then ends like a PASSIVE one and the writers go on."""
+    import sqlite3
+    import time
+
+    url = f"sqlite:///{tmp_path}/g.db"
+    migrate.upgrade(url)
+    db = Database(url)
+    db.WAL_RESTART_FRAMES = 10
+    for i in range(40):
+        db.write(lambda s, i=i: s.execute(insert(AdapterState.__table__).values(
+            adapter="t", key=f"k{i}", value="x" * 3000)))
+    reader = sqlite3.connect(f"{tmp_path}/g.db", isolation_level=None)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM adapter_state").fetchone()[0] == 40  # a snapshot
+    try:
+        db.write(lambda s: s.execute(insert(AdapterState.__table__).values(adapter="t", key="late", value="v")))
+        t0 = time.monotonic()
+        db.checkpoint()
+        waited = time.monotonic() - t0
+        t0 = time.monotonic()
+        db.write(lambda s: s.execute(insert(AdapterState.__table__).values(adapter="t", key="after", value="v")))
+        assert waited < 5 and time.monotonic() - t0 < 5, waited
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    db.dispose()
