@@ -8,12 +8,14 @@ workers, ``gateway worker``), taken before ``BEGIN IMMEDIATE``. Reads
 
 :meth:`Database.write` is *group commit*: concurrent callers' units of work run in one
 transaction, each inside its own savepoint, and one commit (one fsync) makes them all durable
-before any of them returns. A failing unit rolls back alone. PostgreSQL gains the same way
-(one commit, one audit-chain lock per group). On SQLite the group's connection commits with
-``synchronous=NORMAL`` and the group-commit thread then fsyncs the WAL file itself, *after*
-letting go of the writer lock and before any caller returns: the next writer (another
-gunicorn worker) already works while this group waits for the disk, and one fsync often
-covers both groups. Every other connection keeps ``synchronous=FULL``.
+before any of them returns. A failing unit rolls back alone (a unit alone in its group
+needs no savepoint). PostgreSQL gains the same way (one commit, one audit-chain lock per
+group). There is no commit thread: one of the callers leads each group (see
+:meth:`Database.write`). On SQLite the group's connection commits with
+``synchronous=NORMAL``; the leader then lets go of the writer lock, passes the lead on, and
+fsyncs the WAL file itself before any caller of the group returns: the next group (of this
+process or another gunicorn worker) is already written while this one waits for the disk,
+and one fsync often covers both. Every other connection keeps ``synchronous=FULL``.
 """
 from __future__ import annotations
 
