@@ -133,19 +133,17 @@ class _Job:
     the group that ran it calls ``finish``, or until it is made the next leader (``lead``).
     The latch is a plain lock: an Event costs several Python-level lock operations."""
 
-    __slots__ = ("fn", "result", "error", "done", "lead", "_latch")
+    __slots__ = ("fn", "result", "error", "lead", "_latch")
 
     def __init__(self, fn: Callable[[Connection], Any]) -> None:
         self.fn = fn
         self.result: Any = None
         self.error: BaseException | None = None
-        self.done = False
         self.lead = False  # woken to lead the next group, not because it is done
         self._latch = threading.Lock()
         self._latch.acquire()
 
     def finish(self) -> None:
-        self.done = True
         self._latch.release()
 
     def promote(self) -> None:
@@ -292,9 +290,7 @@ class Database:
             for job in batch:
                 if error is not None and job.error is None:
                     job.error = error
-                if job is me:
-                    job.done = True
-                else:
+                if job is not me:  # the leader is not waiting on its own latch
                     job.finish()
             if mine:
                 return

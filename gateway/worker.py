@@ -151,16 +151,9 @@ class Job:
 
 def _groups(jobs: list[Job]) -> list[list[Job]]:
     """Jobs in claim order, status reports (and forwards) for the same node put together."""
-    out: list[list[Job]] = []
-    together: dict[tuple[str, str], list[Job]] = {}
-    for j in jobs:
-        if j.kind in ("status", "forward"):
-            if (j.kind, j.target) not in together:
-                together[(j.kind, j.target)] = []
-                out.append(together[(j.kind, j.target)])
-            together[(j.kind, j.target)].append(j)
-        else:
-            out.append([j])
+    ready, out = deque(jobs), []
+    while ready:
+        out.append(_take_group(ready))
     return out
 
 

@@ -88,8 +88,9 @@ def test_sqlite_group_is_fsynced_before_its_callers_return_and_other_connections
         during = db.write(unit(i))
         # SQLite's own syncs do not pass through os.fsync: these are the leader's
         assert synced.count(wal) == during + 1 and synced[-1] == wal
-    held = db._held  # the group's connection is the group's, not this thread's
-    assert getattr(held, "conn", None) is None
+    # the group's own connection commits NORMAL (its WAL fsync is the leader's); no other does
+    assert db._gconn is not None
+    assert db._gconn.connection.dbapi_connection.execute("PRAGMA synchronous").fetchone()[0] == 1
     for _ in range(3):  # pooled connections: FULL
         with db.engine.connect() as c:
             assert c.exec_driver_sql("PRAGMA synchronous").scalar() == 2
