@@ -7,11 +7,13 @@ Memory use is one chunk, whatever the size.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import IO, BinaryIO
 
 CHUNK = 1024 * 1024
@@ -24,6 +26,12 @@ class BlobTooLarge(ValueError):
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def _size(dir_fd: int, sha256: str) -> int:
+    if not _SHA256.fullmatch(sha256):
+        raise ValueError("not a SHA-256 hex digest")
+    return os.stat(f"{sha256[:2]}/{sha256[2:4]}/{sha256}", dir_fd=dir_fd).st_size
+
+
 class BlobStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -33,6 +41,8 @@ class BlobStore:
         # sizes are looked up relative to the store's folder: a shorter path walk for each of
         # the (up to 100) attachments a document names on the accept path
         self._dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        # over a function of the folder, not a bound method: no cycle that keeps the store open
+        self.known_size = functools.lru_cache(maxsize=self.KNOWN_SIZES)(functools.partial(_size, self._dir_fd))
 
     def __del__(self) -> None:
         fd = getattr(self, "_dir_fd", None)
@@ -52,11 +62,22 @@ class BlobStore:
     def exists(self, sha256: str) -> bool:
         return os.path.isfile(self._where(sha256))
 
+    #: sizes remembered by :meth:`known_size` (about 150 bytes each)
+    KNOWN_SIZES = 16384
+
+    known_size: Callable[[str], int]
+    """:meth:`size`, remembered: for the accept path, where a document names up to 100 blobs.
+
+    A blob's content never changes under its SHA-256 and the gateway never deletes one, so a
+    size once found stays true; a blob not found is looked up again next time (it may have
+    been uploaded since). This spares a stat per blob per accept: each one hands the GIL to
+    another request thread and back. Someone who deletes blob files by hand should reload
+    the API (``kill -HUP`` to gunicorn), or its workers go on accepting documents that name
+    them (delivering those then fails, naming the missing blob)."""
+
     def size(self, sha256: str) -> int:
         """The size of a stored blob; FileNotFoundError if there is none."""
-        if not _SHA256.fullmatch(sha256):
-            raise ValueError("not a SHA-256 hex digest")
-        return os.stat(f"{sha256[:2]}/{sha256[2:4]}/{sha256}", dir_fd=self._dir_fd).st_size
+        return _size(self._dir_fd, sha256)
 
     def open(self, sha256: str) -> BinaryIO:
         return open(self._where(sha256), "rb")

@@ -1,6 +1,9 @@
 """Bad input gets a clear 4xx problem+json and stores nothing."""
 from __future__ import annotations
 
+import hashlib
+import os
+
 import pytest
 from sqlalchemy import func, select
 
@@ -146,6 +149,23 @@ def test_unknown_body_blob_is_refused(sqlite_api):
     doc["body"]["sha256"] = "0" * 64
     _problem(sqlite_api.post("/api/v1/documents", json=doc), 422, "unknown-blob")
     _nothing_stored(sqlite_api.node)
+
+
+def test_a_blob_refused_as_unknown_is_accepted_once_uploaded(sqlite_api, monkeypatch):
+    """The accept path remembers blob sizes it found (content under a SHA-256 never changes),
+    never the absence of one."""
+    data = b"uploaded after the first try"
+    sha = hashlib.sha256(data).hexdigest()
+    doc = sqlite_api.document()
+    doc["attachments"] = [{"sha256": sha, "name": "附件1.pdf"}]
+    _problem(sqlite_api.post("/api/v1/documents", json=doc), 422, "unknown-blob")
+    assert sqlite_api.upload(data) == sha
+    stats: list[str] = []
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: stats.append(str(p)) or real_stat(p, *a, **k))
+    for _ in range(3):
+        assert sqlite_api.post("/api/v1/documents", json=doc).status_code == 202
+    assert sum(sha in p for p in stats) == 1  # looked up once, then remembered
 
 
 def test_sender_unit_not_served_by_this_node_is_refused(sqlite_api):

@@ -155,7 +155,7 @@ def send_document() -> Response:
     missing: list[str] = []
     for sha in [doc.body.sha256, *(a.sha256 for a in doc.attachments)]:
         try:
-            sizes[sha] = n.blobs.size(sha)
+            sizes[sha] = n.blobs.known_size(sha)
         except FileNotFoundError:
             missing.append(sha)
     if missing:
