@@ -13,7 +13,7 @@ needs no savepoint). PostgreSQL gains the same way (one commit, one audit-chain 
 group). There is no commit thread: one of the callers leads each group (see
 :meth:`Database.write`). On SQLite the group's connection commits with
 ``synchronous=NORMAL``; the leader then lets go of the writer lock, passes the lead on, and
-fsyncs the WAL file itself before any caller of the group returns: the next group (of this
+syncs the WAL file itself (``fdatasync``) before any caller of the group returns: the next group (of this
 process or another gunicorn worker) is already written while this one waits for the disk,
 and one fsync often covers both. Every other connection keeps ``synchronous=FULL``.
 """
@@ -172,6 +172,7 @@ class Database:
         self._lock: _WriterLock | None = None
         self._wal: str | None = None
         self._sync_self = False  # the group connection commits NORMAL and _sync_wal follows
+        self._wal_synced: tuple[int, int] | None = None  # (st_dev, st_ino) of the WAL whose folder entry is synced
         if not self.postgres:
             db = make_url(url).database
             self._lock = _WriterLock(f"{db}.writelock" if db and db != ":memory:" else None)
@@ -418,13 +419,29 @@ class Database:
             return frames, copied
 
     def _sync_wal(self) -> None:
-        """fsync the WAL file. Opened by name each time: our connection keeps the WAL in
-        place, and a descriptor kept from earlier could point to a file SQLite has since
-        removed (after every connection closed) and recreated."""
+        """Make the WAL file durable up to the group just committed. Opened by name each
+        time: our connection keeps the WAL in place, and a descriptor kept from earlier could
+        point to a file SQLite has since removed (after every connection closed) and
+        recreated.
+
+        ``fdatasync``, as SQLite itself syncs: it writes the data and whatever metadata
+        reading them back needs (the size, when the WAL grew), not the modification time, so
+        a WAL rewritten in place from its start costs no file-system journal commit (A/B on
+        the accept bench: 3.8% less CPU per accept over the whole machine). A WAL file new
+        since the last sync also has its folder entry synced once, or a crash could lose the
+        file itself."""
         assert self._wal is not None
         fd = os.open(self._wal, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            os.fdatasync(fd)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self._wal_synced:
+                dir_fd = os.open(os.path.dirname(os.path.abspath(self._wal)), os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+                self._wal_synced = (st.st_dev, st.st_ino)
         finally:
             os.close(fd)
 

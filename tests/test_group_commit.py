@@ -61,8 +61,9 @@ def test_a_unit_error_reaches_its_caller_unchanged(tmp_path):
 
 def test_sqlite_group_is_fsynced_before_its_callers_return_and_other_connections_stay_full(tmp_path, monkeypatch):
     """The group's connection commits with synchronous=NORMAL and the group's leader
-    fsyncs the WAL itself (outside the writer lock); a caller returns only after that fsync.
-    Every other connection, and the pool, keeps synchronous=FULL (2)."""
+    fdatasyncs the WAL itself (outside the writer lock); a caller returns only after that.
+    A WAL file new since the last sync has its folder synced too, once. Every other
+    connection, and the pool, keeps synchronous=FULL (2)."""
     import os
 
     url = f"sqlite:///{tmp_path}/g.db"
@@ -70,13 +71,18 @@ def test_sqlite_group_is_fsynced_before_its_callers_return_and_other_connections
     db = Database(url)
     wal = f"{tmp_path}/g.db-wal"
     synced: list[str] = []
-    real_fsync = os.fsync
+    datasynced: list[str] = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
 
-    def fsync(fd):  # type: ignore[no-untyped-def]
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
+    def recorder(real, *into):  # type: ignore[no-untyped-def]
+        def sync(fd):  # type: ignore[no-untyped-def]
+            for x in into:
+                x.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real(fd)
+        return sync
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", recorder(real_fsync, synced))
+    monkeypatch.setattr(os, "fdatasync", recorder(real_fdatasync, synced, datasynced))
 
     def unit(i):  # type: ignore[no-untyped-def]
         def fn(s):  # type: ignore[no-untyped-def]
@@ -86,14 +92,21 @@ def test_sqlite_group_is_fsynced_before_its_callers_return_and_other_connections
 
     for i in range(3):
         during = db.write(unit(i))
-        # SQLite's own syncs do not pass through os.fsync: these are the leader's
-        assert synced.count(wal) == during + 1 and synced[-1] == wal
-    # the group's own connection commits NORMAL (its WAL fsync is the leader's); no other does
+        # SQLite's own syncs do not pass through os: these are the leader's
+        assert synced.count(wal) == during + 1
+    assert datasynced == [wal] * 3  # data and size, not the modification time
+    assert synced.count(str(tmp_path)) == 1  # the new WAL's folder entry, on the first sync only
+    # the group's own connection commits NORMAL (its WAL sync is the leader's); no other does
     assert db._gconn is not None
     assert db._gconn.connection.dbapi_connection.execute("PRAGMA synchronous").fetchone()[0] == 1
     for _ in range(3):  # pooled connections: FULL
         with db.engine.connect() as c:
             assert c.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+    db.dispose()  # the last connection closes: SQLite removes the WAL file
+    assert not os.path.exists(wal)
+    db = Database(url)
+    db.write(unit(3))  # ... so the next write makes a new one, whose folder entry is synced again
+    assert synced.count(str(tmp_path)) == 2 and synced[-1] == str(tmp_path)
     db.dispose()
 
 
