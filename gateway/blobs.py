@@ -32,6 +32,14 @@ def _size(dir_fd: int, sha256: str) -> int:
     return os.stat(f"{sha256[:2]}/{sha256[2:4]}/{sha256}", dir_fd=dir_fd).st_size
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class BlobStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -102,8 +110,12 @@ class BlobStore:
                 os.fsync(out.fileno())
             sha = digest.hexdigest()
             final = self.path(sha)
+            new_dirs = [d for d in (final.parent.parent, final.parent) if not d.is_dir()]
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
+            # the new name (and any folder made for it) is durable before the upload is answered
+            for d in (final.parent, *(d.parent for d in reversed(new_dirs))):
+                _fsync_dir(d)
             return sha, size
         except BaseException:
             try:
