@@ -20,6 +20,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -119,7 +120,11 @@ class OutboxEntry(Base):
 
     __tablename__ = "outbox"
     __table_args__ = (Index("ix_outbox_ready", "state", "priority", "next_attempt_at", "id"),
-                      Index("ix_outbox_conversation", "conversation", "target", "id"))
+                      # only rows of a conversation: the in-order check looks them up; the rest
+                      # (every deliver row) would cost an entry and a WAL page per accept
+                      Index("ix_outbox_conversation", "conversation", "target", "id",
+                            sqlite_where=text("conversation IS NOT NULL"),
+                            postgresql_where=text("conversation IS NOT NULL")))
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     #: "deliver", "recall", "webhook"; federation: "forward" (a message to the next node),
     #: "status" (a status change back to the node a message came from)
