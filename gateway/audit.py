@@ -30,12 +30,16 @@ _LOCK_ID = 0x6761_7564  # "gaud"
 
 
 def _digest(prev: str, seq: int, at: datetime, actor: str, action: str, obj: str, outcome: str, detail: str) -> str:
-    h = hashlib.sha256()
-    for part in (prev, str(seq), at.astimezone(UTC).isoformat(timespec="microseconds"),
-                 actor, action, obj, outcome, detail):
-        h.update(part.encode("utf-8"))
-        h.update(b"\x1f")
+    h = hashlib.sha256(f"{prev}\x1f{seq}\x1f".encode())
+    h.update(_digest_tail(at, actor, action, obj, outcome, detail))
     return h.hexdigest()
+
+
+def _digest_tail(at: datetime, actor: str, action: str, obj: str, outcome: str, detail: str) -> bytes:
+    """What an entry's hash covers after ``prev_hash`` and ``seq``: each part in UTF-8,
+    each followed by a 0x1F (unit separator)."""
+    parts = (at.astimezone(UTC).isoformat(timespec="microseconds"), actor, action, obj, outcome, detail)
+    return "".join(f"{p}\x1f" for p in parts).encode("utf-8")
 
 
 def canonical(detail: dict[str, Any] | None) -> str:
@@ -98,12 +102,32 @@ _DRIVER_SQL = {
 }
 
 
+#: PostgreSQL: one entry chained by the server, in the statement that inserts it: the
+#: hash is SHA-256 of ``prev_hash \x1f seq \x1f`` (known only to the server) followed by
+#: the client's :func:`_digest_tail`, the same bytes :func:`_digest` hashes. No round trip
+#: to read the head first, so the accept path sends its statements in one pipeline.
+_PG_APPEND_ONE = (
+    f"INSERT INTO audit_log ({', '.join(_COLUMNS)}) "
+    "SELECT h.seq + 1, %s, %s, %s, %s, %s, %s, h.hash, encode(sha256("
+    "convert_to(h.hash || chr(31) || (h.seq + 1)::text || chr(31), 'UTF8') || %s::bytea), 'hex') "
+    "FROM (SELECT m.seq, COALESCE(a.hash, %s) AS hash FROM (SELECT COALESCE(max(seq), 0) AS seq FROM audit_log) m "
+    "LEFT JOIN audit_log a ON a.seq = m.seq) h")
+
+
 def append_driver(cursor: Any, postgres: bool, records: list[Record]) -> None:
     """:func:`append_many` on a DBAPI cursor (sqlite3 or psycopg) inside the caller's
-    transaction: for the accept path, which runs while every other writer waits."""
+    transaction: for the accept path, which runs while every other writer waits. On
+    PostgreSQL a single entry is chained by the server (:data:`_PG_APPEND_ONE`): nothing is
+    read back, so a psycopg pipeline can carry it with the statements before it."""
     lock, head, insert_sql = _DRIVER_SQL[postgres]
     if lock:
         cursor.execute(lock)
+    if postgres and len(records) == 1:
+        r, at = records[0], datetime.now(UTC)
+        d = canonical(r.detail)
+        cursor.execute(_PG_APPEND_ONE, (at, r.actor, r.action, r.obj, r.outcome, d,
+                                        _digest_tail(at, r.actor, r.action, r.obj, r.outcome, d), GENESIS))
+        return
     cursor.execute(head)
     last = cursor.fetchone()
     at = datetime.now(UTC)

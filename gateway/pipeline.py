@@ -9,6 +9,7 @@ the outbox rows. Everything before it (parsing, validation, routing) stores noth
 from __future__ import annotations
 
 from collections.abc import Collection
+from contextlib import nullcontext
 from dataclasses import dataclass
 import json
 from typing import Any, cast
@@ -213,8 +214,25 @@ def _store(s: Session | Connection, env: Envelope, plan: _Plan, idem: Idempotenc
         cur.close()
 
 
+def _pipeline(conn: Connection, postgres: bool) -> Any:
+    """PostgreSQL: a psycopg pipeline, in which statements are sent without waiting for each
+    one's answer (a read waits for the answers up to it). An accept then takes two round
+    trips (its reads, then all its writes) besides the commit, instead of nine."""
+    if not postgres:
+        return nullcontext()
+    return conn.connection.dbapi_connection.pipeline()  # type: ignore[union-attr]
+
+
 def _store_rows(cur: Any, sql: _Sql, conn: Connection, env: Envelope, plan: _Plan,
                 idem: IdempotencyKey | None) -> Accepted:
+    with _pipeline(conn, sql.postgres):
+        accepted = _write_rows(cur, sql, env, plan, idem)
+    if accepted.created:
+        _forward_rows(conn, env, plan)
+    return accepted
+
+
+def _write_rows(cur: Any, sql: _Sql, env: Envelope, plan: _Plan, idem: IdempotencyKey | None) -> Accepted:
     if idem is not None:
         cur.execute(sql.idem, (idem.api_key_id, idem.key))
         rec = cur.fetchone()
@@ -238,20 +256,24 @@ def _store_rows(cur: Any, sql: _Sql, conn: Connection, env: Envelope, plan: _Pla
     routes = plan.routes
     if any(route.kind == "adapter" for route in routes):
         cur.execute(sql.outbox, (env.urgency_rank, plan.stamp, plan.stamp, env.message_id))
-    hops: dict[str, list[str]] = {}
-    for r, route in zip(plan.recipients, routes):
-        if route.kind == "node":
-            hops.setdefault(route.target, []).append(r.unit)
-    for hop, units in hops.items():
-        # one forward per next node, whatever the number of units behind it
-        conn.execute(INSERT_FORWARD, {"mid": env.message_id, "hop": hop, "priority": env.urgency_rank,
-                                      "now": plan.message.accepted_at,
-                                      "payload": {"units": units, "hops": [*plan.hops, plan.self_id]},
-                                      "conversation": env.conversation_id})
     if idem is not None:
         cur.execute(sql.idem_insert, (idem.api_key_id, idem.key, idem.request_hash, env.message_id, plan.stamp))
     audit.append_driver(cur, sql.postgres, [plan.audit])
     return Accepted(plan.message, created=True, routes=routes)
+
+
+def _forward_rows(conn: Connection, env: Envelope, plan: _Plan) -> None:
+    """One ``forward`` outbox row per next node, whatever the number of units behind it
+    (through SQLAlchemy, outside the pipeline: it reads each statement's result)."""
+    hops: dict[str, list[str]] = {}
+    for r, route in zip(plan.recipients, plan.routes):
+        if route.kind == "node":
+            hops.setdefault(route.target, []).append(r.unit)
+    for hop, units in hops.items():
+        conn.execute(INSERT_FORWARD, {"mid": env.message_id, "hop": hop, "priority": env.urgency_rank,
+                                      "now": plan.message.accepted_at,
+                                      "payload": {"units": units, "hops": [*plan.hops, plan.self_id]},
+                                      "conversation": env.conversation_id})
 
 
 def recall(s: Session, message_id: str, units: Collection[str] | None = None) -> None:

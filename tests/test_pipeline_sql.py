@@ -126,3 +126,35 @@ def test_a_race_lost_at_the_driver_is_answered_like_a_replay(gw_node, monkeypatc
                               sizes={doc.body.sha256: gw_node.blobs.size(doc.body.sha256)})
     got = pipeline.accept(gw_node, env, actor="test", api_key_id=api.key.split("_", 2)[1])
     assert calls == [mid, mid] and got.created is False and got.message.id == mid
+
+
+def test_entries_chained_by_the_driver_verify_from_the_first_one(database_url):
+    """On PostgreSQL a single entry is chained by the server (no read of the head first):
+    its hash must be exactly what verify() computes, from the very first entry on (the
+    genesis case) and after entries appended through the ORM."""
+    from gateway import migrate
+    from gateway.db import Database
+
+    migrate.upgrade(database_url)
+    db = Database(database_url)
+    try:
+        def append(detail):  # type: ignore[no-untyped-def]
+            def unit(conn):  # type: ignore[no-untyped-def]
+                cur = conn.connection.cursor()
+                audit.append_driver(cur, db.postgres, [audit.Record("test", "driver", "x", detail=detail)])
+                cur.close()
+            db.write(unit)
+
+        append({"n": 1, "标题": "第一条"})
+        with db.begin() as s:
+            audit.append(s, actor="test", action="orm", obj="y")
+        append({"n": 3})
+        with db.sessions() as s:
+            result = audit.verify(s)
+            rows = s.execute(select(AuditEntry.seq, AuditEntry.action, AuditEntry.prev_hash)
+                             .order_by(AuditEntry.seq)).all()
+        assert result.ok, result.problem
+        assert [(r.seq, r.action) for r in rows] == [(1, "driver"), (2, "orm"), (3, "driver")]
+        assert rows[0].prev_hash == audit.GENESIS
+    finally:
+        db.dispose()
