@@ -158,3 +158,18 @@ def test_entries_chained_by_the_driver_verify_from_the_first_one(database_url):
         assert rows[0].prev_hash == audit.GENESIS
     finally:
         db.dispose()
+
+
+def test_only_an_id_the_gateway_did_not_make_is_looked_up(api, gw_node, monkeypatch):
+    """A message id generated for this very request (UUIDv7) cannot be taken, so its accept
+    skips the lookup; an id chosen by the caller is still checked (idempotency)."""
+    from gateway import pipeline
+    from gateway.db import driver_mark
+
+    sql = pipeline._SQL[gw_node.db.postgres]
+    monkeypatch.setattr(sql, "existing", f"SELECT no_such_column FROM messages WHERE id = {driver_mark(sql.postgres)}")
+    r = api.post("/api/v1/documents", json=api.document())
+    assert r.status_code == 202, r.get_json()
+    r = api.post("/api/v1/documents", json=api.document(message_id="caller-chosen-0001"))
+    assert r.status_code == 500  # the broken lookup ran
+    assert api.post("/api/v1/documents", json=api.document()).status_code == 202  # and nothing was left broken

@@ -170,7 +170,8 @@ def send_document() -> Response:
         idem = IdempotencyKey(caller.key_id, idem_key, request_hash())
     summary = {"doc_number": doc.doc_number, "title": doc.title, "doc_type": doc.doc_type}
     try:
-        result = accept(n, env, actor=caller.actor, api_key_id=caller.key_id, summary=summary, idempotency=idem)
+        result = accept(n, env, actor=caller.actor, api_key_id=caller.key_id, summary=summary, idempotency=idem,
+                        new_id=doc.message_id is None)
     except Rejected as exc:
         raise Problem(exc.status, exc.kind, exc.detail) from None
     out: dict | DocumentOut
