@@ -8,8 +8,12 @@ synchronous=FULL), a default route to a SOAP adapter, NO delivery worker running
 gunicorn app), so only the cost of accepting is measured. With PostgreSQL available the same
 node on a private PostgreSQL cluster is measured too (--no-postgres skips it).
 
-Rounds alternate bare / gateway(sqlite) / gateway(postgresql) so machine noise hits all
-alike; each rate is the mean over the rounds and each ratio is gateway mean / bare mean.
+Each backend is measured in a phase of its own: rounds alternate bare / gateway(sqlite),
+then (PostgreSQL started only now) bare / gateway(postgresql), so machine noise hits both
+sides of a ratio alike and one backend's background work (PostgreSQL's autovacuum and
+checkpoints, dirty pages still being written back) never lands in the other's rounds.
+Each rate is the mean over its phase's rounds; each ratio is gateway mean / bare mean of
+the same phase.
 
     .venv/bin/python bench/accept_rate.py [--quick]
 """
@@ -42,77 +46,69 @@ def main() -> None:
     c.install_cleanup()
 
     tmp = c.tempdir("accept")
-    targets: dict[str, c.Gunicorn] = {}
-    keys: dict[str, str] = {}
-    backends = ["sqlite"]
-    if not a.no_postgres:
-        backends.append("postgresql")
+    backends = ["sqlite"] if a.no_postgres else ["sqlite", "postgresql"]
+    bare = c.bare_gunicorn(workers=a.workers, threads=a.threads, logdir=tmp)
+    bare.wait_ready()
+    # the same blobs on every gateway node -> the same SHA-256s -> byte-identical documents
+    body = c.body_bytes(64 * 1024, "body")
+    atts = [c.body_bytes(2048, f"att{i}") for i in range(99)]
+    doc_file = tmp / "doc.json"
+    parts = []
+    ok_all = True
     for backend in backends:
+        pg = None
         if backend == "sqlite":
             url = f"sqlite:///{tmp / 'sqlite' / 'var' / 'gateway.db'}"
         else:
             try:
-                url = c.PgCluster().start()
+                pg = c.PgCluster()
+                url = pg.start()
             except Exception as exc:  # noqa: BLE001
                 c.log(f"PostgreSQL not available ({exc}); measuring SQLite only")
-                backends.remove("postgresql")
                 break
         d = tmp / backend
         d.mkdir(exist_ok=True)
         conf = c.write_node_config(d / "node.toml", c.node_config(d / "var", url))
         node, key = c.prepare_node(conf)
         node.close()
+        name = f"gateway({backend})"
         g = c.gateway_gunicorn(conf, workers=a.workers, threads=a.threads, logdir=tmp, name=f"gateway-{backend}")
-        targets[f"gateway({backend})"] = g
-        keys[f"gateway({backend})"] = key
-    bare = c.bare_gunicorn(workers=a.workers, threads=a.threads, logdir=tmp)
-    for g in [*targets.values(), bare]:
         g.wait_ready()
-
-    # the same blobs on every gateway node -> the same SHA-256s -> byte-identical documents
-    body = c.body_bytes(64 * 1024, "body")
-    atts = [c.body_bytes(2048, f"att{i}") for i in range(99)]
-    doc_bytes = b""
-    for name, g in targets.items():
-        body_sha = c.upload_blob(g.url, keys[name], body)
-        att_shas = [c.upload_blob(g.url, keys[name], x) for x in atts]
+        body_sha = c.upload_blob(g.url, key, body)
+        att_shas = [c.upload_blob(g.url, key, x) for x in atts]
         doc_bytes = c.padded_document(body_sha, att_shas)
-    doc_file = tmp / "doc.json"
-    doc_file.write_bytes(doc_bytes)
-    n_atts = len(__import__("json").loads(doc_bytes)["attachments"])
-    c.log(f"document: {len(doc_bytes)} bytes of JSON, 1 recipient, note 2000 chars, {n_atts} attachments")
+        doc_file.write_bytes(doc_bytes)
+        n_atts = len(__import__("json").loads(doc_bytes)["attachments"])
+        c.log(f"{name}: document of {len(doc_bytes)} bytes of JSON, 1 recipient, note 2000 chars, "
+              f"{n_atts} attachments")
 
-    order = [("bare flask", bare), *targets.items()]
-    results: dict[str, list[dict]] = {n: [] for n, _ in order}
-    for name, g in order:  # short warm-up: imports, pools, SQLite/PG caches
-        c.run_loadgen(g.url + "/api/v1/documents", [doc_file], key=keys.get(name), threads=a.clients,
-                      duration=1.0)
-    for r in range(rounds):
-        for name, g in order:
-            res = c.run_loadgen(g.url + "/api/v1/documents", [doc_file], key=keys.get(name), threads=a.clients,
-                                duration=duration, warmup=warmup)
-            if res["errors"]:
-                c.log(f"{name}: {res['errors']} errors, e.g. {res['first_errors']}")
-            lat = res["latency"][0]
-            c.log(f"round {r + 1}/{rounds} {name}: {res['rate']:.1f}/s  p50 {lat['p50'] * 1000:.1f} ms  "
-                  f"p99 {lat['p99'] * 1000:.1f} ms  errors {res['errors']}  "
-                  f"loadgen cpu {res['cpu_seconds'] / res['elapsed'] * 100:.0f}% of a core")
-            results[name].append(res)
+        order = [("bare flask", bare, None), (name, g, key)]
+        results: dict[str, list[dict]] = {n: [] for n, _, _ in order}
+        for _n, srv, k in order:  # short warm-up: imports, pools, SQLite/PG caches
+            c.run_loadgen(srv.url + "/api/v1/documents", [doc_file], key=k, threads=a.clients, duration=1.0)
+        for r in range(rounds):
+            for n, srv, k in order:
+                res = c.run_loadgen(srv.url + "/api/v1/documents", [doc_file], key=k, threads=a.clients,
+                                    duration=duration, warmup=warmup)
+                if res["errors"]:
+                    c.log(f"{n}: {res['errors']} errors, e.g. {res['first_errors']}")
+                lat = res["latency"][0]
+                c.log(f"{backend} round {r + 1}/{rounds} {n}: {res['rate']:.1f}/s  p50 {lat['p50'] * 1000:.1f} ms  "
+                      f"p99 {lat['p99'] * 1000:.1f} ms  errors {res['errors']}  "
+                      f"loadgen cpu {res['cpu_seconds'] / res['elapsed'] * 100:.0f}% of a core")
+                results[n].append(res)
+        g.stop()
+        if pg is not None:
+            pg.stop()
 
-    def mean_rate(name: str) -> float:
-        return statistics.mean(x["rate"] for x in results[name])
-
-    base = mean_rate("bare flask")
-    parts = []
-    ok_all = True
-    for name in targets:
-        rate = mean_rate(name)
+        base = statistics.mean(x["rate"] for x in results["bare flask"])
+        rate = statistics.mean(x["rate"] for x in results[name])
         ratio = rate / base if base else 0.0
         ok = ratio >= TARGET and not any(x["errors"] for x in results[name])
         ok_all &= ok
         parts.append(f"{name} {rate:.1f}/s, bare flask {base:.1f}/s, ratio {ratio:.2f} "
                      f"(target >= {TARGET}) {c.verdict(ok)}")
-    print(f"accept_rate: {'; '.join(parts)} [{len(doc_bytes)} B JSON, gunicorn {a.workers}x{a.threads} gthread, "
+    print(f"accept_rate: {'; '.join(parts)} [{doc_file.stat().st_size} B JSON, gunicorn {a.workers}x{a.threads} gthread, "
           f"{a.clients} client threads, {rounds}x{duration:g}s]", flush=True)
     sys.exit(0 if ok_all else 1)
 
