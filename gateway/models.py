@@ -76,6 +76,7 @@ class Message(Base):
     api_key_id: Mapped[str | None] = mapped_column(String(32))
     source: Mapped[str] = mapped_column(String(64), default="api")
     summary: Mapped[dict] = mapped_column(JSON, default=dict)
+    #: PostgreSQL 14+: compressed with LZ4 (migration 0005), not pglz: less CPU per accept
     envelope_xml: Mapped[bytes] = mapped_column(LargeBinary)
     accepted_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 

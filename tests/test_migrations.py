@@ -2,6 +2,7 @@
 step down and up again."""
 from __future__ import annotations
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -21,5 +22,23 @@ def test_migrations_match_the_models_and_go_down_and_up(database_url):
         assert not migrate.current_is_head(engine)
         migrate.upgrade(database_url)
         assert migrate.current_is_head(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+def test_postgresql_compresses_stored_envelopes_with_lz4(database_url):
+    """Migration 0005: LZ4 for messages.envelope_xml (PostgreSQL 14+ built with it, as the
+    test cluster is), pglz again after stepping down."""
+    query = ("SELECT attcompression FROM pg_attribute "
+             "WHERE attrelid = 'messages'::regclass AND attname = 'envelope_xml'")
+    migrate.upgrade(database_url)
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql(query).scalar() == "l"
+        command.downgrade(migrate.alembic_config(database_url), "0004")
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql(query).scalar() == ""  # the server's default (pglz)
     finally:
         engine.dispose()
