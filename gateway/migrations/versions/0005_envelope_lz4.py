@@ -23,11 +23,15 @@ depends_on = None
 log = logging.getLogger("alembic.runtime.migration")
 
 
+def _version(bind: sa.Connection) -> int:
+    return int(bind.exec_driver_sql("SHOW server_version_num").scalar_one())
+
+
 def upgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
-    if int(bind.exec_driver_sql("SHOW server_version_num").scalar()) < 140000:
+    if _version(bind) < 140000:
         log.warning("PostgreSQL before 14: stored envelopes stay compressed with pglz")
         return
     try:
@@ -40,5 +44,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     bind = op.get_bind()
-    if bind.dialect.name == "postgresql" and int(bind.exec_driver_sql("SHOW server_version_num").scalar()) >= 140000:
+    if bind.dialect.name == "postgresql" and _version(bind) >= 140000:
         bind.exec_driver_sql("ALTER TABLE messages ALTER COLUMN envelope_xml SET COMPRESSION default")
