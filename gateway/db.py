@@ -13,9 +13,10 @@ needs no savepoint). PostgreSQL gains the same way (one commit, one audit-chain 
 group). There is no commit thread: one of the callers leads each group (see
 :meth:`Database.write`). On SQLite the group's connection commits with
 ``synchronous=NORMAL``; the leader then lets go of the writer lock, passes the lead on, and
-syncs the WAL file itself (``fdatasync``) before any caller of the group returns: the next group (of this
-process or another gunicorn worker) is already written while this one waits for the disk,
-and one fsync often covers both. Every other connection keeps ``synchronous=FULL``.
+syncs the WAL file itself (``fdatasync``) before any caller of the group returns: the next
+group (of this process or another gunicorn worker) is already written while this one waits
+for the disk, and one sync often covers both. Every other connection keeps
+``synchronous=FULL``.
 """
 from __future__ import annotations
 
