@@ -64,6 +64,7 @@ from adapters.base import (
     register,
 )
 from gateway import xmlsafe
+from gateway.durable import fsync_dir
 from gateway.envelope import Receipt
 
 log = logging.getLogger(__name__)
@@ -92,20 +93,6 @@ def ack_body(code: int = 0, message: str = "OK") -> bytes:
 def _is_plain_component(name: str) -> bool:
     """True if ``name`` is a single path component that stays inside its folder."""
     return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
-
-
-def fsync_dir(path: Path) -> None:
-    # The rename is durable only once the directory entry is; not every platform allows it.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @register("xml-exchange")

@@ -16,6 +16,8 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import IO, BinaryIO
 
+from gateway.durable import fsync_dir
+
 CHUNK = 1024 * 1024
 
 
@@ -30,14 +32,6 @@ def _size(dir_fd: int, sha256: str) -> int:
     if not _SHA256.fullmatch(sha256):
         raise ValueError("not a SHA-256 hex digest")
     return os.stat(f"{sha256[:2]}/{sha256[2:4]}/{sha256}", dir_fd=dir_fd).st_size
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BlobStore:
@@ -115,7 +109,7 @@ class BlobStore:
             os.replace(tmp, final)
             # the new name (and any folder made for it) is durable before the upload is answered
             for d in (final.parent, *(d.parent for d in reversed(new_dirs))):
-                _fsync_dir(d)
+                fsync_dir(d)
             return sha, size
         except BaseException:
             try:

@@ -36,6 +36,8 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from gateway.durable import fsync_dir
+
 _WRITE = "gateway_write"
 log = logging.getLogger("gateway.db")
 T = TypeVar("T")
@@ -437,11 +439,7 @@ class Database:
             os.fdatasync(fd)
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != self._wal_synced:
-                dir_fd = os.open(os.path.dirname(os.path.abspath(self._wal)), os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+                fsync_dir(os.path.dirname(os.path.abspath(self._wal)))
                 self._wal_synced = (st.st_dev, st.st_ino)
         finally:
             os.close(fd)

@@ -45,3 +45,22 @@ def test_known_sizes_are_remembered_and_absence_is_not(tmp_path):
         store.size(sha)  # the exact lookup, for everyone else
     with pytest.raises(ValueError):
         store.known_size("../../etc/passwd")
+
+
+def test_a_folder_sync_that_fails_is_raised_unless_the_file_system_cannot_sync_folders(tmp_path, monkeypatch):
+    import errno
+
+    from gateway.durable import fsync_dir
+
+    def failing(code):  # type: ignore[no-untyped-def]
+        def fsync(fd):  # type: ignore[no-untyped-def]
+            raise OSError(code, os.strerror(code))
+        return fsync
+
+    monkeypatch.setattr(os, "fsync", failing(errno.EINVAL))  # e.g. a network share
+    fsync_dir(tmp_path)
+    monkeypatch.setattr(os, "fsync", failing(errno.EIO))  # the disk: the name may not be durable
+    with pytest.raises(OSError) as exc:
+        fsync_dir(tmp_path)
+    assert exc.value.errno == errno.EIO
+    fsync_dir(tmp_path / "no-such-folder")  # nothing to sync

@@ -66,7 +66,7 @@ from sqlalchemy.orm import Session
 from adapters import sftp as sftp_adapter
 from adapters.base import AdapterContext, DeliveryError, PermanentError, RetryableError
 from adapters.base import ConfigError as AdapterConfigError
-from adapters.xmlexchange import fsync_dir
+from gateway.durable import fsync_dir
 from gateway import audit
 from gateway.blobs import BlobStore
 from gateway.config import ConfigError, FerrySftpConfig
