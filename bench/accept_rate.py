@@ -106,8 +106,11 @@ def main() -> None:
         ratio = rate / base if base else 0.0
         ok = ratio >= TARGET and not any(x["errors"] for x in results[name])
         ok_all &= ok
+        # each round's gateway rate over the bare rate just before it: how far the machine's
+        # changing speed moves a single pair
+        per_round = "/".join(f"{gw['rate'] / b['rate']:.2f}" for b, gw in zip(results["bare flask"], results[name]))
         parts.append(f"{name} {rate:.1f}/s, bare flask {base:.1f}/s, ratio {ratio:.2f} "
-                     f"(target >= {TARGET}) {c.verdict(ok)}")
+                     f"(rounds {per_round}; target >= {TARGET}) {c.verdict(ok)}")
     print(f"accept_rate: {'; '.join(parts)} [{doc_file.stat().st_size} B JSON, gunicorn {a.workers}x{a.threads} gthread, "
           f"{a.clients} client threads, {rounds}x{duration:g}s]", flush=True)
     sys.exit(0 if ok_all else 1)
