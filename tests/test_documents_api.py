@@ -181,6 +181,30 @@ def test_list_is_paged_newest_first_and_only_the_callers(api, gw_node):
     assert sorted(got) == sorted(ids) and page2["next_cursor"] is None
 
 
+def test_status_answers_do_not_read_the_stored_envelope(api, gw_node):
+    """A list page of 50 documents with 40 attachments each would read a megabyte of
+    envelopes that the JSON answer never shows."""
+    from sqlalchemy import event
+
+    mid = api.post("/api/v1/documents", json=api.document()).get_json()["id"]
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        seen.append(statement)
+
+    event.listen(gw_node.db.engine, "before_cursor_execute", record)
+    try:
+        assert api.get("/api/v1/documents").status_code == 200
+        assert api.get(f"/api/v1/documents/{mid}").status_code == 200
+        reads = [q for q in seen if "FROM messages" in q]
+        assert reads and not any("envelope_xml" in q for q in reads)
+        seen.clear()  # the XML answer is the envelope itself
+        assert api.get(f"/api/v1/documents/{mid}", headers={"Accept": "application/xml"}).status_code == 200
+        assert any("envelope_xml" in q for q in seen)
+    finally:
+        event.remove(gw_node.db.engine, "before_cursor_execute", record)
+
+
 def test_get_as_xml_returns_the_canonical_envelope(api, gw_node):
     body = api.post("/api/v1/documents", json=api.document()).get_json()
     r = api.get(f"/api/v1/documents/{body['id']}", headers={"Accept": "application/xml"})

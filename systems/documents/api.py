@@ -10,6 +10,7 @@ from datetime import datetime
 from flask import Blueprint, Response, request
 from pydantic import ValidationError
 from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import defer
 
 from gateway import audit, pipeline
 from gateway.api import auth
@@ -114,10 +115,14 @@ def _json(model, status: int = 200, **headers: str) -> Response:  # type: ignore
     return Response(body, status=status, mimetype="application/json", headers=headers)
 
 
+#: status answers never show the stored envelope (20 KB and more): not read for them
+_NO_XML = defer(Message.envelope_xml)
+
+
 def _load(message_id: str, caller: auth.Caller, receipts: bool = True) -> DocumentOut:
     n = node()
     with n.db.sessions() as s:
-        m = s.get(Message, message_id)
+        m = s.get(Message, message_id, options=[_NO_XML])
         if m is None or m.subsystem != SLUG or (m.api_key_id != caller.key_id and not caller.has("admin")):
             raise Problem(404, "not-found", f"no document {message_id} sent with this API key")
         if m.clearance > caller.clearance:
@@ -214,7 +219,7 @@ def list_documents() -> Response:
         limit = min(200, max(1, int(request.args.get("limit", "50"))))
     except ValueError:
         raise Problem(400, "validation", "limit must be an integer from 1 to 200") from None
-    q = (select(Message).where(Message.subsystem == SLUG, Message.clearance <= caller.clearance)
+    q = (select(Message).options(_NO_XML).where(Message.subsystem == SLUG, Message.clearance <= caller.clearance)
          .order_by(Message.accepted_at.desc(), Message.id.desc()).limit(limit + 1))
     if not caller.has("admin"):
         q = q.where(Message.api_key_id == caller.key_id)
