@@ -64,3 +64,43 @@ def test_a_folder_sync_that_fails_is_raised_unless_the_file_system_cannot_sync_f
         fsync_dir(tmp_path)
     assert exc.value.errno == errno.EIO
     fsync_dir(tmp_path / "no-such-folder")  # nothing to sync
+
+
+def test_a_batch_of_contents_is_synced_before_any_is_named_and_the_folders_once_after(tmp_path, monkeypatch):
+    store = BlobStore(tmp_path / "blobs")
+    kept = store.put_bytes(b"already here")[0]
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", str(b))) or real_replace(a, b))
+    contents = [b"one", b"two", b"three", b"two", b"already here"]
+    store.put_many(contents)
+    for data in contents:
+        assert store.path(hashlib.sha256(data).hexdigest()).read_bytes() == data
+    kinds = [k for k, _ in events]
+    renames = [p for k, p in events if k == "rename"]
+    assert len(renames) == 3  # the duplicate and the stored one are not written again
+    first, last = kinds.index("rename"), len(kinds) - 1 - kinds[::-1].index("rename")
+    assert all(p.startswith(str(tmp_path / "blobs" / "tmp")) for k, p in events[:first])  # contents first
+    folders = [p for _, p in events[last + 1:]]
+    assert len(folders) == len(set(folders))  # each folder synced once, after every rename
+    assert {str(store.path(hashlib.sha256(d).hexdigest()).parent) for d in (b"one", b"two", b"three")} <= set(folders)
+    assert kept and list((tmp_path / "blobs" / "tmp").iterdir()) == []
+
+
+def test_a_batch_that_fails_leaves_no_name_and_no_temporary_file(tmp_path, monkeypatch):
+    store = BlobStore(tmp_path / "blobs")
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):  # type: ignore[no-untyped-def]
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError):
+        store.put_many([b"first", b"second", b"third"])
+    assert list((tmp_path / "blobs" / "tmp").iterdir()) == []
+    assert not any(store.path(hashlib.sha256(d).hexdigest()).exists() for d in (b"first", b"second", b"third"))

@@ -16,7 +16,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -64,17 +65,25 @@ def _str_list(body: dict, key: str) -> list[str]:
 
 @dataclass
 class Incoming:
-    """A forward that passed every check and whose contents are stored: ready to accept."""
+    """A forward that passed every check, its contents fetched or carried inline: ready to
+    accept once :func:`store_inline` has stored ``blobs``."""
 
     peer: str
     env: Envelope
     units: list[str]
     hops: list[str]
+    blobs: list[bytes] = field(default_factory=list)  # inline contents, checked, not stored yet
+
+
+def store_inline(node: Node, batch: list[Incoming]) -> None:
+    """Store the inline contents of forwards about to be accepted, durable together."""
+    node.blobs.put_many([b for inc in batch for b in inc.blobs])
 
 
 def import_message(node: Node, peer: str, body: Any) -> tuple[dict, bool]:
     """Check, store and accept one forward; the answer is the same for every repeat."""
     inc = prepare(node, peer, body)
+    store_inline(node, [inc])
     try:
         acc = pipeline.accept(node, inc.env, **_accept_args(inc))
     except pipeline.Rejected as exc:
@@ -142,9 +151,9 @@ def prepare(node: Node, peer: str, body: Any) -> Incoming:
     stray = [u for u in units if u not in known]
     if stray:
         raise TransferError(422, "validation", f"units {', '.join(stray)} are not recipients of the message")
-    _store_inline(node, env, body.get("blobs"))
-    _fetch_blobs(node, peer, env)
-    return Incoming(peer, env, units, hops)
+    inline = _inline(node, env, body.get("blobs"))
+    _fetch_blobs(node, peer, env, skip=inline)
+    return Incoming(peer, env, units, hops, list(inline.values()))
 
 
 def answer(node: Node, inc: Incoming, acc: pipeline.Accepted) -> dict:
@@ -182,9 +191,12 @@ def inline_blobs(node: Node, env: Envelope) -> dict[str, str]:
     return out
 
 
-def _store_inline(node: Node, env: Envelope, blobs: Any) -> None:
+def _inline(node: Node, env: Envelope, blobs: Any) -> dict[str, bytes]:
+    """The contents sent inline that this node lacks, decoded and checked against the
+    envelope (stored later, together with the rest of the batch's)."""
+    out: dict[str, bytes] = {}
     if not blobs:
-        return
+        return out
     if not isinstance(blobs, dict):
         raise TransferError(400, "validation", "blobs: expected an object of SHA-256 -> base64 content")
     sizes = {a.sha256: a.size for a in env.attachments}
@@ -200,12 +212,13 @@ def _store_inline(node: Node, env: Envelope, blobs: Any) -> None:
         if len(data) != sizes[sha] or hashlib.sha256(data).hexdigest() != sha:
             raise TransferError(422, "validation", f"blobs: the content sent for {sha[:12]}… does not match "
                                                    f"its SHA-256 or size in the envelope")
-        node.blobs.put_bytes(data)
+        out[sha] = data
+    return out
 
 
-def _fetch_blobs(node: Node, peer: str, env: Envelope) -> None:
+def _fetch_blobs(node: Node, peer: str, env: Envelope, skip: Mapping[str, bytes]) -> None:
     for a in env.attachments:
-        if node.blobs.exists(a.sha256):
+        if a.sha256 in skip or node.blobs.exists(a.sha256):
             continue
         try:
             with node.federation.client.get_stream(peer, f"/messages/{env.message_id}/blobs/{a.sha256}") as r:
