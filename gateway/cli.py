@@ -66,7 +66,10 @@ def db() -> None:
 def db_upgrade(c: Ctx) -> None:
     from gateway import migrate
 
-    url = c.cfg().database_url()
+    try:
+        url = c.cfg().database_url()
+    except ConfigError as exc:  # its variable unset, or a driver other than psycopg 3
+        raise click.ClickException(str(exc)) from None
     migrate.upgrade(url)
     click.echo(f"database at {_safe_url(url)} is at the newest schema")
 

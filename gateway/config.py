@@ -241,8 +241,23 @@ class Config(_Strict):
                     f"{self.source}: database.url_env: environment variable "
                     f"{self.database.url_env} is not set"
                 )
+            return self._with_driver(url, f"database.url_env ({self.database.url_env})")
+        if self.database.url:
+            return self._with_driver(self.database.url, "database.url")
+        return f"sqlite:///{self.data_dir / 'gateway.db'}"
+
+    def _with_driver(self, url: str, key: str) -> str:
+        """PostgreSQL through psycopg 3, the driver the gateway ships with and whose pipeline
+        the accept path uses: ``postgresql://`` and ``postgres://`` mean it (SQLAlchemy alone
+        would pick psycopg2); another driver is refused here, not at the first accept."""
+        scheme, sep, rest = url.partition("://")
+        base, _, driver = scheme.partition("+")
+        if not sep or base not in ("postgresql", "postgres"):
             return url
-        return self.database.url or f"sqlite:///{self.data_dir / 'gateway.db'}"
+        if driver in ("", "psycopg"):
+            return f"postgresql+psycopg://{rest}"
+        raise ConfigError(f"{self.source}: {key}: the PostgreSQL driver {driver!r} is not supported; expected "
+                          f"postgresql+psycopg://user@host/db (or postgresql://user@host/db)")
 
     def check_references(self) -> None:
         for i, r in enumerate(self.routes):

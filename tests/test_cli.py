@@ -119,3 +119,21 @@ def test_example_configurations_are_valid_and_agree_with_each_other():
             # the two sides of a link agree on its kind and on who serves which units
             assert cfgs[peer_id].peers[name].link == peer.link
             assert set(peer.units) == set(cfgs[peer_id].node.units)
+
+
+def test_a_plain_postgresql_url_means_psycopg_3_and_another_driver_is_a_clear_error(tmp_path, database_url):
+    """``postgresql://`` (SQLAlchemy alone would pick psycopg2, which the gateway does not ship)
+    reaches the server through psycopg 3; ``+psycopg2``/``+asyncpg`` is refused by name at start."""
+    if not database_url.startswith("postgresql"):
+        assert gateway("-c", str(_config(tmp_path, f'[database]\nurl = "{database_url}"\n')), "db", "upgrade",
+                       cwd=tmp_path).returncode == 0  # SQLite URLs are left as they are
+        return
+    plain = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    conf = _config(tmp_path, '[database]\nurl_env = "GW_TEST_DB"\n')
+    r = gateway("-c", str(conf), "db", "upgrade", cwd=tmp_path, env={"GW_TEST_DB": plain})
+    assert r.returncode == 0, r.stderr
+    r = gateway("-c", str(conf), "db", "upgrade", cwd=tmp_path,
+                env={"GW_TEST_DB": database_url.replace("+psycopg://", "+asyncpg://", 1)})
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert str(conf) in r.stderr and "database.url_env (GW_TEST_DB)" in r.stderr and "'asyncpg'" in r.stderr
+    assert "postgresql+psycopg://" in r.stderr
