@@ -135,16 +135,28 @@ class BlobStore:
                     out.flush()
                     os.fsync(out.fileno())
                 shas.append(sha)
-            folders: dict[Path, None] = {}
-            for tmp, sha in zip(staged, shas):
-                folders.update(dict.fromkeys(self._place(tmp, sha)))
-            staged.clear()
-            for folder in folders:
-                fsync_dir(folder)
         except BaseException:
             for tmp in staged:
                 _unlink(tmp)
             raise
+        self.adopt(list(zip(staged, shas)))
+
+    def adopt(self, staged: list[tuple[str, str]]) -> None:
+        """Put files already written and fsynced in the store's ``tmp/`` folder, as
+        (temporary path, SHA-256 of its content), under their names; then sync each folder
+        holding a new name, once. A file not renamed when this fails is removed."""
+        folders: dict[Path, None] = {}
+        try:
+            for i, (tmp, sha) in enumerate(staged):
+                folders.update(dict.fromkeys(self._place(tmp, sha)))
+                staged[i] = ("", sha)
+        except BaseException:
+            for tmp, _ in staged:
+                if tmp:
+                    _unlink(tmp)
+            raise
+        for folder in folders:
+            fsync_dir(folder)
 
     def _place(self, tmp: str, sha: str) -> list[Path]:
         """Rename ``tmp`` to the blob's final name; the folders to sync for that name to be

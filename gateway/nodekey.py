@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, TypeVar
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from gateway.durable import fsync_dir
+
 if TYPE_CHECKING:
     from gateway.federation.sm2 import SM2PrivateKey
 
@@ -43,6 +45,7 @@ def _load_or_create(path: Path, load: Callable[[bytes], K], generate: Callable[[
                 f.flush()
                 os.fsync(f.fileno())
             os.link(tmp, path)  # fails if the key exists: never overwrite a key
+            fsync_dir(path.parent)  # peers pin this key: a crash must not lose its name
             return key
         except FileExistsError:
             continue  # another process created it meanwhile: use that one

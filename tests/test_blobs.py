@@ -104,3 +104,35 @@ def test_a_batch_that_fails_leaves_no_name_and_no_temporary_file(tmp_path, monke
         store.put_many([b"first", b"second", b"third"])
     assert list((tmp_path / "blobs" / "tmp").iterdir()) == []
     assert not any(store.path(hashlib.sha256(d).hexdigest()).exists() for d in (b"first", b"second", b"third"))
+
+
+def test_a_new_node_key_is_durable_by_name(tmp_path, monkeypatch):
+    """Peers pin a node's key: a crash right after it was made must not lose its name."""
+    from gateway import nodekey
+
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    key = nodekey.load_or_create(tmp_path)
+    assert synced[-1] == str(tmp_path)  # the folder, after the key file itself
+    synced.clear()
+    assert nodekey.load_or_create(tmp_path).public_key().public_bytes_raw() == key.public_key().public_bytes_raw()
+    assert synced == []  # loading writes nothing
+
+
+def test_staged_files_are_adopted_with_their_folders_synced_once(tmp_path, monkeypatch):
+    """The ferry stages blob files while it reads a transfer file, then adopts them."""
+    store = BlobStore(tmp_path / "blobs")
+    staged = []
+    for data in (b"alpha", b"beta"):
+        tmp = tmp_path / "blobs" / "tmp" / f"ferry-{data.decode()}"
+        tmp.write_bytes(data)
+        staged.append((str(tmp), hashlib.sha256(data).hexdigest()))
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    store.adopt(staged)
+    for data in (b"alpha", b"beta"):
+        path = store.path(hashlib.sha256(data).hexdigest())
+        assert path.read_bytes() == data and str(path.parent) in synced
+    assert len(synced) == len(set(synced)) and list((tmp_path / "blobs" / "tmp").iterdir()) == []

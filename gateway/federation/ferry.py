@@ -831,13 +831,11 @@ def read_file(node: Node, peer: str, loc: Location, entry: Entry, sig_entry: Ent
 
 
 def _commit_blobs(store: BlobStore, inc: _Incoming) -> None:
-    for sha, tmp in list(inc.staged.items()):
-        if tmp is None:
-            continue
-        final = store.path(sha)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)
-        inc.staged[sha] = None
+    """The staged blobs under their names in the store, their folders synced (durable)."""
+    staged = [(tmp, sha) for sha, tmp in inc.staged.items() if tmp is not None]
+    for _, sha in staged:
+        inc.staged[sha] = None  # adopt() renames it, or removes it if it cannot
+    store.adopt(staged)
 
 
 def _discard(inc: _Incoming) -> None:
