@@ -118,9 +118,9 @@ class BlobStore:
     def put_many(self, contents: list[bytes]) -> None:
         """Store several small contents (a batch of forwarded messages' inline attachments),
         durable together: each is written and fsynced under a temporary name, then all are
-        renamed, then the folders holding the new names are synced. One pass of folder syncs
-        for the lot: after the first, the others find their changes already on disk, where
-        syncing after each rename cost a file-system journal commit per blob."""
+        renamed, then the folders holding the new names are synced, each once. On a
+        journaling file system (ext4, XFS) the first of those syncs commits the others'
+        changes too, where syncing after each rename cost a journal commit per blob."""
         staged: list[str] = []
         try:
             shas = []
@@ -146,14 +146,14 @@ class BlobStore:
         (temporary path, SHA-256 of its content), under their names; then sync each folder
         holding a new name, once. A file not renamed when this fails is removed."""
         folders: dict[Path, None] = {}
+        named = 0
         try:
-            for i, (tmp, sha) in enumerate(staged):
+            for tmp, sha in staged:
                 folders.update(dict.fromkeys(self._place(tmp, sha)))
-                staged[i] = ("", sha)
+                named += 1
         except BaseException:
-            for tmp, _ in staged:
-                if tmp:
-                    _unlink(tmp)
+            for tmp, _ in staged[named:]:
+                _unlink(tmp)
             raise
         for folder in folders:
             fsync_dir(folder)
