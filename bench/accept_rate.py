@@ -20,6 +20,7 @@ the same phase.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -78,7 +79,7 @@ def main() -> None:
         att_shas = [c.upload_blob(g.url, key, x) for x in atts]
         doc_bytes = c.padded_document(body_sha, att_shas)
         doc_file.write_bytes(doc_bytes)
-        n_atts = len(__import__("json").loads(doc_bytes)["attachments"])
+        n_atts = len(json.loads(doc_bytes)["attachments"])
         c.log(f"{name}: document of {len(doc_bytes)} bytes of JSON, 1 recipient, note 2000 chars, "
               f"{n_atts} attachments")
 

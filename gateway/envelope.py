@@ -79,7 +79,7 @@ class Envelope:
     classification: str = "非密"
     classification_period: str | None = None
     urgency: str = "平件"
-    message_id: str = field(default_factory=lambda: new_message_id())
+    message_id: str = field(default_factory=new_message_id)
     created: datetime = field(default_factory=lambda: datetime.now(UTC))
     sender_node: str | None = None
     sender_name: str | None = None

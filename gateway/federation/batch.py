@@ -109,8 +109,9 @@ def apply_items(node: Node, peer: str, items: Any) -> dict[str, Any]:
     pending: list[tuple[int, transfer.Incoming]] = []  # checked forwards, accepted together
 
     def flush() -> None:
-        transfer.store_inline(node, [inc for _, inc in pending])
-        for (seq, inc), acc in zip(pending, transfer.accept_many(node, [inc for _, inc in pending])):
+        incoming = [inc for _, inc in pending]
+        transfer.store_inline(node, incoming)
+        for (seq, inc), acc in zip(pending, transfer.accept_many(node, incoming)):
             if isinstance(acc, transfer.TransferError):
                 results.append({"seq": seq, "outcome": "rejected", "type": acc.kind, "detail": acc.detail})
                 continue
