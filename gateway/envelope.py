@@ -11,7 +11,7 @@ import os
 import re
 import threading
 import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, UTC
 from functools import lru_cache
@@ -55,7 +55,8 @@ def new_message_id() -> str:
     rand = int.from_bytes(os.urandom(10), "big")
     value = ((ms & 0xFFFF_FFFF_FFFF) << 80) | (0x7 << 76) | ((rand >> 62) & 0xFFF) << 64
     value |= (0b10 << 62) | (rand & 0x3FFF_FFFF_FFFF_FFFF)
-    return str(uuid.UUID(int=value))
+    h = f"{value:032x}"  # as str(uuid.UUID(int=value)) writes it, without building the object
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass
@@ -174,52 +175,37 @@ class Envelope:
         an accept with 40 attachments."""
         if NS in self.payload.nsmap.values():  # lxml would merge those declarations: leave it to lxml
             return etree.tostring(self.to_element(), xml_declaration=True, encoding="UTF-8")
-        # one scan over every value decides whether any needs escaping (usually none does)
-        values = [self.message_id, self.subsystem, self.type, self.sender_unit, self.sender_node or "",
-                  self.sender_name or "", self.classification, self.classification_period or "", self.urgency,
-                  self.in_reply_to or "", self.conversation_id or ""]
-        for r in self.recipients:
-            values += (r.unit, r.name or "", r.copy_type or "", r.copy_no or "")
-        for a in self.attachments:
-            values += (a.role, a.name, a.sha256, a.media_type or "")
-        clean = _PLAIN.search("".join(values)) is None
-        _text, _attr = (_as_is, _as_is) if clean else (_escape_text, _escape_attr)
-        out = [_XML_HEAD, "<header><message-id>", _text(self.message_id), "</message-id><subsystem>",
-               _text(self.subsystem), "</subsystem><type>", _text(self.type), "</type><created>",
-               _text(self.created.isoformat()), '</created><sender unit="', _attr(self.sender_unit), '"']
-        if self.sender_node:
-            out += [' node="', _attr(self.sender_node), '"']
-        if self.sender_name:
-            out += [' name="', _attr(self.sender_name), '"']
-        out.append("/><recipients>" if self.recipients else "/><recipients/>")
-        for r in self.recipients:
-            out += ['<recipient unit="', _attr(r.unit), '"']
-            for attr, val in ((' name="', r.name), (' copy-type="', r.copy_type), (' copy-no="', r.copy_no)):
-                if val:
-                    out += [attr, _attr(val), '"']
-            out.append("/>")
-        if self.recipients:
-            out.append("</recipients>")
-        out.append("<classification")
-        if self.classification_period:
-            out += [' period="', _attr(self.classification_period), '"']
-        out += [">", _text(self.classification), "</classification><urgency>", _text(self.urgency), "</urgency>"]
-        if self.in_reply_to:
-            out += ["<in-reply-to>", _text(self.in_reply_to), "</in-reply-to>"]
-        if self.conversation_id:
-            out += ["<conversation-id>", _text(self.conversation_id), "</conversation-id>"]
-        out += ["</header><payload>", etree.tostring(self.payload, encoding="unicode"), "</payload>"]
-        if self.attachments:
-            out.append("<attachments>")
-            for a in self.attachments:
-                out += ['<attachment role="', _attr(a.role), '" name="', _attr(a.name), '" size="', str(a.size),
-                        '" sha256="', _attr(a.sha256), '"']
-                if a.media_type:
-                    out += [' media-type="', _attr(a.media_type), '"']
-                out.append("/>")
-            out.append("</attachments>")
-        out.append("</envelope>")
-        return "".join(out).encode("utf-8")
+        # One check over every value decides whether any needs escaping (usually none does);
+        # if one does, the text is written from an escaped copy, with the same code.
+        values = "".join([
+            self.message_id, self.subsystem, self.type, self.sender_unit, self.sender_node or "",
+            self.sender_name or "", self.classification, self.classification_period or "", self.urgency,
+            self.in_reply_to or "", self.conversation_id or "",
+            *[f"{r.unit}{r.name or ''}{r.copy_type or ''}{r.copy_no or ''}" for r in self.recipients],
+            *[f"{a.role}{a.name}{a.sha256}{a.media_type or ''}" for a in self.attachments]])
+        return _write(self if _plain(values) else self._escaped())
+
+    def _escaped(self) -> Envelope:
+        """A copy whose values are escaped as text or as attribute values, as each is written
+        (raises ValueError for a character XML cannot carry, as lxml does)."""
+        t, a = _escape_text, _escape_attr
+
+        def opt(f: Callable[[str], str], v: str | None) -> str | None:
+            return f(v) if v else v
+
+        env = copy.copy(self)
+        for name in ("message_id", "subsystem", "type", "classification", "urgency"):
+            object.__setattr__(env, name, t(getattr(self, name)))
+        for name in ("in_reply_to", "conversation_id"):
+            object.__setattr__(env, name, opt(t, getattr(self, name)))
+        object.__setattr__(env, "sender_unit", a(self.sender_unit))
+        for name in ("sender_node", "sender_name", "classification_period"):
+            object.__setattr__(env, name, opt(a, getattr(self, name)))
+        object.__setattr__(env, "recipients", [
+            Recipient(a(r.unit), opt(a, r.name), opt(a, r.copy_type), opt(a, r.copy_no)) for r in self.recipients])
+        object.__setattr__(env, "attachments", [
+            Attachment(a(x.role), a(x.name), x.size, a(x.sha256), opt(a, x.media_type)) for x in self.attachments])
+        return env
 
     @classmethod
     def from_xml(cls, data: bytes | str | etree._Element, *, validate: bool = True) -> Envelope:
@@ -305,8 +291,45 @@ def _escape(value: str, attribute: bool) -> str:
     return value
 
 
-def _as_is(value: str) -> str:
-    return value
+def _plain(values: str) -> bool:
+    """True when ``values`` holds nothing to escape and nothing XML cannot carry. Most text
+    is printable (no control characters, surrogates or U+FFFE/U+FFFF), which ``isprintable``
+    tells at C speed; text that is not (an ideographic space U+3000, say) is checked by the
+    exact pattern."""
+    if values.isprintable():
+        return not ("&" in values or "<" in values or ">" in values or '"' in values)
+    return _PLAIN.search(values) is None
+
+
+def _write(e: Envelope) -> bytes:
+    """The XML text of ``e``, whose values need no escaping (see Envelope.to_xml)."""
+    sender = (f'<sender unit="{e.sender_unit}"' + (f' node="{e.sender_node}"' if e.sender_node else "")
+              + (f' name="{e.sender_name}"' if e.sender_name else "") + "/>")
+    if e.recipients:
+        recipients = "".join(["<recipients>", *[
+            f'<recipient unit="{r.unit}"' + (f' name="{r.name}"' if r.name else "")
+            + (f' copy-type="{r.copy_type}"' if r.copy_type else "")
+            + (f' copy-no="{r.copy_no}"' if r.copy_no else "") + "/>" for r in e.recipients], "</recipients>"])
+    else:
+        recipients = "<recipients/>"
+    period = f' period="{e.classification_period}"' if e.classification_period else ""
+    reply = f"<in-reply-to>{e.in_reply_to}</in-reply-to>" if e.in_reply_to else ""
+    conversation = f"<conversation-id>{e.conversation_id}</conversation-id>" if e.conversation_id else ""
+    if e.attachments:
+        attachments = "".join(["<attachments>", *[
+            f'<attachment role="{a.role}" name="{a.name}" size="{a.size}" sha256="{a.sha256}"'
+            + (f' media-type="{a.media_type}"/>' if a.media_type else "/>") for a in e.attachments],
+            "</attachments>"])
+    else:
+        attachments = ""
+    # the payload as lxml writes it in UTF-8, not as text to be encoded again
+    return b"".join([
+        (f"{_XML_HEAD}<header><message-id>{e.message_id}</message-id><subsystem>{e.subsystem}</subsystem>"
+         f"<type>{e.type}</type><created>{e.created.isoformat()}</created>{sender}{recipients}"
+         f"<classification{period}>{e.classification}</classification><urgency>{e.urgency}</urgency>"
+         f"{reply}{conversation}</header><payload>").encode(),
+        etree.tostring(e.payload, encoding="UTF-8"),
+        f"</payload>{attachments}</envelope>".encode()])
 
 
 def _escape_text(value: str) -> str:

@@ -95,7 +95,7 @@ def test_generated_message_ids_are_uuid7_and_sort_by_time():
 
     first = new_message_id()
     u = uuid.UUID(first)
-    assert (u.version, u.variant) == (7, uuid.RFC_4122)
+    assert (u.version, u.variant) == (7, uuid.RFC_4122) and str(u) == first  # canonical form
     assert abs(int(u.hex[:12], 16) - time.time_ns() // 1_000_000) < 5_000
     time.sleep(0.002)
     later = [new_message_id() for _ in range(100)]

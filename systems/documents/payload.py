@@ -13,28 +13,32 @@ from systems.documents.schemas import DocumentIn
 D = "{%s}" % PAYLOAD_NS
 
 
+_NSMAP = {None: PAYLOAD_NS}
+_DOCUMENT, _DOC_TYPE, _ISSUER, _DOC_NUMBER, _TITLE, _SIGNER, _WRITTEN, _PUBLISH, _SEALED, _NOTE, _PRINTER = (
+    D + tag for tag in ("document", "doc-type", "issuer", "doc-number", "title", "signer", "written-date",
+                        "publish-level", "sealed", "note", "printer"))
+
+
 def to_payload(doc: DocumentIn) -> etree._Element:
-    el = etree.Element(D + "document", nsmap={None: PAYLOAD_NS})
-
-    def add(tag: str, text: str | None, **attrs: str) -> None:
-        if text is None and not attrs:
-            return
-        sub = etree.SubElement(el, D + tag, **attrs)
-        if text is not None:
-            sub.text = text
-
+    """The payload element, in the order of the payload XSD (one SubElement call each: this
+    runs on every accept)."""
+    el = etree.Element(_DOCUMENT, nsmap=_NSMAP)
+    sub = etree.SubElement
+    sub(el, _DOC_TYPE).text = doc.doc_type
+    sub(el, _ISSUER).text = doc.issuer
     prefix, year, serial = rules.split_doc_number(doc.doc_number)
-    add("doc-type", doc.doc_type)
-    add("issuer", doc.issuer)
-    add("doc-number", doc.doc_number, prefix=prefix, year=year, serial=serial)
-    add("title", doc.title)
-    add("signer", doc.signer)
-    add("written-date", doc.written_date)
-    add("publish-level", doc.publish_level)
-    add("sealed", "true" if doc.sealed else "false")
-    add("note", doc.note)
+    sub(el, _DOC_NUMBER, prefix=prefix, year=year, serial=serial).text = doc.doc_number
+    sub(el, _TITLE).text = doc.title
+    if doc.signer is not None:
+        sub(el, _SIGNER).text = doc.signer
+    sub(el, _WRITTEN).text = doc.written_date
+    if doc.publish_level is not None:
+        sub(el, _PUBLISH).text = doc.publish_level
+    sub(el, _SEALED).text = "true" if doc.sealed else "false"
+    if doc.note is not None:
+        sub(el, _NOTE).text = doc.note
     if doc.printer:
-        add("printer", None, name=doc.printer.name, date=doc.printer.date)
+        sub(el, _PRINTER, name=doc.printer.name, date=doc.printer.date)
     return el
 
 
