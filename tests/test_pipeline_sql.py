@@ -10,7 +10,8 @@ from sqlalchemy import select, text
 
 from gateway import audit
 from gateway.models import AuditEntry, Delivery, IdempotencyRecord, Message, OutboxEntry
-from tests.plugins.gatewaynode import CITY_B, COUNTY_A
+from adapters.base import remote_ref
+from tests.plugins.gatewaynode import CITY_B, COUNTY_A, EMERGENCY, PREFECTURE
 
 
 def _raw(node, sql: str, **params):  # type: ignore[no-untyped-def]
@@ -69,6 +70,37 @@ def test_rows_written_by_the_driver_match_what_the_orm_writes(api, gw_node):
         result = audit.verify(s)
     assert result.ok, result.problem
     assert result.entries >= 4
+
+
+def test_deliveries_and_their_outbox_rows_keep_the_envelope_order(api, gw_node):
+    """PostgreSQL writes the message, its deliveries (one array per column) and their outbox
+    rows in one statement; SQLite in three. Either way: one delivery per recipient in envelope
+    order with its own values, and one deliver row per copy in that order."""
+    doc = api.document()
+    doc["recipients"] = [
+        {"unit": CITY_B, "name": "乙市人民政府办公室", "copy_type": "抄送", "copy_no": "000007"},
+        {"unit": COUNTY_A, "copy_type": "主送"},
+        {"unit": EMERGENCY, "name": "州应急管理局", "copy_type": "抄报"},
+        {"unit": PREFECTURE, "copy_no": "000002"},
+    ]
+    r = api.post("/api/v1/documents", json=doc)
+    assert r.status_code == 202, r.get_json()
+    mid = r.get_json()["id"]
+    assert [x["unit"] for x in r.get_json()["recipients"]] == [x["unit"] for x in doc["recipients"]]
+    with gw_node.db.sessions() as s:
+        ds = s.scalars(select(Delivery).where(Delivery.message_id == mid).order_by(Delivery.id)).all()
+        assert [(d.unit, d.unit_name, d.copy_type, d.copy_no, d.route_kind, d.target, d.status, d.remote_ref)
+                for d in ds] == [
+            (CITY_B, "乙市人民政府办公室", "抄送", "000007", "adapter", "rec2", "queued", remote_ref(mid, CITY_B)),
+            (COUNTY_A, None, "主送", None, "adapter", "rec", "queued", remote_ref(mid, COUNTY_A)),
+            (EMERGENCY, "州应急管理局", "抄报", None, "adapter", "rec", "queued", remote_ref(mid, EMERGENCY)),
+            (PREFECTURE, None, "主送", "000002", "adapter", "rec", "queued", remote_ref(mid, PREFECTURE))]
+        rows = s.scalars(select(OutboxEntry).where(OutboxEntry.delivery_id.in_([d.id for d in ds]))
+                         .order_by(OutboxEntry.id)).all()
+        ids = [d.id for d in ds]
+        assert [(o.kind, o.delivery_id, o.target, o.priority, o.state) for o in rows] == [
+            ("deliver", ids[0], "rec2", 1, "pending"), ("deliver", ids[1], "rec", 1, "pending"),
+            ("deliver", ids[2], "rec", 1, "pending"), ("deliver", ids[3], "rec", 1, "pending")]
 
 
 def test_outcomes_recorded_by_the_driver_read_back_like_orm_rows(api, gw_node):
