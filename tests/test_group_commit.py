@@ -259,3 +259,61 @@ def test_the_wal_restart_waits_for_a_long_reader_only_briefly(tmp_path):
         reader.execute("COMMIT")
         reader.close()
     db.dispose()
+
+
+def test_a_group_sets_savepoints_only_once_one_of_its_units_has_failed(database_url, monkeypatch):
+    """Units of one group run without savepoints; when one fails, the group is rolled back and
+    run again with a savepoint per unit: the others are committed once, the failing one not."""
+    migrate.upgrade(database_url)
+    db = Database(database_url)
+    runs: list[str] = []
+    with_savepoint: list[int] = []
+    real_run = Database._run
+    monkeypatch.setattr(Database, "_run", staticmethod(
+        lambda conn, cur, job: (with_savepoint.append(1), real_run(conn, cur, job))[1]))
+
+    def group(keys: list[str], failing: str | None) -> dict[str, object]:
+        """The first unit holds the lead until the others are queued: they form one group."""
+        queued = threading.Event()
+        results: dict[str, object] = {}
+
+        def unit(key: str):  # type: ignore[no-untyped-def]
+            def fn(s):  # type: ignore[no-untyped-def]
+                runs.append(key)
+                if key == keys[0]:
+                    assert queued.wait(10)
+                s.execute(insert(AdapterState.__table__).values(adapter="g", key=key, value="v"))
+                if key == failing:
+                    raise ValueError(f"{key} refuses")
+                return key
+            try:
+                results[key] = db.write(fn)
+            except ValueError as exc:
+                results[key] = exc
+
+        first = threading.Thread(target=unit, args=(keys[0],))
+        first.start()
+        while keys[0] not in runs:
+            threading.Event().wait(0.01)
+        others = [threading.Thread(target=unit, args=(k,)) for k in keys[1:]]
+        for t in others:
+            t.start()
+        while len(db._jobs) < len(others):
+            threading.Event().wait(0.01)
+        queued.set()
+        for t in [first, *others]:
+            t.join(30)
+        return results
+
+    res = group(["a0", "a1", "a2", "a3", "a4"], failing=None)
+    assert res == {k: k for k in ("a0", "a1", "a2", "a3", "a4")}
+    assert with_savepoint == [] and sorted(runs) == ["a0", "a1", "a2", "a3", "a4"]  # each ran once
+
+    runs.clear()
+    res = group(["b0", "b1", "b2", "b3", "b4"], failing="b2")
+    assert isinstance(res.pop("b2"), ValueError) and res == {k: k for k in ("b0", "b1", "b3", "b4")}
+    assert len(with_savepoint) == 4  # the group of four after the failure ran again unit by unit
+    with db.sessions() as s:
+        assert sorted(s.scalars(select(AdapterState.key).where(AdapterState.adapter == "g"))) == [
+            "a0", "a1", "a2", "a3", "a4", "b0", "b1", "b3", "b4"]
+    db.dispose()
