@@ -7,17 +7,17 @@ workers, ``gateway worker``), taken before ``BEGIN IMMEDIATE``. Reads
 (:meth:`Database.sessions`) use a deferred ``BEGIN`` and never wait for a writer.
 
 :meth:`Database.write` is *group commit*: concurrent callers' units of work run in one
-transaction and one commit (one fsync) makes them all durable before any of them returns.
-A failing unit is undone alone: the units first run one after the other with nothing in
+transaction and one commit (one fsync) makes them all durable before any of them returns. A
+failing unit is undone alone: the units first run one after the other with nothing in
 between; if one fails, the transaction is rolled back and the group runs again with a
-savepoint around each unit (so a unit may run twice, and must only write to the database).
-PostgreSQL gains the same way (one commit, one audit-chain lock per group). There is no commit thread: one of the callers leads each group (see
-:meth:`Database.write`). On SQLite the group's connection commits with
-``synchronous=NORMAL``; the leader then lets go of the writer lock, passes the lead on, and
-syncs the WAL file itself (``fdatasync``) before any caller of the group returns: the next
-group (of this process or another gunicorn worker) is already written while this one waits
-for the disk, and one sync often covers both. Every other connection keeps
-``synchronous=FULL``.
+savepoint around each unit (so a unit may run twice, and must do only database work).
+PostgreSQL gains the same way (one commit, one audit-chain lock per group). There is no
+commit thread: one of the callers leads each group (see :meth:`Database.write`). On SQLite
+the group's connection commits with ``synchronous=NORMAL``; the leader then lets go of the
+writer lock, passes the lead on, and syncs the WAL file itself (``fdatasync``) before any
+caller of the group returns: the next group (of this process or another gunicorn worker) is
+already written while this one waits for the disk, and one sync often covers both. Every
+other connection keeps ``synchronous=FULL``.
 """
 from __future__ import annotations
 
@@ -341,7 +341,7 @@ class Database:
         # Optimistic first: the units one after the other, no savepoint between them
         # (PostgreSQL: two statements and two round trips fewer per unit). Should one fail,
         # all is rolled back and the group runs again, each unit in its own savepoint, so
-        # that only the failing one is undone (a unit may run twice: it only writes).
+        # that only the failing one is undone (a unit may run twice: it does only database work).
         with conn.begin() as tx:
             try:
                 for job in batch:
