@@ -54,9 +54,13 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
+#: how long a SQLite connection waits for a lock held by another process before it fails
+BUSY_TIMEOUT_S = 30
+
+
 def make_engine(url: str, pool_size: int = 10) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_S},
                                pool_size=pool_size, max_overflow=pool_size)
 
         @event.listens_for(engine, "connect")
@@ -66,7 +70,7 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
             # Savepoints (one per unit of a group commit) keep their undo pages in a statement
             # journal; on disk that is a temp file created, written and deleted per
             # transaction. In memory it costs no system call (durability is the WAL's business).
@@ -428,14 +432,14 @@ class Database:
             if frames > self.WAL_RESTART_FRAMES and self._lock is not None:
                 with self._lock:
                     # Writers wait while this runs: a reader still on an old snapshot (a
-                    # long report, say) is waited for briefly, not for the usual 30 s; if it
-                    # is not done by then, this round ends as a PASSIVE one and the next
-                    # second tries again.
+                    # long report, say) is waited for briefly, not for BUSY_TIMEOUT_S; if
+                    # it is not done by then, this round ends as a PASSIVE one and the
+                    # next second tries again.
                     dbapi.execute(f"PRAGMA busy_timeout={self.RESTART_WAIT_MS}")
                     try:
                         _busy, frames, copied = dbapi.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
                     finally:
-                        dbapi.execute("PRAGMA busy_timeout=30000")
+                        dbapi.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
             return frames, copied
 
     def _sync_wal(self) -> None:
