@@ -93,6 +93,15 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
 
 
+_IN_GROUP_PIPELINE = "gateway_group_pipeline"
+
+
+def in_group_pipeline(conn: Connection) -> bool:
+    """True while ``conn`` carries a group of ``pipelined`` units in one psycopg pipeline
+    (see :meth:`Database.write`): a unit then queues its statements in it."""
+    return bool(conn.info.get(_IN_GROUP_PIPELINE))
+
+
 def driver_stamp(t: datetime, postgres: bool) -> object:
     """A timestamp as the driver takes it for a ``UTCDateTime`` column, for statements run on
     the DBAPI cursor: PostgreSQL takes the datetime, SQLite keeps text in SQLAlchemy's format."""
@@ -141,10 +150,11 @@ class _Job:
     the group that ran it calls ``finish``, or until it is made the next leader (``lead``).
     The latch is a plain lock: an Event costs several Python-level lock operations."""
 
-    __slots__ = ("fn", "result", "error", "lead", "_latch")
+    __slots__ = ("fn", "pipelined", "result", "error", "lead", "_latch")
 
-    def __init__(self, fn: Callable[[Connection], Any]) -> None:
+    def __init__(self, fn: Callable[[Connection], Any], pipelined: bool = False) -> None:
         self.fn = fn
+        self.pipelined = pipelined  # see Database.write
         self.result: Any = None
         self.error: BaseException | None = None
         self.lead = False  # woken to lead the next group, not because it is done
@@ -246,12 +256,17 @@ class Database:
             except Exception:  # noqa: BLE001 - a broken connection is dropped either way
                 conn.invalidate()
 
-    def write(self, fn: Callable[[Connection], T]) -> T:
+    def write(self, fn: Callable[[Connection], T], *, pipelined: bool = False) -> T:
         """Run ``fn(connection)`` (Core statements only) in a transaction shared with other
         concurrent callers and return its result once that transaction is committed (group
         commit). An exception from ``fn`` is raised here and undoes only ``fn``'s own changes.
         ``fn`` may be run a second time, when another unit of its group failed (see the
         module docstring): it must do nothing but database work.
+
+        ``pipelined``: ``fn`` runs its statements on the driver's cursor only (no SQLAlchemy
+        execution), so that on PostgreSQL a group made only of such units sends all their
+        statements in one psycopg pipeline: one round trip for the group instead of one per
+        unit. Such a unit checks :func:`in_group_pipeline` and then opens no pipeline itself.
 
         There is no commit thread: the caller that finds no group running leads one itself
         (it runs every queued unit, its own included, and commits them together); the others
@@ -259,7 +274,7 @@ class Database:
         the oldest, so nobody is kept leading for others. This saves a hand-over to another
         thread and back on every group."""
         self._ensure_checkpointer()
-        job = _Job(fn)
+        job = _Job(fn, pipelined)
         self._jobs.append(job)
         if self._leader.acquire(blocking=False):
             self._lead(job)
@@ -348,8 +363,9 @@ class Database:
         # that only the failing one is undone (a unit may run twice: it does only database work).
         with conn.begin() as tx:
             try:
-                for job in batch:
-                    job.result = job.fn(conn)
+                with self._group_pipeline(conn, batch):
+                    for job in batch:
+                        job.result = job.fn(conn)
             except Exception:
                 tx.rollback()
             else:
@@ -361,6 +377,22 @@ class Database:
                 self._run(conn, cur, job)
             cur.close()
         return self._sync_self
+
+    @contextmanager
+    def _group_pipeline(self, conn: Connection, batch: list[_Job]) -> Iterator[None]:
+        """PostgreSQL, every unit ``pipelined``: one psycopg pipeline around them all. A
+        statement that fails there is reported at the next read or at the end, maybe in
+        another unit: it does not matter, since any failure sends the group to its second,
+        unit-by-unit run (without this pipeline)."""
+        if not self.postgres or not all(job.pipelined for job in batch):
+            yield
+            return
+        conn.info[_IN_GROUP_PIPELINE] = True
+        try:
+            with conn.connection.dbapi_connection.pipeline():  # type: ignore[union-attr]
+                yield
+        finally:
+            conn.info[_IN_GROUP_PIPELINE] = False
 
     def _group_connection(self) -> Connection:
         conn = self._gconn

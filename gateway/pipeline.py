@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from adapters.base import remote_ref
 from gateway import audit, events, payloads
-from gateway.db import driver_mark, driver_stamp
+from gateway.db import driver_mark, driver_stamp, in_group_pipeline
 from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError, Recipient
 from gateway.models import table, Delivery, Message, OutboxEntry
 from gateway.node import Node
@@ -109,12 +109,15 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
     def unit(s: Connection) -> Accepted:
         return _store(s, env, plan, idempotency)
 
+    # a copy for another node adds its forward row through SQLAlchemy (_forward_rows): such a
+    # unit cannot share the group's pipeline
+    pipelined = all(route.kind == "adapter" for route in routes)
     try:
-        return node.db.write(unit)  # group commit: returns once committed
+        return node.db.write(unit, pipelined=pipelined)  # group commit: returns once committed
     except node.db.integrity_errors:
         # Two identical requests raced (PostgreSQL: two transactions both found no message
         # and both inserted it); the other one committed first. Answer as it did.
-        return node.db.write(unit)
+        return node.db.write(unit, pipelined=pipelined)
 
 
 #: one forward outbox row for the units of a message behind next hop ``hop`` (also used by
@@ -222,7 +225,7 @@ def _pipeline(conn: Connection, postgres: bool) -> Any:
     one's answer (a read waits for the answers up to it). An accept then takes one round
     trip for its reads (none for a new id without an Idempotency-Key) and one for all its
     writes, besides the commit, instead of nine."""
-    if not postgres:
+    if not postgres or in_group_pipeline(conn):  # the group's own pipeline carries them
         return nullcontext()
     return conn.connection.dbapi_connection.pipeline()  # type: ignore[union-attr]
 

@@ -4,11 +4,14 @@ the same text/JSON/timestamp representations, read back by the ORM unchanged, an
 chain that still verifies after driver-level and ORM appends are interleaved."""
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime
 
 from sqlalchemy import select, text
 
 from gateway import audit
+from gateway.db import Database
 from gateway.models import AuditEntry, Delivery, IdempotencyRecord, Message, OutboxEntry
 from adapters.base import remote_ref
 from tests.plugins.gatewaynode import CITY_B, COUNTY_A, EMERGENCY, PREFECTURE
@@ -205,3 +208,79 @@ def test_only_an_id_the_gateway_did_not_make_is_looked_up(api, gw_node, monkeypa
     r = api.post("/api/v1/documents", json=api.document(message_id="caller-chosen-0001"))
     assert r.status_code == 500  # the broken lookup ran
     assert api.post("/api/v1/documents", json=api.document()).status_code == 202  # and nothing was left broken
+
+
+def test_a_group_of_accepts_shares_one_pipeline_and_a_refused_one_is_undone_alone(api, gw_node, monkeypatch):
+    """Accepts waiting for the same commit form one group; on PostgreSQL their statements
+    travel in one pipeline. One of them refused inside the transaction (an Idempotency-Key
+    reused with another body) sends the group to its unit-by-unit run: the others are
+    stored once, the refused one not at all, and the audit chain still verifies."""
+    db = gw_node.db
+    groups: list[tuple[int, bool]] = []
+    real = Database._group_pipeline
+
+    def counting(self, conn, batch):  # type: ignore[no-untyped-def]
+        groups.append((len(batch), self.postgres and all(j.pipelined for j in batch)))
+        return real(self, conn, batch)
+
+    monkeypatch.setattr(Database, "_group_pipeline", counting)
+    opened: list[int] = []  # psycopg pipelines entered
+    if db.postgres:
+        import psycopg
+
+        real_pipeline = psycopg.Connection.pipeline
+        monkeypatch.setattr(psycopg.Connection, "pipeline",
+                            lambda self: (opened.append(1), real_pipeline(self))[1])
+    assert api.post("/api/v1/documents", json=api.document(title="组提交-原件"),
+                    headers={"Idempotency-Key": "group-key"}).status_code == 202
+
+    def one_group(requests: list[tuple[dict, dict]]) -> list:  # type: ignore[type-arg]
+        """Hold the lead with a unit of our own until every request waits for a commit."""
+        hold, holding = threading.Event(), threading.Event()
+        results: list = [None] * len(requests)
+
+        def block(conn):  # type: ignore[no-untyped-def]
+            holding.set()
+            assert hold.wait(20)
+
+        def post(i: int) -> None:
+            doc, headers = requests[i]
+            results[i] = api.app.test_client().post("/api/v1/documents", json=doc,
+                                                    headers={**api.headers, **headers})
+
+        leader = threading.Thread(target=db.write, args=(block,))
+        leader.start()
+        assert holding.wait(10)
+        posts = [threading.Thread(target=post, args=(i,)) for i in range(len(requests))]
+        for t in posts:
+            t.start()
+        deadline = time.monotonic() + 20
+        while len(db._jobs) < len(requests) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        opened.clear()
+        hold.set()
+        for t in [leader, *posts]:
+            t.join(30)
+        return results
+
+    ok = one_group([(api.document(title=f"组提交-{i}"), {}) for i in range(4)])
+    assert [r.status_code for r in ok] == [202] * 4
+    assert len(opened) == (1 if db.postgres else 0)  # not one per accept
+    mixed = one_group([(api.document(title=f"组提交-{i}"), {}) for i in range(4, 7)]
+                      + [(api.document(title="组提交-另一份"), {"Idempotency-Key": "group-key"})])
+    assert [r.status_code for r in mixed] == [202, 202, 202, 422]
+    assert mixed[3].get_json()["type"].endswith("idempotency-key-reused")
+    # each group was one commit; on PostgreSQL its units shared one pipeline
+    assert (4, gw_node.db.postgres) in groups and (4, gw_node.db.postgres) == groups[-1]
+    with gw_node.db.sessions() as s:
+        titles = [m.summary["title"] for m in s.scalars(select(Message).where(Message.summary.is_not(None)))]
+        assert sorted(t for t in titles if t.startswith("组提交")) == sorted(
+            ["组提交-原件"] + [f"组提交-{i}" for i in range(7)])
+        for r in ok + mixed[:3]:
+            mid = r.get_json()["id"]
+            ds = s.scalars(select(Delivery).where(Delivery.message_id == mid)).all()
+            assert len(ds) == 1
+            assert len(s.scalars(select(OutboxEntry).where(OutboxEntry.delivery_id == ds[0].id)).all()) == 1
+            assert len(s.scalars(select(AuditEntry).where(AuditEntry.object == f"message:{mid}")).all()) == 1
+        result = audit.verify(s)
+    assert result.ok, result.problem
