@@ -12,6 +12,14 @@ from gateway.db import Database
 from gateway.models import AdapterState
 
 
+def _outcome(db: Database, fn) -> object:  # type: ignore[no-untyped-def]
+    """What ``db.write(fn)`` gave its caller: the unit's result, or the ValueError it raised."""
+    try:
+        return db.write(fn)
+    except ValueError as exc:
+        return exc
+
+
 def test_concurrent_units_commit_and_a_failing_one_is_undone_alone(database_url):
     migrate.upgrade(database_url)
     db = Database(database_url)
@@ -23,10 +31,7 @@ def test_concurrent_units_commit_and_a_failing_one_is_undone_alone(database_url)
             if i % 5 == 0:
                 raise ValueError(f"unit {i} refuses")
             return i
-        try:
-            results[i] = db.write(fn)
-        except ValueError as exc:
-            results[i] = exc
+        results[i] = _outcome(db, fn)
 
     threads = [threading.Thread(target=unit, args=(i,)) for i in range(40)]
     for t in threads:
@@ -286,10 +291,7 @@ def test_a_group_sets_savepoints_only_once_one_of_its_units_has_failed(database_
                 if key == failing:
                     raise ValueError(f"{key} refuses")
                 return key
-            try:
-                results[key] = db.write(fn)
-            except ValueError as exc:
-                results[key] = exc
+            results[key] = _outcome(db, fn)
 
         first = threading.Thread(target=unit, args=(keys[0],))
         first.start()
