@@ -123,10 +123,10 @@ class BlobStore:
         changes too, where syncing after each rename cost a journal commit per blob."""
         staged: list[str] = []
         try:
-            shas = []
+            shas: list[str] = []
             for data in contents:
                 sha = hashlib.sha256(data).hexdigest()
-                if sha in shas or os.path.isfile(self._where(sha)):
+                if sha in shas or self.exists(sha):  # a batch holds a few contents at most
                     continue
                 fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
                 staged.append(tmp)

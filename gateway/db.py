@@ -346,28 +346,21 @@ class Database:
         lock). True when the WAL still has to be fsynced by this thread (see the module
         docstring for both)."""
         conn = self._group_connection()
-        if len(batch) == 1:
-            # Alone in its transaction, a unit needs no savepoint (PostgreSQL: two round
-            # trips fewer): if it fails, the whole transaction is its own to roll back.
-            job = batch[0]
-            with conn.begin() as tx:
-                try:
-                    job.result = job.fn(conn)
-                except Exception as exc:
-                    job.error = exc
-                    tx.rollback()
-            return self._sync_self
-        # Optimistic first: the units one after the other, no savepoint between them
-        # (PostgreSQL: two statements and two round trips fewer per unit). Should one fail,
-        # all is rolled back and the group runs again, each unit in its own savepoint, so
-        # that only the failing one is undone (a unit may run twice: it does only database work).
+        # First run: the units one after the other, no savepoint between them (PostgreSQL: two
+        # statements and two round trips fewer per unit). A unit alone in its transaction
+        # owns its failure; in a group, a failure rolls everything back and the group runs
+        # again, each unit in its own savepoint, so that only the failing one is undone (a
+        # unit may run twice: it does only database work).
         with conn.begin() as tx:
             try:
                 with self._group_pipeline(conn, batch):
                     for job in batch:
                         job.result = job.fn(conn)
-            except Exception:
+            except Exception as exc:
                 tx.rollback()
+                if len(batch) == 1:
+                    batch[0].error = exc
+                    return self._sync_self
             else:
                 return self._sync_self  # committed on leaving the block
         with conn.begin():
@@ -382,8 +375,8 @@ class Database:
     def _group_pipeline(self, conn: Connection, batch: list[_Job]) -> Iterator[None]:
         """PostgreSQL, every unit ``pipelined``: one psycopg pipeline around them all. A
         statement that fails there is reported at the next read or at the end, maybe in
-        another unit: it does not matter, since any failure sends the group to its second,
-        unit-by-unit run (without this pipeline)."""
+        another unit: it does not matter, since any failure in a group sends it to its
+        second, unit-by-unit run (without this pipeline)."""
         if not self.postgres or not all(job.pipelined for job in batch):
             yield
             return

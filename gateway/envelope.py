@@ -7,6 +7,7 @@ itself (receipts, :data:`RECEIPT_NS`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 import threading
@@ -193,19 +194,16 @@ class Envelope:
         def opt(f: Callable[[str], str], v: str | None) -> str | None:
             return f(v) if v else v
 
-        env = copy.copy(self)
-        for name in ("message_id", "subsystem", "type", "classification", "urgency"):
-            object.__setattr__(env, name, t(getattr(self, name)))
-        for name in ("in_reply_to", "conversation_id"):
-            object.__setattr__(env, name, opt(t, getattr(self, name)))
-        object.__setattr__(env, "sender_unit", a(self.sender_unit))
-        for name in ("sender_node", "sender_name", "classification_period"):
-            object.__setattr__(env, name, opt(a, getattr(self, name)))
-        object.__setattr__(env, "recipients", [
-            Recipient(a(r.unit), opt(a, r.name), opt(a, r.copy_type), opt(a, r.copy_no)) for r in self.recipients])
-        object.__setattr__(env, "attachments", [
-            Attachment(a(x.role), a(x.name), x.size, a(x.sha256), opt(a, x.media_type)) for x in self.attachments])
-        return env
+        return dataclasses.replace(
+            self, message_id=t(self.message_id), subsystem=t(self.subsystem), type=t(self.type),
+            classification=t(self.classification), urgency=t(self.urgency),
+            in_reply_to=opt(t, self.in_reply_to), conversation_id=opt(t, self.conversation_id),
+            sender_unit=a(self.sender_unit), sender_node=opt(a, self.sender_node),
+            sender_name=opt(a, self.sender_name), classification_period=opt(a, self.classification_period),
+            recipients=[Recipient(a(r.unit), opt(a, r.name), opt(a, r.copy_type), opt(a, r.copy_no))
+                        for r in self.recipients],
+            attachments=[Attachment(a(x.role), a(x.name), x.size, a(x.sha256), opt(a, x.media_type))
+                         for x in self.attachments])
 
     @classmethod
     def from_xml(cls, data: bytes | str | etree._Element, *, validate: bool = True) -> Envelope:

@@ -3,6 +3,7 @@ is undone alone, and each caller returns only after its unit is durable."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from sqlalchemy import func, insert, select
@@ -296,12 +297,12 @@ def test_a_group_sets_savepoints_only_once_one_of_its_units_has_failed(database_
         first = threading.Thread(target=unit, args=(keys[0],))
         first.start()
         while keys[0] not in runs:
-            threading.Event().wait(0.01)
+            time.sleep(0.01)
         others = [threading.Thread(target=unit, args=(k,)) for k in keys[1:]]
         for t in others:
             t.start()
         while len(db._jobs) < len(others):
-            threading.Event().wait(0.01)
+            time.sleep(0.01)
         queued.set()
         for t in [first, *others]:
             t.join(30)

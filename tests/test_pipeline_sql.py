@@ -76,9 +76,8 @@ def test_rows_written_by_the_driver_match_what_the_orm_writes(api, gw_node):
 
 
 def test_deliveries_and_their_outbox_rows_keep_the_envelope_order(api, gw_node):
-    """PostgreSQL writes the message, its deliveries (one array per column) and their outbox
-    rows in one statement; SQLite in three. Either way: one delivery per recipient in envelope
-    order with its own values, and one deliver row per copy in that order."""
+    """The driver-level statements write one delivery per recipient in envelope order with
+    its own values, and one deliver row per copy in that order."""
     doc = api.document()
     doc["recipients"] = [
         {"unit": CITY_B, "name": "乙市人民政府办公室", "copy_type": "抄送", "copy_no": "000007"},
