@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from sqlalchemy import Connection, insert, select, text
 from sqlalchemy.orm import Session
 
-from gateway.db import driver_mark, driver_stamp
+from gateway.db import audit_lock_held, driver_mark, driver_stamp, note_audit_lock
 from gateway.models import table, AuditEntry
 
 GENESIS = "0" * 64
@@ -114,14 +114,18 @@ _PG_APPEND_ONE = (
     "LEFT JOIN audit_log a ON a.seq = m.seq) h")
 
 
-def append_driver(cursor: Any, postgres: bool, records: list[Record]) -> None:
+def append_driver(cursor: Any, postgres: bool, records: list[Record], conn: Connection | None = None) -> None:
     """:func:`append_many` on a DBAPI cursor (sqlite3 or psycopg) inside the caller's
     transaction: for the accept path, which runs while every other writer waits. On
     PostgreSQL a single entry is chained by the server (:data:`_PG_APPEND_ONE`): nothing is
-    read back, so a psycopg pipeline can carry it with the statements before it."""
+    read back, so a psycopg pipeline can carry it with the statements before it. ``conn``:
+    the connection of a group commit (:meth:`gateway.db.Database.write`), whose transaction
+    takes the chain's lock once for all its units."""
     lock, head, insert_sql = _DRIVER_SQL[postgres]
-    if lock:
+    if lock and not (conn is not None and audit_lock_held(conn)):
         cursor.execute(lock)
+        if conn is not None:
+            note_audit_lock(conn)
     if postgres and len(records) == 1:
         r, at = records[0], datetime.now(UTC)
         d = canonical(r.detail)

@@ -11,7 +11,8 @@ transaction and one commit (one fsync) makes them all durable before any of them
 failing unit is undone alone: the units first run one after the other with nothing in
 between; if one fails, the transaction is rolled back and the group runs again with a
 savepoint around each unit (so a unit may run twice, and must do only database work).
-PostgreSQL gains the same way (one commit, one audit-chain lock per group). There is no
+PostgreSQL gains the same way (one commit, one audit-chain lock per group; the group's
+BEGIN and COMMIT go out with its statements, see :meth:`Database._begin`). There is no
 commit thread: one of the callers leads each group (see :meth:`Database.write`). On SQLite
 the group's connection commits with ``synchronous=NORMAL``; the leader then lets go of the
 writer lock, passes the lead on, and syncs the WAL file itself (``fdatasync``) before any
@@ -94,6 +95,23 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
 
 
 _IN_GROUP_PIPELINE = "gateway_group_pipeline"
+
+
+_AUDIT_LOCKED = "gateway_audit_locked"
+
+
+def audit_lock_held(conn: Connection) -> bool:
+    """PostgreSQL: True when ``conn`` runs a group commit (:meth:`Database.write`) and one
+    of the group's units has already taken the audit chain's lock in this transaction (it is
+    held until the commit). Always False on any other connection."""
+    return bool(conn.info.get(_AUDIT_LOCKED))
+
+
+def note_audit_lock(conn: Connection) -> None:
+    """The audit chain's lock was just taken on ``conn`` (remembered for a group's
+    transaction only: :meth:`Database._begin` starts each one at False)."""
+    if _AUDIT_LOCKED in conn.info:
+        conn.info[_AUDIT_LOCKED] = True
 
 
 def in_group_pipeline(conn: Connection) -> bool:
@@ -352,10 +370,13 @@ class Database:
         # again, each unit in its own savepoint, so that only the failing one is undone (a
         # unit may run twice: it does only database work).
         with conn.begin() as tx:
+            cur = conn.connection.cursor()
             try:
                 with self._group_pipeline(conn, batch):
+                    self._begin(conn, cur)
                     for job in batch:
                         job.result = job.fn(conn)
+                    self._commit(cur)
             except Exception as exc:
                 tx.rollback()
                 if len(batch) == 1:
@@ -363,13 +384,31 @@ class Database:
                     return self._sync_self
             else:
                 return self._sync_self  # committed on leaving the block
+            finally:
+                cur.close()
         with conn.begin():
             cur = conn.connection.cursor()
+            self._begin(conn, cur)
             for job in batch:
                 job.result = None
                 self._run(conn, cur, job)
+            self._commit(cur)
             cur.close()
         return self._sync_self
+
+    def _begin(self, conn: Connection, cur: Any) -> None:
+        """PostgreSQL: open the group's transaction. The group connection does not let psycopg
+        open and commit transactions itself (it is in autocommit mode): psycopg would wait for
+        its BEGIN's answer and its COMMIT's apart from the statements between them, where
+        these two statements travel in the group's pipeline with the rest (one round trip
+        instead of three). SQLite's BEGIN IMMEDIATE is sent by the engine (make_engine)."""
+        if self.postgres:
+            conn.info[_AUDIT_LOCKED] = False
+            cur.execute("BEGIN")
+
+    def _commit(self, cur: Any) -> None:
+        if self.postgres:
+            cur.execute("COMMIT")
 
     @contextmanager
     def _group_pipeline(self, conn: Connection, batch: list[_Job]) -> Iterator[None]:
@@ -393,6 +432,11 @@ class Database:
             return conn
         conn = self._gconn = self._write_engine.connect()
         self._sync_self = False
+        if self.postgres:
+            # _begin and _commit send BEGIN and COMMIT; detached from the pool, so that it is
+            # closed for good afterwards, never lent out in autocommit mode
+            conn.detach()
+            conn.connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
         if self._wal is not None:
             dbapi = conn.connection.dbapi_connection
             assert dbapi is not None
@@ -501,6 +545,8 @@ class Database:
         except Exception as exc:
             job.error = exc
             cur.execute("ROLLBACK TO SAVEPOINT gw_unit")
+            if _AUDIT_LOCKED in conn.info:  # a lock it took went with it (taken again if need be)
+                conn.info[_AUDIT_LOCKED] = False
         cur.execute("RELEASE SAVEPOINT gw_unit")
 
     def dispose(self) -> None:

@@ -233,13 +233,14 @@ def _pipeline(conn: Connection, postgres: bool) -> Any:
 def _store_rows(cur: Any, sql: _Sql, conn: Connection, env: Envelope, plan: _Plan,
                 idem: IdempotencyKey | None) -> Accepted:
     with _pipeline(conn, sql.postgres):
-        accepted = _write_rows(cur, sql, env, plan, idem)
+        accepted = _write_rows(cur, sql, conn, env, plan, idem)
     if accepted.created:
         _forward_rows(conn, env, plan)
     return accepted
 
 
-def _write_rows(cur: Any, sql: _Sql, env: Envelope, plan: _Plan, idem: IdempotencyKey | None) -> Accepted:
+def _write_rows(cur: Any, sql: _Sql, conn: Connection, env: Envelope, plan: _Plan,
+                idem: IdempotencyKey | None) -> Accepted:
     if idem is not None:
         cur.execute(sql.idem, (idem.api_key_id, idem.key))
         rec = cur.fetchone()
@@ -267,7 +268,7 @@ def _write_rows(cur: Any, sql: _Sql, env: Envelope, plan: _Plan, idem: Idempoten
         cur.execute(sql.outbox, (env.urgency_rank, plan.stamp, plan.stamp, env.message_id))
     if idem is not None:
         cur.execute(sql.idem_insert, (idem.api_key_id, idem.key, idem.request_hash, env.message_id, plan.stamp))
-    audit.append_driver(cur, sql.postgres, [plan.audit])
+    audit.append_driver(cur, sql.postgres, [plan.audit], conn)
     return Accepted(plan.message, created=True, routes=routes)
 
 

@@ -8,9 +8,9 @@ import time
 import pytest
 from sqlalchemy import func, insert, select
 
-from gateway import migrate
+from gateway import audit, migrate
 from gateway.db import Database
-from gateway.models import AdapterState
+from gateway.models import AdapterState, AuditEntry
 
 
 def _outcome(db: Database, fn) -> object:  # type: ignore[no-untyped-def]
@@ -320,3 +320,48 @@ def test_a_group_sets_savepoints_only_once_one_of_its_units_has_failed(database_
         assert sorted(s.scalars(select(AdapterState.key).where(AdapterState.adapter == "g"))) == [
             "a0", "a1", "a2", "a3", "a4", "b0", "b1", "b3", "b4"]
     db.dispose()
+
+
+def test_two_nodes_processes_appending_in_groups_keep_one_audit_chain(database_url):
+    """Two Database objects on one database (two gunicorn workers) append audit entries in
+    groups from many threads, some units failing after their entry. A group takes the
+    chain's lock once for all its units (PostgreSQL); a failing unit's savepoint gives back a
+    lock it took, and the next unit takes it again: the chain never forks and holds exactly
+    the entries of the units that succeeded."""
+    migrate.upgrade(database_url)
+    dbs = [Database(database_url), Database(database_url)]
+    done: list[str] = []
+
+    def unit(db: Database, name: str, fail: bool):  # type: ignore[no-untyped-def]
+        def fn(conn):  # type: ignore[no-untyped-def]
+            cur = conn.connection.cursor()
+            try:
+                audit.append_driver(cur, db.postgres, [audit.Record("test", "group.append", name)], conn)
+            finally:
+                cur.close()
+            if fail:
+                raise ValueError(f"{name} refuses")
+            return name
+        return fn
+
+    def writer(d: int, t: int) -> None:
+        for i in range(12):
+            name = f"db{d}-t{t}-{i}"
+            try:
+                done.append(dbs[d].write(unit(dbs[d], name, fail=i % 5 == 2), pipelined=True))
+            except ValueError:
+                pass
+
+    threads = [threading.Thread(target=writer, args=(d, t)) for d in range(2) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert len(done) == 2 * 6 * 10  # 12 units per thread, 2 of them refused
+    with dbs[0].sessions() as s:
+        result = audit.verify(s)
+        objects = set(s.scalars(select(AuditEntry.object).where(AuditEntry.action == "group.append")))
+    assert result.ok, result.problem
+    assert objects == set(done)
+    for db in dbs:
+        db.dispose()

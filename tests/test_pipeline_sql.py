@@ -224,12 +224,21 @@ def test_a_group_of_accepts_shares_one_pipeline_and_a_refused_one_is_undone_alon
 
     monkeypatch.setattr(Database, "_group_pipeline", counting)
     opened: list[int] = []  # psycopg pipelines entered
+    sent: list[tuple[str, bool]] = []  # (statement, inside a pipeline) on the group's connection
     if db.postgres:
         import psycopg
 
         real_pipeline = psycopg.Connection.pipeline
         monkeypatch.setattr(psycopg.Connection, "pipeline",
                             lambda self: (opened.append(1), real_pipeline(self))[1])
+        real_execute = psycopg.Cursor.execute
+
+        def recording(self, query, params=None, **kw):  # type: ignore[no-untyped-def]
+            if db._gconn is not None and self.connection is db._gconn.connection.dbapi_connection:
+                sent.append((str(query).split(" (")[0], self.connection._pipeline is not None))
+            return real_execute(self, query, params, **kw)
+
+        monkeypatch.setattr(psycopg.Cursor, "execute", recording)
     assert api.post("/api/v1/documents", json=api.document(title="组提交-原件"),
                     headers={"Idempotency-Key": "group-key"}).status_code == 202
 
@@ -257,6 +266,7 @@ def test_a_group_of_accepts_shares_one_pipeline_and_a_refused_one_is_undone_alon
         while len(db._jobs) < len(requests) and time.monotonic() < deadline:
             time.sleep(0.01)
         opened.clear()
+        sent.clear()
         hold.set()
         for t in [leader, *posts]:
             t.join(30)
@@ -265,6 +275,13 @@ def test_a_group_of_accepts_shares_one_pipeline_and_a_refused_one_is_undone_alon
     ok = one_group([(api.document(title=f"组提交-{i}"), {}) for i in range(4)])
     assert [r.status_code for r in ok] == [202] * 4
     assert len(opened) == (1 if db.postgres else 0)  # not one per accept
+    if db.postgres:
+        # the group's BEGIN and COMMIT travel in its pipeline, and the audit chain's lock is
+        # taken once for the transaction, not once per accept
+        group = sent[sent.index(("BEGIN", True)):]  # what came before closed the holding unit's
+        assert group[-1] == ("COMMIT", True) and all(inside for _, inside in group), sent
+        assert [q for q, _ in group].count("SELECT pg_advisory_xact_lock(1734440292)") == 1, sent
+        assert [q for q, _ in group].count("INSERT INTO messages") == 4, sent
     mixed = one_group([(api.document(title=f"组提交-{i}"), {}) for i in range(4, 7)]
                       + [(api.document(title="组提交-另一份"), {"Idempotency-Key": "group-key"})])
     assert [r.status_code for r in mixed] == [202, 202, 202, 422]
