@@ -49,10 +49,13 @@ def _free_port() -> int:
 
 
 class PrivateCluster:
-    """initdb + pg_ctl in a temp dir, listening on 127.0.0.1 only, trust auth, no fsync."""
+    """initdb + pg_ctl in a temp dir, listening on 127.0.0.1 only, trust auth, no fsync
+    (``durable``: PostgreSQL's own defaults, fsync and synchronous_commit on, for the tests
+    that crash it)."""
 
-    def __init__(self, pg_bin: Path) -> None:
+    def __init__(self, pg_bin: Path, durable: bool = False) -> None:
         self.pg_bin = pg_bin
+        self.durable = durable
         self.as_root = os.geteuid() == 0
         self.tmp = Path(tempfile.mkdtemp(prefix="gwtest-pg."))
         self.data = self.tmp / "data"
@@ -91,18 +94,15 @@ class PrivateCluster:
             conf.write(
                 "listen_addresses = '127.0.0.1'\n"
                 f"unix_socket_directories = '{self.tmp / 'sock'}'\n"
-                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
-                "max_connections = 200\n"
+                + ("" if self.durable else "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
+                + "max_connections = 200\n"
             )
         (self.data / "pg_hba.conf").write_text(
             "local all all trust\nhost  all all 127.0.0.1/32 trust\n"
         )
         for attempt in range(3):
             self.port = _free_port()
-            proc = self._run(
-                str(self.pg_bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.tmp / "server.log"),
-                "-o", f"-p {self.port}", "-w", "-t", "60", "start",
-            )
+            proc = self._pg_ctl_start()
             if proc.returncode == 0:
                 break
             self._stop_server()  # in case it came up after pg_ctl gave up waiting
@@ -113,6 +113,23 @@ class PrivateCluster:
         ) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(PG_DB)))
         return f"postgresql+psycopg://{PG_USER}@127.0.0.1:{self.port}/{PG_DB}"
+
+    def _pg_ctl_start(self) -> subprocess.CompletedProcess[str]:
+        return self._run(
+            str(self.pg_bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.tmp / "server.log"),
+            "-o", f"-p {self.port}", "-w", "-t", "60", "start",
+        )
+
+    def crash(self) -> None:
+        """Stop the server the way a crash would: every server process quits at once, without
+        a checkpoint and without writing out what sits in its shared buffers (WAL buffers
+        included); the next start recovers from the WAL on disk."""
+        self._check("pg_ctl stop -m immediate", self._run(
+            str(self.pg_bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"))
+
+    def start_again(self) -> None:
+        """Start the server after :meth:`crash`, on the same port (crash recovery)."""
+        self._check("pg_ctl start", self._pg_ctl_start())
 
     def _stop_server(self) -> None:
         if (self.data / "postmaster.pid").exists():
