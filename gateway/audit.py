@@ -106,7 +106,7 @@ _DRIVER_SQL = {
 #: hash is SHA-256 of ``prev_hash \x1f seq \x1f`` (known only to the server) followed by
 #: the client's :func:`_digest_tail`, the same bytes :func:`_digest` hashes. No round trip
 #: to read the head first, so the accept path sends its statements in one pipeline.
-_PG_APPEND_ONE = (
+PG_APPEND_ONE = (
     f"INSERT INTO audit_log ({', '.join(_COLUMNS)}) "
     "SELECT h.seq + 1, %s, %s, %s, %s, %s, %s, h.hash, encode(sha256("
     "convert_to(h.hash || chr(31) || (h.seq + 1)::text || chr(31), 'UTF8') || %s::bytea), 'hex') "
@@ -114,23 +114,36 @@ _PG_APPEND_ONE = (
     "LEFT JOIN audit_log a ON a.seq = m.seq) h")
 
 
+def lock_driver(cursor: Any, conn: Connection | None = None) -> None:
+    """PostgreSQL: take the chain's lock for the transaction, on a DBAPI cursor, before an
+    entry is appended; not again in a group commit's transaction that holds it (``conn``)."""
+    if conn is not None and audit_lock_held(conn):
+        return
+    cursor.execute(_DRIVER_SQL[True][0])
+    if conn is not None:
+        note_audit_lock(conn)
+
+
+def pg_append_one_params(r: Record) -> tuple[Any, ...]:
+    """The parameters of :data:`PG_APPEND_ONE` for entry ``r``, stamped now."""
+    at = datetime.now(UTC)
+    d = canonical(r.detail)
+    return (at, r.actor, r.action, r.obj, r.outcome, d, _digest_tail(at, r.actor, r.action, r.obj, r.outcome, d),
+            GENESIS)
+
+
 def append_driver(cursor: Any, postgres: bool, records: list[Record], conn: Connection | None = None) -> None:
     """:func:`append_many` on a DBAPI cursor (sqlite3 or psycopg) inside the caller's
     transaction: for the accept path, which runs while every other writer waits. On
-    PostgreSQL a single entry is chained by the server (:data:`_PG_APPEND_ONE`): nothing is
+    PostgreSQL a single entry is chained by the server (:data:`PG_APPEND_ONE`): nothing is
     read back, so a psycopg pipeline can carry it with the statements before it. ``conn``:
     the connection of a group commit (:meth:`gateway.db.Database.write`), whose transaction
     takes the chain's lock once for all its units."""
     lock, head, insert_sql = _DRIVER_SQL[postgres]
-    if lock and not (conn is not None and audit_lock_held(conn)):
-        cursor.execute(lock)
-        if conn is not None:
-            note_audit_lock(conn)
+    if postgres:
+        lock_driver(cursor, conn)
     if postgres and len(records) == 1:
-        r, at = records[0], datetime.now(UTC)
-        d = canonical(r.detail)
-        cursor.execute(_PG_APPEND_ONE, (at, r.actor, r.action, r.obj, r.outcome, d,
-                                        _digest_tail(at, r.actor, r.action, r.obj, r.outcome, d), GENESIS))
+        cursor.execute(PG_APPEND_ONE, pg_append_one_params(records[0]))
         return
     cursor.execute(head)
     last = cursor.fetchone()

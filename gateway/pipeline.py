@@ -163,12 +163,33 @@ class _Sql:
                        f"created_at) SELECT 'deliver', id, target, {m}, 'pending', 0, {m}, {m} FROM deliveries "
                        f"WHERE message_id = {m} AND route_kind = 'adapter' ORDER BY id")
         self.idem_insert = insert_sql("idempotency", _IDEM_COLUMNS)
+        self._accept_sql: dict[int, str] = {}
+
+    def accept_one(self, n: int) -> str:
+        """PostgreSQL: the message, its ``n`` deliveries, their outbox rows and the audit
+        entry in one statement."""
+        sql = self._accept_sql.get(n)
+        if sql is None:
+            row = "(" + ", ".join(["%s"] * len(_DELIVERY_COLUMNS)) + ")"
+            sql = self._accept_sql[n] = (
+                f"WITH m AS ({self.message} RETURNING id), "
+                f"d AS (INSERT INTO deliveries ({', '.join(_DELIVERY_COLUMNS)}) VALUES {', '.join([row] * n)} "
+                "RETURNING id, target, route_kind), "
+                f"a AS ({audit.PG_APPEND_ONE}) "
+                "INSERT INTO outbox (kind, delivery_id, target, priority, state, attempts, next_attempt_at, "
+                "created_at) SELECT 'deliver', id, target, %s, 'pending', 0, %s, %s FROM d "
+                "WHERE route_kind = 'adapter' ORDER BY id")
+        return sql
 
     def stamp(self, t: datetime) -> object:
         return driver_stamp(t, self.postgres)
 
 
 _SQL = {True: _Sql(True), False: _Sql(False)}
+
+#: PostgreSQL: a message to at most this many units is stored by one statement (its
+#: parameters, ten per unit, stay far below the protocol's 65,535); beyond, by one per table
+ONE_STATEMENT_MAX = 1000
 
 
 @dataclass
@@ -260,15 +281,23 @@ def _write_rows(cur: Any, sql: _Sql, conn: Connection, env: Envelope, plan: _Pla
             raise Rejected("message-id-conflict", f"message id {env.message_id} is already taken", status=409)
         return Accepted(StoredMessage(env.message_id), created=False)
 
-    cur.execute(sql.message, plan.message_row)
-    # a document to 200 units is one executemany here, not 200 statements
-    cur.executemany(sql.deliveries, plan.delivery_rows)
     routes = plan.routes
-    if any(route.kind == "adapter" for route in routes):
-        cur.execute(sql.outbox, (env.urgency_rank, plan.stamp, plan.stamp, env.message_id))
+    if sql.postgres and len(plan.delivery_rows) <= ONE_STATEMENT_MAX:
+        # one statement (the chain's lock is taken before it, so that its snapshot has the
+        # chain's head): one message for psycopg to send and PostgreSQL to answer, not four
+        audit.lock_driver(cur, conn)
+        cur.execute(sql.accept_one(len(plan.delivery_rows)),
+                    (*plan.message_row, *(v for row in plan.delivery_rows for v in row),
+                     *audit.pg_append_one_params(plan.audit), env.urgency_rank, plan.stamp, plan.stamp))
+    else:
+        cur.execute(sql.message, plan.message_row)
+        # a document to 200 units is one executemany here, not 200 statements
+        cur.executemany(sql.deliveries, plan.delivery_rows)
+        if any(route.kind == "adapter" for route in routes):
+            cur.execute(sql.outbox, (env.urgency_rank, plan.stamp, plan.stamp, env.message_id))
+        audit.append_driver(cur, sql.postgres, [plan.audit], conn)
     if idem is not None:
         cur.execute(sql.idem_insert, (idem.api_key_id, idem.key, idem.request_hash, env.message_id, plan.stamp))
-    audit.append_driver(cur, sql.postgres, [plan.audit], conn)
     return Accepted(plan.message, created=True, routes=routes)
 
 

@@ -105,6 +105,32 @@ def test_deliveries_and_their_outbox_rows_keep_the_envelope_order(api, gw_node):
             ("deliver", ids[2], "rec", 1, "pending"), ("deliver", ids[3], "rec", 1, "pending")]
 
 
+def test_a_message_to_more_units_than_one_statement_takes_is_stored_table_by_table(api, gw_node, monkeypatch):
+    """On PostgreSQL a message to up to ONE_STATEMENT_MAX units is stored by one statement;
+    beyond, by one statement per table (the same rows, in the same order)."""
+    from gateway import pipeline
+
+    monkeypatch.setattr(pipeline, "ONE_STATEMENT_MAX", 2)
+    one_statement: list[int] = []
+    real = pipeline._Sql.accept_one
+    monkeypatch.setattr(pipeline._Sql, "accept_one", lambda self, n: (one_statement.append(n), real(self, n))[1])
+    units = [CITY_B, COUNTY_A, EMERGENCY, PREFECTURE]
+    for n in (2, 4):  # one statement, then table by table
+        r = api.post("/api/v1/documents", json=api.document(recipients=units[:n]))
+        assert r.status_code == 202, r.get_json()
+        mid = r.get_json()["id"]
+        with gw_node.db.sessions() as s:
+            ds = s.scalars(select(Delivery).where(Delivery.message_id == mid).order_by(Delivery.id)).all()
+            assert [d.unit for d in ds] == units[:n]
+            rows = s.scalars(select(OutboxEntry).where(OutboxEntry.delivery_id.in_([d.id for d in ds]))
+                             .order_by(OutboxEntry.id)).all()
+            assert [o.delivery_id for o in rows] == [d.id for d in ds]
+            entry = s.scalars(select(AuditEntry).where(AuditEntry.object == f"message:{mid}")).one()
+            assert f'"recipients":{n}' in entry.detail
+            assert audit.verify(s).ok
+    assert one_statement == ([2] if gw_node.db.postgres else [])
+
+
 def test_outcomes_recorded_by_the_driver_read_back_like_orm_rows(api, gw_node):
     """The worker records successful deliveries on the driver's cursor too (Worker._record_delivered)."""
     from gateway.worker import Worker
@@ -281,7 +307,8 @@ def test_a_group_of_accepts_shares_one_pipeline_and_a_refused_one_is_undone_alon
         group = sent[sent.index(("BEGIN", True)):]  # what came before closed the holding unit's
         assert group[-1] == ("COMMIT", True) and all(inside for _, inside in group), sent
         assert [q for q, _ in group].count("SELECT pg_advisory_xact_lock(1734440292)") == 1, sent
-        assert [q for q, _ in group].count("INSERT INTO messages") == 4, sent
+        # each accept's rows (message, delivery, outbox row, audit entry) in one statement
+        assert [q for q, _ in group].count("WITH m AS") == 4, sent
     mixed = one_group([(api.document(title=f"组提交-{i}"), {}) for i in range(4, 7)]
                       + [(api.document(title="组提交-另一份"), {"Idempotency-Key": "group-key"})])
     assert [r.status_code for r in mixed] == [202, 202, 202, 422]
