@@ -407,6 +407,7 @@ class Database:
             cur.execute("BEGIN")
 
     def _commit(self, cur: Any) -> None:
+        """PostgreSQL: close the group's transaction (see :meth:`_begin`)."""
         if self.postgres:
             cur.execute("COMMIT")
 

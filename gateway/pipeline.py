@@ -172,12 +172,12 @@ class _Sql:
         if sql is None:
             row = "(" + ", ".join(["%s"] * len(_DELIVERY_COLUMNS)) + ")"
             sql = self._accept_sql[n] = (
-                f"WITH m AS ({self.message} RETURNING id), "
-                f"d AS (INSERT INTO deliveries ({', '.join(_DELIVERY_COLUMNS)}) VALUES {', '.join([row] * n)} "
-                "RETURNING id, target, route_kind), "
-                f"a AS ({audit.PG_APPEND_ONE}) "
+                f"WITH new_message AS ({self.message} RETURNING id), "
+                f"new_deliveries AS (INSERT INTO deliveries ({', '.join(_DELIVERY_COLUMNS)}) "
+                f"VALUES {', '.join([row] * n)} RETURNING id, target, route_kind), "
+                f"new_entry AS ({audit.PG_APPEND_ONE}) "
                 "INSERT INTO outbox (kind, delivery_id, target, priority, state, attempts, next_attempt_at, "
-                "created_at) SELECT 'deliver', id, target, %s, 'pending', 0, %s, %s FROM d "
+                "created_at) SELECT 'deliver', id, target, %s, 'pending', 0, %s, %s FROM new_deliveries "
                 "WHERE route_kind = 'adapter' ORDER BY id")
         return sql
 

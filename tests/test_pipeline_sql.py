@@ -308,7 +308,7 @@ def test_a_group_of_accepts_shares_one_pipeline_and_a_refused_one_is_undone_alon
         assert group[-1] == ("COMMIT", True) and all(inside for _, inside in group), sent
         assert [q for q, _ in group].count("SELECT pg_advisory_xact_lock(1734440292)") == 1, sent
         # each accept's rows (message, delivery, outbox row, audit entry) in one statement
-        assert [q for q, _ in group].count("WITH m AS") == 4, sent
+        assert [q for q, _ in group].count("WITH new_message AS") == 4, sent
     mixed = one_group([(api.document(title=f"组提交-{i}"), {}) for i in range(4, 7)]
                       + [(api.document(title="组提交-另一份"), {"Idempotency-Key": "group-key"})])
     assert [r.status_code for r in mixed] == [202, 202, 202, 422]
