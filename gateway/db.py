@@ -26,6 +26,7 @@ import collections
 import fcntl
 import logging
 import os
+import select
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -133,6 +134,24 @@ def driver_mark(postgres: bool) -> str:
 
 def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+def _server_hung_up(conn: Connection) -> bool:
+    """PostgreSQL: has the server closed this idle connection (a restart, a crash, an
+    administrator's pg_terminate_backend)? Nothing is in flight on it between two groups, so
+    anything to read means the server said goodbye (a FATAL message, then end of file). One
+    ``poll`` without waiting, where a ping would cost a round trip per group; without it,
+    the first group after a server restart would fail and its callers get errors."""
+    dbapi = conn.connection.dbapi_connection
+    if dbapi is None or dbapi.closed:  # type: ignore[attr-defined]
+        return True
+    try:
+        fd = dbapi.pgconn.socket  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - psycopg: the connection is already known to be lost
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class _WriterLock:
@@ -247,6 +266,11 @@ class Database:
         :meth:`hold_connection` gets its own kept connection."""
         self._ensure_checkpointer()
         held: Connection | None = getattr(self._held, "conn", None)
+        if held is not None and self.postgres and _server_hung_up(held):
+            log.warning("the database server closed a kept connection; opening a new one")
+            self.release_connection()
+            self.hold_connection()
+            held = self._held.conn
         if held is not None:
             try:
                 with self._lock or nullcontext(), held.begin():
@@ -430,7 +454,10 @@ class Database:
     def _group_connection(self) -> Connection:
         conn = self._gconn
         if conn is not None:
-            return conn
+            if not (self.postgres and _server_hung_up(conn)):
+                return conn
+            log.warning("the database server closed the group commit connection; opening a new one")
+            self._drop_group_connection()
         conn = self._gconn = self._write_engine.connect()
         self._sync_self = False
         if self.postgres:

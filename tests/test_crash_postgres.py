@@ -91,3 +91,45 @@ def test_documents_answered_202_survive_a_postgresql_crash(tmp_path):
         node.close()
     finally:
         cluster.stop()
+
+
+def test_accepts_go_on_at_once_after_the_server_drops_the_gateway_s_connections(tmp_path):
+    """The connection that commits groups of accepts stays open between groups. When the
+    server closes it (an administrator's pg_terminate_backend, a restart), the next group
+    opens a new one instead of failing: no accept is answered with an error once the server
+    is back."""
+    pg_bin = _pg_bin()
+    assert pg_bin is not None, "PostgreSQL server binaries not found (tests/run installs them)"
+    cluster = PrivateCluster(pg_bin, durable=True)  # the crash below must not lose commits
+    url = cluster.start()
+    try:
+        RecordingAdapter.instances.clear()
+        cfg = node_config(tmp_path, url)
+        migrate.upgrade(cfg.database_url())
+        node = Node(cfg)
+        api = Api(node)
+        doc = api.document(title="连接中断后继续收文")
+        assert api.post("/api/v1/documents", json=doc).status_code == 202
+        node.db.hold_connection()  # as the delivery worker's claimer and recorder threads do
+        with node.db.begin_core() as c:
+            kept = c.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with node.db.engine.connect() as c:  # every other session of the database, the group's included
+            killed = c.exec_driver_sql(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()").scalar()
+        assert killed and killed >= 1
+        time.sleep(0.2)  # the server's goodbye reaches the client
+        statuses = [api.post("/api/v1/documents", json=doc).status_code for _ in range(3)]
+        assert statuses == [202, 202, 202]
+        with node.db.begin_core() as c:  # the kept connection was renewed, not failed
+            assert c.exec_driver_sql("SELECT pg_backend_pid()").scalar() != kept
+        node.db.release_connection()
+        cluster.crash()
+        cluster.start_again()
+        statuses = [api.post("/api/v1/documents", json=doc).status_code for _ in range(3)]
+        assert statuses == [202, 202, 202]
+        with node.db.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Message)) == 7
+        node.close()
+    finally:
+        cluster.stop()
