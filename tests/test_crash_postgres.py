@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import func, select
@@ -54,7 +55,9 @@ def _accept_until_the_crash(api: Api, cluster: PrivateCluster) -> list[str]:
     return accepted
 
 
-def test_documents_answered_202_survive_a_postgresql_crash(tmp_path):
+@pytest.fixture
+def durable_node(tmp_path) -> Iterator[tuple[PrivateCluster, Api]]:
+    """A node on a private cluster of its own, which the test may crash and start again."""
     pg_bin = _pg_bin()
     assert pg_bin is not None, "PostgreSQL server binaries not found (tests/run installs them)"
     cluster = PrivateCluster(pg_bin, durable=True)
@@ -64,72 +67,67 @@ def test_documents_answered_202_survive_a_postgresql_crash(tmp_path):
         cfg = node_config(tmp_path, url)
         migrate.upgrade(cfg.database_url())
         node = Node(cfg)
-        api = Api(node)
-        every: list[str] = []
-        for _ in range(CRASHES):
-            accepted = _accept_until_the_crash(api, cluster)
-            assert len(accepted) >= 150  # the crash came mid-stream, not before it
-            every += accepted
-            cluster.start_again()
-            check = Database(url)  # a fresh engine: nothing cached from before the crash
-            try:
-                with check.sessions() as s:
-                    found = set(s.scalars(select(Message.id).where(Message.id.in_(every))))
-                    assert len(found) == len(every), f"{len(every) - len(found)} accepted documents lost"
-                    deliveries = s.scalar(select(func.count()).select_from(Delivery)
-                                          .where(Delivery.message_id.in_(every)))
-                    outbox = s.scalar(select(func.count()).select_from(OutboxEntry).join(Delivery)
-                                      .where(Delivery.message_id.in_(every)))
-                    audited = s.scalar(select(func.count()).select_from(AuditEntry).where(
-                        AuditEntry.action == "message.accept",
-                        AuditEntry.object.in_([f"message:{m}" for m in every])))
-                    assert deliveries == outbox == audited == len(every)
-                    result = audit.verify(s)
-                    assert result.ok, result.problem
-            finally:
-                check.dispose()
-        node.close()
+        try:
+            yield cluster, Api(node)
+        finally:
+            node.close()
     finally:
         cluster.stop()
 
 
-def test_accepts_go_on_at_once_after_the_server_drops_the_gateway_s_connections(tmp_path):
+def test_documents_answered_202_survive_a_postgresql_crash(durable_node):
+    cluster, api = durable_node
+    every: list[str] = []
+    for _ in range(CRASHES):
+        accepted = _accept_until_the_crash(api, cluster)
+        assert len(accepted) >= 150  # the crash came mid-stream, not before it
+        every += accepted
+        cluster.start_again()
+        check = Database(api.node.db.url)  # a fresh engine: nothing cached from before the crash
+        try:
+            with check.sessions() as s:
+                found = set(s.scalars(select(Message.id).where(Message.id.in_(every))))
+                assert len(found) == len(every), f"{len(every) - len(found)} accepted documents lost"
+                deliveries = s.scalar(select(func.count()).select_from(Delivery)
+                                      .where(Delivery.message_id.in_(every)))
+                outbox = s.scalar(select(func.count()).select_from(OutboxEntry).join(Delivery)
+                                  .where(Delivery.message_id.in_(every)))
+                audited = s.scalar(select(func.count()).select_from(AuditEntry).where(
+                    AuditEntry.action == "message.accept",
+                    AuditEntry.object.in_([f"message:{m}" for m in every])))
+                assert deliveries == outbox == audited == len(every)
+                result = audit.verify(s)
+                assert result.ok, result.problem
+        finally:
+            check.dispose()
+
+
+def test_accepts_go_on_at_once_after_the_server_drops_the_gateway_s_connections(durable_node):
     """The connection that commits groups of accepts stays open between groups. When the
     server closes it (an administrator's pg_terminate_backend, a restart), the next group
     opens a new one instead of failing: no accept is answered with an error once the server
-    is back."""
-    pg_bin = _pg_bin()
-    assert pg_bin is not None, "PostgreSQL server binaries not found (tests/run installs them)"
-    cluster = PrivateCluster(pg_bin, durable=True)  # the crash below must not lose commits
-    url = cluster.start()
-    try:
-        RecordingAdapter.instances.clear()
-        cfg = node_config(tmp_path, url)
-        migrate.upgrade(cfg.database_url())
-        node = Node(cfg)
-        api = Api(node)
-        doc = api.document(title="连接中断后继续收文")
-        assert api.post("/api/v1/documents", json=doc).status_code == 202
-        node.db.hold_connection()  # as the delivery worker's claimer and recorder threads do
-        with node.db.begin_core() as c:
-            kept = c.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-        with node.db.engine.connect() as c:  # every other session of the database, the group's included
-            killed = c.exec_driver_sql(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()").scalar()
-        assert killed and killed >= 1
-        time.sleep(0.2)  # the server's goodbye reaches the client
-        statuses = [api.post("/api/v1/documents", json=doc).status_code for _ in range(3)]
-        assert statuses == [202, 202, 202]
-        with node.db.begin_core() as c:  # the kept connection was renewed, not failed
-            assert c.exec_driver_sql("SELECT pg_backend_pid()").scalar() != kept
-        node.db.release_connection()
-        cluster.crash()
-        cluster.start_again()
-        statuses = [api.post("/api/v1/documents", json=doc).status_code for _ in range(3)]
-        assert statuses == [202, 202, 202]
-        with node.db.sessions() as s:
-            assert s.scalar(select(func.count()).select_from(Message)) == 7
-        node.close()
-    finally:
-        cluster.stop()
+    is back. The same for a connection kept by a thread that writes in a loop."""
+    cluster, api = durable_node
+    db = api.node.db
+    doc = api.document(title="连接中断后继续收文")
+    assert api.post("/api/v1/documents", json=doc).status_code == 202
+    db.hold_connection()  # as the delivery worker's claimer and recorder threads do
+    with db.begin_core() as c:
+        kept = c.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    with db.engine.connect() as c:  # every other session of the database, the group's included
+        killed = c.exec_driver_sql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()").scalar()
+    assert killed and killed >= 1
+    time.sleep(0.2)  # the server's goodbye reaches the client
+    statuses = [api.post("/api/v1/documents", json=doc).status_code for _ in range(3)]
+    assert statuses == [202, 202, 202]
+    with db.begin_core() as c:  # the kept connection was renewed, not failed
+        assert c.exec_driver_sql("SELECT pg_backend_pid()").scalar() != kept
+    db.release_connection()
+    cluster.crash()  # durable: the crash loses nothing that was answered 202
+    cluster.start_again()
+    statuses = [api.post("/api/v1/documents", json=doc).status_code for _ in range(3)]
+    assert statuses == [202, 202, 202]
+    with db.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Message)) == 7
