@@ -22,11 +22,13 @@ from collections.abc import Iterator
 from sqlalchemy import Connection, insert, select, text
 from sqlalchemy.orm import Session
 
-from gateway.db import audit_lock_held, driver_mark, driver_stamp, note_audit_lock
+from gateway.db import claim_audit_lock, driver_mark, driver_stamp
 from gateway.models import table, AuditEntry
 
 GENESIS = "0" * 64
 _LOCK_ID = 0x6761_7564  # "gaud"
+#: PostgreSQL: serialises appends to the chain until the transaction ends
+_PG_LOCK = f"SELECT pg_advisory_xact_lock({_LOCK_ID})"
 
 
 def _digest(prev: str, seq: int, at: datetime, actor: str, action: str, obj: str, outcome: str, detail: str) -> str:
@@ -85,7 +87,7 @@ def append_many(session: Session | Connection, records: list[Record]) -> None:
         return
     dialect = session.dialect if isinstance(session, Connection) else session.get_bind().dialect
     if dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_ID})
+        session.execute(text(_PG_LOCK))
     if isinstance(session, Session):
         session.flush()  # entries appended earlier in this transaction are part of the head
     last = session.execute(_HEAD).first()
@@ -95,8 +97,7 @@ def append_many(session: Session | Connection, records: list[Record]) -> None:
 
 _COLUMNS = ("seq", "at", "actor", "action", "object", "outcome", "detail", "prev_hash", "hash")
 _DRIVER_SQL = {
-    postgres: (f"SELECT pg_advisory_xact_lock({_LOCK_ID})" if postgres else None,
-               "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+    postgres: ("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
                f"INSERT INTO audit_log ({', '.join(_COLUMNS)}) VALUES ({', '.join([mark] * len(_COLUMNS))})")
     for postgres, mark in ((True, driver_mark(True)), (False, driver_mark(False)))
 }
@@ -117,11 +118,8 @@ PG_APPEND_ONE = (
 def lock_driver(cursor: Any, conn: Connection | None = None) -> None:
     """PostgreSQL: take the chain's lock for the transaction, on a DBAPI cursor, before an
     entry is appended; not again in a group commit's transaction that holds it (``conn``)."""
-    if conn is not None and audit_lock_held(conn):
-        return
-    cursor.execute(_DRIVER_SQL[True][0])
-    if conn is not None:
-        note_audit_lock(conn)
+    if conn is None or claim_audit_lock(conn):
+        cursor.execute(_PG_LOCK)
 
 
 def pg_append_one_params(r: Record) -> tuple[Any, ...]:
@@ -139,7 +137,7 @@ def append_driver(cursor: Any, postgres: bool, records: list[Record], conn: Conn
     read back, so a psycopg pipeline can carry it with the statements before it. ``conn``:
     the connection of a group commit (:meth:`gateway.db.Database.write`), whose transaction
     takes the chain's lock once for all its units."""
-    lock, head, insert_sql = _DRIVER_SQL[postgres]
+    head, insert_sql = _DRIVER_SQL[postgres]
     if postgres:
         lock_driver(cursor, conn)
     if postgres and len(records) == 1:

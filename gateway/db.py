@@ -101,18 +101,18 @@ _IN_GROUP_PIPELINE = "gateway_group_pipeline"
 _AUDIT_LOCKED = "gateway_audit_locked"
 
 
-def audit_lock_held(conn: Connection) -> bool:
-    """PostgreSQL: True when ``conn`` runs a group commit (:meth:`Database.write`) and one
-    of the group's units has already taken the audit chain's lock in this transaction (it is
-    held until the commit). Always False on any other connection."""
-    return bool(conn.info.get(_AUDIT_LOCKED))
-
-
-def note_audit_lock(conn: Connection) -> None:
-    """The audit chain's lock was just taken on ``conn`` (remembered for a group's
-    transaction only: :meth:`Database._begin` starts each one at False)."""
-    if _AUDIT_LOCKED in conn.info:
-        conn.info[_AUDIT_LOCKED] = True
+def claim_audit_lock(conn: Connection) -> bool:
+    """PostgreSQL: must a unit running on ``conn`` take the audit chain's lock now? False
+    only when ``conn`` runs a group commit (:meth:`Database.write`) whose transaction has
+    taken it already (it is held until the commit); otherwise True, and a group's
+    transaction remembers it as taken (:meth:`Database._begin` starts each one at False)."""
+    info = conn.info
+    if _AUDIT_LOCKED not in info:
+        return True
+    if info[_AUDIT_LOCKED]:
+        return False
+    info[_AUDIT_LOCKED] = True
+    return True
 
 
 def in_group_pipeline(conn: Connection) -> bool:

@@ -114,18 +114,17 @@ class PrivateCluster:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(PG_DB)))
         return f"postgresql+psycopg://{PG_USER}@127.0.0.1:{self.port}/{PG_DB}"
 
+    def _pg_ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self._run(str(self.pg_bin / "pg_ctl"), "-D", str(self.data), *args)
+
     def _pg_ctl_start(self) -> subprocess.CompletedProcess[str]:
-        return self._run(
-            str(self.pg_bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.tmp / "server.log"),
-            "-o", f"-p {self.port}", "-w", "-t", "60", "start",
-        )
+        return self._pg_ctl("-l", str(self.tmp / "server.log"), "-o", f"-p {self.port}", "-w", "-t", "60", "start")
 
     def crash(self) -> None:
         """Stop the server the way a crash would: every server process quits at once, without
         a checkpoint and without writing out what sits in its shared buffers (WAL buffers
         included); the next start recovers from the WAL on disk."""
-        self._check("pg_ctl stop -m immediate", self._run(
-            str(self.pg_bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"))
+        self._check("pg_ctl stop -m immediate", self._pg_ctl("-m", "immediate", "-w", "stop"))
 
     def start_again(self) -> None:
         """Start the server after :meth:`crash`, on the same port (crash recovery)."""
@@ -133,7 +132,7 @@ class PrivateCluster:
 
     def _stop_server(self) -> None:
         if (self.data / "postmaster.pid").exists():
-            self._run(str(self.pg_bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            self._pg_ctl("-m", "immediate", "-w", "stop")
 
     def stop(self) -> None:
         self._stop_server()
