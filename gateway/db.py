@@ -12,7 +12,8 @@ failing unit is undone alone: the units first run one after the other with nothi
 between; if one fails, the transaction is rolled back and the group runs again with a
 savepoint around each unit (so a unit may run twice, and must do only database work).
 PostgreSQL gains the same way (one commit, one audit-chain lock per group; the group's
-BEGIN and COMMIT go out with its statements, see :meth:`Database._begin`). There is no
+BEGIN and COMMIT go out with its statements, see :meth:`Database._begin`; a group of units
+that only write is sent as one message, see :mod:`gateway.pgbatch`). There is no
 commit thread: one of the callers leads each group (see :meth:`Database.write`). On SQLite
 the group's connection commits with ``synchronous=NORMAL``; the leader then lets go of the
 writer lock, passes the lead on, and syncs the WAL file itself (``fdatasync``) before any
@@ -39,6 +40,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from gateway import pgbatch
 from gateway.durable import fsync_dir
 
 _WRITE = "gateway_write"
@@ -99,6 +101,7 @@ _IN_GROUP_PIPELINE = "gateway_group_pipeline"
 
 
 _AUDIT_LOCKED = "gateway_audit_locked"
+_RECORDER = "gateway_group_recorder"
 
 
 def claim_audit_lock(conn: Connection) -> bool:
@@ -117,8 +120,38 @@ def claim_audit_lock(conn: Connection) -> bool:
 
 def in_group_pipeline(conn: Connection) -> bool:
     """True while ``conn`` carries a group of ``pipelined`` units in one psycopg pipeline
-    (see :meth:`Database.write`): a unit then queues its statements in it."""
+    (see :meth:`Database.write`), or records a group of ``write_only`` ones: a unit then
+    queues its statements there and opens no pipeline itself."""
     return bool(conn.info.get(_IN_GROUP_PIPELINE))
+
+
+class _Recorder:
+    """The driver's cursor, for a ``write_only`` unit in a PostgreSQL group: it keeps the
+    unit's statements, which the group sends in one message (:mod:`gateway.pgbatch`)."""
+
+    __slots__ = ("statements",)
+
+    def __init__(self) -> None:
+        self.statements: list[pgbatch.Statement] = []
+
+    def execute(self, sql: str, params: Any = ()) -> None:
+        self.statements.append((sql, params))
+
+    def executemany(self, sql: str, params_seq: Any) -> None:
+        self.statements.extend((sql, params) for params in params_seq)
+
+    def fetchone(self) -> Any:
+        raise RuntimeError("a write_only unit of work read a result")
+
+    def close(self) -> None:
+        pass
+
+
+def group_cursor(conn: Connection) -> Any:
+    """The cursor a unit of work runs its driver statements on: the recorder of a group of
+    ``write_only`` units (see :meth:`Database.write`), else a new cursor of ``conn``'s
+    driver connection (close it after use)."""
+    return conn.info.get(_RECORDER) or conn.connection.cursor()
 
 
 def driver_stamp(t: datetime, postgres: bool) -> object:
@@ -187,11 +220,12 @@ class _Job:
     the group that ran it calls ``finish``, or until it is made the next leader (``lead``).
     The latch is a plain lock: an Event costs several Python-level lock operations."""
 
-    __slots__ = ("fn", "pipelined", "result", "error", "lead", "_latch")
+    __slots__ = ("fn", "pipelined", "write_only", "result", "error", "lead", "_latch")
 
-    def __init__(self, fn: Callable[[Connection], Any], pipelined: bool = False) -> None:
+    def __init__(self, fn: Callable[[Connection], Any], pipelined: bool = False, write_only: bool = False) -> None:
         self.fn = fn
         self.pipelined = pipelined  # see Database.write
+        self.write_only = write_only
         self.result: Any = None
         self.error: BaseException | None = None
         self.lead = False  # woken to lead the next group, not because it is done
@@ -247,6 +281,7 @@ class Database:
         self._jobs: collections.deque[_Job] = collections.deque()  # append/popleft are atomic
         self._leader = threading.Lock()  # held by the thread leading a group, or passed on
         self._gconn: Connection | None = None  # the group's connection; only the leader uses it
+        self._prepared = pgbatch.Prepared()  # on the group's connection, by gateway.pgbatch
 
     @contextmanager
     def begin(self) -> Iterator[Session]:
@@ -298,7 +333,7 @@ class Database:
             except Exception:  # noqa: BLE001 - a broken connection is dropped either way
                 conn.invalidate()
 
-    def write(self, fn: Callable[[Connection], T], *, pipelined: bool = False) -> T:
+    def write(self, fn: Callable[[Connection], T], *, pipelined: bool = False, write_only: bool = False) -> T:
         """Run ``fn(connection)`` (Core statements only) in a transaction shared with other
         concurrent callers and return its result once that transaction is committed (group
         commit). An exception from ``fn`` is raised here and undoes only ``fn``'s own changes.
@@ -310,13 +345,19 @@ class Database:
         statements in one psycopg pipeline: one round trip for the group instead of one per
         unit. Such a unit checks :func:`in_group_pipeline` and then opens no pipeline itself.
 
+        ``write_only``: moreover, ``fn`` reads no result back (it only writes), and takes its
+        cursor from :func:`group_cursor`. On PostgreSQL a group made only of such units is
+        recorded, then sent with its BEGIN and COMMIT as one message (:mod:`gateway.pgbatch`),
+        which costs a third of psycopg's client CPU. If that transaction fails, the units run
+        again as usual (see the module docstring), where each one's error is its own.
+
         There is no commit thread: the caller that finds no group running leads one itself
         (it runs every queued unit, its own included, and commits them together); the others
         wait. A leader that finishes with units still queued passes the lead to the owner of
         the oldest, so nobody is kept leading for others. This saves a hand-over to another
         thread and back on every group."""
         self._ensure_checkpointer()
-        job = _Job(fn, pipelined)
+        job = _Job(fn, pipelined or write_only, write_only)
         self._jobs.append(job)
         if self._leader.acquire(blocking=False):
             self._lead(job)
@@ -393,6 +434,25 @@ class Database:
         # owns its failure; in a group, a failure rolls everything back and the group runs
         # again, each unit in its own savepoint, so that only the failing one is undone (a
         # unit may run twice: it does only database work).
+        if self.postgres and all(job.write_only for job in batch):
+            if self._send_group(conn, batch):
+                return False
+        elif self._first_run(conn, batch):
+            return self._sync_self
+        self._prepared.clear()  # see pgbatch.Prepared.clear
+        with conn.begin():
+            cur = conn.connection.cursor()
+            self._begin(conn, cur)
+            for job in batch:
+                job.result = None
+                self._run(conn, cur, job)
+            self._commit(cur)
+            cur.close()
+        return self._sync_self
+
+    def _first_run(self, conn: Connection, batch: list[_Job]) -> bool:
+        """The units one after the other in one transaction; True once it is committed, or
+        once the only unit has failed (its error is its own)."""
         with conn.begin() as tx:
             cur = conn.connection.cursor()
             try:
@@ -405,20 +465,39 @@ class Database:
                 tx.rollback()
                 if len(batch) == 1:
                     batch[0].error = exc
-                    return self._sync_self
+                    self._prepared.clear()  # see pgbatch.Prepared.clear
+                    return True
+                return False
             else:
-                return self._sync_self  # committed on leaving the block
+                return True  # committed on leaving the block
             finally:
                 cur.close()
-        with conn.begin():
-            cur = conn.connection.cursor()
-            self._begin(conn, cur)
+
+    def _send_group(self, conn: Connection, batch: list[_Job]) -> bool:
+        """PostgreSQL, every unit ``write_only``: record their statements, then send them in
+        one transaction (:func:`gateway.pgbatch.send_transaction`). True once committed;
+        False if not (the connection is idle again). A broken connection raises."""
+        recorder = _Recorder()
+        info = conn.info
+        info[_RECORDER], info[_IN_GROUP_PIPELINE], info[_AUDIT_LOCKED] = recorder, True, False
+        try:
             for job in batch:
-                job.result = None
-                self._run(conn, cur, job)
-            self._commit(cur)
-            cur.close()
-        return self._sync_self
+                job.result = job.fn(conn)
+        except Exception:  # noqa: BLE001 - its second run gives the unit its error
+            return False
+        finally:
+            info[_RECORDER], info[_IN_GROUP_PIPELINE] = None, False
+        dbapi: Any = conn.connection.dbapi_connection
+        try:
+            pgbatch.send_transaction(dbapi.pgconn, recorder.statements, self._prepared, dbapi.info.encoding)
+        except pgbatch.BatchFailed as exc:
+            if exc.broken:
+                raise
+            return False
+        except TypeError as exc:  # a parameter pgbatch has no text form for: psycopg has
+            log.error("a group could not be sent in one message (%s); sent unit by unit", exc)
+            return False
+        return True
 
     def _begin(self, conn: Connection, cur: Any) -> None:
         """PostgreSQL: open the group's transaction. The group connection does not let psycopg
@@ -460,6 +539,7 @@ class Database:
             self._drop_group_connection()
         conn = self._gconn = self._write_engine.connect()
         self._sync_self = False
+        self._prepared = pgbatch.Prepared()
         if self.postgres:
             # _begin and _commit send BEGIN and COMMIT; detached from the pool, so that it is
             # closed for good afterwards, never lent out in autocommit mode

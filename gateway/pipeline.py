@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from adapters.base import remote_ref
 from gateway import audit, events, payloads
-from gateway.db import driver_mark, driver_stamp, in_group_pipeline
+from gateway.db import driver_mark, driver_stamp, group_cursor, in_group_pipeline
 from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError, Recipient
 from gateway.models import table, Delivery, Message, OutboxEntry
 from gateway.node import Node
@@ -110,10 +110,13 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
         return _store(s, env, plan, idempotency)
 
     # a copy for another node adds its forward row through SQLAlchemy (_forward_rows): such a
-    # unit cannot share the group's pipeline
+    # unit cannot share the group's pipeline; a new id without an Idempotency-Key is stored
+    # without reading anything first (see _write_rows)
     pipelined = all(route.kind == "adapter" for route in routes)
+    write_only = pipelined and new_id and idempotency is None
     try:
-        return node.db.write(unit, pipelined=pipelined)  # group commit: returns once committed
+        # group commit: returns once committed
+        return node.db.write(unit, pipelined=pipelined, write_only=write_only)
     except node.db.integrity_errors:
         # Two identical requests raced (PostgreSQL: two transactions both found no message
         # and both inserted it); the other one committed first. Answer as it did.
@@ -234,7 +237,7 @@ def _store(s: Session | Connection, env: Envelope, plan: _Plan, idem: Idempotenc
         s.flush()  # the caller's pending rows (an audit entry, say) go first
     conn = s.connection() if isinstance(s, Session) else s
     sql = _SQL[conn.dialect.name == "postgresql"]
-    cur = conn.connection.cursor()
+    cur = group_cursor(conn)
     try:
         return _store_rows(cur, sql, conn, env, plan, idem)
     finally:

@@ -8,8 +8,8 @@ import time
 import pytest
 from sqlalchemy import func, insert, select
 
-from gateway import audit, migrate
-from gateway.db import Database
+from gateway import audit, migrate, pgbatch
+from gateway.db import Database, driver_mark, group_cursor
 from gateway.models import AdapterState, AuditEntry
 
 
@@ -334,7 +334,7 @@ def test_two_nodes_processes_appending_in_groups_keep_one_audit_chain(database_u
 
     def unit(db: Database, name: str, fail: bool):  # type: ignore[no-untyped-def]
         def fn(conn):  # type: ignore[no-untyped-def]
-            cur = conn.connection.cursor()
+            cur = group_cursor(conn)
             try:
                 audit.append_driver(cur, db.postgres, [audit.Record("test", "group.append", name)], conn)
             finally:
@@ -348,7 +348,9 @@ def test_two_nodes_processes_appending_in_groups_keep_one_audit_chain(database_u
         for i in range(12):
             name = f"db{d}-t{t}-{i}"
             try:
-                done.append(dbs[d].write(unit(dbs[d], name, fail=i % 5 == 2), pipelined=True))
+                # the first "process" sends its groups in one message (PostgreSQL), the
+                # other one through psycopg's pipeline
+                done.append(dbs[d].write(unit(dbs[d], name, fail=i % 5 == 2), pipelined=True, write_only=d == 0))
             except ValueError:
                 pass
 
@@ -364,4 +366,144 @@ def test_two_nodes_processes_appending_in_groups_keep_one_audit_chain(database_u
     assert result.ok, result.problem
     assert objects == set(done)
     for db in dbs:
+        db.dispose()
+
+
+def _put(key: str, value: object = "v", comment: str = ""):  # type: ignore[no-untyped-def]
+    """A write_only unit: one adapter_state row, on the cursor the group gives it (a
+    ``comment`` makes it another statement)."""
+    def fn(conn):  # type: ignore[no-untyped-def]
+        m = driver_mark(conn.dialect.name == "postgresql")
+        cur = group_cursor(conn)
+        try:
+            cur.execute(f"INSERT INTO adapter_state (adapter, key, value) VALUES ({m}, {m}, {m}){comment}",
+                        ("w", key, value))
+        finally:
+            cur.close()
+        return key
+    return fn
+
+
+def _one_group(db: Database, fns: list, write_only: bool = True) -> list:  # type: ignore[type-arg]
+    """Each ``db.write(fn)`` from a thread of its own, all in one group (a unit of ours holds
+    the lead until they are queued); what each caller got: its result or its exception."""
+    hold, holding = threading.Event(), threading.Event()
+
+    def block(conn):  # type: ignore[no-untyped-def]
+        holding.set()
+        assert hold.wait(20)
+
+    out: list = [None] * len(fns)
+
+    def run(i: int) -> None:
+        try:
+            out[i] = db.write(fns[i], pipelined=True, write_only=write_only)
+        except Exception as exc:  # noqa: BLE001
+            out[i] = exc
+
+    leader = threading.Thread(target=db.write, args=(block,))
+    leader.start()
+    assert holding.wait(10)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while len(db._jobs) < len(fns) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    hold.set()
+    for t in [leader, *threads]:
+        t.join(30)
+    return out
+
+
+@pytest.fixture
+def sends(monkeypatch):  # type: ignore[no-untyped-def]
+    """Every transaction sent in one message (gateway.pgbatch): (statements, outcome)."""
+    got: list[tuple[int, str]] = []
+    real = pgbatch.send_transaction
+
+    def spy(pg, statements, prepared, encoding="utf-8"):  # type: ignore[no-untyped-def]
+        try:
+            real(pg, statements, prepared, encoding)
+        except Exception as exc:
+            got.append((len(statements), type(exc).__name__))
+            raise
+        got.append((len(statements), "committed"))
+
+    monkeypatch.setattr(pgbatch, "send_transaction", spy)
+    return got
+
+
+def _keys(db: Database) -> list[str]:
+    with db.sessions() as s:
+        return sorted(s.scalars(select(AdapterState.key).where(AdapterState.adapter == "w")))
+
+
+def test_a_group_sent_in_one_message_is_undone_alone_when_one_unit_fails(database_url, sends):
+    """Units that only write form a group whose transaction PostgreSQL gets in one message.
+    When one unit fails there (a duplicate key), the group runs again unit by unit: the
+    failing caller gets the driver's IntegrityError, the others are committed once, and the
+    next group goes in one message again (its statements are prepared anew where need be)."""
+    migrate.upgrade(database_url)
+    db = Database(database_url)
+    try:
+        assert _one_group(db, [_put(f"c{i}") for i in range(4)]) == ["c0", "c1", "c2", "c3"]
+        # the last unit's statement is new: PostgreSQL skips its PREPARE after the failure
+        out = _one_group(db, [_put("d0"), _put("d1"), _put("c1"), _put("d3", comment=" /* d */")])
+        assert [out[0], out[1], out[3]] == ["d0", "d1", "d3"]
+        assert isinstance(out[2], db.integrity_errors), out[2]
+        assert _one_group(db, [_put("e0"), _put("e1", comment=" /* d */")]) == ["e0", "e1"]
+        assert _keys(db) == ["c0", "c1", "c2", "c3", "d0", "d1", "d3", "e0", "e1"]
+        if db.postgres:
+            assert sends == [(4, "committed"), (4, "BatchFailed"), (2, "committed")]
+        else:
+            assert sends == []  # SQLite: write_only changes nothing
+    finally:
+        db.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_statements_sent_in_one_message_are_prepared_again_when_the_server_forgot_them(database_url, sends,
+                                                                                       monkeypatch):
+    """pgbatch prepares its statements on the group's connection. psycopg answers a rollback
+    with DEALLOCATE ALL once it has prepared statements of its own: the group then forgets
+    pgbatch's too, and its next one-message group prepares them again (it does not fail).
+    If something else deallocates them unseen, one group fails, runs again unit by unit
+    (nothing is lost), and the next one is sent in one message again. A parameter pgbatch
+    cannot write as text sends its group through psycopg. Beyond PREPARED_MAX statements,
+    new ones are sent unprepared."""
+    migrate.upgrade(database_url)
+    db = Database(database_url)
+    try:
+        db.write(_put("p0"), write_only=True)
+        for i in range(6):  # psycopg prepares a statement it has run five times
+            db.write(_put(f"q{i}"), pipelined=True)
+        mine = db._gconn.connection.dbapi_connection  # type: ignore[union-attr]
+        assert mine._prepared._names, "psycopg should have prepared a statement by now"
+
+        def refuse(conn):  # type: ignore[no-untyped-def]
+            _put("r0")(conn)
+            raise ValueError("refused after writing")
+
+        with pytest.raises(ValueError):
+            db.write(refuse, pipelined=True)  # rolled back: psycopg deallocates everything
+        assert db.write(_put("p1"), write_only=True) == "p1"
+        assert sends == [(1, "committed"), (1, "committed")]
+
+        mine.execute("DEALLOCATE ALL")  # behind the gateway's back
+        assert db.write(_put("p2"), write_only=True) == "p2"
+        assert db.write(_put("p3"), write_only=True) == "p3"
+        assert sends[2:] == [(1, "BatchFailed"), (1, "committed")]
+
+        class Tag(str):
+            pass
+
+        assert db.write(_put("p4", Tag("v")), write_only=True) == "p4"  # psycopg writes a str subclass
+        assert sends[4:] == [(1, "TypeError")]  # refused before anything was sent
+
+        monkeypatch.setattr(pgbatch, "PREPARED_MAX", len(db._prepared.names))
+        assert db.write(_put("p5", comment=" /* another statement */"), write_only=True) == "p5"
+        assert sends[5:] == [(1, "committed")] and len(db._prepared.names) == pgbatch.PREPARED_MAX
+        assert _keys(db) == ["p0", "p1", "p2", "p3", "p4", "p5", "q0", "q1", "q2", "q3", "q4", "q5"]
+    finally:
         db.dispose()

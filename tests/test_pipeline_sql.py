@@ -8,6 +8,7 @@ import threading
 import time
 from datetime import UTC, datetime
 
+import pytest
 from sqlalchemy import select, text
 
 from gateway import audit
@@ -22,9 +23,13 @@ def _raw(node, sql: str, **params):  # type: ignore[no-untyped-def]
         return c.execute(text(sql), params).one()
 
 
-def test_rows_written_by_the_driver_match_what_the_orm_writes(api, gw_node):
+@pytest.mark.parametrize("idem", ["fmt-1", None], ids=["pipeline", "one-message"])
+def test_rows_written_by_the_driver_match_what_the_orm_writes(api, gw_node, idem):
+    """With an Idempotency-Key the accept reads before it writes (psycopg's pipeline on
+    PostgreSQL); without one it only writes, and its group goes in one message
+    (gateway.pgbatch, parameters as text): the rows are the same either way."""
     r = api.post("/api/v1/documents", json=api.document(recipients=(COUNTY_A, CITY_B), title="存储格式核对"),
-                 headers={"Idempotency-Key": "fmt-1"})
+                 headers={"Idempotency-Key": idem} if idem else {})
     assert r.status_code == 202, r.get_json()
     mid = r.get_json()["id"]
     # the same kind of rows through the ORM, as reference
@@ -49,7 +54,8 @@ def test_rows_written_by_the_driver_match_what_the_orm_writes(api, gw_node):
         assert ref[0] == "2026-11-26 08:30:01.123456"
         import json
         assert json.loads(ours[1])["title"] == "存储格式核对"
-    for table, col, key in (("deliveries", "updated_at", "message_id"), ("idempotency", "created_at", "message_id")):
+    for table, col, key in (("deliveries", "updated_at", "message_id"),
+                            *((("idempotency", "created_at", "message_id"),) if idem else ())):
         a = _raw(gw_node, f"SELECT {col} FROM {table} WHERE {key} = :i LIMIT 1", i=mid)[0]
         b = _raw(gw_node, f"SELECT {col} FROM {table} WHERE {key} = 'ref-orm' LIMIT 1")[0]
         assert type(a) is type(b) and (gw_node.db.postgres or len(a) == len(b))
@@ -237,10 +243,17 @@ def test_only_an_id_the_gateway_did_not_make_is_looked_up(api, gw_node, monkeypa
 
 def test_a_group_of_accepts_shares_one_pipeline_and_a_refused_one_is_undone_alone(api, gw_node, monkeypatch):
     """Accepts waiting for the same commit form one group; on PostgreSQL their statements
-    travel in one pipeline. One of them refused inside the transaction (an Idempotency-Key
-    reused with another body) sends the group to its unit-by-unit run: the others are
-    stored once, the refused one not at all, and the audit chain still verifies."""
+    travel in one pipeline (accepts that read first: an Idempotency-Key), or in one message
+    (accepts that only write: a new id, no key). One of them refused inside the transaction
+    (an Idempotency-Key reused with another body) sends the group to its unit-by-unit run:
+    the others are stored once, the refused one not at all, and the audit chain verifies."""
+    from gateway import pgbatch
+
     db = gw_node.db
+    messages: list[list[str]] = []  # the statements of each transaction sent in one message
+    real_send = pgbatch.send_transaction
+    monkeypatch.setattr(pgbatch, "send_transaction", lambda pg, statements, *a: (
+        messages.append([q.split(" (")[0] for q, _ in statements]), real_send(pg, statements, *a))[1])
     groups: list[tuple[int, bool]] = []
     real = Database._group_pipeline
 
@@ -293,14 +306,15 @@ def test_a_group_of_accepts_shares_one_pipeline_and_a_refused_one_is_undone_alon
             time.sleep(0.01)
         opened.clear()
         sent.clear()
+        messages.clear()
         hold.set()
         for t in [leader, *posts]:
             t.join(30)
         return results
 
-    ok = one_group([(api.document(title=f"组提交-{i}"), {}) for i in range(4)])
+    ok = one_group([(api.document(title=f"组提交-{i}"), {"Idempotency-Key": f"group-{i}"}) for i in range(4)])
     assert [r.status_code for r in ok] == [202] * 4
-    assert len(opened) == (1 if db.postgres else 0)  # not one per accept
+    assert len(opened) == (1 if db.postgres else 0) and messages == []  # not one per accept
     if db.postgres:
         # the group's BEGIN and COMMIT travel in its pipeline, and the audit chain's lock is
         # taken once for the transaction, not once per accept
@@ -313,13 +327,23 @@ def test_a_group_of_accepts_shares_one_pipeline_and_a_refused_one_is_undone_alon
                       + [(api.document(title="组提交-另一份"), {"Idempotency-Key": "group-key"})])
     assert [r.status_code for r in mixed] == [202, 202, 202, 422]
     assert mixed[3].get_json()["type"].endswith("idempotency-key-reused")
+    assert messages == []  # one accept of the group reads: the group takes psycopg's pipeline
     # each group was one commit; on PostgreSQL its units shared one pipeline
     assert (4, gw_node.db.postgres) in groups and (4, gw_node.db.postgres) == groups[-1]
+    plain = one_group([(api.document(title=f"组提交-{i}"), {}) for i in range(7, 10)])
+    assert [r.status_code for r in plain] == [202] * 3
+    if db.postgres:
+        # BEGIN, the lock, the three accepts' statements and COMMIT in one message; nothing
+        # through psycopg on the group's connection but the holding unit's COMMIT
+        assert opened == [] and sent == [("COMMIT", False)], sent
+        assert messages == [["SELECT pg_advisory_xact_lock(1734440292)"] + ["WITH new_message AS"] * 3]
+    else:
+        assert messages == []
     with gw_node.db.sessions() as s:
         titles = [m.summary["title"] for m in s.scalars(select(Message).where(Message.summary.is_not(None)))]
         assert sorted(t for t in titles if t.startswith("组提交")) == sorted(
-            ["组提交-原件"] + [f"组提交-{i}" for i in range(7)])
-        for r in ok + mixed[:3]:
+            ["组提交-原件"] + [f"组提交-{i}" for i in range(10)])
+        for r in ok + mixed[:3] + plain:
             mid = r.get_json()["id"]
             ds = s.scalars(select(Delivery).where(Delivery.message_id == mid)).all()
             assert len(ds) == 1
