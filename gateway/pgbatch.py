@@ -11,7 +11,8 @@ The statements are prepared on the server once per connection (name ``gw_<n>``),
 does with statements it sees often; the first :data:`PREPARED_MAX` distinct ones (an accept's
 statement differs with its number of recipients), later ones are parsed each time. Parameters
 go as text, with the type of the Python value (``str`` as *unknown*, so the server takes the
-column's type, as psycopg does).
+column's type, as psycopg does); ``bytes`` go as they are (binary format), not as hex
+text twice their size for the server to decode.
 
 Any failure leaves the connection idle (rolled back) or broken; :class:`BatchFailed` says
 which, and the caller runs the units again one by one through psycopg, which reports each
@@ -81,25 +82,29 @@ def _dollar_sql(sql: str, encoding: str) -> bytes:
     return out
 
 
-def _dump(value: Any, encoding: str) -> tuple[bytes | None, int]:
-    """A parameter in PostgreSQL's text format, and its type OID."""
+_TEXT, _BINARY = 0, 1
+
+
+def _dump(value: Any, encoding: str) -> tuple[bytes | None, int, int]:
+    """A parameter as PostgreSQL takes it: its bytes, type OID and format (text, or binary
+    for ``bytes``)."""
     if value is None:
-        return None, _UNKNOWN
+        return None, _UNKNOWN, _TEXT
     t = type(value)
     if t is str:
-        return value.encode(encoding), _UNKNOWN
+        return value.encode(encoding), _UNKNOWN, _TEXT
     if t is int:
-        return str(value).encode(), _INT8
+        return str(value).encode(), _INT8, _TEXT
     if t is datetime:
         if value.tzinfo is None:
             raise TypeError("a naive datetime has no unambiguous timestamptz value")
-        return value.isoformat().encode(), _TIMESTAMPTZ
+        return value.isoformat().encode(), _TIMESTAMPTZ, _TEXT
     if t is bytes:
-        return b"\\x" + value.hex().encode(), _BYTEA
+        return value, _BYTEA, _BINARY
     if t is bool:
-        return (b"t" if value else b"f"), _BOOL
+        return (b"t" if value else b"f"), _BOOL, _TEXT
     if t is float:
-        return repr(value).encode(), _FLOAT8
+        return repr(value).encode(), _FLOAT8, _TEXT
     raise TypeError(f"no text form for a parameter of type {t.__name__}")
 
 
@@ -147,20 +152,22 @@ def send_transaction(pg: pq.abc.PGconn, statements: Sequence[Statement], prepare
     calls = []
     for sql, params in statements:  # everything that can fail in Python, before sending
         dumped = [_dump(v, encoding) for v in params]
-        calls.append((sql, _dollar_sql(sql, encoding), [b for b, _ in dumped], [oid for _, oid in dumped]))
+        formats = [f for _, _, f in dumped] if any(f for _, _, f in dumped) else None
+        calls.append((sql, _dollar_sql(sql, encoding), [b for b, _, _ in dumped], [oid for _, oid, _ in dumped],
+                      formats))
     try:
         pg.enter_pipeline_mode()
         pg.send_query_params(b"BEGIN", None)
-        for sql, command, values, types in calls:
+        for sql, command, values, types, formats in calls:
             key = (sql, tuple(types))
             name = prepared.names.get(key)
             if name is None and (name := prepared.new_name()) is not None:
                 pg.send_prepare(name, command, types)
                 prepared.names[key] = name
             if name is None:
-                pg.send_query_params(command, values, types)
+                pg.send_query_params(command, values, types, formats)
             else:
-                pg.send_query_prepared(name, values)
+                pg.send_query_prepared(name, values, formats)
         pg.send_query_params(b"COMMIT", None)
         pg.pipeline_sync()
         _drain(pg)
