@@ -94,7 +94,17 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
                 "BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
 
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _not_while_recording(conn, *_args):  # type: ignore[no-untyped-def]
+        # the group's connection is in autocommit mode: such a statement would be committed
+        # at once, outside the group's transaction
+        if conn.info.get(_RECORDER) is not None:
+            raise WriteOnlyMisuse("a write_only unit of work ran a statement through SQLAlchemy; "
+                                  "it must use group_cursor()")
+
+    return engine
 
 
 _IN_GROUP_PIPELINE = "gateway_group_pipeline"
@@ -125,6 +135,11 @@ def in_group_pipeline(conn: Connection) -> bool:
     return bool(conn.info.get(_IN_GROUP_PIPELINE))
 
 
+class WriteOnlyMisuse(RuntimeError):
+    """A ``write_only`` unit of work (see :meth:`Database.write`) read a result, or ran a
+    statement other than on :func:`group_cursor`: its group is run again unit by unit."""
+
+
 class _Recorder:
     """The driver's cursor, for a ``write_only`` unit in a PostgreSQL group: it keeps the
     unit's statements, which the group sends in one message (:mod:`gateway.pgbatch`)."""
@@ -141,7 +156,7 @@ class _Recorder:
         self.statements.extend((sql, params) for params in params_seq)
 
     def fetchone(self) -> Any:
-        raise RuntimeError("a write_only unit of work read a result")
+        raise WriteOnlyMisuse("a write_only unit of work read a result")
 
     def close(self) -> None:
         pass
@@ -483,10 +498,15 @@ class Database:
         try:
             for job in batch:
                 job.result = job.fn(conn)
+        except WriteOnlyMisuse as exc:
+            log.error("%s; its group runs unit by unit", exc)
+            return False
         except Exception:  # noqa: BLE001 - its second run gives the unit its error
             return False
         finally:
             info[_RECORDER], info[_IN_GROUP_PIPELINE] = None, False
+            if conn.in_transaction():  # begun by a refused SQLAlchemy statement: nothing ran
+                conn.rollback()
         dbapi: Any = conn.connection.dbapi_connection
         try:
             pgbatch.send_transaction(dbapi.pgconn, recorder.statements, self._prepared, dbapi.info.encoding)

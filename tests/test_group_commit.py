@@ -11,6 +11,7 @@ from sqlalchemy import func, insert, select
 from gateway import audit, migrate, pgbatch
 from gateway.db import Database, driver_mark, group_cursor
 from gateway.models import AdapterState, AuditEntry
+from tests.plugins.groupcommit import in_one_group
 
 
 def _outcome(db: Database, fn) -> object:  # type: ignore[no-untyped-def]
@@ -384,36 +385,9 @@ def _put(key: str, value: object = "v", comment: str = ""):  # type: ignore[no-u
     return fn
 
 
-def _one_group(db: Database, fns: list, write_only: bool = True) -> list:  # type: ignore[type-arg]
-    """Each ``db.write(fn)`` from a thread of its own, all in one group (a unit of ours holds
-    the lead until they are queued); what each caller got: its result or its exception."""
-    hold, holding = threading.Event(), threading.Event()
-
-    def block(conn):  # type: ignore[no-untyped-def]
-        holding.set()
-        assert hold.wait(20)
-
-    out: list = [None] * len(fns)
-
-    def run(i: int) -> None:
-        try:
-            out[i] = db.write(fns[i], pipelined=True, write_only=write_only)
-        except Exception as exc:  # noqa: BLE001
-            out[i] = exc
-
-    leader = threading.Thread(target=db.write, args=(block,))
-    leader.start()
-    assert holding.wait(10)
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 20
-    while len(db._jobs) < len(fns) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    hold.set()
-    for t in [leader, *threads]:
-        t.join(30)
-    return out
+def _one_group(db: Database, fns: list) -> list:  # type: ignore[type-arg]
+    """Each ``db.write(fn, write_only=True)`` from a thread of its own, all in one group."""
+    return in_one_group(db, [lambda fn=fn: db.write(fn, pipelined=True, write_only=True) for fn in fns])
 
 
 @pytest.fixture
@@ -505,5 +479,39 @@ def test_statements_sent_in_one_message_are_prepared_again_when_the_server_forgo
         assert db.write(_put("p5", comment=" /* another statement */"), write_only=True) == "p5"
         assert sends[5:] == [(1, "committed")] and len(db._prepared.names) == pgbatch.PREPARED_MAX
         assert _keys(db) == ["p0", "p1", "p2", "p3", "p4", "p5", "q0", "q1", "q2", "q3", "q4", "q5"]
+    finally:
+        db.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_write_only_unit_that_reads_or_uses_sqlalchemy_is_run_the_usual_way(database_url, sends, caplog):
+    """While a write_only group is recorded, its connection is in autocommit mode: a
+    statement run through SQLAlchemy would be committed at once, outside the group's
+    transaction (and again when the group runs a second time). Such a unit, or one that
+    reads a result, is refused while recording; its group runs unit by unit, each row is
+    stored once, and the mistake is logged."""
+    migrate.upgrade(database_url)
+    db = Database(database_url)
+    try:
+        def through_sqlalchemy(conn):  # type: ignore[no-untyped-def]
+            conn.execute(insert(AdapterState.__table__).values(adapter="w", key="s0", value="v"))
+            return "s0"
+
+        def reading(conn):  # type: ignore[no-untyped-def]
+            cur = group_cursor(conn)
+            cur.execute("SELECT count(*) FROM adapter_state")
+            n = cur.fetchone()[0]
+            _put(f"s{n + 1}")(conn)
+            return "read"
+
+        assert db.write(_put("dup"), write_only=True) == "dup"
+        # the third unit fails, so the group runs a second time: a statement committed at once
+        # the first time would be a duplicate then, and its caller would get an error
+        out = _one_group(db, [_put("r0"), through_sqlalchemy, _put("dup")])
+        assert out[:2] == ["r0", "s0"] and isinstance(out[2], db.integrity_errors), out
+        assert db.write(reading, write_only=True) == "read"
+        assert _keys(db) == ["dup", "r0", "s0", "s4"]
+        assert sends == [(1, "committed")]  # neither group after the first went in one message
+        assert sum("write_only unit of work" in r.message for r in caplog.records) == 2
     finally:
         db.dispose()

@@ -4,8 +4,6 @@ the same text/JSON/timestamp representations, read back by the ORM unchanged, an
 chain that still verifies after driver-level and ORM appends are interleaved."""
 from __future__ import annotations
 
-import threading
-import time
 from datetime import UTC, datetime
 
 import pytest
@@ -16,6 +14,7 @@ from gateway.db import Database
 from gateway.models import AuditEntry, Delivery, IdempotencyRecord, Message, OutboxEntry
 from adapters.base import remote_ref
 from tests.plugins.gatewaynode import CITY_B, COUNTY_A, EMERGENCY, PREFECTURE
+from tests.plugins.groupcommit import in_one_group
 
 
 def _raw(node, sql: str, **params):  # type: ignore[no-untyped-def]
@@ -282,35 +281,13 @@ def test_a_group_of_accepts_shares_one_pipeline_and_a_refused_one_is_undone_alon
                     headers={"Idempotency-Key": "group-key"}).status_code == 202
 
     def one_group(requests: list[tuple[dict, dict]]) -> list:  # type: ignore[type-arg]
-        """Hold the lead with a unit of our own until every request waits for a commit."""
-        hold, holding = threading.Event(), threading.Event()
-        results: list = [None] * len(requests)
+        """The requests' accepts in one group (tests/plugins/groupcommit.py)."""
+        def post(doc: dict, headers: dict):  # type: ignore[no-untyped-def,type-arg]
+            return lambda: api.app.test_client().post("/api/v1/documents", json=doc,
+                                                      headers={**api.headers, **headers})
 
-        def block(conn):  # type: ignore[no-untyped-def]
-            holding.set()
-            assert hold.wait(20)
-
-        def post(i: int) -> None:
-            doc, headers = requests[i]
-            results[i] = api.app.test_client().post("/api/v1/documents", json=doc,
-                                                    headers={**api.headers, **headers})
-
-        leader = threading.Thread(target=db.write, args=(block,))
-        leader.start()
-        assert holding.wait(10)
-        posts = [threading.Thread(target=post, args=(i,)) for i in range(len(requests))]
-        for t in posts:
-            t.start()
-        deadline = time.monotonic() + 20
-        while len(db._jobs) < len(requests) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        opened.clear()
-        sent.clear()
-        messages.clear()
-        hold.set()
-        for t in [leader, *posts]:
-            t.join(30)
-        return results
+        return in_one_group(db, [post(doc, headers) for doc, headers in requests],
+                            on_queued=lambda: (opened.clear(), sent.clear(), messages.clear()))
 
     ok = one_group([(api.document(title=f"组提交-{i}"), {"Idempotency-Key": f"group-{i}"}) for i in range(4)])
     assert [r.status_code for r in ok] == [202] * 4
