@@ -27,7 +27,7 @@ from typing import Any
 
 from psycopg import pq
 
-#: text-format type OIDs of the Python values the write paths pass
+#: type OIDs of the Python values the write paths pass
 _BOOL, _INT8, _FLOAT8, _BYTEA, _TIMESTAMPTZ, _UNKNOWN = 16, 20, 701, 17, 1184, 0
 
 Statement = tuple[str, Sequence[Any]]
