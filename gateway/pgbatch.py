@@ -39,9 +39,9 @@ class BatchFailed(Exception):
     """The transaction was not committed. ``broken``: the connection is unusable (nothing
     more can be known about the transaction from it); otherwise it is idle again."""
 
-    def __init__(self, message: str, sqlstate: str | None = None, broken: bool = False) -> None:
+    def __init__(self, message: str, broken: bool = False) -> None:
         super().__init__(message)
-        self.sqlstate, self.broken = sqlstate, broken
+        self.broken = broken
 
 
 class Prepared:
@@ -109,12 +109,10 @@ def _dump(value: Any, encoding: str) -> tuple[bytes | None, int, int]:
 
 
 def _wait(sock: int, events: int) -> int:
+    """Block until ``sock`` is ready for ``events``; the events that are."""
     poller = select.poll()
     poller.register(sock, events)
-    while True:
-        ready = poller.poll()
-        if ready:
-            return ready[0][1]
+    return poller.poll()[0][1]
 
 
 def _drain(pg: pq.abc.PGconn) -> None:
@@ -125,9 +123,9 @@ def _drain(pg: pq.abc.PGconn) -> None:
             pg.consume_input()
 
 
-def _results(pg: pq.abc.PGconn, encoding: str) -> tuple[str, str] | None:
-    """Read every answer up to the Sync; the first error's (SQLSTATE, message), if any."""
-    error: tuple[str, str] | None = None
+def _results(pg: pq.abc.PGconn, encoding: str) -> str | None:
+    """Read every answer up to the Sync; the first error (SQLSTATE and message), if any."""
+    error: str | None = None
     while True:
         while pg.is_busy():
             _wait(pg.socket, select.POLLIN)
@@ -139,8 +137,8 @@ def _results(pg: pq.abc.PGconn, encoding: str) -> tuple[str, str] | None:
         if status == pq.ExecStatus.PIPELINE_SYNC:
             return error
         if status == pq.ExecStatus.FATAL_ERROR and error is None:
-            state = res.error_field(pq.DiagnosticField.SQLSTATE) or b""
-            error = (state.decode(), res.error_message.decode(encoding, "replace").strip())
+            state = (res.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
+            error = f"{state}: {res.error_message.decode(encoding, 'replace').strip()}"
 
 
 def send_transaction(pg: pq.abc.PGconn, statements: Sequence[Statement], prepared: Prepared,
@@ -181,5 +179,4 @@ def send_transaction(pg: pq.abc.PGconn, statements: Sequence[Statement], prepare
         res = pg.exec_(b"ROLLBACK")
         if res.status != pq.ExecStatus.COMMAND_OK:
             raise BatchFailed("ROLLBACK failed after a failed transaction", broken=True)
-    sqlstate, message = error or ("", "the transaction was not committed")
-    raise BatchFailed(message, sqlstate or None)
+    raise BatchFailed(error or "the transaction was not committed")

@@ -26,7 +26,7 @@ def _raw(node, sql: str, **params):  # type: ignore[no-untyped-def]
 def test_rows_written_by_the_driver_match_what_the_orm_writes(api, gw_node, idem):
     """With an Idempotency-Key the accept reads before it writes (psycopg's pipeline on
     PostgreSQL); without one it only writes, and its group goes in one message
-    (gateway.pgbatch, parameters as text): the rows are the same either way."""
+    (gateway.pgbatch, with its own parameter encoding): the rows are the same either way."""
     r = api.post("/api/v1/documents", json=api.document(recipients=(COUNTY_A, CITY_B), title="存储格式核对"),
                  headers={"Idempotency-Key": idem} if idem else {})
     assert r.status_code == 202, r.get_json()
