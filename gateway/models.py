@@ -75,6 +75,7 @@ class Message(Base):
     #: the API key (caller) that submitted it; None for messages that came from adapters
     api_key_id: Mapped[str | None] = mapped_column(String(32))
     source: Mapped[str] = mapped_column(String(64), default="api")
+    #: PostgreSQL 14+: compressed with LZ4 (migration 0006), not pglz, like envelope_xml
     summary: Mapped[dict] = mapped_column(JSON, default=dict)
     #: PostgreSQL 14+: compressed with LZ4 (migration 0005), not pglz: less CPU per accept
     envelope_xml: Mapped[bytes] = mapped_column(LargeBinary)

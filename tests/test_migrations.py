@@ -27,17 +27,19 @@ def test_migrations_match_the_models_and_go_down_and_up(database_url):
 
 
 @pytest.mark.parametrize("database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
-def test_postgresql_compresses_stored_envelopes_with_lz4(database_url):
-    """Migration 0005: LZ4 for messages.envelope_xml (PostgreSQL 14+ built with it, as the
-    test cluster is), pglz again after stepping down."""
+@pytest.mark.parametrize(("column", "revision"), [("envelope_xml", "0005"), ("summary", "0006")])
+def test_postgresql_compresses_message_rows_with_lz4(database_url, column, revision):
+    """Migrations 0005 and 0006: LZ4 for messages.envelope_xml and messages.summary
+    (PostgreSQL 14+ built with it, as the test cluster is), pglz again after stepping below
+    the migration that set it."""
     query = ("SELECT attcompression FROM pg_attribute "
-             "WHERE attrelid = 'messages'::regclass AND attname = 'envelope_xml'")
+             f"WHERE attrelid = 'messages'::regclass AND attname = '{column}'")
     migrate.upgrade(database_url)
     engine = create_engine(database_url)
     try:
         with engine.connect() as conn:
             assert conn.exec_driver_sql(query).scalar() == "l"
-        command.downgrade(migrate.alembic_config(database_url), "0004")
+        command.downgrade(migrate.alembic_config(database_url), f"{int(revision) - 1:04d}")
         with engine.connect() as conn:
             assert conn.exec_driver_sql(query).scalar() == ""  # the server's default (pglz)
     finally:
