@@ -551,6 +551,11 @@ class PgCluster:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return f"postgresql+psycopg://{self.USER}@127.0.0.1:{self.port}/{name}"
 
+    def pid(self) -> int:
+        """The postmaster's pid (its children are the backends): ``cpu_seconds(pg.pid())`` is
+        the whole server's CPU."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
@@ -599,6 +604,7 @@ def _loadgen_main(a: argparse.Namespace) -> None:
     lat: list[list[float]] = [[] for _ in bodies]
     errors: list[str] = []
     ok = [0]
+    answered: list[int] = []  # per thread: requests answered or failed, warm-up included
     lock = threading.Lock()
     start_barrier = threading.Barrier(a.threads + 1)
     t = {"measure_from": 0.0, "end": 0.0}
@@ -607,6 +613,7 @@ def _loadgen_main(a: argparse.Namespace) -> None:
     def worker(idx: int) -> None:
         s = requests.Session()
         i = idx
+        sent = 0
         start_barrier.wait()
         while True:
             if a.count is not None:
@@ -627,6 +634,7 @@ def _loadgen_main(a: argparse.Namespace) -> None:
             except requests.RequestException as exc:
                 status, text = -1, f"{type(exc).__name__}: {exc}"[:300]
             t1 = time.monotonic()
+            sent += 1
             if a.count is None and (t0 < t["measure_from"] or t1 > t["end"]):
                 continue  # warm-up, or finished after the window closed
             with lock:
@@ -636,6 +644,7 @@ def _loadgen_main(a: argparse.Namespace) -> None:
                 else:
                     errors.append(f"{status} {text}")
         s.close()
+        answered.append(sent)
 
     ths = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(a.threads)]
     for th in ths:
@@ -652,7 +661,9 @@ def _loadgen_main(a: argparse.Namespace) -> None:
     res = {
         "ok": ok[0], "errors": len(errors), "first_errors": errors[:3], "elapsed": elapsed,
         "rate": ok[0] / elapsed if elapsed else 0.0,
-        "cpu_seconds": time.process_time() - cpu0,
+        # CPU and wall time of the whole run, warm-up included, and the requests it sent:
+        # per request, the client's cost; per second, its share of a core
+        "cpu_seconds": time.process_time() - cpu0, "wall": finished - now, "requests": sum(answered),
         "latency": [{"n": len(x), "p50": percentile(x, 50), "p90": percentile(x, 90), "p99": percentile(x, 99),
                      "max": max(x) if x else float("nan"), "mean": sum(x) / len(x) if x else float("nan")}
                     for x in lat],

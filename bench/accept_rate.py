@@ -89,14 +89,23 @@ def main() -> None:
             c.run_loadgen(srv.url + "/api/v1/documents", [doc_file], key=k, threads=a.clients, duration=1.0)
         for r in range(rounds):
             for n, srv, k in order:
+                # CPU per request of each party (warm-up included): the server's workers, the
+                # database server (gateway rounds on PostgreSQL), the load generator
+                cpu0 = c.cpu_seconds(srv.proc.pid), (c.cpu_seconds(pg.pid()) if pg and k else 0.0)
                 res = c.run_loadgen(srv.url + "/api/v1/documents", [doc_file], key=k, threads=a.clients,
                                     duration=duration, warmup=warmup)
+                sent = max(1, res["requests"])
+                res["server_ms"] = (c.cpu_seconds(srv.proc.pid) - cpu0[0]) / sent * 1000
+                res["db_ms"] = ((c.cpu_seconds(pg.pid()) if pg and k else 0.0) - cpu0[1]) / sent * 1000
+                res["client_ms"] = res["cpu_seconds"] / sent * 1000
                 if res["errors"]:
                     c.log(f"{n}: {res['errors']} errors, e.g. {res['first_errors']}")
                 lat = res["latency"][0]
                 c.log(f"{backend} round {r + 1}/{rounds} {n}: {res['rate']:.1f}/s  p50 {lat['p50'] * 1000:.1f} ms  "
-                      f"p99 {lat['p99'] * 1000:.1f} ms  errors {res['errors']}  "
-                      f"loadgen cpu {res['cpu_seconds'] / res['elapsed'] * 100:.0f}% of a core")
+                      f"p99 {lat['p99'] * 1000:.1f} ms  errors {res['errors']}  CPU ms a request: server "
+                      f"{res['server_ms']:.2f}" + (f" + PostgreSQL {res['db_ms']:.2f}" if pg and k else "")
+                      + f", load generator {res['client_ms']:.2f} "
+                      f"({res['cpu_seconds'] / res['wall'] * 100:.0f}% of a core)")
                 results[n].append(res)
         g.stop()
         if pg is not None:
@@ -110,8 +119,16 @@ def main() -> None:
         # each round's gateway rate over the bare rate just before it: how far the machine's
         # changing speed moves a single pair
         per_round = "/".join(f"{gw['rate'] / b['rate']:.2f}" for b, gw in zip(results["bare flask"], results[name]))
+        # where the machine's time went, per request: the bare side's client is a large share
+        # of it, which is why the ratio would be lower with a client on another machine
+        ms = {(side, k): statistics.mean(x[k] for x in results[side])
+              for side in results for k in ("server_ms", "db_ms", "client_ms")}
+        cpu = (f"CPU ms a request: gateway {ms[name, 'server_ms']:.2f}"
+               + (f" + PostgreSQL {ms[name, 'db_ms']:.2f}" if pg else "")
+               + f" + client {ms[name, 'client_ms']:.2f}, bare {ms['bare flask', 'server_ms']:.2f}"
+               f" + client {ms['bare flask', 'client_ms']:.2f}")
         parts.append(f"{name} {rate:.1f}/s, bare flask {base:.1f}/s, ratio {ratio:.2f} "
-                     f"(rounds {per_round}; target >= {TARGET}) {c.verdict(ok)}")
+                     f"(rounds {per_round}; {cpu}; target >= {TARGET}) {c.verdict(ok)}")
     print(f"accept_rate: {'; '.join(parts)} [{doc_file.stat().st_size} B JSON, gunicorn {a.workers}x{a.threads} gthread, "
           f"{a.clients} client threads, {rounds}x{duration:g}s]", flush=True)
     sys.exit(0 if ok_all else 1)

@@ -69,7 +69,7 @@ def run_round(pg: c.PgCluster, peer: c.Peer, *, workers: int, count: int, thread
     procs = [c.spawn([str(c.VENV_BIN / "gateway"), "--config", str(conf), "worker"],
                      log_file=tmp / f"worker{i}.log", env={"PYTHONUNBUFFERED": "1"}) for i in range(workers)]
     cpu0 = {p.pid: c.cpu_seconds(p.pid) for p in procs}
-    others0 = {"peer": c.cpu_seconds(peer.proc.pid), "postgres": c.cpu_seconds(pg_pid(pg))}
+    others0 = {"peer": c.cpu_seconds(peer.proc.pid), "postgres": c.cpu_seconds(pg.pid())}
     m0 = c.machine_busy()
     t_start = time.monotonic()
     deadline = t_start + max(180.0, count / 5)
@@ -87,7 +87,7 @@ def run_round(pg: c.PgCluster, peer: c.Peer, *, workers: int, count: int, thread
     wall = time.monotonic() - t_start
     cpu = {p.pid: c.cpu_seconds(p.pid) - cpu0[p.pid] for p in procs}
     others = {"peer": c.cpu_seconds(peer.proc.pid) - others0["peer"],
-              "postgres": c.cpu_seconds(pg_pid(pg)) - others0["postgres"]}
+              "postgres": c.cpu_seconds(pg.pid()) - others0["postgres"]}
     m1 = c.machine_busy()
     for p in procs:
         c.stop(p)
@@ -117,11 +117,6 @@ def run_round(pg: c.PgCluster, peer: c.Peer, *, workers: int, count: int, thread
           f"{sum(cpu.values()) / count * 1000:.1f} ms")
     return {"rate": rate, "sends": sends, "shares": shares, "workers": len(by_worker), "machine": busy,
             "worker_ms": sum(cpu.values()) / count * 1000}
-
-
-def pg_pid(pg: c.PgCluster) -> int:
-    """The postmaster's pid (its children are the backends)."""
-    return int((pg.data / "postmaster.pid").read_text().split()[0])
 
 
 def main() -> None:
