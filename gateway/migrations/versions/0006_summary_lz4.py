@@ -13,39 +13,18 @@ pglz and this says so; rows already stored keep their compression; SQLite: nothi
 Revision ID: 0006
 Revises: 0005
 """
-import logging
 
-import sqlalchemy as sa
-from alembic import op
+from gateway.migrations.lz4 import use_default, use_lz4
 
 revision = "0006"
 down_revision = "0005"
 branch_labels = None
 depends_on = None
 
-log = logging.getLogger("alembic.runtime.migration")
-
-
-def _version(bind: sa.Connection) -> int:
-    return int(bind.exec_driver_sql("SHOW server_version_num").scalar_one())
-
 
 def upgrade() -> None:
-    bind = op.get_bind()
-    if bind.dialect.name != "postgresql":
-        return
-    if _version(bind) < 140000:
-        log.warning("PostgreSQL before 14: message summaries stay compressed with pglz")
-        return
-    try:
-        with bind.begin_nested():
-            bind.exec_driver_sql("ALTER TABLE messages ALTER COLUMN summary SET COMPRESSION lz4")
-    except sa.exc.DBAPIError as exc:  # a server built without LZ4
-        log.warning("LZ4 is not available on this PostgreSQL (%s); message summaries stay compressed with pglz",
-                    str(exc.orig).strip().splitlines()[0])
+    use_lz4("messages", "summary", "message summaries")
 
 
 def downgrade() -> None:
-    bind = op.get_bind()
-    if bind.dialect.name == "postgresql" and _version(bind) >= 140000:
-        bind.exec_driver_sql("ALTER TABLE messages ALTER COLUMN summary SET COMPRESSION default")
+    use_default("messages", "summary")
