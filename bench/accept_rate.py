@@ -13,7 +13,8 @@ then (PostgreSQL started only now) bare / gateway(postgresql), so machine noise 
 sides of a ratio alike and one backend's background work (PostgreSQL's autovacuum and
 checkpoints, dirty pages still being written back) never lands in the other's rounds.
 Each rate is the mean over its phase's rounds; each ratio is gateway mean / bare mean of
-the same phase.
+the same phase. The line also gives the CPU milliseconds per request of the server's workers,
+PostgreSQL and the load generator, which shares the two cores (see bench/README.md).
 
     .venv/bin/python bench/accept_rate.py [--quick]
 """
