@@ -88,23 +88,25 @@ def main() -> None:
         results: dict[str, list[dict]] = {n: [] for n, _, _ in order}
         for _n, srv, k in order:  # short warm-up: imports, pools, SQLite/PG caches
             c.run_loadgen(srv.url + "/api/v1/documents", [doc_file], key=k, threads=a.clients, duration=1.0)
+        pg_pid = pg.pid() if pg is not None else None
         for r in range(rounds):
             for n, srv, k in order:
                 # CPU per request of each party (warm-up included): the server's workers, the
                 # database server (gateway rounds on PostgreSQL), the load generator
-                cpu0 = c.cpu_seconds(srv.proc.pid), (c.cpu_seconds(pg.pid()) if pg and k else 0.0)
+                watched = (srv.proc.pid, pg_pid if k else None)
+                cpu0 = [c.cpu_seconds(p) if p else 0.0 for p in watched]
                 res = c.run_loadgen(srv.url + "/api/v1/documents", [doc_file], key=k, threads=a.clients,
                                     duration=duration, warmup=warmup)
                 sent = max(1, res["requests"])
-                res["server_ms"] = (c.cpu_seconds(srv.proc.pid) - cpu0[0]) / sent * 1000
-                res["db_ms"] = ((c.cpu_seconds(pg.pid()) if pg and k else 0.0) - cpu0[1]) / sent * 1000
+                cpu1 = [c.cpu_seconds(p) if p else 0.0 for p in watched]
+                res["server_ms"], res["db_ms"] = ((b - a) / sent * 1000 for a, b in zip(cpu0, cpu1))
                 res["client_ms"] = res["cpu_seconds"] / sent * 1000
                 if res["errors"]:
                     c.log(f"{n}: {res['errors']} errors, e.g. {res['first_errors']}")
                 lat = res["latency"][0]
                 c.log(f"{backend} round {r + 1}/{rounds} {n}: {res['rate']:.1f}/s  p50 {lat['p50'] * 1000:.1f} ms  "
                       f"p99 {lat['p99'] * 1000:.1f} ms  errors {res['errors']}  CPU ms a request: server "
-                      f"{res['server_ms']:.2f}" + (f" + PostgreSQL {res['db_ms']:.2f}" if pg and k else "")
+                      f"{res['server_ms']:.2f}" + (f" + PostgreSQL {res['db_ms']:.2f}" if watched[1] else "")
                       + f", load generator {res['client_ms']:.2f} "
                       f"({res['cpu_seconds'] / res['wall'] * 100:.0f}% of a core)")
                 results[n].append(res)
