@@ -457,12 +457,14 @@ class Database:
         self._prepared.clear()  # see pgbatch.Prepared.clear
         with conn.begin():
             cur = conn.connection.cursor()
-            self._begin(conn, cur)
-            for job in batch:
-                job.result = None
-                self._run(conn, cur, job)
-            self._commit(cur)
-            cur.close()
+            try:
+                self._begin(conn, cur)
+                for job in batch:
+                    job.result = None
+                    self._run(conn, cur, job)
+                self._commit(cur)
+            finally:  # also when a savepoint statement itself fails (a lost connection)
+                cur.close()
         return self._sync_self
 
     def _first_run(self, conn: Connection, batch: list[_Job]) -> bool:

@@ -135,6 +135,14 @@ def test_reading_a_document_above_clearance_is_refused(sqlite_api):
     # the same caller with a lower clearance: an admin key of 秘密 clearance
     low = Api(sqlite_api.node, scopes=("admin", "documents:read"), clearance="秘密")
     _problem(low.get(f"/api/v1/documents/{mid}"), 403, "clearance-too-low")
+    # the stored envelope (Accept: application/xml) is refused alike
+    r = low.get(f"/api/v1/documents/{mid}", headers={"Accept": "application/xml"})
+    assert b"urn:egov:gateway:envelope:v1" not in r.data
+    _problem(r, 403, "clearance-too-low")
+    # and another caller's document does not exist for a non-admin key, in either form
+    other = Api(sqlite_api.node, scopes=("documents:read",), clearance="机密")
+    for headers in ({}, {"Accept": "application/xml"}):
+        _problem(other.get(f"/api/v1/documents/{mid}", headers=headers), 404, "not-found")
     assert low.get("/api/v1/documents").get_json()["items"] == []
 
 

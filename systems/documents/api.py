@@ -10,7 +10,7 @@ from datetime import datetime
 from flask import Blueprint, Response, request
 from pydantic import ValidationError
 from sqlalchemy import and_, or_, select
-from sqlalchemy.orm import defer
+from sqlalchemy.orm import Session, defer, lazyload
 
 from gateway import audit, pipeline
 from gateway.api import auth
@@ -119,14 +119,20 @@ def _json(model, status: int = 200, **headers: str) -> Response:  # type: ignore
 _NO_XML = defer(Message.envelope_xml)
 
 
+def _find(s: Session, message_id: str, caller: auth.Caller, with_xml: bool = False) -> Message:
+    """The caller's document ``message_id``, or the 404 / 403 answer."""
+    m = s.get(Message, message_id, options=[lazyload(Message.deliveries)] if with_xml else [_NO_XML])
+    if m is None or m.subsystem != SLUG or (m.api_key_id != caller.key_id and not caller.has("admin")):
+        raise Problem(404, "not-found", f"no document {message_id} sent with this API key")
+    if m.clearance > caller.clearance:
+        raise Problem(403, "clearance-too-low", "the document is classified above this key's clearance")
+    return m
+
+
 def _load(message_id: str, caller: auth.Caller, receipts: bool = True) -> DocumentOut:
     n = node()
     with n.db.sessions() as s:
-        m = s.get(Message, message_id, options=[_NO_XML])
-        if m is None or m.subsystem != SLUG or (m.api_key_id != caller.key_id and not caller.has("admin")):
-            raise Problem(404, "not-found", f"no document {message_id} sent with this API key")
-        if m.clearance > caller.clearance:
-            raise Problem(403, "clearance-too-low", "the document is classified above this key's clearance")
+        m = _find(s, message_id, caller)
         recs: dict[int, list[ReceiptRecord]] = {}
         if receipts:
             ids = [d.id for d in m.deliveries]
@@ -196,13 +202,10 @@ def send_document() -> Response:
 def get_document(message_id: str) -> Response:
     n = node()
     caller = auth.require(n.db, "documents:read")
-    out = _load(message_id, caller)
-    if wants_xml():
+    if wants_xml():  # the stored envelope: one read, and none of the status rows
         with n.db.sessions() as s:
-            m = s.get(Message, message_id)
-            assert m is not None
-            return Response(m.envelope_xml, mimetype="application/xml")
-    return _json(out)
+            return Response(_find(s, message_id, caller, with_xml=True).envelope_xml, mimetype="application/xml")
+    return _json(_load(message_id, caller))
 
 
 @operation(method="get", path="/api/v1/documents", summary="公文列表 (documents sent with this key, newest first)",
