@@ -515,3 +515,29 @@ def test_a_write_only_unit_that_reads_or_uses_sqlalchemy_is_run_the_usual_way(da
         assert sum("write_only unit of work" in r.message for r in caplog.records) == 2
     finally:
         db.dispose()
+
+
+def test_a_replayed_nonce_is_refused_without_undoing_its_group(database_url):
+    """A replayed federation nonce inserts nothing: it raises no unique-key error, so the
+    other units of its group are neither rolled back nor run a second time."""
+    from gateway.federation.api import remember_nonce
+
+    migrate.upgrade(database_url)
+    db = Database(database_url)
+    try:
+        assert remember_nonce(db, "county-a", "n-1") is True
+        runs: list[int] = []
+
+        def other(conn):  # type: ignore[no-untyped-def]
+            runs.append(1)
+            conn.execute(insert(AdapterState.__table__).values(adapter="t", key="other", value="1"))
+            return "stored"
+
+        out = in_one_group(db, [lambda: remember_nonce(db, "county-a", "n-1"),
+                                lambda: remember_nonce(db, "county-a", "n-2"),
+                                lambda: db.write(other)])
+        assert out == [False, True, "stored"]
+        assert runs == [1]  # a unique-key error in the group would have run it twice
+        assert remember_nonce(db, "county-b", "n-1") is True  # nonces are per sending node
+    finally:
+        db.dispose()

@@ -8,11 +8,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request, stream_with_context
-from sqlalchemy import delete, insert
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from gateway import audit
 from gateway.api.problems import Problem
+from gateway.db import Database
 from gateway.federation import batch, reconcile, transfer
 from gateway.federation.signing import SignatureRejected, verify
 from gateway.models import FederationNonce, table
@@ -21,7 +23,10 @@ from gateway.node import Node
 bp = Blueprint("federation", __name__, url_prefix="/federation/v1")
 
 _STATUS = {"bad-signature": 401, "unknown-key": 401, "stale-request": 401, "replayed-request": 401}
-_INSERT_NONCE = insert(table(FederationNonce))
+#: a nonce seen before inserts nothing (no unique-key error: in a group commit such an error
+#: would roll back the whole group and run every unit of it again, one by one)
+_INSERT_NONCE = {postgres: (pg_insert if postgres else sqlite_insert)(table(FederationNonce)).on_conflict_do_nothing()
+                 .returning(table(FederationNonce).c.nonce) for postgres in (False, True)}
 
 
 def _node() -> Node:
@@ -35,12 +40,9 @@ def authenticate(n: Node) -> str:
     try:
         v = verify(request.method, request.url, request.headers, body, keys=fed.peer_key,
                    max_skew=n.config.federation.max_skew)
-        try:
-            n.db.write(lambda c: c.execute(_INSERT_NONCE, {"key_id": v.key_id, "nonce": v.nonce,
-                                                           "seen_at": datetime.now(UTC)}))
-        except IntegrityError:
+        if not remember_nonce(n.db, v.key_id, v.nonce):
             raise SignatureRejected("replayed-request", f"this request from node {v.key_id} was seen before "
-                                    f"(nonce {v.nonce}); a replayed request is refused", v.key_id) from None
+                                    f"(nonce {v.nonce}); a replayed request is refused", v.key_id)
         fed.maybe_purge_nonces()
         return v.key_id
     except SignatureRejected as exc:
@@ -150,6 +152,13 @@ def ping() -> Response:
     peer = authenticate(n)
     return Response(json.dumps({"node": n.id, "peer": peer, "time": datetime.now(UTC).isoformat()}),
                     mimetype="application/json")
+
+
+def remember_nonce(db: Database, key_id: str, nonce: str) -> bool:
+    """Record a signed request's nonce; False if it was recorded before (a replay)."""
+    stmt = _INSERT_NONCE[db.postgres]
+    return db.write(lambda c: c.execute(stmt, {"key_id": key_id, "nonce": nonce,
+                                               "seen_at": datetime.now(UTC)}).first()) is not None
 
 
 def purge_nonces(n: Node) -> int:
