@@ -250,8 +250,10 @@ def create(name: str, config: Mapping[str, Any], context: AdapterContext) -> Ada
         if type_name in BUILTIN:
             load_builtin(type_name)
     if type_name not in _REGISTRY:
+        from adapters import BUILTIN
+
         raise ConfigError(
             f"adapters.{name}.type: {type_name!r} is not a known adapter type; "
-            f"expected one of {', '.join(registered_types())}"
+            f"expected one of {', '.join(sorted({*BUILTIN, *_REGISTRY}))}"
         )
     return _REGISTRY[type_name](name, config, context)

@@ -323,7 +323,10 @@ class SftpAdapter(Adapter):
         return p
 
     def _load_private_key(self) -> paramiko.PKey:
-        passphrase = self.context.secret(self.config, "passphrase")
+        try:
+            passphrase = self.context.secret(self.config, "passphrase")
+        except ConfigError as exc:
+            raise ConfigError(f"adapters.{self.name}.{exc}") from None
         key = self._key("private_key_file")
         # Bytes: from_path hands the passphrase to cryptography, which refuses str. Positional:
         # the keyword is `passphrase` in paramiko 3/4 and `password` in 5.

@@ -221,8 +221,9 @@ class SoapAdapter(Adapter):
     def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
         super().__init__(name, config, context)
         unknown = sorted(set(self.config) - _KNOWN_KEYS)
-        if unknown:
-            log.warning("adapters.%s: ignoring unknown keys %s", name, ", ".join(unknown))
+        if unknown:  # a misspelt key must not silently become its default
+            raise ConfigError(f"{self._key(unknown[0])}: unknown setting; expected one of "
+                              f"{', '.join(sorted(_KNOWN_KEYS))}")
         self._wsdl = self._wsdl_location()
         self._address = self._opt_str("address")
         if self._address is not None and urlsplit(self._address).scheme not in ("http", "https"):

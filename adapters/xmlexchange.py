@@ -95,12 +95,21 @@ def _is_plain_component(name: str) -> bool:
     return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
+#: the settings of an ``xml-exchange`` adapter (besides the gateway's own: retry, callback_*)
+KNOWN_KEYS = frozenset({"type", "mode", "appids", "sender_appid", "address", "timeout", "verify_tls", "ca_file",
+                        "folder", "max_per_poll"})
+
+
 @register("xml-exchange")
 class XmlExchangeAdapter(Adapter):
     """Exchange box adapter; see the module docstring for modes and configuration."""
 
     def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
         super().__init__(name, config, context)
+        unknown = sorted(set(self.config) - KNOWN_KEYS)
+        if unknown:  # a misspelt key must not silently become its default
+            raise ConfigError(f"adapters.{name}.{unknown[0]}: unknown setting; expected one of "
+                              f"{', '.join(sorted(KNOWN_KEYS))}")
         self.mode = self.config.get("mode", "http")
         if self.mode not in ("http", "folder"):
             raise ConfigError(f"adapters.{name}.mode: {self.mode!r}; expected \"http\" or \"folder\"")

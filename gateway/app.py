@@ -5,18 +5,24 @@ from __future__ import annotations
 import os
 
 from flask import Flask
+from gunicorn.errors import AppImportError
 
 from gateway import config as config_mod
 from gateway.api import blobs, ops, problems
-from gateway.config import Config
+from gateway.config import Config, ConfigError
 from gateway.node import Node
 
 
 def create_app(cfg: Config | str | None = None, node: Node | None = None) -> Flask:
     if node is None:
-        if cfg is None or isinstance(cfg, str):
-            cfg = config_mod.load(cfg or os.environ.get("GATEWAY_CONFIG"))
-        node = Node(cfg)
+        try:
+            if cfg is None or isinstance(cfg, str):
+                cfg = config_mod.load(cfg or os.environ.get("GATEWAY_CONFIG"))
+            node = Node(cfg)
+            node.check_adapters()
+        except ConfigError as exc:
+            # gunicorn prints this message alone and stops (no traceback, no worker restarts)
+            raise AppImportError(f"gateway: the configuration is not valid:\n{exc}") from None
     app = Flask("gateway")
     app.config["MAX_CONTENT_LENGTH"] = node.config.api.max_json_bytes
     app.json.ensure_ascii = False  # type: ignore[attr-defined]

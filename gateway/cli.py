@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -33,13 +34,22 @@ class Ctx:
             self._cfg = cfg
         return self._cfg
 
-    def node(self):  # type: ignore[no-untyped-def]
+    def node(self, check_adapters: bool = False):  # type: ignore[no-untyped-def]
+        """The node; ``check_adapters``: also build every adapter now (commands that deliver
+        or serve), so that a wrong adapter setting stops them at once, naming the key."""
         from gateway.node import Node
 
         try:
-            return Node(self.cfg())
+            n = Node(self.cfg())
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
+        if check_adapters:
+            try:
+                n.check_adapters()
+            except ConfigError as exc:
+                n.close()
+                raise click.ClickException(str(exc)) from None
+        return n
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
@@ -100,6 +110,11 @@ def keys_create(c: Ctx, name: str, scopes: tuple[str, ...], clearance: str, unit
 
     n = c.node()
     _require_schema(n)
+    served = n.config.node.units
+    foreign = [u for u in units if served and u not in served]
+    if foreign:
+        raise click.BadParameter(f"{foreign[0]} is not a unit of node {n.id} (its units: {', '.join(served)})",
+                                 param_hint="--unit")
     try:
         key = create_key(n.db, name=name, scopes=list(scopes), clearance=clearance, units=list(units),
                          webhook_url=webhook_url, actor=f"cli:{_user()}")
@@ -114,7 +129,9 @@ def keys_create(c: Ctx, name: str, scopes: tuple[str, ...], clearance: str, unit
 def keys_revoke(c: Ctx, key_id: str) -> None:
     from gateway.api.auth import revoke_key
 
-    if not revoke_key(c.node().db, key_id, actor=f"cli:{_user()}"):
+    n = c.node()
+    _require_schema(n)
+    if not revoke_key(n.db, key_id, actor=f"cli:{_user()}"):
         raise click.ClickException(f"no active key with id {key_id}")
     click.echo(f"revoked {key_id}")
 
@@ -124,13 +141,17 @@ def keys_revoke(c: Ctx, key_id: str) -> None:
 def keys_list(c: Ctx) -> None:
     from sqlalchemy import select
 
+    from gateway.envelope import CLASSIFICATION_LEVEL
     from gateway.models import ApiKey
 
+    names = {level: name for name, level in CLASSIFICATION_LEVEL.items()}
     n = c.node()
+    _require_schema(n)
     with n.db.sessions() as s:
         for k in s.scalars(select(ApiKey).order_by(ApiKey.created_at)):
             state = "revoked" if k.revoked_at else "active"
-            click.echo(f"{k.id}  {state:7}  clearance={k.clearance}  scopes={','.join(k.scopes)}  {k.name}")
+            click.echo(f"{k.id}  {state:7}  clearance={names.get(k.clearance, k.clearance)}  "
+                       f"scopes={','.join(k.scopes)}  {k.name}")
 
 
 def _user() -> str:
@@ -157,13 +178,20 @@ def adapters() -> None:
     pass
 
 
-@adapters.command("list", help="Configured adapters and their types.")
+_NO_ADAPTERS = "no adapters configured"
+_EMBEDDED_ADAPTERS = " (the embedded default configures them at 'gateway serve'; give --config FILE)"
+
+
+@adapters.command("list", help="Configured adapters and their types; checks their settings (local files, "
+                               "secrets) without contacting anything, and exits 1 naming the first wrong one.")
 @pass_ctx
 def adapters_list(c: Ctx) -> None:
     cfg = c.cfg()
     if not cfg.adapters:
-        click.echo("no adapters configured" + (" (the embedded default configures them at 'gateway serve')"
-                                               if c.embedded else ""))
+        click.echo(_NO_ADAPTERS + (_EMBEDDED_ADAPTERS if c.embedded else ""))
+        return
+    n = c.node(check_adapters=True)
+    n.close()
     for name, a in sorted(cfg.adapters.items()):
         click.echo(f"{name}\t{a.get('type')}")
 
@@ -172,6 +200,9 @@ def adapters_list(c: Ctx) -> None:
 @click.argument("name", required=False)
 @pass_ctx
 def adapters_check(c: Ctx, name: str | None) -> None:
+    if not c.cfg().adapters:
+        click.echo(_NO_ADAPTERS + (_EMBEDDED_ADAPTERS if c.embedded else ""))
+        return
     n = c.node()
     names = [name] if name else n.adapter_names()
     bad = 0
@@ -200,7 +231,11 @@ def audit() -> None:
 def audit_verify(c: Ctx, expect_head: str | None) -> None:
     from gateway import audit as audit_mod
 
+    if expect_head is not None and re.fullmatch(r"[0-9]+:[0-9a-f]{64}", expect_head) is None:
+        raise click.BadParameter(f"{expect_head!r}: expected SEQ:HASH as 'gateway audit verify' printed it, "
+                                 f"e.g. 1234:{'0' * 64}", param_hint="--expect-head")
     n = c.node()
+    _require_schema(n)
     with n.db.sessions() as s:
         r = audit_mod.verify(s, expect_head)
     if r.ok:
@@ -268,7 +303,7 @@ def worker(c: Ctx, once: bool) -> None:
     if c.embedded:
         raise click.ClickException("'gateway worker' needs --config; the embedded default runs everything "
                                    "in 'gateway serve'")
-    n = c.node()
+    n = c.node(check_adapters=True)
     _require_schema(n)
     if once:
         Worker(n).drain()
@@ -287,11 +322,17 @@ def worker(c: Ctx, once: bool) -> None:
 
 # -- serve ---------------------------------------------------------------------------------
 @main.command(help="Run the node: HTTP API, delivery worker and collector in one process tree.")
-@click.option("--bind", default="127.0.0.1:8080", show_default=True)
-@click.option("--threads", default=8, show_default=True)
+@click.option("--bind", default="127.0.0.1:8080", show_default=True, help="HOST:PORT to listen on")
+@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 256),
+              help="request threads")
 @pass_ctx
 def serve(c: Ctx, bind: str, threads: int) -> None:
     from gateway import migrate, serve as serve_mod
+
+    host, sep, port = bind.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise click.BadParameter(f"{bind!r}: expected HOST:PORT, e.g. 127.0.0.1:8080 or 0.0.0.0:8080",
+                                 param_hint="--bind")
 
     cfg = c.cfg()
     sims: Any = None
@@ -306,6 +347,13 @@ def serve(c: Ctx, bind: str, threads: int) -> None:
         if key:
             # the key itself is never printed: stdout often ends up in a log
             click.echo(f"管理员 API 密钥已写入 (admin API key written to) {cfg.data_dir / 'bootstrap-api-key'} (mode 0600)")
+    else:
+        # a wrong adapter setting or an old schema stops the start here, once, not in a worker
+        n = c.node(check_adapters=True)
+        try:
+            _require_schema(n)
+        finally:
+            n.close()
     state: dict[str, Any] = {}
 
     def factory():  # type: ignore[no-untyped-def]
@@ -381,9 +429,14 @@ def federation_key(c: Ctx) -> None:
 @pass_ctx
 def federation_ping(c: Ctx, peer: str | None) -> None:
     n = c.node()
-    names = [peer] if peer else sorted(n.config.peers)
+    if not n.config.peers:
+        n.close()
+        click.echo("no peers configured ([peers.NODE_ID] in the configuration file)")
+        return
     if peer and peer not in n.config.peers:
-        raise click.ClickException(f"{peer!r} is not one of [peers] ({', '.join(names) or 'none'})")
+        n.close()
+        raise click.ClickException(f"{peer!r} is not one of [peers] ({', '.join(sorted(n.config.peers))})")
+    names = [peer] if peer else sorted(n.config.peers)
     bad = 0
     for name in names:
         try:

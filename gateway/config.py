@@ -243,6 +243,11 @@ class Config(_Strict):
                 )
             return self._with_driver(url, f"database.url_env ({self.database.url_env})")
         if self.database.url:
+            scheme, sep, rest = self.database.url.partition("://")
+            if sep and ":" in rest.partition("/")[0].rpartition("@")[0]:  # user:password@host
+                raise ConfigError(f"{self.source}: database.url: holds a password; secrets are not allowed in the "
+                                  f"file: put the whole URL in an environment variable named by database.url_env, "
+                                  f"or use a password file (~/.pgpass) or peer authentication")
             return self._with_driver(self.database.url, "database.url")
         return f"sqlite:///{self.data_dir / 'gateway.db'}"
 
@@ -252,14 +257,32 @@ class Config(_Strict):
         would pick psycopg2); another driver is refused here, not at the first accept."""
         scheme, sep, rest = url.partition("://")
         base, _, driver = scheme.partition("+")
-        if not sep or base not in ("postgresql", "postgres"):
+        if not sep or base not in ("postgresql", "postgres", "sqlite"):
+            raise ConfigError(f"{self.source}: {key}: {scheme + sep if sep else url!r} is not a supported database; "
+                              f"expected postgresql://user@host/db or sqlite:///path/to/gateway.db")
+        if base == "sqlite":
             return url
         if driver in ("", "psycopg"):
             return f"postgresql+psycopg://{rest}"
         raise ConfigError(f"{self.source}: {key}: the PostgreSQL driver {driver!r} is not supported; expected "
                           f"postgresql+psycopg://user@host/db (or postgresql://user@host/db)")
 
+    def retry_for(self, kind: str, target: str) -> RetryPolicy:
+        """The retry policy of an outbox row: ``[adapters.NAME.retry]`` or ``[peers.X.retry]``
+        over ``[worker.retry]`` (a key either leaves out is ``[worker.retry]``'s), or
+        ``[webhooks.retry]`` for webhooks."""
+        if kind == "webhook":
+            return self.webhooks.retry
+        base = self.worker.retry
+        if target in self.peers and kind in ("forward", "status", "recall"):
+            own = self.peers[target].retry
+            return base if own is None else base.model_copy(update=own.model_dump(include=own.model_fields_set))
+        raw = self.adapters.get(target, {}).get("retry")
+        return base if not raw else RetryPolicy.model_validate({**base.model_dump(), **raw})
+
     def check_references(self) -> None:
+        if self.database.url:  # the URL in the file is checked now (a url_env may be set only for the service)
+            self.database_url()
         for i, r in enumerate(self.routes):
             where = f"{self.source}: routes[{i}]"
             if (r.adapter is None) == (r.node is None):
@@ -300,6 +323,14 @@ class Config(_Strict):
         for name, a in self.adapters.items():
             if "type" not in a:
                 raise ConfigError(f"{self.source}: adapters.{name}.type: missing; expected soap, sftp or xml-exchange")
+            if "retry" in a:
+                if not isinstance(a["retry"], dict):
+                    raise ConfigError(f"{self.source}: adapters.{name}.retry: expected a table "
+                                      f"(max_attempts, base_delay, max_delay)")
+                try:
+                    self.retry_for("deliver", name)
+                except ValidationError as exc:
+                    raise ConfigError(_format(exc, f"{self.source}: adapters.{name}.retry", sep=".")) from None
             for key in a:
                 if key in ("password", "passphrase", "secret", "token", "private_key"):
                     raise ConfigError(
@@ -308,12 +339,12 @@ class Config(_Strict):
                     )
 
 
-def _format(exc: ValidationError, source: str) -> str:
+def _format(exc: ValidationError, source: str, sep: str = ": ") -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{source}: {loc}: {msg}")
+        lines.append(f"{source}{sep}{loc}: {msg}")
     return "\n".join(lines)
 
 
@@ -326,6 +357,10 @@ def load(path: str | Path | None) -> Config:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such configuration file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}); a configuration file is TOML in UTF-8") from None
+    except OSError as exc:  # a folder, unreadable, a path through a file …
+        raise ConfigError(f"{p}: cannot read the configuration file: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
     return from_mapping(raw, source=str(p), base_dir=str(p.resolve().parent))

@@ -49,7 +49,9 @@ class Node:
         self.config = config
         self.db = db or Database(config.database_url(), config.database.pool_size)
         self.data_dir = config.data_dir
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # made private to the service's user: the database, the blobs (classified documents'
+        # titles and contents) and the node key live below it
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.blobs = BlobStore(self.data_dir / "blobs")
         from gateway import payloads
 
@@ -99,6 +101,33 @@ class Node:
 
                 self._federation = Federation(self)
             return self._federation
+
+    def check_adapters(self) -> None:
+        """Build every configured adapter now, so that a wrong setting (a misspelt key, a key
+        file that is not there, an unset password variable, a local WSDL without the
+        configured operation) stops the start with a message naming the file and the key,
+        instead of failing each delivery later. Nothing is contacted: each adapter reads its
+        settings and local files only."""
+        from gateway.config import ConfigError
+
+        for name in self.adapter_names():
+            try:
+                a = self.adapter(name)
+                raw = self.config.adapters[name]
+                try:
+                    a.context.secret(raw, "callback_token")  # readable, if one is configured
+                except adapters.base.ConfigError as exc:
+                    raise ConfigError(f"adapters.{name}.{exc}") from None
+                allow = raw.get("callback_allow", [])
+                if not isinstance(allow, list) or not all(isinstance(x, str) for x in allow):
+                    raise ConfigError(f"adapters.{name}.callback_allow: expected a list of addresses, "
+                                      f"e.g. [\"127.0.0.1\", \"10.1.2.3\"]")
+            except (adapters.base.ConfigError, ConfigError) as exc:
+                msg = str(exc)
+                raise ConfigError(f"{self.config.source}: {msg if msg.startswith('adapters.') else f'adapters.{name}: {msg}'}") from None
+            except Exception as exc:  # noqa: BLE001 - e.g. a local WSDL that is not valid XML
+                raise ConfigError(f"{self.config.source}: adapters.{name}: cannot be set up: "
+                                  f"{type(exc).__name__}: {exc}") from None
 
     def adapter_names(self) -> list[str]:
         return sorted(self.config.adapters)

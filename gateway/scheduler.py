@@ -41,6 +41,7 @@ from croniter import croniter
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
+from adapters.base import ConfigError as AdapterConfigError, DeliveryError
 from gateway import audit
 from gateway.config import Config, ConfigError, ScheduleConfig
 from gateway.models import JobRun
@@ -342,7 +343,11 @@ def _run_locked(node: Node, spec: Job, trigger: str, tick: datetime, instance: s
     try:
         detail = _jsonable(spec.fn(node))
     except Exception as exc:
-        log.exception("job %s (%s, tick %s) failed", spec.name, trigger, tick.isoformat())
+        if isinstance(exc, _EXPECTED_FAILURES) or type(exc).__name__ in _EXPECTED_BY_NAME:
+            # a peer down, a setting missing …: the message says it all (the run's detail too)
+            log.error("job %s (%s, tick %s) failed: %s", spec.name, trigger, tick.isoformat(), exc)
+        else:  # a bug: the traceback is what finds it
+            log.exception("job %s (%s, tick %s) failed", spec.name, trigger, tick.isoformat())
         outcome, detail = "failed", {"error": type(exc).__name__, "message": str(exc)[:2000]}
     except BaseException as exc:  # interrupted (Ctrl-C, shutdown): record it, then go on stopping
         _finish(node, spec.name, run_id, trigger, tick, instance, actor, "failed",
@@ -351,6 +356,12 @@ def _run_locked(node: Node, spec: Job, trigger: str, tick: datetime, instance: s
     finished = _finish(node, spec.name, run_id, trigger, tick, instance, actor, outcome, detail)
     log.info("job %s (%s, tick %s): %s", spec.name, trigger, tick.isoformat(), outcome)
     return RunResult(spec.name, tick, trigger, instance, outcome, detail, run_id, started, finished)
+
+
+#: failures of a job that are about the world, not the code: logged without a traceback
+_EXPECTED_FAILURES: tuple[type[Exception], ...] = (DeliveryError, ConfigError, AdapterConfigError, OSError)
+#: the same for the federation's own (the scheduler does not import the federation package)
+_EXPECTED_BY_NAME = frozenset({"DirectoryError", "DirectoryRejected", "FerryFailed", "TransferError"})
 
 
 def _finish(node: Node, name: str, run_id: int, trigger: str, tick: datetime, instance: str, actor: str,

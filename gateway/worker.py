@@ -305,12 +305,7 @@ class Worker:
         return {"units": item["units"], "answer": answer}
 
     def _policy(self, kind: str, target: str) -> RetryPolicy:
-        if kind == "webhook":
-            return self.node.config.webhooks.retry
-        if target in self.node.config.peers and kind in ("forward", "status", "recall"):
-            return self.node.config.peers[target].retry or self.cfg.retry
-        raw = self.node.config.adapters.get(target, {}).get("retry")
-        return RetryPolicy(**raw) if raw else self.cfg.retry
+        return self.node.config.retry_for(kind, target)
 
     def record(self, outcomes: list[Outcome]) -> None:
         """Record outcomes in one transaction: successful deliveries with a few set-based

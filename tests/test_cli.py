@@ -137,3 +137,126 @@ def test_a_plain_postgresql_url_means_psycopg_3_and_another_driver_is_a_clear_er
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert str(conf) in r.stderr and "database.url_env (GW_TEST_DB)" in r.stderr and "'asyncpg'" in r.stderr
     assert "postgresql+psycopg://" in r.stderr
+
+
+_WSDL = ROOT / "schemas" / "legacy" / "docexchange.wsdl"
+
+
+def test_a_wrong_adapter_setting_stops_every_start_naming_the_file_and_the_key(tmp_path):
+    """Adapter settings are checked when the node starts (serve, worker, gunicorn's app
+    factory, adapters list), not at the first delivery: a misspelt key must not become its
+    default, nor a missing key file fail every delivery for days."""
+    cases = {
+        # key -> (adapter table, what the message must name)
+        "soap": (f'type = "soap"\nwsdl = "{_WSDL}"\nadress = "http://127.0.0.1:9/x"\n',
+                 "adapters.legacy.adress: unknown setting"),
+        "xml": ('type = "xml-exchange"\nmode = "folder"\nfolder = "box"\nmax_per_pol = 5\n',
+                "adapters.legacy.max_per_pol: unknown setting"),
+        "sftp-key": ('type = "sftp"\nhost = "127.0.0.1"\nusername = "gw"\nprivate_key_file = "keys/none"\n'
+                     'host_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGSy9x5ZWvMVOrbrVyLbRYrhVjAdXsc5gRRAnBC9SZwy"\n',
+                     "adapters.legacy.private_key_file"),
+        "type": ('type = "carrier-pigeon"\n',
+                 "adapters.legacy.type: 'carrier-pigeon' is not a known adapter type; expected one of "
+                 "sftp, soap, xml-exchange"),
+        "secret": ('type = "xml-exchange"\nmode = "folder"\nfolder = "box"\n'
+                   'callback_token_env = "GW_TEST_UNSET_TOKEN"\n',
+                   "adapters.legacy.callback_token_env: environment variable GW_TEST_UNSET_TOKEN is not set"),
+    }
+    route = '[[routes]]\nunits = ["1152230107CTPD8U2P"]\nadapter = "legacy"\n'
+    for case, (table, named) in cases.items():
+        conf = _config(tmp_path, f"[adapters.legacy]\n{table}{route}")
+        for args in (("adapters", "list"), ("worker", "--once"), ("serve", "--bind", "127.0.0.1:9")):
+            r = gateway("-c", str(conf), *args, cwd=tmp_path, timeout=60)
+            assert r.returncode != 0, (case, args, r.stdout)
+            assert "Traceback" not in r.stderr, (case, args, r.stderr)
+            assert str(conf) in r.stderr and named in r.stderr, (case, args, r.stderr)
+    # production: gunicorn with the app factory stops at once with the message alone
+    r = subprocess.run([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "config" / "gunicorn.conf.py"),
+                        "--bind", "127.0.0.1:0", "--workers", "1", "gateway.app:create_app()"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "GATEWAY_CONFIG": str(conf)})
+    assert r.returncode != 0
+    assert named in r.stderr and str(conf) in r.stderr
+    assert "Traceback" not in r.stderr and "App failed to load" in r.stderr
+
+
+def test_a_retry_table_with_a_misspelt_key_is_refused_when_the_file_is_read(tmp_path):
+    conf = _config(tmp_path, '[adapters.box]\ntype = "xml-exchange"\nmode = "folder"\nfolder = "box"\n'
+                             '[adapters.box.retry]\nmax_attemps = 3\n')
+    r = gateway("-c", str(conf), "adapters", "list", cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"{conf}: adapters.box.retry.max_attemps: Extra inputs are not permitted" in r.stderr
+
+
+def test_adapter_and_peer_retry_tables_take_what_they_leave_out_from_worker_retry():
+    from gateway import config
+
+    cfg = config.from_mapping({
+        "worker": {"retry": {"max_attempts": 10, "base_delay": 2.0, "max_delay": 900.0}},
+        "webhooks": {"retry": {"max_attempts": 5}},
+        "adapters": {"soapy": {"type": "soap", "retry": {"max_attempts": 12}},
+                     "plain": {"type": "soap"}},
+        "peers": {"county-a": {"url": "http://127.0.0.1:9", "public_key": "ed25519:x",
+                               "retry": {"base_delay": 5.0}}},
+    })
+    got = {k: cfg.retry_for(*k).model_dump() for k in
+           [("deliver", "soapy"), ("deliver", "plain"), ("forward", "county-a"), ("webhook", "x")]}
+    assert got == {
+        ("deliver", "soapy"): {"max_attempts": 12, "base_delay": 2.0, "max_delay": 900.0},
+        ("deliver", "plain"): {"max_attempts": 10, "base_delay": 2.0, "max_delay": 900.0},
+        ("forward", "county-a"): {"max_attempts": 10, "base_delay": 5.0, "max_delay": 900.0},
+        ("webhook", "x"): {"max_attempts": 5, "base_delay": 1.0, "max_delay": 600.0},
+    }
+
+
+def test_adapters_check_without_a_configuration_says_why_it_checks_nothing(tmp_path):
+    for cmd in ("list", "check"):
+        r = gateway("adapters", cmd, cwd=tmp_path)
+        assert r.returncode == 0 and "no adapters configured" in r.stdout and "--config" in r.stdout
+
+
+def test_operator_mistakes_get_a_message_naming_what_was_expected_never_a_traceback(tmp_path):
+    conf = _config(tmp_path)
+    bad_utf8 = tmp_path / "gbk.toml"
+    bad_utf8.write_bytes("[node]\nname = \"州政府\"\n".encode("gb18030"))
+    a_file = tmp_path / "plain.txt"
+    a_file.write_text("x")
+    (tmp_path / "u").mkdir()
+    (tmp_path / "p").mkdir()
+    url_conf = _config(tmp_path / "u", '[database]\nurl = "notaurl"\n')
+    pw_conf = _config(tmp_path / "p", '[database]\nurl = "postgresql://gw:S3cret@db.internal/gw"\n')
+    cases = [
+        (["-c", str(bad_utf8), "adapters", "list"], [str(bad_utf8), "not UTF-8"]),
+        (["-c", str(a_file / "x.toml"), "adapters", "list"], [str(a_file / "x.toml"), "cannot read"]),
+        (["-c", str(url_conf), "adapters", "list"], [str(url_conf), "database.url", "'notaurl'", "postgresql://"]),
+        (["-c", str(pw_conf), "adapters", "list"], [str(pw_conf), "database.url", "password", "url_env"]),
+        (["-c", str(conf), "serve", "--bind", "garbage"], ["--bind", "HOST:PORT"]),
+        (["-c", str(conf), "serve", "--bind", "127.0.0.1:notaport"], ["--bind", "HOST:PORT"]),
+        (["-c", str(conf), "serve", "--threads", "0"], ["--threads", "0"]),
+        (["-c", str(conf), "keys", "list"], ["gateway db upgrade"]),  # not migrated yet
+        (["-c", str(conf), "serve", "--bind", "127.0.0.1:9"], ["gateway db upgrade"]),  # once, not a restart loop
+        (["-c", str(conf), "audit", "verify"], ["gateway db upgrade"]),
+        (["-c", str(conf), "audit", "verify", "--expect-head", "garbage"], ["--expect-head", "SEQ:HASH"]),
+    ]
+    for args, named in cases:
+        r = gateway(*args, cwd=tmp_path)
+        assert r.returncode != 0, (args, r.stdout)
+        assert "Traceback" not in r.stderr, (args, r.stderr)
+        for text in named:
+            assert text in r.stderr, (args, text, r.stderr)
+    assert "S3cret" not in gateway("-c", str(pw_conf), "adapters", "list", cwd=tmp_path).stderr
+    # on a migrated node: keys are checked before anything is stored; clearances are shown by name
+    assert gateway("-c", str(conf), "db", "upgrade", cwd=tmp_path).returncode == 0
+    for opts, named in [(["--unit", "123"], "unit '123'"), (["--webhook-url", "notaurl"], "webhook URL"),
+                        (["--name", " "], "name: empty")]:
+        r = gateway("-c", str(conf), "keys", "create", "--name", "OA", "--scope", "documents:send", *opts,
+                    cwd=tmp_path)
+        assert r.returncode != 0 and named in r.stderr and "Traceback" not in r.stderr, (opts, r.stderr)
+    assert "gw_" in gateway("-c", str(conf), "keys", "create", "--name", "OA", "--scope", "documents:read",
+                            "--clearance", "机密", cwd=tmp_path).stdout
+    listed = gateway("-c", str(conf), "keys", "list", cwd=tmp_path).stdout
+    assert listed.count("\n") == 1 and "clearance=机密" in listed
+    r = gateway("-c", str(conf), "federation", "ping", cwd=tmp_path)
+    assert r.returncode == 0 and "no peers configured" in r.stdout
+    r = gateway("-c", str(conf), "sync", "directory", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "no directory source" in r.stderr

@@ -36,6 +36,8 @@ def test_serve_embedded_default_end_to_end(tmp_path):
                 time.sleep(0.3)
         key_file = tmp_path / "var" / "bootstrap-api-key"
         assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+        # the data folder (database, blobs, node key) is the service user's alone
+        assert oct((tmp_path / "var").stat().st_mode & 0o777) == "0o700"
         key = key_file.read_text().strip()
         http = requests.Session()
         http.headers["Authorization"] = f"Bearer {key}"

@@ -110,7 +110,8 @@ def plan(cfg: Config, *, api_port: int = 8080, sign_delay: float = 2.0) -> Simul
     """Choose ports, prepare keys and folders, and return the node configuration pointing at
     the simulators (they are started by :meth:`Simulators.start`)."""
     sim_dir = cfg.data_dir.resolve() / "simulators"
-    sim_dir.mkdir(parents=True, exist_ok=True)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # as gateway.node makes it: private
+    sim_dir.mkdir(exist_ok=True)
     host_key = _key(sim_dir / "sftp_host_ed25519")
     _key(sim_dir / "gateway_sftp_ed25519")
     ports = {"soap": free_port(), "sftp": free_port(), "box": free_port()}

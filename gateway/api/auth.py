@@ -13,6 +13,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 from datetime import datetime, UTC
 
 from flask import g, request
@@ -22,6 +23,7 @@ from gateway.api.problems import Problem
 from gateway.db import Database
 from gateway.envelope import CLASSIFICATION_LEVEL
 from gateway.models import ApiKey
+from gateway.units import uscc_problem
 
 SCOPES = ("documents:send", "documents:read", "documents:recall", "blobs:write", "admin", "*")
 
@@ -53,6 +55,17 @@ def create_key(db: Database, *, name: str, scopes: list[str], clearance: str = "
         raise ValueError(f"unknown scope {bad[0]!r}; expected some of {', '.join(SCOPES)}")
     if clearance not in CLASSIFICATION_LEVEL:
         raise ValueError(f"unknown clearance {clearance!r}; expected 非密, 秘密, 机密 or 绝密")
+    if not name.strip():
+        raise ValueError("name: empty; expected who the key is for, e.g. 州政府办OA")
+    for u in units or []:
+        problem = uscc_problem(u)
+        if problem:
+            raise ValueError(f"unit {u!r}: {problem}")
+    if webhook_url is not None:
+        parts = urlsplit(webhook_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"webhook URL {webhook_url!r}: expected an http:// or https:// URL, "
+                             f"e.g. https://oa.example.internal/gateway-events")
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     with db.begin() as s:

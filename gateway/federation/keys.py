@@ -33,7 +33,7 @@ _FORMS = ("PEM text, ed25519:<base64 of the 32 raw bytes> or "
 
 
 def own_key(config: Config) -> NodeKey:
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if config.federation.algorithm == "sm2":
         return nodekey.load_or_create_sm2(config.data_dir)
     return nodekey.load_or_create(config.data_dir)
