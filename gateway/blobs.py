@@ -21,6 +21,10 @@ from gateway.durable import fsync_dir
 CHUNK = 1024 * 1024
 
 
+class BlobIncomplete(ValueError):
+    """An upload ended before the size it announced."""
+
+
 class BlobTooLarge(ValueError):
     pass
 
@@ -84,8 +88,11 @@ class BlobStore:
     def open(self, sha256: str) -> BinaryIO:
         return open(self._where(sha256), "rb")
 
-    def put_stream(self, stream: IO[bytes], max_bytes: int | None = None) -> tuple[str, int]:
-        """Store everything ``stream`` yields; return (sha256, size)."""
+    def put_stream(self, stream: IO[bytes], max_bytes: int | None = None,
+                   expect_bytes: int | None = None) -> tuple[str, int]:
+        """Store everything ``stream`` yields; return (sha256, size). With ``expect_bytes``
+        (an upload's Content-Length), a stream that ends short of it (the client went away)
+        stores nothing and raises :class:`BlobIncomplete`."""
         digest = hashlib.sha256()
         size = 0
         fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
@@ -100,6 +107,9 @@ class BlobStore:
                         raise BlobTooLarge(f"the upload exceeds {max_bytes} bytes")
                     digest.update(chunk)
                     out.write(chunk)
+                if expect_bytes is not None and size != expect_bytes:
+                    raise BlobIncomplete(f"the upload ended after {size} of its {expect_bytes} bytes "
+                                         f"(Content-Length); nothing was stored")
                 out.flush()
                 os.fsync(out.fileno())
             sha = digest.hexdigest()

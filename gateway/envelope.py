@@ -60,6 +60,20 @@ def new_message_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def same_message(a: bytes | str, b: bytes | str) -> bool:
+    """Whether two canonical envelopes carry the same message: equal (as canonical XML) but
+    for ``<created>``, which each accept of a JSON request stamps anew."""
+    def canon(x: bytes | str) -> bytes:
+        root = xmlsafe.parse(x)
+        for el in list(root.iter(E + "created")):
+            parent = el.getparent()
+            if parent is not None:
+                parent.remove(el)
+        return etree.tostring(root, method="c14n")
+
+    return canon(a) == canon(b)
+
+
 @dataclass
 class Attachment:
     """A claim check: content stored by SHA-256 in the blob store, referenced here."""

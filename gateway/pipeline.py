@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from adapters.base import remote_ref
 from gateway import audit, events, payloads
 from gateway.db import driver_mark, driver_stamp, group_cursor, in_group_pipeline
-from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError, Recipient
+from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError, Recipient, same_message
 from gateway.models import table, Delivery, Message, OutboxEntry
 from gateway.node import Node
 from gateway.routing import NoRoute, Route
@@ -30,9 +30,9 @@ from gateway.routing import NoRoute, Route
 class Rejected(ValueError):
     """Input that passed the schema but breaks a rule of this node; nothing was stored."""
 
-    def __init__(self, kind: str, detail: str, status: int = 422) -> None:
+    def __init__(self, kind: str, detail: str, status: int = 422, field: str | None = None) -> None:
         super().__init__(detail)
-        self.kind, self.detail, self.status = kind, detail, status
+        self.kind, self.detail, self.status, self.field = kind, detail, status, field
 
 
 @dataclass(slots=True)
@@ -53,6 +53,7 @@ class Accepted:
     message: StoredMessage
     created: bool  # False: an earlier accept of the same message id / Idempotency-Key
     routes: list[Route] | None = None  # per recipient, in envelope order (when created)
+    by_id: bool = False  # not created because a message with this id is stored (see accept)
 
 
 @dataclass
@@ -69,7 +70,8 @@ def plan_routes(node: Node, env: Envelope, recipients: list[Recipient] | None = 
         try:
             routes.append(node.routes.route_for(env.subsystem, env.type, r.unit, avoid))
         except NoRoute as exc:
-            raise Rejected("no-route", str(exc)) from None
+            at = next(i for i, x in enumerate(env.recipients) if x is r)
+            raise Rejected("no-route", str(exc), field=f"recipients.{at}.unit") from None
     for route in routes:
         if route.kind == "adapter" and route.target not in node.config.adapters:
             raise Rejected("no-route", f"route to adapter {route.target!r}, which is not configured")
@@ -116,11 +118,25 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
     write_only = pipelined and new_id and idempotency is None
     try:
         # group commit: returns once committed
-        return node.db.write(unit, pipelined=pipelined, write_only=write_only)
+        out = node.db.write(unit, pipelined=pipelined, write_only=write_only)
     except node.db.integrity_errors:
         # Two identical requests raced (PostgreSQL: two transactions both found no message
         # and both inserted it); the other one committed first. Answer as it did.
-        return node.db.write(unit, pipelined=pipelined)
+        out = node.db.write(unit, pipelined=pipelined)
+    if out.by_id:
+        _same_or_conflict(node, env, plan)
+    return out
+
+
+def _same_or_conflict(node: Node, env: Envelope, plan: _Plan) -> None:
+    """A message id sent again is a replay only if it carries the same message; a different
+    one under a taken id is refused (409), never answered as if it had been stored."""
+    with node.db.sessions() as s:
+        stored = s.scalar(select(Message.envelope_xml).where(Message.id == env.message_id))
+    if stored is not None and not same_message(stored, plan.message_row[_ENVELOPE_AT]):
+        raise Rejected("message-id-conflict", f"message id {env.message_id} was used before for a different "
+                                              f"message; a resent message must be identical (or use a new id)",
+                       status=409)
 
 
 #: one forward outbox row for the units of a message behind next hop ``hop`` (also used by
@@ -137,6 +153,7 @@ INSERT_FORWARD = insert(table(OutboxEntry)).values(
 _MESSAGE_COLUMNS = ("id", "subsystem", "type", "sender_unit", "classification", "clearance", "urgency",
                     "in_reply_to", "conversation_id", "api_key_id", "source", "summary", "envelope_xml",
                     "accepted_at")
+_ENVELOPE_AT = _MESSAGE_COLUMNS.index("envelope_xml")
 _DELIVERY_COLUMNS = ("message_id", "unit", "unit_name", "copy_type", "copy_no", "route_kind", "target",
                      "status", "remote_ref", "updated_at")
 _IDEM_COLUMNS = ("api_key_id", "key", "request_hash", "message_id", "created_at")
@@ -282,7 +299,7 @@ def _write_rows(cur: Any, sql: _Sql, conn: Connection, env: Envelope, plan: _Pla
         api_key_id = plan.message_row[_MESSAGE_COLUMNS.index("api_key_id")]
         if existing[0] != env.sender_unit or (api_key_id and existing[1] != api_key_id):
             raise Rejected("message-id-conflict", f"message id {env.message_id} is already taken", status=409)
-        return Accepted(StoredMessage(env.message_id), created=False)
+        return Accepted(StoredMessage(env.message_id), created=False, by_id=True)
 
     routes = plan.routes
     if sql.postgres and len(plan.delivery_rows) <= ONE_STATEMENT_MAX:
@@ -318,14 +335,16 @@ def _forward_rows(conn: Connection, env: Envelope, plan: _Plan) -> None:
                                       "conversation": env.conversation_id})
 
 
-def recall(s: Session, message_id: str, units: Collection[str] | None = None) -> None:
+def recall(s: Session, message_id: str, units: Collection[str] | None = None) -> int:
     """Withdraw (撤回) a message's copies not yet signed for: a copy still waiting in the
     outbox is simply not sent; one already handed over is recalled through its adapter or,
-    for a copy at another node, by asking that node (its answer comes back as a status)."""
+    for a copy at another node, by asking that node (its answer comes back as a status).
+    Returns how many copies it withdrew or asked to recall (0: none was left to recall)."""
     now = datetime.now(UTC)
     m = s.get(Message, message_id)
     assert m is not None
     ids = [d.id for d in m.deliveries]
+    acted = 0
     for d in m.deliveries:
         if units is not None and d.unit not in units:
             continue
@@ -341,7 +360,10 @@ def recall(s: Session, message_id: str, units: Collection[str] | None = None) ->
             if waiting:
                 prev, d.status, d.updated_at = d.status, "recalled", now
                 events.status_changed(s, d, prev)
+                acted += 1
                 continue
         if d.status in ("delivered", "queued"):
             s.add(OutboxEntry(kind="recall", delivery_id=d.id, target=d.target or "", priority=0,
                               next_attempt_at=now, created_at=now))
+            acted += 1
+    return acted

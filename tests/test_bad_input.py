@@ -1,7 +1,9 @@
 """Bad input gets a clear 4xx problem+json and stores nothing."""
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
 
 import pytest
@@ -50,6 +52,7 @@ XML_ATTACKS = {
     "doctype": (b'<?xml version="1.0"?><!DOCTYPE envelope SYSTEM "http://example.invalid/x.dtd"><envelope/>',
                 "forbidden-dtd"),
     "too-deep": (b"<a>" * 200 + b"</a>" * 200, "too-deep"),
+    "too-deep-for-libxml2": (b"<a>" * 300 + b"</a>" * 300, "too-deep"),  # past libxml2's own 256
 }
 
 
@@ -198,3 +201,141 @@ def test_wrong_media_type_is_refused(sqlite_api):
 
 def test_unknown_route_is_problem_json(sqlite_api):
     _problem(sqlite_api.client.get("/api/v1/nothing-here"), 404, "not-found")
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("title", "关于\u0001通知", "title"),
+    ("note", "附注\u001f", "note"),
+    ("issuer", "州政府\ufffe", "issuer"),  # written out in UTF-8 by the client, not escaped
+    ("attachments", [{"sha256": None, "name": "附件\u0007.pdf"}], "attachments.0.name"),
+    ("recipients", [{"unit": COUNTY_A, "name": "甲县\u0000"}], "recipients.0.name"),
+])
+def test_a_character_xml_cannot_carry_is_refused_naming_the_field(sqlite_api, field, value, named):
+    """The envelope is XML: a control character anywhere in the document is a 422 that names
+    the field, never a 500 from the XML serialiser."""
+    doc = sqlite_api.document()
+    if field == "attachments":
+        value[0]["sha256"] = doc["body"]["sha256"]
+    doc[field] = value
+    data = json.dumps(doc, ensure_ascii=field != "issuer").encode()
+    body = _problem(sqlite_api.post("/api/v1/documents", data=data, content_type="application/json"),
+                    422, "validation")
+    assert body["errors"][0]["field"] == named and "control character" in body["errors"][0]["message"], body
+    _nothing_stored(sqlite_api.node)
+    # escapes of characters XML can carry still pass: tab, line breaks, an emoji as a surrogate pair
+    doc = sqlite_api.document(note="第一行\n第二行\t\r\n\U0001F4C4")
+    assert sqlite_api.post("/api/v1/documents", data=json.dumps(doc).encode(),
+                           content_type="application/json").status_code == 202
+
+
+@pytest.mark.parametrize("query", [
+    "cursor=" + base64.urlsafe_b64encode(b'["2026-01-01T00:00:00", {"a": 1}]').decode(),
+    "cursor=" + base64.urlsafe_b64encode(b'[1, "x"]').decode(),
+    "cursor=" + base64.urlsafe_b64encode(b'["2026-01-01T00:00:00", null]').decode(),
+    "cursor=not-base64!",
+    "limit=-5", "limit=0", "limit=abc", "limit=%EF%BC%95",  # a fullwidth ５
+    "status=bogus",
+])
+def test_list_parameters_out_of_range_are_a_clear_400(sqlite_api, query):
+    body = _problem(sqlite_api.get(f"/api/v1/documents?{query}"), 400, "validation")
+    assert body["errors"][0]["field"] == query.split("=")[0]
+
+
+def test_list_limit_above_the_maximum_gives_the_maximum(sqlite_api):
+    assert sqlite_api.get("/api/v1/documents?limit=99999999999999999999").status_code == 200
+
+
+def test_a_message_id_reused_for_a_different_message_is_a_conflict(sqlite_api):
+    doc = sqlite_api.document(message_id="caller-msg-0001")
+    first = sqlite_api.post("/api/v1/documents", json=doc)
+    assert first.status_code == 202
+    again = sqlite_api.post("/api/v1/documents", json=doc)  # the same message: a replay
+    assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_json()["id"] == "caller-msg-0001"
+    other = {**doc, "title": "另一份通知"}
+    body = _problem(sqlite_api.post("/api/v1/documents", json=other), 409, "message-id-conflict")
+    assert "caller-msg-0001" in body["detail"]
+    with sqlite_api.node.db.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Message)) == 1
+        assert "另一份通知".encode() not in s.get(Message, "caller-msg-0001").envelope_xml
+
+
+def test_recalling_a_document_with_nothing_left_to_recall_is_a_conflict(sqlite_api):
+    from gateway.models import AuditEntry
+
+    mid = sqlite_api.post("/api/v1/documents", json=sqlite_api.document()).get_json()["id"]
+    r = sqlite_api.post(f"/api/v1/documents/{mid}/recall")
+    assert r.status_code == 202 and r.get_json()["recipients"][0]["status"] == "recalled"
+
+    def recalls() -> int:
+        with sqlite_api.node.db.sessions() as s:
+            return s.scalar(select(func.count()).select_from(AuditEntry).where(AuditEntry.action == "message.recall"))
+
+    before = recalls()
+    body = _problem(sqlite_api.post(f"/api/v1/documents/{mid}/recall"), 409, "conflict")
+    assert "no copy left to recall" in body["detail"]
+    assert recalls() == before  # nothing happened, nothing audited
+
+
+def test_a_wrong_method_answers_405_with_allow_and_a_missing_key_401_with_www_authenticate(sqlite_api):
+    r = sqlite_api.client.delete("/api/v1/documents")
+    _problem(r, 405, "method-not-allowed")
+    assert set(r.headers["Allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
+    r = sqlite_api.client.get("/api/v1/documents")
+    _problem(r, 401, "unauthenticated")
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("over, field", [
+    ({"title": "   "}, "title"),
+    ({"issuer": " "}, "issuer"),
+    ({"written_date": "20261120"}, "written_date"),
+    ({"written_date": "2026-W47-5"}, "written_date"),
+    ({"written_date": "0001-01-01"}, "written_date"),
+    ({"doc_number": "州政发〔0000〕1号"}, "doc_number"),
+    ({"doc_number": "州政发〔2026〕99999999999999999999号"}, "doc_number"),
+    ({"doc_number": "州政发〔２０２６〕１２号"}, "doc_number"),
+    ({"sealed": "yes"}, "sealed"),
+    ({"printer": {"name": "州政府办公室", "date": "not a date"}}, "printer.date"),
+    ({"classification": "机密"}, "classification_period"),  # a rule across fields names its field
+    ({"doc_type": "请示", "signer": None}, "signer"),
+    ({"recipients": [{"unit": COUNTY_A}, {"unit": COUNTY_A}]}, "recipients"),
+])
+def test_implausible_values_are_refused_naming_the_field(sqlite_api, over, field):
+    doc = {**sqlite_api.document(), **over}
+    body = _problem(sqlite_api.post("/api/v1/documents", json=doc), 422, "validation")
+    assert [e["field"] for e in body["errors"]] == [field], body
+    _nothing_stored(sqlite_api.node)
+
+
+def test_refusals_about_content_name_the_field(sqlite_api):
+    doc = sqlite_api.document()
+    empty = sqlite_api.upload(b"")
+    body = _problem(sqlite_api.post("/api/v1/documents", json={**doc, "body": {"sha256": empty, "name": "正文.ofd"}}),
+                    422, "validation")
+    assert body["errors"][0]["field"] == "body.sha256" and "empty" in body["detail"]
+    ghost = "0" * 64
+    body = _problem(sqlite_api.post("/api/v1/documents", json={**doc, "attachments": [
+        {"sha256": doc["body"]["sha256"], "name": "附件1.pdf"}, {"sha256": ghost, "name": "附件2.pdf"}]}),
+        422, "unknown-blob")
+    assert body["errors"] == [{"field": "attachments.1.sha256", "message": f"no uploaded content has SHA-256 {ghost}"}]
+    body = _problem(sqlite_api.post("/api/v1/documents", json=sqlite_api.document(
+        recipients=(COUNTY_A, "91110000600037341L"))), 422, "no-route")
+    assert body["errors"][0]["field"] == "recipients.1.unit"
+    _nothing_stored(sqlite_api.node)
+    # the plausible forms still pass
+    for ok in ({"written_date": "2026-11-20"}, {"written_date": "2026年1月5日"}, {"doc_number": "州政发〔2026〕123456号"},
+               {"printer": {"name": "州政府办公室", "date": "2026年11月20日"}}, {"sealed": False}):
+        assert sqlite_api.post("/api/v1/documents", json={**sqlite_api.document(), **ok}).status_code == 202, ok
+
+
+def test_an_uploads_location_answers_with_its_size_and_nothing_else_does(sqlite_api):
+    r = sqlite_api.post("/api/v1/blobs", data=b"12345", content_type="application/octet-stream")
+    assert r.status_code == 201
+    got = sqlite_api.get(r.headers["Location"])
+    assert got.status_code == 200 and got.get_json() == r.get_json() == {
+        "sha256": hashlib.sha256(b"12345").hexdigest(), "size": 5}
+    _problem(sqlite_api.get("/api/v1/blobs/" + "0" * 64), 404, "not-found")
+    _problem(sqlite_api.get("/api/v1/blobs/..%2Fgw.db"), 404, "not-found")
+    reader = Api(sqlite_api.node, scopes=("documents:read",))
+    _problem(reader.get(r.headers["Location"]), 403, "forbidden-scope")

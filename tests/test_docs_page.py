@@ -27,7 +27,11 @@ def test_docs_page_renders_the_operations_offline(browser, tmp_path):
         paths = {el.get_attribute("data-path") for el in page.query_selector_all(".opblock-summary-path")}
         assert {"/api/v1/documents", "/api/v1/documents/{id}", "/api/v1/documents/{id}/recall",
                 "/api/v1/blobs"} <= paths
-        assert "发文" in page.inner_text("body")
+        text = page.inner_text("body")
+        assert "发文" in text and "公文 (documents)" in text
+        assert text.index("发送公文分三步") < text.index("/api/v1/documents")  # the Chinese guide comes first
+        ops = {el.get_attribute("data-path") for el in page.query_selector_all(".opblock-summary-path")}
+        assert {"/healthz", "/readyz", "/metrics", "/api/v1/webhooks/public-key"} <= ops
         page.screenshot(path=str(tmp_path / "docs.png"))
     finally:
         page.close()

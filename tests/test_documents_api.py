@@ -228,6 +228,24 @@ def test_canonical_xml_envelope_is_accepted_like_json(api, gw_node):
     assert Envelope.from_xml(api.get("/api/v1/documents/xml-msg-0001", headers={"Accept": "application/xml"}).data)
 
 
+def test_an_xml_body_is_read_in_the_charset_its_content_type_names(api, gw_node):
+    """RFC 7303: the charset parameter wins; a GB18030 envelope without an XML declaration
+    is read as GB18030, not refused as bad UTF-8."""
+    from systems.documents.payload import to_envelope
+    from systems.documents.schemas import DocumentIn
+
+    doc = DocumentIn.model_validate(api.document(recipients=(COUNTY_A,)))
+    env = to_envelope(doc, message_id="xml-gb-00001", node_id="prefecture", sizes={doc.body.sha256: 10})
+    text = env.to_xml().decode("utf-8")
+    text = text[text.index("?>") + 2:] if text.startswith("<?xml") else text  # no declaration
+    r = api.post("/api/v1/documents", data=text.encode("gb18030"), content_type="application/xml; charset=GB18030")
+    assert r.status_code == 202, r.get_json()
+    got = api.get("/api/v1/documents/xml-gb-00001").get_json()
+    assert got["title"] == doc.title
+    r = api.post("/api/v1/documents", data=b"<a/>", content_type="application/xml; charset=x-nonsense")
+    assert r.status_code == 400 and r.get_json()["type"].endswith(":bad-encoding")
+
+
 def test_audit_chain_verifies_and_detects_tampering(api, gw_node):
     api.post("/api/v1/documents", json=api.document())
     Worker(gw_node).drain()

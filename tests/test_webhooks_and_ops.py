@@ -96,6 +96,15 @@ def test_readyz_metrics_and_openapi(api, gw_node):
     schema = spec["components"]["schemas"]["DocumentIn"]
     assert "doc_number" in schema["required"] and "recipients" in schema["properties"]
     assert "application/problem+json" in post["responses"]["422"]["content"]
+    # every answer a caller can get is listed: the id taken (409), a wrong media type (415) …
+    assert {"202", "400", "401", "403", "404", "409", "413", "415", "422"} <= set(post["responses"])
+    get_one = spec["paths"]["/api/v1/documents/{id}"]["get"]
+    assert set(get_one["responses"]["200"]["content"]) == {"application/json", "application/xml"}
+    assert {"/healthz", "/readyz", "/metrics", "/api/v1/webhooks/public-key",
+            "/api/v1/callbacks/{adapter}"} <= set(spec["paths"])
+    assert "401" not in spec["paths"]["/healthz"]["get"]["responses"]
+    assert {"apiKey", "apiKeyHeader"} == set(spec["components"]["securitySchemes"])
+    assert spec["info"]["description"].startswith("调用方")  # Chinese first
     docs = api.client.get("/api/v1/docs")
     assert docs.status_code == 200 and "接口文档" in docs.get_data(as_text=True)
     assert api.client.get("/api/v1/docs/assets/swagger-ui-bundle.js").status_code == 200

@@ -15,11 +15,20 @@ def node() -> Node:
     return current_app.extensions["gateway.node"]
 
 
+#: the message for a text field that breaks xmlsafe.XML_TEXT (pydantic would quote
+#: the regular expression)
+_NOT_XML_TEXT = ("contains a character an official document cannot carry: a control character other than "
+                 "tab and line breaks, or U+FFFE / U+FFFF")
+
+
 def validation_problem(exc: ValidationError) -> Problem:
     errors = []
     for e in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in e["loc"]) or "(body)"
-        errors.append({"field": loc, "message": e["msg"].removeprefix("Value error, ")})
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") == xmlsafe.XML_TEXT:
+            msg = _NOT_XML_TEXT
+        errors.append({"field": loc, "message": msg})
     detail = "; ".join(f"{x['field']}: {x['message']}" for x in errors[:5])
     return Problem(422, "validation", detail, errors=errors)
 
@@ -36,14 +45,22 @@ def parse_json(model: type[BaseModel], data: bytes) -> BaseModel:
 
 def parse_xml(data: bytes):  # type: ignore[no-untyped-def]
     try:
-        return xmlsafe.parse(data, xmlsafe.XMLLimits(max_bytes=current_app.config["MAX_CONTENT_LENGTH"]))
+        return xmlsafe.parse(data, xmlsafe.XMLLimits(max_bytes=current_app.config["MAX_CONTENT_LENGTH"]),
+                             charset=request.mimetype_params.get("charset"))
     except xmlsafe.UnsafeXMLError as exc:
         status = 413 if exc.kind == "too-large" else 400
         raise Problem(status, exc.kind, exc.reason) from None
 
 
 def body_bytes() -> bytes:
-    return request.get_data(cache=True)
+    data = request.get_data(cache=True)
+    limit = request.max_content_length
+    # A chunked body is cut at the limit by werkzeug without a word; one that goes on past
+    # it is refused like one whose Content-Length says so.
+    if (limit is not None and len(data) >= limit and request.content_length is None
+            and request.environ["wsgi.input"].read(1)):
+        raise Problem(413, "too-large", f"the request body is larger than this endpoint accepts ({limit} bytes)")
+    return data
 
 
 def request_hash() -> str:

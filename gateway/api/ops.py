@@ -14,7 +14,7 @@ from adapters.base import PermanentError
 from gateway import inbound, nodekey
 from gateway.api.common import node
 from gateway.api.problems import Problem
-from gateway.api.spec import document
+from gateway.api.spec import document, operation
 from gateway.federation import directory
 from gateway.migrate import current_is_head
 from gateway.models import Delivery, OutboxEntry
@@ -22,11 +22,17 @@ from gateway.models import Delivery, OutboxEntry
 bp = Blueprint("ops", __name__)
 
 
+@operation(method="get", path="/healthz", summary="存活检查 (the process is up)", tag="运维 (operations)", scope=None,
+           responses={200: '{"status": "ok"}'}, errors=())
 @bp.get("/healthz")
 def healthz() -> Response:
     return Response(json.dumps({"status": "ok"}), mimetype="application/json")
 
 
+@operation(method="get", path="/readyz", summary="就绪检查 (database reachable, schema current)",
+           tag="运维 (operations)", scope=None, errors=(),
+           responses={200: '{"status": "ready" | "degraded", "node", "checks"}',
+                      503: '{"status": "not ready", "node", "checks"}: the checks say what is wrong'})
 @bp.get("/readyz")
 def readyz() -> Response:
     n = node()
@@ -76,6 +82,10 @@ class _DbCollector:
         yield from directory.metrics(self.n)
 
 
+@operation(method="get", path="/metrics", summary="Prometheus 指标 (queue depth, delivery states, directory)",
+           tag="运维 (operations)", scope=None, errors=(),
+           responses={200: "text/plain; version=0.0.4: gateway_outbox_entries{kind,state}, "
+                           "gateway_deliveries{target,status}, the federation directory's age"})
 @bp.get("/metrics")
 def metrics() -> Response:
     reg = CollectorRegistry()
@@ -90,8 +100,20 @@ def openapi_json() -> Response:
 
 _DOCS = """<!doctype html>
 <html lang="zh-CN"><head><meta charset="utf-8"><title>接口文档 · 电子政务内网集成网关</title>
-<link rel="stylesheet" href="{{ base }}/swagger-ui.css"></head>
-<body><div id="swagger-ui"></div>
+<link rel="stylesheet" href="{{ base }}/swagger-ui.css">
+<style>.gw-intro{font-family:"Microsoft YaHei","PingFang SC","Noto Sans CJK SC",sans-serif;max-width:1460px;
+margin:0 auto;padding:16px 20px 0;color:#3b4151;line-height:1.7}.gw-intro h1{font-size:22px;margin:0 0 6px}
+.gw-intro ol{margin:4px 0 0;padding-left:22px}.gw-intro code{background:#f0f0f0;padding:0 4px}</style></head>
+<body><section class="gw-intro" lang="zh-CN">
+<h1>电子政务内网集成网关 · 接口文档</h1>
+<p>本页列出调用方可用的全部接口，由网关代码自动生成，与实际行为一致。发送公文分三步：</p>
+<ol><li>用 <code>POST /api/v1/blobs</code> 上传正文和每个附件（原始字节，<code>application/octet-stream</code>），记下返回的 <code>sha256</code>；</li>
+<li>用 <code>POST /api/v1/documents</code> 发送公文（JSON），以 <code>sha256</code> 引用正文和附件；返回 202 即已可靠保存；</li>
+<li>用 <code>GET /api/v1/documents/{id}</code> 查询各收文单位的状态（待发、已送达、已签收、已退回、已撤回、失败），或由回调（webhook）接收状态变化。</li></ol>
+<p>每个请求都须携带 API 密钥：点击下方 <b>Authorize</b>（授权）按钮填入 <code>gw_…</code> 密钥后，可在本页直接试用（<b>Try it out</b>）。
+出错时返回 <code>application/problem+json</code>，其中 <code>type</code> 字段稳定，<code>errors</code> 逐项指明出错的字段。</p>
+</section>
+<div id="swagger-ui"></div>
 <script src="{{ base }}/swagger-ui-bundle.js"></script>
 <script>window.ui = SwaggerUIBundle({url: "/api/v1/openapi.json", dom_id: "#swagger-ui"});</script>
 </body></html>"""
@@ -109,6 +131,10 @@ def docs_assets(name: str) -> Response:
     return send_from_directory(Path(swagger_ui.__file__).resolve().parent / "static", name, max_age=3600)
 
 
+@operation(method="get", path="/api/v1/webhooks/public-key",
+           summary="回调签名公钥 (the key that signs this node's webhooks)", tag="运维 (operations)", scope=None,
+           errors=(), responses={200: '{"node", "algorithm": "ed25519" | "sm2", "public_key_pem", "signed", "header"}: '
+                                      "verify Gateway-Signature over Gateway-Timestamp + '.' + body with it"})
 @bp.get("/api/v1/webhooks/public-key")
 def webhook_key() -> Response:
     n = node()
@@ -121,6 +147,15 @@ def webhook_key() -> Response:
                                 "header": f"Gateway-Signature: {alg}=<base64>"}), mimetype="application/json")
 
 
+@operation(method="post", path="/api/v1/callbacks/{adapter}",
+           summary="遗留系统回执推送 (a legacy system pushes receipts, e.g. the exchange box)",
+           tag="运维 (operations)", scope=None, request_media=("application/xml",), errors=(400, 401, 403, 404),
+           parameters=[{"name": "adapter", "in": "path", "required": True, "schema": {"type": "string"}},
+                       {"name": "token", "in": "query", "required": False, "schema": {"type": "string"},
+                        "description": "the adapter's callback_token, when one is configured; without one, "
+                                       "only the addresses in callback_allow may call"}],
+           responses={200: "the answer the legacy system's protocol expects"},
+           description="Not for calling systems: the adapter's legacy system posts here in its own format.")
 @bp.post("/api/v1/callbacks/<adapter_name>")
 def adapter_callback(adapter_name: str) -> Response:
     """A legacy system pushes receipts here (the exchange box's configured callback)."""

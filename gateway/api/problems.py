@@ -15,6 +15,7 @@ TITLES = {
     "malformed-xml": "请求体不是合法的 XML (malformed XML)",
     "forbidden-dtd": "不允许 DOCTYPE 或实体声明 (DOCTYPE/ENTITY not allowed)",
     "too-large": "请求体过大 (request too large)",
+    "incomplete-body": "请求体不完整 (request body ended early)",
     "too-deep": "XML 嵌套过深 (XML nested too deeply)",
     "bad-encoding": "字符编码错误 (bad character encoding)",
     "unauthenticated": "需要有效的 API 密钥 (a valid API key is required)",
@@ -48,8 +49,10 @@ class Problem(Exception):
 def problem_response(status: int, kind: str, detail: str, **extra: Any) -> Response:
     body = {"type": TYPE_PREFIX + kind, "title": TITLES.get(kind, kind), "status": status,
             "detail": detail, "instance": request.path if request else None, **extra}
-    return Response(json.dumps(body, ensure_ascii=False), status=status,
-                    mimetype="application/problem+json")
+    out = Response(json.dumps(body, ensure_ascii=False), status=status, mimetype="application/problem+json")
+    if kind == "unauthenticated":  # RFC 9110: a 401 says how to authenticate
+        out.headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
+    return out
 
 
 _HTTP_KINDS = {400: "validation", 401: "unauthenticated", 403: "forbidden-scope", 404: "not-found",
@@ -67,8 +70,12 @@ def install(app: Flask) -> None:
         detail = exc.description or ""
         if status == 413:
             detail = "the request body is larger than this endpoint accepts"
-        return problem_response(status, _HTTP_KINDS.get(status, "internal" if status >= 500 else "validation"),
-                                detail)
+        out = problem_response(status, _HTTP_KINDS.get(status, "internal" if status >= 500 else "validation"),
+                               detail)
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":  # e.g. Allow on a 405, Retry-After
+                out.headers[name] = value
+        return out
 
     @app.errorhandler(Exception)
     def _any(exc: Exception) -> Response:

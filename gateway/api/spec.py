@@ -26,6 +26,10 @@ class Operation:
     responses: dict[int, type[BaseModel] | str] = field(default_factory=dict)
     parameters: list[dict[str, Any]] = field(default_factory=list)
     description: str = ""
+    #: problem answers it can give; None: those of every API call (see PROBLEM_STATUSES)
+    errors: tuple[int, ...] | None = None
+    #: other media types of the 200 answer, chosen by the Accept header: media -> description
+    alternatives: dict[str, str] = field(default_factory=dict)
 
 
 OPERATIONS: list[Operation] = []
@@ -55,6 +59,20 @@ PROBLEM_SCHEMA = {
 }
 
 
+#: what each problem status means, and the ones every authenticated call can answer
+PROBLEM_STATUSES = {
+    400: "请求格式错误 (malformed request: JSON, XML, parameters)",
+    401: "缺少或无效的 API 密钥 (missing or wrong API key)",
+    403: "无此权限或密级不足 (scope, unit or clearance not allowed)",
+    404: "未找到 (not found)",
+    409: "状态冲突 (conflict: id taken by another message, nothing left to recall)",
+    413: "请求体过大 (request body too large)",
+    415: "不支持的内容类型 (unsupported media type)",
+    422: "内容不符合规则 (content breaks a rule; errors names each field)",
+}
+_DEFAULT_ERRORS = {"get": (400, 401, 403, 404), "post": (400, 401, 403, 404, 409, 413, 415, 422)}
+
+
 def document() -> dict[str, Any]:
     schemas: dict[str, Any] = {"Problem": PROBLEM_SCHEMA}
 
@@ -73,7 +91,7 @@ def document() -> dict[str, Any]:
         if op.description:
             o["description"] = op.description
         if op.scope:
-            o["security"] = [{"apiKey": []}]
+            o["security"] = [{"apiKey": []}, {"apiKeyHeader": []}]
             o["description"] = (o.get("description", "") + f"\n\nRequires scope `{op.scope}`.").strip()
         if op.request is not None or op.request_media != ("application/json",):
             content = {}
@@ -92,16 +110,29 @@ def document() -> dict[str, Any]:
             else:
                 o["responses"][str(status)] = {"description": resp.__doc__ or resp.__name__,
                                                "content": {"application/json": {"schema": ref(resp)}}}
-        for status in (400, 401, 403, 404, 413, 422):
+        for media, what in op.alternatives.items():
+            ok = next(iter(o["responses"]))
+            o["responses"][ok].setdefault("content", {})[media] = {
+                "schema": {"type": "string", "description": what}}
+        errors = op.errors if op.errors is not None else _DEFAULT_ERRORS.get(op.method, (400, 401, 403, 404))
+        if not op.scope:
+            errors = tuple(e for e in errors if e not in (401, 403))
+        for status in errors:
             o["responses"].setdefault(str(status), {
-                "description": "problem", "content": {"application/problem+json": {
+                "description": PROBLEM_STATUSES[status], "content": {"application/problem+json": {
                     "schema": {"$ref": "#/components/schemas/Problem"}}}})
         paths.setdefault(op.path, {})[op.method] = o
     return {
         "openapi": "3.1.0",
         "info": {"title": "电子政务内网集成网关 API (e-government intranet gateway)", "version": gateway.__version__,
-                 "description": "Errors are RFC 9457 application/problem+json. POSTs honour Idempotency-Key."},
+                 "description": "调用方须携带 API 密钥（Authorization: Bearer 或 X-API-Key）。错误一律以 RFC 9457 "
+                                "application/problem+json 返回，type 字段稳定，可据以判断。POST 请求支持 "
+                                "Idempotency-Key 幂等键。\n\nCallers present an API key (Authorization: Bearer, "
+                                "or X-API-Key). Errors are RFC 9457 application/problem+json with a stable type. "
+                                "POSTs honour Idempotency-Key."},
         "paths": paths,
         "components": {"schemas": schemas, "securitySchemes": {
-            "apiKey": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer gw_<id>_<secret>"}}},
+            "apiKey": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer gw_<id>_<secret>"},
+            "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                             "description": "X-API-Key: gw_<id>_<secret> (the same key)"}}},
     }

@@ -83,6 +83,8 @@ def status_url(message_id: str) -> str:
 
 
 _SAFE = "!$&'()*+,:;=@-._~"
+#: a recipient's status, as the list's ?status= takes it
+_STATUSES = ("queued", "delivered", "signed", "returned", "recalled", "failed")
 _PLAIN_ID = re.compile(r"[A-Za-z0-9._:~-]+")  # what the API allows as a message id: nothing to escape
 
 
@@ -143,7 +145,7 @@ def _load(message_id: str, caller: auth.Caller, receipts: bool = True) -> Docume
 
 
 @operation(method="post", path="/api/v1/documents", summary="发文：发送公文 (send an official document)",
-           tag="documents", scope="documents:send", request=DocumentIn,
+           tag="公文 (documents)", scope="documents:send", request=DocumentIn,
            request_media=("application/json", "application/xml"), responses={202: DocumentOut},
            parameters=[{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}}],
            description="Accepted (202) means stored: the document, its audit entry and one delivery per "
@@ -163,15 +165,20 @@ def send_document() -> Response:
     # The blob store is content-addressed and written only by a complete upload, so a file
     # under its SHA-256 is proof of the upload and gives its size (no database round trip).
     sizes: dict[str, int] = {}
-    missing: list[str] = []
-    for sha in [doc.body.sha256, *(a.sha256 for a in doc.attachments)]:
+    missing: list[tuple[str, str]] = []
+    for field, sha in [("body.sha256", doc.body.sha256),
+                       *((f"attachments.{i}.sha256", a.sha256) for i, a in enumerate(doc.attachments))]:
         try:
             sizes[sha] = n.blobs.known_size(sha)
         except FileNotFoundError:
-            missing.append(sha)
+            missing.append((field, sha))
     if missing:
-        raise Problem(422, "unknown-blob", f"no uploaded content has SHA-256 {missing[0]}; "
-                      f"upload it to /api/v1/blobs first")
+        raise Problem(422, "unknown-blob", f"{missing[0][0]}: no uploaded content has SHA-256 {missing[0][1]}; "
+                      f"upload it to /api/v1/blobs first",
+                      errors=[{"field": f, "message": f"no uploaded content has SHA-256 {sha}"} for f, sha in missing])
+    if sizes[doc.body.sha256] == 0:
+        msg = "the body (正文) is empty: the content uploaded under this SHA-256 has no bytes"
+        raise Problem(422, "validation", f"body.sha256: {msg}", errors=[{"field": "body.sha256", "message": msg}])
     env = payload.to_envelope(doc, message_id=doc.message_id, node_id=n.id, sizes=sizes)
     idem_key = request.headers.get("Idempotency-Key")
     idem = None
@@ -184,7 +191,8 @@ def send_document() -> Response:
         result = accept(n, env, actor=caller.actor, api_key_id=caller.key_id, summary=summary, idempotency=idem,
                         new_id=doc.message_id is None)
     except Rejected as exc:
-        raise Problem(exc.status, exc.kind, exc.detail) from None
+        extra = {"errors": [{"field": exc.field, "message": exc.detail}]} if exc.field else {}
+        raise Problem(exc.status, exc.kind, exc.detail, **extra) from None
     out: dict | DocumentOut
     if result.created and result.routes is not None:
         out = _accepted_out(result.message, env, result.routes)
@@ -197,7 +205,9 @@ def send_document() -> Response:
 
 
 @operation(method="get", path="/api/v1/documents/{id}", summary="查询公文状态 (one document with each recipient's status)",
-           tag="documents", scope="documents:read", responses={200: DocumentOut}, parameters=[_ID_PARAM])
+           tag="公文 (documents)", scope="documents:read", responses={200: DocumentOut}, parameters=[_ID_PARAM],
+           alternatives={"application/xml": "with Accept: application/xml, the stored canonical envelope "
+                                            "(schemas/envelope.xsd)"})
 @bp.get("/<message_id>")
 def get_document(message_id: str) -> Response:
     n = node()
@@ -209,7 +219,7 @@ def get_document(message_id: str) -> Response:
 
 
 @operation(method="get", path="/api/v1/documents", summary="公文列表 (documents sent with this key, newest first)",
-           tag="documents", scope="documents:read", responses={200: DocumentList},
+           tag="公文 (documents)", scope="documents:read", responses={200: DocumentList},
            parameters=[{"name": "status", "in": "query", "schema": {"type": "string"},
                         "description": "only documents with a recipient in this status"},
                        {"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 200}},
@@ -218,24 +228,31 @@ def get_document(message_id: str) -> Response:
 def list_documents() -> Response:
     n = node()
     caller = auth.require(n.db, "documents:read")
-    try:
-        limit = min(200, max(1, int(request.args.get("limit", "50"))))
-    except ValueError:
-        raise Problem(400, "validation", "limit must be an integer from 1 to 200") from None
+    raw_limit = request.args.get("limit", "50")
+    if not raw_limit.isascii() or not raw_limit.isdigit() or int(raw_limit) < 1:
+        raise Problem(400, "validation", f"limit {raw_limit!r}: expected an integer from 1 to 200 (larger asks get 200)",
+                      errors=[{"field": "limit", "message": "expected an integer from 1 to 200"}])
+    limit = min(200, int(raw_limit))
     q = (select(Message).options(_NO_XML).where(Message.subsystem == SLUG, Message.clearance <= caller.clearance)
          .order_by(Message.accepted_at.desc(), Message.id.desc()).limit(limit + 1))
     if not caller.has("admin"):
         q = q.where(Message.api_key_id == caller.key_id)
     status = request.args.get("status")
+    if status and status not in _STATUSES:
+        raise Problem(400, "validation", f"status {status!r}: expected one of {', '.join(_STATUSES)}",
+                      errors=[{"field": "status", "message": f"expected one of {', '.join(_STATUSES)}"}])
     if status:
         q = q.where(Message.id.in_(select(Delivery.message_id).where(Delivery.status == status)))
     cursor = request.args.get("cursor")
     if cursor:
         try:
             at_s, mid = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+            if not isinstance(at_s, str) or not isinstance(mid, str):
+                raise TypeError
             at = datetime.fromisoformat(at_s)
         except (ValueError, TypeError):
-            raise Problem(400, "validation", "cursor is not one this API returned") from None
+            raise Problem(400, "validation", "cursor is not one this API returned",
+                          errors=[{"field": "cursor", "message": "not a cursor this API returned"}]) from None
         q = q.where(or_(Message.accepted_at < at, and_(Message.accepted_at == at, Message.id < mid)))
     with n.db.sessions() as s:
         rows = s.scalars(q).all()
@@ -248,15 +265,18 @@ def list_documents() -> Response:
 
 
 @operation(method="post", path="/api/v1/documents/{id}/recall", summary="撤回公文 (recall before sign-for)",
-           tag="documents", scope="documents:recall", responses={202: DocumentOut}, parameters=[_ID_PARAM],
+           tag="公文 (documents)", scope="documents:recall", responses={202: DocumentOut}, parameters=[_ID_PARAM],
            description="Copies not yet delivered are withdrawn at once; delivered copies are recalled at the "
-                       "receiving system; copies already signed for (已签收) cannot be recalled.")
+                       "receiving system; copies already signed for (已签收) cannot be recalled. 409 when no "
+                       "copy is left to recall.")
 @bp.post("/<message_id>/recall")
 def recall_document(message_id: str) -> Response:
     n = node()
     caller = auth.require(n.db, "documents:recall")
     _load(message_id, caller, receipts=False)  # ownership and clearance
     with n.db.begin() as s:
-        pipeline.recall(s, message_id)
+        if not pipeline.recall(s, message_id):
+            raise Problem(409, "conflict", f"document {message_id} has no copy left to recall: each one is signed "
+                                           f"for (已签收), returned, recalled or failed")
         audit.append(s, actor=caller.actor, action="message.recall", obj=f"message:{message_id}")
     return _json(_load(message_id, caller, receipts=False), 202)

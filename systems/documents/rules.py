@@ -15,8 +15,14 @@ CLASSIFICATIONS = ("非密", "秘密", "机密", "绝密")
 URGENCIES = ("特急", "加急", "平件")
 COPY_TYPES = ("主送", "抄送", "抄报")
 
-_DOC_NUMBER = re.compile(r"^(?P<prefix>[^\s〔〕\[\]()（）【】]+)〔(?P<year>\d{4})〕(?P<serial>\d+)号$")
-_CN_DATE = re.compile(r"^(\d{4})年(\d{1,2})月(\d{1,2})日$")
+# ASCII digits only: \d would take fullwidth ２０２６ too, which the envelope's schema refuses
+_DOC_NUMBER = re.compile(r"^(?P<prefix>[^\s〔〕\[\]()（）【】]+)〔(?P<year>[0-9]{4})〕(?P<serial>[0-9]+)号$")
+_CN_DATE = re.compile(r"^([0-9]{4})年([0-9]{1,2})月([0-9]{1,2})日$")
+_ISO_DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+#: the years an official document of this gateway can carry (成文日期, 发文字号)
+YEARS = range(1949, 2100)
+#: the longest sequence number of a 发文字号 (a unit issues far fewer in a year)
+SERIAL_DIGITS = 6
 
 
 def doc_number_problem(value: str) -> str | None:
@@ -25,6 +31,8 @@ def doc_number_problem(value: str) -> str | None:
         return "the year must be in hexagonal brackets 〔〕, not square brackets [ ], e.g. 州政发〔2026〕12号"
     if any(b in value for b in "()（）【】"):
         return "the year must be in hexagonal brackets 〔〕, not ( ) or 【】, e.g. 州政发〔2026〕12号"
+    if re.search(r"[０-９]", value):
+        return "write the year and the sequence number in ASCII digits (0-9), not fullwidth ones, e.g. 州政发〔2026〕12号"
     if "第" in value:
         return "a document number has no 第 before the sequence number, e.g. 州政发〔2026〕12号"
     m = _DOC_NUMBER.match(value)
@@ -32,6 +40,10 @@ def doc_number_problem(value: str) -> str | None:
         return "expected issuer code + year in 〔〕 + sequence + 号, e.g. 州政发〔2026〕12号"
     if m.group("serial").startswith("0"):
         return f"the sequence number has leading zeros ({m.group('serial')}); write {int(m.group('serial'))}"
+    if int(m.group("year")) not in YEARS:
+        return f"the year {m.group('year')} is not a plausible year ({YEARS.start}-{YEARS.stop - 1})"
+    if len(m.group("serial")) > SERIAL_DIGITS:
+        return f"the sequence number has more than {SERIAL_DIGITS} digits"
     return None
 
 
@@ -49,13 +61,19 @@ def written_date(value: str) -> tuple[date | None, str | None]:
         if mo.startswith("0") or d.startswith("0"):
             return None, f"month and day take no leading zeros: write {int(y)}年{int(mo)}月{int(d)}日"
         try:
-            return date(int(y), int(mo), int(d)), None
+            out = date(int(y), int(mo), int(d))
         except ValueError:
             return None, f"{value} is not a calendar date"
-    try:
-        return date.fromisoformat(value), None
-    except ValueError:
+    elif _ISO_DATE.match(value):  # only this ISO form: fromisoformat alone takes 20261126, 2026-W48-4 …
+        try:
+            out = date.fromisoformat(value)
+        except ValueError:
+            return None, f"{value} is not a calendar date"
+    else:
         return None, "expected a date like 2026年11月26日 or 2026-11-26"
+    if out.year not in YEARS:
+        return None, f"the year {out.year} is not a plausible year ({YEARS.start}-{YEARS.stop - 1})"
+    return out, None
 
 
 def copy_no_problem(value: str) -> str | None:

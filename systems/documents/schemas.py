@@ -5,19 +5,31 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from gateway import xmlsafe
 from gateway.units import uscc_problem
 from systems.documents import rules
 
 Sha256 = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of content uploaded to /api/v1/blobs")
+#: free text the envelope (XML) can carry (see gateway.xmlsafe.XML_TEXT)
+XML_TEXT = xmlsafe.XML_TEXT
+
+
+def _iso_date(v: str) -> str:
+    """A date as a document writes it (2026年11月20日 or 2026-11-20), stored as ISO."""
+    d, problem = rules.written_date(v)
+    if problem:
+        raise ValueError(problem)
+    assert d is not None
+    return d.isoformat()
 
 
 class FileRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sha256: str = Sha256
-    name: str = Field(min_length=1, max_length=200, description="file name, e.g. 正文.ofd")
-    media_type: str | None = Field(default=None, max_length=100)
+    name: str = Field(min_length=1, max_length=200, pattern=XML_TEXT, description="file name, e.g. 正文.ofd")
+    media_type: str | None = Field(default=None, max_length=100, pattern=XML_TEXT)
 
     @field_validator("name")
     @classmethod
@@ -30,7 +42,7 @@ class FileRef(BaseModel):
 class RecipientIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     unit: str = Field(description="统一社会信用代码 of the receiving unit")
-    name: str | None = Field(default=None, max_length=200)
+    name: str | None = Field(default=None, max_length=200, pattern=XML_TEXT)
     copy_type: Literal["主送", "抄送", "抄报"] = Field(default="主送", description="主送 / 抄送 / 抄报")
     copy_no: str | None = Field(default=None, description="份号, six digits; assigned if omitted")
 
@@ -52,8 +64,13 @@ class RecipientIn(BaseModel):
 
 class Printer(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(max_length=200)
-    date: str
+    name: str = Field(min_length=1, max_length=200, pattern=XML_TEXT)
+    date: str = Field(description="印发日期, 2026年11月20日 or 2026-11-20")
+
+    @field_validator("date")
+    @classmethod
+    def _date(cls, v: str) -> str:
+        return _iso_date(v)
 
 
 class DocumentIn(BaseModel):
@@ -77,23 +94,25 @@ class DocumentIn(BaseModel):
     message_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{8,128}$",
                                    description="the caller's own id for this message; resending it is idempotent")
     sender_unit: str = Field(description="统一社会信用代码 of the issuing unit (发文机关)")
-    issuer: str = Field(min_length=1, max_length=200, description="发文机关 name")
-    doc_type: str = Field(description="文种, one of the 15 types: " + " ".join(rules.DOC_TYPES))
+    issuer: str = Field(min_length=1, max_length=200, pattern=XML_TEXT, description="发文机关 name")
+    doc_type: str = Field(description="文种, one of the 15 types (命令 may be written 令): " + " ".join(rules.DOC_TYPES))
     doc_number: str = Field(description="发文字号, e.g. 州政发〔2026〕12号")
-    title: str = Field(min_length=1, max_length=500, description="标题")
+    title: str = Field(min_length=1, max_length=500, pattern=XML_TEXT, description="标题")
     classification: str = Field(default="非密", description="密级: 非密, 秘密, 机密 or 绝密")
-    classification_period: str | None = Field(default=None, max_length=50, description="保密期限, required when classified")
+    classification_period: str | None = Field(default=None, max_length=50, validate_default=True, pattern=XML_TEXT,
+                                              description="保密期限, required when classified")
     urgency: str = Field(default="平件", description="紧急程度: 特急, 加急 or 平件 (ordinary)")
-    signer: str | None = Field(default=None, max_length=100, description="签发人, required for 请示 and 报告")
+    signer: str | None = Field(default=None, max_length=100, validate_default=True, pattern=XML_TEXT,
+                               description="签发人, required for 请示 and 报告")
     written_date: str = Field(description="成文日期, 2026年11月20日 or 2026-11-20")
     recipients: list[RecipientIn] = Field(min_length=1, max_length=1000, description="主送/抄送/抄报 units")
     body: FileRef = Field(description="正文 (OFD or PDF), uploaded first to /api/v1/blobs")
     attachments: list[FileRef] = Field(default_factory=list, max_length=99, description="附件")
-    note: str | None = Field(default=None, max_length=2000, description="附注")
-    publish_level: str | None = Field(default=None, max_length=20, description="发布层次, e.g. 不公开")
+    note: str | None = Field(default=None, max_length=2000, pattern=XML_TEXT, description="附注")
+    publish_level: str | None = Field(default=None, max_length=20, pattern=XML_TEXT, description="发布层次, e.g. 不公开")
     sealed: bool = True
     printer: Printer | None = Field(default=None, description="印发机关和印发日期")
-    conversation_id: str | None = Field(default=None, max_length=128)
+    conversation_id: str | None = Field(default=None, max_length=128, pattern=XML_TEXT)
 
     @field_validator("sender_unit")
     @classmethod
@@ -133,23 +152,49 @@ class DocumentIn(BaseModel):
     @field_validator("written_date")
     @classmethod
     def _written_date(cls, v: str) -> str:
-        d, problem = rules.written_date(v)
-        if problem:
-            raise ValueError(problem)
-        assert d is not None
-        return d.isoformat()
+        return _iso_date(v)
 
-    @model_validator(mode="after")
-    def _cross(self) -> DocumentIn:
-        if self.classification != "非密" and not self.classification_period:
-            raise ValueError(f"a {self.classification} document needs classification_period (保密期限)")
-        if self.doc_type in rules.UPWARD_TYPES and not self.signer:
-            raise ValueError(f"a {self.doc_type} goes to a superior (上行文) and needs signer (签发人)")
+    # Rules across fields are checked on the field they concern (declared after the fields they
+    # read), so that the error names it: classification_period, signer, recipients.
+    @field_validator("classification_period")
+    @classmethod
+    def _period(cls, v: str | None, info: ValidationInfo) -> str | None:
+        level = info.data.get("classification")
+        if level not in (None, "非密") and not (v and v.strip()):
+            raise ValueError(f"a {level} document needs classification_period (保密期限)")
+        return v
+
+    @field_validator("signer")
+    @classmethod
+    def _signer(cls, v: str | None, info: ValidationInfo) -> str | None:
+        doc_type = info.data.get("doc_type")
+        if doc_type in rules.UPWARD_TYPES and not (v and v.strip()):
+            raise ValueError(f"a {doc_type} goes to a superior (上行文) and needs signer (签发人)")
+        return v
+
+    @field_validator("recipients")
+    @classmethod
+    def _recipients(cls, v: list[RecipientIn]) -> list[RecipientIn]:
         seen: set[str] = set()
-        dup = {r.unit for r in self.recipients if r.unit in seen or seen.add(r.unit)}  # type: ignore[func-returns-value]
-        if dup:
-            raise ValueError(f"recipient unit {sorted(dup)[0]} is listed twice")
-        return self
+        for r in v:
+            if r.unit in seen:
+                raise ValueError(f"recipient unit {r.unit} is listed twice")
+            seen.add(r.unit)
+        return v
+
+    @field_validator("issuer", "title")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+    @field_validator("sealed", mode="before")
+    @classmethod
+    def _strict_bool(cls, v: object) -> object:
+        if not isinstance(v, bool):
+            raise ValueError("expected true or false")
+        return v
 
 
 class ReceiptOut(BaseModel):
