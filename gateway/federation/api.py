@@ -34,7 +34,8 @@ def _node() -> Node:
 
 
 def authenticate(n: Node) -> str:
-    """The peer that signed this request, or a 401 problem (with an audit entry)."""
+    """The peer that signed this request, or a 401 problem (with an audit entry; see
+    :class:`gateway.federation.state.RejectAudit` for a flood of them)."""
     body = request.get_data(cache=True)
     fed = n.federation
     try:
@@ -46,10 +47,11 @@ def authenticate(n: Node) -> str:
         fed.maybe_purge_nonces()
         return v.key_id
     except SignatureRejected as exc:
-        with n.db.begin() as s:
-            audit.append(s, actor=f"node:{exc.key_id or 'unknown'}", action="federation.reject",
-                         obj=f"{request.method} {request.path}", outcome=exc.kind,
-                         detail={"reason": exc.detail, "remote_addr": request.remote_addr})
+        if fed.rejects.admit(request.remote_addr or "?", exc.kind):  # a flood is counted, not written 1 by 1
+            with n.db.begin() as s:
+                audit.append(s, actor=f"node:{exc.key_id or 'unknown'}", action="federation.reject",
+                             obj=f"{request.method} {request.path}", outcome=exc.kind,
+                             detail={"reason": exc.detail, "remote_addr": request.remote_addr})
         raise Problem(_STATUS[exc.kind], exc.kind, exc.detail) from None
 
 
