@@ -450,5 +450,54 @@ def federation_ping(c: Ctx, peer: str | None) -> None:
         sys.exit(1)
 
 
+# -- ferry ---------------------------------------------------------------------------------
+@main.group(help="Ferry links (网闸): recover from a file the isolation device lost.")
+def ferry() -> None:
+    pass
+
+
+@ferry.command("resend", help="Write the kept copies of files SEQ (to --to) for PEER into its ferry_out again, "
+                              "e.g. when the receiver's ferry-in says waiting_for a file the device lost. The "
+                              "receiver archives a file it already has, so resending too many does no harm.")
+@click.argument("peer")
+@click.argument("seq", type=click.IntRange(1))
+@click.option("--to", "last", type=click.IntRange(1), help="the last file to send again (default: SEQ alone)")
+@pass_ctx
+def ferry_resend(c: Ctx, peer: str, seq: int, last: int | None) -> None:
+    from gateway.federation import ferry as ferry_mod
+
+    n = c.node()
+    _require_schema(n)
+    try:
+        names = ferry_mod.resend(n, peer, seq, last, actor=f"cli:{_user()}")
+    except (ferry_mod.FerryFailed, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        n.close()
+    for name in names:
+        click.echo(f"written again: {name}")
+
+
+@ferry.command("skip", help="On the receiving node: give up on file SEQ from PEER, the one ferry-in is waiting "
+                            "for, so that the files after it are imported. Its items are lost here unless the "
+                            "file turns up after all. Use only when the sender cannot resend it.")
+@click.argument("peer")
+@click.argument("seq", type=click.IntRange(1))
+@click.option("--reason", required=True, help="why (goes into the audit log), e.g. 网闸故障，原文件已丢失")
+@pass_ctx
+def ferry_skip(c: Ctx, peer: str, seq: int, reason: str) -> None:
+    from gateway.federation import ferry as ferry_mod
+
+    n = c.node()
+    _require_schema(n)
+    try:
+        name = ferry_mod.skip(n, peer, seq, reason, actor=f"cli:{_user()}")
+    except ferry_mod.FerryFailed as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        n.close()
+    click.echo(f"skipped: {name}; the next ferry-in imports the files after it")
+
+
 if __name__ == "__main__":
     main()

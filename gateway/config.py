@@ -164,6 +164,9 @@ class PeerConfig(_Strict):
     #: seconds an incoming ferry file must have been left alone before it is judged: a file
     #: that is wrong and younger than this may still be arriving, and waits for a later run
     ferry_settle: float = Field(default=60.0, ge=0)
+    #: days the sender keeps a copy of each file it wrote, so that a file the device lost can
+    #: be sent again (``gateway ferry resend``); 0 keeps none
+    ferry_keep_days: float = Field(default=14.0, ge=0)
 
     @field_validator("units")
     @classmethod

@@ -260,3 +260,22 @@ def test_operator_mistakes_get_a_message_naming_what_was_expected_never_a_traceb
     assert r.returncode == 0 and "no peers configured" in r.stdout
     r = gateway("-c", str(conf), "sync", "directory", cwd=tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "no directory source" in r.stderr
+
+
+def test_ferry_resend_and_skip_say_what_they_can_do(tmp_path):
+    from gateway import nodekey
+    from gateway.federation.keys import public_text
+
+    (tmp_path / "peer").mkdir()
+    peer_key = public_text(nodekey.load_or_create(tmp_path / "peer"))
+    conf = _config(tmp_path, f'[peers.county-b]\npublic_key = "{peer_key}"\nlink = "ferry"\n'
+                             f'ferry_out = "{tmp_path / "out"}"\nferry_in = "{tmp_path / "in"}"\n')
+    assert gateway("-c", str(conf), "db", "upgrade", cwd=tmp_path).returncode == 0
+    r = gateway("-c", str(conf), "ferry", "resend", "county-b", "1", cwd=tmp_path)
+    assert r.returncode == 1 and "written files 1..0" in r.stderr and "Traceback" not in r.stderr
+    r = gateway("-c", str(conf), "ferry", "skip", "county-b", "2", "--reason", "丢失", cwd=tmp_path)
+    assert r.returncode == 1 and "waiting for file 1, not 2" in r.stderr
+    r = gateway("-c", str(conf), "ferry", "skip", "county-b", "1", "--reason", "网闸故障", cwd=tmp_path)
+    assert r.returncode == 0 and "county-b_county-a_0000000001.ferry" in r.stdout
+    r = gateway("-c", str(conf), "ferry", "resend", "county-x", "1", cwd=tmp_path)
+    assert r.returncode == 1 and "not a ferry peer" in r.stderr

@@ -377,3 +377,85 @@ def test_files_are_imported_in_sequence_and_a_missing_one_holds_the_later_ones_b
     finally:
         pref.close()
         b.close()
+
+
+def _carried_away(folder: Path, name: str) -> None:
+    """The device lost this file (and its .sig) for good."""
+    (folder / name).unlink()
+    (folder / (name + ".sig")).unlink()
+
+
+def test_a_file_the_device_lost_is_sent_again_from_the_copy_the_sender_kept(tmp_path: Path) -> None:
+    to_b, to_pref = tmp_path / "to-b", tmp_path / "to-pref"
+    pref, b = _pair(tmp_path, out_b=str(to_b), in_b=str(to_b), out_pref=str(to_pref), in_pref=str(to_pref))
+    try:
+        first = _send(pref)
+        [one] = ferry.ferry_out(pref)["county-b"]["files"]
+        second = _send(pref)
+        [two] = ferry.ferry_out(pref)["county-b"]["files"]
+        assert one["kept"] and two["kept"]
+        kept = ferry.kept_folder(pref, "county-b")
+        assert (kept / one["file"]).read_bytes() == (to_b / one["file"]).read_bytes()
+        _carried_away(to_b, one["file"])
+        assert ferry.ferry_in(b)["prefecture"]["waiting_for"] == one["file"]
+
+        assert ferry.resend(pref, "county-b", 1, actor="cli:test") == [one["file"]]
+        got = ferry.ferry_in(b)["prefecture"]
+        assert [f["file"] for f in got["imported"]] == [one["file"], two["file"]]
+        with b.db.sessions() as s:
+            assert set(s.scalars(select(Message.id))) == {first, second}
+        # sending files the receiver has already: archived as duplicates, nothing changes
+        assert ferry.resend(pref, "county-b", 1, 2) == [one["file"], two["file"]]
+        got = ferry.ferry_in(b)["prefecture"]
+        assert got["imported"] == [] and [f["file"] for f in got["duplicate"]] == [one["file"], two["file"]]
+        with pref.db.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(AuditEntry)
+                            .where(AuditEntry.action == "ferry.resend")) == 3
+        with pytest.raises(ferry.FerryFailed, match="written files 1..2"):
+            ferry.resend(pref, "county-b", 3)
+        # past ferry_keep_days the copies go (the next ferry-out prunes them)
+        old = time.time() - 15 * 86400
+        for p in kept.iterdir():
+            os.utime(p, (old, old))
+        ferry.ferry_out(pref)
+        assert list(kept.iterdir()) == []
+        with pytest.raises(ferry.FerryFailed, match="no longer kept"):
+            ferry.resend(pref, "county-b", 1)
+    finally:
+        pref.close()
+        b.close()
+
+
+def test_a_file_lost_for_good_can_be_skipped_by_the_receiver_and_is_taken_if_it_turns_up(tmp_path: Path) -> None:
+    to_b, to_pref = tmp_path / "to-b", tmp_path / "to-pref"
+    pref, b = _pair(tmp_path, out_b=str(to_b), in_b=str(to_b), out_pref=str(to_pref), in_pref=str(to_pref))
+    try:
+        first = _send(pref)
+        [one] = ferry.ferry_out(pref)["county-b"]["files"]
+        second = _send(pref)
+        [two] = ferry.ferry_out(pref)["county-b"]["files"]
+        aside = tmp_path / "aside"
+        aside.mkdir()
+        for n in (one["file"], one["file"] + ".sig"):
+            (to_b / n).rename(aside / n)
+        assert ferry.ferry_in(b)["prefecture"]["waiting_for"] == one["file"]
+        with pytest.raises(ferry.FerryFailed, match="waiting for file 1, not 2"):
+            ferry.skip(b, "prefecture", 2, "网闸故障")
+        with pytest.raises(ferry.FerryFailed, match="reason"):
+            ferry.skip(b, "prefecture", 1, " ")
+        assert ferry.skip(b, "prefecture", 1, "网闸故障，原文件已丢失", actor="cli:test") == one["file"]
+        got = ferry.ferry_in(b)["prefecture"]
+        assert [f["file"] for f in got["imported"]] == [two["file"]]
+        with b.db.sessions() as s:
+            assert set(s.scalars(select(Message.id))) == {second}
+            entry = s.scalars(select(AuditEntry).where(AuditEntry.action == "ferry.skip")).one()
+            assert entry.actor == "cli:test" and "网闸故障" in str(entry.detail)
+        for n in (one["file"], one["file"] + ".sig"):  # it turns up after all
+            (aside / n).rename(to_b / n)
+        got = ferry.ferry_in(b)["prefecture"]
+        assert [f["file"] for f in got["imported"]] == [one["file"]]
+        with b.db.sessions() as s:
+            assert set(s.scalars(select(Message.id))) == {first, second}
+    finally:
+        pref.close()
+        b.close()

@@ -554,14 +554,24 @@ def _write_file(node: Node, peer: str, loc: Location, key: keys.NodeKey, worker:
     # what a crashed run left under this name must not pair with the new file
     loc.remove(name + SIG_EXT)
     loc.remove(name)
-    size = loc.write(name, lambda out: write_tar(out, manifest, items, blobs, node.blobs, int(now.timestamp())))
+
+    def write_file(out: IO[bytes]) -> None:
+        write_tar(out, manifest, items, blobs, node.blobs, int(now.timestamp()))
 
     def write_sig(out: IO[bytes]) -> None:
         out.write(sig)
 
+    kept = _kept(node, peer)
+    if kept is not None:  # written here first, then copied: the copy can be sent again
+        kept.write(name, write_file)
+        kept.write(name + SIG_EXT, write_sig)
+        size = loc.write(name, _copier(kept.path / name))
+    else:
+        size = loc.write(name, write_file)
     loc.write(name + SIG_EXT, write_sig)
     info = {"file": name, "sequence": seq, "items": len(plan.jobs), "first_seq": plan.jobs[0].id,
-            "last_seq": plan.jobs[-1].id, "blobs": len(blobs), "bytes": size, "manifest_sha256": digest}
+            "last_seq": plan.jobs[-1].id, "blobs": len(blobs), "bytes": size, "manifest_sha256": digest,
+            "kept": kept is not None}
     # The sequence is taken before the rows are done: a crash in between sends the rows again
     # in the next file (the receiver's cursor answers them duplicate), never a number twice.
     with node.db.begin() as s:
@@ -570,6 +580,94 @@ def _write_file(node: Node, peer: str, loc: Location, key: keys.NodeKey, worker:
                      detail={**info, "location": loc.where})
     log.info("ferry-out %s: wrote %s (%d items, %d blobs, %d bytes)", peer, name, len(plan.jobs), len(blobs), size)
     return info
+
+
+# -- copies kept by the sender, for a file the device lost ------------------------------------
+def kept_folder(node: Node, peer: str) -> Path:
+    """Where this node keeps a copy of each file it wrote for ``peer`` (``ferry_keep_days``)."""
+    return node.data_dir / "ferry-sent" / peer
+
+
+def _kept(node: Node, peer: str) -> FolderLocation | None:
+    return FolderLocation(kept_folder(node, peer)) if node.config.peers[peer].ferry_keep_days > 0 else None
+
+
+def _copier(path: Path) -> Callable[[IO[bytes]], None]:
+    """What writes the file at ``path`` into a location (see :meth:`Location.write`)."""
+    def produce(out: IO[bytes]) -> None:
+        with open(path, "rb", buffering=CHUNK) as src:
+            while chunk := src.read(CHUNK):
+                out.write(chunk)
+    return produce
+
+
+def prune_kept(node: Node, peer: str) -> int:
+    """Remove kept copies older than ``ferry_keep_days`` (and leftovers of a crashed write);
+    returns how many files went."""
+    folder = kept_folder(node, peer)
+    if not folder.is_dir():
+        return 0
+    days = node.config.peers[peer].ferry_keep_days
+    cutoff = time.time() - days * 86400
+    gone = 0
+    with os.scandir(folder) as it:
+        for e in it:
+            if e.is_file(follow_symlinks=False) and (days <= 0 or e.stat().st_mtime < cutoff
+                                                     or e.name.endswith(PART_EXT)):
+                os.unlink(e.path)
+                gone += 1
+    return gone
+
+
+def resend(node: Node, peer: str, first: int, last: int | None = None, actor: str = "cli") -> list[str]:
+    """Put the kept copies of the files ``first``..``last`` for ``peer`` into its ``ferry_out``
+    again (the device lost them). The receiver imports a file it never got and archives one it
+    already has as a duplicate, so sending too many does no harm. Returns the file names."""
+    if peer not in ferry_peers(node, "out"):
+        raise FerryFailed(f"node {peer} is not a ferry peer with a ferry_out folder in {node.config.source}")
+    last = first if last is None else last
+    written = sequence(node, peer, "out_seq")
+    if not 1 <= first <= last <= written:
+        raise FerryFailed(f"files {first}..{last}: this node has written files 1..{written} for node {peer}")
+    folder = kept_folder(node, peer)
+    names = [file_name(node.id, peer, seq) for seq in range(first, last + 1)]
+    lost = [n for n in names if not ((folder / n).is_file() and (folder / (n + SIG_EXT)).is_file())]
+    if lost:
+        raise FerryFailed(f"{lost[0]} is no longer kept in {folder} (copies are kept for ferry_keep_days = "
+                          f"{node.config.peers[peer].ferry_keep_days:g} days); its items cannot be sent again "
+                          f"from here, and the receiver can only skip it (gateway ferry skip)")
+    with open_location(node, peer, "out") as loc:
+        for n in names:
+            loc.remove(n + SIG_EXT)
+            loc.remove(n)
+            size = loc.write(n, _copier(folder / n))
+            loc.write(n + SIG_EXT, _copier(folder / (n + SIG_EXT)))
+            with node.db.begin() as s:
+                audit.append(s, actor=actor, action="ferry.resend", obj=f"ferry:{peer}/{n}",
+                             detail={"bytes": size, "location": loc.where})
+            log.warning("ferry: %s written again to %s for node %s", n, loc.where, peer)
+    return names
+
+
+def skip(node: Node, peer: str, seq: int, reason: str, actor: str = "cli") -> str:
+    """Give up on the file ``seq`` from ``peer``, the one the link is waiting for: the files
+    after it are imported from the next ``ferry-in`` on. Its items are lost here unless the
+    file turns up after all (it is then imported like any other). Returns its name."""
+    if peer not in ferry_peers(node, "in"):
+        raise FerryFailed(f"node {peer} is not a ferry peer with a ferry_in folder in {node.config.source}")
+    if not reason.strip():
+        raise FerryFailed("give the reason (--reason): it goes into the audit log")
+    expected = sequence(node, peer, "in_seq") + 1
+    if seq != expected:
+        raise FerryFailed(f"the link from node {peer} is waiting for file {expected}, not {seq}: only the file it "
+                          f"waits for can be skipped")
+    name = file_name(peer, node.id, seq)
+    with node.db.begin() as s:
+        _raise_sequence(s, peer, "in_seq", seq)
+        audit.append(s, actor=actor, action="ferry.skip", obj=f"ferry:{peer}/{name}", outcome="skipped",
+                     detail={"reason": reason, "sequence": seq})
+    log.warning("ferry: %s from node %s skipped (%s)", name, peer, reason)
+    return name
 
 
 def _queued(node: Node, peer: str) -> bool:
@@ -619,6 +717,7 @@ def ferry_out(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
         out[peer] = report
         worker = Worker(node, worker_id=f"ferry-out:{peer}:{node.id}")
         _release_orphans(node, worker)
+        prune_kept(node, peer)
         if not _queued(node, peer):
             continue  # nothing to write: not even a connection to the location
         try:
