@@ -290,6 +290,12 @@ class Config(_Strict):
             where = f"{self.source}: routes[{i}]"
             if (r.adapter is None) == (r.node is None):
                 raise ConfigError(f"{where}: expected exactly one of adapter = \"…\" or node = \"…\"")
+            if r.node and r.node not in self.peers and not self.federation.parent:
+                raise ConfigError(f"{where}.node: {r.node!r} is not one of [peers] "
+                                  f"({', '.join(sorted(self.peers)) or 'none configured'}) and there is no "
+                                  f"[federation] parent to relay through")
+            if r.node and r.node == self.node.id:
+                raise ConfigError(f"{where}.node: {r.node!r} is this node itself; route its units to an adapter")
             if r.adapter and r.adapter not in self.adapters:
                 raise ConfigError(
                     f"{where}.adapter: {r.adapter!r} is not defined; expected one of "

@@ -99,6 +99,10 @@ def test_config_errors_name_the_file_the_key_and_the_expectation(tmp_path):
     r = gateway("-c", str(conf), "adapters", "list", cwd=tmp_path)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert str(conf) in r.stderr and "routes[0].adapter" in r.stderr and "'nowhere' is not defined" in r.stderr
+    conf.write_text('[node]\nid = "county-a"\n[[routes]]\nunits = ["1152230107CTPD8U2P"]\nnode = "ghost"\n',
+                    encoding="utf-8")
+    r = gateway("-c", str(conf), "adapters", "list", cwd=tmp_path)
+    assert r.returncode != 0 and "routes[0].node: 'ghost' is not one of [peers]" in r.stderr, r.stderr
     conf.write_text('[node]\nid = "xx"\n[adapters.a]\ntype = "soap"\npassword = "hunter2"\n', encoding="utf-8")
     r = gateway("-c", str(conf), "adapters", "list", cwd=tmp_path)
     assert "adapters.a.password" in r.stderr and "password_env" in r.stderr
