@@ -59,7 +59,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ from adapters.base import (
     register,
 )
 from gateway import xmlsafe
-from gateway.envelope import Envelope, Recipient
+from gateway.envelope import Envelope, Receipt, Recipient
 from gateway.units import uscc_problem
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,8 @@ UNIT_RE = re.compile(_UNIT)
 REF_RE = re.compile(_REF)
 RECEIPT_NAME_RE = re.compile(rf"HZ_(?P<ref>{_REF})_(?P<unit>{_UNIT})\.xml")
 DUTY_NAME_RE = re.compile(rf"ZB_(?P<unit>{_UNIT})_(?P<ts>\d{{14}})\.xml")
+#: the legacy reader's note beside a document of ours it moved to failed/
+REFUSED_NOTE_RE = re.compile(rf"GW_(?P<ref>{_REF})\.xml\.error")
 
 DONE_SUFFIX = ".ok"
 PART_SUFFIX = ".part"
@@ -550,12 +552,17 @@ class SftpAdapter(Adapter):
                     if self.settings.done_file and not _exists(sftp, final + DONE_SUFFIX):
                         _touch(sftp, final + DONE_SUFFIX)  # we crashed between rename and .ok
                     return DeliveryResult(remote_id=ref, detail=f"{final} already delivered")
-                for template in (self.settings.move, self.settings.move_failed):
-                    taken = posixpath.join(self._dir(template, unit), name)
-                    if _exists(sftp, taken):
-                        return DeliveryResult(
-                            remote_id=ref, detail=f"already taken by the legacy system: {taken}"
-                        )
+                taken = posixpath.join(self._dir(self.settings.move, unit), name)
+                if _exists(sftp, taken):
+                    return DeliveryResult(
+                        remote_id=ref, detail=f"already taken by the legacy system: {taken}"
+                    )
+                refused = posixpath.join(self._dir(self.settings.move_failed, unit), name)
+                if _exists(sftp, refused):
+                    raise PermanentError(
+                        f"the legacy system refused {name} (it is in {refused}): "
+                        f"{_read_note(sftp, refused + ERROR_SUFFIX)}", code="refused"
+                    )
                 if not _exists(sftp, inbox):
                     raise RetryableError(
                         f"{self._where}: inbox {inbox} does not exist", code="no-inbox"
@@ -676,6 +683,8 @@ class SftpAdapter(Adapter):
         if self.settings.read_lock == "stable-size":
             for key in [k for k in self._observed if k[0] == unit and k not in seen]:
                 del self._observed[key]
+        refused = self._refusals(sftp, unit, budget, items)
+        budget -= refused
         ready.sort(key=lambda e: (e.st_mtime or 0, e.filename))
         taken = 0
         for e in ready[:budget]:
@@ -692,7 +701,47 @@ class SftpAdapter(Adapter):
                 continue
             if item is not None:
                 items.append(item)
+        return taken + refused
+
+    def _refusals(self, sftp: paramiko.SFTPClient, unit: str, budget: int, items: list[PolledItem]) -> int:
+        """The legacy reader moves a document it cannot take to ``failed/`` beside a
+        ``GW_<ref>.xml.error`` note: each such note becomes a REFUSED receipt, so the copy
+        fails with the note as its reason instead of staying "delivered". The files stay
+        where the legacy side put them (its folder); the key, made of the note's content, is
+        what keeps a note from being taken twice."""
+        folder = self._dir(self.settings.move_failed, unit)
+        try:
+            entries = sftp.listdir_attr(folder)
+        except FileNotFoundError:
+            return 0
+        # notes older than the newest one taken before are not read again (same second: read,
+        # and told apart by their keys)
+        mark = int(self.context.state.get(f"refused-mtime:{unit}", "0") or "0")
+        taken = 0
+        for e in sorted(entries, key=lambda e: (e.st_mtime or 0, e.filename)):
+            m = REFUSED_NOTE_RE.fullmatch(e.filename) if isinstance(e.filename, str) else None
+            if m is None or taken >= budget or not stat.S_ISREG(e.st_mode or 0) or (e.st_mtime or 0) < mark:
+                continue
+            taken += 1
+            try:
+                note = _read_file(sftp, posixpath.join(folder, e.filename), 64 * 1024, int(e.st_size or 0))
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                log.warning("sftp %s: cannot read %s/%s: %s", self.name, folder, e.filename, _describe(exc))
+                continue
+            reason = _decode_note(note)
+            rel = posixpath.join(self.settings.move_failed.format(unit=unit), e.filename)
+            receipt = Receipt(unit=unit, action="REFUSED", remote_ref=m["ref"], reason=reason,
+                              time=datetime.fromtimestamp(e.st_mtime or 0, UTC))
+            item = PolledItem(key=f"{self.name}:{rel}:{hashlib.sha256(note).hexdigest()}", receipt=receipt,
+                              source=f"{self._where}/{rel}")
+            item._ack = partial(self._note_taken, unit, int(e.st_mtime or 0))
+            items.append(item)
         return taken
+
+    def _note_taken(self, unit: str, mtime: int) -> None:
+        key = f"refused-mtime:{unit}"
+        if mtime > int(self.context.state.get(key, "0") or "0"):
+            self.context.state.set(key, str(mtime))
 
     def _prefixes(self) -> tuple[str, ...]:
         return ("HZ_", "ZB_") if self.settings.duty_report_to else ("HZ_",)
@@ -806,10 +855,13 @@ class SftpAdapter(Adapter):
         dst_dir = self._dir(self.settings.move_failed if failed else self.settings.move, unit)
         _makedirs(sftp, dst_dir)
         src, dst = posixpath.join(src_dir, name), posixpath.join(dst_dir, name)
-        if failed:
+        if _exists(sftp, src) and _exists(sftp, dst):
+            # the legacy side reuses HZ_ names (an ARRIVE, then a SIGN): keep both copies
+            dst = posixpath.join(dst_dir, f"{name[:-4]}.{time.strftime('%Y%m%d%H%M%S')}.{uuid.uuid4().hex[:6]}.xml")
+        if failed:  # in GB18030, as everything on the drop (legacy README §2)
             note = (reason or "rejected").strip()[:4000] + "\n"
             with sftp.open(dst + ERROR_SUFFIX, "wb") as fh:
-                fh.write(note.encode("utf-8"))
+                fh.write(note.encode("gb18030", errors="replace"))
         try:
             _rename_over(sftp, src, dst)
         except FileNotFoundError:
@@ -873,6 +925,24 @@ def _close_quietly(client: paramiko.SFTPClient) -> None:
         client.close()
     except (OSError, EOFError, paramiko.SSHException):
         pass
+
+
+def _decode_note(data: bytes) -> str:
+    """A ``.error`` note: GB18030 on the drop, though UTF-8 (a superset's cousin) is read too."""
+    for codec in ("utf-8", "gb18030"):
+        try:
+            return data.decode(codec).strip()[:2000]
+        except UnicodeDecodeError:
+            continue
+    return data.decode("gb18030", errors="replace").strip()[:2000]
+
+
+def _read_note(sftp: paramiko.SFTPClient, path: str) -> str:
+    try:
+        with sftp.open(path, "rb") as fh:
+            return _decode_note(fh.read(64 * 1024)) or "no reason given"
+    except (OSError, EOFError, paramiko.SSHException):
+        return "no note beside it"
 
 
 def _exists(sftp: paramiko.SFTPClient, path: str) -> bool:

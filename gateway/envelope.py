@@ -391,7 +391,9 @@ def _validate(root: etree._Element) -> None:
 
 
 # -- receipts (回执) -----------------------------------------------------------------------
-RECEIPT_ACTIONS = ("ARRIVED", "SIGNED", "RETURNED", "RECALLED")
+#: REFUSED: the legacy system could not take the copy (e.g. the SFTP drop's reader moved it
+#: to failed/ with a note); the copy fails, with that note as its reason
+RECEIPT_ACTIONS = ("ARRIVED", "SIGNED", "RETURNED", "RECALLED", "REFUSED")
 
 
 @dataclass

@@ -29,6 +29,7 @@ TRANSITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "SIGNED": ("signed", ("queued", "delivered", "failed")),
     "RETURNED": ("returned", ("queued", "delivered", "failed")),
     "RECALLED": ("recalled", ("queued", "delivered")),
+    "REFUSED": ("failed", ("queued", "delivered")),
 }
 
 
@@ -69,6 +70,8 @@ def apply_receipt(s: Session, r: Receipt, source: str) -> str:
             d.signed_at = r.time or now
         if r.action == "RETURNED":
             d.reason = r.reason
+        if r.action == "REFUSED":
+            d.last_error = f"refused by the legacy system: {r.reason or 'no reason given'}"[:2000]
         events.status_changed(s, d, prev)
         outcome = new
     audit.append(s, actor=f"adapter:{source}", action="receipt.accept", obj=f"delivery:{d.message_id}/{d.unit}",

@@ -341,6 +341,38 @@ def test_redelivery_has_no_second_effect(drop: Drop, blobs: BlobStore, make_adap
     assert drop.listing(UNIT_A, "inbox") == []
 
 
+def test_a_document_the_legacy_reader_refused_fails_with_its_note(
+    drop: Drop, blobs: BlobStore, make_adapter
+) -> None:
+    """The reader moves a file it cannot take to failed/ beside NAME.error (legacy README §2):
+    the copy must fail with that reason, not count as delivered."""
+    adapter = make_adapter(drop.config(units=[UNIT_A]))
+    d = make_delivery(blobs)
+    adapter.deliver(d)
+    name = f"GW_{d.remote_ref}.xml"
+    failed = drop.folder(UNIT_A, "failed")
+    failed.mkdir(exist_ok=True)
+    for n in (name, name + ".ok"):
+        (drop.folder(UNIT_A, "inbox") / n).rename(failed / n)
+    (failed / (name + ".error")).write_bytes("发文字号格式错误，无法登记".encode("gb18030"))
+
+    with pytest.raises(PermanentError, match="refused.*发文字号格式错误"):
+        adapter.deliver(d)  # a retry after a crash: not "already taken"
+    [item] = adapter.poll()
+    r = item.receipt
+    assert r is not None and (r.action, r.remote_ref, r.unit) == ("REFUSED", d.remote_ref, UNIT_A)
+    assert r.reason == "发文字号格式错误，无法登记"
+    assert item.key == make_adapter(drop.config(units=[UNIT_A])).poll()[0].key  # stable across restarts
+    item.ack()
+    # taken: read again at most while in the same second as the newest note taken (the key
+    # then keeps it from being applied twice); older notes are not read at all
+    assert [i.key for i in adapter.poll()] in ([], [item.key])
+    old = time.time() - 3600
+    os.utime(failed / (name + ".error"), (old, old))
+    assert adapter.poll() == []
+    assert sorted(p.name for p in failed.iterdir()) == sorted([name, name + ".ok", name + ".error"])  # left alone
+
+
 def test_redelivery_completes_a_missing_done_file(
     drop: Drop, blobs: BlobStore, make_adapter
 ) -> None:
@@ -576,7 +608,7 @@ def test_reject_moves_to_failed_with_the_reason(drop: Drop, make_adapter) -> Non
     item.reject("no delivery with this reference 无此公文")
 
     assert drop.listing(UNIT_A, "failed") == [name, name + ".error", name + ".ok"]
-    note = (drop.folder(UNIT_A, "failed") / (name + ".error")).read_text("utf-8")
+    note = (drop.folder(UNIT_A, "failed") / (name + ".error")).read_text("gb18030")
     assert "无此公文" in note
     assert drop.listing(UNIT_A, "outbox") == []
 
@@ -600,7 +632,7 @@ def test_unreadable_receipt_goes_to_failed_at_once(
     assert make_adapter(drop.config()).poll() == []
 
     assert drop.listing(UNIT_A, "failed") == [name, name + ".error", name + ".ok"]
-    assert reason in (drop.folder(UNIT_A, "failed") / (name + ".error")).read_text("utf-8")
+    assert reason in (drop.folder(UNIT_A, "failed") / (name + ".error")).read_text("gb18030")
 
 
 def test_max_per_poll_bounds_each_poll(drop: Drop, make_adapter) -> None:
@@ -828,7 +860,9 @@ def test_encrypted_private_key_takes_its_passphrase_from_the_environment(
         SftpAdapter("countydrop", cfg, ctx)
 
 
-def test_ack_replaces_a_same_named_file_already_in_archive(drop: Drop, make_adapter) -> None:
+def test_ack_keeps_a_same_named_file_already_in_archive(drop: Drop, make_adapter) -> None:
+    """The legacy side names an ARRIVE and the later SIGN alike (HZ_<docid>_<unit>.xml): the
+    archive keeps both."""
     ref = str(uuid.uuid4())
     name = f"HZ_{ref}_{UNIT_A}.xml"
     (drop.folder(UNIT_A, "archive")).mkdir()
@@ -838,8 +872,13 @@ def test_ack_replaces_a_same_named_file_already_in_archive(drop: Drop, make_adap
     [item] = make_adapter(drop.config()).poll()
 
     item.ack()
+    item.ack()  # idempotent: the file is gone from the outbox, nothing moves twice
 
-    assert (drop.folder(UNIT_A, "archive") / name).read_bytes() == receipt
+    archived = sorted(drop.listing(UNIT_A, "archive"))
+    assert (drop.folder(UNIT_A, "archive") / name).read_bytes() == b"an older copy"
+    kept = [n for n in archived if n.endswith(".xml") and n != name]
+    assert len(kept) == 1 and (drop.folder(UNIT_A, "archive") / kept[0]).read_bytes() == receipt
+    assert kept[0] + ".ok" in archived
     assert drop.listing(UNIT_A, "outbox") == []
 
 

@@ -11,7 +11,8 @@ from gateway.node import Node
 from gateway.worker import Worker
 from tests.plugins.gatewaynode import COUNTY_C, Api, node_config
 
-PEER = {"county-c": {"url": "http://127.0.0.1:9", "public_key": "ed25519:dkYAFJi1i+2JPh9OOx/AVZy1nJq+lItax2NoREl/BhA="}}
+PEER = {"county-c": {"url": "http://127.0.0.1:9", "public_key": "ed25519:dkYAFJi1i+2JPh9OOx/AVZy1nJq+lItax2NoREl/BhA=",
+                      "units": [COUNTY_C]}}
 
 
 def test_a_follow_up_report_never_overtakes_its_first_report(tmp_path, database_url):

@@ -44,7 +44,9 @@ def test_worker_delivers_each_recipient_through_its_routed_adapter(api, gw_node)
     assert {x["unit"]: x["status"] for x in got["recipients"]} == {COUNTY_A: "delivered", CITY_B: "delivered"}
 
 
-def test_recipient_at_a_node_that_is_not_a_peer_has_no_route(api, gw_node):
+def test_recipient_at_a_node_that_is_not_a_peer_has_no_route(api, gw_node, monkeypatch):
+    # the directory places the unit at county-c, with which this node has no link (and no parent)
+    monkeypatch.setattr(gw_node.directory, "node_for", lambda unit: "county-c" if unit == COUNTY_C else None)
     r = api.post("/api/v1/documents", json=api.document(recipients=(COUNTY_C,)))
     assert r.status_code == 422, r.get_json()
     problem = r.get_json()
@@ -68,6 +70,19 @@ def test_sign_for_receipt_updates_status_once(api, gw_node):
     got = api.get(f"/api/v1/documents/{body['id']}").get_json()["recipients"][0]
     assert (got["status"], got["signer"], got["receipt_no"]) == ("signed", "李某", "JXF-1")
     assert [x["action"] for x in got["receipts"]] == ["SIGNED"]
+
+
+def test_a_copy_the_legacy_system_refused_fails_with_its_reason(api, gw_node):
+    body = api.post("/api/v1/documents", json=api.document()).get_json()
+    Worker(gw_node).drain()
+    rec = gw_node.adapter("rec")
+    receipt = Receipt(unit=COUNTY_A, action="REFUSED", remote_ref=rec.delivered[0].remote_ref,
+                      reason="发文字号格式错误，无法登记")
+    rec.pending_items = [PolledItem(key="rec:refused", receipt=receipt)]
+    assert collect(gw_node, "rec") == {"failed": 1}
+    got = api.get(f"/api/v1/documents/{body['id']}").get_json()["recipients"][0]
+    assert got["status"] == "failed" and "发文字号格式错误" in got["last_error"]
+    assert [x["action"] for x in got["receipts"]] == ["REFUSED"]
 
 
 def test_receipt_from_a_unit_we_did_not_send_to_is_rejected(api, gw_node):

@@ -84,7 +84,6 @@ def node_config(tmp_path, database_url: str, **extra: Any) -> config_mod.Config:
                    "retry": {"max_attempts": 3, "base_delay": 0.01, "max_delay": 0.05}},
         "adapters": {"rec": {"type": "recording"}, "rec2": {"type": "recording"}},
         "routes": [{"units": [CITY_B], "adapter": "rec2"},
-                   {"units": [COUNTY_C], "node": "county-c"},
                    {"units": [COUNTY_A, EMERGENCY, PREFECTURE], "adapter": "rec"}],
     }
     for k, v in extra.items():
