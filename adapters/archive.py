@@ -276,7 +276,7 @@ def write_archive(
 # -- reading -------------------------------------------------------------------------------
 def _parse(data: bytes | str, what: str, limits: xmlsafe.XMLLimits | None = None) -> etree._Element:
     try:
-        return xmlsafe.parse(data, limits)
+        return xmlsafe.parse_legacy(data, limits)
     except xmlsafe.UnsafeXMLError as exc:
         raise ArchiveFormatError(what, exc.reason) from None
 

@@ -800,13 +800,18 @@ class SftpAdapter(Adapter):
                 raise ValueError(
                     f"the name says unit {m['unit']} but the receipt is from {receipt.unit}"
                 )
+            if receipt.unit != unit:  # one unit's outbox never speaks for another unit
+                raise ValueError(f"a receipt of unit {receipt.unit} in the outbox of {unit}")
             return PolledItem(key=key, receipt=receipt, source=source)
         m = DUTY_NAME_RE.fullmatch(name) if self.settings.duty_report_to else None
         if m:
             if m["unit"] != unit:
                 raise ValueError(f"a duty report of unit {m['unit']} in the outbox of {unit}")
             datetime.strptime(m["ts"], "%Y%m%d%H%M%S")  # ValueError if not a real time
-            original = xmlsafe.parse(data)
+            original = xmlsafe.parse_legacy(data)
+            if etree.QName(original).localname != "dutyreport" or original.get("unit") != unit:
+                raise ValueError(f"expected a <dutyreport unit=\"{unit}\"> document (legacy README §2), "
+                                 f"got <{etree.QName(original).localname} unit=\"{original.get('unit')}\">")
             wrapper = etree.Element(
                 f"{{{LEGACY_NS}}}legacy", nsmap={None: LEGACY_NS}, format="dutyreport"
             )

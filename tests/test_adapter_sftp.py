@@ -773,6 +773,38 @@ def test_duty_report_becomes_an_envelope_for_the_configured_unit(drop: Drop, mak
     assert name in drop.listing(UNIT_A, "archive")
 
 
+def test_files_that_speak_for_another_unit_or_are_not_what_their_name_says_go_to_failed(
+    drop: Drop, make_adapter
+) -> None:
+    ref = str(uuid.uuid4())
+    # a receipt of unit B, named for unit B, but in unit A's outbox: A never speaks for B
+    put_outbox(drop, f"HZ_{ref}_{UNIT_B}.xml", receipt_bytes(ref, unit=UNIT_B))
+    wrong_root = f"ZB_{UNIT_A}_20261126150000.xml"
+    put_outbox(drop, wrong_root, '<?xml version="1.0" encoding="GB18030"?><whatever unit="x"/>'.encode("gb18030"))
+    other_unit = f"ZB_{UNIT_A}_20261126150100.xml"
+    put_outbox(drop, other_unit, f'<?xml version="1.0" encoding="GB18030"?><dutyreport unit="{UNIT_B}"/>'
+               .encode("gb18030"))
+
+    assert make_adapter(drop.config(duty_report_to=PREFECTURE_EMERGENCY)).poll() == []
+
+    failed = drop.folder(UNIT_A, "failed")
+    assert f"outbox of {UNIT_A}" in (failed / f"HZ_{ref}_{UNIT_B}.xml.error").read_text("gb18030")
+    assert "dutyreport" in (failed / (wrong_root + ".error")).read_text("gb18030")
+    assert UNIT_B in (failed / (other_unit + ".error")).read_text("gb18030")
+
+
+def test_a_gb18030_receipt_without_an_xml_declaration_is_read(drop: Drop, make_adapter) -> None:
+    """Files on the drop are GB18030 (legacy README §2); one without a declaration is not
+    refused as bad UTF-8."""
+    ref = str(uuid.uuid4())
+    text = receipt_bytes(ref).decode("gb18030")
+    text = text[text.index("?>") + 2:].lstrip()
+    assert "李某" in text and not text.startswith("<?xml")
+    put_outbox(drop, f"HZ_{ref}_{UNIT_A}.xml", text.encode("gb18030"))
+    [item] = make_adapter(drop.config()).poll()
+    assert item.receipt is not None and item.receipt.signer == "李某"
+
+
 # -- connection handling -----------------------------------------------------------------------
 def test_concurrent_deliveries_share_one_connection(
     drop: Drop, blobs: BlobStore, make_adapter, proxy: CuttingProxy
