@@ -111,6 +111,9 @@ RECEIPT_ACTIONS = ("SIGNED", "RETURNED")
 #: Receipt times without an offset are the legacy system's local time (China, UTC+8, no DST).
 LEGACY_TZ = timezone(timedelta(hours=8))
 
+#: HTTP answers (without a SOAP fault) that say this node's settings are wrong, not the request
+_HTTP_CONFIGURATION = frozenset({401, 403, 404, 405, 407, 421})
+
 _KNOWN_KEYS = {
     "type", "wsdl", "address", "timeout", "verify_tls", "ca_file", "username", "password_env",
     "password_file", "password_digest", "max_per_poll", "pool_size", "send", "receipts",
@@ -502,6 +505,13 @@ class SoapAdapter(Adapter):
         if isinstance(exc, zeep.exceptions.TransportError):
             status = exc.status_code or 0
             msg = f"{what}: {self._where()} answered HTTP {status}"
+            # The contract makes only Client.* faults final. Without a fault, a 4xx is final
+            # when it is about the request itself; one about where or as whom we call (a wrong
+            # address or path, credentials, a proxy) is this node's configuration: the queued
+            # messages go once an operator has fixed it.
+            if status in _HTTP_CONFIGURATION:
+                return RetryableError(f"{msg}: check adapters.{self.name}.address and its credentials",
+                                      code=f"http-{status}")
             if 400 <= status < 500 and status not in (408, 429):
                 return PermanentError(msg, code=f"http-{status}")
             return RetryableError(msg, code=f"http-{status}")

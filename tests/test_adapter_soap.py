@@ -118,12 +118,15 @@ def test_service_trouble_is_classified_and_a_later_attempt_delivers_once(
     assert (soap_service.state.send_calls, soap_service.state.documents) == (2, 1)
 
 
-def test_http_4xx_is_permanent(
+def test_http_404_is_a_setting_to_fix_and_retried(
     soap_service: SoapServiceServer, make_soap_adapter: MakeAdapter, document: Envelope
 ) -> None:
+    """Only Client.* faults are final (legacy README §1). A 404 without a fault means the
+    address is wrong: retried, so that the queued documents go once it is corrected."""
     adapter = make_soap_adapter(address=soap_service.url + "-no-such-path")
-    with pytest.raises(PermanentError, match="HTTP 404"):
+    with pytest.raises(RetryableError, match="HTTP 404.*address"):
         adapter.deliver(to(document, COUNTY_A))
+    assert soap_service.state.documents == 0
 
 
 def test_service_down_is_retryable_and_delivers_once_when_back(
