@@ -361,3 +361,31 @@ def test_the_prefecture_accepts_county_a_only_with_its_sm2_key(sm2_cluster: Clus
     problem = wrong.json()
     assert problem["type"] == "urn:egov:gateway:problem:bad-signature"
     assert "alg='ed25519'" in problem["detail"] and "sm2" in problem["detail"]
+
+
+@pytest.mark.parametrize("algorithm", ["ed25519", "sm2"])
+def test_a_captured_signature_under_another_label_beside_a_fresh_nonce_is_refused(algorithm: str) -> None:
+    """A replay dressed up: the captured signature renamed to another label, beside a 'fed'
+    entry with a fresh nonce and a junk signature. The nonce read must be the one verified."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from gateway.federation.sm2 import SM2PrivateKey
+
+    key = Ed25519PrivateKey.generate() if algorithm == "ed25519" else SM2PrivateKey.generate()
+    pinned = {"county-a": key.public_key()}
+    captured = Signer("county-a", key).sign("POST", URL, {}, BODY)
+    assert _verify(dict(captured), pinned) == "county-a"
+    label_in, label_sig = captured["Signature-Input"], captured["Signature"]
+    assert label_in.startswith("fed=") and label_sig.startswith("fed=")
+    fresh = label_in.split(";nonce=")[0]
+    forged = dict(captured)
+    forged["Signature-Input"] = "cap=" + label_in[4:] + ", " + fresh + ';nonce="fresh-nonce";tag="x"'
+    forged["Signature"] = "cap=" + label_sig[4:] + ", fed=:AAAA:"
+    with pytest.raises(SignatureRejected, match="exactly one signature"):
+        _verify(forged, pinned)
+    # and a second label beside an intact one is refused too
+    extra = dict(captured)
+    extra["Signature-Input"] = label_in + ", " + "cap=" + label_in[4:]
+    extra["Signature"] = label_sig + ", " + "cap=" + label_sig[4:]
+    with pytest.raises(SignatureRejected, match="exactly one signature"):
+        _verify(extra, pinned)

@@ -146,12 +146,18 @@ def verify(method: str, url: str, headers: Mapping[str, str] | Any, body: bytes,
                                 "headers (RFC 9421) are required on /federation/v1")
     try:
         parsed = http_sf.parse(raw.encode(), tltype="dictionary")
-        assert isinstance(parsed, dict)
+        signatures = http_sf.parse(str(headers.get("Signature")).encode(), tltype="dictionary")
+        assert isinstance(parsed, dict) and isinstance(signatures, dict)
         entry = parsed[LABEL]
         params: dict[str, Any] = dict(entry[1])  # type: ignore[index, arg-type]
     except Exception:  # noqa: BLE001 - any parse failure is the same answer
         raise SignatureRejected("bad-signature", f"Signature-Input is malformed or has no {LABEL!r} "
                                 "signature") from None
+    # Exactly one signature, ours: with a second label, the parameters read here (a fresh
+    # nonce) could belong to one signature while another (a captured one) is what verifies.
+    if set(parsed) != {LABEL} or set(signatures) != {LABEL}:
+        raise SignatureRejected("bad-signature", f"expected exactly one signature, labelled {LABEL!r}; got "
+                                f"{', '.join(sorted(map(str, set(parsed) | set(signatures))))}")
     key_id, created, nonce = params.get("keyid"), params.get("created"), params.get("nonce")
     if not isinstance(key_id, str) or not isinstance(created, int) or not isinstance(nonce, str) or not nonce:
         raise SignatureRejected("bad-signature", "the signature must carry keyid, created and nonce parameters")
@@ -176,13 +182,18 @@ def verify(method: str, url: str, headers: Mapping[str, str] | Any, body: bytes,
                                    key_resolver=_OneKey(key_id, public=public))
     verifier.max_clock_skew = dt.timedelta(seconds=max_skew)
     try:
-        verifier.verify(_Message(method.upper(), url, dict(headers)), max_age=dt.timedelta(seconds=max_skew),
-                        expect_tag=TAG, require_components=_WITH_BODY if body else _NO_BODY, body=body)
+        results = verifier.verify(_Message(method.upper(), url, dict(headers)), max_age=dt.timedelta(seconds=max_skew),
+                                  expect_tag=TAG, expect_label=LABEL,
+                                  require_components=_WITH_BODY if body else _NO_BODY, body=body)
     except (InvalidSignature, HTTPMessageSignaturesException) as exc:
         why = str(exc) or ("the signature does not match the request (its method, path, query or body "
                            "changed on the way, or another key made it)")
         raise SignatureRejected("bad-signature", f"the signature of node {key_id!r} does not verify: {why}",
                                 key_id) from None
+    got = [dict(r.parameters) for r in results]
+    if len(got) != 1 or (got[0].get("keyid"), got[0].get("created"), got[0].get("nonce")) != (key_id, created, nonce):
+        raise SignatureRejected("bad-signature", "the verified signature is not the one whose parameters were "
+                                "read", key_id)
     return Verified(key_id, nonce, dt.datetime.fromtimestamp(created, dt.UTC))
 
 
