@@ -58,6 +58,15 @@ class XMLLimits:
 _per_thread = threading.local()
 
 
+class _NothingExternal(etree.Resolver):
+    """Every external resource a document names (a DTD, an entity) resolves to nothing:
+    libxml2 still opens a DOCTYPE's external subset from a local file even with load_dtd off,
+    which told a caller whether a file existed. The document is refused afterwards anyway."""
+
+    def resolve(self, system_url, public_id, context):  # type: ignore[no-untyped-def, override]
+        return self.resolve_string("", context)
+
+
 def _parser(large_text: bool = False) -> etree.XMLParser:
     """This thread's parser (an lxml parser may be reused, one document at a time, by the
     thread that made it; building one per document costs a tenth of parsing a small one)."""
@@ -75,7 +84,11 @@ def _parser(large_text: bool = False) -> etree.XMLParser:
             remove_blank_text=False,
             collect_ids=False,
         )
+        parser.resolvers.add(_NothingExternal())
     return parser
+
+
+_DECLARATION = re.compile(rb"<!(?i:doctype|entity)")
 
 
 def declared_encoding(data: bytes) -> str | None:
@@ -124,7 +137,7 @@ def parse(data: bytes | str, limits: XMLLimits | None = None, charset: str | Non
         )
     # both declarations start with "<!": most documents have none at all, and are spared
     # two lower-cased copies of themselves
-    if b"<!" in data and (b"<!doctype" in data[:4096].lower() or b"<!entity" in data.lower()):
+    if b"<!" in data and _DECLARATION.search(data):  # anywhere: after a long comment too
         raise UnsafeXMLError("a DOCTYPE or ENTITY declaration is not allowed", kind="forbidden-dtd")
     data = _normalise_gb(data)
     try:

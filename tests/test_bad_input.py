@@ -51,6 +51,12 @@ XML_ATTACKS = {
                     b'"&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">]><lolz>&lol2;</lolz>', "forbidden-dtd"),
     "doctype": (b'<?xml version="1.0"?><!DOCTYPE envelope SYSTEM "http://example.invalid/x.dtd"><envelope/>',
                 "forbidden-dtd"),
+    # a DOCTYPE past the first kilobytes, and one in UTF-16 (no ASCII to find): libxml2 read a
+    # local file as the external subset, and the answer told whether it existed
+    "doctype-after-a-long-comment": (b"<!--" + b"a" * 5000 + b'--><!DOCTYPE r SYSTEM "file:///etc/passwd"><r/>',
+                                     "forbidden-dtd"),
+    "doctype-in-utf-16": (('<!--' + "a" * 5000 + '--><!DOCTYPE r SYSTEM "file:///etc/passwd"><r/>').encode("utf-16"),
+                          "forbidden-dtd"),
     "too-deep": (b"<a>" * 200 + b"</a>" * 200, "too-deep"),
     "too-deep-for-libxml2": (b"<a>" * 300 + b"</a>" * 300, "too-deep"),  # past libxml2's own 256
 }
