@@ -200,6 +200,8 @@ def tostring_gb18030(root: etree._Element) -> bytes:
 def xslt(path) -> etree.XSLT:
     """Load an XSLT stylesheet from ``schemas/`` with network and file access forbidden
     at transform time (``document()`` can read nothing)."""
-    doc = etree.parse(str(path), _parser())
+    # our own file: read by a parser of its own (the shared ones resolve nothing external,
+    # and libxml2 asks the resolver for the file itself)
+    doc = etree.parse(str(path), etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False))
     ac = etree.XSLTAccessControl.DENY_ALL
     return etree.XSLT(doc, access_control=ac)
