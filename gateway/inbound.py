@@ -37,8 +37,12 @@ class UnmatchedReceipt(LookupError):
     pass
 
 
-def find_delivery(s: Session, r: Receipt) -> Delivery | None:
+def find_delivery(s: Session, r: Receipt, adapter: str | None = None) -> Delivery | None:
+    """The delivery a receipt is about; with ``adapter``, only one that adapter made (a
+    legacy system speaks only for the copies handed to it, never for another system's)."""
     q = select(Delivery)
+    if adapter is not None:
+        q = q.where(Delivery.route_kind == "adapter", Delivery.target == adapter)
     if r.remote_ref:
         q = q.where(Delivery.remote_ref == r.remote_ref)
     elif r.message_id:
@@ -52,9 +56,11 @@ def find_delivery(s: Session, r: Receipt) -> Delivery | None:
 
 
 def apply_receipt(s: Session, r: Receipt, source: str) -> str:
-    d = find_delivery(s, r)
+    """Apply a receipt that adapter ``source`` collected."""
+    d = find_delivery(s, r, adapter=source)
     if d is None:
-        raise UnmatchedReceipt(f"no delivery matches the receipt (ref {r.remote_ref or r.message_id}, unit {r.unit})")
+        raise UnmatchedReceipt(f"no delivery through adapter {source} matches the receipt "
+                               f"(ref {r.remote_ref or r.message_id}, unit {r.unit})")
     now = datetime.now(UTC)
     s.add(ReceiptRecord(delivery_id=d.id, action=r.action, signer=r.signer, receipt_no=r.receipt_no,
                         reason=r.reason, time=r.time, source=source, received_at=now))

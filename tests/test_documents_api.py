@@ -94,7 +94,21 @@ def test_receipt_from_a_unit_we_did_not_send_to_is_rejected(api, gw_node):
                       _reject=rejected.append)
     rec.pending_items = [item]
     assert collect(gw_node, "rec") == {"rejected": 1}
-    assert rejected and "no delivery matches" in rejected[0]
+    assert rejected and "no delivery through adapter rec matches" in rejected[0]
+
+
+def test_a_receipt_collected_by_one_adapter_never_applies_to_another_adapters_copy(api, gw_node):
+    """Each legacy system speaks only for the copies handed to it: a receipt arriving through
+    rec2 (another system, or its callback) for a copy delivered through rec is refused."""
+    body = api.post("/api/v1/documents", json=api.document()).get_json()
+    Worker(gw_node).drain()
+    ref = gw_node.adapter("rec").delivered[0].remote_ref
+    rejected: list[str] = []
+    forged = Receipt(unit=COUNTY_A, action="RETURNED", remote_ref=ref, signer="attacker", reason="forged")
+    gw_node.adapter("rec2").pending_items = [PolledItem(key="rec2:x", receipt=forged, _reject=rejected.append)]
+    assert collect(gw_node, "rec2") == {"rejected": 1}
+    got = api.get(f"/api/v1/documents/{body['id']}").get_json()["recipients"][0]
+    assert got["status"] == "delivered" and got["signer"] is None
 
 
 def test_retryable_failures_back_off_then_deliver(api, gw_node):
