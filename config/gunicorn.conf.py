@@ -22,6 +22,9 @@ keepalive = 5
 max_requests = 100_000
 max_requests_jitter = 10_000
 accesslog = "-"
+# gunicorn's default format, but the request line without its query string: a callback's
+# ?token= (the exchange box cannot send headers) must not end up in the log
+access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 errorlog = "-"
 # gunicorn 25+ opens a control socket at ~/.gunicorn/gunicorn.ctl; several instances on one
 # host (API instances, nodes) would take it from each other, and nothing here uses it.

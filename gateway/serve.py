@@ -23,12 +23,17 @@ class _Gunicorn(BaseApplication):
         return self.app_factory()
 
 
+#: gunicorn's default, but the request line without its query string (a callback's ?token=)
+ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(f)s" "%(a)s"'
+
+
 def run(app_factory: Callable[[], Any], *, bind: str, threads: int, post_worker_init: Callable[[Any], None],
         worker_exit: Callable[[Any, Any], None]) -> None:
     _Gunicorn(app_factory, {
         "bind": bind, "workers": 1, "worker_class": "gthread", "threads": threads,
         "post_worker_init": post_worker_init, "worker_exit": worker_exit,
         "accesslog": "-", "errorlog": "-", "timeout": 120, "graceful_timeout": 20,
+        "access_log_format": ACCESS_LOG_FORMAT,
         "preload_app": False,
         # no control socket: several nodes on one host would take ~/.gunicorn/gunicorn.ctl from each other
         "control_socket_disable": True,

@@ -444,9 +444,15 @@ class Worker:
         headers = {"Content-Type": "application/json; charset=utf-8", "Gateway-Timestamp": ts,
                    "Gateway-Signature": f"{nodekey.algorithm(self._key)}={sig}", "Gateway-Node": self.node.id}
         try:
-            r = self._http.post(url, data=body, headers=headers, timeout=self.node.config.webhooks.timeout)
+            # never redirected: the receiver the administrator set is the only one that gets
+            # the post (a redirect could send it to any host this node can reach)
+            r = self._http.post(url, data=body, headers=headers, timeout=self.node.config.webhooks.timeout,
+                                allow_redirects=False)
         except requests.RequestException as exc:
             raise RetryableError(f"webhook {url}: {type(exc).__name__}") from None
+        if r.is_redirect:
+            raise RetryableError(f"webhook {url}: HTTP {r.status_code}, a redirect (to {r.headers.get('Location')!r}); "
+                                 f"webhooks are not redirected: give the key the final address")
         if r.status_code >= 300:
             raise RetryableError(f"webhook {url}: HTTP {r.status_code}")
 

@@ -36,9 +36,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
     key = subprocess.run([*cli, "keys", "create", "--name", "测试", "--scope", "*", "--clearance", "绝密"],
                          env=env, check=True, capture_output=True, text=True, timeout=60).stdout.strip()
     port = _free_port()
+    access = (d / "access.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "config" / "gunicorn.conf.py"),
                              "--bind", f"127.0.0.1:{port}", "--workers", "1", "gateway.app:create_app()"],
-                            cwd=ROOT, env={**env, "GATEWAY_WORKERS": "1"}, stdout=subprocess.DEVNULL,
+                            cwd=ROOT, env={**env, "GATEWAY_WORKERS": "1"}, stdout=access,
                             stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -55,6 +56,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
     finally:
         proc.terminate()
         err = proc.communicate(timeout=30)[1].decode(errors="replace")
+        access.close()
         assert "Traceback" not in err, err[-3000:]
 
 
@@ -118,3 +120,17 @@ def test_a_chunked_json_body_past_the_limit_is_refused_not_cut(server):
     r = requests.post(f"{base}/api/v1/documents", data=chunked('{"title": "短"}'.encode()), timeout=30,
                       headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["type"] == "urn:egov:gateway:problem:validation"
+
+
+def test_the_access_log_never_holds_a_query_string(server):
+    """A legacy system's callback carries its token in ?token= (it cannot send headers)."""
+    base, _key, blobs = server
+    log = blobs.parent.parent / "access.log"
+    r = requests.post(f"{base}/api/v1/callbacks/nosuchadapter?token=SECRET-CALLBACK-TOKEN", data=b"<r/>", timeout=30)
+    assert r.status_code == 404
+    deadline = time.monotonic() + 10
+    while b"/api/v1/callbacks/nosuchadapter" not in log.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = log.read_bytes()
+    assert b"POST /api/v1/callbacks/nosuchadapter HTTP/1.1" in text
+    assert b"SECRET-CALLBACK-TOKEN" not in text

@@ -20,11 +20,13 @@ from tests.plugins.gatewaynode import COUNTY_A, Api
 
 
 class Receiver:
-    """A caller's webhook endpoint: answers 500 to the first ``fail_first`` posts."""
+    """A caller's webhook endpoint: answers 500 to the first ``fail_first`` posts (or, with
+    ``redirect_to``, 307 to that address every time)."""
 
-    def __init__(self, fail_first: int = 0) -> None:
+    def __init__(self, fail_first: int = 0, redirect_to: str | None = None) -> None:
         self.posts: list[tuple[dict, bytes]] = []
         self.fail_first = fail_first
+        self.redirect_to = redirect_to
         self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
         self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -32,6 +34,8 @@ class Receiver:
     @Request.application
     def app(self, request: Request) -> Response:
         self.posts.append((dict(request.headers), request.get_data()))
+        if self.redirect_to:
+            return Response("moved", status=307, headers={"Location": self.redirect_to})
         if len(self.posts) <= self.fail_first:
             return Response("busy", status=500)
         return Response("ok")
@@ -79,6 +83,27 @@ def test_status_changes_reach_the_caller_signed_and_retried(gw_node, receiver):
     with pytest.raises(InvalidSignature):
         pub.verify(base64.b64decode(headers["Gateway-Signature"][8:]),
                    headers["Gateway-Timestamp"].encode() + b"." + body.replace(b'"unit"', b'"unjt"'))
+
+
+def test_a_webhook_is_never_redirected(gw_node):
+    """A receiver answering 307 to another address (say an internal admin port) does not get
+    the gateway to post there: the post fails and is retried to the address the key names."""
+    inner = Receiver()
+    outer = Receiver(redirect_to=inner.url + "/internal-admin")
+    try:
+        api = Api(gw_node, webhook_url=outer.url)
+        api.post("/api/v1/documents", json=api.document())
+        assert _drain_until(gw_node, lambda: len(outer.posts) >= 2)
+        assert inner.posts == []
+        with gw_node.db.sessions() as s:
+            from sqlalchemy import select
+
+            from gateway.models import OutboxEntry
+            errors = list(s.scalars(select(OutboxEntry.last_error).where(OutboxEntry.kind == "webhook")))
+        assert errors and "not redirected" in str(errors[0])
+    finally:
+        inner.server.shutdown()
+        outer.server.shutdown()
 
 
 def test_readyz_metrics_and_openapi(api, gw_node):
