@@ -329,6 +329,13 @@ class Config(_Strict):
                                       f"known_hosts_file")
                 if isinstance(loc, str) and not loc.strip():
                     raise ConfigError(f"{self.source}: peers.{name}.{key}: empty; expected a folder")
+        urls = [(f"adapters.{n}.{k}", a.get(k)) for n, a in self.adapters.items() for k in ("address", "wsdl")]
+        urls += [(f"peers.{n}.url", p.url) for n, p in self.peers.items()]
+        for key, url in urls:
+            if isinstance(url, str) and "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
+                raise ConfigError(f"{self.source}: {key}: holds a user name or password (user:password@host); "
+                                  f"secrets are not allowed in the file, and a URL is written into logs and "
+                                  f"errors: give credentials through the adapter's username and password_env")
         for name, a in self.adapters.items():
             if "type" not in a:
                 raise ConfigError(f"{self.source}: adapters.{name}.type: missing; expected soap, sftp or xml-exchange")

@@ -103,6 +103,11 @@ def test_config_errors_name_the_file_the_key_and_the_expectation(tmp_path):
                     encoding="utf-8")
     r = gateway("-c", str(conf), "adapters", "list", cwd=tmp_path)
     assert r.returncode != 0 and "routes[0].node: 'ghost' is not one of [peers]" in r.stderr, r.stderr
+    conf.write_text('[node]\nid = "xx"\n[adapters.box]\ntype = "xml-exchange"\n'
+                    'address = "https://gw:S3cretPass@box.internal"\n', encoding="utf-8")
+    r = gateway("-c", str(conf), "adapters", "list", cwd=tmp_path)
+    assert r.returncode != 0 and "adapters.box.address: holds a user name or password" in r.stderr
+    assert "S3cretPass" not in r.stderr
     conf.write_text('[node]\nid = "xx"\n[adapters.a]\ntype = "soap"\npassword = "hunter2"\n', encoding="utf-8")
     r = gateway("-c", str(conf), "adapters", "list", cwd=tmp_path)
     assert "adapters.a.password" in r.stderr and "password_env" in r.stderr
@@ -252,6 +257,7 @@ def test_operator_mistakes_get_a_message_naming_what_was_expected_never_a_traceb
     # on a migrated node: keys are checked before anything is stored; clearances are shown by name
     assert gateway("-c", str(conf), "db", "upgrade", cwd=tmp_path).returncode == 0
     for opts, named in [(["--unit", "123"], "unit '123'"), (["--webhook-url", "notaurl"], "webhook URL"),
+                        (["--webhook-url", "https://u:pw@oa.internal/hook"], "no user name or password"),
                         (["--name", " "], "name: empty")]:
         r = gateway("-c", str(conf), "keys", "create", "--name", "OA", "--scope", "documents:send", *opts,
                     cwd=tmp_path)

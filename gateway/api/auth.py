@@ -66,6 +66,9 @@ def create_key(db: Database, *, name: str, scopes: list[str], clearance: str = "
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"webhook URL {webhook_url!r}: expected an http:// or https:// URL, "
                              f"e.g. https://oa.example.internal/gateway-events")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("webhook URL: no user name or password in it (it is shown in logs and errors); "
+                             "the posts are signed by this node, which is how the receiver knows them")
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     with db.begin() as s:
