@@ -459,3 +459,27 @@ def test_a_file_lost_for_good_can_be_skipped_by_the_receiver_and_is_taken_if_it_
     finally:
         pref.close()
         b.close()
+
+
+def test_a_peer_cannot_lend_a_made_up_origin_node_to_any_unit(tmp_path: Path) -> None:
+    """The hop list is the sending peer's word: an origin node that neither [peers] nor the
+    directory knows to serve the sender unit is refused, whatever unit the envelope names."""
+    from gateway.federation import transfer
+    from systems.documents.payload import to_envelope
+    from systems.documents.schemas import DocumentIn
+
+    to_b, to_pref = tmp_path / "to-b", tmp_path / "to-pref"
+    pref, b = _pair(tmp_path, out_b=str(to_b), in_b=str(to_b), out_pref=str(to_pref), in_pref=str(to_pref))
+    try:
+        doc = DocumentIn.model_validate({**Api(pref).document(recipients=(CITY_B,)), "sender_unit": PREFECTURE})
+        for origin, hops in (("ghost", ["ghost", "prefecture"]), ("county-x", ["county-x", "prefecture"])):
+            env = to_envelope(doc, message_id=f"spoof-{origin}", node_id=origin, sizes={doc.body.sha256: 10})
+            body = {"message_id": env.message_id, "units": [CITY_B], "hops": hops, "envelope": env.to_xml().decode()}
+            with pytest.raises(transfer.TransferError) as e:
+                transfer.prepare(b, "prefecture", body)
+            assert e.value.kind == "forbidden-unit" and origin in e.value.detail
+        with b.db.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Message)) == 0
+    finally:
+        pref.close()
+        b.close()

@@ -144,9 +144,17 @@ def prepare(node: Node, peer: str, body: Any) -> Incoming:
     if env.sender_node != hops[0]:
         raise TransferError(422, "validation", f"the envelope's sender node {env.sender_node!r} is not the first "
                                                f"hop {hops[0]!r}")
-    served = node.config.peers[hops[0]].units if hops[0] in node.config.peers else []
-    if served and env.sender_unit not in served:
-        raise TransferError(422, "forbidden-unit", f"sender unit {env.sender_unit} is not served by node {hops[0]}")
+    # The origin must be known to serve the sender unit: by its [peers] entry or by the signed
+    # directory. A hop list is the sender's word, so an origin nobody vouches for (a node id
+    # made up by a peer) cannot lend its name to any unit. Only this node's parent, which
+    # checked the origin itself when the message reached it, relays for origins unknown here.
+    origin = hops[0]
+    declared = node.config.peers[origin].units if origin in node.config.peers else []
+    vouched = env.sender_unit in declared or node.directory_node(env.sender_unit) == origin
+    relayed_by_parent = origin != peer and peer == node.config.federation.parent
+    if not (vouched or relayed_by_parent):
+        raise TransferError(422, "forbidden-unit", f"sender unit {env.sender_unit} is not served by node {origin} "
+                                                   f"(neither [peers.{origin}] units nor the directory say so)")
     known = {r.unit for r in env.recipients}
     stray = [u for u in units if u not in known]
     if stray:
