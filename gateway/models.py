@@ -190,6 +190,15 @@ class Blob(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class BlobGrant(Base):
+    """An API key may name this content in its documents: it uploaded it (migration 0008)."""
+
+    __tablename__ = "blob_grants"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class ApiKey(Base):
     """A caller's key: stored hashed, with scopes (``documents:send`` …) and a clearance."""
 

@@ -324,7 +324,8 @@ def test_refusals_about_content_name_the_field(sqlite_api):
     body = _problem(sqlite_api.post("/api/v1/documents", json={**doc, "attachments": [
         {"sha256": doc["body"]["sha256"], "name": "附件1.pdf"}, {"sha256": ghost, "name": "附件2.pdf"}]}),
         422, "unknown-blob")
-    assert body["errors"] == [{"field": "attachments.1.sha256", "message": f"no uploaded content has SHA-256 {ghost}"}]
+    assert body["errors"] == [{"field": "attachments.1.sha256",
+                               "message": f"no content with SHA-256 {ghost} was uploaded with this API key"}]
     body = _problem(sqlite_api.post("/api/v1/documents", json=sqlite_api.document(
         recipients=(COUNTY_A, "91110000600037341L"))), 422, "no-route")
     assert body["errors"][0]["field"] == "recipients.1.unit"
@@ -345,3 +346,25 @@ def test_an_uploads_location_answers_with_its_size_and_nothing_else_does(sqlite_
     _problem(sqlite_api.get("/api/v1/blobs/..%2Fgw.db"), 404, "not-found")
     reader = Api(sqlite_api.node, scopes=("documents:read",))
     _problem(reader.get(r.headers["Location"]), 403, "forbidden-scope")
+
+
+def test_a_key_may_name_only_content_it_uploaded(sqlite_api):
+    """A hash is not a bearer token: a key that learned the SHA-256 of another key's
+    (classified) body can neither send it on in a document of its own nor learn that it exists."""
+    secret = b"\x00" + "机密正文".encode() * 100
+    owner = Api(sqlite_api.node, scopes=("documents:send", "blobs:write"), clearance="机密")
+    sha = owner.upload(secret)
+    doc = owner.document(classification="机密", classification_period="10年")
+    doc["body"] = {"sha256": sha, "name": "正文.ofd"}
+    assert owner.post("/api/v1/documents", json=doc).status_code == 202
+
+    other = Api(sqlite_api.node, scopes=("documents:send", "blobs:write"), clearance="非密")
+    plain = other.document()
+    plain["body"] = {"sha256": sha, "name": "正文.ofd"}
+    body = _problem(other.post("/api/v1/documents", json=plain), 422, "unknown-blob")
+    assert body["errors"][0]["field"] == "body.sha256"
+    _problem(other.get(f"/api/v1/blobs/{sha}"), 404, "not-found")  # no existence oracle either
+    assert owner.get(f"/api/v1/blobs/{sha}").status_code == 200
+    # a key that has the content itself uploads it (nothing new is stored) and may then name it
+    assert other.upload(secret) == sha
+    assert other.post("/api/v1/documents", json=plain).status_code == 202

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 
 from flask import Blueprint, Response, json, request
 from pydantic import BaseModel
+from sqlalchemy import select
 
 from gateway import audit
 from gateway.api import auth
@@ -12,7 +15,8 @@ from gateway.api.common import node
 from gateway.api.problems import Problem
 from gateway.api.spec import operation
 from gateway.blobs import BlobIncomplete, BlobTooLarge
-from gateway.models import Blob
+from gateway.models import Blob, BlobGrant
+from gateway.node import Node
 
 bp = Blueprint("blobs", __name__, url_prefix="/api/v1/blobs")
 
@@ -50,6 +54,8 @@ def upload() -> Response:
         if s.get(Blob, sha) is None:
             s.add(Blob(sha256=sha, size=size, uploaded_by=caller.key_id))
             audit.append(s, actor=caller.actor, action="blob.store", obj=f"blob:{sha}", detail={"size": size})
+        if s.get(BlobGrant, (sha, caller.key_id)) is None:  # this key may now name it
+            s.add(BlobGrant(sha256=sha, api_key_id=caller.key_id))
     return Response(json.dumps({"sha256": sha, "size": size}), status=201, mimetype="application/json",
                     headers={"Location": f"/api/v1/blobs/{sha}"})
 
@@ -66,14 +72,42 @@ def upload() -> Response:
 @bp.get("/<sha256>")
 def blob_info(sha256: str) -> Response:
     n = node()
-    auth.require(n.db, "blobs:write")
+    caller = auth.require(n.db, "blobs:write")
     if _SHA256.fullmatch(sha256) is None:
         raise Problem(404, "not-found", f"{sha256!r} is not a SHA-256 (64 lowercase hex digits)")
     try:
+        if granted(n, caller.key_id, [sha256]) != [sha256]:
+            raise FileNotFoundError(sha256)
         size = n.blobs.known_size(sha256)
-    except FileNotFoundError:
-        raise Problem(404, "not-found", f"no content with SHA-256 {sha256} has been uploaded") from None
+    except FileNotFoundError:  # stored for another key or not at all: the same answer
+        raise Problem(404, "not-found", f"no content with SHA-256 {sha256} has been uploaded with this API key") \
+            from None
     return Response(json.dumps({"sha256": sha256, "size": size}), mimetype="application/json")
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+#: (key id, sha256) pairs known to be granted; grants are never taken back (a revoked key
+#: cannot call at all), so a process may remember them
+_GRANTED: OrderedDict[tuple[str, str], None] = OrderedDict()
+_GRANTED_MAX = 65536
+_granted_lock = threading.Lock()
+
+
+def granted(n: Node, key_id: str, shas: list[str]) -> list[str]:
+    """Those of ``shas`` the key ``key_id`` uploaded (and so may name in a document). A
+    content-addressed store makes a hash alone a bearer token; this is what keeps a key that
+    learned the hash of another key's (classified) content from sending it on."""
+    with _granted_lock:
+        unknown = [sha for sha in dict.fromkeys(shas) if (key_id, sha) not in _GRANTED]
+    if unknown:
+        with n.db.sessions() as s:
+            found = set(s.scalars(select(BlobGrant.sha256).where(BlobGrant.api_key_id == key_id,
+                                                                 BlobGrant.sha256.in_(unknown))))
+        with _granted_lock:
+            for sha in found:
+                _GRANTED[(key_id, sha)] = None
+            while len(_GRANTED) > _GRANTED_MAX:
+                _GRANTED.popitem(last=False)
+    with _granted_lock:
+        return [sha for sha in shas if (key_id, sha) in _GRANTED]

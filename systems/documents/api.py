@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, defer, lazyload
 
 from gateway import audit, pipeline
 from gateway.api import auth
+from gateway.api.blobs import granted
 from gateway.api.common import (
     body_bytes,
     node,
@@ -166,16 +167,22 @@ def send_document() -> Response:
     # under its SHA-256 is proof of the upload and gives its size (no database round trip).
     sizes: dict[str, int] = {}
     missing: list[tuple[str, str]] = []
-    for field, sha in [("body.sha256", doc.body.sha256),
-                       *((f"attachments.{i}.sha256", a.sha256) for i, a in enumerate(doc.attachments))]:
+    named = [("body.sha256", doc.body.sha256),
+             *((f"attachments.{i}.sha256", a.sha256) for i, a in enumerate(doc.attachments))]
+    # only content this key uploaded (a hash alone is no proof of having it; see blobs.granted)
+    mine = set(granted(n, caller.key_id, [sha for _, sha in named]))
+    for field, sha in named:
         try:
+            if sha not in mine:
+                raise FileNotFoundError(sha)
             sizes[sha] = n.blobs.known_size(sha)
         except FileNotFoundError:
             missing.append((field, sha))
     if missing:
-        raise Problem(422, "unknown-blob", f"{missing[0][0]}: no uploaded content has SHA-256 {missing[0][1]}; "
-                      f"upload it to /api/v1/blobs first",
-                      errors=[{"field": f, "message": f"no uploaded content has SHA-256 {sha}"} for f, sha in missing])
+        raise Problem(422, "unknown-blob", f"{missing[0][0]}: no content with SHA-256 {missing[0][1]} was uploaded "
+                      f"with this API key; upload it to /api/v1/blobs first",
+                      errors=[{"field": f, "message": f"no content with SHA-256 {sha} was uploaded with this API key"}
+                              for f, sha in missing])
     if sizes[doc.body.sha256] == 0:
         msg = "the body (正文) is empty: the content uploaded under this SHA-256 has no bytes"
         raise Problem(422, "validation", f"body.sha256: {msg}", errors=[{"field": "body.sha256", "message": msg}])
