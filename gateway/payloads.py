@@ -3,19 +3,35 @@ namespace names here (``schemas/payload-*.xsd``) on every path in — API, adapt
 federation. A namespace with no schema is refused, so nothing unvalidated is ever stored."""
 from __future__ import annotations
 
+import importlib
 import threading
 from functools import cache
 
 from lxml import etree
 
 from gateway import SCHEMAS
-from gateway.envelope import RECEIPT_NS, EnvelopeError
+from gateway.envelope import RECEIPT_NS, Envelope, EnvelopeError
 
 SCHEMA_FILES = {
     "urn:egov:gateway:documents:v1": "payload-documents.xsd",
 }
 #: payloads wrapped from legacy formats, or produced by the gateway itself, checked in code
 CODE_CHECKED = {RECEIPT_NS, "urn:egov:gateway:legacy:v1"}
+
+
+#: a subsystem's own rules beyond its XSD, by payload namespace ("module:function", imported
+#: on first use): the function takes the envelope and raises EnvelopeError. They run on every
+#: path in but this node's own API, which checked the same rules on its request model.
+RULES = {
+    "urn:egov:gateway:documents:v1": "systems.documents.payload:check_rules",
+}
+
+
+def check_rules(env: Envelope) -> None:
+    target = RULES.get(etree.QName(env.payload).namespace or "")
+    if target is not None:
+        module, _, name = target.partition(":")
+        getattr(importlib.import_module(module), name)(env)
 
 
 _BUILD = threading.Lock()

@@ -96,6 +96,8 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
     which it never goes back to."""
     try:
         payloads.validate(env.payload)
+        if source != "api":  # the API checked the subsystem's rules on its request already
+            payloads.check_rules(env)
     except EnvelopeError as exc:
         raise Rejected("validation", str(exc)) from None
     recipients = env.recipients if units is None else [r for r in env.recipients if r.unit in units]

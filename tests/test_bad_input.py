@@ -368,3 +368,28 @@ def test_a_key_may_name_only_content_it_uploaded(sqlite_api):
     # a key that has the content itself uploads it (nothing new is stored) and may then name it
     assert other.upload(secret) == sha
     assert other.post("/api/v1/documents", json=plain).status_code == 202
+
+
+def test_copy_numbers_are_unique_and_never_000000(sqlite_api):
+    from tests.plugins.gatewaynode import CITY_B, EMERGENCY
+
+    classified = {"classification": "秘密", "classification_period": "1年"}
+    doc = sqlite_api.document(recipients=(COUNTY_A, CITY_B), **classified)
+    doc["recipients"] = [{"unit": COUNTY_A, "copy_no": "000001"}, {"unit": CITY_B, "copy_no": "000001"}]
+    body = _problem(sqlite_api.post("/api/v1/documents", json=doc), 422, "validation")
+    assert body["errors"][0]["field"] == "recipients" and "000001" in body["detail"]
+    doc["recipients"] = [{"unit": COUNTY_A, "copy_no": "000000"}]
+    _problem(sqlite_api.post("/api/v1/documents", json=doc), 422, "validation")
+    _nothing_stored(sqlite_api.node)
+    # numbers not given are the lowest ones nobody was given
+    doc["recipients"] = [{"unit": COUNTY_A}, {"unit": CITY_B, "copy_no": "000001"}, {"unit": EMERGENCY}]
+    mid = sqlite_api.post("/api/v1/documents", json=doc).get_json()["id"]
+    got = {r["unit"]: r["copy_no"] for r in sqlite_api.get(f"/api/v1/documents/{mid}").get_json()["recipients"]}
+    assert got == {COUNTY_A: "000002", CITY_B: "000001", EMERGENCY: "000003"}
+
+
+def test_ling_is_sent_as_its_full_name(sqlite_api):
+    """命令（令） is one 文种: the short form is accepted and carried as 命令, which the
+    legacy document service knows."""
+    mid = sqlite_api.post("/api/v1/documents", json=sqlite_api.document(doc_type="令")).get_json()["id"]
+    assert sqlite_api.get(f"/api/v1/documents/{mid}").get_json()["doc_type"] == "命令"

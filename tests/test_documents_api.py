@@ -305,3 +305,28 @@ def test_times_are_given_with_their_offset(api, gw_node):
     for body in (created, got):
         assert body["accepted_at"].endswith("Z"), body["accepted_at"]
     assert created["accepted_at"] == got["accepted_at"]
+
+
+def test_documents_from_anywhere_but_the_api_are_held_to_the_same_rules(api, gw_node):
+    """The XSD lets a 发文字号 with [ ] and 第, or a 请示 without 签发人, through: another node's
+    (or a legacy system's) documents meet the documents rules before they are stored."""
+    import pytest
+
+    from gateway import pipeline
+    from systems.documents.payload import D, to_envelope
+    from systems.documents.schemas import DocumentIn
+
+    doc = DocumentIn.model_validate(api.document())
+    for i, (element, text, field) in enumerate([("doc-number", "州政办发[2026]第037号", "doc_number"),
+                                                 ("urgency", "特提", "urgency")]):
+        env = to_envelope(doc, message_id=f"from-node-{i:04d}", node_id="county-x", sizes={doc.body.sha256: 10})
+        if element == "urgency":  # a header field
+            env.urgency = text
+        else:
+            env.payload.find(D + element).text = text  # type: ignore[union-attr]
+        with pytest.raises(pipeline.Rejected, match=field):
+            pipeline.accept(gw_node, env, actor="node:county-x", source="node:county-x")
+    with gw_node.db.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Message)) == 0
+    ok = to_envelope(doc, message_id="from-node-ok01", node_id="county-x", sizes={doc.body.sha256: 10})
+    assert pipeline.accept(gw_node, ok, actor="node:county-x", source="node:county-x").created

@@ -6,7 +6,7 @@ from typing import Any
 
 from lxml import etree
 
-from gateway.envelope import Attachment, Envelope, Recipient
+from gateway.envelope import Attachment, Envelope, EnvelopeError, Recipient
 from systems.documents import PAYLOAD_NS, rules
 from systems.documents.schemas import DocumentIn
 
@@ -45,8 +45,11 @@ def to_payload(doc: DocumentIn) -> etree._Element:
 def to_envelope(doc: DocumentIn, *, message_id: str | None, node_id: str, sizes: dict[str, int]) -> Envelope:
     recipients = []
     classified = doc.classification != "非密"
-    for i, r in enumerate(doc.recipients, start=1):
-        copy_no = r.copy_no or (f"{i:06d}" if classified else None)
+    # copy numbers (份号) not given are the lowest ones no recipient was given
+    given = {r.copy_no for r in doc.recipients if r.copy_no}
+    free = (f"{n:06d}" for n in range(1, 1_000_000) if f"{n:06d}" not in given)
+    for r in doc.recipients:
+        copy_no = r.copy_no or (next(free) if classified else None)
         recipients.append(Recipient(r.unit, r.name, r.copy_type, copy_no))
     atts = [Attachment("body", doc.body.name, sizes[doc.body.sha256], doc.body.sha256,
                        doc.body.media_type)]
@@ -85,3 +88,21 @@ def from_envelope(env: Envelope) -> dict:
         "printer": {"name": printer.get("name"), "date": printer.get("date")} if printer is not None else None,
         "conversation_id": env.conversation_id,
     }
+
+
+def check_rules(env: Envelope) -> None:
+    """The documents rules (GB/T 9704 values, 保密期限, 签发人, 份号 …) on an envelope that
+    came in any other way than this node's API (another node, a legacy system): the XSD alone
+    lets a 发文字号 with [ ], a 请示 without 签发人 or an urgency the legacy services do not know
+    through. Raises EnvelopeError naming the fields."""
+    from pydantic import ValidationError
+
+    from systems.documents.schemas import DocumentIn
+
+    try:
+        DocumentIn.model_validate(from_envelope(env))
+    except ValidationError as exc:
+        raise EnvelopeError([(".".join(str(p) for p in e["loc"]) or "payload", e["msg"].removeprefix("Value error, "))
+                             for e in exc.errors()]) from None
+    except ValueError as exc:
+        raise EnvelopeError([("payload", str(exc))]) from None

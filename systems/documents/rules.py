@@ -77,6 +77,6 @@ def written_date(value: str) -> tuple[date | None, str | None]:
 
 
 def copy_no_problem(value: str) -> str | None:
-    if not re.fullmatch(r"\d{6}", value):
-        return "份号 is six digits, e.g. 000001"
+    if not re.fullmatch(r"[0-9]{6}", value) or value == "000000":
+        return "份号 is six digits from 000001, e.g. 000001"
     return None

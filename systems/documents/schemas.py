@@ -124,7 +124,7 @@ class DocumentIn(BaseModel):
     def _doc_type(cls, v: str) -> str:
         if v not in rules.DOC_TYPES:
             raise ValueError(f"{v!r} is not a document type (文种); expected one of {' '.join(rules.DOC_TYPES)}")
-        return v
+        return "命令" if v == "令" else v  # one 文种, 命令（令）: the legacy service knows 命令
 
     @field_validator("doc_number")
     @classmethod
@@ -176,10 +176,15 @@ class DocumentIn(BaseModel):
     @classmethod
     def _recipients(cls, v: list[RecipientIn]) -> list[RecipientIn]:
         seen: set[str] = set()
+        numbers: set[str] = set()
         for r in v:
             if r.unit in seen:
                 raise ValueError(f"recipient unit {r.unit} is listed twice")
             seen.add(r.unit)
+            if r.copy_no is not None:
+                if r.copy_no in numbers:
+                    raise ValueError(f"份号 {r.copy_no} is given to two recipients; each copy has its own")
+                numbers.add(r.copy_no)
         return v
 
     @field_validator("issuer", "title")
