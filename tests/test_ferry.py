@@ -18,7 +18,9 @@ import tarfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -281,6 +283,23 @@ def _send(pref: Node) -> str:
     return str(r.get_json()["id"])
 
 
+@contextmanager
+def _two_files(tmp_path: Path) -> Iterator[SimpleNamespace]:
+    """Two in-process nodes on a folder ferry; the prefecture has sent two documents, one
+    file each (``one`` and ``two``, their ids ``first`` and ``second``), not yet imported."""
+    to_b, to_pref = tmp_path / "to-b", tmp_path / "to-pref"
+    pref, b = _pair(tmp_path, out_b=str(to_b), in_b=str(to_b), out_pref=str(to_pref), in_pref=str(to_pref))
+    try:
+        first = _send(pref)
+        [one] = ferry.ferry_out(pref)["county-b"]["files"]
+        second = _send(pref)
+        [two] = ferry.ferry_out(pref)["county-b"]["files"]
+        yield SimpleNamespace(pref=pref, b=b, to_b=to_b, first=first, one=one, second=second, two=two)
+    finally:
+        pref.close()
+        b.close()
+
+
 def test_round_trip_over_sftp_to_a_real_openssh_server(openssh_server: SftpEndpoint, tmp_path: Path) -> None:
     ep = openssh_server
     sub = f"ferry-{uuid.uuid4().hex[:8]}"
@@ -353,30 +372,21 @@ def test_a_wrong_file_that_may_still_be_arriving_waits_before_it_is_judged(tmp_p
 
 
 def test_files_are_imported_in_sequence_and_a_missing_one_holds_the_later_ones_back(tmp_path: Path) -> None:
-    to_b, to_pref = tmp_path / "to-b", tmp_path / "to-pref"
-    pref, b = _pair(tmp_path, out_b=str(to_b), in_b=str(to_b), out_pref=str(to_pref), in_pref=str(to_pref))
-    try:
-        first = _send(pref)
-        [one] = ferry.ferry_out(pref)["county-b"]["files"]
-        second = _send(pref)
-        [two] = ferry.ferry_out(pref)["county-b"]["files"]
-        assert (one["sequence"], two["sequence"]) == (1, 2)
+    with _two_files(tmp_path) as t:
+        assert (t.one["sequence"], t.two["sequence"]) == (1, 2)
         aside = tmp_path / "aside"
         aside.mkdir()
-        for n in (one["file"], one["file"] + ".sig"):
-            (to_b / n).rename(aside / n)  # the device carries the second file first
-        got = ferry.ferry_in(b)["prefecture"]
-        assert got["imported"] == [] and got["waiting_for"] == one["file"]
-        assert (to_b / two["file"]).exists()
-        for n in (one["file"], one["file"] + ".sig"):
-            (aside / n).rename(to_b / n)
-        got = ferry.ferry_in(b)["prefecture"]
-        assert [f["file"] for f in got["imported"]] == [one["file"], two["file"]]
-        with b.db.sessions() as s:
-            assert list(s.scalars(select(Message.id).order_by(Message.accepted_at))) == [first, second]
-    finally:
-        pref.close()
-        b.close()
+        for n in (t.one["file"], t.one["file"] + ".sig"):
+            (t.to_b / n).rename(aside / n)  # the device carries the second file first
+        got = ferry.ferry_in(t.b)["prefecture"]
+        assert got["imported"] == [] and got["waiting_for"] == t.one["file"]
+        assert (t.to_b / t.two["file"]).exists()
+        for n in (t.one["file"], t.one["file"] + ".sig"):
+            (aside / n).rename(t.to_b / n)
+        got = ferry.ferry_in(t.b)["prefecture"]
+        assert [f["file"] for f in got["imported"]] == [t.one["file"], t.two["file"]]
+        with t.b.db.sessions() as s:
+            assert list(s.scalars(select(Message.id).order_by(Message.accepted_at))) == [t.first, t.second]
 
 
 def _carried_away(folder: Path, name: str) -> None:
@@ -386,13 +396,8 @@ def _carried_away(folder: Path, name: str) -> None:
 
 
 def test_a_file_the_device_lost_is_sent_again_from_the_copy_the_sender_kept(tmp_path: Path) -> None:
-    to_b, to_pref = tmp_path / "to-b", tmp_path / "to-pref"
-    pref, b = _pair(tmp_path, out_b=str(to_b), in_b=str(to_b), out_pref=str(to_pref), in_pref=str(to_pref))
-    try:
-        first = _send(pref)
-        [one] = ferry.ferry_out(pref)["county-b"]["files"]
-        second = _send(pref)
-        [two] = ferry.ferry_out(pref)["county-b"]["files"]
+    with _two_files(tmp_path) as t:
+        pref, b, to_b, one, two = t.pref, t.b, t.to_b, t.one, t.two
         assert one["kept"] and two["kept"]
         kept = ferry.kept_folder(pref, "county-b")
         assert (kept / one["file"]).read_bytes() == (to_b / one["file"]).read_bytes()
@@ -403,7 +408,7 @@ def test_a_file_the_device_lost_is_sent_again_from_the_copy_the_sender_kept(tmp_
         got = ferry.ferry_in(b)["prefecture"]
         assert [f["file"] for f in got["imported"]] == [one["file"], two["file"]]
         with b.db.sessions() as s:
-            assert set(s.scalars(select(Message.id))) == {first, second}
+            assert set(s.scalars(select(Message.id))) == {t.first, t.second}
         # sending files the receiver has already: archived as duplicates, nothing changes
         assert ferry.resend(pref, "county-b", 1, 2) == [one["file"], two["file"]]
         got = ferry.ferry_in(b)["prefecture"]
@@ -421,19 +426,11 @@ def test_a_file_the_device_lost_is_sent_again_from_the_copy_the_sender_kept(tmp_
         assert list(kept.iterdir()) == []
         with pytest.raises(ferry.FerryFailed, match="no longer kept"):
             ferry.resend(pref, "county-b", 1)
-    finally:
-        pref.close()
-        b.close()
 
 
 def test_a_file_lost_for_good_can_be_skipped_by_the_receiver_and_is_taken_if_it_turns_up(tmp_path: Path) -> None:
-    to_b, to_pref = tmp_path / "to-b", tmp_path / "to-pref"
-    pref, b = _pair(tmp_path, out_b=str(to_b), in_b=str(to_b), out_pref=str(to_pref), in_pref=str(to_pref))
-    try:
-        first = _send(pref)
-        [one] = ferry.ferry_out(pref)["county-b"]["files"]
-        second = _send(pref)
-        [two] = ferry.ferry_out(pref)["county-b"]["files"]
+    with _two_files(tmp_path) as t:
+        b, to_b, one, two = t.b, t.to_b, t.one, t.two
         aside = tmp_path / "aside"
         aside.mkdir()
         for n in (one["file"], one["file"] + ".sig"):
@@ -447,7 +444,7 @@ def test_a_file_lost_for_good_can_be_skipped_by_the_receiver_and_is_taken_if_it_
         got = ferry.ferry_in(b)["prefecture"]
         assert [f["file"] for f in got["imported"]] == [two["file"]]
         with b.db.sessions() as s:
-            assert set(s.scalars(select(Message.id))) == {second}
+            assert set(s.scalars(select(Message.id))) == {t.second}
             entry = s.scalars(select(AuditEntry).where(AuditEntry.action == "ferry.skip")).one()
             assert entry.actor == "cli:test" and "网闸故障" in str(entry.detail)
         for n in (one["file"], one["file"] + ".sig"):  # it turns up after all
@@ -455,10 +452,7 @@ def test_a_file_lost_for_good_can_be_skipped_by_the_receiver_and_is_taken_if_it_
         got = ferry.ferry_in(b)["prefecture"]
         assert [f["file"] for f in got["imported"]] == [one["file"]]
         with b.db.sessions() as s:
-            assert set(s.scalars(select(Message.id))) == {first, second}
-    finally:
-        pref.close()
-        b.close()
+            assert set(s.scalars(select(Message.id))) == {t.first, t.second}
 
 
 def test_a_peer_cannot_lend_a_made_up_origin_node_to_any_unit(tmp_path: Path) -> None:
