@@ -377,14 +377,21 @@ def parse_receipt(data: bytes | str) -> Receipt:
     receipt_no = (root.findtext("receiptno") or "").strip()
     if not receipt_no:
         raise ArchiveFormatError("receipt/receiptno", "missing")
+    signer = (root.findtext("signer") or "").strip() or None
+    reason = (root.findtext("reason") or "").strip() or None
+    # a receipt names who signed for or returned the copy, and why it was returned (DOMAIN.md)
+    if legacy in ("SIGN", "RETURN") and signer is None:
+        raise ArchiveFormatError("receipt/signer", f"missing; a {legacy} receipt names who did it")
+    if legacy == "RETURN" and reason is None:
+        raise ArchiveFormatError("receipt/reason", "missing; a RETURN receipt says why the copy was returned")
     return Receipt(
         unit=unit,
         action=ACTION_FROM_LEGACY[legacy],
         remote_ref=archive_id,
         time=_parse_time(root.findtext("time")),
-        signer=(root.findtext("signer") or "").strip() or None,
+        signer=signer,
         receipt_no=receipt_no,
-        reason=(root.findtext("reason") or "").strip() or None,
+        reason=reason,
     )
 
 

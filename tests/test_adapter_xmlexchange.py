@@ -149,7 +149,7 @@ def test_4xx_is_permanent(exchange_box: ExchangeBoxServer, ctx, envelope) -> Non
         (b"<html>busy</html>", "not a valid ARRIVE receipt: receipt: root element is <html>"),
         (b"", "not a valid ARRIVE receipt"),
         ((DATA / "receipt-arrive.xml").read_bytes(), "answered a receipt for"),  # another archive
-        (write_receipt(Receipt(COUNTY_A, "SIGNED", remote_ref="x", receipt_no="1")), "answered a receipt for"),
+        (write_receipt(Receipt(COUNTY_A, "SIGNED", remote_ref="x", receipt_no="1", signer="某")), "answered a receipt for"),
     ],
 )
 def test_answer_that_is_not_our_arrive_receipt_is_retryable(http_endpoint, ctx, envelope, answer, match) -> None:

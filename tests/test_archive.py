@@ -122,6 +122,19 @@ def test_malformed_receipts_name_the_field(old: bytes, new: bytes, field: str) -
     assert str(ei.value).startswith(field)
 
 
+@pytest.mark.parametrize("sample, old, field", [
+    ("receipt-sign.xml", "<signer>李某</signer>", "receipt/signer"),
+    ("receipt-return.xml", "<signer>李某</signer>", "receipt/signer"),
+    ("receipt-return.xml", "<reason>主送机关有误，请核实后重发</reason>", "receipt/reason"),
+])
+def test_a_sign_or_return_names_who_and_a_return_says_why(sample: str, old: str, field: str) -> None:
+    data = (DATA / sample).read_bytes()
+    assert old.encode("gb18030") in data
+    with pytest.raises(ArchiveFormatError) as ei:
+        parse_receipt(data.replace(old.encode("gb18030"), b"", 1))
+    assert ei.value.field == field
+
+
 def test_receipt_without_legacy_form_is_refused() -> None:
     with pytest.raises(ArchiveFormatError, match="RECALLED"):
         write_receipt(Receipt(unit=COUNTY_A, action="RECALLED", remote_ref="x"))
