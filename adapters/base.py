@@ -180,6 +180,10 @@ GATEWAY_KEYS = frozenset({"retry", "callback_token_env", "callback_token_file", 
 
 class Adapter(abc.ABC):
     type_name: ClassVar[str]
+    #: the subsystems (``documents`` …) whose messages this type can hand to its legacy
+    #: system; None: any. A route that sends another subsystem's messages to it is refused
+    #: (at start when the route names the subsystem, else when a message is accepted).
+    subsystems: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
         self.name = name
@@ -236,6 +240,19 @@ def register(type_name: str) -> Callable[[type[Adapter]], type[Adapter]]:
         return cls
 
     return deco
+
+
+def carries(type_name: str, subsystem: str) -> bool:
+    """Can an adapter of type ``type_name`` carry messages of ``subsystem``? (An unknown
+    type is refused elsewhere, when the adapter is built.)"""
+    cls = _REGISTRY.get(type_name)
+    if cls is None:
+        from adapters import BUILTIN, load_builtin
+
+        if type_name in BUILTIN:
+            load_builtin(type_name)
+        cls = _REGISTRY.get(type_name)
+    return cls is None or cls.subsystems is None or subsystem in cls.subsystems
 
 
 def registered_types() -> list[str]:

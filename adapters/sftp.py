@@ -195,6 +195,8 @@ class SftpAdapter(Adapter):
     """The SFTP drop (see the module docstring). Thread-safe: one SSH transport is shared by
     all callers; each operation takes its own SFTP channel on it."""
 
+    subsystems = frozenset({"documents"})  # the legacy contract carries official documents only
+
     def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
         super().__init__(name, config, context)
         self.settings = self._read_settings()

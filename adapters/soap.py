@@ -221,6 +221,8 @@ class SoapAdapter(Adapter):
     connection failures are retryable. Error messages never carry the password.
     """
 
+    subsystems = frozenset({"documents"})  # the legacy contract carries official documents only
+
     def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
         super().__init__(name, config, context)
         unknown = sorted(set(self.config) - _KNOWN_KEYS)

@@ -80,6 +80,8 @@ RECEIPT_NAME = re.compile(
 )
 #: What an archive id may look like before it becomes part of a file name.
 SAFE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,127}$")
+#: the box's note beside an archive of ours it moved to failed/
+REFUSED_NOTE = re.compile(r"GW_(?P<ref>[A-Za-z0-9][A-Za-z0-9.-]{0,127})\.xml\.error")
 
 
 def ack_body(code: int = 0, message: str = "OK") -> bytes:
@@ -103,6 +105,8 @@ KNOWN_KEYS = frozenset({"type", "mode", "appids", "sender_appid", "address", "ti
 @register("xml-exchange")
 class XmlExchangeAdapter(Adapter):
     """Exchange box adapter; see the module docstring for modes and configuration."""
+
+    subsystems = frozenset({"documents"})  # the legacy contract carries official documents only
 
     def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
         super().__init__(name, config, context)
@@ -340,7 +344,46 @@ class XmlExchangeAdapter(Adapter):
             item = self._read_receipt_file(outbox, name)
             if item is not None:
                 items.append(item)
+        items += self._refusals(self.max_per_poll - len(items))
         return items
+
+    def _refusals(self, budget: int) -> list[PolledItem]:
+        """The box moves an archive it cannot take to ``failed/`` beside ``GW_<id>.xml.error``:
+        each such note becomes a REFUSED receipt, so the copy fails with the note as reason
+        instead of staying delivered (as on the SFTP drop). The box's files are left where
+        they are; the note's SHA-256 in the key, and a high-water mark of the notes' mtimes,
+        keep a note from being taken twice."""
+        failed = self.folder / "failed"
+        try:
+            names = self._list_outbox(failed) if failed.is_dir() else []
+        except OSError as exc:
+            log.warning("%s: cannot list failed/: %s", self.name, exc)
+            return []
+        mark = int(self.context.state.get("refused-mtime", "0") or "0")
+        out: list[PolledItem] = []
+        for name in names:
+            m = REFUSED_NOTE.fullmatch(name)
+            if m is None or len(out) >= budget:
+                continue
+            path = failed / name
+            try:
+                st = path.lstat()
+                if not stat.S_ISREG(st.st_mode) or int(st.st_mtime) < mark:
+                    continue
+                note = path.read_bytes()[:64 * 1024]
+            except OSError:
+                continue
+            receipt = Receipt(unit="", action="REFUSED", remote_ref=m["ref"],
+                              reason=note.decode("gb18030", "replace").strip()[:2000] or "no reason given")
+            item = PolledItem(key=f"{self.name}:failed/{name}:{hashlib.sha256(note).hexdigest()}", receipt=receipt,
+                              source=f"{self.folder}/failed/{name}")
+            item._ack = partial(self._note_taken, int(st.st_mtime))
+            out.append(item)
+        return out
+
+    def _note_taken(self, mtime: int) -> None:
+        if mtime > int(self.context.state.get("refused-mtime", "0") or "0"):
+            self.context.state.set("refused-mtime", str(mtime))
 
     def _read_receipt_file(self, outbox: Path, name: str) -> PolledItem | None:
         m = RECEIPT_NAME.match(name)

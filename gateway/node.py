@@ -128,6 +128,13 @@ class Node:
             except Exception as exc:  # noqa: BLE001 - e.g. a local WSDL that is not valid XML
                 raise ConfigError(f"{self.config.source}: adapters.{name}: cannot be set up: "
                                   f"{type(exc).__name__}: {exc}") from None
+        for i, r in enumerate(self.config.routes):
+            if r.adapter and r.subsystem != "*":
+                a = self.adapter(r.adapter)
+                if a.subsystems is not None and r.subsystem not in a.subsystems:
+                    raise ConfigError(f"{self.config.source}: routes[{i}].subsystem: {r.subsystem!r} messages "
+                                      f"cannot go to adapter {r.adapter!r} (type {a.type_name} carries "
+                                      f"{', '.join(sorted(a.subsystems))} only)")
 
     def adapter_names(self) -> list[str]:
         return sorted(self.config.adapters)

@@ -18,7 +18,7 @@ from datetime import datetime, UTC
 from sqlalchemy import Connection, CursorResult, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from adapters.base import remote_ref
+from adapters.base import carries, remote_ref
 from gateway import audit, events, payloads
 from gateway.db import driver_mark, driver_stamp, group_cursor, in_group_pipeline
 from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError, Recipient, same_message
@@ -75,12 +75,20 @@ def plan_routes(node: Node, env: Envelope, recipients: list[Recipient] | None = 
     for route in routes:
         if route.kind == "adapter" and route.target not in node.config.adapters:
             raise Rejected("no-route", f"route to adapter {route.target!r}, which is not configured")
+        if route.kind == "adapter" and not _carries(node, route.target, env.subsystem):
+            raise Rejected("no-route", f"the route for these recipients goes to adapter {route.target!r}, whose "
+                                       f"legacy system cannot take {env.subsystem} messages; the route table "
+                                       f"needs a row for subsystem {env.subsystem!r}")
         peer = node.config.peers.get(route.target) if route.kind == "node" else None
         if peer is not None and env.clearance_needed > CLASSIFICATION_LEVEL[peer.clearance]:
             # a node is never given a message above what its link is cleared for
             raise Rejected("no-route", f"the link to node {route.target} is cleared up to {peer.clearance}; "
                                        f"a {env.classification} message cannot travel on it")
     return routes
+
+
+def _carries(node: Node, adapter: str, subsystem: str) -> bool:
+    return carries(str(node.config.adapters[adapter].get("type")), subsystem)
 
 
 def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_key_id: str | None = None,

@@ -491,3 +491,13 @@ def test_folder_clerk_refuses_a_tampered_archive(tmp_path: Path, ctx, envelope) 
     assert {name, name + ".ok", name + ".error"} <= set(os.listdir(root / "failed"))
     with pytest.raises(PermanentError, match="the box rejected"):
         folder_adapter(ctx, root).deliver(d)  # redelivering the same would fail the same way
+    # and the poll reports it: the copy fails with the box's note as its reason
+    adapter = folder_adapter(ctx, root)
+    [item] = [i for i in adapter.poll() if i.receipt is not None and i.receipt.action == "REFUSED"]
+    assert item.receipt.remote_ref == d.remote_ref and item.receipt.reason
+    note = (root / "failed" / (name + ".error")).read_bytes().decode("gb18030").strip()
+    assert item.receipt.reason == note[:2000]
+    item.ack()
+    old = time.time() - 3600  # notes older than the newest one taken are not read again
+    os.utime(root / "failed" / (name + ".error"), (old, old))
+    assert [i for i in adapter.poll() if i.receipt is not None and i.receipt.action == "REFUSED"] == []

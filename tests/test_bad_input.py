@@ -393,3 +393,41 @@ def test_ling_is_sent_as_its_full_name(sqlite_api):
     legacy document service knows."""
     mid = sqlite_api.post("/api/v1/documents", json=sqlite_api.document(doc_type="令")).get_json()["id"]
     assert sqlite_api.get(f"/api/v1/documents/{mid}").get_json()["doc_type"] == "命令"
+
+
+def test_messages_of_a_subsystem_an_adapter_cannot_carry_are_refused(tmp_path):
+    """The legacy systems carry official documents only: a duty report routed to one is
+    refused before anything is stored (it could never be delivered), and a route that names
+    such a subsystem is refused when the node starts."""
+    from lxml import etree
+
+    from gateway import migrate, pipeline
+    from gateway.config import ConfigError
+    from gateway.envelope import Envelope, Recipient
+    from gateway.node import Node
+    from tests.plugins.gatewaynode import PREFECTURE, node_config
+
+    box = {"type": "xml-exchange", "mode": "folder", "folder": str(tmp_path / "box")}
+    cfg = node_config(tmp_path, f"sqlite:///{tmp_path}/gw.db", adapters={"box": box},
+                      routes=[{"units": [COUNTY_A], "adapter": "box"}])
+    migrate.upgrade(cfg.database_url())
+    node = Node(cfg)
+    try:
+        node.check_adapters()  # a route for every subsystem is fine: documents can go
+        payload = etree.Element("{urn:egov:gateway:legacy:v1}legacy", format="dutyreport")
+        payload.append(etree.Element("dutyreport", unit=PREFECTURE))
+        env = Envelope(subsystem="duty", type="duty-report", sender_unit=PREFECTURE,
+                       recipients=[Recipient(COUNTY_A)], payload=payload)
+        with pytest.raises(pipeline.Rejected, match="cannot take duty messages"):
+            pipeline.accept(node, env, actor="adapter:drop", source="adapter:drop")
+        _nothing_stored(node)
+    finally:
+        node.close()
+    cfg = node_config(tmp_path, f"sqlite:///{tmp_path}/gw.db", adapters={"box": box},
+                      routes=[{"subsystem": "duty", "units": [COUNTY_A], "adapter": "box"}])
+    node = Node(cfg)
+    try:
+        with pytest.raises(ConfigError, match=r"routes\[0\].subsystem: 'duty' messages cannot go to adapter 'box'"):
+            node.check_adapters()
+    finally:
+        node.close()
