@@ -389,3 +389,20 @@ def test_a_captured_signature_under_another_label_beside_a_fresh_nonce_is_refuse
     extra["Signature"] = label_sig + ", " + "cap=" + label_sig[4:]
     with pytest.raises(SignatureRejected, match="exactly one signature"):
         _verify(extra, pinned)
+
+
+@pytest.mark.parametrize("algorithm", ["ed25519", "sm2"])
+def test_a_request_signed_for_one_node_is_refused_by_another_that_pins_the_same_key(algorithm: str) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from gateway.federation.sm2 import SM2PrivateKey
+
+    key = Ed25519PrivateKey.generate() if algorithm == "ed25519" else SM2PrivateKey.generate()
+    pinned = {"county-a": key.public_key()}
+    signed = Signer("county-a", key).sign("POST", URL, {}, BODY, to="prefecture")
+    assert verify("POST", URL, signed, BODY, keys=pinned.get, max_skew=300, node_id="prefecture").key_id == "county-a"
+    with pytest.raises(SignatureRejected, match="signed for node 'prefecture'"):
+        verify("POST", URL, dict(signed), BODY, keys=pinned.get, max_skew=300, node_id="county-b")
+    relabelled = {**signed, "Gateway-To": "county-b"}  # the target cannot be changed on the way
+    with pytest.raises(SignatureRejected, match="does not verify"):
+        verify("POST", URL, relabelled, BODY, keys=pinned.get, max_skew=300, node_id="county-b")

@@ -44,7 +44,7 @@ class PeerClient:
     def post(self, peer: str, path: str, payload: Any) -> dict:
         url = self.url(peer, path)
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        headers = self._signer.sign("POST", url, {"Content-Type": "application/json"}, body)
+        headers = self._signer.sign("POST", url, {"Content-Type": "application/json"}, body, to=peer)
         try:
             r = self._session().post(url, data=body, headers=headers, timeout=self.config.peers[peer].timeout)
         except requests.RequestException as exc:
@@ -54,7 +54,7 @@ class PeerClient:
     @contextmanager
     def get_stream(self, peer: str, path: str) -> Iterator[requests.Response]:
         url = self.url(peer, path)
-        headers = self._signer.sign("GET", url, {}, None)
+        headers = self._signer.sign("GET", url, {}, None, to=peer)
         try:
             r = self._session().get(url, headers=headers, stream=True, timeout=self.config.peers[peer].timeout)
         except requests.RequestException as exc:

@@ -43,6 +43,8 @@ from gateway.federation.sm2 import SM2PrivateKey, SM2PublicKey
 
 TAG = "egov-federation"
 LABEL = "fed"
+#: the node a request is for (signed; see Signer.sign)
+TO_HEADER = "Gateway-To"
 _WITH_BODY = ("@method", "@path", "@query", "content-digest")
 _NO_BODY = ("@method", "@path", "@query")
 
@@ -116,11 +118,17 @@ class Signer:
                                          key_resolver=_OneKey(key_id, private=key))
 
     def sign(self, method: str, url: str, headers: dict[str, str], body: bytes | None,
-             created: dt.datetime | None = None) -> dict[str, str]:
-        """Add the digest and signature headers to ``headers`` (and return it)."""
+             created: dt.datetime | None = None, to: str | None = None) -> dict[str, str]:
+        """Add the digest and signature headers to ``headers`` (and return it). ``to``: the
+        node the request is for, sent as ``Gateway-To`` and signed, so that the request
+        cannot be replayed to another node that pins the same key."""
+        covered: tuple[str, ...] = _NO_BODY
+        if to is not None:
+            headers[TO_HEADER] = to
+            covered = (*_NO_BODY, TO_HEADER.lower())
         msg = _Message(method.upper(), url, headers)
         # with a body the library adds Content-Digest and covers it
-        self._signer.sign(msg, key_id=self.key_id, covered_component_ids=_NO_BODY, body=body or None,
+        self._signer.sign(msg, key_id=self.key_id, covered_component_ids=covered, body=body or None,
                           created=created or dt.datetime.now(dt.UTC), nonce=secrets.token_urlsafe(18),
                           label=LABEL, tag=TAG, include_alg=True)
         return headers
@@ -135,7 +143,7 @@ class Verified:
 
 def verify(method: str, url: str, headers: Mapping[str, str] | Any, body: bytes, *,
            keys: Callable[[str], PeerKey | None], max_skew: float,
-           now: dt.datetime | None = None) -> Verified:
+           now: dt.datetime | None = None, node_id: str | None = None) -> Verified:
     """Check a request's signature against the pinned key of the peer it names. Raises
     :class:`SignatureRejected` (kinds: bad-signature, unknown-key, stale-request). Replay
     (the nonce) is checked by the caller, which owns the nonce store."""
@@ -194,6 +202,17 @@ def verify(method: str, url: str, headers: Mapping[str, str] | Any, body: bytes,
     if len(got) != 1 or (got[0].get("keyid"), got[0].get("created"), got[0].get("nonce")) != (key_id, created, nonce):
         raise SignatureRejected("bad-signature", "the verified signature is not the one whose parameters were "
                                 "read", key_id)
+    # A request signed for a node says so (Gateway-To, covered): it is refused by any other
+    # node that pins the same key. (Older senders sign no target; a captured request that has
+    # one cannot lose it without breaking its signature.)
+    to = headers.get(TO_HEADER)
+    if to is not None and node_id is not None:
+        signed_to = results[0].covered_components.get(f'"{TO_HEADER.lower()}"')
+        if signed_to is None:
+            raise SignatureRejected("bad-signature", f"{TO_HEADER} is not covered by the signature", key_id)
+        if signed_to != node_id:
+            raise SignatureRejected("bad-signature", f"the request was signed for node {signed_to!r}, not this "
+                                    f"node ({node_id!r})", key_id)
     return Verified(key_id, nonce, dt.datetime.fromtimestamp(created, dt.UTC))
 
 
