@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request, stream_with_context
+from flask import Blueprint, Response, current_app, g, request, stream_with_context
 from sqlalchemy import delete
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -16,7 +16,7 @@ from gateway import audit
 from gateway.api.problems import Problem
 from gateway.db import Database
 from gateway.federation import batch, reconcile, transfer
-from gateway.federation.signing import SignatureRejected, verify
+from gateway.federation.signing import ANSWER_HEADER, SignatureRejected, answer_signature, verify
 from gateway.models import FederationNonce, table
 from gateway.node import Node
 
@@ -45,6 +45,7 @@ def authenticate(n: Node) -> str:
             raise SignatureRejected("replayed-request", f"this request from node {v.key_id} was seen before "
                                     f"(nonce {v.nonce}); a replayed request is refused", v.key_id)
         fed.maybe_purge_nonces()
+        g.fed_nonce = v.nonce  # the answer is signed over it (_sign_answer)
         return v.key_id
     except SignatureRejected as exc:
         if fed.rejects.admit(request.remote_addr or "?", exc.kind):  # a flood is counted, not written 1 by 1
@@ -53,6 +54,16 @@ def authenticate(n: Node) -> str:
                              obj=f"{request.method} {request.path}", outcome=exc.kind,
                              detail={"reason": exc.detail, "remote_addr": request.remote_addr})
         raise Problem(_STATUS[exc.kind], exc.kind, exc.detail) from None
+
+
+@bp.after_app_request  # every blueprint's: the directory's answers too
+def _sign_answer(resp: Response) -> Response:
+    """Sign the answer to an authenticated node request over its nonce and body (a streamed
+    content answer is not: its SHA-256, which the request names, is its proof)."""
+    nonce = g.get("fed_nonce")
+    if nonce and not resp.is_streamed:
+        resp.headers[ANSWER_HEADER] = answer_signature(_node().federation.own_key, nonce, resp.get_data())
+    return resp
 
 
 def _json_body() -> Any:

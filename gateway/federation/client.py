@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -12,7 +12,7 @@ import requests
 from adapters.base import PermanentError, RetryableError
 from gateway.config import Config
 from gateway.federation import keys
-from gateway.federation.signing import Signer
+from gateway.federation.signing import ANSWER_HEADER, Signer, answer_verifies, nonce_of
 
 PREFIX = "/federation/v1"
 
@@ -25,6 +25,7 @@ class PeerClient:
         self.node_id = config.node.id
         self._signer = Signer(self.node_id, keys.own_key(config))
         self._local = threading.local()
+        self._pinned: dict[str, keys.PeerKey] = {}
 
     def _session(self) -> requests.Session:
         s = getattr(self._local, "session", None)
@@ -49,12 +50,25 @@ class PeerClient:
             r = self._session().post(url, data=body, headers=headers, timeout=self.config.peers[peer].timeout)
         except requests.RequestException as exc:
             raise RetryableError(f"node {peer}: {type(exc).__name__}: {exc}") from None
-        return _answer(peer, r)
+        return _answer(peer, r, self._check(peer, nonce_of(headers)))
+
+    def _check(self, peer: str, nonce: str) -> Callable[[requests.Response], None]:
+        """What an answer of ``peer`` to the request with ``nonce`` must pass: its signature
+        with the key pinned for the peer (an answer changed or made up on the way is refused,
+        and retried: the link, not the peer, is at fault)."""
+        def check(r: requests.Response) -> None:
+            if self._pinned.get(peer) is None:
+                self._pinned[peer] = keys.peer_key(self.config, peer, self.config.peers[peer])
+            if not answer_verifies(self._pinned[peer], nonce, r.content, r.headers.get(ANSWER_HEADER)):
+                raise RetryableError(f"node {peer}: its answer is not signed with the key pinned for it "
+                                     f"({ANSWER_HEADER}); something between the nodes may be changing answers")
+        return check
 
     @contextmanager
     def get_stream(self, peer: str, path: str) -> Iterator[requests.Response]:
         url = self.url(peer, path)
         headers = self._signer.sign("GET", url, {}, None, to=peer)
+        self._local.nonce = nonce_of(headers)
         try:
             r = self._session().get(url, headers=headers, stream=True, timeout=self.config.peers[peer].timeout)
         except requests.RequestException as exc:
@@ -68,7 +82,7 @@ class PeerClient:
 
     def get_json(self, peer: str, path: str) -> dict:
         with self.get_stream(peer, path) as r:
-            return _answer(peer, r)
+            return _answer(peer, r, self._check(peer, self._local.nonce))
 
     def close(self) -> None:
         s = getattr(self._local, "session", None)
@@ -76,8 +90,10 @@ class PeerClient:
             s.close()
 
 
-def _answer(peer: str, r: requests.Response) -> dict:
+def _answer(peer: str, r: requests.Response, check: Callable[[requests.Response], None] | None = None) -> dict:
     if r.status_code < 300:
+        if check is not None:
+            check(r)
         try:
             body = r.json()
         except ValueError:

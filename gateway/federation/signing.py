@@ -21,6 +21,7 @@ the policy (which key, which algorithm, how old, replay) is this module's.
 """
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import secrets
 from collections.abc import Callable, Mapping
@@ -132,6 +133,31 @@ class Signer:
                           created=created or dt.datetime.now(dt.UTC), nonce=secrets.token_urlsafe(18),
                           label=LABEL, tag=TAG, include_alg=True)
         return headers
+
+
+#: a node's answer to a signed request: its signature over the request's nonce, ".", and the
+#: answer's body, so that nobody between the nodes can change an answer or give an old one
+ANSWER_HEADER = "Gateway-Answer-Signature"
+
+
+def answer_signature(key: NodeKey, nonce: str, body: bytes) -> str:
+    return base64.b64encode(key.sign(nonce.encode() + b"." + body)).decode("ascii")
+
+
+def answer_verifies(public: PeerKey, nonce: str, body: bytes, header: str | None) -> bool:
+    if not header:
+        return False
+    try:
+        public.verify(base64.b64decode(header, validate=True), nonce.encode() + b"." + body)
+        return True
+    except Exception:  # noqa: BLE001 - InvalidSignature, bad base64, a wrong length: all "no"
+        return False
+
+
+def nonce_of(headers: Mapping[str, str]) -> str:
+    """The nonce of a request this node signed (see :meth:`Signer.sign`)."""
+    parsed = http_sf.parse(headers["Signature-Input"].encode(), tltype="dictionary")
+    return str(dict(parsed[LABEL][1])["nonce"])  # type: ignore[index, call-overload, arg-type]
 
 
 @dataclass

@@ -104,6 +104,14 @@ class Federation:
         self._lock = threading.Lock()
         self._last_purge = 0.0
         self.rejects = RejectAudit(self._audit_suppressed)
+        self._own: keys.NodeKey | None = None
+
+    @property
+    def own_key(self) -> keys.NodeKey:
+        """This node's key (loaded once), which signs its answers to peers."""
+        if self._own is None:
+            self._own = keys.own_key(self.node.config)
+        return self._own
 
     def _audit_suppressed(self, addr: str, detail: dict[str, Any]) -> None:
         from gateway import audit
