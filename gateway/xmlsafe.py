@@ -160,7 +160,7 @@ def parse_legacy(data: bytes | str, limits: XMLLimits | None = None) -> etree._E
     """Parse a legacy system's file: XML in GB18030 (shared/legacy/README.md) unless it says
     otherwise. A file with no XML declaration and no byte order mark is read as GB18030 (an
     XML parser alone would take it for UTF-8 and refuse the first Chinese character)."""
-    if isinstance(data, bytes) and data.lstrip()[:5] != b"<?xml" and not data.startswith(_BOMS):
+    if isinstance(data, bytes) and data[:256].lstrip()[:5] != b"<?xml" and not data.startswith(_BOMS):
         return parse(data, limits, charset="gb18030")
     return parse(data, limits)
 

@@ -164,7 +164,8 @@ def send_document() -> Response:
         raise Problem(403, "clearance-too-low",
                       f"this API key's clearance does not cover {doc.classification} documents")
     # The blob store is content-addressed and written only by a complete upload, so a file
-    # under its SHA-256 is proof of the upload and gives its size (no database round trip).
+    # under its SHA-256 gives its size; that this key uploaded it is a grant in the database,
+    # remembered per process (blobs.granted), so a blob checked before costs no round trip.
     sizes: dict[str, int] = {}
     missing: list[tuple[str, str]] = []
     named = [("body.sha256", doc.body.sha256),
