@@ -464,13 +464,14 @@ def ferry() -> None:
 @click.option("--to", "last", type=click.IntRange(1), help="the last file to send again (default: SEQ alone)")
 @pass_ctx
 def ferry_resend(c: Ctx, peer: str, seq: int, last: int | None) -> None:
+    from adapters.base import DeliveryError
     from gateway.federation import ferry as ferry_mod
 
     n = c.node()
     _require_schema(n)
     try:
         names = ferry_mod.resend(n, peer, seq, last, actor=f"cli:{_user()}")
-    except (ferry_mod.FerryFailed, OSError) as exc:
+    except (ferry_mod.FerryFailed, OSError, DeliveryError, ConfigError) as exc:  # a folder or SFTP server unreachable
         raise click.ClickException(str(exc)) from None
     finally:
         n.close()
