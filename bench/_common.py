@@ -298,13 +298,16 @@ def key_id(key: str) -> str:
 
 
 def store_blob(node: Any, data: bytes, key: str) -> str:
-    """Put ``data`` in the node's blob store and table (what POST /api/v1/blobs does)."""
-    from gateway.models import Blob
+    """Put ``data`` in the node's blob store and table, granted to ``key`` (what POST
+    /api/v1/blobs does)."""
+    from gateway.models import Blob, BlobGrant
 
     sha, size = node.blobs.put_bytes(data)
     with node.db.begin() as s:
         if s.get(Blob, sha) is None:
             s.add(Blob(sha256=sha, size=size, uploaded_by=key_id(key)))
+        if s.get(BlobGrant, (sha, key_id(key))) is None:
+            s.add(BlobGrant(sha256=sha, api_key_id=key_id(key)))
     return sha
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import re
 import threading
-from collections import OrderedDict
 
 from flask import Blueprint, Response, json, request
 from pydantic import BaseModel
@@ -76,7 +75,7 @@ def blob_info(sha256: str) -> Response:
     if _SHA256.fullmatch(sha256) is None:
         raise Problem(404, "not-found", f"{sha256!r} is not a SHA-256 (64 lowercase hex digits)")
     try:
-        if granted(n, caller.key_id, [sha256]) != [sha256]:
+        if sha256 not in granted(n, caller.key_id, [sha256]):
             raise FileNotFoundError(sha256)
         size = n.blobs.known_size(sha256)
     except FileNotFoundError:  # stored for another key or not at all: the same answer
@@ -87,27 +86,28 @@ def blob_info(sha256: str) -> Response:
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
-#: (key id, sha256) pairs known to be granted; grants are never taken back (a revoked key
-#: cannot call at all), so a process may remember them
-_GRANTED: OrderedDict[tuple[str, str], None] = OrderedDict()
-_GRANTED_MAX = 65536
+#: per key id, the contents known to be granted to it; grants are never taken back (a
+#: revoked key cannot call at all), so a process may remember them. Read without a lock (a
+#: set lookup is atomic under the GIL): every accept asks about all its attachments.
+_GRANTED: dict[str, set[str]] = {}
+_GRANTED_MAX = 65536  # contents remembered per key; past that the key's are forgotten
 _granted_lock = threading.Lock()
 
 
-def granted(n: Node, key_id: str, shas: list[str]) -> list[str]:
+def granted(n: Node, key_id: str, shas: list[str]) -> set[str]:
     """Those of ``shas`` the key ``key_id`` uploaded (and so may name in a document). A
     content-addressed store makes a hash alone a bearer token; this is what keeps a key that
     learned the hash of another key's (classified) content from sending it on."""
+    known = _GRANTED.get(key_id, set())
+    unknown = [sha for sha in shas if sha not in known]
+    if not unknown:
+        return set(shas)
+    with n.db.sessions() as s:
+        found = set(s.scalars(select(BlobGrant.sha256).where(BlobGrant.api_key_id == key_id,
+                                                             BlobGrant.sha256.in_(set(unknown)))))
     with _granted_lock:
-        unknown = [sha for sha in dict.fromkeys(shas) if (key_id, sha) not in _GRANTED]
-    if unknown:
-        with n.db.sessions() as s:
-            found = set(s.scalars(select(BlobGrant.sha256).where(BlobGrant.api_key_id == key_id,
-                                                                 BlobGrant.sha256.in_(unknown))))
-        with _granted_lock:
-            for sha in found:
-                _GRANTED[(key_id, sha)] = None
-            while len(_GRANTED) > _GRANTED_MAX:
-                _GRANTED.popitem(last=False)
-    with _granted_lock:
-        return [sha for sha in shas if (key_id, sha) in _GRANTED]
+        mine = _GRANTED.setdefault(key_id, set())
+        if len(mine) + len(found) > _GRANTED_MAX:
+            mine.clear()
+        mine.update(found)
+    return {sha for sha in shas if sha in known or sha in found}

@@ -168,17 +168,16 @@ def send_document() -> Response:
     # remembered per process (blobs.granted), so a blob checked before costs no round trip.
     sizes: dict[str, int] = {}
     missing: list[tuple[str, str]] = []
-    named = [("body.sha256", doc.body.sha256),
-             *((f"attachments.{i}.sha256", a.sha256) for i, a in enumerate(doc.attachments))]
+    shas = [doc.body.sha256, *(a.sha256 for a in doc.attachments)]
     # only content this key uploaded (a hash alone is no proof of having it; see blobs.granted)
-    mine = set(granted(n, caller.key_id, [sha for _, sha in named]))
-    for field, sha in named:
+    mine = granted(n, caller.key_id, shas)
+    for i, sha in enumerate(shas):
         try:
             if sha not in mine:
                 raise FileNotFoundError(sha)
             sizes[sha] = n.blobs.known_size(sha)
         except FileNotFoundError:
-            missing.append((field, sha))
+            missing.append(("body.sha256" if i == 0 else f"attachments.{i - 1}.sha256", sha))
     if missing:
         raise Problem(422, "unknown-blob", f"{missing[0][0]}: no content with SHA-256 {missing[0][1]} was uploaded "
                       f"with this API key; upload it to /api/v1/blobs first",
