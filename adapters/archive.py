@@ -34,7 +34,7 @@ from typing import BinaryIO
 
 from lxml import etree
 
-from adapters.base import BlobReader
+from adapters.base import BlobReader, PolledItem, StateStore
 from gateway import SCHEMAS, xmlsafe
 from gateway.envelope import Attachment, Envelope, EnvelopeError, Receipt, Recipient
 from gateway.units import uscc_problem
@@ -419,3 +419,35 @@ def write_receipt(receipt: Receipt, *, appid: str | None = None, name: str | Non
     if receipt.receipt_no:
         etree.SubElement(root, "receiptno").text = receipt.receipt_no
     return xmlsafe.tostring_gb18030(root)
+
+
+# -- refusal notes (NAME.xml.error beside a file the legacy side moved to failed/) -----------
+def note_text(data: bytes) -> str:
+    """A ``.error`` note as text: GB18030 on the legacy side, though UTF-8 is read too."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("gb18030", errors="replace")
+    return text.strip()[:2000]
+
+
+def refusal_item(state: StateStore, mark_key: str, *, ref: str, unit: str, note: bytes, mtime: float, key: str,
+                 source: str) -> PolledItem:
+    """A REFUSED receipt for the note the legacy side left beside our file ``ref``. Taking
+    it (ack) raises the high-water mark ``mark_key`` of note times (see :func:`refusal_mark`)."""
+    receipt = Receipt(unit=unit, action="REFUSED", remote_ref=ref, reason=note_text(note) or "no reason given",
+                      time=datetime.fromtimestamp(mtime, UTC))
+    item = PolledItem(key=key, receipt=receipt, source=source)
+
+    def taken() -> None:
+        if int(mtime) > refusal_mark(state, mark_key):
+            state.set(mark_key, str(int(mtime)))
+
+    item._ack = taken
+    return item
+
+
+def refusal_mark(state: StateStore, mark_key: str) -> int:
+    """The time of the newest note taken before: older notes are not read again (one of the
+    same second is read again, and told apart by its key)."""
+    return int(state.get(mark_key, "0") or "0")

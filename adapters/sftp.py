@@ -59,7 +59,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ from adapters.base import (
     register,
 )
 from gateway import xmlsafe
-from gateway.envelope import Envelope, Receipt, Recipient
+from gateway.envelope import Envelope, Recipient
 from gateway.units import uscc_problem
 
 log = logging.getLogger(__name__)
@@ -716,9 +716,8 @@ class SftpAdapter(Adapter):
             entries = sftp.listdir_attr(folder)
         except FileNotFoundError:
             return 0
-        # notes older than the newest one taken before are not read again (same second: read,
-        # and told apart by their keys)
-        mark = int(self.context.state.get(f"refused-mtime:{unit}", "0") or "0")
+        mark_key = f"refused-mtime:{unit}"
+        mark = archive.refusal_mark(self.context.state, mark_key)
         taken = 0
         for e in sorted(entries, key=lambda e: (e.st_mtime or 0, e.filename)):
             m = REFUSED_NOTE_RE.fullmatch(e.filename) if isinstance(e.filename, str) else None
@@ -730,20 +729,11 @@ class SftpAdapter(Adapter):
             except (OSError, EOFError, paramiko.SSHException) as exc:
                 log.warning("sftp %s: cannot read %s/%s: %s", self.name, folder, e.filename, _describe(exc))
                 continue
-            reason = _decode_note(note)
             rel = posixpath.join(self.settings.move_failed.format(unit=unit), e.filename)
-            receipt = Receipt(unit=unit, action="REFUSED", remote_ref=m["ref"], reason=reason,
-                              time=datetime.fromtimestamp(e.st_mtime or 0, UTC))
-            item = PolledItem(key=f"{self.name}:{rel}:{hashlib.sha256(note).hexdigest()}", receipt=receipt,
-                              source=f"{self._where}/{rel}")
-            item._ack = partial(self._note_taken, unit, int(e.st_mtime or 0))
-            items.append(item)
+            items.append(archive.refusal_item(
+                self.context.state, mark_key, ref=m["ref"], unit=unit, note=note, mtime=e.st_mtime or 0,
+                key=f"{self.name}:{rel}:{hashlib.sha256(note).hexdigest()}", source=f"{self._where}/{rel}"))
         return taken
-
-    def _note_taken(self, unit: str, mtime: int) -> None:
-        key = f"refused-mtime:{unit}"
-        if mtime > int(self.context.state.get(key, "0") or "0"):
-            self.context.state.set(key, str(mtime))
 
     def _prefixes(self) -> tuple[str, ...]:
         return ("HZ_", "ZB_") if self.settings.duty_report_to else ("HZ_",)
@@ -934,20 +924,10 @@ def _close_quietly(client: paramiko.SFTPClient) -> None:
         pass
 
 
-def _decode_note(data: bytes) -> str:
-    """A ``.error`` note: GB18030 on the drop, though UTF-8 (a superset's cousin) is read too."""
-    for codec in ("utf-8", "gb18030"):
-        try:
-            return data.decode(codec).strip()[:2000]
-        except UnicodeDecodeError:
-            continue
-    return data.decode("gb18030", errors="replace").strip()[:2000]
-
-
 def _read_note(sftp: paramiko.SFTPClient, path: str) -> str:
     try:
         with sftp.open(path, "rb") as fh:
-            return _decode_note(fh.read(64 * 1024)) or "no reason given"
+            return archive.note_text(fh.read(64 * 1024)) or "no reason given"
     except (OSError, EOFError, paramiko.SSHException):
         return "no note beside it"
 

@@ -49,7 +49,10 @@ from adapters.archive import (
     ArchiveFormatError,
     ArchiveStream,
     iter_archive,
+    note_text,
     parse_receipt,
+    refusal_item,
+    refusal_mark,
 )
 from adapters.base import (
     Adapter,
@@ -359,7 +362,7 @@ class XmlExchangeAdapter(Adapter):
         except OSError as exc:
             log.warning("%s: cannot list failed/: %s", self.name, exc)
             return []
-        mark = int(self.context.state.get("refused-mtime", "0") or "0")
+        mark = refusal_mark(self.context.state, "refused-mtime")
         out: list[PolledItem] = []
         for name in names:
             m = REFUSED_NOTE.fullmatch(name)
@@ -373,17 +376,10 @@ class XmlExchangeAdapter(Adapter):
                 note = path.read_bytes()[:64 * 1024]
             except OSError:
                 continue
-            receipt = Receipt(unit="", action="REFUSED", remote_ref=m["ref"],
-                              reason=note.decode("gb18030", "replace").strip()[:2000] or "no reason given")
-            item = PolledItem(key=f"{self.name}:failed/{name}:{hashlib.sha256(note).hexdigest()}", receipt=receipt,
-                              source=f"{self.folder}/failed/{name}")
-            item._ack = partial(self._note_taken, int(st.st_mtime))
-            out.append(item)
+            out.append(refusal_item(self.context.state, "refused-mtime", ref=m["ref"], unit="", note=note,
+                                    mtime=st.st_mtime, key=f"{self.name}:failed/{name}:{hashlib.sha256(note).hexdigest()}",
+                                    source=f"{self.folder}/failed/{name}"))
         return out
-
-    def _note_taken(self, mtime: int) -> None:
-        if mtime > int(self.context.state.get("refused-mtime", "0") or "0"):
-            self.context.state.set("refused-mtime", str(mtime))
 
     def _read_receipt_file(self, outbox: Path, name: str) -> PolledItem | None:
         m = RECEIPT_NAME.match(name)
@@ -489,7 +485,7 @@ def _charset(content_type: str | None) -> str | None:
 
 def _read_note(path: Path) -> str:
     try:
-        return path.read_bytes()[:2000].decode("gb18030", "replace").strip() or "no reason given"
+        return note_text(path.read_bytes()[:64 * 1024]) or "no reason given"
     except OSError:
         return "no reason given"
 
