@@ -11,7 +11,10 @@ import os
 
 bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8080")
 workers = int(os.environ.get("GATEWAY_WORKERS", min(4, multiprocessing.cpu_count() * 2)))
-worker_class = "gthread"
+# gthread, but a new connection goes to the worker with the fewest open ones (kept-alive
+# connections otherwise stay wherever the accept race put them, and a worker runs on one core at
+# a time), and gunicorn's own error answers are problem+json: gateway/gunicorn_worker.py
+worker_class = "gateway.gunicorn_worker.GatewayThreadWorker"
 threads = int(os.environ.get("GATEWAY_THREADS", 8))
 timeout = 120            # a streamed 1 GB attachment upload must not be cut off
 graceful_timeout = 30

@@ -1,5 +1,6 @@
-"""``gateway serve``: gunicorn (one gthread worker) hosting the API, with the delivery worker
-and the collector started inside that worker process, so one node needs one command."""
+"""``gateway serve``: gunicorn (one gthread worker: gateway.gunicorn_worker) hosting the API, with
+the delivery worker and the collector started inside that worker process, so one node needs one
+command."""
 from __future__ import annotations
 
 from typing import Any
@@ -30,7 +31,7 @@ ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(
 def run(app_factory: Callable[[], Any], *, bind: str, threads: int, post_worker_init: Callable[[Any], None],
         worker_exit: Callable[[Any, Any], None]) -> None:
     _Gunicorn(app_factory, {
-        "bind": bind, "workers": 1, "worker_class": "gthread", "threads": threads,
+        "bind": bind, "workers": 1, "worker_class": "gateway.gunicorn_worker.GatewayThreadWorker", "threads": threads,
         "post_worker_init": post_worker_init, "worker_exit": worker_exit,
         "accesslog": "-", "errorlog": "-", "timeout": 120, "graceful_timeout": 20,
         "access_log_format": ACCESS_LOG_FORMAT,

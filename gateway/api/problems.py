@@ -36,6 +36,8 @@ TITLES = {
     "stale-request": "请求时间超出允许偏差 (request time outside the allowed clock skew)",
     "replayed-request": "重放的请求 (replayed request)",
     "peer-unavailable": "对端节点不可用 (peer node unavailable)",
+    "malformed-request": "HTTP 请求格式错误 (malformed HTTP request)",
+    "forbidden-request": "请求被拒绝 (request refused)",
     "internal": "内部错误 (internal error)",
 }
 

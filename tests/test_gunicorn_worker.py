@@ -1,0 +1,166 @@
+"""gateway.gunicorn_worker: connections spread over the workers, and gunicorn's own error answers
+in problem+json. Run with real gunicorn and config/gunicorn.conf.py (the production settings)."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.gunicorn_worker import Table, problem_bytes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pid_app(environ, start_response):  # type: ignore[no-untyped-def]
+    """Answers with the pid of the worker that served the request."""
+    body = str(os.getpid()).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gunicorn(workers: int, *extra: str) -> Iterator[int]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "config", "gunicorn.conf.py"),
+                             "--bind", f"127.0.0.1:{port}", "--workers", str(workers), *extra,
+                             "tests.test_gunicorn_worker:pid_app"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        seen: set[str] = set()
+        while len(seen) < workers:  # every worker up (each answers with its own pid)
+            assert proc.poll() is None and time.monotonic() < deadline, "gunicorn did not start"
+            try:
+                seen.add(_get(port))
+            except OSError:
+                time.sleep(0.1)
+        time.sleep(0.3)  # the workers see those connections closed (their counts back to 0)
+        yield port
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1].decode(errors="replace")
+        assert "Traceback" not in err, err[-3000:]
+
+
+def _get(port: int, sock: socket.socket | None = None) -> str:
+    """GET / on ``sock`` (kept open) or on a connection of its own; the answer's body."""
+    s = sock or socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise ConnectionError("closed before the answer")
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        while len(body) < length:
+            body += s.recv(4096)
+        return body.decode()
+    finally:
+        if sock is None:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def two_workers() -> Iterator[int]:
+    yield from _gunicorn(2)
+
+
+def test_eight_kept_alive_connections_opened_at_once_go_four_to_each_worker(two_workers):
+    # gunicorn's plain gthread leaves this to the accept race: [5, 3], [6, 2], even [8, 0]
+    # (with worker_class = "gthread" in the settings file, 3 runs of this test out of 3 failed in
+    # their first round: [5, 3], [5, 3], [6, 2])
+    for _ in range(5):
+        socks = [socket.create_connection(("127.0.0.1", two_workers), timeout=10) for _ in range(8)]
+        try:
+            pids = collections.Counter(_get(two_workers, s) for s in socks)
+            assert sorted(pids.values()) == [4, 4], pids
+            # the connections stay where they are: a second request on each goes to the same worker
+            assert collections.Counter(_get(two_workers, s) for s in socks) == pids
+        finally:
+            for s in socks:
+                s.close()
+        time.sleep(0.3)  # the workers see the connections closed
+
+
+def test_a_slot_of_a_worker_that_is_gone_is_taken_again_and_never_counted():
+    t = Table(slots=3)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    me = os.getpid()
+    assert t.claim(dead.pid) == 0  # a worker that then died without letting go (SIGKILL)
+    t.set_count(0, 0)
+    assert not t.fewer_elsewhere(1, 5), "a dead worker's count is not a reason to wait"
+    assert t.claim(me) == 0  # its slot is free again
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert t.claim(alive.pid) == 1
+        t.set_count(1, 2)
+        t.set_count(0, 3)
+        assert t.fewer_elsewhere(0, 3) and not t.fewer_elsewhere(1, 2)
+    finally:
+        alive.kill()
+        alive.wait()
+    t.release(1, alive.pid)
+    assert t.cells[2] == 0 and t.claim(alive.pid) == 1
+
+
+def test_a_full_table_leaves_a_worker_unbalanced_not_failing():
+    t = Table(slots=1)
+    assert t.claim(os.getpid()) == 0
+    assert t.claim(os.getppid()) is None
+
+
+@pytest.fixture(scope="module")
+def one_worker() -> Iterator[int]:
+    yield from _gunicorn(1)
+
+
+def _raw(port: int, data: bytes) -> tuple[str, dict[str, str], dict]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    head, body = out.split(b"\r\n\r\n", 1)
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    assert int(headers["content-length"]) == len(body)
+    return status, headers, json.loads(body.decode("utf-8"))
+
+
+@pytest.mark.parametrize(("request_bytes", "status", "kind"), [
+    (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "too-large"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431, "too-large"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: 1\r\n" % i for i in range(120)) + b"\r\n", 431, "too-large"),
+    (b"NOT A REQUEST\r\n\r\n", 400, "malformed-request"),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n", 400, "malformed-request"),
+])
+def test_what_gunicorn_cannot_parse_is_answered_in_problem_json(one_worker, request_bytes, status, kind):
+    line, headers, body = _raw(one_worker, request_bytes)
+    assert line.startswith(f"HTTP/1.1 {status} ")
+    assert headers["content-type"] == "application/problem+json"
+    assert headers["connection"] == "close"
+    assert body["type"] == f"urn:egov:gateway:problem:{kind}" and body["status"] == status
+    assert body["title"] and body["detail"], body
+
+
+def test_the_problem_answer_for_an_internal_error_says_it_was_logged():
+    head, body = problem_bytes(500, "Internal Server Error", "").split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    doc = json.loads(body)
+    assert doc["type"].endswith(":internal") and "logged" in doc["detail"]
