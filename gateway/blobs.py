@@ -7,6 +7,7 @@ Memory use is one chunk, whatever the size.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import os
@@ -27,6 +28,20 @@ class BlobIncomplete(ValueError):
 
 class BlobTooLarge(ValueError):
     pass
+
+
+class BlobNoSpace(OSError):
+    """Storing the upload would leave less free space than the reserve (or the disk is full)."""
+
+
+#: a write that failed for want of space (a full file system, a user's quota)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_bytes(fd_or_path: int | str | os.PathLike[str]) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding ``fd_or_path``."""
+    st = os.fstatvfs(fd_or_path) if isinstance(fd_or_path, int) else os.statvfs(fd_or_path)
+    return st.f_bavail * st.f_frsize
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -89,10 +104,14 @@ class BlobStore:
         return open(self._where(sha256), "rb")
 
     def put_stream(self, stream: IO[bytes], max_bytes: int | None = None,
-                   expect_bytes: int | None = None) -> tuple[str, int]:
+                   expect_bytes: int | None = None, keep_free: int = 0) -> tuple[str, int]:
         """Store everything ``stream`` yields; return (sha256, size). With ``expect_bytes``
         (an upload's Content-Length), a stream that ends short of it (the client went away)
-        stores nothing and raises :class:`BlobIncomplete`."""
+        stores nothing and raises :class:`BlobIncomplete`. An upload that would leave less
+        than ``keep_free`` bytes free on the store's file system, or meets a full one, stores
+        nothing and raises :class:`BlobNoSpace`."""
+        if keep_free and expect_bytes is not None:
+            self._check_space(free_bytes(self.root / "tmp") - expect_bytes, keep_free)
         digest = hashlib.sha256()
         size = 0
         fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
@@ -105,6 +124,8 @@ class BlobStore:
                     size += len(chunk)
                     if max_bytes is not None and size > max_bytes:
                         raise BlobTooLarge(f"the upload exceeds {max_bytes} bytes")
+                    if keep_free:  # one statvfs a chunk (MiB): a stream of unknown length, others writing
+                        self._check_space(free_bytes(fd) - len(chunk), keep_free)
                     digest.update(chunk)
                     out.write(chunk)
                 if expect_bytes is not None and size != expect_bytes:
@@ -116,9 +137,22 @@ class BlobStore:
             for folder in self._place(tmp, sha):
                 fsync_dir(folder)  # the new name is durable before the upload is answered
             return sha, size
+        except OSError as exc:
+            _unlink(tmp)
+            if exc.errno in _NO_SPACE and not isinstance(exc, BlobNoSpace):
+                raise BlobNoSpace(exc.errno, "the file system holding the blob store is full; "
+                                             "nothing was stored") from None
+            raise
         except BaseException:
             _unlink(tmp)
             raise
+
+    @staticmethod
+    def _check_space(left: int, keep_free: int) -> None:
+        if left < keep_free:
+            raise BlobNoSpace(errno.ENOSPC, f"storing it would leave {max(left, 0) // 2**20} MiB free on the "
+                                            f"blob store's file system, below the {keep_free // 2**20} MiB kept "
+                                            f"free ([api] min_free_bytes); nothing was stored")
 
     def put_bytes(self, data: bytes) -> tuple[str, int]:
         import io

@@ -62,6 +62,13 @@ class DatabaseConfig(_Strict):
 class ApiConfig(_Strict):
     max_json_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_blob_bytes: int = Field(default=4 * 1024**3, ge=1024)
+    #: uploads never leave less than this free on the blob store's file system (the database
+    #: and the delivery queue usually share it); 0: only a full disk stops an upload
+    min_free_bytes: int = Field(default=256 * 1024**2, ge=0)
+    #: /metrics answers only a request with ``Authorization: Bearer <token>`` when a token is
+    #: set, in an environment variable or a file (never in this file); without: open to all
+    metrics_token_env: str | None = None
+    metrics_token_file: str | None = None
 
 
 class RetryPolicy(_Strict):
@@ -233,6 +240,29 @@ class Config(_Strict):
     def data_dir(self) -> Path:
         p = Path(self.node.data_dir)
         return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def metrics_token(self) -> str | None:
+        """The token /metrics asks for (``[api] metrics_token_env`` or ``_file``), or None."""
+        import os
+
+        if self.api.metrics_token_env:
+            token = os.environ.get(self.api.metrics_token_env)
+            if not token:
+                raise ConfigError(f"{self.source}: api.metrics_token_env: environment variable "
+                                  f"{self.api.metrics_token_env} is not set")
+            return token
+        if self.api.metrics_token_file:
+            p = Path(self.api.metrics_token_file)
+            p = p if p.is_absolute() else Path(self.base_dir) / p
+            try:
+                token = p.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{self.source}: api.metrics_token_file: cannot read {p}: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from None
+            if not token:
+                raise ConfigError(f"{self.source}: api.metrics_token_file: {p} is empty; expected the token")
+            return token
+        return None
 
     def database_url(self) -> str:
         import os

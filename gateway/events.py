@@ -8,11 +8,22 @@ delivery.
 from __future__ import annotations
 
 from datetime import datetime, UTC
+from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import Connection, and_, bindparam, insert, or_, select
 from sqlalchemy.orm import Session
 
 from gateway.models import table, ApiKey, Delivery, Message, OutboxEntry
+
+
+def shown_url(url: str) -> str:
+    """A webhook URL as the audit log, errors and logs show it: without its query string, which
+    is where receivers that cannot read headers keep a token (``?token=…``). The audit log is
+    kept for good, and a token written there could not be taken back."""
+    parts = urlsplit(url)
+    if not parts.query and not parts.fragment:
+        return url
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "…" if parts.query else "", ""))
 
 
 def status_changed(s: Session, d: Delivery, previous: str) -> None:

@@ -4,6 +4,8 @@ Built once per process by the app factory or the command line; no import-time si
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 import threading
 from pathlib import Path
@@ -65,6 +67,11 @@ class Node:
         self._lock = threading.Lock()
         self._federation: Federation | None = None
 
+    @functools.cached_property
+    def metrics_token(self) -> str | None:
+        """What /metrics asks callers for (``[api] metrics_token_env``/``_file``), or None."""
+        return self.config.metrics_token()
+
     @property
     def id(self) -> str:
         return self.config.node.id
@@ -110,6 +117,7 @@ class Node:
         settings and local files only."""
         from gateway.config import ConfigError
 
+        self.config.metrics_token()  # readable, if one is configured (not an adapter, but read the same way)
         for name in self.adapter_names():
             try:
                 a = self.adapter(name)

@@ -400,7 +400,7 @@ class Worker:
                              detail={"node": entry.target})
             elif entry.kind == "webhook":
                 audit.append(s, actor=actor, action="webhook.send", obj=obj, outcome="sent",
-                             detail={"url": entry.target, "attempt": entry.attempts})
+                             detail={"url": events.shown_url(entry.target), "attempt": entry.attempts})
             elif entry.kind == "status":
                 p = entry.payload or {}
                 audit.append(s, actor=actor, action="status.send", obj=obj, outcome="sent",
@@ -430,10 +430,13 @@ class Worker:
             if d is not None and entry.kind in ("deliver", "forward"):
                 d.last_error = message
         audit.append(s, actor=actor, action="webhook.attempt" if entry.kind == "webhook" else "delivery.attempt",
-                     obj=obj, outcome=outcome, detail={"target": entry.target, "attempt": entry.attempts,
+                     obj=obj, outcome=outcome, detail={"target": events.shown_url(entry.target)
+                                                      if entry.kind == "webhook" else entry.target,
+                                                      "attempt": entry.attempts,
                                                       "error": message, "retryable": err.retryable})
 
     def _send_webhook(self, url: str, payload: dict) -> None:
+        shown = events.shown_url(url)  # errors are stored and audited: no ?token= in them
         if self._key is None:  # the node key: Ed25519, or SM2 where [federation] algorithm = "sm2"
             from gateway.federation.keys import own_key
 
@@ -449,12 +452,12 @@ class Worker:
             r = self._http.post(url, data=body, headers=headers, timeout=self.node.config.webhooks.timeout,
                                 allow_redirects=False)
         except requests.RequestException as exc:
-            raise RetryableError(f"webhook {url}: {type(exc).__name__}") from None
+            raise RetryableError(f"webhook {shown}: {type(exc).__name__}") from None
         if r.is_redirect:
-            raise RetryableError(f"webhook {url}: HTTP {r.status_code}, a redirect (to {r.headers.get('Location')!r}); "
+            raise RetryableError(f"webhook {shown}: HTTP {r.status_code}, a redirect (to {r.headers.get('Location')!r}); "
                                  f"webhooks are not redirected: give the key the final address")
         if r.status_code >= 300:
-            raise RetryableError(f"webhook {url}: HTTP {r.status_code}")
+            raise RetryableError(f"webhook {shown}: HTTP {r.status_code}")
 
     # -- running -------------------------------------------------------------------------
     def run_once(self) -> int:

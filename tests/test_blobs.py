@@ -136,3 +136,70 @@ def test_staged_files_are_adopted_with_their_folders_synced_once(tmp_path, monke
         path = store.path(hashlib.sha256(data).hexdigest())
         assert path.read_bytes() == data and str(path.parent) in synced
     assert len(synced) == len(set(synced)) and list((tmp_path / "blobs" / "tmp").iterdir()) == []
+
+
+def test_a_stream_that_would_eat_into_the_space_kept_free_stores_nothing(tmp_path):
+    """A stream of unknown length (a chunked upload) is checked as it comes, chunk by chunk."""
+    import io
+
+    from gateway.blobs import CHUNK, BlobNoSpace, free_bytes
+
+    store = BlobStore(tmp_path / "blobs")
+    with pytest.raises(BlobNoSpace, match="min_free_bytes"):
+        store.put_stream(io.BytesIO(b"z" * (3 * CHUNK)), keep_free=free_bytes(tmp_path) + 10 * 2**30)
+    assert os.listdir(tmp_path / "blobs" / "tmp") == []
+    # within the reserve it is stored as ever
+    sha, size = store.put_stream(io.BytesIO(b"z" * (3 * CHUNK)), keep_free=2**20)
+    assert size == 3 * CHUNK and store.known_size(sha) == size
+
+
+def test_a_full_file_system_stores_nothing_and_says_so(tmp_path, monkeypatch):
+    """The kernel's own ENOSPC: the temporary file is /dev/full, where every write fails so."""
+    import io
+    import tempfile
+
+    from gateway import blobs
+    from gateway.blobs import CHUNK, BlobNoSpace
+
+    store = BlobStore(tmp_path / "blobs")
+    real = tempfile.mkstemp
+    made: list[str] = []
+
+    def full_disk(**kw):  # type: ignore[no-untyped-def]
+        fd, path = real(**kw)
+        os.close(fd)
+        made.append(path)
+        return os.open("/dev/full", os.O_WRONLY), path
+
+    monkeypatch.setattr(blobs.tempfile, "mkstemp", full_disk)
+    with pytest.raises(BlobNoSpace, match="full"):
+        store.put_stream(io.BytesIO(b"y" * (2 * CHUNK)))
+    assert made and os.listdir(tmp_path / "blobs" / "tmp") == []
+
+
+def test_the_api_answers_507_storage_full_and_stores_nothing(tmp_path, database_url):
+    from sqlalchemy import func, select
+
+    from gateway import migrate
+    from gateway.models import AuditEntry, Blob
+    from gateway.node import Node
+    from tests.plugins.gatewaynode import Api, node_config
+
+    cfg = node_config(tmp_path, database_url, api={"min_free_bytes": 2**62})
+    migrate.upgrade(cfg.database_url())
+    node = Node(cfg)
+    try:
+        api = Api(node)
+        r = api.post("/api/v1/blobs", data=b"body " * 1000, content_type="application/octet-stream")
+        assert r.status_code == 507 and r.mimetype == "application/problem+json"
+        problem = r.get_json()
+        assert problem["type"] == "urn:egov:gateway:problem:storage-full"
+        assert "min_free_bytes" in problem["detail"] and "nothing was stored" in problem["detail"]
+        with node.db.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Blob)) == 0
+            assert s.scalar(select(func.count()).where(AuditEntry.action == "blob.store")) == 0
+        assert os.listdir(tmp_path / "var" / "blobs" / "tmp") == []
+        spec = api.get("/api/v1/openapi.json").get_json()
+        assert "507" in spec["paths"]["/api/v1/blobs"]["post"]["responses"]
+    finally:
+        node.close()

@@ -106,6 +106,29 @@ def test_a_webhook_is_never_redirected(gw_node):
         outer.server.shutdown()
 
 
+def test_a_token_in_a_webhook_url_never_reaches_the_audit_log_or_stored_errors(gw_node):
+    """A receiver that cannot read headers takes a token in its URL; the audit log is kept for
+    good, so it (and the outbox's stored errors) show the URL without its query string."""
+    hook = Receiver(fail_first=1)
+    try:
+        api = Api(gw_node, webhook_url=hook.url + "?token=s3cr3t-hook-token")
+        api.post("/api/v1/documents", json=api.document())
+        assert _drain_until(gw_node, lambda: len(hook.posts) >= 2)
+        with gw_node.db.sessions() as s:
+            from sqlalchemy import select
+
+            from gateway.models import AuditEntry, OutboxEntry
+            entries = list(s.scalars(select(AuditEntry)))
+            errors = list(s.scalars(select(OutboxEntry.last_error).where(OutboxEntry.kind == "webhook")))
+        texts = [json.dumps(e.detail, ensure_ascii=False) for e in entries] + [str(x) for x in errors]
+        actions = {e.action for e in entries}
+        assert {"admin.key.create", "webhook.attempt", "webhook.send"} <= actions, actions
+        assert any(hook.url + "?…" in t for t in texts)
+        assert not [t for t in texts if "s3cr3t" in t]
+    finally:
+        hook.server.shutdown()
+
+
 def test_readyz_metrics_and_openapi(api, gw_node):
     assert api.client.get("/healthz").get_json() == {"status": "ok"}
     ready = api.client.get("/readyz")
@@ -186,5 +209,39 @@ def test_an_sm2_node_signs_its_webhooks_with_sm2(tmp_path, database_url, receive
         with pytest.raises(InvalidSignature):
             pub.verify(base64.b64decode(headers["Gateway-Signature"].partition("=")[2]),
                        headers["Gateway-Timestamp"].encode() + b"." + body + b" ")
+    finally:
+        node.close()
+
+
+def test_metrics_can_ask_for_a_token_kept_outside_the_config_file(tmp_path, database_url, monkeypatch):
+    from gateway import migrate
+    from gateway.config import ConfigError
+    from gateway.node import Node
+    from tests.plugins.gatewaynode import node_config
+
+    cfg = node_config(tmp_path, database_url, api={"metrics_token_env": "GW_TEST_METRICS_TOKEN"})
+    migrate.upgrade(cfg.database_url())
+    monkeypatch.delenv("GW_TEST_METRICS_TOKEN", raising=False)
+    unset = Node(cfg)
+    try:  # a token that cannot be read stops the start, naming the key
+        with pytest.raises(ConfigError, match="api.metrics_token_env: environment variable GW_TEST_METRICS_TOKEN"):
+            unset.check_adapters()
+    finally:
+        unset.close()
+    monkeypatch.setenv("GW_TEST_METRICS_TOKEN", "scrape-me-7d1f")
+    node = Node(cfg)
+    try:
+        node.check_adapters()
+        client = Api(node).client
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic scrape-me-7d1f"}):
+            r = client.get("/metrics", headers=headers)
+            assert r.status_code == 401 and r.mimetype == "application/problem+json", headers
+            assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        r = client.get("/metrics", headers={"Authorization": "Bearer scrape-me-7d1f"})
+        assert r.status_code == 200 and "gateway_outbox_entries" in r.get_data(as_text=True)
+        spec = client.get("/api/v1/openapi.json").get_json()
+        assert "401" in spec["paths"]["/metrics"]["get"]["responses"]
+        # the legacy callback route answers 401 and 403 too, and says so
+        assert {"401", "403"} <= set(spec["paths"]["/api/v1/callbacks/{adapter}"]["post"]["responses"])
     finally:
         node.close()

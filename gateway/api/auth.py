@@ -22,6 +22,7 @@ from gateway import audit
 from gateway.api.problems import Problem
 from gateway.db import Database
 from gateway.envelope import CLASSIFICATION_LEVEL
+from gateway.events import shown_url
 from gateway.models import ApiKey
 from gateway.units import uscc_problem
 
@@ -77,7 +78,7 @@ def create_key(db: Database, *, name: str, scopes: list[str], clearance: str = "
                      webhook_url=webhook_url))
         audit.append(s, actor=actor, action="admin.key.create", obj=f"key:{key_id}",
                      detail={"name": name, "scopes": scopes, "clearance": clearance, "units": units or [],
-                             "webhook_url": webhook_url})
+                             "webhook_url": shown_url(webhook_url) if webhook_url else None})
     return f"gw_{key_id}_{secret}"
 
 

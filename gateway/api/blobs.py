@@ -1,6 +1,7 @@
 """``/api/v1/blobs``: bodies and attachments uploaded by streaming (claim check)."""
 from __future__ import annotations
 
+import logging
 import re
 import threading
 
@@ -13,11 +14,12 @@ from gateway.api import auth
 from gateway.api.common import node
 from gateway.api.problems import Problem
 from gateway.api.spec import operation
-from gateway.blobs import BlobIncomplete, BlobTooLarge
+from gateway.blobs import BlobIncomplete, BlobNoSpace, BlobTooLarge
 from gateway.models import Blob, BlobGrant
 from gateway.node import Node
 
 bp = Blueprint("blobs", __name__, url_prefix="/api/v1/blobs")
+log = logging.getLogger(__name__)
 
 
 class BlobOut(BaseModel):
@@ -29,7 +31,7 @@ class BlobOut(BaseModel):
 
 @operation(method="post", path="/api/v1/blobs", summary="上传正文或附件 (upload a body or attachment by streaming)",
            tag="正文与附件 (blobs)", scope="blobs:write", request_media=("application/octet-stream",),
-           responses={201: BlobOut},
+           responses={201: BlobOut}, errors=(400, 401, 403, 413, 415, 507),
            description="Send the raw bytes as application/octet-stream; they are streamed to disk while "
                        "SHA-256 is computed, never held in memory. The same content uploaded twice is "
                        "stored once.")
@@ -44,7 +46,11 @@ def upload() -> Response:
         raise Problem(413, "too-large", f"the upload is {request.content_length} bytes; at most {limit} are accepted")
     request.max_content_length = limit
     try:
-        sha, size = n.blobs.put_stream(request.stream, max_bytes=limit, expect_bytes=request.content_length)
+        sha, size = n.blobs.put_stream(request.stream, max_bytes=limit, expect_bytes=request.content_length,
+                                       keep_free=n.config.api.min_free_bytes)
+    except BlobNoSpace as exc:
+        log.error("upload refused for want of space: %s", exc.strerror)
+        raise Problem(507, "storage-full", str(exc.strerror)) from None
     except BlobTooLarge:
         raise Problem(413, "too-large", f"the upload exceeds {limit} bytes") from None
     except BlobIncomplete as exc:

@@ -83,13 +83,23 @@ class _DbCollector:
 
 
 @operation(method="get", path="/metrics", summary="Prometheus 指标 (queue depth, delivery states, directory)",
-           tag="运维 (operations)", scope=None, errors=(),
+           tag="运维 (operations)", scope=None, errors=(401,),
+           description="Open, unless the node sets [api] metrics_token_env or metrics_token_file: then only "
+                       "with Authorization: Bearer <that token> (Prometheus: authorization.credentials_file); "
+                       "an API key is not accepted here.",
            responses={200: "text/plain; version=0.0.4: gateway_outbox_entries{kind,state}, "
                            "gateway_deliveries{target,status}, the federation directory's age"})
 @bp.get("/metrics")
 def metrics() -> Response:
+    n = node()
+    token = n.metrics_token
+    if token is not None:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise Problem(401, "unauthenticated", "/metrics needs Authorization: Bearer <the node's metrics token> "
+                                                  "([api] metrics_token_env or metrics_token_file)")
     reg = CollectorRegistry()
-    reg.register(_DbCollector(node()))  # type: ignore[arg-type]
+    reg.register(_DbCollector(n))  # type: ignore[arg-type]
     return Response(generate_latest(reg), mimetype="text/plain; version=0.0.4")
 
 

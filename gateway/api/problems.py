@@ -16,6 +16,7 @@ TITLES = {
     "forbidden-dtd": "不允许 DOCTYPE 或实体声明 (DOCTYPE/ENTITY not allowed)",
     "too-large": "请求体过大 (request too large)",
     "incomplete-body": "请求体不完整 (request body ended early)",
+    "storage-full": "存储空间不足 (storage full)",
     "too-deep": "XML 嵌套过深 (XML nested too deeply)",
     "bad-encoding": "字符编码错误 (bad character encoding)",
     "unauthenticated": "需要有效的 API 密钥 (a valid API key is required)",

@@ -69,6 +69,7 @@ PROBLEM_STATUSES = {
     413: "请求体过大 (request body too large)",
     415: "不支持的内容类型 (unsupported media type)",
     422: "内容不符合规则 (content breaks a rule; errors names each field)",
+    507: "存储空间不足 (too little disk space left on the node; nothing was stored, try again later)",
 }
 _DEFAULT_ERRORS = {"get": (400, 401, 403, 404), "post": (400, 401, 403, 404, 409, 413, 415, 422)}
 
@@ -114,9 +115,12 @@ def document() -> dict[str, Any]:
             ok = next(iter(o["responses"]))
             o["responses"][ok].setdefault("content", {})[media] = {
                 "schema": {"type": "string", "description": what}}
-        errors = op.errors if op.errors is not None else _DEFAULT_ERRORS.get(op.method, (400, 401, 403, 404))
-        if not op.scope:
-            errors = tuple(e for e in errors if e not in (401, 403))
+        if op.errors is not None:  # as the operation says (a route without a scope may still ask a token)
+            errors = op.errors
+        else:
+            errors = _DEFAULT_ERRORS.get(op.method, (400, 401, 403, 404))
+            if not op.scope:
+                errors = tuple(e for e in errors if e not in (401, 403))
         for status in errors:
             o["responses"].setdefault(str(status), {
                 "description": PROBLEM_STATUSES[status], "content": {"application/problem+json": {
