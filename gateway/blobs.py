@@ -114,8 +114,9 @@ class BlobStore:
             self._check_space(free_bytes(self.root / "tmp") - expect_bytes, keep_free)
         digest = hashlib.sha256()
         size = 0
-        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
+        tmp = ""
         try:
+            fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")  # (no inodes left: ENOSPC here)
             with os.fdopen(fd, "wb") as out:
                 while True:
                     chunk = stream.read(CHUNK)
@@ -138,13 +139,15 @@ class BlobStore:
                 fsync_dir(folder)  # the new name is durable before the upload is answered
             return sha, size
         except OSError as exc:
-            _unlink(tmp)
+            if tmp:
+                _unlink(tmp)
             if exc.errno in _NO_SPACE and not isinstance(exc, BlobNoSpace):
                 raise BlobNoSpace(exc.errno, "the file system holding the blob store is full; "
                                              "nothing was stored") from None
             raise
         except BaseException:
-            _unlink(tmp)
+            if tmp:
+                _unlink(tmp)
             raise
 
     @staticmethod

@@ -245,24 +245,32 @@ class Config(_Strict):
         """The token /metrics asks for (``[api] metrics_token_env`` or ``_file``), or None."""
         import os
 
-        if self.api.metrics_token_env:
-            token = os.environ.get(self.api.metrics_token_env)
+        api = self.api
+        if api.metrics_token_env and api.metrics_token_file:
+            raise ConfigError(f"{self.source}: api: metrics_token_env and metrics_token_file are both set; "
+                              f"expected one of them")
+        if api.metrics_token_env:
+            key, where = "api.metrics_token_env", f"environment variable {api.metrics_token_env}"
+            token = (os.environ.get(api.metrics_token_env) or "").strip()
             if not token:
-                raise ConfigError(f"{self.source}: api.metrics_token_env: environment variable "
-                                  f"{self.api.metrics_token_env} is not set")
-            return token
-        if self.api.metrics_token_file:
-            p = Path(self.api.metrics_token_file)
+                raise ConfigError(f"{self.source}: {key}: {where} is not set")
+        elif api.metrics_token_file:
+            p = Path(api.metrics_token_file)
             p = p if p.is_absolute() else Path(self.base_dir) / p
+            key, where = "api.metrics_token_file", str(p)
             try:
                 token = p.read_text(encoding="utf-8").strip()
             except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"{self.source}: api.metrics_token_file: cannot read {p}: "
+                raise ConfigError(f"{self.source}: {key}: cannot read {p}: "
                                   f"{getattr(exc, 'strerror', None) or exc}") from None
             if not token:
-                raise ConfigError(f"{self.source}: api.metrics_token_file: {p} is empty; expected the token")
-            return token
-        return None
+                raise ConfigError(f"{self.source}: {key}: {p} is empty; expected the token")
+        else:
+            return None
+        if not token.isascii() or not token.isprintable() or " " in token:
+            raise ConfigError(f"{self.source}: {key}: the token in {where} must be printable ASCII without "
+                              f"spaces (it travels in an HTTP header), e.g. from: openssl rand -hex 32")
+        return token
 
     def database_url(self) -> str:
         import os

@@ -7,10 +7,13 @@ wins six of a caller's eight connections, it has three quarters of that caller's
 one core while the other has little: measured on the 2-core benchmark machine (the load of
 bench/accept_rate.py, 2 workers), 465 accepts/s with all eight connections on one worker,
 592-695/s with six on one, 740/s with four each. Here every worker publishes its number of
-open connections in a table in shared memory that gunicorn's master makes before it forks the
-first worker. A worker about to accept while another live worker has fewer connections waits
-until the other one, woken by the same connection, has taken it; if it has not within ``WAIT``
-(it is busy), this one takes it. No connection is refused or held longer than that.
+open connections in a table in shared memory that gunicorn's master makes, and in which it
+gives each worker its slot, before it forks the worker. A worker about to accept while another
+live, accepting worker has fewer connections waits until that one, woken by the same
+connection, has taken it; if it has not within ``WAIT`` (it is busy), this one takes it. No
+connection is refused or held longer than that. A worker that is starting, stopping (after
+``max_requests``, on HUP or TERM) or not accepting publishes no count, so nobody waits for it.
+With ``reuse_port`` every worker has its own queue of new connections and nothing is balanced.
 
 **gunicorn's own error answers are problem+json.** A request gunicorn cannot parse (a broken
 request line, a request line or headers too long, a bad chunk) never reaches the application;
@@ -21,9 +24,9 @@ other error, with a ``type`` a caller can switch on.
 """
 from __future__ import annotations
 
+import http
 import json
 import mmap
-import multiprocessing
 import os
 import select
 import time
@@ -40,57 +43,83 @@ SLOTS = 64
 #: (it looks every STEP whether the connection is still there); its own events wait meanwhile
 WAIT = 0.010
 STEP = 0.0005
+#: the count a slot shows while its worker does not accept: never fewer than anyone's
+NOT_ACCEPTING = 2**62
+#: a slot given to a worker that has not started yet; free again if it never does
+_RESERVED, _RESERVATION_SECONDS = -1, 120
 
 
-def _alive(pid: int) -> bool:
+def _started(pid: int) -> int:
+    """When process ``pid`` started (clock ticks since boot), 0 if there is no such process;
+    a pid the system has given to a new process since shows another start time."""
     try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):  # gone, or the pid is someone else's now
-        return False
-    return True
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class Table:
-    """Per slot two 64-bit integers: a worker's pid (0: free) and its open connections.
-    Aligned 8-byte stores and loads are atomic on the machines gunicorn runs on; a reader may
-    see a count a moment old, which costs at most one ``WAIT``."""
+    """Per slot three 64-bit integers: a worker's pid (0: free; -1: reserved), its open
+    connections, and its start time (for a reservation, when it was made). Only the master
+    gives out slots (it is single-threaded), each worker writes only its own slot, and aligned
+    8-byte stores and loads are atomic on the machines gunicorn runs on; a reader may see a
+    count a moment old, which costs at most one ``WAIT``."""
+
+    WIDTH = 3
 
     def __init__(self, slots: int = SLOTS) -> None:
         self.slots = slots
-        self._mem = mmap.mmap(-1, 16 * slots)  # anonymous and shared: forked workers see one table
+        self._mem = mmap.mmap(-1, 8 * self.WIDTH * slots)  # anonymous and shared across fork
         self.cells: Any = memoryview(self._mem).cast("q")
-        self._claims = multiprocessing.Lock()
 
-    def claim(self, pid: int) -> int | None:
-        """A slot for ``pid`` (a slot whose worker has gone is free again), or None."""
-        if not self._claims.acquire(timeout=1.0):  # a worker killed while claiming held it
-            return None
-        try:
-            cells = self.cells
-            for i in range(self.slots):
-                old = cells[2 * i]
-                if old == 0 or old == pid or not _alive(old):
-                    cells[2 * i + 1] = 0
-                    cells[2 * i] = pid
-                    return i
-            return None
-        finally:
-            self._claims.release()
+    def _live(self, i: int) -> bool:
+        c, w = self.cells, self.WIDTH
+        pid = c[w * i]
+        if pid == _RESERVED:
+            return time.monotonic() - c[w * i + 2] / 1000 < _RESERVATION_SECONDS
+        if pid <= 0:
+            return False
+        started = c[w * i + 2]
+        if started == 0:  # no /proc to tell a reused pid from the worker's own
+            try:
+                os.kill(pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return False
+            return True
+        return _started(pid) == started
+
+    def reserve(self) -> int | None:
+        """(Master, before a fork) a free slot for the next worker, or None when all are taken.
+        A slot whose worker is gone (even one killed without letting go) is free."""
+        c, w = self.cells, self.WIDTH
+        for i in range(self.slots):
+            if c[w * i] == 0 or not self._live(i):
+                c[w * i + 1] = NOT_ACCEPTING
+                c[w * i + 2] = int(time.monotonic() * 1000)
+                c[w * i] = _RESERVED
+                return i
+        return None
+
+    def occupy(self, slot: int, pid: int) -> None:
+        """(Worker, after the fork) the slot is this process's from now on."""
+        c, w = self.cells, self.WIDTH
+        c[w * slot + 1] = NOT_ACCEPTING
+        c[w * slot + 2] = _started(pid)
+        c[w * slot] = pid
 
     def release(self, slot: int, pid: int) -> None:
-        if self.cells[2 * slot] == pid:
-            self.cells[2 * slot] = 0
+        if self.cells[self.WIDTH * slot] == pid:
+            self.cells[self.WIDTH * slot] = 0
 
     def set_count(self, slot: int, count: int) -> None:
-        self.cells[2 * slot + 1] = count
+        self.cells[self.WIDTH * slot + 1] = count
 
     def fewer_elsewhere(self, slot: int, count: int) -> bool:
-        """Whether another live worker has fewer than ``count`` open connections."""
-        cells = self.cells
-        for i in range(self.slots):
-            if i != slot and cells[2 * i] and cells[2 * i + 1] < count and _alive(cells[2 * i]):
-                return True
-        return False
+        """Whether another live worker that accepts has fewer than ``count`` connections."""
+        c, w = self.cells, self.WIDTH
+        return any(i != slot and c[w * i] > 0 and c[w * i + 1] < count and self._live(i)
+                   for i in range(self.slots))
 
 
 #: gunicorn's statuses for requests it could not parse, as problem types
@@ -98,9 +127,13 @@ _KINDS = {400: "malformed-request", 403: "forbidden-request", 414: "too-large", 
           431: "too-large", 501: "malformed-request"}
 
 
-def problem_bytes(status: int, reason: str, message: str) -> bytes:
+def problem_bytes(status: int, message: str) -> bytes:
     """The whole HTTP answer for an error gunicorn found before the application ran."""
     kind = _KINDS.get(status, "internal" if status >= 500 else "malformed-request")
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Error"
     detail = message or ("an internal error occurred; it has been logged" if status >= 500 else reason)
     body = json.dumps({"type": TYPE_PREFIX + kind, "title": TITLES[kind], "status": status, "detail": detail},
                       ensure_ascii=False).encode("utf-8")
@@ -109,8 +142,9 @@ def problem_bytes(status: int, reason: str, message: str) -> bytes:
     return head.encode("latin-1") + body
 
 
-def _write_problem(sock: Any, status_int: int, reason: str, mesg: str) -> None:
-    util.write_nonblock(sock, problem_bytes(status_int, reason, mesg))
+def _write_problem(sock: Any, status_int: int, reason: str, mesg: str) -> None:  # noqa: ARG001
+    # (gunicorn's reason phrase is not used: it says "Bad Request" for its 500 and 501 too)
+    util.write_nonblock(sock, problem_bytes(status_int, mesg))
 
 
 class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc] # (gunicorn has no type hints)
@@ -120,13 +154,18 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc] # (gunicorn has n
     table: Table | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # runs in the master, just before the fork that starts this worker
+        self._conns = 0
+        self._slot: int | None = None
+        super().__init__(*args, **kwargs)
+        if self.cfg.reuse_port:  # each worker has its own queue: the others cannot take a connection
+            return
         if GatewayThreadWorker.table is None:
             GatewayThreadWorker.table = Table()
-        self._slot: int | None = None
-        self._conns = 0
-        super().__init__(*args, **kwargs)
+        self._slot = GatewayThreadWorker.table.reserve()
 
-    # ThreadWorker counts its open connections in nr_conns: each change is published
+    # ThreadWorker counts its open connections in nr_conns, and says whether it accepts with
+    # set_accept_enabled (False while starting, when full, and once stopping): both published
     @property
     def nr_conns(self) -> int:
         return self._conns
@@ -134,35 +173,46 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc] # (gunicorn has n
     @nr_conns.setter
     def nr_conns(self, value: int) -> None:
         self._conns = value
+        self._publish()
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        super().set_accept_enabled(enabled)
+        self._publish()
+
+    def _publish(self) -> None:
         if self._slot is not None and self.table is not None:
-            self.table.set_count(self._slot, value)
+            accepting = getattr(self, "_accepting", False) and self.alive
+            self.table.set_count(self._slot, self._conns if accepting else NOT_ACCEPTING)
 
     def init_process(self) -> None:
         # this process is a worker from here on: gunicorn's error page is written only by
         # Worker.handle_error, through this module-level function
         util.write_error = _write_problem
         table, pid = self.table, os.getpid()
-        if table is not None:
-            self._slot = table.claim(pid)
-            if self._slot is None:
+        if self._slot is None:
+            if table is not None and not self.cfg.reuse_port:
                 self.log.warning("worker %s: no free slot in the connection table; it accepts unbalanced", pid)
-            else:
-                table.set_count(self._slot, self._conns)
+        elif table is not None:
+            table.occupy(self._slot, pid)
         try:
             super().init_process()  # runs the worker until it stops
         finally:
             if table is not None and self._slot is not None:
                 table.release(self._slot, pid)
 
+    def handle_exit(self, sig: Any, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        self._publish()  # stopping: new connections are for the others from now on
+
     def accept(self, listener: Any) -> None:
-        table = self.table
-        if table is not None and self._slot is not None and table.fewer_elsewhere(self._slot, self._conns):
+        table, slot = self.table, self._slot
+        if table is not None and slot is not None and table.fewer_elsewhere(slot, self._conns):
             # the other worker was woken by this connection too: give it up to WAIT to take it
             deadline = time.monotonic() + WAIT
             while True:
                 time.sleep(STEP)
                 if not select.select([listener], [], [], 0)[0]:
                     return  # taken (or given up by the client)
-                if time.monotonic() >= deadline or not table.fewer_elsewhere(self._slot, self._conns):
+                if time.monotonic() >= deadline or not table.fewer_elsewhere(slot, self._conns):
                     break
         super().accept(listener)  # a connection taken meanwhile is EAGAIN, which ThreadWorker ignores

@@ -117,7 +117,7 @@ class Node:
         settings and local files only."""
         from gateway.config import ConfigError
 
-        self.config.metrics_token()  # readable, if one is configured (not an adapter, but read the same way)
+        _ = self.metrics_token  # readable, if one is configured (read once: rotating it needs a reload)
         for name in self.adapter_names():
             try:
                 a = self.adapter(name)

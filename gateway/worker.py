@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import TYPE_CHECKING, cast
+from urllib.parse import urlsplit
 
 import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -289,7 +290,11 @@ class Worker:
             out.error = PermanentError(str(exc))
         except Exception as exc:  # noqa: BLE001 - an adapter bug must not kill the worker
             log.exception("outbox %s: unexpected error", job.id)
-            out.error = RetryableError(f"{type(exc).__name__}: {exc}")
+            text = str(exc)
+            query = urlsplit(job.target).query if job.kind == "webhook" and job.target else ""
+            if query:  # stored and audited: no ?token= of a webhook URL in it
+                text = text.replace(query, "…")
+            out.error = RetryableError(f"{type(exc).__name__}: {text}")
         return out
 
     def _forward(self, job: Job) -> dict:
@@ -454,7 +459,8 @@ class Worker:
         except requests.RequestException as exc:
             raise RetryableError(f"webhook {shown}: {type(exc).__name__}") from None
         if r.is_redirect:
-            raise RetryableError(f"webhook {shown}: HTTP {r.status_code}, a redirect (to {r.headers.get('Location')!r}); "
+            raise RetryableError(f"webhook {shown}: HTTP {r.status_code}, a redirect (to "
+                                 f"{events.shown_url(r.headers.get('Location') or '')!r}); "
                                  f"webhooks are not redirected: give the key the final address")
         if r.status_code >= 300:
             raise RetryableError(f"webhook {shown}: HTTP {r.status_code}")

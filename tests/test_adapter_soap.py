@@ -210,8 +210,8 @@ def test_poll_yields_signed_and_returned_receipts_until_acked(
     signed, returned = (i.receipt for i in items)
     assert (signed.action, signed.remote_ref, signed.unit, signed.signer, signed.receipt_no) == (
         "SIGNED", a.remote_ref, COUNTY_A, "李四", "QS-2026-0042")
-    assert (returned.action, returned.remote_ref, returned.unit, returned.reason) == (
-        "RETURNED", b.remote_ref, CITY_B, "非本单位职责")
+    assert (returned.action, returned.remote_ref, returned.unit, returned.reason, returned.receipt_no) == (
+        "RETURNED", b.remote_ref, CITY_B, "非本单位职责", "QS00000002")
     assert signed.time is not None and signed.time.tzinfo is not None
 
     assert [i.key for i in adapter.poll()] == [i.key for i in items], "not acked: again"

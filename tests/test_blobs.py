@@ -203,3 +203,21 @@ def test_the_api_answers_507_storage_full_and_stores_nothing(tmp_path, database_
         assert "507" in spec["paths"]["/api/v1/blobs"]["post"]["responses"]
     finally:
         node.close()
+
+
+def test_no_room_even_for_the_temporary_file_is_no_space_too(tmp_path, monkeypatch):
+    """Out of inodes (or a quota): creating the temporary file already fails with ENOSPC."""
+    import errno
+    import io
+
+    from gateway import blobs
+    from gateway.blobs import BlobNoSpace
+
+    store = BlobStore(tmp_path / "blobs")
+
+    def no_inodes(**kw):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(blobs.tempfile, "mkstemp", no_inodes)
+    with pytest.raises(BlobNoSpace, match="full"):
+        store.put_stream(io.BytesIO(b"w" * 10))

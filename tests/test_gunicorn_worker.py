@@ -97,32 +97,85 @@ def test_eight_kept_alive_connections_opened_at_once_go_four_to_each_worker(two_
         time.sleep(0.3)  # the workers see the connections closed
 
 
-def test_a_slot_of_a_worker_that_is_gone_is_taken_again_and_never_counted():
+def test_a_slot_of_a_worker_that_is_gone_is_given_out_again_and_never_counted():
     t = Table(slots=3)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    me = os.getpid()
-    assert t.claim(dead.pid) == 0  # a worker that then died without letting go (SIGKILL)
+    assert t.reserve() == 0
+    t.occupy(0, dead.pid)  # a worker that then died without letting go (SIGKILL)
     t.set_count(0, 0)
     assert not t.fewer_elsewhere(1, 5), "a dead worker's count is not a reason to wait"
-    assert t.claim(me) == 0  # its slot is free again
+    assert t.reserve() == 0, "its slot is free again"
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        assert t.claim(alive.pid) == 1
-        t.set_count(1, 2)
-        t.set_count(0, 3)
-        assert t.fewer_elsewhere(0, 3) and not t.fewer_elsewhere(1, 2)
+        t.occupy(0, alive.pid)
+        assert t.reserve() == 1
+        t.occupy(1, os.getpid())
+        t.set_count(0, 2)
+        t.set_count(1, 3)
+        assert t.fewer_elsewhere(1, 3) and not t.fewer_elsewhere(0, 2)
+        # the same pid given to a new process: another start time, so not the worker
+        t.cells[Table.WIDTH * 0 + 2] += 1
+        assert not t.fewer_elsewhere(1, 3)
+        assert t.reserve() == 0
     finally:
         alive.kill()
         alive.wait()
-    t.release(1, alive.pid)
-    assert t.cells[2] == 0 and t.claim(alive.pid) == 1
+    t.release(1, os.getpid())
+    assert t.cells[Table.WIDTH * 1] == 0
 
 
-def test_a_full_table_leaves_a_worker_unbalanced_not_failing():
+def test_a_reservation_whose_worker_never_started_expires():
     t = Table(slots=1)
-    assert t.claim(os.getpid()) == 0
-    assert t.claim(os.getppid()) is None
+    assert t.reserve() == 0 and t.reserve() is None  # the master gave it out; the fork is under way
+    t.cells[2] -= 121_000  # made 121 s ago (milliseconds)
+    assert t.reserve() == 0
+
+
+def _worker(**settings):  # type: ignore[no-untyped-def]
+    """A worker object as gunicorn's master makes it before the fork (nothing is run)."""
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+
+    from gateway.gunicorn_worker import GatewayThreadWorker
+
+    cfg = Config()
+    for k, v in {"threads": 2, **settings}.items():
+        cfg.set(k, v)
+    return GatewayThreadWorker(1, os.getpid(), [], None, 30, cfg, Logger(cfg))
+
+
+def test_a_worker_that_is_not_accepting_is_never_waited_for(monkeypatch):
+    from gateway.gunicorn_worker import NOT_ACCEPTING, GatewayThreadWorker
+
+    monkeypatch.setattr(GatewayThreadWorker, "table", Table(slots=4))
+    w = _worker()
+    table = GatewayThreadWorker.table
+    assert w._slot == 0 and table.cells[1] == NOT_ACCEPTING, "starting: not accepting yet"
+    table.occupy(0, os.getpid())
+    w.set_accept_enabled(True)  # what ThreadWorker.run does first
+    assert table.cells[1] == 0
+    w.nr_conns += 3
+    assert table.cells[1] == 3
+    w.set_accept_enabled(False)  # full (worker_connections), or leaving
+    assert table.cells[1] == NOT_ACCEPTING
+    w.set_accept_enabled(True)
+    w.method_queue.init()
+    try:
+        w.handle_exit(15, None)  # TERM, HUP's old workers, max_requests: draining from here
+    finally:
+        w.method_queue.close()
+    assert table.cells[1] == NOT_ACCEPTING
+    w.nr_conns -= 1  # connections it finishes while draining do not make it look free
+    assert table.cells[1] == NOT_ACCEPTING
+
+
+def test_with_reuse_port_nothing_is_balanced(monkeypatch):
+    from gateway.gunicorn_worker import GatewayThreadWorker
+
+    monkeypatch.setattr(GatewayThreadWorker, "table", None)
+    w = _worker(reuse_port=True)
+    assert w._slot is None and GatewayThreadWorker.table is None
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +213,7 @@ def test_what_gunicorn_cannot_parse_is_answered_in_problem_json(one_worker, requ
 
 
 def test_the_problem_answer_for_an_internal_error_says_it_was_logged():
-    head, body = problem_bytes(500, "Internal Server Error", "").split(b"\r\n\r\n", 1)
+    head, body = problem_bytes(500, "").split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
     doc = json.loads(body)
     assert doc["type"].endswith(":internal") and "logged" in doc["detail"]

@@ -237,6 +237,7 @@ def test_metrics_can_ask_for_a_token_kept_outside_the_config_file(tmp_path, data
             r = client.get("/metrics", headers=headers)
             assert r.status_code == 401 and r.mimetype == "application/problem+json", headers
             assert r.headers["WWW-Authenticate"].startswith("Bearer")
+            assert r.get_json()["type"] == "urn:egov:gateway:problem:metrics-token"
         r = client.get("/metrics", headers={"Authorization": "Bearer scrape-me-7d1f"})
         assert r.status_code == 200 and "gateway_outbox_entries" in r.get_data(as_text=True)
         spec = client.get("/api/v1/openapi.json").get_json()
@@ -245,3 +246,25 @@ def test_metrics_can_ask_for_a_token_kept_outside_the_config_file(tmp_path, data
         assert {"401", "403"} <= set(spec["paths"]["/api/v1/callbacks/{adapter}"]["post"]["responses"])
     finally:
         node.close()
+
+
+def test_a_metrics_token_from_a_file_and_what_is_refused(tmp_path, database_url, monkeypatch):
+    from gateway.config import ConfigError
+    from tests.plugins.gatewaynode import node_config
+
+    (tmp_path / "metrics.token").write_text("a1b2c3d4\n", encoding="utf-8")
+    cfg = node_config(tmp_path, database_url, api={"metrics_token_file": str(tmp_path / "metrics.token")})
+    assert cfg.metrics_token() == "a1b2c3d4"
+    monkeypatch.setenv("GW_TEST_METRICS_TOKEN", "  e5f6a7b8 \n")  # as a shell or a unit file may leave it
+    assert node_config(tmp_path, database_url, api={"metrics_token_env": "GW_TEST_METRICS_TOKEN"}
+                       ).metrics_token() == "e5f6a7b8"
+    both = node_config(tmp_path, database_url, api={"metrics_token_env": "GW_TEST_METRICS_TOKEN",
+                                                    "metrics_token_file": str(tmp_path / "metrics.token")})
+    with pytest.raises(ConfigError, match="both set"):
+        both.metrics_token()
+    (tmp_path / "metrics.token").write_text("令牌 with spaces", encoding="utf-8")
+    with pytest.raises(ConfigError, match="api.metrics_token_file: the token in .* printable ASCII"):
+        cfg.metrics_token()
+    (tmp_path / "metrics.token").write_text("\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="is empty"):
+        cfg.metrics_token()

@@ -268,12 +268,15 @@ class DocExchangeState:
                 doc, "SIGNED", signer, receipt_no=receipt_no or f"QS{seq:08d}"
             )
 
-    def return_document(self, doc_id: str, reason: str, signer: str) -> StoredReceipt:
-        """A clerk returns (退回) a document with a reason; a ``RETURNED`` receipt appears."""
+    def return_document(self, doc_id: str, reason: str, signer: str, receipt_no: str | None = None) -> StoredReceipt:
+        """A clerk returns (退回) a document with a reason; a ``RETURNED`` receipt appears,
+        numbered like a ``SIGNED`` one (the contract's receipts all carry receipt_no)."""
         with self._lock:
             doc = self._open_doc(doc_id)
             self._docs[doc_id] = replace(doc, status="RETURNED")
-            return self._add_receipt(doc, "RETURNED", signer, reason=reason)
+            seq = len(self._receipts) + 1
+            return self._add_receipt(doc, "RETURNED", signer, receipt_no=receipt_no or f"QS{seq:08d}",
+                                     reason=reason)
 
     def _open_doc(self, doc_id: str) -> StoredDocument:
         doc = self._docs.get(doc_id)

@@ -96,8 +96,9 @@ def metrics() -> Response:
     if token is not None:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise Problem(401, "unauthenticated", "/metrics needs Authorization: Bearer <the node's metrics token> "
-                                                  "([api] metrics_token_env or metrics_token_file)")
+            raise Problem(401, "metrics-token", "/metrics needs Authorization: Bearer <the node's metrics token> "
+                                                "([api] metrics_token_env or metrics_token_file); "
+                                                "an API key is not accepted here")
     reg = CollectorRegistry()
     reg.register(_DbCollector(n))  # type: ignore[arg-type]
     return Response(generate_latest(reg), mimetype="text/plain; version=0.0.4")

@@ -21,6 +21,7 @@ TITLES = {
     "bad-encoding": "字符编码错误 (bad character encoding)",
     "unauthenticated": "需要有效的 API 密钥 (a valid API key is required)",
     "forbidden-scope": "API 密钥无此权限 (the API key lacks a scope)",
+    "metrics-token": "需要指标访问令牌 (the metrics token is required)",
     "clearance-too-low": "密级权限不足 (clearance too low)",
     "forbidden-unit": "无权代表该单位 (not allowed to act for this unit)",
     "not-found": "未找到 (not found)",
@@ -53,7 +54,7 @@ def problem_response(status: int, kind: str, detail: str, **extra: Any) -> Respo
     body = {"type": TYPE_PREFIX + kind, "title": TITLES.get(kind, kind), "status": status,
             "detail": detail, "instance": request.path if request else None, **extra}
     out = Response(json.dumps(body, ensure_ascii=False), status=status, mimetype="application/problem+json")
-    if kind == "unauthenticated":  # RFC 9110: a 401 says how to authenticate
+    if kind in ("unauthenticated", "metrics-token"):  # RFC 9110: a 401 says how to authenticate
         out.headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
     return out
 
