@@ -211,6 +211,10 @@ class FederationConfig(_Strict):
     directory_ttl_hours: float = Field(default=72.0, gt=0)
     #: the peer to fetch the directory from (default: parent)
     directory_from: str | None = None
+    #: accept signed requests that name no target node (no Gateway-To header): only while
+    #: peers running a version from before 2026-11 are being upgraded. Such a request could
+    #: be replayed to any other node that pins the same sender key.
+    accept_untargeted: bool = False
 
     @field_validator("algorithm")
     @classmethod

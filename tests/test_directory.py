@@ -115,11 +115,15 @@ def test_sync_stores_a_verified_directory_and_documents_reach_units_known_only_f
     # only signed requests from peers get the directory
     url = f"{pref.url}/federation/v1/directory"
     assert requests.get(url, timeout=10).status_code == 401
-    stranger = Signer("county-a", Ed25519PrivateKey.generate()).sign("GET", url, {}, None)
+    stranger = Signer("county-a", Ed25519PrivateKey.generate()).sign("GET", url, {}, None, to="prefecture")
     assert requests.get(url, headers=stranger, timeout=10).status_code == 401
     a_url = f"{a.url}/federation/v1/directory"  # a county does not publish one
-    signed = Signer("prefecture", nodekey.load_or_create(pref.data_dir)).sign("GET", a_url, {}, None)
+    signed = Signer("prefecture", nodekey.load_or_create(pref.data_dir)).sign("GET", a_url, {}, None, to="county-a")
     assert requests.get(a_url, headers=signed, timeout=10).status_code == 404
+    # a request that names no target node (an old sender's) is refused by default
+    untargeted = Signer("prefecture", nodekey.load_or_create(pref.data_dir)).sign("GET", a_url, {}, None)
+    r = requests.get(a_url, headers=untargeted, timeout=10)
+    assert r.status_code == 401 and "accept_untargeted" in r.json()["detail"]
 
     detail = sync_directory(a)
     assert detail["outcome"] == "stored" and detail["source"] == "prefecture"

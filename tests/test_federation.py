@@ -124,7 +124,7 @@ def test_a_repeated_forward_is_accepted_once_and_answered_the_same(cluster: Clus
                        "envelope": xml.decode()}).encode()
     url = f"{a.url}/federation/v1/messages"
     signer = _signer_as(cluster, "prefecture")
-    answers = [_post(url, body, signer.sign("POST", url, {}, body)) for _ in range(2)]
+    answers = [_post(url, body, signer.sign("POST", url, {}, body, to="county-a")) for _ in range(2)]
     assert [r.status_code for r in answers] == [200, 200], answers[0].text
     assert answers[0].json() == answers[1].json()
     assert answers[0].json()["units"] == [COUNTY_A]
@@ -152,14 +152,14 @@ def test_bad_node_requests_are_refused_with_a_problem_and_an_audit_entry(cluster
     if case == "unsigned":
         headers: dict[str, str] = {}
     elif case == "unknown-key":
-        headers = Signer("county-x", Ed25519PrivateKey.generate()).sign("POST", url, {}, body)
+        headers = Signer("county-x", Ed25519PrivateKey.generate()).sign("POST", url, {}, body, to="prefecture")
     elif case == "wrong-key":
-        headers = Signer("county-a", Ed25519PrivateKey.generate()).sign("POST", url, {}, body)
+        headers = Signer("county-a", Ed25519PrivateKey.generate()).sign("POST", url, {}, body, to="prefecture")
     else:
         signer = _signer_as(cluster, "county-a")
         created = {"stale-past": now - dt.timedelta(hours=1), "stale-future": now + dt.timedelta(hours=1)}.get(case)
         signed_url = url.replace("/status", "/recall") if case == "other-path" else url
-        headers = signer.sign("POST", signed_url, {}, body, created=created)
+        headers = signer.sign("POST", signed_url, {}, body, created=created, to="prefecture")
         if case == "tampered-body":
             body = json.dumps({"items": [{"message_id": "x"}]}).encode()
     before = _rejections(pref, kind)
@@ -177,7 +177,7 @@ def test_bad_node_requests_are_refused_with_a_problem_and_an_audit_entry(cluster
 def test_a_replayed_request_is_refused(cluster: Cluster) -> None:
     pref = cluster.nodes["prefecture"]
     url = f"{pref.url}/federation/v1/ping"
-    headers = _signer_as(cluster, "county-b").sign("GET", url, {}, None)
+    headers = _signer_as(cluster, "county-b").sign("GET", url, {}, None, to="prefecture")
     first = requests.get(url, headers=headers, timeout=30)
     assert first.status_code == 200, first.text
     assert first.json()["peer"] == "county-b"
@@ -196,7 +196,7 @@ def test_a_status_report_for_a_copy_forwarded_elsewhere_changes_nothing(cluster:
     url = f"{pref.url}/federation/v1/status"
     body = json.dumps({"items": [{"message_id": mid, "unit": COUNTY_A, "status": "returned",
                                   "reason": "冒充退回"}]}).encode()
-    r = _post(url, body, _signer_as(cluster, "county-b").sign("POST", url, {}, body))
+    r = _post(url, body, _signer_as(cluster, "county-b").sign("POST", url, {}, body, to="prefecture"))
     assert r.status_code == 200 and r.json()["outcomes"] == {"unmatched": 1}
     assert statuses(pref, mid)[COUNTY_A]["status"] == "signed"
 
@@ -251,7 +251,7 @@ def test_a_message_above_the_link_clearance_never_leaves_nor_enters(cluster: Clu
     body = json.dumps({"message_id": forged_id, "units": [COUNTY_A], "hops": ["prefecture"],
                        "envelope": forged}).encode()
     url = f"{a.url}/federation/v1/messages"
-    r = _post(url, body, _signer_as(cluster, "prefecture").sign("POST", url, {}, body))
+    r = _post(url, body, _signer_as(cluster, "prefecture").sign("POST", url, {}, body, to="county-a"))
     assert r.status_code == 403, r.text
     assert r.json()["type"] == "urn:egov:gateway:problem:clearance-too-low"
     assert rows(a, select(Message.id).where(Message.id == forged_id)) == []
@@ -290,12 +290,12 @@ def test_forwards_in_one_batch_are_accepted_together_but_refused_one_by_one(clus
                       "units": [COUNTY_A] if i != 1 else [CITY_B], "hops": ["prefecture"], "envelope": envelope})
     url = f"{a.url}/federation/v1/batch"
     body = json.dumps({"items": items}).encode()
-    r = _post(url, body, _signer_as(cluster, "prefecture").sign("POST", url, {}, body))
+    r = _post(url, body, _signer_as(cluster, "prefecture").sign("POST", url, {}, body, to="county-a"))
     assert r.status_code == 200, r.text
     assert [x["outcome"] for x in r.json()["results"]] == ["ok", "rejected", "ok"]
     assert r.json()["results"][1]["type"] == "no-route" and "loop" in r.json()["results"][1]["detail"]
     stored = {m for (m,) in rows(a, select(Message.id).where(Message.id.in_([i["message_id"] for i in items])))}
     assert stored == {items[0]["message_id"], items[2]["message_id"]}
     # the same batch again: nothing is applied twice
-    r = _post(url, body, _signer_as(cluster, "prefecture").sign("POST", url, {}, body))
+    r = _post(url, body, _signer_as(cluster, "prefecture").sign("POST", url, {}, body, to="county-a"))
     assert [x["outcome"] for x in r.json()["results"]] == ["duplicate"] * 3

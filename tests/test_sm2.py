@@ -350,13 +350,13 @@ def test_the_sm2_county_sends_through_the_prefecture_to_an_ed25519_county(sm2_cl
 def test_the_prefecture_accepts_county_a_only_with_its_sm2_key(sm2_cluster: Cluster) -> None:
     pref, a = sm2_cluster.nodes["prefecture"], sm2_cluster.nodes["county-a"]
     url = f"{pref.url}/federation/v1/ping"
-    ok = requests.get(url, headers=Signer("county-a", nodekey.load_or_create_sm2(a.data_dir)).sign("GET", url, {}, None),
-                      timeout=30)
+    ok = requests.get(url, headers=Signer("county-a", nodekey.load_or_create_sm2(a.data_dir)).sign(
+        "GET", url, {}, None, to="prefecture"), timeout=30)
     assert ok.status_code == 200, ok.text
     assert ok.json()["peer"] == "county-a"
     # county A's Ed25519 key (it has one, for webhooks) is not the key pinned for it
-    wrong = requests.get(url, headers=Signer("county-a", nodekey.load_or_create(a.data_dir)).sign("GET", url, {}, None),
-                         timeout=30)
+    wrong = requests.get(url, headers=Signer("county-a", nodekey.load_or_create(a.data_dir)).sign(
+        "GET", url, {}, None, to="prefecture"), timeout=30)
     assert wrong.status_code == 401
     problem = wrong.json()
     assert problem["type"] == "urn:egov:gateway:problem:bad-signature"
@@ -406,3 +406,14 @@ def test_a_request_signed_for_one_node_is_refused_by_another_that_pins_the_same_
     relabelled = {**signed, "Gateway-To": "county-b"}  # the target cannot be changed on the way
     with pytest.raises(SignatureRejected, match="does not verify"):
         verify("POST", URL, relabelled, BODY, keys=pinned.get, max_skew=300, node_id="county-b")
+    # an old sender's request names no target: replayable to any node pinning the key, so it
+    # is refused unless the node accepts untargeted requests for a while ([federation])
+    old = Signer("county-a", key).sign("POST", URL, {}, BODY)
+    with pytest.raises(SignatureRejected, match="names no target node"):
+        verify("POST", URL, dict(old), BODY, keys=pinned.get, max_skew=300, node_id="prefecture", require_to=True)
+    assert verify("POST", URL, dict(old), BODY, keys=pinned.get, max_skew=300, node_id="prefecture",
+                  require_to=False).key_id == "county-a"
+    # stripping a signed target does not make a request untargeted: the signature breaks
+    stripped = {k: v for k, v in signed.items() if k != "Gateway-To"}
+    with pytest.raises(SignatureRejected, match="does not verify"):
+        verify("POST", URL, stripped, BODY, keys=pinned.get, max_skew=300, node_id="county-b", require_to=False)

@@ -40,7 +40,8 @@ def authenticate(n: Node) -> str:
     fed = n.federation
     try:
         v = verify(request.method, request.url, request.headers, body, keys=fed.peer_key,
-                   max_skew=n.config.federation.max_skew, node_id=n.id)
+                   max_skew=n.config.federation.max_skew, node_id=n.id,
+                   require_to=not n.config.federation.accept_untargeted)
         if not remember_nonce(n.db, v.key_id, v.nonce):
             raise SignatureRejected("replayed-request", f"this request from node {v.key_id} was seen before "
                                     f"(nonce {v.nonce}); a replayed request is refused", v.key_id)

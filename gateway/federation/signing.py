@@ -169,8 +169,10 @@ class Verified:
 
 def verify(method: str, url: str, headers: Mapping[str, str] | Any, body: bytes, *,
            keys: Callable[[str], PeerKey | None], max_skew: float,
-           now: dt.datetime | None = None, node_id: str | None = None) -> Verified:
-    """Check a request's signature against the pinned key of the peer it names. Raises
+           now: dt.datetime | None = None, node_id: str | None = None,
+           require_to: bool = False) -> Verified:
+    """Check a request's signature against the pinned key of the peer it names; with
+    ``node_id``, that it was signed for this node (``require_to``: that it names one at all). Raises
     :class:`SignatureRejected` (kinds: bad-signature, unknown-key, stale-request). Replay
     (the nonce) is checked by the caller, which owns the nonce store."""
     now = now or dt.datetime.now(dt.UTC)
@@ -232,6 +234,10 @@ def verify(method: str, url: str, headers: Mapping[str, str] | Any, body: bytes,
     # node that pins the same key. (Older senders sign no target; a captured request that has
     # one cannot lose it without breaking its signature.)
     to = headers.get(TO_HEADER)
+    if to is None and node_id is not None and require_to:
+        raise SignatureRejected("bad-signature", f"the request names no target node ({TO_HEADER}, signed); "
+                                f"a sender from before 2026-11 must be upgraded, or this node set "
+                                f"[federation] accept_untargeted = true meanwhile", key_id)
     if to is not None and node_id is not None:
         signed_to = results[0].covered_components.get(f'"{TO_HEADER.lower()}"')
         if signed_to is None:
