@@ -32,6 +32,15 @@ def test_docs_page_renders_the_operations_offline(browser, tmp_path):
         assert text.index("发送公文分三步") < text.index("/api/v1/documents")  # the Chinese guide comes first
         ops = {el.get_attribute("data-path") for el in page.query_selector_all(".opblock-summary-path")}
         assert {"/healthz", "/readyz", "/metrics", "/api/v1/webhooks/public-key"} <= ops
+        # Swagger UI's own buttons and headings carry a Chinese label first
+        page.wait_for_selector("text=授权 Authorize", timeout=15000)
+        page.click(".opblock-summary-path[data-path='/api/v1/documents'] >> xpath=ancestor::*[contains(@class,'opblock-summary')]")
+        page.wait_for_selector("text=试用 Try it out", timeout=15000)
+        body = page.inner_text("body")
+        assert "参数 Parameters" in body and "响应 Responses" in body
+        page.click("text=试用 Try it out")
+        page.wait_for_selector("text=执行 Execute", timeout=15000)
+        assert "取消 Cancel" in page.inner_text("body")
         page.screenshot(path=str(tmp_path / "docs.png"))
     finally:
         page.close()

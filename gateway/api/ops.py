@@ -126,7 +126,35 @@ margin:0 auto;padding:16px 20px 0;color:#3b4151;line-height:1.7}.gw-intro h1{fon
 </section>
 <div id="swagger-ui"></div>
 <script src="{{ base }}/swagger-ui-bundle.js"></script>
-<script>window.ui = SwaggerUIBundle({url: "/api/v1/openapi.json", dom_id: "#swagger-ui"});</script>
+<script>window.ui = SwaggerUIBundle({url: "/api/v1/openapi.json", dom_id: "#swagger-ui"});
+// Swagger UI has no Chinese of its own: its buttons and headings get a Chinese label in front
+// (exact texts only; whatever it renders again is labelled again).
+(function () {
+  const zh = {"Try it out": "试用", "Execute": "执行", "Cancel": "取消", "Clear": "清除",
+    "Authorize": "授权", "Logout": "注销", "Close": "关闭", "Parameters": "参数",
+    "Request body": "请求体", "Responses": "响应", "Schemas": "数据结构", "Code": "状态码",
+    "Description": "说明", "Links": "链接", "No parameters": "无参数", "No links": "无链接",
+    "Available authorizations": "可用的授权方式", "Server response": "服务器响应",
+    "Response body": "响应体", "Response headers": "响应头", "Example Value": "示例值",
+    "Schema": "结构", "Media type": "媒体类型", "Download": "下载", "Name": "名称",
+    "Value:": "值：", "Request URL": "请求地址", "Details": "详情", "Curl": "curl 命令"};
+  function label(node) {
+    const walker = document.createTreeWalker(node, NodeFilter.SHOW_TEXT);
+    for (let t = walker.nextNode(); t; t = walker.nextNode()) {
+      const key = t.nodeValue.trim();
+      if (zh[key]) t.nodeValue = t.nodeValue.replace(key, zh[key] + " " + key);
+    }
+  }
+  const root = document.getElementById("swagger-ui");
+  new MutationObserver(function (changes) {
+    for (const c of changes) {
+      if (c.type === "characterData") label(c.target.parentNode || c.target);
+      for (const n of c.addedNodes) label(n);
+    }
+  }).observe(root, {childList: true, subtree: true, characterData: true});
+  label(root);
+})();
+</script>
 </body></html>"""
 
 
