@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, Protocol
 from collections.abc import Callable, Iterable, Mapping
 
+from gateway.config import read_secret
 from gateway.envelope import Envelope, Receipt, Recipient
 
 
@@ -100,21 +101,12 @@ class AdapterContext:
     secrets: Callable[[str], str | None] = os.environ.get
 
     def secret(self, config: Mapping[str, Any], key: str) -> str | None:
-        """Resolve ``KEY_env`` (an environment variable) or ``KEY_file`` (a file) from config.
-        A secret's value never sits in the TOML itself."""
-        if f"{key}_env" in config:
-            val = self.secrets(str(config[f"{key}_env"]))
-            if val is None:
-                raise ConfigError(f"{key}_env: environment variable {config[f'{key}_env']} is not set")
-            return val
-        if f"{key}_file" in config:
-            p = Path(str(config[f"{key}_file"]))
-            p = p if p.is_absolute() else self.base_dir / p
-            try:
-                return p.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"{key}_file: cannot read {p}: {exc.strerror}") from None
-        return None
+        """Resolve ``KEY_env`` (an environment variable) or ``KEY_file`` (a file) from config
+        (:func:`gateway.config.read_secret`). A secret's value never sits in the TOML itself."""
+        try:
+            return read_secret(config, key, self.base_dir, self.secrets)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -365,8 +365,10 @@ class XmlExchangeAdapter(Adapter):
         mark = refusal_mark(self.context.state, "refused-mtime")
         out: list[PolledItem] = []
         for name in names:
+            if len(out) >= budget:
+                break
             m = REFUSED_NOTE.fullmatch(name)
-            if m is None or len(out) >= budget:
+            if m is None:
                 continue
             path = failed / name
             try:

@@ -8,7 +8,9 @@ simulated legacy systems, and routes to them (see :func:`embedded_default`).
 """
 from __future__ import annotations
 
+import os
 import tomllib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,28 @@ from gateway.units import uscc_problem
 
 class ConfigError(Exception):
     """Raised with a message fit for an operator: file, key, what was expected."""
+
+
+def read_secret(settings: Mapping[str, Any], key: str, base_dir: Path,
+                lookup: Callable[[str], str | None] | None = None) -> str | None:
+    """The secret ``key`` of ``settings``: from the environment variable named by ``KEY_env``
+    (looked up with ``lookup``, default ``os.environ.get``) or the file named by ``KEY_file``
+    (relative to ``base_dir``; stripped); None if neither is set. A secret's value never sits
+    in the TOML itself. Raises ValueError naming ``KEY_env``/``KEY_file`` and what is wrong."""
+    if f"{key}_env" in settings and settings[f"{key}_env"] is not None:
+        name = str(settings[f"{key}_env"])
+        val = (lookup or os.environ.get)(name)
+        if val is None:
+            raise ValueError(f"{key}_env: environment variable {name} is not set")
+        return val
+    if f"{key}_file" in settings and settings[f"{key}_file"] is not None:
+        p = Path(str(settings[f"{key}_file"]))
+        p = p if p.is_absolute() else base_dir / p
+        try:
+            return p.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{key}_file: cannot read {p}: {getattr(exc, 'strerror', None) or exc}") from None
+    return None
 
 
 class _Strict(BaseModel):
@@ -247,38 +271,32 @@ class Config(_Strict):
 
     def metrics_token(self) -> str | None:
         """The token /metrics asks for (``[api] metrics_token_env`` or ``_file``), or None."""
-        import os
-
         api = self.api
         if api.metrics_token_env and api.metrics_token_file:
             raise ConfigError(f"{self.source}: api: metrics_token_env and metrics_token_file are both set; "
                               f"expected one of them")
+        try:
+            token = read_secret(api.model_dump(), "metrics_token", Path(self.base_dir))
+        except ValueError as exc:
+            raise ConfigError(f"{self.source}: api.{exc}") from None
+        if token is None:
+            return None
         if api.metrics_token_env:
             key, where = "api.metrics_token_env", f"environment variable {api.metrics_token_env}"
-            token = (os.environ.get(api.metrics_token_env) or "").strip()
+            token = token.strip()
             if not token:
                 raise ConfigError(f"{self.source}: {key}: {where} is not set")
-        elif api.metrics_token_file:
-            p = Path(api.metrics_token_file)
-            p = p if p.is_absolute() else Path(self.base_dir) / p
-            key, where = "api.metrics_token_file", str(p)
-            try:
-                token = p.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"{self.source}: {key}: cannot read {p}: "
-                                  f"{getattr(exc, 'strerror', None) or exc}") from None
-            if not token:
-                raise ConfigError(f"{self.source}: {key}: {p} is empty; expected the token")
         else:
-            return None
+            key = "api.metrics_token_file"
+            where = str(Path(self.base_dir) / str(api.metrics_token_file))
+            if not token:
+                raise ConfigError(f"{self.source}: {key}: {where} is empty; expected the token")
         if not token.isascii() or not token.isprintable() or " " in token:
             raise ConfigError(f"{self.source}: {key}: the token in {where} must be printable ASCII without "
                               f"spaces (it travels in an HTTP header), e.g. from: openssl rand -hex 32")
         return token
 
     def database_url(self) -> str:
-        import os
-
         if self.database.url_env:
             url = os.environ.get(self.database.url_env)
             if not url:

@@ -35,7 +35,7 @@ from typing import Any
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
-from gateway.api.problems import TITLES, TYPE_PREFIX
+from gateway.api.problems import problem_document
 
 #: workers of one master the table can hold at once (more run unbalanced, with a warning)
 SLOTS = 64
@@ -135,8 +135,7 @@ def problem_bytes(status: int, message: str) -> bytes:
     except ValueError:
         reason = "Error"
     detail = message or ("an internal error occurred; it has been logged" if status >= 500 else reason)
-    body = json.dumps({"type": TYPE_PREFIX + kind, "title": TITLES[kind], "status": status, "detail": detail},
-                      ensure_ascii=False).encode("utf-8")
+    body = json.dumps(problem_document(status, kind, detail), ensure_ascii=False).encode("utf-8")
     head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/problem+json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n")
     return head.encode("latin-1") + body

@@ -5,7 +5,6 @@ Built once per process by the app factory or the command line; no import-time si
 from __future__ import annotations
 
 import functools
-
 import logging
 import threading
 from pathlib import Path

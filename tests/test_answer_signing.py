@@ -14,7 +14,7 @@ from adapters.base import RetryableError
 from gateway import config as config_mod
 from gateway import nodekey
 from gateway.federation.client import PeerClient
-from gateway.federation.keys import public_text
+from gateway.federation.keys import peer_key, public_text
 from gateway.federation.signing import ANSWER_HEADER, answer_signature, nonce_of
 
 Answer = Callable[[Request, bytes], tuple[bytes, dict[str, str]]]
@@ -44,7 +44,7 @@ def _client(tmp_path: Path, key_dir: Path, url: str) -> PeerClient:
     pub = public_text(nodekey.load_or_create(key_dir))
     cfg = config_mod.from_mapping({"node": {"id": "prefecture", "data_dir": str(tmp_path / "var")},
                                    "peers": {"county-a": {"url": url, "public_key": pub}}})
-    return PeerClient(cfg)
+    return PeerClient(cfg, lambda peer: peer_key(cfg, peer, cfg.peers[peer]))
 
 
 def test_only_an_answer_signed_by_the_peer_over_this_requests_nonce_is_taken(tmp_path, peer) -> None:

@@ -97,11 +97,14 @@ def revoke_key(db: Database, key_id: str, actor: str = "cli") -> bool:
         return True
 
 
-def _presented() -> str | None:
+def bearer() -> str | None:
+    """The token of the request's ``Authorization: Bearer …`` header, if it has one."""
     h = request.headers.get("Authorization", "")
-    if h.lower().startswith("bearer "):
-        return h[7:].strip()
-    return request.headers.get("X-API-Key")
+    return h[7:].strip() if h.lower().startswith("bearer ") else None
+
+
+def _presented() -> str | None:
+    return bearer() or request.headers.get("X-API-Key")
 
 
 #: verified keys, per process, for a few seconds: a revocation takes effect within this time

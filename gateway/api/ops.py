@@ -12,6 +12,7 @@ from sqlalchemy import func, select, text
 
 from adapters.base import PermanentError
 from gateway import inbound, nodekey
+from gateway.api.auth import bearer
 from gateway.api.common import node
 from gateway.api.problems import Problem
 from gateway.api.spec import document, operation
@@ -94,8 +95,8 @@ def metrics() -> Response:
     n = node()
     token = n.metrics_token
     if token is not None:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        given = bearer()
+        if given is None or not hmac.compare_digest(given.encode(), token.encode()):
             raise Problem(401, "metrics-token", "/metrics needs Authorization: Bearer <the node's metrics token> "
                                                 "([api] metrics_token_env or metrics_token_file); "
                                                 "an API key is not accepted here")

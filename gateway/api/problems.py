@@ -50,9 +50,14 @@ class Problem(Exception):
         self.status, self.kind, self.detail, self.extra = status, kind, detail, extra
 
 
+def problem_document(status: int, kind: str, detail: str, **extra: Any) -> dict[str, Any]:
+    """The RFC 9457 body of a problem answer."""
+    return {"type": TYPE_PREFIX + kind, "title": TITLES.get(kind, kind), "status": status, "detail": detail,
+            **extra}
+
+
 def problem_response(status: int, kind: str, detail: str, **extra: Any) -> Response:
-    body = {"type": TYPE_PREFIX + kind, "title": TITLES.get(kind, kind), "status": status,
-            "detail": detail, "instance": request.path if request else None, **extra}
+    body = problem_document(status, kind, detail, instance=request.path if request else None, **extra)
     out = Response(json.dumps(body, ensure_ascii=False), status=status, mimetype="application/problem+json")
     if kind in ("unauthenticated", "metrics-token"):  # RFC 9110: a 401 says how to authenticate
         out.headers["WWW-Authenticate"] = 'Bearer realm="gateway"'

@@ -5,6 +5,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import requests
@@ -20,12 +21,14 @@ PREFIX = "/federation/v1"
 class PeerClient:
     """One per process; thread-safe (a requests session per thread)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, pinned: Callable[[str], keys.PeerKey | None]) -> None:
+        """``pinned``: the public key pinned for a peer (``Federation.peer_key``), which its
+        answers must be signed with."""
         self.config = config
         self.node_id = config.node.id
         self._signer = Signer(self.node_id, keys.own_key(config))
         self._local = threading.local()
-        self._pinned: dict[str, keys.PeerKey] = {}
+        self._pinned = pinned
 
     def _session(self) -> requests.Session:
         s = getattr(self._local, "session", None)
@@ -50,25 +53,22 @@ class PeerClient:
             r = self._session().post(url, data=body, headers=headers, timeout=self.config.peers[peer].timeout)
         except requests.RequestException as exc:
             raise RetryableError(f"node {peer}: {type(exc).__name__}: {exc}") from None
-        return _answer(peer, r, self._check(peer, nonce_of(headers)))
+        return _answer(peer, r, partial(self._verify_answer, peer, nonce_of(headers)))
 
-    def _check(self, peer: str, nonce: str) -> Callable[[requests.Response], None]:
-        """What an answer of ``peer`` to the request with ``nonce`` must pass: its signature
-        with the key pinned for the peer (an answer changed or made up on the way is refused,
-        and retried: the link, not the peer, is at fault)."""
-        def check(r: requests.Response) -> None:
-            if self._pinned.get(peer) is None:
-                self._pinned[peer] = keys.peer_key(self.config, peer, self.config.peers[peer])
-            if not answer_verifies(self._pinned[peer], nonce, r.content, r.headers.get(ANSWER_HEADER)):
-                raise RetryableError(f"node {peer}: its answer is not signed with the key pinned for it "
-                                     f"({ANSWER_HEADER}); something between the nodes may be changing answers")
-        return check
+    def _verify_answer(self, peer: str, nonce: str, r: requests.Response) -> None:
+        """An answer of ``peer`` to the request with ``nonce`` must be signed with the key
+        pinned for the peer (an answer changed or made up on the way is refused, and retried:
+        the link, not the peer, is at fault)."""
+        public = self._pinned(peer)
+        if public is None or not answer_verifies(public, nonce, r.content, r.headers.get(ANSWER_HEADER)):
+            raise RetryableError(f"node {peer}: its answer is not signed with the key pinned for it "
+                                 f"({ANSWER_HEADER}); something between the nodes may be changing answers")
 
     @contextmanager
-    def get_stream(self, peer: str, path: str) -> Iterator[requests.Response]:
+    def _get(self, peer: str, path: str) -> Iterator[tuple[requests.Response, str]]:
+        """A signed GET, streamed; yields the answer and the request's nonce."""
         url = self.url(peer, path)
         headers = self._signer.sign("GET", url, {}, None, to=peer)
-        self._local.nonce = nonce_of(headers)
         try:
             r = self._session().get(url, headers=headers, stream=True, timeout=self.config.peers[peer].timeout)
         except requests.RequestException as exc:
@@ -76,13 +76,18 @@ class PeerClient:
         try:
             if r.status_code != 200:
                 _answer(peer, r)
-            yield r
+            yield r, nonce_of(headers)
         finally:
             r.close()
 
+    @contextmanager
+    def get_stream(self, peer: str, path: str) -> Iterator[requests.Response]:
+        with self._get(peer, path) as (r, _):
+            yield r
+
     def get_json(self, peer: str, path: str) -> dict:
-        with self.get_stream(peer, path) as r:
-            return _answer(peer, r, self._check(peer, self._local.nonce))
+        with self._get(peer, path) as (r, nonce):
+            return _answer(peer, r, partial(self._verify_answer, peer, nonce))
 
     def close(self) -> None:
         s = getattr(self._local, "session", None)

@@ -124,7 +124,7 @@ class Federation:
     def client(self) -> PeerClient:
         with self._lock:
             if self._client is None:
-                self._client = PeerClient(self.node.config)
+                self._client = PeerClient(self.node.config, self.peer_key)
             return self._client
 
     def peer_key(self, key_id: str) -> keys.PeerKey | None:
