@@ -24,6 +24,7 @@ import random
 import socket
 import threading
 import time
+import traceback
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -289,11 +290,17 @@ class Worker:
         except KeyError as exc:
             out.error = PermanentError(str(exc))
         except Exception as exc:  # noqa: BLE001 - an adapter bug must not kill the worker
-            log.exception("outbox %s: unexpected error", job.id)
             text = str(exc)
             query = urlsplit(job.target).query if job.kind == "webhook" and job.target else ""
-            if query:  # stored and audited: no ?token= of a webhook URL in it
+            if query:  # stored, audited and logged: no ?token= of a webhook URL in any of them
                 text = text.replace(query, "…")
+                # a traceback would print the exception's own text (and its causes'), which
+                # may carry the URL: the log gets where it was raised, with the query cut out
+                at = traceback.extract_tb(exc.__traceback__)[-1]
+                log.error("outbox %s: unexpected error sending a webhook: %s: %s (raised at %s:%s in %s)", job.id,
+                          type(exc).__name__, text, at.filename, at.lineno, at.name)
+            else:
+                log.exception("outbox %s: unexpected error", job.id)
             out.error = RetryableError(f"{type(exc).__name__}: {text}")
         return out
 

@@ -129,6 +129,40 @@ def test_a_token_in_a_webhook_url_never_reaches_the_audit_log_or_stored_errors(g
         hook.server.shutdown()
 
 
+def test_an_unexpected_error_sending_a_webhook_is_logged_without_the_urls_token(gw_node, monkeypatch, caplog):
+    """A failure that is not an HTTP one (a bug, a library raising something unforeseen) is
+    logged, but a traceback would print the exception's text and its cause's, which here name
+    the URL with its token: the log line cuts the query out, as the stored error does."""
+    import requests
+
+    hook = Receiver()
+    try:
+        api = Api(gw_node, webhook_url=hook.url + "?token=s3cr3t-hook-token")
+        api.post("/api/v1/documents", json=api.document())
+
+        def broken_post(self, url, **kwargs):  # type: ignore[no-untyped-def]
+            try:
+                raise KeyError(f"no adapter for {url}")
+            except KeyError as inner:
+                raise ValueError(f"cannot post to {url}") from inner
+
+        monkeypatch.setattr(requests.Session, "post", broken_post)
+        caplog.set_level("DEBUG", logger="gateway")
+        assert _drain_until(gw_node, lambda: any("sending a webhook" in r.getMessage() for r in caplog.records))
+        logged = [(r.getMessage(), r.exc_text or "") for r in caplog.records]
+        assert not [m for m in logged if "s3cr3t" in m[0] or "s3cr3t" in m[1]], logged
+        line = next(m for m, _ in logged if "sending a webhook" in m)
+        assert "ValueError: cannot post to " + hook.url + "?…" in line and "broken_post" in line, line
+        with gw_node.db.sessions() as s:
+            from sqlalchemy import select
+
+            from gateway.models import OutboxEntry
+            errors = [str(x) for x in s.scalars(select(OutboxEntry.last_error).where(OutboxEntry.kind == "webhook"))]
+        assert errors and not [e for e in errors if "s3cr3t" in e], errors
+    finally:
+        hook.server.shutdown()
+
+
 def test_readyz_metrics_and_openapi(api, gw_node):
     assert api.client.get("/healthz").get_json() == {"status": "ok"}
     ready = api.client.get("/readyz")
