@@ -89,6 +89,10 @@ class ApiConfig(_Strict):
     #: uploads never leave less than this free on the blob store's file system (the database
     #: and the delivery queue usually share it); 0: only a full disk stops an upload
     min_free_bytes: int = Field(default=256 * 1024**2, ge=0)
+    #: new content one API key may upload in any 24 hours (content already stored costs
+    #: nothing); past it an upload is refused 429 ``upload-quota``, so that no single caller
+    #: can use up the disk every caller's uploads share. 0: no limit
+    upload_quota_bytes_per_day: int = Field(default=0, ge=0)
     #: /metrics answers only a request with ``Authorization: Bearer <token>`` when a token is
     #: set, in an environment variable or a file (never in this file); without: open to all
     metrics_token_env: str | None = None

@@ -184,6 +184,8 @@ class Blob(Base):
     """A stored body or attachment (claim check), content-addressed."""
 
     __tablename__ = "blobs"
+    #: what a key uploaded lately, for [api] upload_quota_bytes_per_day (migration 0009)
+    __table_args__ = (Index("ix_blobs_uploader_time", "uploaded_by", "created_at"),)
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
     uploaded_by: Mapped[str | None] = mapped_column(String(32))

@@ -221,3 +221,67 @@ def test_no_room_even_for_the_temporary_file_is_no_space_too(tmp_path, monkeypat
     monkeypatch.setattr(blobs.tempfile, "mkstemp", no_inodes)
     with pytest.raises(BlobNoSpace, match="full"):
         store.put_stream(io.BytesIO(b"w" * 10))
+
+
+def test_a_keys_daily_upload_quota_refuses_what_would_pass_it_and_stores_nothing(tmp_path, database_url):
+    """``[api] upload_quota_bytes_per_day``: new content one key stored in the last 24 hours
+    counts; an upload that would pass the quota is 429 with Retry-After, announced (Content-
+    Length) or found out while streaming (chunked), and leaves no file, row or audit entry.
+    Other keys are not affected, and uploads older than a day no longer count."""
+    import io
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import func, select, update
+
+    from gateway import migrate
+    from gateway.models import AuditEntry, Blob
+    from gateway.node import Node
+    from tests.plugins.gatewaynode import Api, node_config
+
+    cfg = node_config(tmp_path, database_url, api={"upload_quota_bytes_per_day": 10_000})
+    migrate.upgrade(cfg.database_url())
+    node = Node(cfg)
+    try:
+        api, other = Api(node), Api(node)
+
+        def chunked(who: Api, data: bytes):  # type: ignore[no-untyped-def]  # no Content-Length, as gunicorn passes it
+            return who.client.post("/api/v1/blobs", input_stream=io.BytesIO(data), headers={
+                **who.headers, "Content-Type": "application/octet-stream"},
+                environ_overrides={"wsgi.input_terminated": True})
+
+        def stored() -> tuple[int, int]:
+            with node.db.sessions() as s:
+                return (s.scalar(select(func.count()).select_from(Blob)) or 0,
+                        s.scalar(select(func.count()).where(AuditEntry.action == "blob.store")) or 0)
+
+        api.upload(b"a" * 6000)
+        small = api.upload(b"x" * 1000)
+        assert api.upload(b"x" * 1000) == small  # content stored already: nothing new, not counted twice
+        before = stored()
+        for r in (api.post("/api/v1/blobs", data=b"b" * 5000, content_type="application/octet-stream"),
+                  chunked(api, b"c" * 5000)):
+            assert r.status_code == 429 and r.mimetype == "application/problem+json", r.get_data(as_text=True)
+            problem = r.get_json()
+            assert problem["type"] == "urn:egov:gateway:problem:upload-quota"
+            assert "7000 of its 10000 bytes" in problem["detail"] and "nothing was stored" in problem["detail"]
+            assert 86_000 < int(r.headers["Retry-After"]) <= 86_401
+        assert stored() == before
+        assert os.listdir(tmp_path / "var" / "blobs" / "tmp") == []
+        assert chunked(api, b"d" * 3000).status_code == 201  # what still fits, to the byte
+        assert other.upload(b"e" * 9000)  # another key has its own quota
+        with node.db.begin() as s:  # a day later the first uploads no longer count
+            s.execute(update(Blob).where(Blob.uploaded_by == api.key.split("_", 2)[1])
+                      .values(created_at=datetime.now(UTC) - timedelta(hours=25)))
+        assert api.upload(b"b" * 5000)
+        spec = api.get("/api/v1/openapi.json").get_json()
+        assert "429" in spec["paths"]["/api/v1/blobs"]["post"]["responses"]
+    finally:
+        node.close()
+
+
+def test_an_upload_quota_that_is_not_a_count_of_bytes_is_refused_at_start(tmp_path, database_url):
+    from gateway.config import ConfigError
+    from tests.plugins.gatewaynode import node_config
+
+    with pytest.raises(ConfigError, match="upload_quota_bytes_per_day"):
+        node_config(tmp_path, database_url, api={"upload_quota_bytes_per_day": -1})

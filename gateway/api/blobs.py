@@ -4,10 +4,12 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from flask import Blueprint, Response, json, request
 from pydantic import BaseModel
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from gateway import audit
 from gateway.api import auth
@@ -31,10 +33,11 @@ class BlobOut(BaseModel):
 
 @operation(method="post", path="/api/v1/blobs", summary="上传正文或附件 (upload a body or attachment by streaming)",
            tag="正文与附件 (blobs)", scope="blobs:write", request_media=("application/octet-stream",),
-           responses={201: BlobOut}, errors=(400, 401, 403, 413, 415, 507),
+           responses={201: BlobOut}, errors=(400, 401, 403, 413, 415, 429, 507),
            description="Send the raw bytes as application/octet-stream; they are streamed to disk while "
                        "SHA-256 is computed, never held in memory. The same content uploaded twice is "
-                       "stored once.")
+                       "stored once. Where the node sets a daily upload quota per key, an upload that "
+                       "would pass it is refused 429 upload-quota with Retry-After.")
 @bp.post("")
 def upload() -> Response:
     n = node()
@@ -44,14 +47,20 @@ def upload() -> Response:
     limit = n.config.api.max_blob_bytes
     if request.content_length is not None and request.content_length > limit:
         raise Problem(413, "too-large", f"the upload is {request.content_length} bytes; at most {limit} are accepted")
+    quota = _Quota.of(n, caller.key_id)
+    if quota is not None and request.content_length is not None and request.content_length > quota.room:
+        raise quota.refusal(request.content_length)
     request.max_content_length = limit
+    cap = limit if quota is None else min(limit, quota.room)
     try:
-        sha, size = n.blobs.put_stream(request.stream, max_bytes=limit, expect_bytes=request.content_length,
+        sha, size = n.blobs.put_stream(request.stream, max_bytes=cap, expect_bytes=request.content_length,
                                        keep_free=n.config.api.min_free_bytes)
     except BlobNoSpace as exc:
         log.error("upload refused for want of space: %s", exc.strerror)
         raise Problem(507, "storage-full", str(exc.strerror)) from None
     except BlobTooLarge:
+        if quota is not None and cap < limit:  # a stream of unknown length ran past the key's quota
+            raise quota.refusal(None) from None
         raise Problem(413, "too-large", f"the upload exceeds {limit} bytes") from None
     except BlobIncomplete as exc:
         raise Problem(400, "incomplete-body", str(exc)) from None
@@ -91,6 +100,45 @@ def blob_info(sha256: str) -> Response:
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+#: the window of [api] upload_quota_bytes_per_day
+QUOTA_WINDOW = timedelta(hours=24)
+
+
+@dataclass
+class _Quota:
+    """What a key may still upload under ``[api] upload_quota_bytes_per_day``: the quota less
+    the new content it stored in the last 24 hours (content stored before, by anyone, adds
+    nothing). Two uploads of one key running at once may pass it by at most one of them."""
+
+    quota: int
+    used: int
+    oldest: datetime | None  # the earliest upload still counted
+
+    @property
+    def room(self) -> int:
+        return max(0, self.quota - self.used)
+
+    @classmethod
+    def of(cls, n: Node, key_id: str) -> _Quota | None:
+        quota = n.config.api.upload_quota_bytes_per_day
+        if not quota:
+            return None
+        with n.db.sessions() as s:
+            used, oldest = s.execute(select(func.coalesce(func.sum(Blob.size), 0), func.min(Blob.created_at)).where(
+                Blob.uploaded_by == key_id, Blob.created_at > datetime.now(UTC) - QUOTA_WINDOW)).one()
+        if oldest is not None and oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=UTC)
+        return cls(quota, int(used), oldest)
+
+    def refusal(self, size: int | None) -> Problem:
+        wait = 3600 if self.oldest is None else (self.oldest + QUOTA_WINDOW - datetime.now(UTC)).total_seconds()
+        what = f"this upload ({size} bytes)" if size is not None else "this upload (sent without a length)"
+        return Problem(429, "upload-quota",
+                       f"{what} would pass this API key's upload quota: {self.used} of its {self.quota} bytes of new "
+                       f"content a day are used in the last 24 hours ([api] upload_quota_bytes_per_day); nothing "
+                       f"was stored. Content already uploaded need not be sent again (GET /api/v1/blobs/{{sha256}})",
+                       headers={"Retry-After": str(max(1, int(wait) + 1))})
 
 #: per key id, the contents known to be granted to it; grants are never taken back (a
 #: revoked key cannot call at all), so a process may remember them. Read without a lock (a

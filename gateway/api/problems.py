@@ -41,13 +41,19 @@ TITLES = {
     "malformed-request": "HTTP 请求格式错误 (malformed HTTP request)",
     "forbidden-request": "请求被拒绝 (request refused)",
     "internal": "内部错误 (internal error)",
+    "upload-quota": "上传配额已用完 (upload quota used up)",
 }
 
 
 class Problem(Exception):
-    def __init__(self, status: int, kind: str, detail: str, **extra: Any) -> None:
+    """An error answer: its status, type, detail and any further members of the body;
+    ``headers`` go on the answer (e.g. Retry-After), not in its body."""
+
+    def __init__(self, status: int, kind: str, detail: str, *, headers: dict[str, str] | None = None,
+                 **extra: Any) -> None:
         super().__init__(detail)
         self.status, self.kind, self.detail, self.extra = status, kind, detail, extra
+        self.headers = headers or {}
 
 
 def problem_document(status: int, kind: str, detail: str, **extra: Any) -> dict[str, Any]:
@@ -71,7 +77,9 @@ _HTTP_KINDS = {400: "validation", 401: "unauthenticated", 403: "forbidden-scope"
 def install(app: Flask) -> None:
     @app.errorhandler(Problem)
     def _problem(exc: Problem) -> Response:
-        return problem_response(exc.status, exc.kind, exc.detail, **exc.extra)
+        out = problem_response(exc.status, exc.kind, exc.detail, **exc.extra)
+        out.headers.update(exc.headers)
+        return out
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:

@@ -69,6 +69,7 @@ PROBLEM_STATUSES = {
     413: "请求体过大 (request body too large)",
     415: "不支持的内容类型 (unsupported media type)",
     422: "内容不符合规则 (content breaks a rule; errors names each field)",
+    429: "上传配额已用完 (this key's daily upload quota is used up; Retry-After says when there is room again)",
     507: "存储空间不足 (too little disk space left on the node; nothing was stored, try again later)",
 }
 _DEFAULT_ERRORS = {"get": (400, 401, 403, 404), "post": (400, 401, 403, 404, 409, 413, 415, 422)}

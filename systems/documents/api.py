@@ -4,8 +4,9 @@ from __future__ import annotations
 import base64
 import json
 import re
-from urllib.parse import quote
 from datetime import datetime
+from typing import Any
+from urllib.parse import quote
 
 from flask import Blueprint, Response, request
 from pydantic import ValidationError
@@ -198,7 +199,7 @@ def send_document() -> Response:
         result = accept(n, env, actor=caller.actor, api_key_id=caller.key_id, summary=summary, idempotency=idem,
                         new_id=doc.message_id is None)
     except Rejected as exc:
-        extra = {"errors": [{"field": exc.field, "message": exc.detail}]} if exc.field else {}
+        extra: dict[str, Any] = {"errors": [{"field": exc.field, "message": exc.detail}]} if exc.field else {}
         raise Problem(exc.status, exc.kind, exc.detail, **extra) from None
     out: dict | DocumentOut
     if result.created and result.routes is not None:
