@@ -38,6 +38,7 @@ def test_docs_page_renders_the_operations_offline(browser, tmp_path):
         page.wait_for_selector("text=试用 Try it out", timeout=15000)
         body = page.inner_text("body")
         assert "参数 Parameters" in body and "响应 Responses" in body
+        assert "选择应答格式（Accept 请求头） Controls Accept header." in body  # a sentence over several text nodes
         page.click("text=试用 Try it out")
         page.wait_for_selector("text=执行 Execute", timeout=15000)
         assert "取消 Cancel" in page.inner_text("body")

@@ -138,12 +138,28 @@ margin:0 auto;padding:16px 20px 0;color:#3b4151;line-height:1.7}.gw-intro h1{fon
     "Available authorizations": "可用的授权方式", "Server response": "服务器响应",
     "Response body": "响应体", "Response headers": "响应头", "Example Value": "示例值",
     "Schema": "结构", "Media type": "媒体类型", "Download": "下载", "Name": "名称",
-    "Value:": "值：", "Request URL": "请求地址", "Details": "详情", "Curl": "curl 命令"};
+    "Value:": "值：", "Request URL": "请求地址", "Details": "详情", "Curl": "curl 命令",
+    "Parameter content type": "参数内容类型",
+    "Response content type": "响应内容类型", "Send empty value": "发送空值", "Authorized": "已授权",
+    "required": "必填", "Reset": "重置", "Hide": "隐藏", "Loading...": "加载中…",
+    "Example Description": "示例说明", "Examples": "示例", "Undocumented": "未说明"};
+  // sentences split over several text nodes (Controls <code>Accept</code> header.): by the
+  // whole text of their <small> element, labelled once
+  const whole = {"Controls Accept header.": "选择应答格式（Accept 请求头）"};
   function label(node) {
     const walker = document.createTreeWalker(node, NodeFilter.SHOW_TEXT);
     for (let t = walker.nextNode(); t; t = walker.nextNode()) {
       const key = t.nodeValue.trim();
       if (zh[key]) t.nodeValue = t.nodeValue.replace(key, zh[key] + " " + key);
+    }
+    if (!node.querySelectorAll) return;
+    for (const el of [node, ...node.querySelectorAll("small")]) {
+      if (el.tagName !== "SMALL" || el.dataset.zh) continue;
+      const text = whole[el.textContent.trim()];
+      if (text) {
+        el.dataset.zh = "1";
+        el.insertBefore(document.createTextNode(text + " "), el.firstChild);
+      }
     }
   }
   const root = document.getElementById("swagger-ui");
