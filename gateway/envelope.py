@@ -197,8 +197,12 @@ class Envelope:
             self.sender_name or "", self.classification, self.classification_period or "", self.urgency,
             self.in_reply_to or "", self.conversation_id or "",
             *[f"{r.unit}{r.name or ''}{r.copy_type or ''}{r.copy_no or ''}" for r in self.recipients],
-            *[f"{a.role}{a.name}{a.sha256}{a.media_type or ''}" for a in self.attachments]])
-        return _write(self if _plain(values) else self._escaped())
+            *[f"{a.name}{a.media_type or ''}" for a in self.attachments]])
+        # the attachments' roles and SHA-256s are letters and digits: told for all at once at
+        # a fraction of the cost of the check above (ASCII bytes, one table lookup each)
+        codes = "".join([f"{a.role}{a.sha256}" for a in self.attachments])
+        plain_codes = codes.isascii() and (not codes or codes.encode().isalnum())
+        return _write(self if _plain(values) and (plain_codes or _plain(codes)) else self._escaped())
 
     def _escaped(self) -> Envelope:
         """A copy whose values are escaped as text or as attribute values, as each is written

@@ -32,6 +32,11 @@ _DECL_ENC_B = re.compile(_DECL_ENC.pattern.encode())
 #: U+FFFE / U+FFFF (JSON refuses lone surrogates itself). A ``pattern`` for pydantic, whose
 #: regex engine (pydantic-core's) checks it for next to nothing per accept.
 XML_TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\uFFFE\uFFFF]*$"
+#: a file name (of a body or attachment): XML_TEXT without / or \, and not . or .. (written
+#: without look-ahead, so that pydantic-core's engine checks it: a document names up to 100)
+_NAME_CHAR = r"[^/\\\x00-\x08\x0b\x0c\x0e-\x1f\uFFFE\uFFFF]"
+_NAME_FIRST = r"[^./\\\x00-\x08\x0b\x0c\x0e-\x1f\uFFFE\uFFFF]"
+FILE_NAME = rf"^(?:{_NAME_FIRST}{_NAME_CHAR}*|\.{_NAME_FIRST}{_NAME_CHAR}*|\.\.{_NAME_CHAR}+)$"
 
 _GB_FAMILY = {"gb2312", "gbk", "gb18030", "cp936", "x-gbk", "euc-cn"}
 

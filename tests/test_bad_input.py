@@ -234,6 +234,20 @@ def test_a_character_xml_cannot_carry_is_refused_naming_the_field(sqlite_api, fi
                            content_type="application/json").status_code == 202
 
 
+@pytest.mark.parametrize("name", ["../../etc/passwd", "..", ".", "附件\\1.pdf", "dir/附件1.pdf"])
+def test_a_file_name_that_is_a_path_is_refused_naming_the_field(sqlite_api, name):
+    """A body's or attachment's name becomes a file name at legacy systems (an SFTP drop, the
+    exchange box): no folder in it, and not . or .."""
+    doc = sqlite_api.document()
+    doc["attachments"] = [{"sha256": doc["body"]["sha256"], "name": name}]
+    body = _problem(sqlite_api.post("/api/v1/documents", json=doc), 422, "validation")
+    assert body["errors"] == [{"field": "attachments.0.name", "message": "a file name may not contain / or \\ or a "
+                               "control character (nor U+FFFE / U+FFFF), or be . or .."}], body
+    _nothing_stored(sqlite_api.node)
+    doc["attachments"] = [{"sha256": doc["body"]["sha256"], "name": "...附件.pdf"}]  # dots alone are a name
+    assert sqlite_api.post("/api/v1/documents", json=doc).status_code == 202
+
+
 @pytest.mark.parametrize("query", [
     "cursor=" + base64.urlsafe_b64encode(b'["2026-01-01T00:00:00", {"a": 1}]').decode(),
     "cursor=" + base64.urlsafe_b64encode(b'[1, "x"]').decode(),

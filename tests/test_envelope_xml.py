@@ -31,14 +31,16 @@ def _payload(text: str, attr: str) -> etree._Element:
 @settings(max_examples=300, deadline=None)
 @given(texts=st.lists(TEXT, min_size=8, max_size=8), optional=st.lists(OPTIONAL, min_size=7, max_size=7),
        recipients=st.lists(st.tuples(TEXT, OPTIONAL, OPTIONAL, OPTIONAL), max_size=4),
-       attachments=st.lists(st.tuples(TEXT, st.integers(0, 2**40), OPTIONAL), max_size=4))
+       attachments=st.lists(st.tuples(TEXT, st.integers(0, 2**40), OPTIONAL,
+                                      st.sampled_from(["attachment", "body"]) | TEXT,  # role
+                                      st.just("a" * 64) | st.just("0f" * 32) | TEXT), max_size=4))  # sha256
 def test_text_writer_matches_lxml(texts, optional, recipients, attachments):  # type: ignore[no-untyped-def]
     env = Envelope(subsystem=texts[0], type=texts[1], sender_unit=texts[2], message_id=texts[3],
                    recipients=[Recipient(*r) for r in recipients], payload=_payload(texts[4], texts[5]),
                    classification=texts[6], urgency=texts[7], classification_period=optional[0],
                    sender_node=optional[1], sender_name=optional[2], in_reply_to=optional[3],
                    conversation_id=optional[4],
-                   attachments=[Attachment("attachment", n, size, "a" * 64, mt) for n, size, mt in attachments],
+                   attachments=[Attachment(role, n, size, sha, mt) for n, size, mt, role, sha in attachments],
                    created=datetime(2026, 11, 26, 8, 0, tzinfo=UTC))
     assert env.to_xml() == _reference(env)
 
@@ -61,10 +63,14 @@ def test_payload_that_redeclares_the_envelope_namespace_is_left_to_lxml():  # ty
     assert env.to_xml() == _reference(env)
 
 
+@pytest.mark.parametrize("where", ["recipient", "role", "sha256"])
 @pytest.mark.parametrize("bad", ["a\x00b", "\x07", "x\x1f", "\ufffe"])
-def test_what_xml_cannot_carry_is_refused_like_lxml(bad):  # type: ignore[no-untyped-def]
+def test_what_xml_cannot_carry_is_refused_like_lxml(bad, where):  # type: ignore[no-untyped-def]
     env = Envelope(subsystem="documents", type="document", sender_unit="11522300GDR9YB9550",
-                   recipients=[Recipient("1152230107CTPD8U2P", name=bad)], payload=_payload("t", "a"))
+                   recipients=[Recipient("1152230107CTPD8U2P", name=bad if where == "recipient" else None)],
+                   payload=_payload("t", "a"),
+                   attachments=[Attachment(bad if where == "role" else "body", "正文.ofd", 1,
+                                           bad if where == "sha256" else "a" * 64)])
     with pytest.raises(ValueError):
         _reference(env)
     with pytest.raises(ValueError):

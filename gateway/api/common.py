@@ -19,6 +19,11 @@ def node() -> Node:
 #: the regular expression)
 _NOT_XML_TEXT = ("contains a character an official document cannot carry: a control character other than "
                  "tab and line breaks, or U+FFFE / U+FFFF")
+_PATTERN_MESSAGES = {
+    xmlsafe.XML_TEXT: _NOT_XML_TEXT,
+    xmlsafe.FILE_NAME: "a file name may not contain / or \\ or a control character (nor U+FFFE / U+FFFF), "
+                       "or be . or ..",
+}
 
 
 def validation_problem(exc: ValidationError) -> Problem:
@@ -26,8 +31,8 @@ def validation_problem(exc: ValidationError) -> Problem:
     for e in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in e["loc"]) or "(body)"
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") == xmlsafe.XML_TEXT:
-            msg = _NOT_XML_TEXT
+        if e["type"] == "string_pattern_mismatch":
+            msg = _PATTERN_MESSAGES.get((e.get("ctx") or {}).get("pattern", ""), msg)
         errors.append({"field": loc, "message": msg})
     detail = "; ".join(f"{x['field']}: {x['message']}" for x in errors[:5])
     return Problem(422, "validation", detail, errors=errors)

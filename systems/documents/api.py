@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from flask import Blueprint, Response, request
 from pydantic import ValidationError
+from pydantic_core import to_json
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, defer, lazyload
 
@@ -115,7 +116,9 @@ def _accepted_out(m: StoredMessage, env, routes) -> dict:  # type: ignore[no-unt
 
 
 def _json(model, status: int = 200, **headers: str) -> Response:  # type: ignore[no-untyped-def]
-    body = json.dumps(model, ensure_ascii=False) if isinstance(model, dict) else model.model_dump_json()
+    # a dict (the 202 answer) is written by pydantic-core's encoder, like the models: the same
+    # compact JSON, for less than half of json.dumps' work
+    body = to_json(model) if isinstance(model, dict) else model.model_dump_json()
     return Response(body, status=status, mimetype="application/json", headers=headers)
 
 

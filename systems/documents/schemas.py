@@ -28,15 +28,8 @@ def _iso_date(v: str) -> str:
 class FileRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sha256: str = Sha256
-    name: str = Field(min_length=1, max_length=200, pattern=XML_TEXT, description="file name, e.g. 正文.ofd")
+    name: str = Field(min_length=1, max_length=200, pattern=xmlsafe.FILE_NAME, description="file name, e.g. 正文.ofd")
     media_type: str | None = Field(default=None, max_length=100, pattern=XML_TEXT)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if "/" in v or "\\" in v or v in (".", "..") or "\x00" in v:
-            raise ValueError("a file name may not contain / or \\ or be . or ..")
-        return v
 
 
 class RecipientIn(BaseModel):
