@@ -265,6 +265,11 @@ def test_a_keys_daily_upload_quota_refuses_what_would_pass_it_and_stores_nothing
             assert problem["type"] == "urn:egov:gateway:problem:upload-quota"
             assert "7000 of its 10000 bytes" in problem["detail"] and "nothing was stored" in problem["detail"]
             assert 86_000 < int(r.headers["Retry-After"]) <= 86_401
+        # larger than the whole quota: no use waiting, so 413 and no Retry-After
+        for r in (other.post("/api/v1/blobs", data=b"f" * 10_001, content_type="application/octet-stream"),
+                  chunked(other, b"f" * 10_001)):
+            assert r.status_code == 413 and "Retry-After" not in r.headers, r.get_data(as_text=True)
+            assert "whole upload quota of 10000 bytes" in r.get_json()["detail"]
         assert stored() == before
         assert os.listdir(tmp_path / "var" / "blobs" / "tmp") == []
         assert chunked(api, b"d" * 3000).status_code == 201  # what still fits, to the byte

@@ -132,8 +132,12 @@ class _Quota:
         return cls(quota, int(used), oldest)
 
     def refusal(self, size: int | None) -> Problem:
-        wait = 3600 if self.oldest is None else (self.oldest + QUOTA_WINDOW - datetime.now(UTC)).total_seconds()
         what = f"this upload ({size} bytes)" if size is not None else "this upload (sent without a length)"
+        if (size is not None and size > self.quota) or self.oldest is None:  # waiting would not help
+            return Problem(413, "too-large", f"{what} is larger than this API key's whole upload quota of "
+                                             f"{self.quota} bytes a day ([api] upload_quota_bytes_per_day); "
+                                             f"nothing was stored")
+        wait = (self.oldest + QUOTA_WINDOW - datetime.now(UTC)).total_seconds()
         return Problem(429, "upload-quota",
                        f"{what} would pass this API key's upload quota: {self.used} of its {self.quota} bytes of new "
                        f"content a day are used in the last 24 hours ([api] upload_quota_bytes_per_day); nothing "
