@@ -46,9 +46,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
         deadline = time.monotonic() + 60
         while True:
             try:
-                if requests.get(f"{base}/healthz", timeout=1).status_code == 200:
+                if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            # refused, or accepted by the listening socket while the worker still boots (a
+            # loaded machine: its imports took longer than a read timeout)
+            except (requests.ConnectionError, requests.Timeout):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "gunicorn did not start"
             time.sleep(0.2)

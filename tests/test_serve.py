@@ -30,9 +30,9 @@ def test_serve_embedded_default_end_to_end(tmp_path):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                if requests.get(f"{base}/readyz", timeout=1).status_code == 200:
+                if requests.get(f"{base}/readyz", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening, or still starting
                 time.sleep(0.3)
         key_file = tmp_path / "var" / "bootstrap-api-key"
         assert oct(key_file.stat().st_mode & 0o777) == "0o600"
