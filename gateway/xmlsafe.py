@@ -33,7 +33,8 @@ _DECL_ENC_B = re.compile(_DECL_ENC.pattern.encode())
 #: regex engine (pydantic-core's) checks it for next to nothing per accept.
 XML_TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\uFFFE\uFFFF]*$"
 #: a file name (of a body or attachment): XML_TEXT without / or \, and not . or .. (written
-#: without look-ahead, so that pydantic-core's engine checks it: a document names up to 100)
+#: without look-ahead, so that pydantic-core runs it in its own engine, not in Python's ``re``:
+#: a document names up to 100 files)
 _NAME_CHAR = r"[^/\\\x00-\x08\x0b\x0c\x0e-\x1f\uFFFE\uFFFF]"
 _NAME_FIRST = r"[^./\\\x00-\x08\x0b\x0c\x0e-\x1f\uFFFE\uFFFF]"
 FILE_NAME = rf"^(?:{_NAME_FIRST}{_NAME_CHAR}*|\.{_NAME_FIRST}{_NAME_CHAR}*|\.\.{_NAME_CHAR}+)$"
