@@ -127,9 +127,7 @@ class _Quota:
         with n.db.sessions() as s:
             used, oldest = s.execute(select(func.coalesce(func.sum(Blob.size), 0), func.min(Blob.created_at)).where(
                 Blob.uploaded_by == key_id, Blob.created_at > datetime.now(UTC) - QUOTA_WINDOW)).one()
-        if oldest is not None and oldest.tzinfo is None:
-            oldest = oldest.replace(tzinfo=UTC)
-        return cls(quota, int(used), oldest)
+        return cls(quota, int(used), oldest)  # min() keeps the column's type: an aware datetime
 
     def refusal(self, size: int | None) -> Problem:
         what = f"this upload ({size} bytes)" if size is not None else "this upload (sent without a length)"
