@@ -82,7 +82,7 @@ RECEIPT_NAME = re.compile(
     r"^HZ_(?P<ref>[A-Za-z0-9][A-Za-z0-9.-]{0,127})_(?P<unit>[0-9A-HJ-NPQRTUWXY]{18})\.xml$"
 )
 #: What an archive id may look like before it becomes part of a file name.
-SAFE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,127}$")
+SAFE_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,127}")  # fullmatch: no line break after it
 #: the box's note beside an archive of ours it moved to failed/
 REFUSED_NOTE = re.compile(r"GW_(?P<ref>[A-Za-z0-9][A-Za-z0-9.-]{0,127})\.xml\.error")
 
@@ -277,7 +277,7 @@ class XmlExchangeAdapter(Adapter):
         return path
 
     def _deliver_folder(self, delivery: Delivery, ref: str) -> DeliveryResult:
-        if not SAFE_REF.match(ref):
+        if not SAFE_REF.fullmatch(ref):
             raise PermanentError(f"archive id {ref!r} cannot be used in a file name", code="bad-name")
         name = f"GW_{ref}.xml"
         try:

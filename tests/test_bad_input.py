@@ -92,6 +92,10 @@ def test_malformed_json_is_refused(sqlite_api):
     ("urgency", "十万火急", "urgency"),
     ("doc_type", "便函", "文种"),
     ("written_date", "2026年01月05日", "no leading zeros"),
+    # a line break after the value is not part of the form (a $ in a pattern lets it through)
+    ("doc_number", "州政办发〔2026〕37号\n", "expected issuer code"),
+    ("written_date", "2026年1月5日\n", "expected a date"),
+    ("written_date", "2026-01-05\n", "expected a date"),
 ])
 def test_value_rules_are_enforced_with_reasons(sqlite_api, field, value, expect):
     doc = sqlite_api.document(**{field: value})
@@ -213,6 +217,8 @@ def test_unknown_route_is_problem_json(sqlite_api):
     ("title", "关于\u0001通知", "title"),
     ("note", "附注\u001f", "note"),
     ("issuer", "州政府\ufffe", "issuer"),  # written out in UTF-8 by the client, not escaped
+    ("doc_number", "州政\u0001办发〔2026〕37号", "doc_number"),  # was a 500: lxml refused the payload
+    ("doc_number", "州政\uffff办发〔2026〕37号", "doc_number"),
     ("attachments", [{"sha256": None, "name": "附件\u0007.pdf"}], "attachments.0.name"),
     ("recipients", [{"unit": COUNTY_A, "name": "甲县\u0000"}], "recipients.0.name"),
 ])

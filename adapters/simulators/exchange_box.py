@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 CST = timezone(timedelta(hours=8))
 CONTENT_TYPE = "application/xml; charset=GB18030"
-GW_NAME = re.compile(r"^GW_(?P<ref>[A-Za-z0-9][A-Za-z0-9.-]{0,127})\.xml$")
+GW_NAME = re.compile(r"GW_(?P<ref>[A-Za-z0-9][A-Za-z0-9.-]{0,127})\.xml")  # fullmatch
 
 
 class ArchiveRejected(ValueError):
@@ -382,7 +382,7 @@ class FolderClerk:
         inbox = self.root / "inbox"
         taken: list[TakenArchive] = []
         for name in sorted(os.listdir(inbox)):
-            m = GW_NAME.match(name)
+            m = GW_NAME.fullmatch(name)
             if not m or not (inbox / (name + ".ok")).exists():
                 continue
             try:

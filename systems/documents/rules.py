@@ -16,9 +16,10 @@ URGENCIES = ("特急", "加急", "平件")
 COPY_TYPES = ("主送", "抄送", "抄报")
 
 # ASCII digits only: \d would take fullwidth ２０２６ too, which the envelope's schema refuses
-_DOC_NUMBER = re.compile(r"^(?P<prefix>[^\s〔〕\[\]()（）【】]+)〔(?P<year>[0-9]{4})〕(?P<serial>[0-9]+)号$")
-_CN_DATE = re.compile(r"^([0-9]{4})年([0-9]{1,2})月([0-9]{1,2})日$")
-_ISO_DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+# used with fullmatch: a $ would let a trailing line break through
+_DOC_NUMBER = re.compile(r"(?P<prefix>[^\s〔〕\[\]()（）【】]+)〔(?P<year>[0-9]{4})〕(?P<serial>[0-9]+)号")
+_CN_DATE = re.compile(r"([0-9]{4})年([0-9]{1,2})月([0-9]{1,2})日")
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 #: the years an official document of this gateway can carry (成文日期, 发文字号)
 YEARS = range(1949, 2100)
 #: the longest sequence number of a 发文字号 (a unit issues far fewer in a year)
@@ -35,7 +36,7 @@ def doc_number_problem(value: str) -> str | None:
         return "write the year and the sequence number in ASCII digits (0-9), not fullwidth ones, e.g. 州政发〔2026〕12号"
     if "第" in value:
         return "a document number has no 第 before the sequence number, e.g. 州政发〔2026〕12号"
-    m = _DOC_NUMBER.match(value)
+    m = _DOC_NUMBER.fullmatch(value)
     if not m:
         return "expected issuer code + year in 〔〕 + sequence + 号, e.g. 州政发〔2026〕12号"
     if m.group("serial").startswith("0"):
@@ -48,14 +49,14 @@ def doc_number_problem(value: str) -> str | None:
 
 
 def split_doc_number(value: str) -> tuple[str, str, str]:
-    m = _DOC_NUMBER.match(value)
+    m = _DOC_NUMBER.fullmatch(value)
     assert m, value
     return m.group("prefix"), m.group("year"), m.group("serial")
 
 
 def written_date(value: str) -> tuple[date | None, str | None]:
     """成文日期: ``2026年11月26日`` (no leading zeros) or ISO ``2026-11-26``."""
-    m = _CN_DATE.match(value)
+    m = _CN_DATE.fullmatch(value)
     if m:
         y, mo, d = m.groups()
         if mo.startswith("0") or d.startswith("0"):
@@ -64,7 +65,7 @@ def written_date(value: str) -> tuple[date | None, str | None]:
             out = date(int(y), int(mo), int(d))
         except ValueError:
             return None, f"{value} is not a calendar date"
-    elif _ISO_DATE.match(value):  # only this ISO form: fromisoformat alone takes 20261126, 2026-W48-4 …
+    elif _ISO_DATE.fullmatch(value):  # only this ISO form: fromisoformat alone takes 20261126, 2026-W48-4 …
         try:
             out = date.fromisoformat(value)
         except ValueError:

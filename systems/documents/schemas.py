@@ -89,7 +89,7 @@ class DocumentIn(BaseModel):
     sender_unit: str = Field(description="统一社会信用代码 of the issuing unit (发文机关)")
     issuer: str = Field(min_length=1, max_length=200, pattern=XML_TEXT, description="发文机关 name")
     doc_type: str = Field(description="文种, one of the 15 types (命令 may be written 令): " + " ".join(rules.DOC_TYPES))
-    doc_number: str = Field(description="发文字号, e.g. 州政发〔2026〕12号")
+    doc_number: str = Field(pattern=XML_TEXT, description="发文字号, e.g. 州政发〔2026〕12号")
     title: str = Field(min_length=1, max_length=500, pattern=XML_TEXT, description="标题")
     classification: str = Field(default="非密", description="密级: 非密, 秘密, 机密 or 绝密")
     classification_period: str | None = Field(default=None, max_length=50, validate_default=True, pattern=XML_TEXT,
