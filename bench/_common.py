@@ -396,6 +396,7 @@ def accept_direct(node: Any, docs: Sequence[bytes], key: str, batch: int = 200) 
     summary and API key id), ``batch`` documents per transaction. For backlogs only."""
     from sqlalchemy import select
 
+    from gateway import xmlsafe
     from gateway.models import Blob
     from gateway.pipeline import accept
     from systems.documents import payload
@@ -409,12 +410,12 @@ def accept_direct(node: Any, docs: Sequence[bytes], key: str, batch: int = 200) 
         with node.db.begin() as s:
             for raw in docs[start:start + batch]:
                 doc = DocumentIn.model_validate_json(raw)
-                shas = [doc.body.sha256] + [a.sha256 for a in doc.attachments]
+                shas = [doc.body["sha256"]] + [a["sha256"] for a in doc.attachments]
                 need = [x for x in shas if x not in sizes_cache]
                 if need:
                     sizes_cache.update({b.sha256: b.size for b in s.scalars(select(Blob).where(Blob.sha256.in_(need)))})
                 env = payload.to_envelope(doc, message_id=doc.message_id, node_id=node.id,
-                                          sizes=sizes_cache)
+                                          sizes=sizes_cache, plain=xmlsafe.plain_json(raw))
                 summary = {"doc_number": doc.doc_number, "title": doc.title, "doc_type": doc.doc_type}
                 res = accept(node, env, actor=actor, api_key_id=kid, summary=summary, session=s)
                 ids.append(res.message.id)
@@ -783,7 +784,7 @@ def _soap_direct_main(a: argparse.Namespace) -> None:
                                               "pool_size": max(10, a.threads)}, ctx)
         sizes = {sha: size}
         for att in doc.attachments:
-            sizes.setdefault(att.sha256, 1)
+            sizes.setdefault(att["sha256"], 1)
         deliveries = []
         for _ in range(a.count):
             env = payload.to_envelope(doc, message_id=str(uuid.uuid4()), node_id="prefecture", sizes=sizes)

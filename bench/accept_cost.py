@@ -87,7 +87,7 @@ def _instructions(dump: Path) -> int:
 
 def _inner(a: argparse.Namespace) -> None:
     """Under valgrind: set up, warm up, then each segment between two marker calls."""
-    from gateway import payloads
+    from gateway import payloads, xmlsafe
     from gateway.app import create_app
     from gateway.pipeline import accept
     from systems.documents import payload
@@ -113,10 +113,10 @@ def _inner(a: argparse.Namespace) -> None:
     bare = __import__("_bare_app").create_app().test_client()
     gw_headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     model = DocumentIn.model_validate_json(doc)
-    sizes = {sha: node.blobs.size(sha) for sha in [model.body.sha256, *(x.sha256 for x in model.attachments)]}
+    sizes = {sha: node.blobs.size(sha) for sha in [model.body["sha256"], *(x["sha256"] for x in model.attachments)]}
 
     def new_envelope():  # type: ignore[no-untyped-def]
-        return payload.to_envelope(model, message_id=None, node_id=node.id, sizes=sizes)
+        return payload.to_envelope(model, message_id=None, node_id=node.id, sizes=sizes, plain=xmlsafe.plain_json(doc))
 
     env = new_envelope()
     summary = {"doc_number": model.doc_number, "title": model.title, "doc_type": model.doc_type}

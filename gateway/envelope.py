@@ -104,11 +104,14 @@ class Envelope:
     attachments: list[Attachment] = field(default_factory=list)
     #: the tree ``tree()`` answers with; dropped whenever a field is set
     _tree: etree._Element | None = field(default=None, init=False, repr=False, compare=False)
+    #: see plain_text(); forgotten whenever a field is set
+    _plain: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)
-        if name != "_tree":
+        if name != "_tree" and name != "_plain":
             object.__setattr__(self, "_tree", None)
+            object.__setattr__(self, "_plain", False)
 
     def __getattr__(self, name: str) -> object:
         # Only reached for an attribute the instance lacks: an envelope read by from_xml
@@ -131,6 +134,15 @@ class Envelope:
             object.__setattr__(self, "_tree", self.to_element())
         assert self._tree is not None
         return self._tree
+
+    def plain_text(self) -> Envelope:
+        """Declare that none of the envelope's values (its payload aside, which lxml writes)
+        holds a character XML must escape or cannot carry, as the caller has established
+        (e.g. :func:`gateway.xmlsafe.plain_json` of the JSON they all came from): to_xml then
+        writes them without looking at each character. Setting any field afterwards takes
+        the declaration back. Returns the envelope."""
+        object.__setattr__(self, "_plain", True)
+        return self
 
     @property
     def urgency_rank(self) -> int:
@@ -190,6 +202,8 @@ class Envelope:
         an accept with 40 attachments."""
         if NS in self.payload.nsmap.values():  # lxml would merge those declarations: leave it to lxml
             return etree.tostring(self.to_element(), xml_declaration=True, encoding="UTF-8")
+        if self._plain:
+            return _write(self)
         # One check over every value decides whether any needs escaping (usually none does);
         # if one does, the text is written from an escaped copy, with the same code.
         values = "".join([

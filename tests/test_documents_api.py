@@ -250,7 +250,7 @@ def test_canonical_xml_envelope_is_accepted_like_json(api, gw_node):
 
     doc = DocumentIn.model_validate(api.document(recipients=(COUNTY_A,)))
     env = to_envelope(doc, message_id="xml-msg-0001", node_id="prefecture",
-                      sizes={doc.body.sha256: 10})
+                      sizes={doc.body["sha256"]: 10})
     r = api.post("/api/v1/documents", data=env.to_xml(), content_type="application/xml")
     assert r.status_code == 202, r.get_json()
     assert r.get_json()["id"] == "xml-msg-0001"
@@ -264,7 +264,7 @@ def test_an_xml_body_is_read_in_the_charset_its_content_type_names(api, gw_node)
     from systems.documents.schemas import DocumentIn
 
     doc = DocumentIn.model_validate(api.document(recipients=(COUNTY_A,)))
-    env = to_envelope(doc, message_id="xml-gb-00001", node_id="prefecture", sizes={doc.body.sha256: 10})
+    env = to_envelope(doc, message_id="xml-gb-00001", node_id="prefecture", sizes={doc.body["sha256"]: 10})
     text = env.to_xml().decode("utf-8")
     text = text[text.index("?>") + 2:] if text.startswith("<?xml") else text  # no declaration
     r = api.post("/api/v1/documents", data=text.encode("gb18030"), content_type="application/xml; charset=GB18030")
@@ -319,7 +319,7 @@ def test_documents_from_anywhere_but_the_api_are_held_to_the_same_rules(api, gw_
     doc = DocumentIn.model_validate(api.document())
     for i, (element, text, field) in enumerate([("doc-number", "州政办发[2026]第037号", "doc_number"),
                                                  ("urgency", "特提", "urgency")]):
-        env = to_envelope(doc, message_id=f"from-node-{i:04d}", node_id="county-x", sizes={doc.body.sha256: 10})
+        env = to_envelope(doc, message_id=f"from-node-{i:04d}", node_id="county-x", sizes={doc.body["sha256"]: 10})
         if element == "urgency":  # a header field
             env.urgency = text
         else:
@@ -328,5 +328,5 @@ def test_documents_from_anywhere_but_the_api_are_held_to_the_same_rules(api, gw_
             pipeline.accept(gw_node, env, actor="node:county-x", source="node:county-x")
     with gw_node.db.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Message)) == 0
-    ok = to_envelope(doc, message_id="from-node-ok01", node_id="county-x", sizes={doc.body.sha256: 10})
+    ok = to_envelope(doc, message_id="from-node-ok01", node_id="county-x", sizes={doc.body["sha256"]: 10})
     assert pipeline.accept(gw_node, ok, actor="node:county-x", source="node:county-x").created

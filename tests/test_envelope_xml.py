@@ -2,13 +2,18 @@
 Envelope.to_element (the reference), for any values, and refuse what XML cannot carry."""
 from __future__ import annotations
 
+import json
+import typing
 from datetime import UTC, datetime
 
 import pytest
+import typing_extensions
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
+from pydantic import BaseModel, ValidationError
 
+from gateway import xmlsafe
 from gateway.envelope import Attachment, Envelope, Recipient
 
 XML_CHARS = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00") \
@@ -142,3 +147,104 @@ def test_attachments_read_on_first_use_match_the_xml():
         assert "no_such_field" in str(exc)
     else:
         raise AssertionError("an unknown attribute must raise AttributeError")
+
+
+# -- plain text from JSON (xmlsafe.plain_json, Envelope.plain_text) --------------------------
+#: characters a caller's text may hold: what XML must escape, what it cannot carry, line
+#: breaks, a backslash, fullwidth forms and CJK (U+FFxx share their first UTF-8 bytes with
+#: U+FFFE / U+FFFF), an emoji beyond the BMP
+_JSON_CHARS = st.sampled_from(list("&<>\"'\\\t\n\r\x01\x1f\x7f\ufffe\uffff，：（）甲乙丙a1 ./") + ["\U0001F4C4"])
+_JSON_TEXT = st.text(_JSON_CHARS, min_size=1, max_size=12)
+_BASE = {"sender_unit": "11522300GDR9YB9550", "issuer": "州人民政府办公室", "doc_type": "通知",
+         "doc_number": "州政办发〔2026〕37号", "title": "关于做好冬季值班工作的通知", "written_date": "2026-11-20",
+         "classification": "秘密", "classification_period": "1年", "signer": "王某某", "note": "附注",
+         "publish_level": "不公开", "conversation_id": "conv-1",
+         "recipients": [{"unit": "1152230107CTPD8U2P", "name": "甲县人民政府办公室", "copy_no": "000001"}],
+         "body": {"sha256": "a" * 64, "name": "正文.ofd", "media_type": "application/ofd"},
+         "attachments": [{"sha256": "b" * 64, "name": "附件1.pdf", "media_type": "application/pdf"}],
+         "printer": {"name": "州人民政府办公室", "date": "2026-11-21"}}
+
+
+def _set(doc: dict, path: tuple, value: str) -> dict:
+    out = json.loads(json.dumps(doc))
+    at = out
+    for p in path[:-1]:
+        at = at[p]
+    at[path[-1]] = value
+    return out
+
+
+def _text_paths(model: type, prefix: tuple = ()) -> list[tuple]:
+    """Every string field of ``model`` (a pydantic model or a TypedDict) and of the models
+    in it (the first item of a list)."""
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        fields = {name: f.annotation for name, f in model.model_fields.items()}
+    else:
+        fields = typing.get_type_hints(model)  # a TypedDict (Annotated stripped)
+    paths = []
+    for name, annotation in fields.items():
+        args = typing.get_args(annotation) if typing.get_origin(annotation) is not list else ()
+        if typing.get_origin(annotation) is list:
+            paths += _text_paths(typing.get_args(annotation)[0], (*prefix, name, 0))
+        elif inner := [a for a in (*args, annotation) if typing_extensions.is_typeddict(a)
+                       or isinstance(a, type) and issubclass(a, BaseModel)]:
+            paths += _text_paths(inner[0], (*prefix, name))
+        elif annotation is str or str in args or typing.get_origin(annotation) is typing.Literal:
+            paths.append((*prefix, name))
+    return paths
+
+
+def test_every_text_field_of_a_document_refuses_what_plain_json_leaves_to_it():
+    """xmlsafe.plain_json does not look for U+FFFE / U+FFFF (JSON carries them unescaped):
+    DocumentIn must refuse them in every string field, those added later included."""
+    from systems.documents.schemas import DocumentIn
+
+    DocumentIn.model_validate_json(json.dumps(_BASE, ensure_ascii=False))  # the base is valid
+    paths = _text_paths(DocumentIn)
+    assert ("attachments", 0, "name") in paths and ("printer", "date") in paths and ("body", "sha256") in paths \
+        and len(paths) >= 26, paths
+    for path in paths:
+        for bad in ("\ufffe", "\uffff"):
+            at = _BASE
+            for p in path:
+                at = at.get(p, "") if isinstance(at, dict) else at[p]
+            value = (at if isinstance(at, str) else "") + bad
+            data = json.dumps(_set(_BASE, path, value), ensure_ascii=False).encode()
+            assert xmlsafe.plain_json(data)  # the check leaves it to the model …
+            with pytest.raises(ValidationError):  # … which refuses it
+                DocumentIn.model_validate_json(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.tuples(st.sampled_from([
+    ("issuer",), ("title",), ("note",), ("signer",), ("publish_level",), ("classification_period",),
+    ("conversation_id",), ("recipients", 0, "name"), ("body", "name"), ("body", "media_type"),
+    ("attachments", 0, "name"), ("attachments", 0, "media_type"), ("printer", "name")]), _JSON_TEXT),
+    min_size=1, max_size=6), ascii_only=st.booleans())
+def test_plain_json_envelopes_are_written_as_lxml_writes_them(values, ascii_only):  # type: ignore[no-untyped-def]
+    """The API declares a JSON document's envelope plain text when xmlsafe.plain_json says so
+    (to_xml then writes its values without looking at them): for any values the model
+    accepts, the XML is still byte for byte lxml's."""
+    from systems.documents.payload import to_envelope
+    from systems.documents.schemas import DocumentIn
+
+    doc = _BASE
+    for path, text in values:
+        doc = _set(doc, path, text)
+    data = json.dumps(doc, ensure_ascii=ascii_only).encode()
+    try:
+        model = DocumentIn.model_validate_json(data)
+    except ValidationError:
+        return
+    plain = xmlsafe.plain_json(data)
+    env = to_envelope(model, message_id=None, node_id="prefecture", sizes={"a" * 64: 1, "b" * 64: 2}, plain=plain)
+    assert env._plain is plain
+    assert env.to_xml() == _reference(env)
+
+
+def test_plain_text_is_forgotten_when_a_field_is_set():  # type: ignore[no-untyped-def]
+    env = Envelope(subsystem="documents", type="document", sender_unit="11522300GDR9YB9550",
+                   recipients=[Recipient("1152230107CTPD8U2P")], payload=_payload("t", "a")).plain_text()
+    env.sender_name = "A&B"
+    assert not env._plain
+    assert b'name="A&amp;B"' in env.to_xml() and env.to_xml() == _reference(env)

@@ -467,7 +467,7 @@ def test_a_peer_cannot_lend_a_made_up_origin_node_to_any_unit(tmp_path: Path) ->
     try:
         doc = DocumentIn.model_validate({**Api(pref).document(recipients=(CITY_B,)), "sender_unit": PREFECTURE})
         for origin, hops in (("ghost", ["ghost", "prefecture"]), ("county-x", ["county-x", "prefecture"])):
-            env = to_envelope(doc, message_id=f"spoof-{origin}", node_id=origin, sizes={doc.body.sha256: 10})
+            env = to_envelope(doc, message_id=f"spoof-{origin}", node_id=origin, sizes={doc.body["sha256"]: 10})
             body = {"message_id": env.message_id, "units": [CITY_B], "hops": hops, "envelope": env.to_xml().decode()}
             with pytest.raises(transfer.TransferError) as e:
                 transfer.prepare(b, "prefecture", body)

@@ -188,7 +188,7 @@ def test_a_race_lost_at_the_driver_is_answered_like_a_replay(gw_node, monkeypatc
     monkeypatch.setattr(pipeline, "_store", store)
     doc = DocumentIn.model_validate(api.document(title="竞争"))
     env = payload.to_envelope(doc, message_id=mid, node_id=gw_node.id,
-                              sizes={doc.body.sha256: gw_node.blobs.size(doc.body.sha256)})
+                              sizes={doc.body["sha256"]: gw_node.blobs.size(doc.body["sha256"])})
     got = pipeline.accept(gw_node, env, actor="test", api_key_id=api.key.split("_", 2)[1])
     assert calls == [mid, mid] and got.created is False and got.message.id == mid
 

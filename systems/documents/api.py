@@ -14,7 +14,7 @@ from pydantic_core import to_json
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, defer, lazyload
 
-from gateway import audit, pipeline
+from gateway import audit, pipeline, xmlsafe
 from gateway.api import auth
 from gateway.api.blobs import granted
 from gateway.api.common import (
@@ -39,11 +39,13 @@ bp = Blueprint("documents", __name__, url_prefix=f"/api/v1/{SLUG}")
 _ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
-def _document_in() -> DocumentIn:
+def _document_in() -> tuple[DocumentIn, bool]:
+    """The request's document, and whether its values are plain text for XML (see
+    xmlsafe.plain_json; only told for JSON)."""
     mt = request.mimetype
     data = body_bytes()
     if mt in ("application/json", ""):
-        return parse_json(DocumentIn, data)  # type: ignore[return-value]
+        return parse_json(DocumentIn, data), xmlsafe.plain_json(data)  # type: ignore[return-value]
     if mt in ("application/xml", "text/xml"):
         root = parse_xml(data)
         try:
@@ -58,7 +60,7 @@ def _document_in() -> DocumentIn:
         except ValueError as exc:
             raise Problem(422, "validation", str(exc)) from None
         try:
-            return DocumentIn.model_validate(fields)
+            return DocumentIn.model_validate(fields), False
         except ValidationError as exc:
             raise validation_problem(exc) from None
     raise Problem(415, "unsupported-media-type", f"send application/json or application/xml, not {mt}")
@@ -159,7 +161,7 @@ def _load(message_id: str, caller: auth.Caller, receipts: bool = True) -> Docume
 def send_document() -> Response:
     n = node()
     caller = auth.require(n.db, "documents:send")
-    doc = _document_in()
+    doc, plain = _document_in()
     if caller.units and doc.sender_unit not in caller.units:
         raise Problem(403, "forbidden-unit", f"this API key may not send for unit {doc.sender_unit}")
     if n.config.node.units and doc.sender_unit not in n.config.node.units:
@@ -172,7 +174,7 @@ def send_document() -> Response:
     # remembered per process (blobs.granted), so a blob checked before costs no round trip.
     sizes: dict[str, int] = {}
     missing: list[tuple[str, str]] = []
-    shas = [doc.body.sha256, *(a.sha256 for a in doc.attachments)]
+    shas = [doc.body["sha256"], *[a["sha256"] for a in doc.attachments]]
     # only content this key uploaded (a hash alone is no proof of having it; see blobs.granted)
     mine = granted(n, caller.key_id, shas)
     for i, sha in enumerate(shas):
@@ -187,10 +189,10 @@ def send_document() -> Response:
                       f"with this API key; upload it to /api/v1/blobs first",
                       errors=[{"field": f, "message": f"no content with SHA-256 {sha} was uploaded with this API key"}
                               for f, sha in missing])
-    if sizes[doc.body.sha256] == 0:
+    if sizes[doc.body["sha256"]] == 0:
         msg = "the body (正文) is empty: the content uploaded under this SHA-256 has no bytes"
         raise Problem(422, "validation", f"body.sha256: {msg}", errors=[{"field": "body.sha256", "message": msg}])
-    env = payload.to_envelope(doc, message_id=doc.message_id, node_id=n.id, sizes=sizes)
+    env = payload.to_envelope(doc, message_id=doc.message_id, node_id=n.id, sizes=sizes, plain=plain)
     idem_key = request.headers.get("Idempotency-Key")
     idem = None
     if idem_key:

@@ -42,7 +42,12 @@ def to_payload(doc: DocumentIn) -> etree._Element:
     return el
 
 
-def to_envelope(doc: DocumentIn, *, message_id: str | None, node_id: str, sizes: dict[str, int]) -> Envelope:
+def to_envelope(doc: DocumentIn, *, message_id: str | None, node_id: str, sizes: dict[str, int],
+                plain: bool = False) -> Envelope:
+    """The canonical envelope of ``doc``. ``plain``: no value of ``doc`` holds a character
+    XML must escape or cannot carry (see Envelope.plain_text): xmlsafe.plain_json of the JSON
+    it was read from (DocumentIn refuses U+FFFE and U+FFFF in every field, which that check
+    leaves to the model; tests/test_envelope_xml.py holds it to both)."""
     recipients = []
     classified = doc.classification != "非密"
     # copy numbers (份号) not given are the lowest ones no recipient was given
@@ -51,14 +56,18 @@ def to_envelope(doc: DocumentIn, *, message_id: str | None, node_id: str, sizes:
     for r in doc.recipients:
         copy_no = r.copy_no or (next(free) if classified else None)
         recipients.append(Recipient(r.unit, r.name, r.copy_type, copy_no))
-    atts = [Attachment("body", doc.body.name, sizes[doc.body.sha256], doc.body.sha256,
-                       doc.body.media_type)]
-    atts += [Attachment("attachment", a.name, sizes[a.sha256], a.sha256, a.media_type) for a in doc.attachments]
+    body = doc.body
+    atts = [Attachment("body", body["name"], sizes[body["sha256"]], body["sha256"], body["media_type"])]
+    atts += [Attachment("attachment", a["name"], sizes[a["sha256"]], a["sha256"], a["media_type"])
+             for a in doc.attachments]
     kw: dict[str, Any] = {"message_id": message_id} if message_id else {}
-    return Envelope(subsystem="documents", type="document", sender_unit=doc.sender_unit, sender_node=node_id,
-                    sender_name=doc.issuer, recipients=recipients, payload=to_payload(doc),
-                    classification=doc.classification, classification_period=doc.classification_period,
-                    urgency=doc.urgency, conversation_id=doc.conversation_id, attachments=atts, **kw)
+    env = Envelope(subsystem="documents", type="document", sender_unit=doc.sender_unit, sender_node=node_id,
+                   sender_name=doc.issuer, recipients=recipients, payload=to_payload(doc),
+                   classification=doc.classification, classification_period=doc.classification_period,
+                   urgency=doc.urgency, conversation_id=doc.conversation_id, attachments=atts, **kw)
+    # the node id (configuration), the generated id and copy numbers, the time, the sizes and
+    # the roles are plain by construction; everything else came from the JSON
+    return env.plain_text() if plain else env
 
 
 def from_envelope(env: Envelope) -> dict:
