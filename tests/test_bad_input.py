@@ -172,6 +172,19 @@ def test_unknown_body_blob_is_refused(sqlite_api):
     _nothing_stored(sqlite_api.node)
 
 
+def test_an_uploaded_blob_whose_file_is_gone_is_named(sqlite_api):
+    """Granted to the key but no longer in the store (removed by hand, a restore without
+    the blob folder): the document is refused naming that attachment, nothing is stored."""
+    data = b"uploaded, then removed from the store"
+    sha = sqlite_api.upload(data)
+    sqlite_api.node.blobs.path(sha).unlink()
+    doc = sqlite_api.document()
+    doc["attachments"] = [{"sha256": doc["body"]["sha256"], "name": "附件1.pdf"}, {"sha256": sha, "name": "附件2.pdf"}]
+    body = _problem(sqlite_api.post("/api/v1/documents", json=doc), 422, "unknown-blob")
+    assert [e["field"] for e in body["errors"]] == ["attachments.1.sha256"], body
+    _nothing_stored(sqlite_api.node)
+
+
 def test_a_blob_refused_as_unknown_is_accepted_once_uploaded(sqlite_api, monkeypatch):
     """The accept path remembers blob sizes it found (content under a SHA-256 never changes),
     never the absence of one."""

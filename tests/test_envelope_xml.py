@@ -248,3 +248,26 @@ def test_plain_text_is_forgotten_when_a_field_is_set():  # type: ignore[no-untyp
     env.sender_name = "A&B"
     assert not env._plain
     assert b'name="A&amp;B"' in env.to_xml() and env.to_xml() == _reference(env)
+
+
+def test_attachment_rows_are_written_and_read_like_attachments():  # type: ignore[no-untyped-def]
+    rows = [("body", "正文&.ofd", 3, "a" * 64, "application/ofd"), ("attachment", "附件\"1\".pdf", 0, "b" * 64, None)]
+
+    def new() -> Envelope:
+        return Envelope(subsystem="documents", type="document", sender_unit="11522300GDR9YB9550",
+                        recipients=[Recipient("1152230107CTPD8U2P")], payload=_payload("t", "a"),
+                        created=datetime(2026, 11, 26, 8, 0, tzinfo=UTC), message_id="m-00000001")
+
+    plain = [("body", "正文.ofd", 3, "a" * 64, "application/ofd"), ("attachment", "附件1.pdf", 0, "b" * 64, None)]
+    for items, declared in ((plain, True), (plain, False), (rows, False)):
+        env = new().attachment_rows(items)
+        if declared:
+            env.plain_text()  # written from the rows as they are
+        twin = new()
+        twin.attachments = [Attachment(*r) for r in items]
+        assert env.to_xml() == twin.to_xml() == _reference(twin)
+        assert "attachments" not in env.__dict__ or not declared  # the rows were not made into objects
+        assert env.attachments == twin.attachments and env.body() == Attachment(*items[0])  # made when read
+    env = new().attachment_rows(rows)
+    env.attachments = []  # set afterwards: the rows are gone
+    assert b"<attachments" not in env.to_xml() and env.to_xml() == _reference(env)

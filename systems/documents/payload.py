@@ -6,7 +6,7 @@ from typing import Any
 
 from lxml import etree
 
-from gateway.envelope import Attachment, Envelope, EnvelopeError, Recipient
+from gateway.envelope import Envelope, EnvelopeError, Recipient
 from systems.documents import PAYLOAD_NS, rules
 from systems.documents.schemas import DocumentIn
 
@@ -57,14 +57,13 @@ def to_envelope(doc: DocumentIn, *, message_id: str | None, node_id: str, sizes:
         copy_no = r.copy_no or (next(free) if classified else None)
         recipients.append(Recipient(r.unit, r.name, r.copy_type, copy_no))
     body = doc.body
-    atts = [Attachment("body", body["name"], sizes[body["sha256"]], body["sha256"], body["media_type"])]
-    atts += [Attachment("attachment", a["name"], sizes[a["sha256"]], a["sha256"], a["media_type"])
-             for a in doc.attachments]
+    rows = [("body", body["name"], sizes[body["sha256"]], body["sha256"], body["media_type"])]
+    rows += [("attachment", a["name"], sizes[a["sha256"]], a["sha256"], a["media_type"]) for a in doc.attachments]
     kw: dict[str, Any] = {"message_id": message_id} if message_id else {}
     env = Envelope(subsystem="documents", type="document", sender_unit=doc.sender_unit, sender_node=node_id,
                    sender_name=doc.issuer, recipients=recipients, payload=to_payload(doc),
                    classification=doc.classification, classification_period=doc.classification_period,
-                   urgency=doc.urgency, conversation_id=doc.conversation_id, attachments=atts, **kw)
+                   urgency=doc.urgency, conversation_id=doc.conversation_id, **kw).attachment_rows(rows)
     # the node id (configuration), the generated id and copy numbers, the time, the sizes and
     # the roles are plain by construction; everything else came from the JSON
     return env.plain_text() if plain else env
