@@ -108,10 +108,13 @@ class Envelope:
     _plain: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: object) -> None:
-        object.__setattr__(self, name, value)
+        # straight into __dict__ (the class has no data descriptors): every field of a new
+        # envelope comes through here
+        d = self.__dict__
+        d[name] = value
         if name != "_tree" and name != "_plain":
-            object.__setattr__(self, "_tree", None)
-            object.__setattr__(self, "_plain", False)
+            d["_tree"] = None
+            d["_plain"] = False
 
     def __getattr__(self, name: str) -> object:
         # Only reached for an attribute the instance lacks: an envelope read by from_xml
