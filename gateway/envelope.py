@@ -108,7 +108,7 @@ class Envelope:
     _plain: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: object) -> None:
-        # straight into __dict__ (the class has no data descriptors): every field of a new
+        # straight into __dict__ (no field is a descriptor), for every field of a new
         # envelope comes through here
         d = self.__dict__
         d[name] = value
@@ -140,7 +140,8 @@ class Envelope:
         d.pop("attachments", None)
         d.pop("_attachments_el", None)
         d["_attachment_rows"] = rows
-        object.__setattr__(self, "_tree", None)
+        d["_tree"] = None
+        d["_plain"] = False  # like setting a field: plain_text() comes after
         return self
 
     def tree(self) -> etree._Element:

@@ -248,6 +248,8 @@ def test_plain_text_is_forgotten_when_a_field_is_set():  # type: ignore[no-untyp
     env.sender_name = "A&B"
     assert not env._plain
     assert b'name="A&amp;B"' in env.to_xml() and env.to_xml() == _reference(env)
+    env.plain_text().attachment_rows([("body", "<正文>.ofd", 1, "a" * 64, None)])  # new rows, too
+    assert not env._plain and env.to_xml() == _reference(env)
 
 
 def test_attachment_rows_are_written_and_read_like_attachments():  # type: ignore[no-untyped-def]
