@@ -26,10 +26,11 @@ def _iso_date(v: str) -> str:
     return d.isoformat()
 
 
+# A TypedDict, not a model: a document names up to 100 files, and a dict is cheaper to make
+# and to read (the JSON schema is the same). After validation media_type is always there
+# (None when not given). Its docstring is the schema's description in the OpenAPI document.
 class FileRef(TypedDict):
-    """A body or attachment: a dict, not a model (a document names up to 100 of them: a dict
-    is cheaper to make and to read; the JSON schema is the same). ``media_type`` is always
-    there after validation (None when not given)."""
+    """A file (正文 or 附件) uploaded to /api/v1/blobs first, named here by its SHA-256."""
     __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
     sha256: Annotated[str, Sha256]
     name: Annotated[str, Field(min_length=1, max_length=200, pattern=xmlsafe.FILE_NAME,
