@@ -78,8 +78,8 @@ CONTENT_TYPE = "application/xml; charset=GB18030"
 MAX_RECEIPT_BYTES = 1024 * 1024
 #: Receipt files in outbox/: HZ_<archiveid>_<unit>.xml. The archive id part admits no
 #: "_" (it separates the fields) and no path characters; ".." is refused separately.
-RECEIPT_NAME = re.compile(
-    r"^HZ_(?P<ref>[A-Za-z0-9][A-Za-z0-9.-]{0,127})_(?P<unit>[0-9A-HJ-NPQRTUWXY]{18})\.xml$"
+RECEIPT_NAME = re.compile(  # fullmatch: a $ would take a name ending in a line break
+    r"HZ_(?P<ref>[A-Za-z0-9][A-Za-z0-9.-]{0,127})_(?P<unit>[0-9A-HJ-NPQRTUWXY]{18})\.xml"
 )
 #: What an archive id may look like before it becomes part of a file name.
 SAFE_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,127}")  # fullmatch: no line break after it
@@ -384,7 +384,7 @@ class XmlExchangeAdapter(Adapter):
         return out
 
     def _read_receipt_file(self, outbox: Path, name: str) -> PolledItem | None:
-        m = RECEIPT_NAME.match(name)
+        m = RECEIPT_NAME.fullmatch(name)
         if not m:
             self._quarantine(outbox, name, "the file name does not match HZ_<archiveid>_<unit>.xml")
             return None
