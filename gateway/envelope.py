@@ -159,7 +159,7 @@ class Envelope:
         (e.g. :func:`gateway.xmlsafe.plain_json` of the JSON they all came from): to_xml then
         writes them without looking at each character. Setting any field afterwards takes
         the declaration back. Returns the envelope."""
-        object.__setattr__(self, "_plain", True)
+        self.__dict__["_plain"] = True
         return self
 
     @property
@@ -364,15 +364,12 @@ def _write(e: Envelope) -> bytes:
     reply = f"<in-reply-to>{e.in_reply_to}</in-reply-to>" if e.in_reply_to else ""
     conversation = f"<conversation-id>{e.conversation_id}</conversation-id>" if e.conversation_id else ""
     rows = e.__dict__.get("_attachment_rows") if "attachments" not in e.__dict__ else None
+    if rows is None:  # Attachment objects (given, parsed, or made from rows when read)
+        rows = [(a.role, a.name, a.size, a.sha256, a.media_type) for a in e.attachments]
     if rows:
         attachments = "".join(["<attachments>", *[
             f'<attachment role="{role}" name="{name}" size="{size}" sha256="{sha}"'
             + (f' media-type="{mt}"/>' if mt else "/>") for role, name, size, sha, mt in rows],
-            "</attachments>"])
-    elif rows is None and e.attachments:
-        attachments = "".join(["<attachments>", *[
-            f'<attachment role="{a.role}" name="{a.name}" size="{a.size}" sha256="{a.sha256}"'
-            + (f' media-type="{a.media_type}"/>' if a.media_type else "/>") for a in e.attachments],
             "</attachments>"])
     else:
         attachments = ""
