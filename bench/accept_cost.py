@@ -8,9 +8,9 @@ WSGI apps gunicorn runs, without HTTP, gunicorn or a load generator): POST /api/
 the gateway (SQLite node as in accept_rate, the same 20 KB document with one recipient and its
 attachments, every accept committed and fsynced) and the bare Flask endpoint of
 bench/_bare_app.py. Then the steps of an accept one by one, on the same document: the request
-model (pydantic, against ``json.loads`` of the same bytes), the envelope, its XML, the payload
-XSD, and ``pipeline.accept`` (which writes the XML and checks the payload XSD again, then the
-rows, the audit entry and the commit). Each segment is
+model (pydantic, against ``json.loads`` of the same bytes), the envelope (its payload written
+as text), its XML, and ``pipeline.accept`` (which writes the XML again, then the rows, the
+audit entry and the commit). Each segment is
 delimited by callgrind dumps (``--dump-before``), so its count is its own, the threads the node
 runs in the background included. Prints one line; instruction counts are millions per request.
 
@@ -37,8 +37,7 @@ import _common as c  # noqa: E402
 #: the marker between segments: a C function nothing on the measured path calls
 MARK_FUNCTION = "os_getppid"
 WRITES = ("gateway request", "accept")
-SEGMENTS = ("gateway request", "bare request", "request model", "json.loads", "to_envelope", "to_xml",
-            "payload XSD", "accept")
+SEGMENTS = ("gateway request", "bare request", "request model", "json.loads", "to_envelope", "to_xml", "accept")
 
 
 def main() -> None:
@@ -70,7 +69,7 @@ def main() -> None:
     counts = [_instructions(Path(f"{out}.{i}")) for i in range(2, len(SEGMENTS) + 2)]
     per = {name: n / a.count / 1e6 for name, n in zip(SEGMENTS, counts)}
     gw, bare = per["gateway request"], per["bare request"]
-    steps = ", ".join(f"{name} {per[name]:.2f}" for name in SEGMENTS[2:]) + " (to_xml and the XSD included)"
+    steps = ", ".join(f"{name} {per[name]:.2f}" for name in SEGMENTS[2:]) + " (to_xml included)"
     print(f"accept_cost: gateway {gw:.2f} M instructions a request, bare flask {bare:.2f} M, ratio "
           f"{bare / gw:.2f} (in process, no HTTP; steps: {steps}) [{info['bytes']} B JSON, "
           f"{info['attachments']} attachments, {a.count} each, callgrind]", flush=True)
@@ -87,7 +86,7 @@ def _instructions(dump: Path) -> int:
 
 def _inner(a: argparse.Namespace) -> None:
     """Under valgrind: set up, warm up, then each segment between two marker calls."""
-    from gateway import payloads, xmlsafe
+    from gateway import xmlsafe
     from gateway.app import create_app
     from gateway.pipeline import accept
     from systems.documents import payload
@@ -139,7 +138,6 @@ def _inner(a: argparse.Namespace) -> None:
         "json.loads": lambda: json.loads(doc),
         "to_envelope": new_envelope,
         "to_xml": env.to_xml,
-        "payload XSD": lambda: payloads.validate(env.payload),
         "accept": store,
     }
     assert tuple(steps) == SEGMENTS

@@ -115,6 +115,8 @@ class Envelope:
         if name != "_tree" and name != "_plain":
             d["_tree"] = None
             d["_plain"] = False
+            if name == "payload":
+                d.pop("_payload_xml", None)
 
     def __getattr__(self, name: str) -> object:
         # Only reached for an attribute the instance lacks: an envelope read by from_xml
@@ -122,13 +124,17 @@ class Envelope:
         # the tree costs a third of the parse, and delivering over SOAP needs none of them
         # but the body (blob:body arguments), some adapters not even that. Likewise one
         # given its attachments as rows (attachment_rows).
+        d = self.__dict__
         if name == "attachments":
-            rows = self.__dict__.get("_attachment_rows")
-            el = self.__dict__.get("_attachments_el")
+            rows = d.get("_attachment_rows")
+            el = d.get("_attachments_el")
             if rows is not None or el is not None:
                 value = [Attachment(*r) for r in rows] if rows is not None else _attachments(el)
-                object.__setattr__(self, "attachments", value)  # the tree still matches
+                d["attachments"] = value  # the tree still matches
                 return value
+        elif name == "payload" and "_payload_xml" in d:  # see written_payload
+            d["payload"] = payload = xmlsafe.parse(d["_payload_xml"])
+            return payload
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def attachment_rows(self, rows: list[tuple[str, str, int, str, str | None]]) -> Envelope:
@@ -143,6 +149,26 @@ class Envelope:
         d["_tree"] = None
         d["_plain"] = False  # like setting a field: plain_text() comes after
         return self
+
+    def written_payload(self, data: bytes) -> Envelope:
+        """Give the envelope its payload as the UTF-8 XML text of one element, written by
+        this node from a request model its API validated (e.g.
+        :func:`systems.documents.payload.payload_xml`): to_xml copies the text as it is, the
+        element is parsed only if ``payload`` is read (an accept never reads it), and
+        :func:`gateway.pipeline.accept` does not check it against the payload XSD again, for
+        the writer is held to that XSD by tests for every value its model accepts. Setting
+        ``payload`` replaces it. Returns the envelope."""
+        d = self.__dict__
+        d.pop("payload", None)
+        d["_payload_xml"] = data
+        d["_tree"] = None
+        return self
+
+    @property
+    def payload_written(self) -> bool:
+        """True when the payload is text this node wrote from a validated model (see
+        :meth:`written_payload`), False for one given or parsed as an element."""
+        return "_payload_xml" in self.__dict__
 
     def tree(self) -> etree._Element:
         """The envelope as an element tree, to read (XPath), never to change: the tree it was
@@ -218,7 +244,8 @@ class Envelope:
         xml_declaration=True, encoding="UTF-8")`` gives (tests/test_envelope_xml.py holds it to
         that), written as text because building the element tree costs a quarter of the CPU of
         an accept with 40 attachments."""
-        if NS in self.payload.nsmap.values():  # lxml would merge those declarations: leave it to lxml
+        if not self.payload_written and NS in self.payload.nsmap.values():
+            # lxml would merge those declarations: leave it to lxml
             return etree.tostring(self.to_element(), xml_declaration=True, encoding="UTF-8")
         if self._plain:
             return _write(self)
@@ -239,13 +266,14 @@ class Envelope:
     def _escaped(self) -> Envelope:
         """A copy whose values are escaped as text or as attribute values, as each is written
         (raises ValueError for a character XML cannot carry, as lxml does)."""
-        t, a = _escape_text, _escape_attr
+        t, a = escape_text, escape_attr
 
         def opt(f: Callable[[str], str], v: str | None) -> str | None:
             return f(v) if v else v
 
-        return dataclasses.replace(
-            self, message_id=t(self.message_id), subsystem=t(self.subsystem), type=t(self.type),
+        written = self.__dict__.get("_payload_xml")
+        out = dataclasses.replace(
+            self, payload=None if written is not None else self.payload, message_id=t(self.message_id), subsystem=t(self.subsystem), type=t(self.type),
             classification=t(self.classification), urgency=t(self.urgency),
             in_reply_to=opt(t, self.in_reply_to), conversation_id=opt(t, self.conversation_id),
             sender_unit=a(self.sender_unit), sender_node=opt(a, self.sender_node),
@@ -254,6 +282,7 @@ class Envelope:
                         for r in self.recipients],
             attachments=[Attachment(a(x.role), a(x.name), x.size, a(x.sha256), opt(a, x.media_type))
                          for x in self.attachments])
+        return out if written is None else out.written_payload(written)
 
     @classmethod
     def from_xml(cls, data: bytes | str | etree._Element, *, validate: bool = True) -> Envelope:
@@ -373,21 +402,26 @@ def _write(e: Envelope) -> bytes:
             "</attachments>"])
     else:
         attachments = ""
-    # the payload as lxml writes it in UTF-8, not as text to be encoded again
+    # the payload as lxml writes it in UTF-8 (or as this node wrote it: written_payload),
+    # not as text to be encoded again
+    payload = e.__dict__.get("_payload_xml")
     return b"".join([
         (f"{_XML_HEAD}<header><message-id>{e.message_id}</message-id><subsystem>{e.subsystem}</subsystem>"
          f"<type>{e.type}</type><created>{e.created.isoformat()}</created>{sender}{recipients}"
          f"<classification{period}>{e.classification}</classification><urgency>{e.urgency}</urgency>"
          f"{reply}{conversation}</header><payload>").encode(),
-        etree.tostring(e.payload, encoding="UTF-8"),
+        payload if payload is not None else etree.tostring(e.payload, encoding="UTF-8"),
         f"</payload>{attachments}</envelope>".encode()])
 
 
-def _escape_text(value: str) -> str:
+def escape_text(value: str) -> str:
+    """``value`` as element text in XML, escaped as lxml escapes it (ValueError for a
+    character XML cannot carry, as lxml raises)."""
     return _escape(value, False)
 
 
-def _escape_attr(value: str) -> str:
+def escape_attr(value: str) -> str:
+    """``value`` as an attribute value in double quotes, escaped as lxml escapes it."""
     return _escape(value, True)
 
 

@@ -338,6 +338,9 @@ def test_a_wrong_method_answers_405_with_allow_and_a_missing_key_401_with_www_au
     ({"printer": {"name": "州政府办公室", "date": "not a date"}}, "printer.date"),
     ({"classification": "机密"}, "classification_period"),  # a rule across fields names its field
     ({"doc_type": "请示", "signer": None}, "signer"),
+    ({"signer": ""}, "signer"),  # the payload XSD's texts have a character at least
+    ({"note": ""}, "note"),
+    ({"publish_level": ""}, "publish_level"),
     ({"recipients": [{"unit": COUNTY_A}, {"unit": COUNTY_A}]}, "recipients"),
 ])
 def test_implausible_values_are_refused_naming_the_field(sqlite_api, over, field):

@@ -257,6 +257,22 @@ def test_canonical_xml_envelope_is_accepted_like_json(api, gw_node):
     assert Envelope.from_xml(api.get("/api/v1/documents/xml-msg-0001", headers={"Accept": "application/xml"}).data)
 
 
+def test_an_xml_callers_payload_is_checked_against_the_payload_xsd(api, gw_node):
+    """The envelope XSD leaves the payload to its own XSD: an element the payload schema does
+    not have is refused (422 naming it), not dropped on the way to the request model."""
+    from systems.documents.payload import to_envelope
+    from systems.documents.schemas import DocumentIn
+
+    doc = DocumentIn.model_validate(api.document(recipients=(COUNTY_A,)))
+    xml = to_envelope(doc, message_id="xml-xsd-0001", node_id="prefecture", sizes={doc.body["sha256"]: 10}).to_xml()
+    assert api.post("/api/v1/documents", data=xml, content_type="application/xml").status_code == 202
+    bad = xml.replace(b"<sealed>", b"<stamp>x</stamp><sealed>").replace(b"xml-xsd-0001", b"xml-xsd-0002")
+    r = api.post("/api/v1/documents", data=bad, content_type="application/xml")
+    assert r.status_code == 422 and r.mimetype == "application/problem+json", r.get_data(as_text=True)
+    assert "stamp" in r.get_json()["detail"] and r.get_json()["errors"][0]["field"].startswith("payload")
+    assert api.get("/api/v1/documents/xml-xsd-0002").status_code == 404
+
+
 def test_an_xml_body_is_read_in_the_charset_its_content_type_names(api, gw_node):
     """RFC 7303: the charset parameter wins; a GB18030 envelope without an XML declaration
     is read as GB18030, not refused as bad UTF-8."""

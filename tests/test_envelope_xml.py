@@ -2,6 +2,7 @@
 Envelope.to_element (the reference), for any values, and refuse what XML cannot carry."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import typing
 from datetime import UTC, datetime
@@ -215,31 +216,127 @@ def test_every_text_field_of_a_document_refuses_what_plain_json_leaves_to_it():
                 DocumentIn.model_validate_json(data)
 
 
+def _payload_tree(doc):  # type: ignore[no-untyped-def]
+    """The reference for systems.documents.payload.payload_xml: the payload built as an lxml
+    tree (as the API did before it wrote the text itself)."""
+    from systems.documents import rules
+
+    d = "{urn:egov:gateway:documents:v1}"
+    el = etree.Element(d + "document", nsmap={None: "urn:egov:gateway:documents:v1"})
+    etree.SubElement(el, d + "doc-type").text = doc.doc_type
+    etree.SubElement(el, d + "issuer").text = doc.issuer
+    prefix, year, serial = rules.split_doc_number(doc.doc_number)
+    etree.SubElement(el, d + "doc-number", prefix=prefix, year=year, serial=serial).text = doc.doc_number
+    etree.SubElement(el, d + "title").text = doc.title
+    if doc.signer is not None:
+        etree.SubElement(el, d + "signer").text = doc.signer
+    etree.SubElement(el, d + "written-date").text = doc.written_date
+    if doc.publish_level is not None:
+        etree.SubElement(el, d + "publish-level").text = doc.publish_level
+    etree.SubElement(el, d + "sealed").text = "true" if doc.sealed else "false"
+    if doc.note is not None:
+        etree.SubElement(el, d + "note").text = doc.note
+    if doc.printer:
+        etree.SubElement(el, d + "printer", name=doc.printer.name, date=doc.printer.date)
+    return el
+
+
+def _check_written(data: bytes, plain: bool) -> None:
+    """What the API does with a JSON document's bytes, held to the references: the envelope
+    and its payload as lxml writes them, and a payload the payload XSD accepts."""
+    from gateway import payloads
+    from systems.documents.payload import payload_xml, to_envelope
+    from systems.documents.schemas import DocumentIn
+
+    model = DocumentIn.model_validate_json(data)
+    tree = _payload_tree(model)
+    payloads.validate(tree)  # raises if the XSD refuses what the model accepted
+    lxml_bytes = etree.tostring(tree, encoding="UTF-8")
+    assert payload_xml(model, plain) == payload_xml(model, False) == lxml_bytes
+    env = to_envelope(model, message_id=None, node_id="prefecture", sizes={"a" * 64: 1, "b" * 64: 2}, plain=plain)
+    assert env._plain is plain and env.payload_written
+    twin = dataclasses.replace(env, payload=tree)  # every field as it is, the payload an lxml tree
+    assert not twin.payload_written
+    assert env.to_xml() == _reference(twin)
+    assert etree.tostring(env.payload, encoding="UTF-8") == lxml_bytes  # parsed when read
+
+
+_DOC_NUMBER_TEXT = st.text(st.sampled_from(list("&<>\"'\\\ufffe\uffff，：甲乙a1./") + ["\U0001F4C4"]),
+                           min_size=1, max_size=6).map(lambda p: f"{p}〔2026〕12号")
+
+
 @settings(max_examples=300, deadline=None)
 @given(values=st.lists(st.tuples(st.sampled_from([
     ("issuer",), ("title",), ("note",), ("signer",), ("publish_level",), ("classification_period",),
     ("conversation_id",), ("recipients", 0, "name"), ("body", "name"), ("body", "media_type"),
     ("attachments", 0, "name"), ("attachments", 0, "media_type"), ("printer", "name")]), _JSON_TEXT),
-    min_size=1, max_size=6), ascii_only=st.booleans())
-def test_plain_json_envelopes_are_written_as_lxml_writes_them(values, ascii_only):  # type: ignore[no-untyped-def]
-    """The API declares a JSON document's envelope plain text when xmlsafe.plain_json says so
-    (to_xml then writes its values without looking at them): for any values the model
-    accepts, the XML is still byte for byte lxml's."""
+    min_size=1, max_size=6), ascii_only=st.booleans(), doc_number=st.none() | _DOC_NUMBER_TEXT,
+    doc_type=st.sampled_from(["通知", "请示", "令", "纪要", "函"]), sealed=st.booleans(),
+    absent=st.sets(st.sampled_from(["note", "signer", "publish_level", "printer", "attachments"])),
+    written_date=st.sampled_from(["2026-11-20", "2026年1月5日", "1949年10月1日", "2099-12-31"]))
+def test_json_documents_are_written_as_lxml_writes_them(values, ascii_only, doc_number, doc_type, sealed, absent,
+                                                        written_date):  # type: ignore[no-untyped-def]
+    """The API writes a JSON document's envelope and payload as text (and declares the
+    envelope plain when xmlsafe.plain_json says so, so its values are not looked at again):
+    for any document the model accepts, the bytes are lxml's and the payload is one the
+    payload XSD accepts (the accept path no longer checks it: Envelope.written_payload)."""
+    from systems.documents.schemas import DocumentIn
+
+    doc = {**_BASE, "doc_type": doc_type, "sealed": sealed, "written_date": written_date}
+    if doc_number is not None:
+        doc["doc_number"] = doc_number
+    for path, text in values:
+        doc = _set(doc, path, text)
+    for name in absent:
+        doc.pop(name)
+    data = json.dumps(doc, ensure_ascii=ascii_only).encode()
+    try:
+        DocumentIn.model_validate_json(data)
+    except ValidationError:
+        return
+    _check_written(data, xmlsafe.plain_json(data))
+
+
+def test_every_payload_field_at_its_limits_is_written_as_lxml_writes_it():
+    """The longest and shortest values the model accepts, every optional element there and
+    absent: the XSD accepts each payload (it is never checked on the accept path)."""
+    limits = {"issuer": 200, "title": 500, "signer": 100, "note": 2000, "publish_level": 20}
+    for size in ("shortest", "longest"):
+        doc = dict(_BASE, printer={"name": "印" * (200 if size == "longest" else 1), "date": "2026年11月21日"})
+        for name, longest in limits.items():
+            doc[name] = "字" * (longest if size == "longest" else 1)
+        doc["doc_number"] = ("州" * 150 if size == "longest" else "州") + "〔2026〕999999号"
+        _check_written(json.dumps(doc, ensure_ascii=False).encode(), True)
+        for name in ("signer", "note", "publish_level", "printer"):
+            _check_written(json.dumps({k: v for k, v in doc.items() if k != name}, ensure_ascii=False).encode(), True)
+
+
+@pytest.mark.parametrize("name", ["signer", "note", "publish_level", "issuer", "title"])
+def test_an_empty_text_is_refused_by_the_model_as_the_payload_xsd_would(name):
+    """The payload XSD's texts have at least one character; the model says so itself, naming
+    the field (an empty 签发人 was refused by the XSD check of the accept path before)."""
+    from systems.documents.schemas import DocumentIn
+
+    with pytest.raises(ValidationError) as exc:
+        DocumentIn.model_validate({**_BASE, name: ""})
+    assert [e["loc"] for e in exc.value.errors()] == [(name,)]
+
+
+def test_a_written_payload_is_parsed_when_read_and_replaced_when_set():  # type: ignore[no-untyped-def]
     from systems.documents.payload import to_envelope
     from systems.documents.schemas import DocumentIn
 
-    doc = _BASE
-    for path, text in values:
-        doc = _set(doc, path, text)
-    data = json.dumps(doc, ensure_ascii=ascii_only).encode()
-    try:
-        model = DocumentIn.model_validate_json(data)
-    except ValidationError:
-        return
-    plain = xmlsafe.plain_json(data)
-    env = to_envelope(model, message_id=None, node_id="prefecture", sizes={"a" * 64: 1, "b" * 64: 2}, plain=plain)
-    assert env._plain is plain
-    assert env.to_xml() == _reference(env)
+    model = DocumentIn.model_validate({**_BASE, "issuer": "州&<政府>"})  # escaped, not plain
+    env = to_envelope(model, message_id="m-00000001", node_id="prefecture", sizes={"a" * 64: 1, "b" * 64: 2})
+    assert "payload" not in vars(env) and env.payload_written
+    xml = env.to_xml()
+    assert "payload" not in vars(env)  # writing did not parse it
+    assert b"<issuer>\xe5\xb7\x9e&amp;&lt;\xe6\x94\xbf\xe5\xba\x9c&gt;</issuer>" in xml
+    assert Envelope.from_xml(xml).payload.findtext("{urn:egov:gateway:documents:v1}issuer") == "州&<政府>"
+    assert env.payload.findtext("{urn:egov:gateway:documents:v1}issuer") == "州&<政府>"  # parsed on first read
+    assert env.payload is env.payload and env.payload_written
+    env.payload = _payload("新标题", "a")  # set: the written text is gone
+    assert not env.payload_written and "新标题".encode() in env.to_xml() and env.to_xml() == _reference(env)
 
 
 def test_plain_text_is_forgotten_when_a_field_is_set():  # type: ignore[no-untyped-def]

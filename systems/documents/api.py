@@ -14,7 +14,7 @@ from pydantic_core import to_json
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, defer, lazyload
 
-from gateway import audit, pipeline, xmlsafe
+from gateway import audit, payloads, pipeline, xmlsafe
 from gateway.api import auth
 from gateway.api.blobs import granted
 from gateway.api.common import (
@@ -53,6 +53,7 @@ def _document_in() -> tuple[DocumentIn, bool]:
             if env.subsystem != SLUG or env.type != "document":
                 raise Problem(422, "validation", f"the envelope is for {env.subsystem}/{env.type}; this "
                               f"endpoint takes {SLUG}/document")
+            payloads.validate(env.payload)  # the caller's payload, against the payload XSD
             fields = payload.from_envelope(env)
         except EnvelopeError as exc:
             errs = [{"field": f, "message": m} for f, m in exc.errors]

@@ -101,14 +101,14 @@ class DocumentIn(BaseModel):
     classification_period: str | None = Field(default=None, max_length=50, validate_default=True, pattern=XML_TEXT,
                                               description="保密期限, required when classified")
     urgency: str = Field(default="平件", description="紧急程度: 特急, 加急 or 平件 (ordinary)")
-    signer: str | None = Field(default=None, max_length=100, validate_default=True, pattern=XML_TEXT,
+    signer: str | None = Field(default=None, min_length=1, max_length=100, validate_default=True, pattern=XML_TEXT,
                                description="签发人, required for 请示 and 报告")
     written_date: str = Field(description="成文日期, 2026年11月20日 or 2026-11-20")
     recipients: list[RecipientIn] = Field(min_length=1, max_length=1000, description="主送/抄送/抄报 units")
     body: FileRef = Field(description="正文 (OFD or PDF), uploaded first to /api/v1/blobs")
     attachments: list[FileRef] = Field(default_factory=list, max_length=99, description="附件")
-    note: str | None = Field(default=None, max_length=2000, pattern=XML_TEXT, description="附注")
-    publish_level: str | None = Field(default=None, max_length=20, pattern=XML_TEXT, description="发布层次, e.g. 不公开")
+    note: str | None = Field(default=None, min_length=1, max_length=2000, pattern=XML_TEXT, description="附注")
+    publish_level: str | None = Field(default=None, min_length=1, max_length=20, pattern=XML_TEXT, description="发布层次, e.g. 不公开")
     sealed: bool = True
     printer: Printer | None = Field(default=None, description="印发机关和印发日期")
     conversation_id: str | None = Field(default=None, max_length=128, pattern=XML_TEXT)
