@@ -172,7 +172,9 @@ def group_cursor(conn: Connection) -> Any:
 def driver_stamp(t: datetime, postgres: bool) -> object:
     """A timestamp as the driver takes it for a ``UTCDateTime`` column, for statements run on
     the DBAPI cursor: PostgreSQL takes the datetime, SQLite keeps text in SQLAlchemy's format."""
-    return t if postgres else t.strftime("%Y-%m-%d %H:%M:%S.%f")
+    # isoformat, cut before any offset: the same text as strftime("%Y-%m-%d %H:%M:%S.%f") at
+    # half its cost (strftime goes through the C library's formatter)
+    return t if postgres else t.isoformat(" ", "microseconds")[:26]
 
 
 def driver_mark(postgres: bool) -> str:

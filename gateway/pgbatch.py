@@ -12,7 +12,7 @@ does with statements it sees often; the first :data:`PREPARED_MAX` distinct ones
 statement differs with its number of recipients), later ones are parsed each time. Parameters
 go as text, with the type of the Python value (``str`` as *unknown*, so the server takes the
 column's type, as psycopg does); ``bytes`` go as they are (binary format), not as hex
-text twice their size for the server to decode.
+text twice their size for the server to decode, and aware datetimes as binary timestamptz.
 
 Any failure leaves the connection idle (rolled back) or broken; :class:`BatchFailed` says
 which, and the caller runs the units again one by one through psycopg, which reports each
@@ -21,8 +21,9 @@ unit's error properly.
 from __future__ import annotations
 
 import select
+import struct
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from psycopg import pq
@@ -31,6 +32,10 @@ from psycopg import pq
 _BOOL, _INT8, _FLOAT8, _BYTEA, _TIMESTAMPTZ, _UNKNOWN = 16, 20, 701, 17, 1184, 0
 
 Statement = tuple[str, Sequence[Any]]
+#: timestamptz in PostgreSQL's binary format: microseconds since 2000-01-01 00:00 UTC, 8 bytes
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_INT64 = struct.Struct("!q")
 #: statements prepared per connection at most (psycopg's own default limit, too)
 PREPARED_MAX = 100
 
@@ -98,7 +103,9 @@ def _dump(value: Any, encoding: str) -> tuple[bytes | None, int, int]:
     if t is datetime:
         if value.tzinfo is None:
             raise TypeError("a naive datetime has no unambiguous timestamptz value")
-        return value.isoformat().encode(), _TIMESTAMPTZ, _TEXT
+        # binary: a subtraction in C, where the ISO text cost ~10 k instructions to write
+        # (an accept passes five) and the server as much again to parse
+        return _INT64.pack((value - _PG_EPOCH) // _MICROSECOND), _TIMESTAMPTZ, _BINARY
     if t is bytes:
         return value, _BYTEA, _BINARY
     if t is bool:
