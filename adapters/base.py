@@ -37,6 +37,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,12 +52,30 @@ _REF_NS = uuid.UUID("6f1b8a52-4d0e-5c39-9a57-2f0c1e6b7d10")
 _REF_NS_BYTES = _REF_NS.bytes
 
 
+#: a message id this gateway made (a UUIDv7, gateway.envelope.new_message_id): its first 48
+#: bits are the time in milliseconds
+_UUID7 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
 def remote_ref(message_id: str, unit: str) -> str:
-    """``uuid5(_REF_NS, "<message_id>:<unit>")``, computed directly (a 200-unit document
-    needs 200 of them on the accept path)."""
-    b = bytearray(hashlib.sha1(_REF_NS_BYTES + f"{message_id}:{unit}".encode()).digest()[:16])
-    b[6] = (b[6] & 0x0F) | 0x50  # version 5
-    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+    """The id a delivery goes by at the legacy system, made from the message id and the unit
+    alone (so it is the same at every retry): a UUID (version 8, RFC 9562) whose first 48
+    bits every unit of the message shares (the message id's time for an id this gateway
+    made, which sorts by time; else the start of a SHA-1 of the message id) and whose other
+    bits come from a SHA-1 of message id and unit.
+
+    The shared, time-ordered start keeps the database's index on it compact: the 200 refs of
+    a 200-unit document go into one or two index pages next to the newest, where SHA-1 alone
+    (a UUIDv5, used until 2026-11-28) put each on a random page, and that one index was a
+    quarter of the work of storing such a document. Deliveries stored before keep their
+    UUIDv5: the worker hands adapters the ref stored with the delivery (Delivery.ref)."""
+    if _UUID7.fullmatch(message_id):
+        head = bytes.fromhex(message_id[:8] + message_id[9:13])
+    else:
+        head = hashlib.sha1(_REF_NS_BYTES + message_id.encode()).digest()[:6]
+    b = bytearray(head + hashlib.sha1(_REF_NS_BYTES + f"{message_id}:{unit}".encode()).digest()[:10])
+    b[6] = (b[6] & 0x0F) | 0x80  # version 8
+    b[8] = (b[8] & 0x3F) | 0x80  # RFC 9562 variant
     h = b.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
@@ -117,6 +136,8 @@ class Delivery:
     recipient: Recipient
     envelope: Envelope
     attempt: int = 1
+    #: the ref stored with the delivery when the message was accepted (the worker passes it)
+    ref: str | None = None
 
     @property
     def delivery_id(self) -> str:
@@ -125,11 +146,12 @@ class Delivery:
     @property
     def remote_ref(self) -> str:
         """The id this delivery goes by at the legacy system (SOAP ``doc_id``, the archive's
-        ``archiveid``, the ``<docid>`` in SFTP file names). Deterministic, so every retry
-        uses the same one and the legacy system can deduplicate; distinct per recipient,
-        because one message to two units behind the same system is two documents there.
-        Receipts come back naming it."""
-        return remote_ref(self.message_id, self.recipient.unit)
+        ``archiveid``, the ``<docid>`` in SFTP file names): the one stored at accept
+        (:func:`remote_ref` of that time), else :func:`remote_ref` now. The same at every
+        retry, so the legacy system can deduplicate; distinct per recipient, because one
+        message to two units behind the same system is two documents there. Receipts come
+        back naming it."""
+        return self.ref or remote_ref(self.message_id, self.recipient.unit)
 
 
 @dataclass
@@ -191,9 +213,10 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def check(self) -> Health: ...
 
-    def recall(self, message_id: str, unit: str) -> bool:
-        """Ask the legacy system to withdraw (撤回) a document not yet signed for.
-        Returns False if it was too late; raises if the protocol has no recall."""
+    def recall(self, message_id: str, unit: str, ref: str | None = None) -> bool:
+        """Ask the legacy system to withdraw (撤回) a document not yet signed for (``ref``:
+        the delivery's stored remote ref, see :attr:`Delivery.remote_ref`). Returns False
+        if it was too late; raises if the protocol has no recall."""
         raise PermanentError(f"adapter type {self.type_name} cannot recall documents")
 
     def handle_callback(self, body: bytes, content_type: str) -> tuple[list[PolledItem], bytes, str]:

@@ -694,9 +694,9 @@ class SoapAdapter(Adapter):
             return Health(False, f"{CHECK_OPERATION} answered {status!r}", latency)
         return Health(True, f"{self._where()} answers ({CHECK_OPERATION}: {status})", latency)
 
-    def recall(self, message_id: str, unit: str) -> bool:
+    def recall(self, message_id: str, unit: str, ref: str | None = None) -> bool:
         """RecallDocument (撤回): True if ``RECALLED``, False if ``TOO_LATE`` (signed for)."""
-        ref = remote_ref(message_id, unit)
+        ref = ref or remote_ref(message_id, unit)
         result = self._call(RECALL_OPERATION, f"{RECALL_OPERATION} of message {message_id} "
                             f"to {unit}", doc_id=ref)
         if result == "RECALLED":

@@ -113,7 +113,7 @@ _CLAIM_TARGET_PG = _claim_statement(True, by_target=True)
 _CLAIMED_ROWS = (
     select(OutboxEntry.id, OutboxEntry.kind, OutboxEntry.target, OutboxEntry.attempts, OutboxEntry.payload,
            OutboxEntry.priority, Delivery.message_id, Delivery.unit, Delivery.unit_name, Delivery.copy_type,
-           Delivery.copy_no, Delivery.status, Message.envelope_xml)
+           Delivery.copy_no, Delivery.status, Delivery.remote_ref, Message.envelope_xml)
     .outerjoin(Delivery, Delivery.id == OutboxEntry.delivery_id)
     .outerjoin(Message, Message.id == Delivery.message_id)
     .where(OutboxEntry.id.in_(bindparam("ids", expanding=True))))
@@ -149,6 +149,7 @@ class Job:
     envelope_xml: bytes | None = None
     recipient: Recipient | None = None
     delivery_status: str | None = None
+    remote_ref: str | None = None  # the delivery's, as stored at accept
 
 
 def _groups(jobs: list[Job]) -> list[list[Job]]:
@@ -187,7 +188,7 @@ def _batch_size(threads: int, pace: float | None, lease: float) -> int:
 def jobs_from_rows(rows) -> list[Job]:  # type: ignore[no-untyped-def]
     """Jobs from rows of ``_CLAIMED_ROWS``, in the given order."""
     return [Job(r.id, r.kind, r.target, r.attempts, r.payload, r.priority, r.message_id, r.envelope_xml,
-                Recipient(r.unit, r.unit_name, r.copy_type, r.copy_no) if r.unit else None, r.status)
+                Recipient(r.unit, r.unit_name, r.copy_type, r.copy_no) if r.unit else None, r.status, r.remote_ref)
             for r in rows]
 
 
@@ -264,7 +265,8 @@ class Worker:
                 assert job.message_id and job.envelope_xml is not None and job.recipient
                 env = _envelope(job.message_id, job.envelope_xml)
                 res = self.node.adapter(job.target).deliver(AdapterDelivery(
-                    message_id=job.message_id, recipient=job.recipient, envelope=env, attempt=job.attempts + 1))
+                    message_id=job.message_id, recipient=job.recipient, envelope=env, attempt=job.attempts + 1,
+                    ref=job.remote_ref))
                 out.remote_id = res.remote_id
             elif job.kind == "forward":
                 out.extra.update(self._forward(job))
@@ -280,7 +282,8 @@ class Worker:
                 if job.delivery_status == "queued":
                     # the copy is being delivered right now: recall it once that has finished
                     raise RetryableError("the copy is still being delivered; the recall follows it")
-                out.extra["recalled"] = self.node.adapter(job.target).recall(job.message_id, job.recipient.unit)
+                out.extra["recalled"] = self.node.adapter(job.target).recall(job.message_id, job.recipient.unit,
+                                                                             job.remote_ref)
             elif job.kind == "webhook":
                 self._send_webhook(job.target, job.payload or {})
             else:

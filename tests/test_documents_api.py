@@ -200,6 +200,25 @@ def test_recall_after_delivery_goes_to_the_legacy_system(api, gw_node):
     assert got["recipients"][0]["status"] == "recalled"
 
 
+def test_adapters_get_the_remote_ref_stored_with_the_delivery(api, gw_node):
+    """A delivery keeps the ref it was stored with at accept, whatever remote_ref() makes
+    today (refs were UUIDv5 until 2026-11-28): a retry after an upgrade must reach the legacy
+    system under the id it saw first, and so must a recall."""
+    from sqlalchemy import update
+
+    body = api.post("/api/v1/documents", json=api.document()).get_json()
+    old = "0d4c7b1e-9a35-5f62-8b1d-3c2e4f5a6b7c"  # a UUIDv5, as stored before
+    with gw_node.db.begin() as s:
+        s.execute(update(Delivery).where(Delivery.message_id == body["id"]).values(remote_ref=old))
+    Worker(gw_node).drain()
+    rec = gw_node.adapter("rec")
+    assert [d.remote_ref for d in rec.delivered] == [old] and rec.effects == {old: 1}
+    api.post(f"/api/v1/documents/{body['id']}/recall")
+    Worker(gw_node).drain()
+    assert rec.recalled == [old]
+    assert api.get(f"/api/v1/documents/{body['id']}").get_json()["recipients"][0]["status"] == "recalled"
+
+
 def test_list_is_paged_newest_first_and_only_the_callers(api, gw_node):
     ids = [api.post("/api/v1/documents", json=api.document()).get_json()["id"] for _ in range(3)]
     other = Api(gw_node, scopes=("documents:read",))

@@ -33,3 +33,29 @@ def test_problems_say_what_is_wrong():
     assert "'I'" in uscc_problem("11522300GDR9YB955I")
     assert "organisation code" in uscc_problem("11522300GDR9YB9650")
     assert "check character" in uscc_problem("11522300GDR9YB9551")
+
+
+def test_remote_refs_of_a_message_share_a_time_ordered_start():
+    """remote_ref: a version 8 UUID, the same for the same message and unit, different per
+    unit; every unit of a message shares its first 48 bits (one index neighbourhood for a
+    200-unit document), which for a message id the gateway made are that id's time."""
+    import time
+    import uuid
+
+    from adapters.base import remote_ref
+    from gateway.envelope import new_message_id
+
+    units = [f"unit-{i}" for i in range(200)]
+    first = new_message_id()
+    refs = [remote_ref(first, u) for u in units]
+    assert refs == [remote_ref(first, u) for u in units] and len(set(refs)) == 200
+    for ref in refs:
+        u = uuid.UUID(ref)
+        assert (u.version, u.variant, str(u)) == (8, uuid.RFC_4122, ref)
+        assert ref[:8] + ref[9:13] == first[:8] + first[9:13]  # the message id's milliseconds
+    time.sleep(0.002)
+    later = new_message_id()
+    assert min(remote_ref(later, u) for u in units) > max(refs)  # a later message sorts after
+    own = [remote_ref("州政办发2026-37号-caller-id", u) for u in units]  # not a UUIDv7: a hash of the id
+    assert len({r[:13] for r in own}) == 1 and len(set(own)) == 200
+    assert own[0][:13] != remote_ref("州政办发2026-38号-caller-id", units[0])[:13]

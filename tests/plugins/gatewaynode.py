@@ -45,6 +45,7 @@ class RecordingAdapter(Adapter):
         self.failures: list[Exception] = []
         self.pending_items: list[PolledItem] = []
         self.acked: list[str] = []
+        self.recalled: list[str | None] = []  # the ref each recall was given
         self.hook: Callable[[Delivery], None] | None = None
         self.lock = threading.Lock()
         RecordingAdapter.instances[name] = self
@@ -65,7 +66,8 @@ class RecordingAdapter(Adapter):
             it._ack = (lambda k=it.key: self.acked.append(k))
         return items
 
-    def recall(self, message_id: str, unit: str) -> bool:
+    def recall(self, message_id: str, unit: str, ref: str | None = None) -> bool:
+        self.recalled.append(ref)
         return self.config.get("recall_ok", True)
 
     def check(self) -> Health:
