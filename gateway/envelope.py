@@ -271,9 +271,10 @@ class Envelope:
         def opt(f: Callable[[str], str], v: str | None) -> str | None:
             return f(v) if v else v
 
-        written = self.__dict__.get("_payload_xml")
+        written = self.__dict__.get("_payload_xml")  # carried over as text, not parsed to be copied
         out = dataclasses.replace(
-            self, payload=None if written is not None else self.payload, message_id=t(self.message_id), subsystem=t(self.subsystem), type=t(self.type),
+            self, payload=None if written is not None else self.payload,
+            message_id=t(self.message_id), subsystem=t(self.subsystem), type=t(self.type),
             classification=t(self.classification), urgency=t(self.urgency),
             in_reply_to=opt(t, self.in_reply_to), conversation_id=opt(t, self.conversation_id),
             sender_unit=a(self.sender_unit), sender_node=opt(a, self.sender_node),

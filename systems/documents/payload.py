@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from gateway.envelope import Envelope, EnvelopeError, Recipient, escape_attr, escape_text
 from systems.documents import PAYLOAD_NS, rules
 from systems.documents.schemas import DocumentIn
