@@ -195,9 +195,11 @@ def _text_paths(model: type, prefix: tuple = ()) -> list[tuple]:
     return paths
 
 
-def test_every_text_field_of_a_document_refuses_what_plain_json_leaves_to_it():
+def test_every_text_field_of_a_document_refuses_what_xml_cannot_carry():
     """xmlsafe.plain_json does not look for U+FFFE / U+FFFF (JSON carries them unescaped):
-    DocumentIn must refuse them in every string field, those added later included."""
+    DocumentIn must refuse them in every string field, those added later included. Control
+    characters make the JSON not plain (JSON escapes them), and the text writers would raise
+    on them: the model must refuse them too, so that they are a 422 naming the field."""
     from systems.documents.schemas import DocumentIn
 
     DocumentIn.model_validate_json(json.dumps(_BASE, ensure_ascii=False))  # the base is valid
@@ -205,15 +207,16 @@ def test_every_text_field_of_a_document_refuses_what_plain_json_leaves_to_it():
     assert ("attachments", 0, "name") in paths and ("printer", "date") in paths and ("body", "sha256") in paths \
         and len(paths) >= 26, paths
     for path in paths:
-        for bad in ("\ufffe", "\uffff"):
+        for bad in ("\ufffe", "\uffff", "\x01", "\x1f", "\x00"):
             at = _BASE
             for p in path:
                 at = at.get(p, "") if isinstance(at, dict) else at[p]
             value = (at if isinstance(at, str) else "") + bad
             data = json.dumps(_set(_BASE, path, value), ensure_ascii=False).encode()
-            assert xmlsafe.plain_json(data)  # the check leaves it to the model …
-            with pytest.raises(ValidationError):  # … which refuses it
+            assert xmlsafe.plain_json(data) is (bad in "\ufffe\uffff")  # left to the model, or not plain
+            with pytest.raises(ValidationError) as exc:  # … and the model refuses it, naming the field
                 DocumentIn.model_validate_json(data)
+            assert [e["loc"] for e in exc.value.errors()] == [path], (path, bad)
 
 
 def _payload_tree(doc):  # type: ignore[no-untyped-def]
