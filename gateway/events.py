@@ -7,6 +7,7 @@ delivery.
 """
 from __future__ import annotations
 
+import logging
 from datetime import datetime, UTC
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,6 +25,22 @@ def shown_url(url: str) -> str:
     if not parts.query and not parts.fragment:
         return url
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "…" if parts.query else "", ""))
+
+
+class HideQueries(logging.Filter):
+    """For the HTTP client library's logger (urllib3, which requests uses): its DEBUG lines
+    name each request's target with its query string ("POST /hook?token=… HTTP/1.1" 200), so
+    a node logging at DEBUG would write a webhook's token into its log. Every text argument
+    with a ``?`` is shown as :func:`shown_url` shows a URL."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and any(isinstance(a, str) and "?" in a for a in args):
+            record.args = tuple(shown_url(a) if isinstance(a, str) and "?" in a else a for a in args)
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(HideQueries())
 
 
 def status_changed(s: Session, d: Delivery, previous: str) -> None:

@@ -163,6 +163,22 @@ def test_an_unexpected_error_sending_a_webhook_is_logged_without_the_urls_token(
         hook.server.shutdown()
 
 
+def test_the_http_librarys_debug_log_shows_a_webhook_url_without_its_token(gw_node, caplog):
+    """A node run at DEBUG also logs urllib3's lines, which name each request's target with
+    its query string: the token is cut out of them too (gateway.events.HideQueries)."""
+    hook = Receiver()
+    try:
+        api = Api(gw_node, webhook_url=hook.url + "?token=s3cr3t-hook-token")
+        api.post("/api/v1/documents", json=api.document())
+        caplog.set_level("DEBUG", logger="urllib3")
+        assert _drain_until(gw_node, lambda: len(hook.posts) >= 1)
+        lines = [r.getMessage() for r in caplog.records if r.name.startswith("urllib3")]
+        assert any('"POST /hook?… HTTP/1.1" 200' in m for m in lines), lines  # urllib3 did log the post
+        assert not [m for m in lines if "s3cr3t" in m], lines
+    finally:
+        hook.server.shutdown()
+
+
 def test_readyz_metrics_and_openapi(api, gw_node):
     assert api.client.get("/healthz").get_json() == {"status": "ok"}
     ready = api.client.get("/readyz")
