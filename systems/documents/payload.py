@@ -68,10 +68,11 @@ def to_envelope(doc: DocumentIn, *, message_id: str | None, node_id: str, sizes:
     rows += [("attachment", a["name"], sizes[a["sha256"]], a["sha256"], a["media_type"]) for a in doc.attachments]
     kw: dict[str, Any] = {"message_id": message_id} if message_id else {}
     env = Envelope(subsystem="documents", type="document", sender_unit=doc.sender_unit, sender_node=node_id,
-                   sender_name=doc.issuer, recipients=recipients, payload=None,  # type: ignore[arg-type]
+                   sender_name=doc.issuer, recipients=recipients,
+                   payload=None,  # type: ignore[arg-type]  # given as text just below
                    classification=doc.classification, classification_period=doc.classification_period,
-                   urgency=doc.urgency, conversation_id=doc.conversation_id, **kw).attachment_rows(rows)
-    env.written_payload(payload_xml(doc, plain))
+                   urgency=doc.urgency, conversation_id=doc.conversation_id,
+                   **kw).attachment_rows(rows).written_payload(payload_xml(doc, plain))
     # the node id (configuration), the generated id and copy numbers, the time, the sizes and
     # the roles are plain by construction; everything else came from the JSON
     return env.plain_text() if plain else env
