@@ -438,17 +438,20 @@ class Gunicorn:
     worker count and threads through the file's own environment variables."""
 
     def __init__(self, app: str, *, workers: int, threads: int, env: dict[str, str] | None = None,
-                 pythonpath: Path | None = None, name: str = "gunicorn", logdir: Path) -> None:
+                 pythonpath: Path | None = None, name: str = "gunicorn", logdir: Path,
+                 tree: Path = REPO) -> None:
+        """``tree``: the checkout whose settings file is used, run in it (bench/ab.py); ``env``
+        comes last, so it may change the worker count or threads too."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = logdir / f"{name}.log"
-        cmd = [str(VENV_BIN / "gunicorn"), "-c", str(GUNICORN_CONF)]
+        cmd = [str(VENV_BIN / "gunicorn"), "-c", str(tree / GUNICORN_CONF.relative_to(REPO))]
         if pythonpath:
             cmd += ["--pythonpath", str(pythonpath)]
         cmd.append(app)
-        self.proc = spawn(cmd, log_file=self.log, env={
-            **(env or {}), "GATEWAY_BIND": f"127.0.0.1:{self.port}", "GATEWAY_WORKERS": str(workers),
-            "GATEWAY_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
+        self.proc = spawn(cmd, log_file=self.log, cwd=tree, env={
+            "GATEWAY_BIND": f"127.0.0.1:{self.port}", "GATEWAY_WORKERS": str(workers),
+            "GATEWAY_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **(env or {})})
         self.name = name
 
     def wait_ready(self, path: str = "/healthz", timeout: float = 60) -> Gunicorn:

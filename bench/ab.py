@@ -52,13 +52,9 @@ class Side:
         out = self._gateway("keys", "create", "--name", f"ab-{name}", "--scope", "*", "--clearance", "绝密",
                             conf=conf)
         self.key = next(w for w in out.split() if w.startswith("gw_"))
-        self.port = c.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = c.spawn([str(c.VENV_BIN / "gunicorn"), "-c", str(tree / "config" / "gunicorn.conf.py"),
-                             "gateway.app:create_app()"], log_file=tmp / f"gunicorn-{name}.log", cwd=tree, env={
-            "GATEWAY_CONFIG": str(conf), "GATEWAY_BIND": f"127.0.0.1:{self.port}", "GATEWAY_WORKERS": str(workers),
-            "GATEWAY_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **self.env})  # the side's own win
-        c.wait_for(self._up, 60, f"gunicorn of side {name}")
+        self.server = c.Gunicorn("gateway.app:create_app()", workers=workers, threads=threads, name=f"gateway-{name}",
+                                 logdir=tmp, tree=tree, env={"GATEWAY_CONFIG": str(conf), **self.env}).wait_ready()
+        self.url = self.server.url
         body = c.upload_blob(self.url, self.key, c.body_bytes(64 * 1024, "body"))
         atts = [c.upload_blob(self.url, self.key, c.body_bytes(2048, f"att{i}")) for i in range(99)]
         self.doc = d / "doc.json"
@@ -72,22 +68,12 @@ class Side:
             raise SystemExit(f"ab: side {self.name}: gateway {' '.join(args)} failed:\n{p.stderr[-2000:]}")
         return p.stdout
 
-    def _up(self) -> bool:
-        import requests
-
-        if self.proc.poll() is not None:
-            raise SystemExit(f"ab: side {self.name}: gunicorn exited (see its log)")
-        try:
-            return requests.get(self.url + "/healthz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
     def load(self, seconds: float, clients: int, warmup: float, pg_pid: int | None) -> str:
         pg0 = c.cpu_seconds(pg_pid) if pg_pid else 0.0
-        cpu0 = c.cpu_seconds(self.proc.pid)
+        cpu0 = c.cpu_seconds(self.server.proc.pid)
         r = c.run_loadgen(self.url + "/api/v1/documents", [self.doc], key=self.key, threads=clients,
                           duration=seconds, warmup=warmup)
-        cpu1 = c.cpu_seconds(self.proc.pid)
+        cpu1 = c.cpu_seconds(self.server.proc.pid)
         pg1 = c.cpu_seconds(pg_pid) if pg_pid else 0.0
         if r["errors"]:
             raise SystemExit(f"ab: side {self.name}: {r['errors']} errors, e.g. {r['first_errors'][:1]}")
