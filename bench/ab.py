@@ -48,7 +48,10 @@ class Side:
 
             with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
                 for statement in sql:
-                    conn.execute(statement)  # type: ignore[arg-type]
+                    try:
+                        conn.execute(statement)  # type: ignore[arg-type]
+                    except psycopg.Error as exc:
+                        raise SystemExit(f"ab: --{name}-sql {statement!r}: {exc}") from None
         out = self._gateway("keys", "create", "--name", f"ab-{name}", "--scope", "*", "--clearance", "绝密",
                             conf=conf)
         self.key = next(w for w in out.split() if w.startswith("gw_"))
