@@ -80,6 +80,12 @@ def remote_ref(message_id: str, unit: str) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def delivery_ref(message_id: str, unit: str, stored: str | None = None) -> str:
+    """The remote ref a delivery goes by: the one stored with it at accept (``stored``; refs
+    stored before 2026-11-28 are UUIDv5), else :func:`remote_ref` made now."""
+    return stored or remote_ref(message_id, unit)
+
+
 class DeliveryError(Exception):
     retryable: ClassVar[bool] = True
 
@@ -151,7 +157,7 @@ class Delivery:
         retry, so the legacy system can deduplicate; distinct per recipient, because one
         message to two units behind the same system is two documents there. Receipts come
         back naming it."""
-        return self.ref or remote_ref(self.message_id, self.recipient.unit)
+        return delivery_ref(self.message_id, self.recipient.unit, self.ref)
 
 
 @dataclass

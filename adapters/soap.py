@@ -66,8 +66,8 @@ from adapters.base import (
     PermanentError,
     PolledItem,
     RetryableError,
+    delivery_ref,
     register,
-    remote_ref,
 )
 from gateway import ROOT, xmlsafe
 from gateway.envelope import NS as ENVELOPE_NS
@@ -696,7 +696,7 @@ class SoapAdapter(Adapter):
 
     def recall(self, message_id: str, unit: str, ref: str | None = None) -> bool:
         """RecallDocument (撤回): True if ``RECALLED``, False if ``TOO_LATE`` (signed for)."""
-        ref = ref or remote_ref(message_id, unit)
+        ref = delivery_ref(message_id, unit, ref)
         result = self._call(RECALL_OPERATION, f"{RECALL_OPERATION} of message {message_id} "
                             f"to {unit}", doc_id=ref)
         if result == "RECALLED":
