@@ -439,13 +439,14 @@ class Gunicorn:
 
     def __init__(self, app: str, *, workers: int, threads: int, env: dict[str, str] | None = None,
                  pythonpath: Path | None = None, name: str = "gunicorn", logdir: Path,
-                 tree: Path = REPO) -> None:
+                 tree: Path = REPO, conf: Path | None = None) -> None:
         """``tree``: the checkout whose settings file is used, run in it (bench/ab.py); ``env``
-        comes last, so it may change the worker count or threads too."""
+        comes last, so it may change the worker count or threads too. ``conf``: another
+        settings file instead (bench/stages.py: one that reads the production file too)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = logdir / f"{name}.log"
-        cmd = [str(VENV_BIN / "gunicorn"), "-c", str(tree / GUNICORN_CONF.relative_to(REPO))]
+        cmd = [str(VENV_BIN / "gunicorn"), "-c", str(conf or tree / GUNICORN_CONF.relative_to(REPO))]
         if pythonpath:
             cmd += ["--pythonpath", str(pythonpath)]
         cmd.append(app)
