@@ -103,11 +103,15 @@ def keys() -> None:
 @click.option("--clearance", default="非密", show_default=True, help="highest 密级 the key may send or read")
 @click.option("--unit", "units", multiple=True, help="a unit (统一社会信用代码) the key may send for")
 @click.option("--webhook-url", help="where status changes are POSTed (signed)")
+@click.option("--upload-quota", metavar="SIZE|none",
+              help="new content the key may upload in any 24 hours, e.g. 20GiB, or none for no limit "
+                   "(default: the node's [api] upload_quota_bytes_per_day)")
 @pass_ctx
 def keys_create(c: Ctx, name: str, scopes: tuple[str, ...], clearance: str, units: tuple[str, ...],
-                webhook_url: str | None) -> None:
+                webhook_url: str | None, upload_quota: str | None) -> None:
     from gateway.api.auth import create_key
 
+    quota = None if upload_quota is None else _quota_value(upload_quota, "--upload-quota", default=False)
     n = c.node()
     _require_schema(n)
     served = n.config.node.units
@@ -117,7 +121,7 @@ def keys_create(c: Ctx, name: str, scopes: tuple[str, ...], clearance: str, unit
                                  param_hint="--unit")
     try:
         key = create_key(n.db, name=name, scopes=list(scopes), clearance=clearance, units=list(units),
-                         webhook_url=webhook_url, actor=f"cli:{_user()}")
+                         webhook_url=webhook_url, actor=f"cli:{_user()}", upload_quota=quota)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(key)
@@ -136,6 +140,52 @@ def keys_revoke(c: Ctx, key_id: str) -> None:
     click.echo(f"revoked {key_id}")
 
 
+def _quota_value(text: str, param: str, *, default: bool) -> int | None:
+    """An upload quota as given on the command line: a size, ``none`` (0: no limit) or, where
+    ``default`` is allowed, ``default`` (None: the node's)."""
+    from gateway.api.auth import parse_size
+
+    word = text.strip().lower()
+    if word == "none":
+        return 0
+    if word == "default" and default:
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        words = "none (no limit) or default (the node's)" if default else "none (no limit)"
+        raise click.BadParameter(f"{exc}; or {words}", param_hint=param) from None
+
+
+def _shown_quota(quota: int | None, node_default: int) -> str:
+    from gateway.api.auth import shown_size
+
+    if quota is None:
+        return f"node default ({shown_size(node_default)}/day)" if node_default else "node default (none)"
+    return f"{shown_size(quota)}/day" if quota else "none"
+
+
+@keys.command("quota", help="Set an API key's own daily upload quota: a SIZE such as 20GiB, none (no "
+                            "limit) or default (the node's [api] upload_quota_bytes_per_day). In force "
+                            "within seconds; audited.")
+@click.argument("key_id")
+@click.argument("value", metavar="SIZE|none|default")
+@pass_ctx
+def keys_quota(c: Ctx, key_id: str, value: str) -> None:
+    from gateway.api.auth import set_upload_quota
+
+    quota = _quota_value(value, "VALUE", default=True)
+    n = c.node()
+    _require_schema(n)
+    try:
+        before = set_upload_quota(n.db, key_id, quota, actor=f"cli:{_user()}")
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+    node_default = n.config.api.upload_quota_bytes_per_day
+    click.echo(f"{key_id}: upload quota {_shown_quota(quota, node_default)} "
+               f"(was {_shown_quota(before, node_default)})")
+
+
 @keys.command("list", help="List API keys (never their secrets).")
 @pass_ctx
 def keys_list(c: Ctx) -> None:
@@ -150,8 +200,9 @@ def keys_list(c: Ctx) -> None:
     with n.db.sessions() as s:
         for k in s.scalars(select(ApiKey).order_by(ApiKey.created_at)):
             state = "revoked" if k.revoked_at else "active"
+            quota = _shown_quota(k.upload_quota_bytes_per_day, n.config.api.upload_quota_bytes_per_day)
             click.echo(f"{k.id}  {state:7}  clearance={names.get(k.clearance, k.clearance)}  "
-                       f"scopes={','.join(k.scopes)}  {k.name}")
+                       f"scopes={','.join(k.scopes)}  upload-quota={quota}  {k.name}")
 
 
 def _user() -> str:

@@ -213,6 +213,9 @@ class ApiKey(Base):
     #: units the caller may send for; empty = any unit this node serves
     units: Mapped[list] = mapped_column(JSON, default=list)
     webhook_url: Mapped[str | None] = mapped_column(String(400))
+    #: new content this key may store in any 24 hours (0: no limit); None: the node's
+    #: [api] upload_quota_bytes_per_day (migration 0010)
+    upload_quota_bytes_per_day: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 

@@ -3,6 +3,7 @@ accept path remembers."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import pytest
@@ -290,3 +291,73 @@ def test_an_upload_quota_that_is_not_a_count_of_bytes_is_refused_at_start(tmp_pa
 
     with pytest.raises(ConfigError, match="upload_quota_bytes_per_day"):
         node_config(tmp_path, database_url, api={"upload_quota_bytes_per_day": -1})
+
+
+def test_a_key_of_its_own_quota_overrides_the_nodes_both_ways(tmp_path, database_url):
+    """``gateway keys quota``: a key's own quota wins over ``[api] upload_quota_bytes_per_day``,
+    smaller or larger; 0 (``none``) is no limit for that key; None goes back to the node's.
+    The 429 says where the quota that refused it is set. A change is audited and in force
+    once the key is looked up again (within auth.CACHE_SECONDS)."""
+    from sqlalchemy import select
+
+    from gateway import migrate
+    from gateway.api import auth
+    from gateway.models import AuditEntry
+    from gateway.node import Node
+    from tests.plugins.gatewaynode import Api, node_config
+
+    cfg = node_config(tmp_path, database_url, api={"upload_quota_bytes_per_day": 10_000})
+    migrate.upgrade(cfg.database_url())
+    node = Node(cfg)
+    try:
+        small, big, unlimited = Api(node), Api(node), Api(node)
+        ids = {name: who.key.split("_", 2)[1] for name, who in (("small", small), ("big", big),
+                                                               ("unlimited", unlimited))}
+        assert auth.set_upload_quota(node.db, ids["small"], 3000, actor="cli:operator") is None
+        assert auth.set_upload_quota(node.db, ids["big"], 50_000, actor="cli:operator") is None
+        assert auth.set_upload_quota(node.db, ids["unlimited"], 0, actor="cli:operator") is None
+        auth.forget_cached_keys()
+        small.upload(b"s" * 2500)
+        r = small.post("/api/v1/blobs", data=b"t" * 1000, content_type="application/octet-stream")
+        assert r.status_code == 429, r.get_data(as_text=True)
+        assert "2500 of its 3000 bytes" in r.get_json()["detail"]
+        assert "gateway keys quota" in r.get_json()["detail"]
+        big.upload(b"b" * 30_000)  # past the node's 10,000: its own quota is larger
+        unlimited.upload(b"u" * 40_000)
+        # back to the node's quota: 2,500 used of 10,000
+        assert auth.set_upload_quota(node.db, ids["small"], None, actor="cli:operator") == 3000
+        auth.forget_cached_keys()
+        small.upload(b"t" * 1000)
+        r = small.post("/api/v1/blobs", data=b"v" * 7000, content_type="application/octet-stream")
+        assert r.status_code == 429 and "[api] upload_quota_bytes_per_day" in r.get_json()["detail"]
+        with pytest.raises(LookupError, match="no active key"):
+            auth.set_upload_quota(node.db, "nosuchkey", 1, actor="cli:operator")
+        with pytest.raises(ValueError, match="expected 0"):
+            auth.set_upload_quota(node.db, ids["big"], -1, actor="cli:operator")
+        with node.db.sessions() as s:
+            changes = [(e.object, e.actor, e.detail) for e in s.scalars(
+                select(AuditEntry).where(AuditEntry.action == "admin.key.quota").order_by(AuditEntry.seq))]
+        assert [c[0] for c in changes] == [f"key:{ids[n]}" for n in ("small", "big", "unlimited", "small")]
+        assert all(c[1] == "cli:operator" for c in changes)
+        assert json.loads(changes[-1][2]) == {"before": 3000, "upload_quota_bytes_per_day": None}
+        assert json.loads(changes[2][2]) == {"before": None, "upload_quota_bytes_per_day": 0}
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("21474836480", 21474836480), ("20GiB", 20 * 2**30), ("500 MiB", 500 * 2**20), ("1.5GB", 1_500_000_000),
+    ("64kb", 64_000), ("3 TiB", 3 * 2**40), ("7B", 7)])
+def test_sizes_are_read_as_operators_write_them(text, expected):
+    from gateway.api.auth import parse_size, shown_size
+
+    assert parse_size(text) == expected
+    assert parse_size(shown_size(expected).split(" (")[0].replace(" bytes", "")) == expected
+
+
+@pytest.mark.parametrize("text", ["20G", "", "GiB", "-5MiB", "1e9", "twenty"])
+def test_a_size_that_is_not_one_says_what_is_expected(text):
+    from gateway.api.auth import parse_size
+
+    with pytest.raises(ValueError, match="expected a number of bytes, optionally with a unit"):
+        parse_size(text)

@@ -289,3 +289,42 @@ def test_ferry_resend_and_skip_say_what_they_can_do(tmp_path):
     assert r.returncode == 0 and "county-b_county-a_0000000001.ferry" in r.stdout
     r = gateway("-c", str(conf), "ferry", "resend", "county-x", "1", cwd=tmp_path)
     assert r.returncode == 1 and "not a ferry peer" in r.stderr
+
+
+def test_keys_get_an_upload_quota_of_their_own_and_the_list_shows_it(tmp_path):
+    """``keys create --upload-quota`` and ``keys quota``: sizes as operators write them, none
+    and default; a value that is not one is refused naming the option and what it takes."""
+    import json
+    import sqlite3
+
+    conf = _config(tmp_path, "[api]\nupload_quota_bytes_per_day = 10737418240\n")
+    assert gateway("-c", str(conf), "db", "upgrade", cwd=tmp_path).returncode == 0
+    r = gateway("-c", str(conf), "keys", "create", "--name", "州OA", "--scope", "blobs:write",
+                "--upload-quota", "20GiB", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    key_id = r.stdout.strip().split("_")[1]
+    assert gateway("-c", str(conf), "keys", "create", "--name", "甲县OA", "--scope", "blobs:write",
+                   cwd=tmp_path).returncode == 0
+    listed = gateway("-c", str(conf), "keys", "list", cwd=tmp_path).stdout.splitlines()
+    assert "upload-quota=20 GiB/day" in listed[0] and "州OA" in listed[0]
+    assert "upload-quota=node default (10 GiB/day)" in listed[1]
+    r = gateway("-c", str(conf), "keys", "quota", key_id, "none", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == f"{key_id}: upload quota none (was 20 GiB/day)", r.stderr
+    r = gateway("-c", str(conf), "keys", "quota", key_id, "default", cwd=tmp_path)
+    assert r.stdout.strip() == f"{key_id}: upload quota node default (10 GiB/day) (was none)"
+    for args, named in [(["keys", "create", "--name", "x", "--scope", "blobs:write", "--upload-quota", "20G"],
+                         "--upload-quota"),
+                        (["keys", "quota", key_id, "lots"], "VALUE"),
+                        (["keys", "create", "--name", "x", "--scope", "blobs:write", "--upload-quota", "default"],
+                         "--upload-quota")]:
+        r = gateway("-c", str(conf), *args, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert named in r.stderr and "expected a number of bytes, optionally with a unit" in r.stderr, r.stderr
+    r = gateway("-c", str(conf), "keys", "quota", "nosuchkey", "1GiB", cwd=tmp_path)
+    assert r.returncode == 1 and "no active key with id nosuchkey" in r.stderr
+    with sqlite3.connect(tmp_path / "var" / "gateway.db") as db:
+        rows = db.execute("SELECT action, detail FROM audit_log ORDER BY seq").fetchall()
+    assert [a for a, _ in rows] == ["admin.key.create", "admin.key.create", "admin.key.quota", "admin.key.quota"]
+    assert json.loads(rows[0][1])["upload_quota_bytes_per_day"] == 20 * 2**30
+    assert json.loads(rows[3][1]) == {"before": 0, "upload_quota_bytes_per_day": None}
+    assert gateway("-c", str(conf), "audit", "verify", cwd=tmp_path).returncode == 0

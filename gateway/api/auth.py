@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import threading
 import time
@@ -36,6 +37,8 @@ class Caller:
     scopes: tuple[str, ...]
     clearance: int
     units: tuple[str, ...]
+    #: new content it may upload in any 24 hours (0: no limit); None: the node's default
+    upload_quota: int | None = None
 
     def has(self, scope: str) -> bool:
         return "*" in self.scopes or scope in self.scopes
@@ -50,7 +53,10 @@ def _hash(secret: str) -> str:
 
 
 def create_key(db: Database, *, name: str, scopes: list[str], clearance: str = "非密",
-               units: list[str] | None = None, webhook_url: str | None = None, actor: str = "cli") -> str:
+               units: list[str] | None = None, webhook_url: str | None = None, actor: str = "cli",
+               upload_quota: int | None = None) -> str:
+    """A new key (returned once, stored hashed). ``upload_quota``: bytes of new content a day
+    (0: no limit); None: the node's ``[api] upload_quota_bytes_per_day``."""
     bad = [s for s in scopes if s not in SCOPES]
     if bad:
         raise ValueError(f"unknown scope {bad[0]!r}; expected some of {', '.join(SCOPES)}")
@@ -70,16 +76,64 @@ def create_key(db: Database, *, name: str, scopes: list[str], clearance: str = "
         if parts.username is not None or parts.password is not None:
             raise ValueError("webhook URL: no user name or password in it (it is shown in logs and errors); "
                              "the posts are signed by this node, which is how the receiver knows them")
+    if upload_quota is not None and upload_quota < 0:
+        raise ValueError(f"upload quota {upload_quota}: expected 0 (no limit) or more bytes")
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     with db.begin() as s:
         s.add(ApiKey(id=key_id, name=name, secret_hash=_hash(secret), scopes=list(scopes),
                      clearance=CLASSIFICATION_LEVEL[clearance], units=list(units or []),
-                     webhook_url=webhook_url))
-        audit.append(s, actor=actor, action="admin.key.create", obj=f"key:{key_id}",
-                     detail={"name": name, "scopes": scopes, "clearance": clearance, "units": units or [],
-                             "webhook_url": shown_url(webhook_url) if webhook_url else None})
+                     webhook_url=webhook_url, upload_quota_bytes_per_day=upload_quota))
+        detail: dict[str, object] = {"name": name, "scopes": scopes, "clearance": clearance, "units": units or [],
+                                     "webhook_url": shown_url(webhook_url) if webhook_url else None}
+        if upload_quota is not None:
+            detail["upload_quota_bytes_per_day"] = upload_quota
+        audit.append(s, actor=actor, action="admin.key.create", obj=f"key:{key_id}", detail=detail)
     return f"gw_{key_id}_{secret}"
+
+
+def set_upload_quota(db: Database, key_id: str, quota: int | None, actor: str = "cli") -> int | None:
+    """Give an active key its own daily upload quota (bytes, 0: no limit), or None: the
+    node's default again. Returns the quota it had before; LookupError if there is no such
+    active key. Audited; in force at every API process within CACHE_SECONDS."""
+    if quota is not None and quota < 0:
+        raise ValueError(f"upload quota {quota}: expected 0 (no limit) or more bytes")
+    with db.begin() as s:
+        k = s.get(ApiKey, key_id)
+        if k is None or k.revoked_at is not None:
+            raise LookupError(f"no active key with id {key_id}")
+        before = k.upload_quota_bytes_per_day
+        k.upload_quota_bytes_per_day = quota
+        audit.append(s, actor=actor, action="admin.key.quota", obj=f"key:{key_id}",
+                     detail={"upload_quota_bytes_per_day": quota, "before": before})
+        return before
+
+
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+
+
+def parse_size(text: str) -> int:
+    """A number of bytes as an operator writes it: ``21474836480``, ``20GiB``, ``500 MiB``,
+    ``1.5GB`` (KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB of 1000). ValueError
+    saying what is expected."""
+    m = _SIZE.fullmatch(text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"{text!r}: expected a number of bytes, optionally with a unit (KiB, MiB, GiB, TiB, "
+                         f"or KB, MB, GB, TB), e.g. 20GiB")
+    return int(float(m.group(1)) * _UNITS[unit]) if "." in m.group(1) else int(m.group(1)) * _UNITS[unit]
+
+
+def shown_size(n: int) -> str:
+    """``n`` bytes for people: 21474836480 -> '20 GiB', 1500 -> '1500 bytes'."""
+    units = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+    for unit, size in units:
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    about = next((f" (about {n / size:.1f} {unit})" for unit, size in units if n >= size), "")
+    return f"{n} bytes{about}"
 
 
 def forget_cached_keys() -> None:
@@ -131,7 +185,8 @@ def authenticate(db: Database) -> Caller:
         k = s.get(ApiKey, parts[1])
         if k is None or k.revoked_at is not None or not hmac.compare_digest(k.secret_hash, _hash(parts[2])):
             raise Problem(401, "unauthenticated", "the API key is unknown or revoked")
-        caller = Caller(k.id, k.name, tuple(k.scopes), k.clearance, tuple(k.units or ()))
+        caller = Caller(k.id, k.name, tuple(k.scopes), k.clearance, tuple(k.units or ()),
+                        k.upload_quota_bytes_per_day)
     with _cache_lock:
         if len(_cache) > 10_000:
             _cache.clear()

@@ -47,7 +47,7 @@ def upload() -> Response:
     limit = n.config.api.max_blob_bytes
     if request.content_length is not None and request.content_length > limit:
         raise Problem(413, "too-large", f"the upload is {request.content_length} bytes; at most {limit} are accepted")
-    quota = _Quota.of(n, caller.key_id)
+    quota = _Quota.of(n, caller)
     if quota is not None and request.content_length is not None and request.content_length > quota.room:
         raise quota.refusal(request.content_length)
     request.max_content_length = limit
@@ -107,39 +107,43 @@ QUOTA_WINDOW = timedelta(hours=24)
 
 @dataclass
 class _Quota:
-    """What a key may still upload under ``[api] upload_quota_bytes_per_day``: the quota less
-    the new content it stored in the last 24 hours (content stored before, by anyone, adds
-    nothing). Two uploads of one key running at once may pass it by at most one of them."""
+    """What a key may still upload under its daily quota (its own, set with ``gateway keys
+    quota``, or else the node's ``[api] upload_quota_bytes_per_day``): the quota less the new
+    content it stored in the last 24 hours (content stored before, by anyone, adds nothing).
+    Two uploads of one key running at once may pass it by at most one of them."""
 
     quota: int
     used: int
     oldest: datetime | None  # the earliest upload still counted
+    source: str  # where the quota is set, for the answer
 
     @property
     def room(self) -> int:
         return max(0, self.quota - self.used)
 
     @classmethod
-    def of(cls, n: Node, key_id: str) -> _Quota | None:
-        quota = n.config.api.upload_quota_bytes_per_day
+    def of(cls, n: Node, caller: auth.Caller) -> _Quota | None:
+        if caller.upload_quota is not None:
+            quota, source = caller.upload_quota, "set for this key with 'gateway keys quota'"
+        else:
+            quota, source = n.config.api.upload_quota_bytes_per_day, "[api] upload_quota_bytes_per_day"
         if not quota:
             return None
         with n.db.sessions() as s:
             used, oldest = s.execute(select(func.coalesce(func.sum(Blob.size), 0), func.min(Blob.created_at)).where(
-                Blob.uploaded_by == key_id, Blob.created_at > datetime.now(UTC) - QUOTA_WINDOW)).one()
-        return cls(quota, int(used), oldest)  # min() keeps the column's type: an aware datetime
+                Blob.uploaded_by == caller.key_id, Blob.created_at > datetime.now(UTC) - QUOTA_WINDOW)).one()
+        return cls(quota, int(used), oldest, source)  # min() keeps the column's type: an aware datetime
 
     def refusal(self, size: int | None) -> Problem:
         what = f"this upload ({size} bytes)" if size is not None else "this upload (sent without a length)"
         if (size is not None and size > self.quota) or self.oldest is None:  # waiting would not help
             return Problem(413, "too-large", f"{what} is larger than this API key's whole upload quota of "
-                                             f"{self.quota} bytes a day ([api] upload_quota_bytes_per_day); "
-                                             f"nothing was stored")
+                                             f"{self.quota} bytes a day ({self.source}); nothing was stored")
         wait = (self.oldest + QUOTA_WINDOW - datetime.now(UTC)).total_seconds()
         return Problem(429, "upload-quota",
                        f"{what} would pass this API key's upload quota: {self.used} of its {self.quota} bytes of new "
-                       f"content a day are used in the last 24 hours ([api] upload_quota_bytes_per_day); nothing "
-                       f"was stored. Content already uploaded need not be sent again (GET /api/v1/blobs/{{sha256}})",
+                       f"content a day are used in the last 24 hours ({self.source}); nothing was stored. Content "
+                       f"already uploaded need not be sent again (GET /api/v1/blobs/{{sha256}})",
                        headers={"Retry-After": str(max(1, int(wait) + 1))})
 
 #: per key id, the contents known to be granted to it; grants are never taken back (a
