@@ -13,8 +13,9 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, BinaryIO
 
 from gateway.durable import fsync_dir
@@ -47,10 +48,15 @@ def free_bytes(fd_or_path: int | str | os.PathLike[str]) -> int:
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def _size(dir_fd: int, sha256: str) -> int:
+def _rel(sha256: str) -> str:
+    """A blob's path relative to the store's folder."""
     if not _SHA256.fullmatch(sha256):
         raise ValueError("not a SHA-256 hex digest")
-    return os.stat(f"{sha256[:2]}/{sha256[2:4]}/{sha256}", dir_fd=dir_fd).st_size
+    return f"{sha256[:2]}/{sha256[2:4]}/{sha256}"
+
+
+def _size(dir_fd: int, sha256: str) -> int:
+    return os.stat(_rel(sha256), dir_fd=dir_fd).st_size
 
 
 class BlobStore:
@@ -64,6 +70,8 @@ class BlobStore:
         self._dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         # over a function of the folder, not a bound method: no cycle that keeps the store open
         self.known_size = functools.lru_cache(maxsize=self.KNOWN_SIZES)(functools.partial(_size, self._dir_fd))
+        #: per SHA-256, the time until which its file is known to be recent enough (see in_use)
+        self._recent: dict[str, float] = {}
 
     def __del__(self) -> None:
         fd = getattr(self, "_dir_fd", None)
@@ -89,9 +97,10 @@ class BlobStore:
     known_size: Callable[[str], int]
     """:meth:`size`, remembered: for the accept path, where a document names up to 100 blobs.
 
-    A blob's content never changes under its SHA-256 and the gateway never deletes one, so a
-    size once found stays true; a blob not found is looked up again next time (it may have
-    been uploaded since). This spares a stat per blob per accept: each one hands the GIL to
+    A blob's content never changes under its SHA-256, so a size once found stays true; a blob
+    not found is looked up again next time (it may have been uploaded since). Content the
+    unclaimed-content job removed may still be remembered here: the accept path asks
+    :meth:`in_use` too, which looks at the file. This spares a stat per blob per accept: each one hands the GIL to
     another request thread and back. Someone who deletes blob files by hand should reload
     the API (``kill -HUP`` to gunicorn), or its workers go on accepting documents that name
     them (delivering those then fails, naming the missing blob)."""
@@ -99,6 +108,108 @@ class BlobStore:
     def size(self, sha256: str) -> int:
         """The size of a stored blob; FileNotFoundError if there is none."""
         return _size(self._dir_fd, sha256)
+
+    # -- in use: what the unclaimed-content job (gateway.retention) may not remove ------------
+    # A file's modification time is the last time its content was written or used: stored,
+    # stored again, named by a document being accepted, or arriving from another node. The
+    # job removes only content that no stored message names and whose file is older than the
+    # retention, and it looks at the file's time again after taking the file aside. Whoever is
+    # about to name content in a new message marks it in use first (in_use, touch), so
+    # content being named is never old enough to go.
+
+    def touch(self, sha256: str) -> bool:
+        """Mark stored content in use now; False if there is none (any more)."""
+        rel = _rel(sha256)
+        try:
+            os.utime(rel, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            self._recent.pop(sha256, None)
+            return False
+        return True
+
+    def in_use(self, shas: list[str], window: float) -> None:
+        """Make sure each of ``shas`` was written or used within ``window`` seconds (marking
+        it in use now if not), so that the unclaimed-content job, which keeps everything
+        younger than twice that, leaves it alone while a message naming it is stored.
+        FileNotFoundError naming the first that is not stored (any more). A file found recent
+        enough is not looked at again in this process until it might not be: on the accept
+        path this is a dictionary lookup per attachment."""
+        now = time.time()
+        recent = self._recent
+        for sha in shas:
+            if recent.get(sha, 0.0) > now:
+                continue
+            rel = _rel(sha)
+            try:
+                mtime = os.stat(rel, dir_fd=self._dir_fd).st_mtime
+                if mtime < now - window:
+                    os.utime(rel, dir_fd=self._dir_fd)
+                    mtime = now
+            except FileNotFoundError:
+                recent.pop(sha, None)
+                raise FileNotFoundError(sha) from None
+            if len(recent) >= self.KNOWN_SIZES:
+                recent.clear()
+            recent[sha] = mtime + window
+
+    def stored(self) -> Iterator[tuple[str, float, int]]:
+        """(SHA-256, modification time, size) of every stored blob, folder by folder."""
+        for top in sorted(os.listdir(self.root)):
+            if len(top) != 2 or not (self.root / top).is_dir():
+                continue  # tmp/, trash/
+            for sub in sorted(os.listdir(self.root / top)):
+                with os.scandir(self.root / top / sub) as it:
+                    for e in it:
+                        if _SHA256.fullmatch(e.name) and e.name.startswith(top + sub):
+                            try:
+                                st = e.stat()
+                            except FileNotFoundError:
+                                continue
+                            yield e.name, st.st_mtime, st.st_size
+
+    def retire(self, sha256: str, older_than: float) -> int | None:
+        """Remove stored content unless it was written or used at ``older_than`` (a time) or
+        later; its size if removed, None if kept or not there. The file is taken aside first
+        (renamed into ``trash/``) and its time read again there: content marked in use before
+        the rename is put back, and whoever marks it in use after the rename finds it gone
+        (and stores it again, or refuses the message that names it)."""
+        trash = self.root / "trash"
+        trash.mkdir(exist_ok=True)
+        aside = trash / sha256
+        try:
+            os.rename(self._where(sha256), aside)
+        except FileNotFoundError:
+            return None
+        st = os.stat(aside)
+        if st.st_mtime >= older_than:  # marked in use meanwhile: back where it was
+            try:
+                os.link(aside, self._where(sha256))
+            except FileExistsError:  # stored again meanwhile: the same content
+                pass
+            os.unlink(aside)
+            return None
+        os.unlink(aside)
+        self._recent.pop(sha256, None)
+        self.known_size.cache_clear()  # type: ignore[attr-defined]
+        return st.st_size
+
+    def sweep_tmp(self, older_than: float) -> tuple[int, int]:
+        """Remove what was left in ``tmp/`` and ``trash/`` before ``older_than`` (a time):
+        uploads cut off by a crash, ferry files never finished. (count, bytes)."""
+        count = size = 0
+        for folder in (self.root / "tmp", self.root / "trash"):
+            if not folder.is_dir():
+                continue
+            with os.scandir(folder) as it:
+                for e in it:
+                    try:
+                        st = e.stat()
+                        if e.is_file() and st.st_mtime < older_than:
+                            os.unlink(e.path)
+                            count, size = count + 1, size + st.st_size
+                    except FileNotFoundError:
+                        continue
+        return count, size
 
     def open(self, sha256: str) -> BinaryIO:
         return open(self._where(sha256), "rb")
@@ -173,7 +284,7 @@ class BlobStore:
             shas: list[str] = []
             for data in contents:
                 sha = hashlib.sha256(data).hexdigest()
-                if sha in shas or self.exists(sha):  # a batch holds a few contents at most
+                if sha in shas or self.touch(sha):  # stored already (marked in use); a batch is small
                     continue
                 fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
                 staged.append(tmp)

@@ -93,6 +93,10 @@ class ApiConfig(_Strict):
     #: nothing); past it an upload is refused 429 ``upload-quota``, so that no single caller
     #: can use up the disk every caller's uploads share. 0: no limit
     upload_quota_bytes_per_day: int = Field(default=0, ge=0)
+    #: content (uploads above all) that no stored message names and that was not written or
+    #: used for this many days is removed by the ``blobs`` job ([schedules.blobs]); 0: kept
+    #: forever. Content a message names is never removed.
+    unclaimed_upload_days: int = Field(default=0, ge=0, le=3650)
     #: /metrics answers only a request with ``Authorization: Bearer <token>`` when a token is
     #: set, in an environment variable or a file (never in this file); without: open to all
     metrics_token_env: str | None = None

@@ -201,6 +201,15 @@ class BlobGrant(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class BlobClaim(Base):
+    """Content a stored message names: never removed as unclaimed (gateway.retention;
+    migration 0011)."""
+
+    __tablename__ = "blob_claims"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class ApiKey(Base):
     """A caller's key: stored hashed, with scopes (``documents:send`` …) and a clearance."""
 

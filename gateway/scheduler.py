@@ -143,6 +143,15 @@ def _receipts(node: Node) -> dict[str, Any]:
 register("receipts", _receipts, "poll every adapter once for receipts and inbound messages")
 
 
+def _blobs(node: Node) -> dict[str, Any]:
+    from gateway import retention
+
+    return retention.run(node)
+
+
+register("blobs", _blobs, "remove stored content no message names, unused for [api] unclaimed_upload_days")
+
+
 # -- configuration -------------------------------------------------------------------------
 CRON_EXPECTED = ('expected 5 fields (minute hour day-of-month month day-of-week) or 6 with seconds first, '
                  'e.g. "*/5 * * * *" or "30 0 2 * * *"')

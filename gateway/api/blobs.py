@@ -93,6 +93,8 @@ def blob_info(sha256: str) -> Response:
         if sha256 not in granted(n, caller.key_id, [sha256]):
             raise FileNotFoundError(sha256)
         size = n.blobs.known_size(sha256)
+        if n.config.api.unclaimed_upload_days:  # a caller told "stored" gets the time to name it
+            n.blobs.in_use([sha256], n.config.api.unclaimed_upload_days * 43_200)
     except FileNotFoundError:  # stored for another key or not at all: the same answer
         raise Problem(404, "not-found", f"no content with SHA-256 {sha256} has been uploaded with this API key") \
             from None
@@ -146,8 +148,9 @@ class _Quota:
                        f"already uploaded need not be sent again (GET /api/v1/blobs/{{sha256}})",
                        headers={"Retry-After": str(max(1, int(wait) + 1))})
 
-#: per key id, the contents known to be granted to it; grants are never taken back (a
-#: revoked key cannot call at all), so a process may remember them. Read without a lock (a
+#: per key id, the contents known to be granted to it; grants are taken back only with the
+#: content itself (gateway.retention), which the accept path then finds gone, and a revoked
+#: key cannot call at all, so a process may remember them. Read without a lock (a
 #: set lookup is atomic under the GIL): every accept asks about all its attachments.
 _GRANTED: dict[str, set[str]] = {}
 _GRANTED_MAX = 65536  # contents remembered per key; past that the key's are forgotten

@@ -830,7 +830,7 @@ def _stage_blob(store: BlobStore, f: IO[bytes], sha: str, size: int, inc: _Incom
     """Read one blob member to its end, checking its SHA-256; unless the store has it already,
     keep it in a temporary file of the store (put in place only if the whole file is good)."""
     h, n = hashlib.sha256(), 0
-    have = store.exists(sha)
+    have = store.touch(sha)  # stored already: marked in use (see BlobStore.in_use)
     out = None
     if not have:
         fd, tmp = tempfile.mkstemp(dir=store.root / "tmp", prefix="ferry-")
@@ -870,7 +870,7 @@ def _check_blobs_present(node: Node, inc: _Incoming) -> None:
         except (EnvelopeError, ValueError):
             continue  # the import refuses that item itself
         for a in env.attachments:
-            if a.sha256 not in inc.staged and not node.blobs.exists(a.sha256):
+            if a.sha256 not in inc.staged and not node.blobs.touch(a.sha256):
                 raise FileRejected(f"missing blob {a.sha256} ({a.name}) of message {env.message_id} (item "
                                    f"{item.get('seq')}): the file does not carry it")
 

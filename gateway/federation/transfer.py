@@ -211,7 +211,7 @@ def _inline(node: Node, env: Envelope, blobs: Any) -> dict[str, bytes]:
     for sha, b64 in blobs.items():
         if sha not in sizes or not isinstance(b64, str):
             raise TransferError(400, "validation", f"blobs: {sha!r} is not an attachment of the envelope")
-        if node.blobs.exists(sha):
+        if node.blobs.touch(sha):  # stored already: marked in use (see BlobStore.in_use)
             continue
         try:
             data = base64.b64decode(b64, validate=True)
@@ -226,7 +226,7 @@ def _inline(node: Node, env: Envelope, blobs: Any) -> dict[str, bytes]:
 
 def _fetch_blobs(node: Node, peer: str, env: Envelope, skip: Mapping[str, bytes]) -> None:
     for a in env.attachments:
-        if a.sha256 in skip or node.blobs.exists(a.sha256):
+        if a.sha256 in skip or node.blobs.touch(a.sha256):  # stored already: marked in use
             continue
         try:
             with node.federation.client.get_stream(peer, f"/messages/{env.message_id}/blobs/{a.sha256}") as r:

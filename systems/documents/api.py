@@ -177,8 +177,13 @@ def send_document() -> Response:
     # only content this key uploaded (a hash alone is no proof of having it; see blobs.granted)
     mine = granted(n, caller.key_id, shas)
     known_size = n.blobs.known_size
+    # where unclaimed content is removed after a while, what this document names is marked
+    # in use, so that it cannot be removed while the document is being stored
+    window = n.config.api.unclaimed_upload_days * 43_200  # half the retention, in seconds
     try:  # all of them granted and stored (the usual case): their sizes in one pass
         sizes = {sha: known_size(sha) for sha in shas} if len(mine) == len(set(shas)) else None
+        if sizes is not None and window:
+            n.blobs.in_use(shas, window)
     except FileNotFoundError:
         sizes = None
     if sizes is None:  # which ones are not, each named
@@ -187,7 +192,9 @@ def send_document() -> Response:
             try:
                 if sha not in mine:
                     raise FileNotFoundError(sha)
-                sizes[sha] = known_size(sha)
+                sizes[sha] = n.blobs.size(sha)  # not a remembered size: this one may be gone
+                if window:
+                    n.blobs.in_use([sha], window)
             except FileNotFoundError:
                 missing.append(("body.sha256" if i == 0 else f"attachments.{i - 1}.sha256", sha))
         if missing:

@@ -1,0 +1,145 @@
+"""Unclaimed content (the ``blobs`` job): bodies and attachments in the blob store that no
+stored message names and that were not written or used for ``[api] unclaimed_upload_days``
+are removed, so that uploads a caller never sent on (a document refused, a caller that gave
+up) neither fill the disk nor keep (possibly classified) content on it for ever. Content a
+stored message names is never removed.
+
+One run (``gateway sync blobs``, or ``[schedules.blobs]``):
+
+1. *Claims.* Every message stored since the last run (one day of overlap) is read, and the
+   SHA-256 of each file its envelope names is recorded in ``blob_claims``. A claimed content
+   is kept for good. The first run reads every stored message.
+2. *Removal.* Every file of the store older than the retention (its modification time: when
+   it was last written or marked in use) whose content is not claimed is taken aside and
+   removed, at most ``PER_RUN`` a run; its ``blobs`` row and upload grants go with it. One
+   audit entry (``blob.remove``) lists the SHA-256 of each, with the bytes freed.
+3. Leftovers older than two days in the store's ``tmp/`` (an upload cut off by a crash) and
+   ``trash/`` are removed.
+
+Why a message being stored meanwhile cannot lose its content: whoever is about to name
+content in a new message marks it in use first (the documents API through
+:meth:`BlobStore.in_use`, which keeps every named file younger than half the retention;
+federation and ferry imports through :meth:`BlobStore.touch`), and :meth:`BlobStore.retire`
+reads the file's time again after taking it aside, putting back what was marked in use
+before that. Content marked in use after it was taken aside is found gone: an import stores
+it again, the API refuses the document (422 unknown-blob: upload it again).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete, select, tuple_
+
+from gateway import audit
+from gateway.models import AdapterState, Blob, BlobClaim, BlobGrant, Message
+
+if TYPE_CHECKING:
+    from gateway.node import Node
+
+log = logging.getLogger("gateway.retention")
+
+#: removals a run makes at most (the audit entry lists each); the next run goes on
+PER_RUN = 1000
+#: messages read again by the next run, in case one stored with an earlier time committed late
+OVERLAP = timedelta(days=1)
+#: leftovers in tmp/ and trash/ older than this are removed
+LEFTOVER_SECONDS = 2 * 86_400
+_CURSOR = ("blobs", "claims-scanned-to")
+_PAGE = 200
+#: the files an envelope names: attachment elements carry sha256="…" (gateway.envelope)
+_NAMED = re.compile(rb'sha256="([0-9a-f]{64})"')
+
+
+def run(node: Node) -> dict[str, Any]:
+    days = node.config.api.unclaimed_upload_days
+    if not days:
+        return {"skipped": "[api] unclaimed_upload_days is 0: unclaimed content is kept"}
+    scanned, claimed = scan_claims(node)
+    older_than = time.time() - days * 86_400
+    removed: dict[str, int] = {}
+    store = node.blobs
+    page: list[str] = []
+
+    def settle() -> None:
+        with node.db.sessions() as s:
+            kept = set(s.scalars(select(BlobClaim.sha256).where(BlobClaim.sha256.in_(page))))
+        for sha in page:
+            if sha not in kept and len(removed) < PER_RUN:
+                size = store.retire(sha, older_than)
+                if size is not None:
+                    removed[sha] = size
+        page.clear()
+
+    for sha, mtime, _size in store.stored():
+        if mtime < older_than:
+            page.append(sha)
+            if len(page) == 500:
+                settle()
+            if len(removed) >= PER_RUN:
+                break
+    if page and len(removed) < PER_RUN:
+        settle()
+    if removed:
+        gone = sorted(sha for sha in removed if not store.exists(sha))  # not stored again meanwhile
+        with node.db.begin() as s:
+            for i in range(0, len(gone), 500):
+                part = gone[i:i + 500]
+                s.execute(delete(BlobGrant).where(BlobGrant.sha256.in_(part)))
+                s.execute(delete(Blob).where(Blob.sha256.in_(part)))
+            audit.append(s, actor="job:blobs", action="blob.remove", obj="blobs",
+                         detail={"count": len(removed), "bytes": sum(removed.values()),
+                                 "unclaimed_upload_days": days, "sha256": sorted(removed)})
+    leftovers, leftover_bytes = store.sweep_tmp(time.time() - LEFTOVER_SECONDS)
+    if removed or leftovers:
+        log.info("removed %d unclaimed contents (%d bytes) and %d leftovers (%d bytes)", len(removed),
+                 sum(removed.values()), leftovers, leftover_bytes)
+    return {"messages_read": scanned, "newly_claimed": claimed, "removed": len(removed),
+            "bytes_freed": sum(removed.values()), "more": len(removed) >= PER_RUN,
+            "leftovers_removed": leftovers, "leftover_bytes": leftover_bytes}
+
+
+def scan_claims(node: Node) -> tuple[int, int]:
+    """Record the contents named by messages stored since the last scan; (messages read,
+    contents newly claimed). Page by page, each read in a short transaction of its own."""
+    started = datetime.now(UTC)
+    with node.db.sessions() as s:
+        row = s.get(AdapterState, _CURSOR)
+        since = datetime.fromisoformat(row.value) - OVERLAP if row is not None else None
+    after: tuple[datetime, str] | None = None
+    read = new = 0
+    while True:
+        q = select(Message.accepted_at, Message.id, Message.envelope_xml).order_by(Message.accepted_at, Message.id)
+        if after is not None:
+            q = q.where(tuple_(Message.accepted_at, Message.id) > after)
+        elif since is not None:
+            q = q.where(Message.accepted_at >= since)
+        with node.db.sessions() as s:
+            rows = s.execute(q.limit(_PAGE)).all()
+        if not rows:
+            break
+        named = {m.decode() for _, _, xml in rows for m in _NAMED.findall(xml)}
+        new += _claim(node, named)
+        read += len(rows)
+        after = (rows[-1][0], rows[-1][1])
+    with node.db.begin() as s:
+        row = s.get(AdapterState, _CURSOR)
+        if row is None:
+            s.add(AdapterState(adapter=_CURSOR[0], key=_CURSOR[1], value=started.isoformat()))
+        else:
+            row.value = started.isoformat()
+    return read, new
+
+
+def _claim(node: Node, shas: set[str]) -> int:
+    if not shas:
+        return 0
+    with node.db.begin() as s:
+        have = set(s.scalars(select(BlobClaim.sha256).where(BlobClaim.sha256.in_(shas))))
+        fresh = shas - have
+        now = datetime.now(UTC)
+        s.add_all(BlobClaim(sha256=sha, claimed_at=now) for sha in sorted(fresh))
+    return len(fresh)

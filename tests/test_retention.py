@@ -1,0 +1,206 @@
+"""Unclaimed content (gateway.retention, the ``blobs`` job): uploads no stored message names
+and that were not used for ``[api] unclaimed_upload_days`` are removed; content a message
+names never is, and content being named while the job runs is not lost."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+DAY = 86_400
+
+
+def _age(path: os.PathLike[str] | str, days: float) -> None:
+    t = time.time() - days * DAY
+    os.utime(path, (t, t))
+
+
+def _document(body: str, attachments: list[str]) -> dict:
+    from tests.plugins.gatewaynode import COUNTY_A, PREFECTURE
+
+    return {"sender_unit": PREFECTURE, "issuer": "州人民政府办公室", "doc_type": "通知",
+            "doc_number": "州政办发〔2026〕37号", "title": "关于做好2026年冬季值班工作的通知",
+            "written_date": "2026年11月20日", "recipients": [{"unit": COUNTY_A}],
+            "body": {"sha256": body, "name": "正文.ofd"},
+            "attachments": [{"sha256": a, "name": f"附件{i + 1}.pdf"} for i, a in enumerate(attachments)]}
+
+
+def test_the_blobs_job_removes_only_old_content_no_message_names(tmp_path, database_url):
+    from sqlalchemy import select
+
+    from gateway import audit, migrate, scheduler
+    from gateway.models import AuditEntry, Blob, BlobGrant
+    from gateway.node import Node
+    from tests.plugins.gatewaynode import Api, node_config
+
+    cfg = node_config(tmp_path, database_url, api={"unclaimed_upload_days": 30})
+    migrate.upgrade(cfg.database_url())
+    node = Node(cfg)
+    try:
+        api = Api(node)
+        body, named = api.upload("正文 ".encode() * 100), api.upload(b"attachment named by a document")
+        old, young = api.upload(b"uploaded, never sent on " * 10), api.upload(b"uploaded yesterday")
+        r = api.post("/api/v1/documents", json=_document(body, [named]))
+        assert r.status_code == 202, r.get_json()
+        assert api.get(f"/api/v1/blobs/{old}").status_code == 200  # this process now remembers it
+        store = node.blobs
+        for sha in (body, named, old):
+            _age(store.path(sha), 40)
+        _age(store.path(young), 1)
+        leftover, fresh = store.root / "tmp" / "tmpcut", store.root / "tmp" / "tmpbusy"
+        leftover.write_bytes(b"x" * 10)
+        fresh.write_bytes(b"y")
+        _age(leftover, 3)
+
+        result = scheduler.run_job(node, "blobs", actor="test")
+        assert result.outcome == "ok", result.detail
+        assert result.detail["removed"] == 1 and result.detail["bytes_freed"] == len(b"uploaded, never sent on " * 10)
+        assert result.detail["newly_claimed"] == 2 and result.detail["messages_read"] == 1
+        assert result.detail["leftovers_removed"] == 1 and not leftover.exists() and fresh.exists()
+        assert not store.exists(old)
+        for sha in (body, named, young):  # named by a message (though old), or not old
+            assert store.exists(sha), sha
+        with node.db.sessions() as s:
+            assert s.scalar(select(Blob).where(Blob.sha256 == old)) is None
+            assert s.scalar(select(BlobGrant).where(BlobGrant.sha256 == old)) is None
+            assert s.scalar(select(Blob).where(Blob.sha256 == young)) is not None
+            entry = s.scalar(select(AuditEntry).where(AuditEntry.action == "blob.remove"))
+            assert entry is not None and entry.actor == "job:blobs"
+            assert json.loads(entry.detail)["sha256"] == [old]
+            assert audit.verify(s).ok
+
+        # the API's remembered sizes do not outlive the content: asked, or named, it is gone
+        assert api.get(f"/api/v1/blobs/{old}").status_code == 404
+        r = api.post("/api/v1/documents", json=_document(body, [old]))
+        assert r.status_code == 422 and r.get_json()["type"] == "urn:egov:gateway:problem:unknown-blob"
+        assert r.get_json()["errors"][0]["field"] == "attachments.0.sha256"
+        assert api.upload(b"uploaded, never sent on " * 10) == old  # stored again, it can be sent
+        assert api.post("/api/v1/documents", json=_document(body, [old])).status_code == 202
+
+        again = scheduler.run_job(node, "blobs", actor="test")  # named now: claimed, and so kept
+        assert again.detail["removed"] == 0 and again.detail["newly_claimed"] == 1
+        _age(store.path(old), 40)
+        third = scheduler.run_job(node, "blobs", actor="test")
+        assert third.detail["removed"] == 0 and third.detail["newly_claimed"] == 0
+        assert store.exists(old)
+    finally:
+        node.close()
+
+
+def test_content_a_new_document_names_is_marked_in_use(tmp_path, database_url):
+    """Named content older than half the retention gets its time set to now, so that the job
+    cannot take it while the document is stored; without a retention nothing is touched."""
+    from gateway import migrate
+    from gateway.node import Node
+    from tests.plugins.gatewaynode import Api, node_config
+
+    for days, touched in ((30, True), (0, False)):
+        cfg = node_config(tmp_path / str(days), database_url, api={"unclaimed_upload_days": days})
+        migrate.upgrade(cfg.database_url())
+        node = Node(cfg)
+        try:
+            api = Api(node)
+            body, recent = api.upload(b"body of an old template"), api.upload(b"recent attachment")
+            _age(node.blobs.path(body), 20)  # older than half of 30 days
+            _age(node.blobs.path(recent), 10)
+            assert api.post("/api/v1/documents", json=_document(body, [recent])).status_code == 202
+            age = time.time() - node.blobs.path(body).stat().st_mtime
+            assert (age < 60) is touched, (days, age)
+            assert 9 * DAY < time.time() - node.blobs.path(recent).stat().st_mtime < 11 * DAY  # young enough
+        finally:
+            node.close()
+
+
+def test_content_marked_in_use_while_taken_aside_is_put_back(tmp_path, monkeypatch):
+    from gateway import blobs as blobs_mod
+    from gateway.blobs import BlobStore
+
+    store = BlobStore(tmp_path / "blobs")
+    sha, _ = store.put_bytes(b"content")
+    _age(store.path(sha), 40)
+    cutoff = time.time() - 30 * DAY
+    assert [x[0] for x in store.stored()] == [sha]
+    store.touch(sha)  # named by a new message after the job listed it
+    assert store.retire(sha, cutoff) is None and store.exists(sha)
+
+    # stored again (and so marked in use) in the instant the file was aside: kept, once
+    _age(store.path(sha), 40)
+    real_rename = os.rename
+
+    def rename_then_store_again(src, dst):  # type: ignore[no-untyped-def]
+        real_rename(src, dst)
+        os.utime(dst)  # the writer's touch reached the file just before it was taken aside
+        store.put_bytes(b"content")
+
+    monkeypatch.setattr(blobs_mod.os, "rename", rename_then_store_again)
+    assert store.retire(sha, cutoff) is None
+    monkeypatch.setattr(blobs_mod.os, "rename", real_rename)
+    assert store.exists(sha) and os.listdir(store.root / "trash") == []
+
+    # marked in use after it was taken aside: the marker finds it gone
+    _age(store.path(sha), 40)
+    assert store.retire(sha, cutoff) == len(b"content")
+    assert not store.touch(sha) and not store.exists(sha)
+    with pytest.raises(FileNotFoundError, match=sha):
+        store.in_use([sha], 15 * DAY)
+
+
+def test_content_arriving_again_from_another_node_is_marked_in_use(tmp_path):
+    from gateway.blobs import BlobStore
+
+    store = BlobStore(tmp_path / "blobs")
+    sha, _ = store.put_bytes(b"carried inline by a forward")
+    _age(store.path(sha), 40)
+    store.put_many([b"carried inline by a forward"])  # stored already: not written, but in use now
+    assert time.time() - store.path(sha).stat().st_mtime < 60
+
+
+def test_without_a_retention_the_job_removes_nothing(tmp_path, database_url):
+    from gateway import migrate, scheduler
+    from gateway.node import Node
+    from tests.plugins.gatewaynode import Api, node_config
+
+    cfg = node_config(tmp_path, database_url)
+    migrate.upgrade(cfg.database_url())
+    node = Node(cfg)
+    try:
+        sha = Api(node).upload(b"kept for ever")
+        _age(node.blobs.path(sha), 4000)
+        result = scheduler.run_job(node, "blobs", actor="test")
+        assert result.outcome == "ok" and "unclaimed_upload_days is 0" in result.detail["skipped"]
+        assert node.blobs.exists(sha)
+    finally:
+        node.close()
+
+
+def test_a_retention_that_is_not_a_count_of_days_is_refused_at_start(tmp_path):
+    from gateway.config import ConfigError
+    from tests.plugins.gatewaynode import node_config
+
+    for bad in (-1, 5000, "30d"):
+        with pytest.raises(ConfigError, match="unclaimed_upload_days"):
+            node_config(tmp_path, "", api={"unclaimed_upload_days": bad})
+
+
+def test_gateway_sync_blobs_runs_it_now_and_prints_what_it_did(tmp_path):
+    from click.testing import CliRunner
+
+    from gateway import migrate
+    from gateway.cli import main
+
+    conf = tmp_path / "node.toml"
+    conf.write_text(f'[node]\nid = "county-a"\ndata_dir = "{tmp_path / "var"}"\n[api]\nunclaimed_upload_days = 7\n',
+                    encoding="utf-8")
+    migrate.upgrade(f"sqlite:///{tmp_path / 'var' / 'gateway.db'}")
+    (tmp_path / "var" / "blobs" / "ab" / "cd").mkdir(parents=True)
+    stray = tmp_path / "var" / "blobs" / "ab" / "cd" / ("abcd" + "0" * 60)  # stored, never named
+    stray.write_bytes(b"left behind")
+    _age(stray, 8)
+    r = CliRunner().invoke(main, ["-c", str(conf), "sync", "blobs"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["job"] == "blobs" and out["outcome"] == "ok"
+    assert out["detail"]["removed"] == 1 and out["detail"]["bytes_freed"] == len(b"left behind")
+    assert not stray.exists()
