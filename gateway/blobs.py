@@ -59,6 +59,11 @@ def _size(dir_fd: int, sha256: str) -> int:
     return os.stat(_rel(sha256), dir_fd=dir_fd).st_size
 
 
+def _stat(dir_fd: int, sha256: str) -> tuple[int, float]:
+    st = os.stat(_rel(sha256), dir_fd=dir_fd)
+    return st.st_size, st.st_mtime
+
+
 class BlobStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -69,7 +74,7 @@ class BlobStore:
         # the (up to 100) attachments a document names on the accept path
         self._dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         # over a function of the folder, not a bound method: no cycle that keeps the store open
-        self.known_size = functools.lru_cache(maxsize=self.KNOWN_SIZES)(functools.partial(_size, self._dir_fd))
+        self.known = functools.lru_cache(maxsize=self.KNOWN_SIZES)(functools.partial(_stat, self._dir_fd))
         #: per SHA-256, the time until which its file is known to be recent enough (see in_use)
         self._recent: dict[str, float] = {}
 
@@ -91,19 +96,26 @@ class BlobStore:
     def exists(self, sha256: str) -> bool:
         return os.path.isfile(self._where(sha256))
 
-    #: sizes remembered by :meth:`known_size` (about 150 bytes each)
+    #: sizes remembered by :meth:`known` (about 200 bytes each)
     KNOWN_SIZES = 16384
 
-    known_size: Callable[[str], int]
-    """:meth:`size`, remembered: for the accept path, where a document names up to 100 blobs.
+    known: Callable[[str], tuple[int, float]]
+    """(size, modification time) of a stored blob as first found, remembered: for the accept
+    path, where a document names up to 100 blobs. This spares a stat per blob per accept:
+    each one hands the GIL to another request thread and back.
 
     A blob's content never changes under its SHA-256, so a size once found stays true; a blob
-    not found is looked up again next time (it may have been uploaded since). Content the
-    unclaimed-content job removed may still be remembered here: the accept path asks
-    :meth:`in_use` too, which looks at the file. This spares a stat per blob per accept: each one hands the GIL to
-    another request thread and back. Someone who deletes blob files by hand should reload
-    the API (``kill -HUP`` to gunicorn), or its workers go on accepting documents that name
-    them (delivering those then fails, naming the missing blob)."""
+    not found is looked up again next time (it may have been uploaded since). The time only
+    grows (marked in use, stored again), so the one remembered is never later than the
+    file's. Content the unclaimed-content job removed may still be remembered here: the
+    accept path asks :meth:`in_use` too, which then looks at the file. Someone who deletes
+    blob files by hand should reload the API (``kill -HUP`` to gunicorn), or its workers go
+    on accepting documents that name them (delivering those then fails, naming the missing
+    blob)."""
+
+    def known_size(self, sha256: str) -> int:
+        """:meth:`size`, remembered (see :attr:`known`)."""
+        return self.known(sha256)[0]
 
     def size(self, sha256: str) -> int:
         """The size of a stored blob; FileNotFoundError if there is none."""
@@ -131,14 +143,20 @@ class BlobStore:
         """Make sure each of ``shas`` was written or used within ``window`` seconds (marking
         it in use now if not), so that the unclaimed-content job, which keeps everything
         younger than twice that, leaves it alone while a message naming it is stored.
-        FileNotFoundError naming the first that is not stored (any more). A file found recent
-        enough is not looked at again in this process until it might not be: on the accept
-        path this is a dictionary lookup per attachment."""
+        FileNotFoundError naming the first that is not stored (any more). A file whose time is
+        known (:attr:`known`, or marked here) to be recent enough is not looked at: on the
+        accept path, where a document names content uploaded just before, that is a lookup
+        or two per attachment and no system call."""
         now = time.time()
-        recent = self._recent
+        recent, known, limit = self._recent, self.known, now - window
         for sha in shas:
             if recent.get(sha, 0.0) > now:
                 continue
+            try:
+                if known(sha)[1] > limit:
+                    continue
+            except FileNotFoundError:
+                raise FileNotFoundError(sha) from None
             rel = _rel(sha)
             try:
                 mtime = os.stat(rel, dir_fd=self._dir_fd).st_mtime
@@ -190,7 +208,7 @@ class BlobStore:
             return None
         os.unlink(aside)
         self._recent.pop(sha256, None)
-        self.known_size.cache_clear()  # type: ignore[attr-defined]
+        self.known.cache_clear()  # type: ignore[attr-defined]
         return st.st_size
 
     def sweep_tmp(self, older_than: float) -> tuple[int, int]:

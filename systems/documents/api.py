@@ -176,12 +176,12 @@ def send_document() -> Response:
     shas = [doc.body["sha256"], *[a["sha256"] for a in doc.attachments]]
     # only content this key uploaded (a hash alone is no proof of having it; see blobs.granted)
     mine = granted(n, caller.key_id, shas)
-    known_size = n.blobs.known_size
+    known = n.blobs.known
     # where unclaimed content is removed after a while, what this document names is marked
     # in use, so that it cannot be removed while the document is being stored
     window = n.config.api.unclaimed_upload_days * 43_200  # half the retention, in seconds
     try:  # all of them granted and stored (the usual case): their sizes in one pass
-        sizes = {sha: known_size(sha) for sha in shas} if len(mine) == len(set(shas)) else None
+        sizes = {sha: known(sha)[0] for sha in shas} if len(mine) == len(set(shas)) else None
         if sizes is not None and window:
             n.blobs.in_use(shas, window)
     except FileNotFoundError:
