@@ -200,33 +200,55 @@ class BlobStore:
             return None
         st = os.stat(aside)
         if st.st_mtime >= older_than:  # marked in use meanwhile: back where it was
-            try:
-                os.link(aside, self._where(sha256))
-            except FileExistsError:  # stored again meanwhile: the same content
-                pass
-            os.unlink(aside)
+            self._put_back(sha256, aside)
             return None
         os.unlink(aside)
         self._recent.pop(sha256, None)
         self.known.cache_clear()  # type: ignore[attr-defined]
         return st.st_size
 
-    def sweep_tmp(self, older_than: float) -> tuple[int, int]:
-        """Remove what was left in ``tmp/`` and ``trash/`` before ``older_than`` (a time):
-        uploads cut off by a crash, ferry files never finished. (count, bytes)."""
-        count = size = 0
-        for folder in (self.root / "tmp", self.root / "trash"):
-            if not folder.is_dir():
+    def _put_back(self, sha256: str, aside: Path) -> None:
+        try:
+            os.link(aside, self._where(sha256))
+        except FileExistsError:  # stored again meanwhile: the same content
+            pass
+        os.unlink(aside)
+
+    def recover_trash(self, older_than: float) -> int:
+        """What a crash left in ``trash/`` (between :meth:`retire` taking a file aside and
+        removing or putting it back): each file is put back if it was written or used at
+        ``older_than`` or later, as retire would have, and removed otherwise. The number put
+        back."""
+        trash = self.root / "trash"
+        if not trash.is_dir():
+            return 0
+        back = 0
+        for e in list(os.scandir(trash)):
+            try:
+                if not _SHA256.fullmatch(e.name):
+                    os.unlink(e.path)
+                elif e.stat().st_mtime >= older_than:
+                    self._put_back(e.name, Path(e.path))
+                    back += 1
+                else:
+                    os.unlink(e.path)
+            except FileNotFoundError:
                 continue
-            with os.scandir(folder) as it:
-                for e in it:
-                    try:
-                        st = e.stat()
-                        if e.is_file() and st.st_mtime < older_than:
-                            os.unlink(e.path)
-                            count, size = count + 1, size + st.st_size
-                    except FileNotFoundError:
-                        continue
+        return back
+
+    def sweep_tmp(self, older_than: float) -> tuple[int, int]:
+        """Remove what was left in ``tmp/`` before ``older_than`` (a time): uploads cut off
+        by a crash, ferry files never finished. (count, bytes)."""
+        count = size = 0
+        with os.scandir(self.root / "tmp") as it:
+            for e in it:
+                try:
+                    st = e.stat()
+                    if e.is_file() and st.st_mtime < older_than:
+                        os.unlink(e.path)
+                        count, size = count + 1, size + st.st_size
+                except FileNotFoundError:
+                    continue
         return count, size
 
     def open(self, sha256: str) -> BinaryIO:

@@ -13,8 +13,9 @@ One run (``gateway sync blobs``, or ``[schedules.blobs]``):
    it was last written or marked in use) whose content is not claimed is taken aside and
    removed, at most ``PER_RUN`` a run; its ``blobs`` row and upload grants go with it. One
    audit entry (``blob.remove``) lists the SHA-256 of each, with the bytes freed.
-3. Leftovers older than two days in the store's ``tmp/`` (an upload cut off by a crash) and
-   ``trash/`` are removed.
+3. Leftovers older than two days in the store's ``tmp/`` (an upload cut off by a crash) are
+   removed. (A run that crashed between taking a file aside and removing it is finished by
+   the next run first: the file is put back if it was used meanwhile, removed if not.)
 
 Why a message being stored meanwhile cannot lose its content: whoever is about to name
 content in a new message marks it in use first (the documents API through
@@ -58,10 +59,11 @@ def run(node: Node) -> dict[str, Any]:
     days = node.config.api.unclaimed_upload_days
     if not days:
         return {"skipped": "[api] unclaimed_upload_days is 0: unclaimed content is kept"}
-    scanned, claimed = scan_claims(node)
-    older_than = time.time() - days * 86_400
-    removed: dict[str, int] = {}
     store = node.blobs
+    older_than = time.time() - days * 86_400
+    restored = store.recover_trash(older_than)  # a run that crashed midway
+    scanned, claimed = scan_claims(node)
+    removed: dict[str, int] = {}
     page: list[str] = []
 
     def settle() -> None:
@@ -99,7 +101,7 @@ def run(node: Node) -> dict[str, Any]:
                  sum(removed.values()), leftovers, leftover_bytes)
     return {"messages_read": scanned, "newly_claimed": claimed, "removed": len(removed),
             "bytes_freed": sum(removed.values()), "more": len(removed) >= PER_RUN,
-            "leftovers_removed": leftovers, "leftover_bytes": leftover_bytes}
+            "leftovers_removed": leftovers, "leftover_bytes": leftover_bytes, "put_back": restored}
 
 
 def scan_claims(node: Node) -> tuple[int, int]:
