@@ -185,12 +185,14 @@ class BlobStore:
                                 continue
                             yield e.name, st.st_mtime, st.st_size
 
-    def retire(self, sha256: str, older_than: float) -> int | None:
-        """Remove stored content unless it was written or used at ``older_than`` (a time) or
-        later; its size if removed, None if kept or not there. The file is taken aside first
-        (renamed into ``trash/``) and its time read again there: content marked in use before
-        the rename is put back, and whoever marks it in use after the rename finds it gone
-        (and stores it again, or refuses the message that names it)."""
+    def set_aside(self, sha256: str, older_than: float) -> int | None:
+        """Take stored content aside (rename it into ``trash/``) to be removed, unless it was
+        written or used at ``older_than`` (a time) or later; its size if set aside, None if
+        kept or not there. The file's time is read again once it is aside: content marked in
+        use before the rename is put back, and whoever marks it in use after the rename finds
+        it gone (and stores it again, or refuses the message that names it). :meth:`discard`
+        removes it for good; until then a crash leaves it in ``trash/`` (see
+        :meth:`recover_trash`)."""
         trash = self.root / "trash"
         trash.mkdir(exist_ok=True)
         aside = trash / sha256
@@ -202,10 +204,16 @@ class BlobStore:
         if st.st_mtime >= older_than:  # marked in use meanwhile: back where it was
             self._put_back(sha256, aside)
             return None
-        os.unlink(aside)
+        return st.st_size
+
+    def discard(self, sha256: str) -> None:
+        """Remove content set aside by :meth:`set_aside`."""
+        try:
+            os.unlink(self.root / "trash" / sha256)
+        except FileNotFoundError:
+            pass
         self._recent.pop(sha256, None)
         self.known.cache_clear()  # type: ignore[attr-defined]
-        return st.st_size
 
     def _put_back(self, sha256: str, aside: Path) -> None:
         try:
@@ -214,27 +222,28 @@ class BlobStore:
             pass
         os.unlink(aside)
 
-    def recover_trash(self, older_than: float) -> int:
-        """What a crash left in ``trash/`` (between :meth:`retire` taking a file aside and
-        removing or putting it back): each file is put back if it was written or used at
-        ``older_than`` or later, as retire would have, and removed otherwise. The number put
-        back."""
+    def recover_trash(self, older_than: float) -> tuple[int, dict[str, int]]:
+        """What a crash left in ``trash/`` (between :meth:`set_aside` and :meth:`discard`):
+        each file written or used at ``older_than`` or later is put back, as set_aside would
+        have; the others stay set aside, to be discarded. (how many were put back, {SHA-256:
+        size} of those still set aside)."""
         trash = self.root / "trash"
         if not trash.is_dir():
-            return 0
-        back = 0
+            return 0, {}
+        back, aside = 0, {}
         for e in list(os.scandir(trash)):
             try:
+                st = e.stat()
                 if not _SHA256.fullmatch(e.name):
                     os.unlink(e.path)
-                elif e.stat().st_mtime >= older_than:
+                elif st.st_mtime >= older_than:
                     self._put_back(e.name, Path(e.path))
                     back += 1
                 else:
-                    os.unlink(e.path)
+                    aside[e.name] = st.st_size
             except FileNotFoundError:
                 continue
-        return back
+        return back, aside
 
     def sweep_tmp(self, older_than: float) -> tuple[int, int]:
         """Remove what was left in ``tmp/`` before ``older_than`` (a time): uploads cut off

@@ -10,9 +10,10 @@ One run (``gateway sync blobs``, or ``[schedules.blobs]``):
    SHA-256 of each file its envelope names is recorded in ``blob_claims``. A claimed content
    is kept for good. The first run reads every stored message.
 2. *Removal.* Every file of the store older than the retention (its modification time: when
-   it was last written or marked in use) whose content is not claimed is taken aside and
-   removed, at most ``PER_RUN`` a run; its ``blobs`` row and upload grants go with it. One
-   audit entry (``blob.remove``) lists the SHA-256 of each, with the bytes freed.
+   it was last written or marked in use) whose content is not claimed is set aside (into
+   ``trash/``), at most ``PER_RUN`` a run. Then one transaction removes their ``blobs`` rows
+   and upload grants and appends one audit entry (``blob.remove``) listing the SHA-256 of
+   each, with the bytes freed; only after it are the files removed.
 3. Leftovers older than two days in the store's ``tmp/`` (an upload cut off by a crash) are
    removed. (A run that crashed between taking a file aside and removing it is finished by
    the next run first: the file is put back if it was used meanwhile, removed if not.)
@@ -20,7 +21,7 @@ One run (``gateway sync blobs``, or ``[schedules.blobs]``):
 Why a message being stored meanwhile cannot lose its content: whoever is about to name
 content in a new message marks it in use first (the documents API through
 :meth:`BlobStore.in_use`, which keeps every named file younger than half the retention;
-federation and ferry imports through :meth:`BlobStore.touch`), and :meth:`BlobStore.retire`
+federation and ferry imports through :meth:`BlobStore.touch`), and :meth:`BlobStore.set_aside`
 reads the file's time again after taking it aside, putting back what was marked in use
 before that. Content marked in use after it was taken aside is found gone: an import stores
 it again, the API refuses the document (422 unknown-blob: upload it again).
@@ -47,7 +48,7 @@ log = logging.getLogger("gateway.retention")
 PER_RUN = 1000
 #: messages read again by the next run, in case one stored with an earlier time committed late
 OVERLAP = timedelta(days=1)
-#: leftovers in tmp/ and trash/ older than this are removed
+#: leftovers in tmp/ older than this are removed
 LEFTOVER_SECONDS = 2 * 86_400
 _CURSOR = ("blobs", "claims-scanned-to")
 _PAGE = 200
@@ -61,46 +62,51 @@ def run(node: Node) -> dict[str, Any]:
         return {"skipped": "[api] unclaimed_upload_days is 0: unclaimed content is kept"}
     store = node.blobs
     older_than = time.time() - days * 86_400
-    restored = store.recover_trash(older_than)  # a run that crashed midway
+    # a run that crashed midway left what it had set aside: what was used since goes back,
+    # the rest is removed with this run's
+    restored, aside = store.recover_trash(older_than)
     scanned, claimed = scan_claims(node)
-    removed: dict[str, int] = {}
     page: list[str] = []
 
     def settle() -> None:
         with node.db.sessions() as s:
             kept = set(s.scalars(select(BlobClaim.sha256).where(BlobClaim.sha256.in_(page))))
         for sha in page:
-            if sha not in kept and len(removed) < PER_RUN:
-                size = store.retire(sha, older_than)
+            if sha not in kept and len(aside) < PER_RUN:
+                size = store.set_aside(sha, older_than)
                 if size is not None:
-                    removed[sha] = size
+                    aside[sha] = size
         page.clear()
 
     for sha, mtime, _size in store.stored():
+        if len(aside) >= PER_RUN:
+            break
         if mtime < older_than:
             page.append(sha)
             if len(page) == 500:
                 settle()
-            if len(removed) >= PER_RUN:
-                break
-    if page and len(removed) < PER_RUN:
+    if page and len(aside) < PER_RUN:
         settle()
-    if removed:
-        gone = sorted(sha for sha in removed if not store.exists(sha))  # not stored again meanwhile
+    if aside:
+        # recorded (and the rows gone) before any file is: a crash after this commit leaves
+        # the files set aside, and the next run removes them (and records them again)
+        gone = sorted(sha for sha in aside if not store.exists(sha))  # not stored again meanwhile
         with node.db.begin() as s:
             for i in range(0, len(gone), 500):
                 part = gone[i:i + 500]
                 s.execute(delete(BlobGrant).where(BlobGrant.sha256.in_(part)))
                 s.execute(delete(Blob).where(Blob.sha256.in_(part)))
             audit.append(s, actor="job:blobs", action="blob.remove", obj="blobs",
-                         detail={"count": len(removed), "bytes": sum(removed.values()),
-                                 "unclaimed_upload_days": days, "sha256": sorted(removed)})
+                         detail={"count": len(aside), "bytes": sum(aside.values()),
+                                 "unclaimed_upload_days": days, "sha256": sorted(aside)})
+        for sha in aside:
+            store.discard(sha)
     leftovers, leftover_bytes = store.sweep_tmp(time.time() - LEFTOVER_SECONDS)
-    if removed or leftovers:
-        log.info("removed %d unclaimed contents (%d bytes) and %d leftovers (%d bytes)", len(removed),
-                 sum(removed.values()), leftovers, leftover_bytes)
-    return {"messages_read": scanned, "newly_claimed": claimed, "removed": len(removed),
-            "bytes_freed": sum(removed.values()), "more": len(removed) >= PER_RUN,
+    if aside or leftovers:
+        log.info("removed %d unclaimed contents (%d bytes) and %d leftovers (%d bytes)", len(aside),
+                 sum(aside.values()), leftovers, leftover_bytes)
+    return {"messages_read": scanned, "newly_claimed": claimed, "removed": len(aside),
+            "bytes_freed": sum(aside.values()), "more": len(aside) >= PER_RUN,
             "leftovers_removed": leftovers, "leftover_bytes": leftover_bytes, "put_back": restored}
 
 

@@ -125,7 +125,7 @@ def test_content_marked_in_use_while_taken_aside_is_put_back(tmp_path, monkeypat
     cutoff = time.time() - 30 * DAY
     assert [x[0] for x in store.stored()] == [sha]
     store.touch(sha)  # named by a new message after the job listed it
-    assert store.retire(sha, cutoff) is None and store.exists(sha)
+    assert store.set_aside(sha, cutoff) is None and store.exists(sha)
 
     # stored again (and so marked in use) in the instant the file was aside: kept, once
     _age(store.path(sha), 40)
@@ -137,34 +137,56 @@ def test_content_marked_in_use_while_taken_aside_is_put_back(tmp_path, monkeypat
         store.put_bytes(b"content")
 
     monkeypatch.setattr(blobs_mod.os, "rename", rename_then_store_again)
-    assert store.retire(sha, cutoff) is None
+    assert store.set_aside(sha, cutoff) is None
     monkeypatch.setattr(blobs_mod.os, "rename", real_rename)
     assert store.exists(sha) and os.listdir(store.root / "trash") == []
-    assert store.recover_trash(cutoff) == 0
+    assert store.recover_trash(cutoff) == (0, {})
 
     # marked in use after it was taken aside: the marker finds it gone
     _age(store.path(sha), 40)
-    assert store.retire(sha, cutoff) == len(b"content")
+    assert store.set_aside(sha, cutoff) == len(b"content")
     assert not store.touch(sha) and not store.exists(sha)
     with pytest.raises(FileNotFoundError, match=sha):
         store.in_use([sha], 15 * DAY)
-
-
-def test_a_crash_between_taking_a_file_aside_and_removing_it_loses_nothing(tmp_path):
-    """What retire leaves in trash/ when the process dies midway is finished by the next run:
-    put back if used since the cut-off (as retire would have), removed if not."""
-    from gateway.blobs import BlobStore
-
-    store = BlobStore(tmp_path / "blobs")
-    used, unused = store.put_bytes(b"named meanwhile")[0], store.put_bytes(b"never named")[0]
-    (store.root / "trash").mkdir()
-    for sha in (used, unused):
-        os.rename(store.path(sha), store.root / "trash" / sha)
-    _age(store.root / "trash" / unused, 40)
-    (store.root / "trash" / "not-a-blob").write_bytes(b"?")
-    assert store.recover_trash(time.time() - 30 * DAY) == 1
-    assert store.exists(used) and not store.exists(unused)
+    store.discard(sha)
     assert os.listdir(store.root / "trash") == []
+
+
+def test_a_crash_between_setting_files_aside_and_removing_them_loses_nothing(tmp_path, database_url):
+    """What a run killed midway left in trash/ is finished by the next run: put back if used
+    since the cut-off (as set_aside would have), otherwise removed, recorded and its rows
+    gone like any other."""
+    from sqlalchemy import select
+
+    from gateway import migrate, scheduler
+    from gateway.models import AuditEntry, Blob
+    from gateway.node import Node
+    from tests.plugins.gatewaynode import Api, node_config
+
+    cfg = node_config(tmp_path, database_url, api={"unclaimed_upload_days": 30})
+    migrate.upgrade(cfg.database_url())
+    node = Node(cfg)
+    try:
+        api = Api(node)
+        used, unused = api.upload(b"named meanwhile"), api.upload(b"never named")
+        store = node.blobs
+        (store.root / "trash").mkdir()
+        for sha in (used, unused):
+            os.rename(store.path(sha), store.root / "trash" / sha)  # the killed run had set both aside
+        _age(store.root / "trash" / unused, 40)
+        (store.root / "trash" / "not-a-blob").write_bytes(b"?")
+        result = scheduler.run_job(node, "blobs", actor="test")
+        assert result.outcome == "ok", result.detail
+        assert result.detail["put_back"] == 1 and result.detail["removed"] == 1
+        assert store.exists(used) and not store.exists(unused)
+        assert os.listdir(store.root / "trash") == []
+        with node.db.sessions() as s:
+            assert s.scalar(select(Blob).where(Blob.sha256 == unused)) is None
+            assert s.scalar(select(Blob).where(Blob.sha256 == used)) is not None
+            entry = s.scalar(select(AuditEntry).where(AuditEntry.action == "blob.remove"))
+            assert entry is not None and json.loads(entry.detail)["sha256"] == [unused]
+    finally:
+        node.close()
 
 
 def test_content_arriving_again_from_another_node_is_marked_in_use(tmp_path):
