@@ -150,11 +150,15 @@ def _quota_value(text: str, param: str, *, default: bool) -> int | None:
         return 0
     if word == "default" and default:
         return None
+    words = "none (no limit) or default (the node's)" if default else "none (no limit)"
     try:
-        return parse_size(text)
+        size = parse_size(text)
     except ValueError as exc:
-        words = "none (no limit) or default (the node's)" if default else "none (no limit)"
         raise click.BadParameter(f"{exc}; or {words}", param_hint=param) from None
+    if size == 0:  # in the configuration 0 means no limit: here that is said in words
+        raise click.BadParameter(f"{text!r} is no bytes at all; expected a size such as 20GiB, or {words}",
+                                 param_hint=param)
+    return size
 
 
 def _shown_quota(quota: int | None, node_default: int) -> str:
