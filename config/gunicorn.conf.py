@@ -13,7 +13,8 @@ bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8080")
 workers = int(os.environ.get("GATEWAY_WORKERS", min(4, multiprocessing.cpu_count() * 2)))
 # gthread, but a new connection goes to the worker with the fewest open ones (kept-alive
 # connections otherwise stay wherever the accept race put them, and a worker runs on one core at
-# a time), and gunicorn's own error answers are problem+json: gateway/gunicorn_worker.py
+# a time), gunicorn's own error answers are problem+json, and a client that sends nothing for
+# GATEWAY_READ_TIMEOUT seconds (60) in the middle of a request is cut off: gateway/gunicorn_worker.py
 worker_class = "gateway.gunicorn_worker.GatewayThreadWorker"
 threads = int(os.environ.get("GATEWAY_THREADS", 8))
 timeout = 120            # a streamed 1 GB attachment upload must not be cut off

@@ -15,6 +15,18 @@ connection is refused or held longer than that. A worker that is starting, stopp
 ``max_requests``, on HUP or TERM) or not accepting publishes no count, so nobody waits for it.
 With ``reuse_port`` every worker has its own queue of new connections and nothing is balanced.
 
+**A client that stops sending in the middle of a request is cut off.** gunicorn hands a
+connection to a thread once its first bytes arrive; the thread then reads the request line,
+the headers and (through the application) the body with blocking reads that have no time
+limit, so a client that stalls half-way holds the thread for as long as it likes, and a few
+such clients (eight per worker by default) stop the node answering anyone. Each connection
+gets a receive and a send timeout (``SO_RCVTIMEO``, ``SO_SNDTIMEO``; ``GATEWAY_READ_TIMEOUT``
+seconds, 60 by default, like nginx's ``client_body_timeout``): a read or write that waits
+that long for a single byte fails, the thread lets go and the connection is closed. The
+limit is on silence, not on the whole request: a 1 GB upload that keeps moving is never
+cut. gunicorn logs a stall in the headers as a socket error with a traceback; here it is one
+line (``_Stalled``). In the body, the application answers 400 ``incomplete-body``.
+
 **gunicorn's own error answers are problem+json.** A request gunicorn cannot parse (a broken
 request line, a request line or headers too long, a bad chunk) never reaches the application;
 gunicorn answered it with an HTML page. Here it gets the RFC 9457 body the API gives every
@@ -26,16 +38,19 @@ from __future__ import annotations
 
 import http
 import json
+import logging
 import mmap
 import os
 import select
+import socket
+import struct
 import time
 from typing import Any
 
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
-from gateway.api.problems import problem_document
+from gateway.api.problems import client_stalled, problem_document
 
 #: workers of one master the table can hold at once (more run unbalanced, with a warning)
 SLOTS = 64
@@ -122,6 +137,50 @@ class Table:
                    for i in range(self.slots))
 
 
+#: the default of GATEWAY_READ_TIMEOUT: seconds a client may send (or take) nothing in the
+#: middle of a request
+READ_TIMEOUT = 60.0
+
+
+def read_timeout() -> float:
+    """``GATEWAY_READ_TIMEOUT`` (seconds), or the default; a value that is not a positive
+    number stops the worker with a message that names it."""
+    raw = os.environ.get("GATEWAY_READ_TIMEOUT", "").strip()
+    if not raw:
+        return READ_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 86_400:
+        raise SystemExit(f"GATEWAY_READ_TIMEOUT={raw!r}: expected the seconds a client may send nothing in the "
+                         f"middle of a request, a number above 0 (at most 86400), e.g. 60")
+    return value
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+
+
+class _Stalled(logging.Filter):
+    """gunicorn's log record for a client that stalled in its request line or headers (the
+    read timed out): one line instead of "Socket error processing request." and a traceback."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and client_stalled(exc):
+            record.msg = (f"a client sent or took nothing for {self.seconds:g} s in the middle of a request "
+                          f"(GATEWAY_READ_TIMEOUT); its connection was closed")
+            record.args, record.exc_info, record.exc_text = (), None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 #: gunicorn's statuses for requests it could not parse, as problem types
 _KINDS = {400: "malformed-request", 403: "forbidden-request", 414: "too-large", 417: "malformed-request",
           431: "too-large", 501: "malformed-request"}
@@ -187,6 +246,9 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc] # (gunicorn has n
         # this process is a worker from here on: gunicorn's error page is written only by
         # Worker.handle_error, through this module-level function
         util.write_error = _write_problem
+        seconds = read_timeout()
+        self._timeouts = _timeval(seconds)
+        self.log.error_log.addFilter(_Stalled(seconds))
         table, pid = self.table, os.getpid()
         if self._slot is None:
             if table is not None and not self.cfg.reuse_port:
@@ -202,6 +264,18 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc] # (gunicorn has n
     def handle_exit(self, sig: Any, frame: Any) -> None:
         super().handle_exit(sig, frame)
         self._publish()  # stopping: new connections are for the others from now on
+
+    def enqueue_req(self, conn: Any) -> None:
+        # every connection, before a thread first reads from it (see the module docstring);
+        # the socket options stay through keep-alive, and they apply only while it blocks
+        if not getattr(conn, "gateway_timeouts", False):
+            conn.gateway_timeouts = True
+            try:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._timeouts)
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._timeouts)
+            except OSError:  # gone already: the thread finds that out itself
+                pass
+        super().enqueue_req(conn)
 
     def accept(self, listener: Any) -> None:
         table, slot = self.table, self._slot

@@ -217,3 +217,101 @@ def test_the_problem_answer_for_an_internal_error_says_it_was_logged():
     assert head.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
     doc = json.loads(body)
     assert doc["type"].endswith(":internal") and "logged" in doc["detail"]
+
+
+def reading_app():  # type: ignore[no-untyped-def]
+    """A Flask app with the gateway's error answers, whose /read reads the request body."""
+    from flask import Flask
+
+    from gateway.api import problems
+
+    app = Flask("reading")
+    problems.install(app)
+
+    @app.post("/read")
+    def read():  # type: ignore[no-untyped-def]
+        from flask import request
+
+        return {"bytes": len(request.get_data())}
+
+    @app.get("/")
+    def pid():  # type: ignore[no-untyped-def]
+        return str(os.getpid())
+
+    return app
+
+
+def _answer(s: socket.socket) -> tuple[str, dict]:
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+        if b"\r\n\r\n" in out:
+            head, body = out.split(b"\r\n\r\n", 1)
+            length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            if len(body) >= length:
+                return head.decode("latin-1").split("\r\n", 1)[0], json.loads(body)
+    raise ConnectionError(f"closed without a whole answer: {out[:200]!r}")
+
+
+def test_clients_that_stall_mid_request_are_cut_off_and_never_starve_the_others():
+    """Two threads, both taken by clients that stop sending half-way (in the headers; in the
+    body): with GATEWAY_READ_TIMEOUT=1 both are let go, the next caller is answered, the
+    stalled body gets 400 incomplete-body (with and without Content-Length), the stalled
+    headers a closed connection and one log line, no traceback."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "config", "gunicorn.conf.py"),
+         "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "2", "tests.test_gunicorn_worker:reading_app()"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "GATEWAY_READ_TIMEOUT": "1"})
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "gunicorn did not start"
+            try:
+                _get(port)
+                break
+            except OSError:
+                time.sleep(0.1)
+        headers = socket.create_connection(("127.0.0.1", port), timeout=20)
+        headers.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Half: ")
+        body = socket.create_connection(("127.0.0.1", port), timeout=20)
+        body.sendall(b"POST /read HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        time.sleep(0.3)  # both threads are now reading from a silent client
+        started = time.monotonic()
+        assert _get(port).isdigit()  # answered once a thread is let go
+        assert time.monotonic() - started < 10
+        line, problem = _answer(body)
+        assert line.startswith("HTTP/1.1 400 ") and problem["type"].endswith(":incomplete-body"), problem
+        assert "nothing was stored" in problem["detail"]
+        assert headers.recv(100) == b""  # closed, without an answer
+        chunked = socket.create_connection(("127.0.0.1", port), timeout=20)
+        chunked.sendall(b"POST /read HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        line, problem = _answer(chunked)
+        assert line.startswith("HTTP/1.1 400 ") and problem["type"].endswith(":incomplete-body"), problem
+        moving = socket.create_connection(("127.0.0.1", port), timeout=20)  # slow, but never silent for 1 s
+        moving.sendall(b"POST /read HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\n")
+        for b in b"abcdef":
+            time.sleep(0.4)
+            moving.sendall(bytes([b]))
+        line, answer = _answer(moving)
+        assert line.startswith("HTTP/1.1 200 ") and answer == {"bytes": 6}
+        for s in (headers, body, chunked, moving):
+            s.close()
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1].decode(errors="replace")
+    assert "Traceback" not in err, err[-3000:]
+    assert "sent or took nothing for 1 s in the middle of a request" in err, err[-3000:]
+
+
+def test_a_read_timeout_that_is_not_a_number_of_seconds_stops_the_worker_saying_so(monkeypatch):
+    from gateway.gunicorn_worker import READ_TIMEOUT, read_timeout
+
+    monkeypatch.delenv("GATEWAY_READ_TIMEOUT", raising=False)
+    assert read_timeout() == READ_TIMEOUT
+    monkeypatch.setenv("GATEWAY_READ_TIMEOUT", "2.5")
+    assert read_timeout() == 2.5
+    for bad in ("0", "-1", "1m", "100000"):
+        monkeypatch.setenv("GATEWAY_READ_TIMEOUT", bad)
+        with pytest.raises(SystemExit, match="GATEWAY_READ_TIMEOUT=.*expected the seconds"):
+            read_timeout()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask, Response, json, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 TYPE_PREFIX = "urn:egov:gateway:problem:"
 
@@ -74,6 +74,17 @@ _HTTP_KINDS = {400: "validation", 401: "unauthenticated", 403: "forbidden-scope"
                405: "method-not-allowed", 409: "conflict", 413: "too-large", 415: "unsupported-media-type"}
 
 
+def client_stalled(exc: BaseException) -> bool:
+    """Whether ``exc`` is a read from (or write to) the client that waited out the socket's
+    timeout (gateway.gunicorn_worker sets SO_RCVTIMEO / SO_SNDTIMEO, under which a blocking
+    socket fails with EAGAIN)."""
+    return isinstance(exc, BlockingIOError)
+
+
+_STALLED = ("the request body stopped before its end: the client went away, or sent nothing for too long "
+            "(GATEWAY_READ_TIMEOUT); nothing was stored")
+
+
 def install(app: Flask) -> None:
     @app.errorhandler(Problem)
     def _problem(exc: Problem) -> Response:
@@ -83,6 +94,8 @@ def install(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
+        if isinstance(exc, ClientDisconnected):  # werkzeug's word for a body that ended or stalled
+            return problem_response(400, "incomplete-body", _STALLED)
         status = exc.code or 500
         detail = exc.description or ""
         if status == 413:
@@ -96,5 +109,8 @@ def install(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _any(exc: Exception) -> Response:
+        if client_stalled(exc):  # a chunked body, read without werkzeug's length check
+            app.logger.warning("%s %s: %s", request.method, request.path, _STALLED)
+            return problem_response(400, "incomplete-body", _STALLED)
         app.logger.exception("unhandled error on %s %s", request.method, request.path)
         return problem_response(500, "internal", "an internal error occurred; it has been logged")
