@@ -97,6 +97,13 @@ class ApiConfig(_Strict):
     #: used for this many days is removed by the ``blobs`` job ([schedules.blobs]); 0: kept
     #: forever. Content a message names is never removed.
     unclaimed_upload_days: int = Field(default=0, ge=0, le=3650)
+
+    @property
+    def in_use_seconds(self) -> int:
+        """How recently content named by a new document must have been used (else it is
+        marked in use now; see BlobStore.in_use): half the retention, so that what a document
+        being stored names is never old enough for the ``blobs`` job. 0: no retention."""
+        return self.unclaimed_upload_days * 43_200
     #: /metrics answers only a request with ``Authorization: Bearer <token>`` when a token is
     #: set, in an environment variable or a file (never in this file); without: open to all
     metrics_token_env: str | None = None

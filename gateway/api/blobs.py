@@ -93,8 +93,8 @@ def blob_info(sha256: str) -> Response:
         if sha256 not in granted(n, caller.key_id, [sha256]):
             raise FileNotFoundError(sha256)
         size = n.blobs.known_size(sha256)
-        if n.config.api.unclaimed_upload_days:  # a caller told "stored" gets the time to name it
-            n.blobs.in_use([sha256], n.config.api.unclaimed_upload_days * 43_200)
+        if n.config.api.in_use_seconds:  # a caller told "stored" gets the time to name it
+            n.blobs.in_use([sha256], n.config.api.in_use_seconds)
     except FileNotFoundError:  # stored for another key or not at all: the same answer
         raise Problem(404, "not-found", f"no content with SHA-256 {sha256} has been uploaded with this API key") \
             from None

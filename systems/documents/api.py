@@ -179,7 +179,7 @@ def send_document() -> Response:
     known = n.blobs.known
     # where unclaimed content is removed after a while, what this document names is marked
     # in use, so that it cannot be removed while the document is being stored
-    window = n.config.api.unclaimed_upload_days * 43_200  # half the retention, in seconds
+    window = n.config.api.in_use_seconds
     try:  # all of them granted and stored (the usual case): their sizes in one pass
         sizes = {sha: known(sha)[0] for sha in shas} if len(mine) == len(set(shas)) else None
         if sizes is not None and window:
