@@ -103,7 +103,7 @@ def keys() -> None:
 @click.option("--clearance", default="非密", show_default=True, help="highest 密级 the key may send or read")
 @click.option("--unit", "units", multiple=True, help="a unit (统一社会信用代码) the key may send for")
 @click.option("--webhook-url", help="where status changes are POSTed (signed)")
-@click.option("--upload-quota", metavar="SIZE|none",
+@click.option("--upload-quota", metavar="SIZE|none|default",
               help="new content the key may upload in any 24 hours, e.g. 20GiB, or none for no limit "
                    "(default: the node's [api] upload_quota_bytes_per_day)")
 @pass_ctx
@@ -111,7 +111,7 @@ def keys_create(c: Ctx, name: str, scopes: tuple[str, ...], clearance: str, unit
                 webhook_url: str | None, upload_quota: str | None) -> None:
     from gateway.api.auth import create_key
 
-    quota = None if upload_quota is None else _quota_value(upload_quota, "--upload-quota", default=False)
+    quota = None if upload_quota is None else _quota_value(upload_quota, "--upload-quota")
     n = c.node()
     _require_schema(n)
     served = n.config.node.units
@@ -140,17 +140,17 @@ def keys_revoke(c: Ctx, key_id: str) -> None:
     click.echo(f"revoked {key_id}")
 
 
-def _quota_value(text: str, param: str, *, default: bool) -> int | None:
-    """An upload quota as given on the command line: a size, ``none`` (0: no limit) or, where
-    ``default`` is allowed, ``default`` (None: the node's)."""
+def _quota_value(text: str, param: str) -> int | None:
+    """An upload quota as given on the command line: a size, ``none`` (0: no limit) or
+    ``default`` (None: the node's)."""
     from gateway.api.auth import parse_size
 
     word = text.strip().lower()
     if word == "none":
         return 0
-    if word == "default" and default:
+    if word == "default":
         return None
-    words = "none (no limit) or default (the node's)" if default else "none (no limit)"
+    words = "none (no limit) or default (the node's)"
     try:
         size = parse_size(text)
     except ValueError as exc:
@@ -178,7 +178,7 @@ def _shown_quota(quota: int | None, node_default: int) -> str:
 def keys_quota(c: Ctx, key_id: str, value: str) -> None:
     from gateway.api.auth import set_upload_quota
 
-    quota = _quota_value(value, "VALUE", default=True)
+    quota = _quota_value(value, "VALUE")
     n = c.node()
     _require_schema(n)
     try:
