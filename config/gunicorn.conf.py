@@ -16,6 +16,9 @@ workers = int(os.environ.get("GATEWAY_WORKERS", min(4, multiprocessing.cpu_count
 # a time), gunicorn's own error answers are problem+json, and a client that sends nothing for
 # GATEWAY_READ_TIMEOUT seconds (60) in the middle of a request is cut off: gateway/gunicorn_worker.py
 worker_class = "gateway.gunicorn_worker.GatewayThreadWorker"
+from gateway.gunicorn_worker import read_timeout  # noqa: E402
+
+read_timeout()  # a bad GATEWAY_READ_TIMEOUT stops the start here, named, not in every worker start
 threads = int(os.environ.get("GATEWAY_THREADS", 8))
 timeout = 120            # a streamed 1 GB attachment upload must not be cut off
 graceful_timeout = 30

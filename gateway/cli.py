@@ -388,6 +388,9 @@ def serve(c: Ctx, bind: str, threads: int) -> None:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise click.BadParameter(f"{bind!r}: expected HOST:PORT, e.g. 127.0.0.1:8080 or 0.0.0.0:8080",
                                  param_hint="--bind")
+    from gateway.gunicorn_worker import read_timeout
+
+    read_timeout()  # a bad GATEWAY_READ_TIMEOUT stops here, named, not in every worker start
 
     cfg = c.cfg()
     sims: Any = None

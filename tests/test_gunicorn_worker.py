@@ -315,3 +315,11 @@ def test_a_read_timeout_that_is_not_a_number_of_seconds_stops_the_worker_saying_
         monkeypatch.setenv("GATEWAY_READ_TIMEOUT", bad)
         with pytest.raises(SystemExit, match="GATEWAY_READ_TIMEOUT=.*expected the seconds"):
             read_timeout()
+    # gunicorn with the production settings stops at once, saying so, instead of starting
+    # workers that each fail
+    r = subprocess.run([sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "config", "gunicorn.conf.py"),
+                        "--bind", f"127.0.0.1:{_free_port()}", "tests.test_gunicorn_worker:pid_app"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "GATEWAY_READ_TIMEOUT": "soon"})
+    assert r.returncode != 0 and "GATEWAY_READ_TIMEOUT='soon': expected the seconds" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "Booting worker" not in r.stderr
