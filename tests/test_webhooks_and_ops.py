@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import json
 import threading
 import time
@@ -318,3 +319,39 @@ def test_a_metrics_token_from_a_file_and_what_is_refused(tmp_path, database_url,
     (tmp_path / "metrics.token").write_text("\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="is empty"):
         cfg.metrics_token()
+
+
+def test_metrics_say_when_each_job_last_succeeded_and_how_much_room_uploads_have(api, gw_node):
+    """An alert on a schedule that stopped succeeding needs the last success and the latest
+    outcome; one on uploads about to be refused 507 needs the free space and the reserve."""
+    import re
+
+    from gateway import scheduler
+
+    def explode(node):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the legacy directory service said no")
+
+    before = time.time()
+    scheduler.register("test-metrics", lambda node: {"done": 1})
+    try:
+        assert scheduler.run_job(gw_node, "test-metrics", actor="test").outcome == "ok"
+        scheduler.register("test-metrics", explode)  # the same job, failing from now on
+        assert scheduler.run_job(gw_node, "test-metrics", actor="test").outcome == "failed"
+        text = api.client.get("/metrics").get_data(as_text=True)
+    finally:
+        scheduler.unregister("test-metrics")
+
+    def value(line_start: str) -> float:
+        m = re.search("^" + re.escape(line_start) + r" (\S+)$", text, re.M)
+        assert m, (line_start, text)
+        return float(m.group(1))
+
+    ok = value('gateway_job_last_success_timestamp_seconds{job="test-metrics"}')
+    failed = value('gateway_job_last_run_timestamp_seconds{job="test-metrics",outcome="failed"}')
+    assert before - 1 <= ok <= failed <= time.time() + 1
+    assert 'gateway_job_last_run_timestamp_seconds{job="test-metrics",outcome="ok"}' not in text  # the latest only
+    assert 'job="blobs"' not in text  # a job that never ran has no figures
+    free = value("gateway_blob_store_free_bytes")
+    statvfs = os.statvfs(gw_node.blobs.root)
+    assert abs(free - statvfs.f_bavail * statvfs.f_frsize) < 64 * 2**20
+    assert value("gateway_blob_store_reserve_bytes") == gw_node.config.api.min_free_bytes

@@ -11,14 +11,15 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select, text
 
 from adapters.base import PermanentError
-from gateway import inbound, nodekey
+from gateway import inbound, nodekey, scheduler
+from gateway.blobs import free_bytes
 from gateway.api.auth import bearer
 from gateway.api.common import node
 from gateway.api.problems import Problem
 from gateway.api.spec import document, operation
 from gateway.federation import directory
 from gateway.migrate import current_is_head
-from gateway.models import Delivery, OutboxEntry
+from gateway.models import Delivery, JobRun, OutboxEntry
 
 bp = Blueprint("ops", __name__)
 
@@ -80,7 +81,42 @@ class _DbCollector:
                                                    .group_by(Delivery.target, Delivery.status)):
                 deliveries.add_metric([target or "", status], count)
             yield deliveries
+            yield from self._jobs(s)
+        yield from self._blob_store()
         yield from directory.metrics(self.n)
+
+    def _jobs(self, s):  # type: ignore[no-untyped-def]
+        """Per job that has run: when it last succeeded, and how its latest run ended (an
+        alert on a schedule that stopped succeeding needs both). Two index lookups per job
+        ((job, tick), newest first), however long the history."""
+        success = GaugeMetricFamily("gateway_job_last_success_timestamp_seconds",
+                                    "When the job's latest successful run finished (Unix time)", labels=["job"])
+        latest = GaugeMetricFamily("gateway_job_last_run_timestamp_seconds",
+                                   "When the job's latest run started, by its outcome (ok, failed, running)",
+                                   labels=["job", "outcome"])
+        for spec in scheduler.jobs():
+            last = s.execute(select(JobRun.outcome, JobRun.started_at).where(JobRun.job == spec.name)
+                             .order_by(JobRun.tick.desc()).limit(1)).first()
+            if last is None:
+                continue
+            latest.add_metric([spec.name, last.outcome], last.started_at.timestamp())
+            ok = s.scalar(select(JobRun.finished_at).where(JobRun.job == spec.name, JobRun.outcome == "ok")
+                          .order_by(JobRun.tick.desc()).limit(1))
+            if ok is not None:
+                success.add_metric([spec.name], ok.timestamp())
+        yield success
+        yield latest
+
+    def _blob_store(self):  # type: ignore[no-untyped-def]
+        """Room left for uploads: below the reserve, uploads are refused 507."""
+        free = GaugeMetricFamily("gateway_blob_store_free_bytes",
+                                 "Bytes an upload may still use on the blob store's file system")
+        free.add_metric([], free_bytes(self.n.blobs.root))
+        yield free
+        reserve = GaugeMetricFamily("gateway_blob_store_reserve_bytes",
+                                    "[api] min_free_bytes: below it uploads are refused 507 storage-full")
+        reserve.add_metric([], self.n.config.api.min_free_bytes)
+        yield reserve
 
 
 @operation(method="get", path="/metrics", summary="Prometheus 指标 (queue depth, delivery states, directory)",
@@ -89,7 +125,9 @@ class _DbCollector:
                        "with Authorization: Bearer <that token> (Prometheus: authorization.credentials_file); "
                        "an API key is not accepted here.",
            responses={200: "text/plain; version=0.0.4: gateway_outbox_entries{kind,state}, "
-                           "gateway_deliveries{target,status}, the federation directory's age"})
+                           "gateway_deliveries{target,status}, gateway_job_last_success_timestamp_seconds{job}, "
+                           "gateway_job_last_run_timestamp_seconds{job,outcome}, gateway_blob_store_free_bytes, "
+                           "gateway_blob_store_reserve_bytes, the federation directory's age"})
 @bp.get("/metrics")
 def metrics() -> Response:
     n = node()
