@@ -300,6 +300,42 @@ def audit_verify(c: Ctx, expect_head: str | None) -> None:
     sys.exit(1)
 
 
+@main.group(help="The blob store: bodies and attachments (正文与附件).")
+def blobs() -> None:
+    pass
+
+
+@blobs.command("unclaimed", help="What the blobs job would remove: stored content no message names and "
+                                 "not used for DAYS days (default: [api] unclaimed_upload_days). It records "
+                                 "which contents stored messages name, as the job does, and removes nothing.")
+@click.option("--days", type=click.IntRange(1, 3650), help="the retention to try (default: the node's)")
+@pass_ctx
+def blobs_unclaimed(c: Ctx, days: int | None) -> None:
+    from datetime import UTC, datetime
+
+    from gateway import retention
+    from gateway.api.auth import shown_size
+
+    n = c.node()
+    _require_schema(n)
+    days = days or n.config.api.unclaimed_upload_days
+    if not days:
+        n.close()
+        raise click.UsageError("the node keeps unclaimed content ([api] unclaimed_upload_days = 0); "
+                               "give --days N to see what a retention of N days would remove")
+    try:
+        out = retention.preview(n, days)
+    finally:
+        n.close()
+    click.echo(f"{out['count']} stored contents ({shown_size(out['bytes'])}) are named by no message and unused "
+               f"for {days} days: the blobs job would remove them" + (":" if out["first"] else "."))
+    for sha, mtime, size in out["first"]:
+        when = datetime.fromtimestamp(mtime, UTC).isoformat(timespec="seconds")
+        click.echo(f"  {sha}  {size:>12} bytes  last used {when}")
+    if out["count"] > len(out["first"]):
+        click.echo(f"  … and {out['count'] - len(out['first'])} more")
+
+
 # -- sync ----------------------------------------------------------------------------------
 @main.command(help="Run a scheduled job now (JOB), or list the jobs with their schedules and last runs "
                    "(--list). Built-in job: receipts (poll every adapter once). Prints one line of JSON "

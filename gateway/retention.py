@@ -32,6 +32,7 @@ import logging
 import re
 import time
 from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select, tuple_
@@ -66,27 +67,12 @@ def run(node: Node) -> dict[str, Any]:
     # the rest is removed with this run's
     restored, aside = store.recover_trash(older_than)
     scanned, claimed = scan_claims(node)
-    page: list[str] = []
-
-    def settle() -> None:
-        with node.db.sessions() as s:
-            kept = set(s.scalars(select(BlobClaim.sha256).where(BlobClaim.sha256.in_(page))))
-        for sha in page:
-            if sha not in kept and len(aside) < PER_RUN:
-                size = store.set_aside(sha, older_than)
-                if size is not None:
-                    aside[sha] = size
-        page.clear()
-
-    for sha, mtime, _size in store.stored():
+    for sha, _mtime, _size in unclaimed(node, older_than):
         if len(aside) >= PER_RUN:
             break
-        if mtime < older_than:
-            page.append(sha)
-            if len(page) == 500:
-                settle()
-    if page and len(aside) < PER_RUN:
-        settle()
+        size = store.set_aside(sha, older_than)
+        if size is not None:
+            aside[sha] = size
     if aside:
         # recorded (and the rows gone) before any file is: a crash after this commit leaves
         # the files set aside, and the next run removes them (and records them again)
@@ -108,6 +94,40 @@ def run(node: Node) -> dict[str, Any]:
     return {"messages_read": scanned, "newly_claimed": claimed, "removed": len(aside),
             "bytes_freed": sum(aside.values()), "more": len(aside) >= PER_RUN,
             "leftovers_removed": leftovers, "leftover_bytes": leftover_bytes, "put_back": restored}
+
+
+def unclaimed(node: Node, older_than: float) -> Iterator[tuple[str, float, int]]:
+    """(SHA-256, modification time, size) of each stored file older than ``older_than`` (a
+    time) whose content no message names, as far as ``blob_claims`` knows (scan_claims
+    first); claims are looked up 500 files at a time."""
+    page: list[tuple[str, float, int]] = []
+
+    def settle() -> Iterator[tuple[str, float, int]]:
+        with node.db.sessions() as s:
+            kept = set(s.scalars(select(BlobClaim.sha256).where(BlobClaim.sha256.in_([p[0] for p in page]))))
+        yield from (p for p in page if p[0] not in kept)
+        page.clear()
+
+    for entry in node.blobs.stored():
+        if entry[1] < older_than:
+            page.append(entry)
+            if len(page) == 500:
+                yield from settle()
+    if page:
+        yield from settle()
+
+
+def preview(node: Node, days: int, sample: int = 20) -> dict[str, Any]:
+    """What the job would remove with a retention of ``days``: it records claims as the job
+    does (which changes nothing else) and removes nothing."""
+    scanned, claimed = scan_claims(node)
+    count = size = 0
+    first: list[tuple[str, float, int]] = []
+    for entry in unclaimed(node, time.time() - days * 86_400):
+        count, size = count + 1, size + entry[2]
+        if len(first) < sample:
+            first.append(entry)
+    return {"messages_read": scanned, "newly_claimed": claimed, "count": count, "bytes": size, "first": first}
 
 
 def scan_claims(node: Node) -> tuple[int, int]:

@@ -246,3 +246,30 @@ def test_gateway_sync_blobs_runs_it_now_and_prints_what_it_did(tmp_path):
     assert out["job"] == "blobs" and out["outcome"] == "ok"
     assert out["detail"]["removed"] == 1 and out["detail"]["bytes_freed"] == len(b"left behind")
     assert not stray.exists()
+
+
+def test_gateway_blobs_unclaimed_shows_what_the_job_would_remove_and_removes_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from gateway import migrate
+    from gateway.cli import main
+
+    conf = tmp_path / "node.toml"
+    conf.write_text(f'[node]\nid = "county-a"\ndata_dir = "{tmp_path / "var"}"\n', encoding="utf-8")
+    migrate.upgrade(f"sqlite:///{tmp_path / 'var' / 'gateway.db'}")
+    folder = tmp_path / "var" / "blobs" / "ab" / "cd"
+    folder.mkdir(parents=True)
+    old, fresh = folder / ("abcd" + "1" * 60), folder / ("abcd" + "2" * 60)
+    old.write_bytes(b"left behind")
+    fresh.write_bytes(b"uploaded today")
+    _age(old, 10)
+    r = CliRunner().invoke(main, ["-c", str(conf), "blobs", "unclaimed"])
+    assert r.exit_code == 2 and "unclaimed_upload_days = 0" in r.output and "--days" in r.output
+    r = CliRunner().invoke(main, ["-c", str(conf), "blobs", "unclaimed", "--days", "7"])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("1 stored contents (11 bytes) are named by no message and unused for 7 days")
+    assert old.name in lines[1] and fresh.name not in r.stdout
+    assert old.exists() and fresh.exists()  # nothing removed
+    r = CliRunner().invoke(main, ["-c", str(conf), "blobs", "unclaimed", "--days", "30"])
+    assert r.stdout.startswith("0 stored contents (0 bytes)") and r.stdout.rstrip().endswith("remove them.")
