@@ -273,3 +273,38 @@ def test_gateway_blobs_unclaimed_shows_what_the_job_would_remove_and_removes_not
     assert old.exists() and fresh.exists()  # nothing removed
     r = CliRunner().invoke(main, ["-c", str(conf), "blobs", "unclaimed", "--days", "30"])
     assert r.stdout.startswith("0 stored contents (0 bytes)") and r.stdout.rstrip().endswith("remove them.")
+
+
+def test_the_claims_scan_reads_every_message_once_however_many_share_an_instant(tmp_path, database_url,
+                                                                                  monkeypatch):
+    """Pages follow the accepted_at index; the rest of a page's last instant is read with it
+    (here 5 messages share one instant and a page holds 3), the next page starts after it."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import func, select
+
+    from gateway import migrate, retention
+    from gateway.models import BlobClaim, Message
+    from gateway.node import Node
+    from tests.plugins.gatewaynode import node_config
+
+    monkeypatch.setattr(retention, "_PAGE", 3)
+    cfg = node_config(tmp_path, database_url, api={"unclaimed_upload_days": 30})
+    migrate.upgrade(cfg.database_url())
+    node = Node(cfg)
+    try:
+        t0 = datetime.now(UTC) - timedelta(hours=1)
+        instants = [t0] * 2 + [t0 + timedelta(seconds=1)] * 5 + [t0 + timedelta(seconds=2)] * 2
+        with node.db.begin() as s:
+            for i, at in enumerate(instants):
+                sha = f"{i:064x}"
+                s.add(Message(id=f"tie-{i}", subsystem="documents", type="document", sender_unit="11522300GDR9YB9550",
+                              classification="非密", clearance=0, urgency="平件", source="api", summary={},
+                              envelope_xml=f'<attachment role="body" name="x" size="1" sha256="{sha}"/>'.encode(),
+                              accepted_at=at))
+        assert retention.scan_claims(node) == (9, 9)
+        with node.db.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(BlobClaim)) == 9
+        assert retention.scan_claims(node) == (9, 0)  # a day of overlap: read again, nothing new
+    finally:
+        node.close()
