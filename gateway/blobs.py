@@ -55,10 +55,6 @@ def _rel(sha256: str) -> str:
     return f"{sha256[:2]}/{sha256[2:4]}/{sha256}"
 
 
-def _size(dir_fd: int, sha256: str) -> int:
-    return os.stat(_rel(sha256), dir_fd=dir_fd).st_size
-
-
 def _stat(dir_fd: int, sha256: str) -> tuple[int, float]:
     st = os.stat(_rel(sha256), dir_fd=dir_fd)
     return st.st_size, st.st_mtime
@@ -84,11 +80,8 @@ class BlobStore:
             os.close(fd)
 
     def _where(self, sha256: str) -> str:
-        # plain strings: a document with 40 attachments checks 40 blobs on the accept path,
-        # and pathlib's joins cost more there than the stat itself
-        if not _SHA256.fullmatch(sha256):
-            raise ValueError("not a SHA-256 hex digest")
-        return f"{self._prefix}{sha256[:2]}{os.sep}{sha256[2:4]}{os.sep}{sha256}"
+        # plain strings: pathlib's joins cost more than the stat they are for
+        return self._prefix + _rel(sha256)
 
     def path(self, sha256: str) -> Path:
         return Path(self._where(sha256))
@@ -119,7 +112,7 @@ class BlobStore:
 
     def size(self, sha256: str) -> int:
         """The size of a stored blob; FileNotFoundError if there is none."""
-        return _size(self._dir_fd, sha256)
+        return _stat(self._dir_fd, sha256)[0]
 
     # -- in use: what the unclaimed-content job (gateway.retention) may not remove ------------
     # A file's modification time is the last time its content was written or used: stored,
@@ -159,7 +152,7 @@ class BlobStore:
                 raise FileNotFoundError(sha) from None
             rel = _rel(sha)
             try:
-                mtime = os.stat(rel, dir_fd=self._dir_fd).st_mtime
+                mtime = _stat(self._dir_fd, sha)[1]
                 if mtime < now - window:
                     os.utime(rel, dir_fd=self._dir_fd)
                     mtime = now
