@@ -336,6 +336,81 @@ def blobs_unclaimed(c: Ctx, days: int | None) -> None:
         click.echo(f"  … and {out['count'] - len(out['first'])} more")
 
 
+# -- outbox --------------------------------------------------------------------------------
+@main.group(help="The outbox: dead letters (死信), the work the delivery worker gave up on, and putting "
+                 "it back in the queue once the cause is fixed.")
+def outbox() -> None:
+    pass
+
+
+_KIND = click.Choice(["deliver", "forward", "recall", "webhook", "status"])
+
+
+@outbox.command("list", help="Dead-lettered outbox rows, oldest first: number, kind, target (adapter, peer node "
+                             "or webhook), message and unit, attempts, when it died, and the last error.")
+@click.option("--kind", type=_KIND, help="only this kind of work")
+@click.option("--target", help="only rows for this adapter or peer node")
+@click.option("--message", "message_id", help="only rows of this message id")
+@click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True, help="rows shown")
+@pass_ctx
+def outbox_list(c: Ctx, kind: str | None, target: str | None, message_id: str | None, limit: int) -> None:
+    from gateway import deadletter
+
+    n = c.node()
+    _require_schema(n)
+    try:
+        rows, total = deadletter.dead_letters(n.db, kind=kind, target=target, message_id=message_id, limit=limit)
+    finally:
+        n.close()
+    for r in rows:
+        when = r.finished_at.isoformat(timespec="seconds") if r.finished_at else "-"
+        error = " ".join((r.last_error or "").split())
+        click.echo(f"{r.id}  {r.kind:7}  {r.target}  {r.message_id or '-'}  {r.unit or '-'}  "
+                   f"attempts={r.attempts}  died={when}  {error[:160]}")
+    more = f" ({len(rows)} shown; --limit for more)" if total > len(rows) else ""
+    hint = " Once the cause is fixed: gateway outbox retry ID… (or --all)." if total else ""
+    click.echo(f"{total} dead-lettered row{'s' if total != 1 else ''}{more}.{hint}")
+
+
+@outbox.command("retry", help="Put dead-lettered rows back in the queue: the rows numbered ID (all of them or "
+                              "none), or with --all every dead row (narrowed by --kind, --target, --message). "
+                              "Each gets a fresh retry budget, its failed copies become queued again (callers' "
+                              "webhooks are told), and each is audited (admin.outbox.retry).")
+@click.argument("ids", nargs=-1, type=click.IntRange(1))
+@click.option("--all", "all_rows", is_flag=True, help="every dead row the filters match")
+@click.option("--kind", type=_KIND, help="with --all: only this kind of work")
+@click.option("--target", help="with --all: only rows for this adapter or peer node")
+@click.option("--message", "message_id", help="with --all: only rows of this message id")
+@click.option("--dry-run", is_flag=True, help="say what would be put back; change nothing")
+@pass_ctx
+def outbox_retry(c: Ctx, ids: tuple[int, ...], all_rows: bool, kind: str | None, target: str | None,
+                 message_id: str | None, dry_run: bool) -> None:
+    from gateway import deadletter
+
+    if bool(ids) == all_rows:
+        raise click.UsageError("name the rows to retry (their numbers, from `gateway outbox list`) or give "
+                               "--all, not both")
+    if ids and (kind or target or message_id):
+        raise click.UsageError("--kind, --target and --message narrow --all; rows named by number are taken "
+                               "as they are")
+    n = c.node()
+    _require_schema(n)
+    try:
+        out = deadletter.requeue(n.db, ids=list(ids) or None, kind=kind, target=target, message_id=message_id,
+                                 actor=f"cli:{_user()}", dry_run=dry_run)
+    except deadletter.RetryRefused as exc:
+        raise click.ClickException("nothing was retried: " + "; ".join(
+            f"row {i}: {why}" for i, why in exc.problems.items())) from None
+    finally:
+        n.close()
+    verb = "would be put back" if dry_run else "put back in the queue"
+    click.echo(f"{len(out.ids)} row{'s' if len(out.ids) != 1 else ''} {verb}"
+               f"{' (' + ', '.join(map(str, out.ids)) + ')' if out.ids else ''}; "
+               f"{out.copies} cop{'ies' if out.copies != 1 else 'y'} failed → queued")
+    for i, why in out.skipped.items():
+        click.echo(f"row {i} left dead: {why}", err=True)
+
+
 # -- sync ----------------------------------------------------------------------------------
 @main.command(help="Run a scheduled job now (JOB), or list the jobs with their schedules and last runs "
                    "(--list). Built-in job: receipts (poll every adapter once). Prints one line of JSON "

@@ -328,3 +328,19 @@ def test_keys_get_an_upload_quota_of_their_own_and_the_list_shows_it(tmp_path):
     assert json.loads(rows[0][1])["upload_quota_bytes_per_day"] == 20 * 2**30
     assert json.loads(rows[3][1]) == {"before": 0, "upload_quota_bytes_per_day": None}
     assert gateway("-c", str(conf), "audit", "verify", cwd=tmp_path).returncode == 0
+
+
+def test_outbox_retry_needs_rows_or_all_and_says_so(tmp_path):
+    """The rows to put back are named or --all is given, not both, and filters narrow only
+    --all: each mistake is a usage error (exit 2) that says what to give, before anything runs."""
+    conf = _config(tmp_path)
+    assert gateway("-c", str(conf), "db", "upgrade", cwd=tmp_path).returncode == 0
+    for args, said in [((), "name the rows to retry"), (("3", "--all"), "name the rows to retry"),
+                       (("3", "--target", "docexchange"), "narrow --all"), (("x",), "'x' is not a valid integer"),
+                       (("--all", "--kind", "mail"), "'mail' is not one of")]:
+        r = gateway("-c", str(conf), "outbox", "retry", *args, cwd=tmp_path)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = gateway("-c", str(conf), "outbox", "list", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "0 dead-lettered rows.", r.stdout + r.stderr
+    r = gateway("-c", str(conf), "outbox", "retry", "--all", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "0 rows put back in the queue; 0 copies failed → queued"

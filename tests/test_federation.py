@@ -215,6 +215,34 @@ def test_recall_reaches_the_copy_at_another_node(cluster: Cluster) -> None:
         b.soap.state.auto_sign_delay = cluster.sign_delay
 
 
+def test_a_dead_letter_put_back_at_the_receiving_node_reaches_the_sender(cluster: Cluster) -> None:
+    """County B's legacy system refuses a copy for good (a SOAP Client fault): dead-lettered
+    there, failed at the prefecture. County B's operator fixes the cause and puts the row back
+    with the CLI; the copy is delivered, and the prefecture's failed copy becomes delivered."""
+    pref, b = cluster.nodes["prefecture"], cluster.nodes["county-b"]
+    b.soap.state.auto_sign_delay = 3600.0  # no sign-for: the test watches for "delivered"
+    b.soap.state.fail_next(1, "client-fault", "SendDocument")
+    try:
+        mid = send(pref, PREFECTURE, (CITY_B,), title="死信重发测试")
+        got = wait_for(pref, mid, {CITY_B: "failed"})
+        assert "Client.Rejected" in (got[CITY_B]["last_error"] or "")
+        listed = b.cli("outbox", "list", "--message", mid).stdout.splitlines()
+        assert len(listed) == 2 and listed[1].startswith("1 dead-lettered row."), listed
+        row, kind, target, message, unit = listed[0].split()[:5]
+        assert (kind, target, message, unit) == ("deliver", "docexchange", mid, CITY_B)
+        r = b.cli("outbox", "retry", row)
+        assert r.stdout.strip() == f"1 row put back in the queue ({row}); 1 copy failed → queued", r.stderr
+        wait_for(pref, mid, {CITY_B: "delivered"})
+        assert rows(b, select(Delivery.status).where(Delivery.message_id == mid)) == [("delivered",)]
+        assert rows(b, select(AuditEntry.actor).where(AuditEntry.action == "admin.outbox.retry")
+                    .where(AuditEntry.object == f"delivery:{mid}/{CITY_B}"))[0][0].startswith("cli:")
+        again = b.cli("outbox", "retry", row, check=False)
+        assert again.returncode == 1 and f"nothing was retried: row {row}: it is done, not dead" in again.stderr
+        assert "Traceback" not in again.stderr
+    finally:
+        b.soap.state.auto_sign_delay = cluster.sign_delay
+
+
 def test_federation_config_errors_name_the_key(tmp_path: Path) -> None:
     from gateway import config as config_mod
 

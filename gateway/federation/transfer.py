@@ -34,7 +34,9 @@ log = logging.getLogger("gateway.federation")
 
 #: a status reported by the next node, and the local statuses it may move a copy from
 STATUS_FROM: dict[str, tuple[str, ...]] = {
-    "delivered": ("queued",),
+    # from failed too: the copy was put back in the queue there (gateway outbox retry), or
+    # the forward did arrive although this node gave up on its answer
+    "delivered": ("queued", "failed"),
     "signed": ("queued", "delivered", "failed"),
     "returned": ("queued", "delivered", "failed"),
     "recalled": ("queued", "delivered"),
