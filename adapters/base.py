@@ -263,9 +263,7 @@ def register(type_name: str) -> Callable[[type[Adapter]], type[Adapter]]:
     return deco
 
 
-def carries(type_name: str, subsystem: str) -> bool:
-    """Can an adapter of type ``type_name`` carry messages of ``subsystem``? (An unknown
-    type is refused elsewhere, when the adapter is built.)"""
+def _class(type_name: str) -> type[Adapter] | None:
     cls = _REGISTRY.get(type_name)
     if cls is None:
         from adapters import BUILTIN, load_builtin
@@ -273,7 +271,21 @@ def carries(type_name: str, subsystem: str) -> bool:
         if type_name in BUILTIN:
             load_builtin(type_name)
         cls = _REGISTRY.get(type_name)
+    return cls
+
+
+def carries(type_name: str, subsystem: str) -> bool:
+    """Can an adapter of type ``type_name`` carry messages of ``subsystem``? (An unknown
+    type is refused elsewhere, when the adapter is built.)"""
+    cls = _class(type_name)
     return cls is None or cls.subsystems is None or subsystem in cls.subsystems
+
+
+def can_recall(type_name: str) -> bool:
+    """Does the legacy protocol of adapter type ``type_name`` have a recall (撤回)? The SOAP
+    service has ``RecallDocument``; the SFTP drop and the exchange box have none."""
+    cls = _class(type_name)
+    return cls is not None and cls.recall is not Adapter.recall
 
 
 def registered_types() -> list[str]:

@@ -8,9 +8,9 @@ the outbox rows. Everything before it (parsing, validation, routing) stores noth
 """
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import json
 from typing import Any, cast
 from datetime import datetime, UTC
@@ -18,7 +18,7 @@ from datetime import datetime, UTC
 from sqlalchemy import Connection, CursorResult, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from adapters.base import carries, remote_ref
+from adapters.base import can_recall, carries, remote_ref
 from gateway import audit, events, payloads
 from gateway.db import driver_mark, driver_stamp, group_cursor, in_group_pipeline
 from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError, Recipient, same_message
@@ -85,6 +85,12 @@ def plan_routes(node: Node, env: Envelope, recipients: list[Recipient] | None = 
             raise Rejected("no-route", f"the link to node {route.target} is cleared up to {peer.clearance}; "
                                        f"a {env.classification} message cannot travel on it")
     return routes
+
+
+def recallable(node: Node) -> Callable[[str], bool]:
+    """Whether the legacy system behind a configured adapter has a recall (see recall)."""
+    return lambda adapter: adapter not in node.config.adapters or can_recall(
+        str(node.config.adapters[adapter].get("type")))
 
 
 def _carries(node: Node, adapter: str, subsystem: str) -> bool:
@@ -348,16 +354,34 @@ def _forward_rows(conn: Connection, env: Envelope, plan: _Plan) -> None:
                                       "conversation": env.conversation_id})
 
 
-def recall(s: Session, message_id: str, units: Collection[str] | None = None) -> int:
+@dataclass
+class Recalled:
+    """What a recall did: how many copies it withdrew or asked to recall, and the units whose
+    delivered copy sits in a legacy system that has no recall (the reason is on the copy)."""
+
+    acted: int = 0
+    cannot: list[str] = field(default_factory=list)
+
+
+#: the reason a delivered copy keeps when its legacy system has no recall
+NO_RECALL = "撤回失败：收文系统不支持撤回，请联系收文单位处理 (the receiving system has no recall)"
+
+
+def recall(s: Session, message_id: str, units: Collection[str] | None = None,
+           recallable: Callable[[str], bool] | None = None) -> Recalled:
     """Withdraw (撤回) a message's copies not yet signed for: a copy still waiting in the
     outbox is simply not sent; one already handed over is recalled through its adapter or,
     for a copy at another node, by asking that node (its answer comes back as a status).
-    Returns how many copies it withdrew or asked to recall (0: none was left to recall)."""
+    ``recallable(adapter name)`` says whether that adapter's legacy system has a recall; a
+    copy delivered to one that has none is left delivered with that reason. A copy whose
+    recall is already under way counts as acted on, without a second request."""
     now = datetime.now(UTC)
     m = s.get(Message, message_id)
     assert m is not None
     ids = [d.id for d in m.deliveries]
-    acted = 0
+    out = Recalled()
+    asked = set(s.scalars(select(OutboxEntry.delivery_id).where(
+        OutboxEntry.delivery_id.in_(ids), OutboxEntry.kind == "recall", OutboxEntry.state.in_(("pending", "claimed")))))
     for d in m.deliveries:
         if units is not None and d.unit not in units:
             continue
@@ -373,10 +397,17 @@ def recall(s: Session, message_id: str, units: Collection[str] | None = None) ->
             if waiting:
                 prev, d.status, d.updated_at = d.status, "recalled", now
                 events.status_changed(s, d, prev)
-                acted += 1
+                out.acted += 1
                 continue
         if d.status in ("delivered", "queued"):
+            if d.id in asked:
+                out.acted += 1
+                continue
+            if d.route_kind == "adapter" and recallable is not None and not recallable(d.target or ""):
+                d.reason, d.updated_at = NO_RECALL, now
+                out.cannot.append(d.unit)
+                continue
             s.add(OutboxEntry(kind="recall", delivery_id=d.id, target=d.target or "", priority=0,
                               next_attempt_at=now, created_at=now))
-            acted += 1
-    return acted
+            out.acted += 1
+    return out

@@ -438,6 +438,9 @@ class Worker:
                         Delivery.unit.in_((entry.payload or {}).get("units", [])))):
                     prev, other.status, other.last_error, other.updated_at = other.status, "failed", message, now
                     events.status_changed(s, other, prev)
+            elif d is not None and entry.kind == "recall" and d.status in ("queued", "delivered"):
+                # the copy stays where it is; the caller sees why the recall did not happen
+                d.reason, d.updated_at = f"撤回失败 (recall failed): {message}"[:2000], now
         else:
             entry.state, entry.claimed_by, entry.lease_until = "pending", None, None
             entry.next_attempt_at = now + timedelta(seconds=backoff(policy, entry.attempts))

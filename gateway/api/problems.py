@@ -32,6 +32,7 @@ TITLES = {
     "unsupported-media-type": "不支持的内容类型 (unsupported media type)",
     "method-not-allowed": "不允许的方法 (method not allowed)",
     "conflict": "状态冲突 (conflict)",
+    "recall-not-supported": "收文系统不支持撤回 (the receiving system has no recall)",
     "not-ready": "服务未就绪 (not ready)",
     "bad-signature": "节点签名无效 (node signature invalid)",
     "unknown-key": "未知节点密钥 (unknown node key)",

@@ -326,7 +326,7 @@ def recall(node: Node, peer: str, body: Any) -> dict:
         m = s.get(Message, mid)
         if m is None or m.source != f"node:{peer}":
             raise TransferError(404, "not-found", f"no message {mid} came here from node {peer}")
-        pipeline.recall(s, mid, set(units))
+        pipeline.recall(s, mid, set(units), recallable=pipeline.recallable(node))
         audit.append(s, actor=f"node:{peer}", action="message.recall", obj=f"message:{mid}",
                      detail={"units": units})
     return {"message_id": mid, "node": node.id, "units": units, "state": "recall-requested"}

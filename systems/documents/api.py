@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 from datetime import datetime
@@ -29,7 +30,7 @@ from gateway.api.common import (
 from gateway.api.problems import Problem
 from gateway.api.spec import operation
 from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError
-from gateway.models import Delivery, Message, ReceiptRecord
+from gateway.models import Delivery, IdempotencyRecord, Message, ReceiptRecord
 from gateway.pipeline import IdempotencyKey, Rejected, StoredMessage, accept
 from systems.documents import SLUG, payload
 from systems.documents.schemas import DocumentIn, DocumentList, DocumentOut, ReceiptOut, RecipientStatus
@@ -208,9 +209,9 @@ def send_document() -> Response:
     env = payload.to_envelope(doc, message_id=doc.message_id, node_id=n.id, sizes=sizes, plain=plain)
     idem_key = request.headers.get("Idempotency-Key")
     idem = None
-    if idem_key:
-        if len(idem_key) > 200:
-            raise Problem(400, "validation", "Idempotency-Key is longer than 200 characters")
+    if idem_key is not None:
+        if not 0 < len(idem_key) <= 200:
+            raise Problem(400, "validation", "Idempotency-Key must be 1 to 200 characters long")
         idem = IdempotencyKey(caller.key_id, idem_key, request_hash())
     summary = {"doc_number": doc.doc_number, "title": doc.title, "doc_type": doc.doc_type}
     try:
@@ -291,18 +292,56 @@ def list_documents() -> Response:
 
 
 @operation(method="post", path="/api/v1/documents/{id}/recall", summary="撤回公文 (recall before sign-for)",
-           tag="公文 (documents)", scope="documents:recall", responses={202: DocumentOut}, parameters=[_ID_PARAM],
+           tag="公文 (documents)", scope="documents:recall", responses={202: DocumentOut},
+           parameters=[_ID_PARAM, {"name": "Idempotency-Key", "in": "header", "required": False,
+                                   "schema": {"type": "string"}}],
            description="Copies not yet delivered are withdrawn at once; delivered copies are recalled at the "
-                       "receiving system; copies already signed for (已签收) cannot be recalled. 409 when no "
-                       "copy is left to recall.")
+                       "receiving system where its protocol has a recall (the SOAP document service), and "
+                       "keep their status with a `reason` saying so where it has none (the SFTP drop, the "
+                       "exchange box); copies already signed for (已签收) cannot be recalled. A recall sent "
+                       "again with the same Idempotency-Key is answered again (Idempotent-Replayed). 409 "
+                       "`conflict` when no copy is left to recall, `recall-not-supported` when every copy left "
+                       "sits in a system that has no recall.")
 @bp.post("/<message_id>/recall")
 def recall_document(message_id: str) -> Response:
     n = node()
     caller = auth.require(n.db, "documents:recall")
     _load(message_id, caller, receipts=False)  # ownership and clearance
+    idem_key = request.headers.get("Idempotency-Key")
+    if idem_key is not None and not 0 < len(idem_key) <= 200:
+        raise Problem(400, "validation", "Idempotency-Key must be 1 to 200 characters long")
+    # what the key was first used for: this recall (a key used for a send, or for another
+    # document's recall, is refused as reused)
+    digest = hashlib.sha256(f"POST recall\n{message_id}".encode()).hexdigest()
+    try:
+        replayed = _recall(n, message_id, caller, idem_key, digest)
+    except n.db.integrity_errors:  # the same key raced in twice: the other one was stored first
+        replayed = _recall(n, message_id, caller, idem_key, digest)
+    headers = {"Idempotent-Replayed": "true"} if replayed else {}
+    return _json(_load(message_id, caller, receipts=False), 202, **headers)
+
+
+def _recall(n, message_id: str, caller: auth.Caller, idem_key: str | None, digest: str) -> bool:  # type: ignore[no-untyped-def]
+    """Recall in one transaction; True if the Idempotency-Key had already done it."""
     with n.db.begin() as s:
-        if not pipeline.recall(s, message_id):
+        if idem_key is not None:
+            rec = s.get(IdempotencyRecord, (caller.key_id, idem_key))
+            if rec is not None:
+                if rec.request_hash != digest or rec.message_id != message_id:
+                    raise Problem(422, "idempotency-key-reused", f"Idempotency-Key {idem_key!r} was used before "
+                                                                 f"with a different request")
+                return True
+        out = pipeline.recall(s, message_id, recallable=pipeline.recallable(n))
+        if not out.acted and out.cannot:
+            raise Problem(409, "recall-not-supported", f"document {message_id} cannot be recalled: the copies for "
+                          f"{', '.join(out.cannot)} were delivered to legacy systems that have no recall (the SFTP "
+                          f"drop, the exchange box); ask the receiving units to withdraw them")
+        if not out.acted:
             raise Problem(409, "conflict", f"document {message_id} has no copy left to recall: each one is signed "
                                            f"for (已签收), returned, recalled or failed")
-        audit.append(s, actor=caller.actor, action="message.recall", obj=f"message:{message_id}")
-    return _json(_load(message_id, caller, receipts=False), 202)
+        if idem_key is not None:
+            s.add(IdempotencyRecord(api_key_id=caller.key_id, key=idem_key, request_hash=digest,
+                                    message_id=message_id))
+        audit.append(s, actor=caller.actor, action="message.recall", obj=f"message:{message_id}",
+                     detail={"not_recallable": out.cannot} if out.cannot else None)
+    return False
