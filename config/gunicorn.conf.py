@@ -16,6 +16,8 @@ workers = int(os.environ.get("GATEWAY_WORKERS", min(4, multiprocessing.cpu_count
 # a time), gunicorn's own error answers are problem+json, and a client that sends nothing for
 # GATEWAY_READ_TIMEOUT seconds (60) in the middle of a request is cut off: gateway/gunicorn_worker.py
 worker_class = "gateway.gunicorn_worker.GatewayThreadWorker"
+# the access log's path as UTF-8, with control characters escaped (no forged log lines)
+logger_class = "gateway.gunicorn_worker.GatewayLogger"
 from gateway.gunicorn_worker import read_timeout  # noqa: E402
 
 read_timeout()  # a bad GATEWAY_READ_TIMEOUT stops the start here, named, not in every worker start

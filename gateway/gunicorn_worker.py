@@ -47,10 +47,11 @@ import struct
 import time
 from typing import Any
 
-from gunicorn import util
+from gunicorn import glogging, util
+from gunicorn.http.errors import NoMoreData, ParseException
 from gunicorn.workers.gthread import ThreadWorker
 
-from gateway.api.problems import client_stalled, problem_document
+from gateway.api.problems import client_stalled, problem_document, shown
 
 #: workers of one master the table can hold at once (more run unbalanced, with a warning)
 SLOTS = 64
@@ -182,8 +183,8 @@ class _Stalled(logging.Filter):
 
 
 #: gunicorn's statuses for requests it could not parse, as problem types
-_KINDS = {400: "malformed-request", 403: "forbidden-request", 414: "too-large", 417: "malformed-request",
-          431: "too-large", 501: "malformed-request"}
+_KINDS = {400: "malformed-request", 403: "forbidden-request", 414: "uri-too-long", 417: "malformed-request",
+          431: "header-too-large", 501: "unsupported-coding"}
 
 
 def problem_bytes(status: int, message: str) -> bytes:
@@ -203,6 +204,10 @@ def problem_bytes(status: int, message: str) -> bytes:
 def _write_problem(sock: Any, status_int: int, reason: str, mesg: str) -> None:  # noqa: ARG001
     # (gunicorn's reason phrase is not used: it says "Bad Request" for its 500 and 501 too)
     util.write_nonblock(sock, problem_bytes(status_int, mesg))
+
+
+#: what a kept-alive connection may still read of a body the application did not read whole
+_DRAIN = 1 << 20
 
 
 class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc] # (gunicorn has no type hints)
@@ -265,6 +270,26 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc] # (gunicorn has n
         super().handle_exit(sig, frame)
         self._publish()  # stopping: new connections are for the others from now on
 
+    def handle_request(self, req: Any, conn: Any) -> bool:
+        keep = super().handle_request(req, conn)
+        if keep and req.body is not None:
+            # The next request starts after this one's body. gunicorn reads what the
+            # application left of it only when it parses that next request, and answers a
+            # body it cannot frame (a bad chunk size) with a second answer to this one. Read
+            # the rest here instead: up to 1 MiB, and a body that is longer or malformed ends
+            # the connection, quietly (this request has had its answer).
+            try:
+                left = _DRAIN
+                while left > 0:
+                    got = req.body.read(min(left, 65536))
+                    if not got:
+                        return True
+                    left -= len(got)
+                return False
+            except (ParseException, NoMoreData, OSError):
+                return False
+        return keep
+
     def enqueue_req(self, conn: Any) -> None:
         # every connection, before a thread first reads from it (see the module docstring);
         # the socket options stay through keep-alive, and they apply only while it blocks
@@ -289,3 +314,22 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc] # (gunicorn has n
                 if time.monotonic() >= deadline or not table.fewer_elsewhere(slot, self._conns):
                     break
         super().accept(listener)  # a connection taken meanwhile is EAGAIN, which ThreadWorker ignores
+
+
+class GatewayLogger(glogging.Logger):
+    """gunicorn's logger, with the access log's path, referrer and user agent made safe to
+    read: the path is written as the UTF-8 it was sent in (gunicorn hands it over decoded
+    byte by byte, so 公文 came out as mojibake), and control characters in any of them as
+    escapes, so that a ``%0A`` in a URL cannot forge a log line nor ``%1B`` drive a
+    terminal."""
+
+    def atoms(self, resp, req, environ, request_time):  # type: ignore[no-untyped-def]
+        atoms = super().atoms(resp, req, environ, request_time)
+        path = atoms.get("U")
+        if path and not (path.isascii() and path.isprintable()):
+            atoms["U"] = shown(path.encode("latin-1", "replace").decode("utf-8", "replace"))
+        for k in ("f", "a"):
+            v = atoms.get(k)
+            if v and not v.isprintable():
+                atoms[k] = shown(v)
+        return atoms

@@ -55,8 +55,34 @@ def find_delivery(s: Session, r: Receipt, adapter: str | None = None) -> Deliver
     return d
 
 
+#: the longest values a receipt's fields may have (the columns that keep them)
+_RECEIPT_LIMITS = {"signer": 100, "receipt_no": 100, "remote_ref": 64, "message_id": 128, "unit": 18}
+
+
+def check_receipt(r: Receipt) -> None:
+    """Refuse (UnmatchedReceipt) a receipt that no column could keep as it is: a value longer
+    than its column, or a time that cannot be written in UTC (year 9999 at UTC-14)."""
+    for name, most in _RECEIPT_LIMITS.items():
+        value = getattr(r, name)
+        if value is not None and len(value) > most:
+            raise UnmatchedReceipt(f"the receipt's {name} is {len(value)} characters long; at most {most} are kept")
+    if r.time is not None:
+        try:
+            r.time.astimezone(UTC)
+        except (OverflowError, ValueError):
+            raise UnmatchedReceipt(f"the receipt's time {r.time.isoformat()} is out of range") from None
+
+
+def was_rejected(node: Node, key: str) -> bool:
+    """Whether the item ``key`` was refused when it was first ingested."""
+    with node.db.sessions() as s:
+        item = s.get(IngestedItem, key)
+        return item is not None and item.outcome == "rejected"
+
+
 def apply_receipt(s: Session, r: Receipt, source: str) -> str:
     """Apply a receipt that adapter ``source`` collected."""
+    check_receipt(r)
     d = find_delivery(s, r, adapter=source)
     if d is None:
         raise UnmatchedReceipt(f"no delivery through adapter {source} matches the receipt "
@@ -88,6 +114,11 @@ def apply_receipt(s: Session, r: Receipt, source: str) -> str:
 
 def ingest(node: Node, adapter_name: str, item: PolledItem) -> str:
     """Apply one polled item exactly once; acknowledge it at the source afterwards."""
+    if len(item.key) > 400:  # IngestedItem.key; a key this long is no legacy system's own
+        reason = f"the item's key is {len(item.key)} characters long; at most 400 are kept"
+        log.warning("%s: rejected %s…: %s", adapter_name, item.key[:80], reason)
+        item.reject(reason)
+        return "rejected"
     try:
         with node.db.begin() as s:
             if s.get(IngestedItem, item.key) is not None:

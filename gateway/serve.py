@@ -32,6 +32,7 @@ def run(app_factory: Callable[[], Any], *, bind: str, threads: int, post_worker_
         worker_exit: Callable[[Any, Any], None]) -> None:
     _Gunicorn(app_factory, {
         "bind": bind, "workers": 1, "worker_class": "gateway.gunicorn_worker.GatewayThreadWorker", "threads": threads,
+        "logger_class": "gateway.gunicorn_worker.GatewayLogger",
         "post_worker_init": post_worker_init, "worker_exit": worker_exit,
         "accesslog": "-", "errorlog": "-", "timeout": 120, "graceful_timeout": 20,
         "access_log_format": ACCESS_LOG_FORMAT,

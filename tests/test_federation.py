@@ -174,6 +174,26 @@ def test_bad_node_requests_are_refused_with_a_problem_and_an_audit_entry(cluster
     assert _rejections(pref, kind) == before + 1
 
 
+@pytest.mark.parametrize(("path", "body", "said"), [
+    ("/status", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ("/messages", b'{"n": ' + b"9" * 5000 + b"}", "more than 4300 digits"),
+    ("/status", b'{"items": [{"message_id": "\\ud800", "unit": "1152230107CTPD8U2P", "status": "delivered"}]}',
+     "lone surrogate"),
+    ("/recall", b'{"message_id": "a\\u0000b", "units": ["1152230107CTPD8U2P"]}', "NUL"),
+    ("/reconcile", b'{"items": [{"message_id": "\\ud800", "unit": "1152230107CTPD8U2P"}]}', "lone surrogate"),
+])
+def test_a_signed_body_no_database_could_take_is_a_400_not_a_500(cluster: Cluster, path: str, body: bytes,
+                                                                 said: str) -> None:
+    """A pinned peer with a bug (or a bad version) gets an answer it can act on, not a 500
+    that it retries for ever."""
+    pref = cluster.nodes["prefecture"]
+    url = f"{pref.url}/federation/v1{path}"
+    r = _post(url, body, _signer_as(cluster, "county-a").sign("POST", url, {}, body, to="prefecture"))
+    assert r.status_code == 400, r.text
+    assert r.headers["Content-Type"].startswith("application/problem+json") and said in r.json()["detail"]
+    assert "set_int_max_str_digits" not in r.text
+
+
 def test_a_replayed_request_is_refused(cluster: Cluster) -> None:
     pref = cluster.nodes["prefecture"]
     url = f"{pref.url}/federation/v1/ping"

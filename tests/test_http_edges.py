@@ -136,3 +136,84 @@ def test_the_access_log_never_holds_a_query_string(server):
     text = log.read_bytes()
     assert b"POST /api/v1/callbacks/nosuchadapter HTTP/1.1" in text
     assert b"SECRET-CALLBACK-TOKEN" not in text
+
+
+def _status(answer: bytes) -> bytes:
+    return answer.split(b"\r\n", 1)[0]
+
+
+def _document(key: str) -> bytes:
+    return json.dumps({"message_id": "edge-cut-short-0001", "sender_unit": "11522300GDR9YB9550",
+                       "issuer": "州人民政府办公室", "doc_type": "通知", "doc_number": "州政办发〔2026〕9号",
+                       "title": "截断测试", "written_date": "2026-11-28",
+                       "recipients": [{"unit": "1152230107CTPD8U2P"}],
+                       "body": {"sha256": "0" * 64, "name": "正文.ofd"}}, ensure_ascii=False).encode()
+
+
+def test_a_document_that_ends_before_its_content_length_is_refused_not_stored(server):
+    """gunicorn hands the application whatever came before the connection ended; a JSON
+    document missing only what its Content-Length promised after it would still parse."""
+    base, key, _ = server
+    body = _document(key)
+    answer = _raw(base, f"POST /api/v1/documents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                        f"Content-Type: application/json\r\nContent-Length: {len(body) + 10}\r\n\r\n", body,
+                  half_close=True)
+    assert b" 400 " in _status(answer) and b"incomplete-body" in answer, answer[:600]
+    assert f"ended after {len(body)} of its {len(body) + 10} bytes".encode() in answer
+    r = requests.get(f"{base}/api/v1/documents/edge-cut-short-0001", headers={"Authorization": f"Bearer {key}"},
+                     timeout=30)
+    assert r.status_code == 404
+
+
+@pytest.mark.parametrize("chunks", [b"zz\r\n{}\r\n0\r\n\r\n", b"2\r\nabXX0\r\n\r\n"])
+def test_a_malformed_chunked_body_is_a_400_not_a_500(server, chunks):
+    base, key, _ = server
+    for path, ctype in (("/api/v1/documents", "application/json"), ("/api/v1/blobs", "application/octet-stream"),
+                        ("/federation/v1/messages", "application/json")):
+        answer = _raw(base, f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                            f"Content-Type: {ctype}\r\nTransfer-Encoding: chunked\r\n\r\n", chunks,
+                      half_close=True)
+        assert b" 400 " in _status(answer) and b"malformed-request" in answer, (path, answer[:600])
+        assert answer.count(b"HTTP/1.1 ") == 1, answer
+
+
+@pytest.mark.parametrize(("headers", "status", "kind"), [
+    ("Content-Encoding: gzip\r\nContent-Length: 4\r\n", 415, "unsupported-coding"),
+    ("Transfer-Encoding: gzip, chunked\r\n", 501, "unsupported-coding"),
+])
+def test_a_coding_the_gateway_does_not_decode_is_refused_not_stored_as_it_came(server, headers, status, kind):
+    """A compressed upload stored undecoded would be hashed and delivered compressed."""
+    base, key, blobs = server
+    before = _stored_files(blobs)
+    body = b"xxxx" if "Content-Length" in headers else b"4\r\nxxxx\r\n0\r\n\r\n"
+    answer = _raw(base, f"POST /api/v1/blobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                        f"Content-Type: application/octet-stream\r\n{headers}\r\n", body, half_close=True)
+    assert f" {status} ".encode() in _status(answer) and kind.encode() in answer, answer[:600]
+    assert _stored_files(blobs) == before
+
+
+def test_the_access_log_cannot_be_forged_through_the_path(server):
+    """A %0A in the path would start a line of the attacker's own; %1B would reach a terminal."""
+    base, key, blobs = server
+    log = blobs.parent.parent / "access.log"
+    forged = '127.0.0.1 - - [28/Nov/2026:09:07:00 +0000] "POST /api/v1/documents HTTP/1.1" 202 999'
+    r = requests.get(f"{base}/api/v1/documents/x%0A{requests.utils.quote(forged)}%1B%5B2J公文",
+                     headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 400 and r.json()["type"] == "urn:egov:gateway:problem:validation"
+    deadline = time.monotonic() + 10
+    while b"%1B" not in log.read_bytes() and b"\\x1b" not in log.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = log.read_text(encoding="utf-8").splitlines()
+    assert not any(line.startswith(forged) for line in lines)
+    line = next(line for line in lines if "/api/v1/documents/x" in line)
+    assert "\\n127.0.0.1" in line and "\\x1b[2J公文" in line and "\x1b" not in line, line
+
+
+def test_an_answer_given_before_a_malformed_body_is_the_only_answer(server):
+    """The blobs endpoint refuses a wrong Content-Type without reading the body; the body,
+    which gunicorn cannot frame, then ends the connection rather than earning a second answer."""
+    base, key, _ = server
+    answer = _raw(base, f"POST /api/v1/blobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                        f"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+                  b"zz\r\n{}\r\n0\r\n\r\n", half_close=True)
+    assert b" 415 " in _status(answer) and answer.count(b"HTTP/1.1 ") == 1, answer

@@ -39,6 +39,12 @@ def validation_problem(exc: ValidationError) -> Problem:
 
 
 def parse_json(model: type[BaseModel], data: bytes) -> BaseModel:
+    charset = request.mimetype_params.get("charset")
+    if charset is not None and charset.strip().lower() not in ("utf-8", "utf8"):
+        raise Problem(415, "bad-encoding", f"charset={charset}: JSON is read as UTF-8 only (RFC 8259); send the body "
+                                           f"in UTF-8, or as XML, which may declare GB18030")
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark: RFC 8259 lets a reader ignore it
+        data = data[3:]
     try:
         return model.model_validate_json(data)
     except ValidationError as exc:
@@ -59,6 +65,12 @@ def parse_xml(data: bytes):  # type: ignore[no-untyped-def]
 
 def body_bytes() -> bytes:
     data = request.get_data(cache=True)
+    declared = request.content_length
+    if declared is not None and len(data) < declared:
+        # gunicorn hands over what came before the connection ended without a word: a
+        # document cut there may still parse (a JSON object missing only trailing spaces)
+        raise Problem(400, "incomplete-body", f"the request body ended after {len(data)} of its {declared} bytes "
+                                              f"(Content-Length); nothing was stored")
     limit = request.max_content_length
     # A chunked body is cut at the limit by werkzeug without a word; one that goes on past
     # it is refused like one whose Content-Length says so.

@@ -14,7 +14,7 @@ from adapters.base import PermanentError
 from gateway import inbound, nodekey, scheduler
 from gateway.blobs import free_bytes
 from gateway.api.auth import bearer
-from gateway.api.common import node
+from gateway.api.common import body_bytes, node
 from gateway.api.problems import Problem
 from gateway.api.spec import document, operation
 from gateway.federation import directory
@@ -269,9 +269,16 @@ def adapter_callback(adapter_name: str) -> Response:
     elif request.remote_addr not in cfg.get("callback_allow", ["127.0.0.1", "::1"]):
         raise Problem(403, "forbidden-scope", f"callbacks from {request.remote_addr} are not allowed")
     try:
-        items, body, ctype = adapter.handle_callback(request.get_data(), request.content_type or "")
+        items, body, ctype = adapter.handle_callback(body_bytes(), request.content_type or "")
     except PermanentError as exc:
         raise Problem(400, "validation", str(exc)) from None
     for item in items:
-        inbound.ingest(n, adapter_name, item)
+        refused: list[str] = []
+        item._reject = refused.append
+        outcome = inbound.ingest(n, adapter_name, item)
+        if outcome == "rejected" or (outcome == "duplicate" and inbound.was_rejected(n, item.key)):
+            # never "OK" for a receipt that changed nothing: the legacy system would take it
+            # as delivered and not send it again
+            reason = refused[0] if refused else "this receipt was refused when it first came"
+            raise Problem(422, "validation", f"receipt refused: {reason}")
     return Response(body, mimetype=ctype.split(";")[0], content_type=ctype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask, Response, json, request
+from gunicorn.http.errors import NoMoreData, ParseException
 from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 TYPE_PREFIX = "urn:egov:gateway:problem:"
@@ -15,6 +16,8 @@ TITLES = {
     "malformed-xml": "请求体不是合法的 XML (malformed XML)",
     "forbidden-dtd": "不允许 DOCTYPE 或实体声明 (DOCTYPE/ENTITY not allowed)",
     "too-large": "请求体过大 (request too large)",
+    "uri-too-long": "请求地址过长 (request line too long)",
+    "header-too-large": "请求头过大 (request headers too large)",
     "incomplete-body": "请求体不完整 (request body ended early)",
     "storage-full": "存储空间不足 (storage full)",
     "too-deep": "XML 嵌套过深 (XML nested too deeply)",
@@ -43,6 +46,7 @@ TITLES = {
     "forbidden-request": "请求被拒绝 (request refused)",
     "internal": "内部错误 (internal error)",
     "upload-quota": "上传配额已用完 (upload quota used up)",
+    "unsupported-coding": "不支持的编码方式 (content or transfer coding not supported)",
 }
 
 
@@ -111,7 +115,77 @@ def install(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _any(exc: Exception) -> Response:
         if client_stalled(exc):  # a chunked body, read without werkzeug's length check
-            app.logger.warning("%s %s: %s", request.method, request.path, _STALLED)
+            app.logger.warning("%s %s: %s", request.method, shown(request.path), _STALLED)
             return problem_response(400, "incomplete-body", _STALLED)
-        app.logger.exception("unhandled error on %s %s", request.method, request.path)
+        if isinstance(exc, NoMoreData):  # the connection ended inside a chunk
+            app.logger.warning("%s %s: %s", request.method, shown(request.path), _STALLED)
+            return problem_response(400, "incomplete-body", _STALLED)
+        if isinstance(exc, ParseException):  # a chunked body gunicorn could not read: a bad size or terminator
+            app.logger.warning("%s %s: malformed chunked body: %s", request.method, shown(request.path),
+                               shown(str(exc)))
+            # (the connection is closed after the answer: gunicorn_worker.handle_request)
+            return problem_response(400, "malformed-request", f"the chunked request body is malformed "
+                                    f"({shown(str(exc))[:200]}); nothing was stored")
+        app.logger.exception("unhandled error on %s %s", request.method, shown(request.path))
         return problem_response(500, "internal", "an internal error occurred; it has been logged")
+
+    @app.before_request
+    def _hygiene() -> None:
+        check_request()
+
+
+def shown(text: str) -> str:
+    """``text`` for a log line or an answer: control characters (a forged line break, a
+    terminal escape, a NUL) and lone surrogates written as escapes, everything else as is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
+def db_safe(text: str) -> bool:
+    """Text both databases can hold and compare: no NUL (PostgreSQL refuses it) and no lone
+    surrogate (not UTF-8)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def storable(text: str) -> bool:
+    """A path, a query value or an id: db_safe, and no control characters at all."""
+    return text.isprintable() and db_safe(text)
+
+
+#: transfer codings gunicorn decodes; any other is refused rather than passed on undecoded
+_TRANSFER_CODINGS = ("chunked",)
+
+
+def check_request() -> None:
+    """What no endpoint takes: a path or query value with control characters or that is not
+    UTF-8, a query parameter given twice (each one has a single value), a body in a content
+    coding (gzip …) or a transfer coding other than chunked, neither of which is decoded here."""
+    if not storable(request.path):
+        raise Problem(400, "validation", f"the request path {shown(request.path)!r} contains control characters "
+                                         f"or bytes that are not UTF-8")
+    for name, values in request.args.lists():
+        if len(values) > 1:
+            raise Problem(400, "validation", f"query parameter {shown(name)!r} is given {len(values)} times; "
+                                             f"it takes one value", errors=[{"field": shown(name),
+                                                                              "message": "given more than once"}])
+        if not storable(name) or not storable(values[0]):
+            raise Problem(400, "validation", f"query parameter {shown(name)!r} contains control characters or "
+                                             f"bytes that are not UTF-8")
+    env = request.environ
+    te = [c.strip().lower() for c in env.get("HTTP_TRANSFER_ENCODING", "").split(",") if c.strip()]
+    if any(c not in _TRANSFER_CODINGS for c in te):
+        raise Problem(501, "unsupported-coding", f"Transfer-Encoding {shown(env['HTTP_TRANSFER_ENCODING'])!r}: "
+                                                 f"only chunked is supported; send the body without other codings")
+    ce = env.get("HTTP_CONTENT_ENCODING", "").strip().lower()
+    if ce not in ("", "identity"):
+        raise Problem(415, "unsupported-coding", f"Content-Encoding {shown(ce)!r} is not accepted: send the body "
+                                                 f"uncompressed (the gateway stores and hashes the bytes it gets)",
+                      headers={"Accept-Encoding": "identity"})

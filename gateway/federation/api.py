@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from gateway import audit
-from gateway.api.problems import Problem
+from gateway.api.problems import Problem, db_safe, shown
 from gateway.db import Database
 from gateway.federation import batch, reconcile, transfer
 from gateway.federation.signing import ANSWER_HEADER, SignatureRejected, answer_signature, verify
@@ -69,9 +69,39 @@ def _sign_answer(resp: Response) -> Response:
 
 def _json_body() -> Any:
     try:
-        return json.loads(request.get_data(cache=True) or b"null")
+        body = json.loads(request.get_data(cache=True) or b"null")
+    except RecursionError:
+        raise Problem(400, "malformed-json", "the body is not JSON this node reads: it is nested too deeply") from None
     except ValueError as exc:
+        if "int_max_str_digits" in str(exc):  # Python's own advice is no answer for a peer
+            raise Problem(400, "malformed-json", "the body is not JSON this node reads: a number in it has more "
+                                                 "than 4300 digits") from None
         raise Problem(400, "malformed-json", f"the body is not JSON: {exc}") from None
+    bad = _unstorable(body)
+    if bad is not None:
+        raise Problem(400, "validation", f"the body holds text no database keeps: {shown(bad)[:80]!r} has a NUL or a "
+                                         f"lone surrogate")
+    return body
+
+
+def _unstorable(value: Any, depth: int = 0) -> str | None:
+    """The first string in a parsed body (keys too) that is not storable text, if any; JSON
+    deeper than 64 levels counts as one (no federation body is nested that far)."""
+    if depth > 64:
+        return "…(nested more than 64 levels)"
+    if isinstance(value, str):
+        return None if value.isprintable() or db_safe(value) else value
+    if isinstance(value, list):
+        for v in value:
+            bad = _unstorable(v, depth + 1)
+            if bad is not None:
+                return bad
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            bad = _unstorable(k, depth + 1) or _unstorable(v, depth + 1)
+            if bad is not None:
+                return bad
+    return None
 
 
 def _answer(fn, *args: Any) -> Response:  # type: ignore[no-untyped-def]

@@ -27,7 +27,7 @@ from gateway.api.common import (
     validation_problem,
     wants_xml,
 )
-from gateway.api.problems import Problem
+from gateway.api.problems import Problem, storable
 from gateway.api.spec import operation
 from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError
 from gateway.models import Delivery, IdempotencyRecord, Message, ReceiptRecord
@@ -274,9 +274,11 @@ def list_documents() -> Response:
     if cursor:
         try:
             at_s, mid = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-            if not isinstance(at_s, str) or not isinstance(mid, str):
+            if not isinstance(at_s, str) or not isinstance(mid, str) or not storable(mid) or len(mid) > 128:
                 raise TypeError
             at = datetime.fromisoformat(at_s)
+            if at.tzinfo is None:  # the API writes every cursor's time with its offset
+                raise TypeError
         except (ValueError, TypeError):
             raise Problem(400, "validation", "cursor is not one this API returned",
                           errors=[{"field": "cursor", "message": "not a cursor this API returned"}]) from None
