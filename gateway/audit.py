@@ -189,7 +189,13 @@ def verify(session: Session, expect_head: str | None = None) -> VerifyResult:
     head = f"{expected_seq - 1}:{prev}"
     if expect_head:
         seq_s, _, want = expect_head.partition(":")
-        row = session.get(AuditEntry, int(seq_s)) if seq_s.isdigit() else None
+        if seq_s.isdigit() and int(seq_s) == 0:  # recorded while the log was empty: every chain starts there
+            if want != GENESIS:
+                return VerifyResult(False, n, head, f"the recorded head {expect_head} is not the empty log's "
+                                    f"(0:{GENESIS})")
+            return VerifyResult(True, n, head)
+        seq = int(seq_s) if seq_s.isdigit() else 0
+        row = session.get(AuditEntry, seq) if 0 < seq < 2**63 else None
         if row is None:
             return VerifyResult(False, n, head, f"the recorded head {expect_head} is not in the log: "
                                 f"the chain ends at entry {expected_seq - 1}, so newer entries were removed")

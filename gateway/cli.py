@@ -80,8 +80,26 @@ def db_upgrade(c: Ctx) -> None:
         url = c.cfg().database_url()
     except ConfigError as exc:  # its variable unset, or a driver other than psycopg 3
         raise click.ClickException(str(exc)) from None
-    migrate.upgrade(url)
+    try:
+        migrate.upgrade(url)
+    except migrate.NewerSchema as exc:
+        raise click.ClickException(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - the database cannot be reached, created or read
+        raise click.ClickException(f"{_where(c)}database.url: cannot migrate the database at {_safe_url(url)}: "
+                                   f"{_reason(exc)}") from None
     click.echo(f"database at {_safe_url(url)} is at the newest schema")
+
+
+def _where(c: Ctx) -> str:
+    return f"{c.config_path}: " if c.config_path else ""
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as one line: the driver's own message, without SQLAlchemy's SQL and
+    background links."""
+    orig = getattr(exc, "orig", None) or exc
+    text = " ".join(str(orig).split())
+    return f"{type(orig).__name__}: {text}"[:400]
 
 
 def _safe_url(url: str) -> str:
@@ -221,8 +239,10 @@ def _require_schema(n) -> None:  # type: ignore[no-untyped-def]
         return
     try:
         ok = migrate.current_is_head(n.db.engine)
+    except migrate.NewerSchema as exc:
+        raise click.ClickException(str(exc)) from None
     except Exception as exc:  # noqa: BLE001
-        raise click.ClickException(f"cannot reach the database: {type(exc).__name__}: {exc}") from None
+        raise click.ClickException(f"cannot reach the database: {_reason(exc)}") from None
     if not ok:
         raise click.ClickException("the database schema is not current; run 'gateway db upgrade' first")
 
@@ -258,6 +278,9 @@ def adapters_check(c: Ctx, name: str | None) -> None:
     if not c.cfg().adapters:
         click.echo(_NO_ADAPTERS + (_EMBEDDED_ADAPTERS if c.embedded else ""))
         return
+    if name is not None and name not in c.cfg().adapters:
+        raise click.BadParameter(f"no adapter named {name!r} is configured; expected one of "
+                                 f"{', '.join(sorted(c.cfg().adapters))}", param_hint="NAME")
     n = c.node()
     names = [name] if name else n.adapter_names()
     bad = 0
@@ -286,7 +309,7 @@ def audit() -> None:
 def audit_verify(c: Ctx, expect_head: str | None) -> None:
     from gateway import audit as audit_mod
 
-    if expect_head is not None and re.fullmatch(r"[0-9]+:[0-9a-f]{64}", expect_head) is None:
+    if expect_head is not None and re.fullmatch(r"[0-9]{1,19}:[0-9a-f]{64}", expect_head) is None:
         raise click.BadParameter(f"{expect_head!r}: expected SEQ:HASH as 'gateway audit verify' printed it, "
                                  f"e.g. 1234:{'0' * 64}", param_hint="--expect-head")
     n = c.node()
@@ -296,7 +319,7 @@ def audit_verify(c: Ctx, expect_head: str | None) -> None:
     if r.ok:
         click.echo(f"audit log intact: {r.entries} entries, head {r.head}")
         return
-    click.echo(f"AUDIT LOG BROKEN at entry {r.seq}: {r.problem}", err=True)
+    click.echo(f"AUDIT LOG BROKEN{'' if r.seq is None else f' at entry {r.seq}'}: {r.problem}", err=True)
     sys.exit(1)
 
 
@@ -530,7 +553,11 @@ def serve(c: Ctx, bind: str, threads: int) -> None:
         from gateway.node import Node
 
         n = Node(cfg)
-        if not c.embedded and not migrate.current_is_head(n.db.engine):
+        try:
+            current = c.embedded or migrate.current_is_head(n.db.engine)
+        except migrate.NewerSchema as exc:
+            raise SystemExit(str(exc)) from None
+        if not current:
             raise SystemExit("the database schema is not current; run 'gateway db upgrade' first")
         state["node"] = n
         return create_app(node=n)
@@ -559,7 +586,8 @@ def serve(c: Ctx, bind: str, threads: int) -> None:
                    "prefecture and two county nodes (separate processes on loopback); the prefecture "
                    "sends to units at both counties, county A to county B (relayed). Each prints every "
                    "recipient's 签收. Exit 0 only if every recipient signed for it.")
-@click.option("--timeout", default=60.0, show_default=True, help="seconds to wait for every 签收, per part")
+@click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(1, 3600),
+              help="seconds to wait for every 签收, per part")
 @click.option("--part", type=click.Choice(["all", "adapters", "nodes"]), default="all", show_default=True,
               help="run both parts, or only one")
 def demo(timeout: float, part: str) -> None:

@@ -15,7 +15,8 @@ from datetime import datetime, UTC
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from adapters.base import PolledItem
+from adapters.base import ConfigError, PolledItem
+from gateway.config import ConfigError as NodeConfigError
 from gateway import audit, events, pipeline
 from gateway.envelope import Receipt
 from gateway.models import Delivery, IngestedItem, ReceiptRecord
@@ -160,6 +161,8 @@ def collect_all(node: Node) -> dict[str, dict[str, int]]:
     for name in node.adapter_names():
         try:
             out[name] = collect(node, name)
+        except (ConfigError, NodeConfigError):
+            raise  # a setting that is wrong is no system that cannot be reached: the run fails, naming it
         except Exception as exc:  # noqa: BLE001 - one unreachable system must not stop the others
             log.warning("polling %s failed: %s", name, exc)
             out[name] = {"error": 1}
@@ -181,7 +184,10 @@ class Collector:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            collect_all(self.node)
+            try:
+                collect_all(self.node)
+            except Exception as exc:  # noqa: BLE001 - a setting gone wrong: said every round, the loop goes on
+                log.error("polling stopped short: %s", exc)
 
     def stop(self) -> None:
         self._stop.set()

@@ -17,16 +17,40 @@ def alembic_config(url: str) -> AlembicConfig:
     return cfg
 
 
+class NewerSchema(Exception):
+    """The database was migrated by a newer version of the gateway than this one."""
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # private
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url)
+    try:
+        _known(engine)
+    finally:
+        engine.dispose()
     command.upgrade(alembic_config(url), revision)
 
 
-def current_is_head(engine) -> bool:  # type: ignore[no-untyped-def]
+def _known(engine) -> str | None:  # type: ignore[no-untyped-def]
+    """The database's revision, which this version knows; NewerSchema if it does not."""
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
     script = ScriptDirectory.from_config(alembic_config(str(engine.url)))
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision() == script.get_current_head()
+        current = MigrationContext.configure(conn).get_current_revision()
+    if current is not None and current not in {r.revision for r in script.walk_revisions()}:
+        raise NewerSchema(f"the database is at schema revision {current}, which this version of the gateway does "
+                          f"not know (its newest is {script.get_current_head()}): a newer version migrated it; "
+                          f"run that version, or restore the database from before the upgrade")
+    return current
+
+
+def current_is_head(engine) -> bool:  # type: ignore[no-untyped-def]
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config(str(engine.url)))
+    return _known(engine) == script.get_current_head()

@@ -344,3 +344,87 @@ def test_outbox_retry_needs_rows_or_all_and_says_so(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "0 dead-lettered rows.", r.stdout + r.stderr
     r = gateway("-c", str(conf), "outbox", "retry", "--all", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "0 rows put back in the queue; 0 copies failed → queued"
+
+
+def test_db_upgrade_says_why_it_cannot_migrate_in_one_line(tmp_path):
+    """An unreachable database, a data folder that is a file, a file that is no database, a
+    schema migrated by a newer version: one message naming the key, never a traceback."""
+    import sqlite3
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "junk.db").write_bytes(b"this is not a database" * 100)
+    cases = [
+        ('[database]\nurl = "postgresql+psycopg://gw@127.0.0.1:1/gw"\n', "Connection refused"),
+        (f'[database]\nurl = "sqlite:///{tmp_path / "afile" / "gw.db"}"\n', "File exists"),
+        (f'[database]\nurl = "sqlite:///{tmp_path / "junk.db"}"\n', "file is not a database"),
+    ]
+    for body, said in cases:
+        conf = _config(tmp_path, body)
+        r = gateway("-c", str(conf), "db", "upgrade", cwd=tmp_path)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"{conf}: database.url: cannot migrate the database at" in r.stderr and said in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    conf = _config(tmp_path)
+    assert gateway("-c", str(conf), "db", "upgrade", cwd=tmp_path).returncode == 0
+    with sqlite3.connect(tmp_path / "var" / "gateway.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = '9999_from_the_future'")
+    for args in (("db", "upgrade"), ("keys", "list")):
+        r = gateway("-c", str(conf), *args, cwd=tmp_path)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "schema revision 9999_from_the_future, which this version of the gateway does not know" in r.stderr
+        assert "run 'gateway db upgrade'" not in r.stderr  # upgrading is what cannot help
+
+
+def test_audit_verify_takes_the_empty_logs_head_it_printed(tmp_path):
+    conf = _config(tmp_path)
+    assert gateway("-c", str(conf), "db", "upgrade", cwd=tmp_path).returncode == 0
+    r = gateway("-c", str(conf), "audit", "verify", cwd=tmp_path)
+    empty = r.stdout.split("head ")[1].strip()
+    assert empty == "0:" + "0" * 64
+    assert gateway("-c", str(conf), "audit", "verify", "--expect-head", empty, cwd=tmp_path).returncode == 0
+    assert gateway("-c", str(conf), "keys", "create", "--name", "x", "--scope", "documents:send",
+                   cwd=tmp_path).returncode == 0
+    r = gateway("-c", str(conf), "audit", "verify", "--expect-head", empty, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr  # entries added after it: the chain still starts there
+    r = gateway("-c", str(conf), "audit", "verify", "--expect-head", "0:" + "1" * 64, cwd=tmp_path)
+    assert r.returncode == 1 and "AUDIT LOG BROKEN: the recorded head" in r.stderr and "None" not in r.stderr
+    r = gateway("-c", str(conf), "audit", "verify", "--expect-head", "9" * 25 + ":" + "0" * 64, cwd=tmp_path)
+    assert r.returncode == 2 and "expected SEQ:HASH" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sizes_past_what_a_column_keeps_are_refused_naming_the_option(tmp_path):
+    conf = _config(tmp_path)
+    assert gateway("-c", str(conf), "db", "upgrade", cwd=tmp_path).returncode == 0
+    r = gateway("-c", str(conf), "keys", "create", "--name", "x", "--scope", "blobs:write", "--upload-quota",
+                "9" * 30 + "GiB", cwd=tmp_path)
+    assert r.returncode == 2 and "--upload-quota" in r.stderr and "at most 9223372036854775807 bytes" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = gateway("-c", str(conf), "keys", "quota", "anykey", "9" * 5000 + ".5", cwd=tmp_path)
+    assert r.returncode == 2 and "at most" in r.stderr and "Traceback" not in r.stderr
+    assert gateway("-c", str(conf), "keys", "list", cwd=tmp_path).stdout == ""  # nothing was stored
+
+
+def test_a_job_with_nothing_to_work_for_fails_saying_so(tmp_path):
+    """A federation job on a node without the peers it needs, and a receipts poll through an
+    adapter whose secret is missing, are configuration mistakes: exit 1, naming them."""
+    import json
+
+    conf = _config(tmp_path, '[adapters.s]\ntype = "soap"\nwsdl = "schemas/legacy/docexchange.wsdl"\n'
+                             'address = "http://127.0.0.1:9/x"\nusername = "u"\npassword_env = "NO_SUCH_PW_VAR"\n')
+    assert gateway("-c", str(conf), "db", "upgrade", cwd=tmp_path).returncode == 0
+    for job, said in [("push", 'no peer on a batch link (link = "batch")'), ("pull", "batch link"),
+                      ("reconcile", "no peer it can ask"), ("ferry-out", "ferry_out folder"),
+                      ("ferry-in", "ferry_in folder"), ("receipts", "NO_SUCH_PW_VAR is not set")]:
+        r = gateway("-c", str(conf), "sync", job, cwd=tmp_path)
+        assert r.returncode == 1, (job, r.stdout, r.stderr)
+        out = json.loads(r.stdout)
+        assert out["outcome"] == "failed" and said in out["detail"]["message"], (job, out)
+
+
+def test_adapters_check_names_the_adapters_there_are(tmp_path):
+    conf = _config(tmp_path, '[adapters.docexchange]\ntype = "soap"\nwsdl = "schemas/legacy/docexchange.wsdl"\n'
+                             'address = "http://127.0.0.1:9/x"\n')
+    r = gateway("-c", str(conf), "adapters", "check", "nosuch", cwd=tmp_path)
+    assert r.returncode == 2 and "no adapter named 'nosuch' is configured; expected one of docexchange" in r.stderr
+    r = gateway("demo", "--timeout", "-5", cwd=tmp_path)
+    assert r.returncode == 2 and "--timeout" in r.stderr

@@ -123,7 +123,17 @@ def parse_size(text: str) -> int:
     if m is None or unit not in _UNITS:
         raise ValueError(f"{text!r}: expected a number of bytes, optionally with a unit (KiB, MiB, GiB, TiB, "
                          f"or KB, MB, GB, TB), e.g. 20GiB")
-    return int(float(m.group(1)) * _UNITS[unit]) if "." in m.group(1) else int(m.group(1)) * _UNITS[unit]
+    try:
+        size = int(float(m.group(1)) * _UNITS[unit]) if "." in m.group(1) else int(m.group(1)) * _UNITS[unit]
+    except (OverflowError, ValueError):  # a float past 1e308, or an integer of over 4300 digits
+        size = MAX_SIZE + 1
+    if size > MAX_SIZE:
+        raise ValueError(f"{text!r}: expected at most {MAX_SIZE} bytes (8 EiB)")
+    return size
+
+
+#: the largest size a database column (64-bit signed) keeps
+MAX_SIZE = 2**63 - 1
 
 
 def shown_size(n: int) -> str:

@@ -18,7 +18,7 @@ from gateway.api.common import body_bytes, node
 from gateway.api.problems import Problem
 from gateway.api.spec import document, operation
 from gateway.federation import directory
-from gateway.migrate import current_is_head
+from gateway.migrate import NewerSchema, current_is_head
 from gateway.models import Delivery, JobRun, OutboxEntry
 
 bp = Blueprint("ops", __name__)
@@ -49,6 +49,9 @@ def readyz() -> Response:
             ok = False
         else:
             checks["migrations"] = "ok"
+    except NewerSchema:
+        checks["migrations"] = "newer than this version of the gateway: run the version that migrated it"
+        ok = False
     except Exception as exc:  # noqa: BLE001
         checks["database"] = f"unreachable: {type(exc).__name__}"
         ok = False

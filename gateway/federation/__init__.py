@@ -12,3 +12,15 @@
 * :mod:`.reconcile` – compare forwarded copies with each peer and repair gaps;
 * :mod:`.jobs` – registers the federation's scheduled jobs.
 """
+
+
+class NoPeers(RuntimeError):
+    """A federation job run on a node with none of the peers it works for: a schedule or a
+    ``gateway sync`` that can never do anything is a configuration mistake, not a success."""
+
+
+def require_peers(found: list[str], what: str) -> list[str]:
+    """``found``, or NoPeers saying which peers the job needs."""
+    if not found:
+        raise NoPeers(f"this node has no {what}; configure one under [peers.ID], or remove the job's schedule")
+    return found

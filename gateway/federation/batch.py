@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from adapters.base import PermanentError, RetryableError
-from gateway.federation import transfer
+from gateway.federation import require_peers, transfer
 from gateway.models import IngestedItem, OutboxEntry
 from gateway.node import Node
 from gateway.worker import _CLAIMED_ROWS, Job, Outcome, Worker, _envelope, jobs_from_rows, queued_units
@@ -208,6 +208,9 @@ def record_results(node: Node, worker: Worker, jobs: list[Job], results: list[di
 
 
 # -- the jobs -------------------------------------------------------------------------------
+_BATCH_PEERS = 'peer on a batch link (link = "batch")'
+
+
 def batch_peers(node: Node) -> list[str]:
     return [name for name, p in node.config.peers.items() if p.link == "batch"]
 
@@ -216,7 +219,7 @@ def push(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
     """Send every queued item to each batch peer, batch after batch, until none is left or
     the peer stops answering (the rest waits for the next run)."""
     out: dict[str, Any] = {}
-    for peer in peers if peers is not None else batch_peers(node):
+    for peer in peers if peers is not None else require_peers(batch_peers(node), _BATCH_PEERS):
         worker = Worker(node, worker_id=f"push:{peer}:{node.id}")
         sent: dict[str, int] = {}
         try:
@@ -287,7 +290,7 @@ def _jobs(node: Node, ids: list[int]) -> list[Job]:
 def pull(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
     """Fetch and apply what each batch peer has queued for this node."""
     out: dict[str, Any] = {}
-    for peer in peers if peers is not None else batch_peers(node):
+    for peer in peers if peers is not None else require_peers(batch_peers(node), _BATCH_PEERS):
         got: dict[str, int] = {}
         try:
             while True:

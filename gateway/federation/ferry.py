@@ -71,7 +71,7 @@ from gateway import audit
 from gateway.blobs import BlobStore
 from gateway.config import ConfigError, FerrySftpConfig
 from gateway.envelope import Envelope, EnvelopeError
-from gateway.federation import batch, keys
+from gateway.federation import batch, keys, require_peers
 from gateway.models import AdapterState, IngestedItem, OutboxEntry
 from gateway.node import DbStateStore, Node
 from gateway.scheduler import register
@@ -712,7 +712,8 @@ def _send_to(node: Node, peer: str, loc: Location, worker: Worker, report: dict[
 def ferry_out(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
     """Write the items queued for each ferry peer into signed files at its ``ferry_out``."""
     out: dict[str, Any] = {}
-    for peer in peers if peers is not None else ferry_peers(node, "out"):
+    for peer in peers if peers is not None else require_peers(ferry_peers(node, "out"),
+                                                              'ferry peer with a ferry_out folder (link = "ferry")'):
         report: dict[str, Any] = {"files": [], "items": 0}
         out[peer] = report
         worker = Worker(node, worker_id=f"ferry-out:{peer}:{node.id}")
@@ -1067,7 +1068,8 @@ def _take_from(node: Node, peer: str, loc: Location, report: dict[str, Any]) -> 
 def ferry_in(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
     """Verify and import the complete ferry files each ferry peer's ``ferry_in`` holds."""
     out: dict[str, Any] = {}
-    for peer in peers if peers is not None else ferry_peers(node, "in"):
+    for peer in peers if peers is not None else require_peers(ferry_peers(node, "in"),
+                                                              'ferry peer with a ferry_in folder (link = "ferry")'):
         report: dict[str, Any] = {"imported": [], "duplicate": [], "rejected": []}
         out[peer] = report
         try:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import aliased
 
 from adapters.base import PermanentError, RetryableError
 from gateway import audit, pipeline
-from gateway.federation import transfer
+from gateway.federation import require_peers, transfer
 from gateway.models import Delivery, Message, OutboxEntry
 from gateway.node import Node
 
@@ -75,8 +75,9 @@ def run(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
     """The scheduled job ``reconcile``."""
     out: dict[str, Any] = {}
     # over a ferry nothing comes back to a question: those copies settle by the return ferry
-    for peer in peers if peers is not None else [p for p, c in node.config.peers.items()
-                                                 if c.url and c.link != "ferry"]:
+    for peer in peers if peers is not None else require_peers(
+            [p for p, c in node.config.peers.items() if c.url and c.link != "ferry"],
+            "peer it can ask (one with a url, not on a ferry link)"):
         counts = {"checked": 0, "repaired": 0, "reforwarded": 0, "agree": 0}
         try:
             copies = _open_copies(node, peer)
