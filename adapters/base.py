@@ -195,7 +195,11 @@ class PolledItem:
 
 #: keys of an ``[adapters.NAME]`` table that the gateway itself reads (the worker's retry
 #: policy, the callback endpoint's guard); adapters never see them
-GATEWAY_KEYS = frozenset({"retry", "callback_token_env", "callback_token_file", "callback_allow"})
+GATEWAY_KEYS = frozenset({"retry", "callback_token_env", "callback_token_file", "callback_allow", "attachments"})
+
+#: ``[adapters.NAME] attachments`` for a protocol without attachments (Adapter.takes_attachments
+#: False): a document with 附件 to a unit behind it is refused, or sent with its body only
+ATTACHMENT_POLICIES = ("refuse", "omit")
 
 
 class Adapter(abc.ABC):
@@ -204,6 +208,8 @@ class Adapter(abc.ABC):
     #: system; None: any. A route that sends another subsystem's messages to it is refused
     #: (at start when the route names the subsystem, else when a message is accepted).
     subsystems: ClassVar[frozenset[str] | None] = None
+    #: whether the legacy protocol carries a document's attachments (附件) besides its body
+    takes_attachments: ClassVar[bool] = True
 
     def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
         self.name = name
@@ -279,6 +285,15 @@ def carries(type_name: str, subsystem: str) -> bool:
     type is refused elsewhere, when the adapter is built.)"""
     cls = _class(type_name)
     return cls is None or cls.subsystems is None or subsystem in cls.subsystems
+
+
+def attachments_policy(type_name: str, config: Mapping[str, Any]) -> str:
+    """What becomes of a document's attachments at an adapter: "carry" (its protocol has
+    them), else its ``attachments`` setting, "refuse" (the default) or "omit"."""
+    cls = _class(type_name)
+    if cls is None or cls.takes_attachments:
+        return "carry"
+    return str(config.get("attachments", "refuse"))
 
 
 def can_recall(type_name: str) -> bool:

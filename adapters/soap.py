@@ -222,6 +222,7 @@ class SoapAdapter(Adapter):
     """
 
     subsystems = frozenset({"documents"})  # the legacy contract carries official documents only
+    takes_attachments = False  # SendDocument has a body and nothing else (legacy README §1)
 
     def __init__(self, name: str, config: Mapping[str, Any], context: AdapterContext) -> None:
         super().__init__(name, config, context)

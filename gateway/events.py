@@ -72,15 +72,16 @@ def status_changed_many(s: Session | Connection, changes: list[tuple[int, str, s
         t = targets.get(delivery_id)
         if t is None:
             continue
+        # a 签收 or 退回 happened when the receipt says, not when it reached this node
+        at = t.signed_at if status in ("signed", "returned") and t.signed_at else now
         if t.webhook_url:
             event = {"event": f"{t.subsystem}.status", "message_id": t.message_id, "unit": t.unit,
                      "status": status, "previous": previous, "signer": t.signer, "receipt_no": t.receipt_no,
-                     "reason": t.reason, "at": now.isoformat()}
+                     "reason": t.reason, "at": at.isoformat()}
             rows.append(dict(kind="webhook", delivery_id=delivery_id, target=t.webhook_url, payload=event,
                              priority=1, state="pending", attempts=0, next_attempt_at=now, created_at=now))
         if t.source.startswith("node:") and status != "queued":
             # back to the node the message came from (which passes it on towards the sender)
-            at = t.signed_at if status in ("signed", "returned") and t.signed_at else now
             item = {"message_id": t.message_id, "unit": t.unit, "status": status, "signer": t.signer,
                     "receipt_no": t.receipt_no, "reason": t.reason, "at": at.isoformat(),
                     "error": t.last_error if status == "failed" else None}

@@ -63,6 +63,7 @@ class Node:
         self.directory: DirectoryCache = DirectoryCache(self.db, config, on_change=lambda: self._routes.invalidate())
         self._routes = RouteTable(config.routes, config, directory=self.directory_node)
         self._adapters: dict[str, Adapter] = {}
+        self._attachments: dict[str, str] = {}
         self._lock = threading.Lock()
         self._federation: Federation | None = None
 
@@ -125,6 +126,14 @@ class Node:
                     a.context.secret(raw, "callback_token")  # readable, if one is configured
                 except adapters.base.ConfigError as exc:
                     raise ConfigError(f"adapters.{name}.{exc}") from None
+                policy = raw.get("attachments")
+                if policy is not None and policy not in adapters.base.ATTACHMENT_POLICIES:
+                    raise ConfigError(f"adapters.{name}.attachments: {policy!r}; expected \"refuse\" (a document "
+                                      f"with 附件 to a unit behind it is refused) or \"omit\" (sent with its body "
+                                      f"only)")
+                if policy is not None and a.takes_attachments:
+                    raise ConfigError(f"adapters.{name}.attachments: adapter type {a.type_name} carries "
+                                      f"attachments; the setting is for protocols that do not (soap)")
                 allow = raw.get("callback_allow", [])
                 if not isinstance(allow, list) or not all(isinstance(x, str) for x in allow):
                     raise ConfigError(f"adapters.{name}.callback_allow: expected a list of addresses, "
@@ -145,6 +154,15 @@ class Node:
 
     def adapter_names(self) -> list[str]:
         return sorted(self.config.adapters)
+
+    def attachments_policy(self, name: str) -> str:
+        """What becomes of a document's attachments at adapter ``name`` (see
+        adapters.base.attachments_policy), from the configuration alone; remembered."""
+        policy = self._attachments.get(name)
+        if policy is None:
+            raw = self.config.adapters[name]
+            policy = self._attachments[name] = adapters.base.attachments_policy(str(raw.get("type")), raw)
+        return policy
 
     def close(self) -> None:
         with self._lock:

@@ -84,6 +84,16 @@ def plan_routes(node: Node, env: Envelope, recipients: list[Recipient] | None = 
             # a node is never given a message above what its link is cleared for
             raise Rejected("no-route", f"the link to node {route.target} is cleared up to {peer.clearance}; "
                                        f"a {env.classification} message cannot travel on it")
+    refusing = {route.target for route in routes
+                if route.kind == "adapter" and node.attachments_policy(route.target) == "refuse"}
+    if refusing and any(a.role == "attachment" for a in env.attachments):
+        # never a copy without its 附件 that nobody knows of: the sender is told now
+        units = [r.unit for r, route in zip(recipients or env.recipients, routes) if route.target in refusing]
+        raise Rejected("attachments-not-carried",
+                       f"the copies for {', '.join(units)} go to {', '.join(sorted(refusing))}, whose legacy system "
+                       f"takes a document's body only (正文), not its attachments (附件); send the attachments "
+                       f"another way, or merge them into the body; the node's operator may let that system "
+                       f"receive the body alone ([adapters.NAME] attachments = \"omit\")", field="attachments")
     return routes
 
 

@@ -177,10 +177,14 @@ def parse(data: bytes | str, limits: XMLLimits | None = None, charset: str | Non
 
 def parse_legacy(data: bytes | str, limits: XMLLimits | None = None) -> etree._Element:
     """Parse a legacy system's file: XML in GB18030 (shared/legacy/README.md) unless it says
-    otherwise. A file with no XML declaration and no byte order mark is read as GB18030 (an
-    XML parser alone would take it for UTF-8 and refuse the first Chinese character)."""
-    if isinstance(data, bytes) and data[:256].lstrip()[:5] != b"<?xml" and not data.startswith(_BOMS):
-        return parse(data, limits, charset="gb18030")
+    otherwise. A file that names no encoding (no XML declaration, or ``<?xml version="1.0"?>``)
+    and has no byte order mark is read as GB18030 unless its bytes are valid UTF-8 (an XML
+    parser alone would take it for UTF-8 and refuse the first Chinese character)."""
+    if isinstance(data, bytes) and not data.startswith(_BOMS) and declared_encoding(data) is None:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            return parse(data, limits, charset="gb18030")
     return parse(data, limits)
 
 

@@ -793,16 +793,24 @@ def test_files_that_speak_for_another_unit_or_are_not_what_their_name_says_go_to
     assert UNIT_B in (failed / (other_unit + ".error")).read_text("gb18030")
 
 
-def test_a_gb18030_receipt_without_an_xml_declaration_is_read(drop: Drop, make_adapter) -> None:
-    """Files on the drop are GB18030 (legacy README §2); one without a declaration is not
-    refused as bad UTF-8."""
+@pytest.mark.parametrize("declaration", ["", '<?xml version="1.0"?>\n'])
+def test_a_gb18030_receipt_naming_no_encoding_is_read(drop: Drop, make_adapter, declaration: str) -> None:
+    """Files on the drop are GB18030 (legacy README §2); one whose declaration names no
+    encoding, or that has none, is not refused as bad UTF-8."""
     ref = str(uuid.uuid4())
     text = receipt_bytes(ref).decode("gb18030")
-    text = text[text.index("?>") + 2:].lstrip()
-    assert "李某" in text and not text.startswith("<?xml")
+    text = declaration + text[text.index("?>") + 2:].lstrip()
+    assert "李某" in text and "encoding" not in text[:60]
     put_outbox(drop, f"HZ_{ref}_{UNIT_A}.xml", text.encode("gb18030"))
     [item] = make_adapter(drop.config()).poll()
     assert item.receipt is not None and item.receipt.signer == "李某"
+
+
+def test_a_utf8_receipt_naming_no_encoding_is_read_as_utf8() -> None:
+    """XML's own default is UTF-8: bytes that are valid UTF-8 are read so, not as GB18030."""
+    text = '<?xml version="1.0"?>\n<receipt signer="李某"/>'
+    assert xmlsafe.parse_legacy(text.encode("utf-8")).get("signer") == "李某"
+    assert xmlsafe.parse_legacy(text.encode("gb18030")).get("signer") == "李某"
 
 
 # -- connection handling -----------------------------------------------------------------------

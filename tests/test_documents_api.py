@@ -365,3 +365,30 @@ def test_documents_from_anywhere_but_the_api_are_held_to_the_same_rules(api, gw_
         assert s.scalar(select(func.count()).select_from(Message)) == 0
     ok = to_envelope(doc, message_id="from-node-ok01", node_id="county-x", sizes={doc.body["sha256"]: 10})
     assert pipeline.accept(gw_node, ok, actor="node:county-x", source="node:county-x").created
+
+
+def test_a_classified_document_from_elsewhere_must_carry_its_copy_numbers(api, gw_node):
+    """The API numbers a classified document's copies itself; one that comes from another
+    node or a legacy system without them is refused (DOMAIN.md: 秘密 and up carry a 份号)."""
+    import dataclasses
+
+    import pytest
+
+    from gateway.envelope import Envelope
+    from gateway.pipeline import Rejected, accept
+
+    body = api.post("/api/v1/documents", json=api.document(classification="秘密", classification_period="1年",
+                                                           recipients=(COUNTY_A, CITY_B))).get_json()
+    assert all(r["copy_no"] for r in body["recipients"])
+    with gw_node.db.sessions() as s:
+        stored = s.get(Message, body["id"]).envelope_xml
+    env = Envelope.from_xml(stored)
+    env.message_id = "from-a-county-0001"
+    env.recipients = [env.recipients[0], dataclasses.replace(env.recipients[1], copy_no=None)]
+    with pytest.raises(Rejected) as err:
+        accept(gw_node, env, actor="node:county-a", source="node:county-a")
+    assert "recipients.1.copy_no: a 秘密 document carries a 份号" in str(err.value) and CITY_B in str(err.value)
+    with gw_node.db.sessions() as s:
+        assert s.get(Message, "from-a-county-0001") is None
+    env.recipients = Envelope.from_xml(stored).recipients  # with its numbers it is taken
+    assert accept(gw_node, env, actor="node:county-a", source="node:county-a").created

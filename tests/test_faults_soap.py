@@ -136,3 +136,58 @@ timeout = 5
 units = ["{COUNTY_A}"]
 adapter = "docexchange"
 '''
+
+
+def test_a_document_with_attachments_is_refused_for_a_soap_unit_unless_the_operator_lets_it_go_without(
+        tmp_path, database_url, soap_service):
+    """SendDocument carries the body only (legacy README §1): a document with 附件 to a unit
+    behind it is refused, naming the units, rather than delivered without them unannounced.
+    With attachments = "omit" the operator lets the body go alone; a bad value stops the start."""
+    import pytest
+
+    from gateway.config import ConfigError
+
+    cfg = _soap_node(tmp_path, database_url, soap_service)
+    node = Node(cfg)
+    try:
+        api = Api(node)
+        att = api.upload("附件一 值班表".encode())
+        doc = api.document(attachments=[{"sha256": att, "name": "附件1.pdf", "media_type": "application/pdf"}])
+        r = api.post("/api/v1/documents", json=doc)
+        assert r.status_code == 422, r.get_json()
+        problem = r.get_json()
+        assert problem["type"] == "urn:egov:gateway:problem:attachments-not-carried"
+        assert COUNTY_A in problem["detail"] and "docexchange" in problem["detail"]
+        assert problem["errors"][0]["field"] == "attachments"
+        with node.db.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Delivery)) == 0
+        # a document without 附件 still goes
+        assert api.post("/api/v1/documents", json=api.document()).status_code == 202
+    finally:
+        node.close()
+    cfg = node_config(tmp_path, database_url,
+                      adapters={"docexchange": {"type": "soap", "wsdl": "schemas/legacy/docexchange.wsdl",
+                                                "address": soap_service.url, "timeout": 5, "attachments": "omit"}},
+                      routes=[{"units": [COUNTY_A], "adapter": "docexchange"}])
+    node = Node(cfg)
+    try:
+        node.check_adapters()
+        api = Api(node)
+        att = api.upload("附件一 值班表".encode())
+        doc = api.document(attachments=[{"sha256": att, "name": "附件1.pdf", "media_type": "application/pdf"}])
+        mid = api.post("/api/v1/documents", json=doc).get_json()["id"]
+        Worker(node).drain()
+        got = api.get(f"/api/v1/documents/{mid}").get_json()["recipients"][0]
+        assert got["status"] == "delivered", got
+    finally:
+        node.close()
+    bad = node_config(tmp_path, database_url,
+                      adapters={"docexchange": {"type": "soap", "wsdl": "schemas/legacy/docexchange.wsdl",
+                                                "address": soap_service.url, "attachments": "drop"},
+                                "rec": {"type": "recording", "attachments": "omit"}})
+    node = Node(bad)
+    try:
+        with pytest.raises(ConfigError, match=r"adapters.docexchange.attachments: 'drop'; expected \"refuse\""):
+            node.check_adapters()
+    finally:
+        node.close()

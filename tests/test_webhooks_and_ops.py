@@ -63,14 +63,17 @@ def test_status_changes_reach_the_caller_signed_and_retried(gw_node, receiver):
     mid = api.post("/api/v1/documents", json=api.document()).get_json()["id"]
     Worker(gw_node).drain()
     rec = gw_node.adapter("rec")
+    signed_at = datetime(2026, 11, 20, 2, 15, tzinfo=UTC)  # the clerk's 签收, before it reached the gateway
     rec.pending_items = [PolledItem(key="k1", receipt=Receipt(
         unit=COUNTY_A, action="SIGNED", remote_ref=rec.delivered[0].remote_ref, signer="李某",
-        receipt_no="JXF-9", time=datetime.now(UTC)))]
+        receipt_no="JXF-9", time=signed_at))]
     collect(gw_node, "rec")
     assert _drain_until(gw_node, lambda: sum(1 for _ in receiver.posts) >= 3)
     events = [json.loads(body) for headers, body in receiver.posts[1:]]  # the first answer was a 500
-    assert [(e["status"], e["previous"]) for e in sorted(events, key=lambda e: e["at"])] == [
-        ("delivered", "queued"), ("signed", "delivered")]
+    assert sorted((e["status"], e["previous"]) for e in events) == [("delivered", "queued"), ("signed", "delivered")]
+    # a 签收's time is the receipt's; the delivery's is when the gateway recorded it
+    at = {e["status"]: datetime.fromisoformat(e["at"]) for e in events}
+    assert at["signed"] == signed_at and at["delivered"] > signed_at
     assert all(e["message_id"] == mid and e["unit"] == COUNTY_A for e in events)
     # every post verifies with the node's published key, over timestamp + "." + body
     pem = api.get("/api/v1/webhooks/public-key").get_json()["public_key_pem"]

@@ -230,7 +230,7 @@ def docs_assets(name: str) -> Response:
 
 @operation(method="get", path="/api/v1/webhooks/public-key",
            summary="回调签名公钥 (the key that signs this node's webhooks)", tag="运维 (operations)", scope=None,
-           errors=(), responses={200: '{"node", "algorithm": "ed25519" | "sm2", "public_key_pem", "signed", "header"}: '
+           errors=(), responses={200: '{"node", "algorithm": "ed25519" | "sm2-sm3", "public_key_pem", "signed", "header"}: '
                                       "verify Gateway-Signature over Gateway-Timestamp + '.' + body with it"})
 @bp.get("/api/v1/webhooks/public-key")
 def webhook_key() -> Response:

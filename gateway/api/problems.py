@@ -29,6 +29,7 @@ TITLES = {
     "forbidden-unit": "无权代表该单位 (not allowed to act for this unit)",
     "not-found": "未找到 (not found)",
     "no-route": "收文单位无路由 (no route for a recipient)",
+    "attachments-not-carried": "收文系统不接收附件 (the receiving system takes the body only)",
     "unknown-blob": "正文或附件未上传 (body or attachment not uploaded)",
     "idempotency-key-reused": "幂等键已用于不同请求 (Idempotency-Key reused)",
     "message-id-conflict": "消息标识已被占用 (message id taken)",

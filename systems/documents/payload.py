@@ -117,9 +117,16 @@ def check_rules(env: Envelope) -> None:
     from systems.documents.schemas import DocumentIn
 
     try:
-        DocumentIn.model_validate(from_envelope(env))
+        doc = DocumentIn.model_validate(from_envelope(env))
     except ValidationError as exc:
         raise EnvelopeError([(".".join(str(p) for p in e["loc"]) or "payload", e["msg"].removeprefix("Value error, "))
                              for e in exc.errors()]) from None
     except ValueError as exc:
         raise EnvelopeError([("payload", str(exc))]) from None
+    if doc.classification != "非密":
+        # the API numbers copies itself; a classified document from anywhere else must carry them
+        missing = [(f"recipients.{i}.copy_no", f"a {doc.classification} document carries a 份号 (six digits) for "
+                    f"each copy; the copy for {r.unit} has none") for i, r in enumerate(doc.recipients)
+                   if not r.copy_no]
+        if missing:
+            raise EnvelopeError(missing)
