@@ -8,7 +8,7 @@ from flask import Flask
 from gunicorn.errors import AppImportError
 
 from gateway import config as config_mod
-from gateway.api import blobs, ops, problems
+from gateway.api import auth, blobs, ops, problems
 from gateway.config import Config, ConfigError
 from gateway.node import Node
 
@@ -27,6 +27,7 @@ def create_app(cfg: Config | str | None = None, node: Node | None = None) -> Fla
     app.config["MAX_CONTENT_LENGTH"] = node.config.api.max_json_bytes
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     app.extensions["gateway.node"] = node
+    app.extensions["gateway.on_problem"] = auth.Refusals(node.db)
     problems.install(app)
     app.register_blueprint(ops.bp)
     app.register_blueprint(blobs.bp)

@@ -9,23 +9,27 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 from datetime import datetime, UTC
 
 from flask import g, request
 
 from gateway import audit
-from gateway.api.problems import Problem
+from gateway.api.problems import Problem, shown
 from gateway.db import Database
 from gateway.envelope import CLASSIFICATION_LEVEL
 from gateway.events import shown_url
 from gateway.models import ApiKey
 from gateway.units import uscc_problem
+
+log = logging.getLogger("gateway.api")
 
 SCOPES = ("documents:send", "documents:read", "documents:recall", "blobs:write", "admin", "*")
 
@@ -210,3 +214,46 @@ def require(db: Database, scope: str) -> Caller:
     if not caller.has(scope):
         raise Problem(403, "forbidden-scope", f"this API key lacks the scope {scope!r}")
     return caller
+
+
+#: refusals that are security events (GB/T 22239: audit them): no or a bad key, a key used
+#: beyond its scopes, units or clearance
+SECURITY_REFUSALS = frozenset({"unauthenticated", "forbidden-scope", "forbidden-unit", "clearance-too-low",
+                               "metrics-token"})
+
+
+class Refusals:
+    """Audits the API's security refusals, one entry each (``api.refuse``: who, which request,
+    why, from where), up to RejectAudit.PER_MINUTE a minute per key or, without one, per
+    address; past that a minute's refusals are counted into one entry. Without the bound a
+    flood of bad keys would write to the hash chain that every accept waits on."""
+
+    def __init__(self, db: Database) -> None:
+        from gateway.federation.state import RejectAudit
+
+        self.db = db
+        self.limiter = RejectAudit(self._suppressed, what="API requests")
+
+    def _suppressed(self, key: str, detail: dict[str, Any]) -> None:
+        with self.db.begin() as s:
+            audit.append(s, actor=key if key.startswith("key:") else "anonymous", action="api.refuse",
+                         obj="/api/", outcome="suppressed", detail=detail)
+
+    def __call__(self, exc: Problem) -> None:
+        if exc.kind not in SECURITY_REFUSALS:
+            return
+        caller: Caller | None = g.get("caller")
+        token = _presented() or ""
+        presented = token.split("_", 2)[1][:32] if token.startswith("gw_") and token.count("_") >= 2 else None
+        addr = request.remote_addr or "?"
+        if not self.limiter.admit(f"key:{caller.key_id}" if caller else addr, exc.kind):
+            return
+        detail: dict[str, Any] = {"reason": exc.detail[:500], "remote_addr": addr}
+        if caller is None and presented:
+            detail["key_id"] = presented  # a revoked key still in use shows here
+        try:
+            with self.db.begin() as s:
+                audit.append(s, actor=caller.actor if caller else "anonymous", action="api.refuse",
+                             obj=f"{request.method} {shown(request.path)}"[:400], outcome=exc.kind, detail=detail)
+        except Exception:  # noqa: BLE001 - the refusal is answered all the same; the log has it
+            log.exception("could not audit a refused request")

@@ -94,6 +94,9 @@ _STALLED = ("the request body stopped before its end: the client went away, or s
 def install(app: Flask) -> None:
     @app.errorhandler(Problem)
     def _problem(exc: Problem) -> Response:
+        hook = app.extensions.get("gateway.on_problem")
+        if hook is not None:  # the security refusals' audit (gateway.api.auth.Refusals)
+            hook(exc)
         out = problem_response(exc.status, exc.kind, exc.detail, **exc.extra)
         out.headers.update(exc.headers)
         return out

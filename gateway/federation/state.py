@@ -40,8 +40,10 @@ class RejectAudit:
     MAX_ADDRESSES = 4096
 
     def __init__(self, write: Callable[[str, dict[str, Any]], None], clock: Callable[[], float] = time.monotonic,
-                 timer: Callable[[float, Callable[[], None]], Any] | None = None) -> None:
+                 timer: Callable[[float, Callable[[], None]], Any] | None = None,
+                 what: str = "node requests") -> None:
         self._write = write  # (remote address, summary detail) -> one audit entry
+        self.what = what  # for the log line
         self._clock = clock
         self._timer = timer or _daemon_timer
         self._lock = threading.Lock()
@@ -63,8 +65,8 @@ class RejectAudit:
             w.suppressed += 1
             w.kinds[kind] += 1
             if w.suppressed == 1:
-                log.warning("more than %d refused node requests from %s within a minute: the rest of the "
-                            "minute is counted, not audited one by one", self.PER_MINUTE, key)
+                log.warning("more than %d refused %s from %s within a minute: the rest of the "
+                            "minute is counted, not audited one by one", self.PER_MINUTE, self.what, key)
                 w.flushing = True
                 self._timer(max(0.0, w.start + self.WINDOW - now), lambda: self._flush(key, w))
             return False

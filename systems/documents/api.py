@@ -241,8 +241,29 @@ def get_document(message_id: str) -> Response:
     caller = auth.require(n.db, "documents:read")
     if wants_xml():  # the stored envelope: one read, and none of the status rows
         with n.db.sessions() as s:
-            return Response(_find(s, message_id, caller, with_xml=True).envelope_xml, mimetype="application/xml")
-    return _json(_load(message_id, caller))
+            m = _find(s, message_id, caller, with_xml=True)
+            xml, classification = m.envelope_xml, m.classification
+        _audit_read(n, caller, [(message_id, classification)], "document.read", "xml")
+        return Response(xml, mimetype="application/xml")
+    out = _load(message_id, caller)
+    _audit_read(n, caller, [(out.id, out.classification)], "document.read", "json")
+    return _json(out)
+
+
+def _audit_read(n, caller: auth.Caller, shown: list[tuple[str, str]], action: str, form: str) -> None:  # type: ignore[no-untyped-def]
+    """A classified document read (or listed) is audited: who saw which, in what form
+    (GB/T 22239). Unclassified ones are not, so that status polling writes nothing."""
+    classified = [(mid, c) for mid, c in shown if c != "非密"]
+    if not classified:
+        return
+    with n.db.begin() as s:
+        if action == "document.read":
+            mid, c = classified[0]
+            audit.append(s, actor=caller.actor, action=action, obj=f"message:{mid}",
+                         detail={"classification": c, "form": form})
+        else:
+            audit.append(s, actor=caller.actor, action=action, obj="documents",
+                         detail={"classified": [mid for mid, _ in classified], "form": form})
 
 
 @operation(method="get", path="/api/v1/documents", summary="公文列表 (documents sent with this key, newest first)",
@@ -290,6 +311,7 @@ def list_documents() -> Response:
         if len(rows) > limit:
             last = rows[limit - 1]
             nxt = base64.urlsafe_b64encode(json.dumps([last.accepted_at.isoformat(), last.id]).encode()).decode()
+    _audit_read(n, caller, [(i.id, i.classification) for i in items], "document.list", "json")
     return _json(DocumentList(items=items, next_cursor=nxt))
 
 
