@@ -392,3 +392,24 @@ def test_a_classified_document_from_elsewhere_must_carry_its_copy_numbers(api, g
         assert s.get(Message, "from-a-county-0001") is None
     env.recipients = Envelope.from_xml(stored).recipients  # with its numbers it is taken
     assert accept(gw_node, env, actor="node:county-a", source="node:county-a").created
+
+
+def test_a_caller_asking_for_xml_gets_the_stored_envelope_in_the_202(api, gw_node):
+    """DESIGN.md: the canonical XML is returned where a caller asks for it; the 202 then is the
+    envelope as stored (its generated id, its 份号), the same bytes a GET with XML gives."""
+    from lxml import etree
+
+    doc = api.document(classification="秘密", classification_period="1年")
+    r = api.post("/api/v1/documents", json=doc, headers={"Accept": "application/xml", "Idempotency-Key": "x-1"})
+    assert r.status_code == 202 and r.mimetype == "application/xml", r.get_data(as_text=True)[:300]
+    root = etree.fromstring(r.get_data())
+    mid = root.findtext("{*}header/{*}message-id") or root.findtext(".//{*}message-id")
+    assert mid and r.headers["Location"] == f"/api/v1/documents/{mid}"
+    stored = api.get(f"/api/v1/documents/{mid}", headers={"Accept": "application/xml"}).get_data()
+    assert r.get_data() == stored
+    again = api.post("/api/v1/documents", json=doc, headers={"Accept": "application/xml", "Idempotency-Key": "x-1"})
+    assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_data() == stored
+    # JSON stays the default, also for */*
+    r = api.post("/api/v1/documents", json=api.document(), headers={"Accept": "*/*"})
+    assert r.status_code == 202 and r.mimetype == "application/json"

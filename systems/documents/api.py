@@ -156,6 +156,8 @@ def _load(message_id: str, caller: auth.Caller, receipts: bool = True) -> Docume
 @operation(method="post", path="/api/v1/documents", summary="发文：发送公文 (send an official document)",
            tag="公文 (documents)", scope="documents:send", request=DocumentIn,
            request_media=("application/json", "application/xml"), responses={202: DocumentOut},
+           alternatives={"application/xml": "with Accept: application/xml, the canonical envelope as stored "
+                                            "(schemas/envelope.xsd), with its message id and 份号"},
            parameters=[{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}}],
            description="Accepted (202) means stored: the document, its audit entry and one delivery per "
                        "recipient are committed. Upload the body and attachments to /api/v1/blobs first.")
@@ -220,6 +222,15 @@ def send_document() -> Response:
     except Rejected as exc:
         extra: dict[str, Any] = {"errors": [{"field": exc.field, "message": exc.detail}]} if exc.field else {}
         raise Problem(exc.status, exc.kind, exc.detail, **extra) from None
+    if wants_xml():  # the canonical XML the document is stored as, with its id and 份号
+        headers = {"Location": status_url(result.message.id)}
+        if not result.created:
+            headers["Idempotent-Replayed"] = "true"
+            with n.db.sessions() as s:
+                xml = _find(s, result.message.id, caller, with_xml=True).envelope_xml
+        else:
+            xml = env.to_xml()
+        return Response(xml, status=202, mimetype="application/xml", headers=headers)
     out: dict | DocumentOut
     if result.created and result.routes is not None:
         out = _accepted_out(result.message, env, result.routes)
