@@ -196,6 +196,22 @@ def test_write_read_round_trip_in_gb18030(blobs: BlobStore, chunk_size: int) -> 
     assert [c for _, c in files] == [contents[a.sha256] for a in env.attachments]
 
 
+def test_an_unclassified_documents_receivers_are_numbered_as_the_sample_numbers_them(blobs: BlobStore) -> None:
+    """samples/archive-send.xml is 非密 and gives every receiver a num (000001, 000002, 000003):
+    without a 份号, a copy's num is its place in the recipient list."""
+    import dataclasses
+
+    env, _ = chinese_envelope(blobs)
+    env.classification, env.classification_period = "非密", None
+    env.recipients = [dataclasses.replace(r, copy_no=None) for r in env.recipients]
+    for i, recipient in enumerate(env.recipients):
+        out = io.BytesIO()
+        write_archive(env, recipient, blobs, out, archive_id=f"ref-{i}")
+        root = etree.fromstring(out.getvalue().decode("gb18030").split("?>", 1)[1])
+        [receiver] = root.findall("receivers/receiver")
+        assert (receiver.get("trustorgno"), receiver.get("num")) == (recipient.unit, f"{i + 1:06d}")
+
+
 def test_iter_archive_chunks_equal_write_archive(blobs: BlobStore) -> None:
     env, _ = chinese_envelope(blobs)
     out = io.BytesIO()

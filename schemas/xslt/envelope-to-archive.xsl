@@ -55,9 +55,15 @@
             </xsl:choose>
           </xsl:attribute>
           <xsl:attribute name="count">1</xsl:attribute>
-          <xsl:if test="$r/@copy-no">
-            <xsl:attribute name="num"><xsl:value-of select="$r/@copy-no"/></xsl:attribute>
-          </xsl:if>
+          <!-- The box wants a copy number on every receiver (samples/archive-send.xml numbers a
+               非密 document's copies too): the 份号, or else the copy's place in the recipient
+               list, six digits, as the sample has it. -->
+          <xsl:attribute name="num">
+            <xsl:choose>
+              <xsl:when test="$r/@copy-no"><xsl:value-of select="$r/@copy-no"/></xsl:when>
+              <xsl:otherwise><xsl:value-of select="format-number(count($r/preceding-sibling::e:recipient) + 1, '000000')"/></xsl:otherwise>
+            </xsl:choose>
+          </xsl:attribute>
         </receiver>
       </receivers>
       <archiveparameters>
