@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
+import re
 import io
 import tracemalloc
 from datetime import datetime, timedelta, timezone
@@ -64,6 +65,23 @@ def test_sample_archive_reads_as_the_sample_envelope() -> None:
         assert len(content) == att.size
         assert hashlib.sha256(content).hexdigest() == att.sha256
     assert files[0][1].decode("utf-8").startswith("关于做好2026年冬季值班")
+
+
+def test_an_archive_without_signer_or_publish_level_reads_as_a_valid_envelope() -> None:
+    """A 通知 has no 签发人: the box writes <signer/>; the envelope leaves it out rather than
+    carry an empty element its payload XSD (and the document rules) refuse."""
+    from gateway import payloads
+    from systems.documents.payload import check_rules
+
+    text = (DATA / "archive-send.xml").read_bytes().decode("gb18030")
+    text = re.sub(r"<signer>[^<]*</signer>", "<signer/>", text)
+    text = re.sub(r"<publishlevel>[^<]*</publishlevel>", "<publishlevel></publishlevel>", text)
+    assert "<signer/>" in text
+    env, _ = read_archive(text.encode("gb18030"))
+    ns = "{urn:egov:gateway:documents:v1}"
+    assert env.payload.find(ns + "signer") is None and env.payload.find(ns + "publish-level") is None
+    payloads.validate(env.payload)
+    check_rules(env)
 
 
 @pytest.mark.parametrize(

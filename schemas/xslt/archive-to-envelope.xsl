@@ -59,9 +59,15 @@
             <xsl:value-of select="concat($p/docno/@prefix, '〔', $p/docno/@year, '〕', $p/docno/@serial, '号')"/>
           </doc-number>
           <title><xsl:value-of select="$p/title"/></title>
-          <signer><xsl:value-of select="$p/signer"/></signer>
+          <!-- an empty <signer/> (a 通知 has none) or <publishlevel/> means none: the payload
+               leaves the element out rather than carry an empty one its XSD refuses -->
+          <xsl:if test="normalize-space($p/signer) != ''">
+            <signer><xsl:value-of select="$p/signer"/></signer>
+          </xsl:if>
           <written-date><xsl:value-of select="$p/writtendate"/></written-date>
-          <publish-level><xsl:value-of select="$p/publishlevel"/></publish-level>
+          <xsl:if test="normalize-space($p/publishlevel) != ''">
+            <publish-level><xsl:value-of select="$p/publishlevel"/></publish-level>
+          </xsl:if>
           <sealed><xsl:value-of select="$p/sealed"/></sealed>
           <xsl:if test="$p/printer">
             <printer name="{$p/printer/@name}" date="{$p/printer/@date}"/>
