@@ -62,6 +62,11 @@ pass_ctx = click.make_pass_decorator(Ctx)
               help="node configuration (TOML)")
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
+    if config_path is None and os.environ.get("GATEWAY_CONFIG") == "" and ctx.invoked_subcommand != "demo":
+        # click takes an empty variable for an unset one: a unit file whose variable came out
+        # empty would start the embedded default, simulated legacy systems and all
+        raise click.UsageError("GATEWAY_CONFIG is set but empty; give it the path of the node's TOML file, or "
+                               "unset it to run the embedded default")
     ctx.obj = Ctx(config_path)
 
 

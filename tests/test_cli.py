@@ -10,8 +10,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def gateway(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    inherited = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}  # no node of the caller's
     return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "GATEWAY_CONFIG": "", **(env or {})})
+                          timeout=timeout, env={**inherited, **(env or {})})
 
 
 def _config(tmp_path: Path, body: str = "") -> Path:
@@ -205,7 +206,7 @@ def test_adapter_and_peer_retry_tables_take_what_they_leave_out_from_worker_retr
         "webhooks": {"retry": {"max_attempts": 5}},
         "adapters": {"soapy": {"type": "soap", "retry": {"max_attempts": 12}},
                      "plain": {"type": "soap"}},
-        "peers": {"county-a": {"url": "http://127.0.0.1:9", "public_key": "ed25519:x",
+        "peers": {"county-a": {"url": "http://127.0.0.1:9", "public_key": "ed25519:0/bdvI4sRy9xjQDCYbSRMbuX+550TV1uBZaUD9p7t80=",
                                "retry": {"base_delay": 5.0}}},
     })
     got = {k: cfg.retry_for(*k).model_dump() for k in
@@ -428,3 +429,10 @@ def test_adapters_check_names_the_adapters_there_are(tmp_path):
     assert r.returncode == 2 and "no adapter named 'nosuch' is configured; expected one of docexchange" in r.stderr
     r = gateway("demo", "--timeout", "-5", cwd=tmp_path)
     assert r.returncode == 2 and "--timeout" in r.stderr
+
+
+def test_an_empty_gateway_config_is_refused_not_taken_for_the_embedded_default(tmp_path):
+    """A unit file whose variable came out empty must not start simulated legacy systems."""
+    r = gateway("keys", "list", cwd=tmp_path, env={"GATEWAY_CONFIG": ""})
+    assert r.returncode == 2 and "GATEWAY_CONFIG is set but empty" in r.stderr
+    assert not (tmp_path / "var").exists()

@@ -24,7 +24,8 @@ def test_serve_embedded_default_end_to_end(tmp_path):
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--bind", f"127.0.0.1:{port}"],
-                            cwd=tmp_path, env={**os.environ, "GATEWAY_CONFIG": ""}, stdout=subprocess.PIPE,
+                            cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"},
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 60

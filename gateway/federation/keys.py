@@ -60,10 +60,16 @@ def public_text(key: NodeKey | PeerKey) -> str:
 
 def parse_public(text: str, where: str) -> PeerKey:
     text = text.strip()
-    try:
-        if text.startswith("ed25519:"):
+    if text.startswith("ed25519:"):
+        try:
             raw = base64.b64decode(text.removeprefix("ed25519:"), validate=True)
-            return Ed25519PublicKey.from_public_bytes(raw)
+        except ValueError:
+            raise ConfigError(f"{where}: not a valid Ed25519 public key (expected the base64 of 32 bytes "
+                              f"after ed25519:)") from None
+        if len(raw) != 32:
+            raise ConfigError(f"{where}: not a valid Ed25519 public key (32 bytes expected, got {len(raw)})")
+        return Ed25519PublicKey.from_public_bytes(raw)
+    try:
         if text.startswith("sm2:"):
             raw = base64.b64decode(text.removeprefix("sm2:"), validate=True)
             return SM2PublicKey.from_point(raw)
@@ -94,9 +100,12 @@ def peer_key(config: Config, peer_id: str, peer: PeerConfig) -> PeerKey:
         p = Path(peer.public_key_file)
         p = p if p.is_absolute() else Path(config.base_dir) / p
         try:
-            text = p.read_text()
+            text = p.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{config.source}: peers.{peer_id}.public_key_file: cannot read {p}: "
-                              f"{exc.strerror}") from None
+                              f"{exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{config.source}: peers.{peer_id}.public_key_file: {p} is not text; expected "
+                              f"{_FORMS}") from None
         where = f"{p} (peers.{peer_id}.public_key_file)"
     return parse_public(text, where)
