@@ -687,14 +687,15 @@ def ferry_resend(c: Ctx, peer: str, seq: int, last: int | None) -> None:
 @click.argument("peer")
 @click.argument("seq", type=click.IntRange(1))
 @click.option("--reason", required=True, help="why (goes into the audit log), e.g. 网闸故障，原文件已丢失")
+@click.option("--force", is_flag=True, help="skip it although no later file has arrived (the sender says it is gone)")
 @pass_ctx
-def ferry_skip(c: Ctx, peer: str, seq: int, reason: str) -> None:
+def ferry_skip(c: Ctx, peer: str, seq: int, reason: str, force: bool) -> None:
     from gateway.federation import ferry as ferry_mod
 
     n = c.node()
     _require_schema(n)
     try:
-        name = ferry_mod.skip(n, peer, seq, reason, actor=f"cli:{_user()}")
+        name = ferry_mod.skip(n, peer, seq, reason, actor=f"cli:{_user()}", force=force)
     except ferry_mod.FerryFailed as exc:
         raise click.ClickException(str(exc)) from None
     finally:

@@ -287,6 +287,15 @@ def test_ferry_resend_and_skip_say_what_they_can_do(tmp_path):
     r = gateway("-c", str(conf), "ferry", "skip", "county-b", "2", "--reason", "丢失", cwd=tmp_path)
     assert r.returncode == 1 and "waiting for file 1, not 2" in r.stderr
     r = gateway("-c", str(conf), "ferry", "skip", "county-b", "1", "--reason", "网闸故障", cwd=tmp_path)
+    assert r.returncode == 1 and "does not exist or is not a folder (is the isolation device's share mounted?)" \
+        in r.stderr and "--force" in r.stderr
+    # the device's folders are not made up by the gateway: a run without them fails, saying so
+    r = gateway("-c", str(conf), "sync", "ferry-in", cwd=tmp_path)
+    assert r.returncode == 1 and "share mounted" in r.stdout and not (tmp_path / "in").exists()
+    (tmp_path / "in").mkdir()
+    r = gateway("-c", str(conf), "ferry", "skip", "county-b", "1", "--reason", "网闸故障", cwd=tmp_path)
+    assert r.returncode == 1 and "no file after county-b_county-a_0000000001.ferry has arrived" in r.stderr
+    r = gateway("-c", str(conf), "ferry", "skip", "county-b", "1", "--reason", "网闸故障", "--force", cwd=tmp_path)
     assert r.returncode == 0 and "county-b_county-a_0000000001.ferry" in r.stdout
     r = gateway("-c", str(conf), "ferry", "resend", "county-x", "1", cwd=tmp_path)
     assert r.returncode == 1 and "not a ferry peer" in r.stderr

@@ -256,6 +256,9 @@ def _pair(tmp_path: Path, out_b: Any, in_b: Any, out_pref: Any, in_pref: Any, se
     ids = {"prefecture": PREFECTURE, "county-b": CITY_B}
     for n in ids:
         (tmp_path / n).mkdir(parents=True, exist_ok=True)
+    for folder in (out_b, in_b, out_pref, in_pref):  # the device's folders (the gateway never makes them)
+        if isinstance(folder, str):
+            Path(folder).mkdir(parents=True, exist_ok=True)
     public = {n: public_text(nodekey.load_or_create(tmp_path / n)) for n in ids}
     nodes = []
     for me, other in (("prefecture", "county-b"), ("county-b", "prefecture")):

@@ -205,6 +205,8 @@ class Cluster:
         cfg: dict[str, Any] = {"url": f"http://127.0.0.1:{self.nodes[peer].port}", "public_key": self.public[peer],
                                "units": LAYOUT[peer][1], "timeout": 30, "link": link}
         if link == "ferry":
+            for direction in ("out", "in"):  # the device's folders exist before either node uses them
+                self.ferry_dir(node_id, peer, direction).mkdir(parents=True, exist_ok=True)
             cfg.update(ferry_out=str(self.ferry_dir(node_id, peer, "out")),
                        ferry_in=str(self.ferry_dir(node_id, peer, "in")))
         return {**cfg, **self.peer_settings.get((node_id, peer), {})}

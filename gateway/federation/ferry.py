@@ -179,12 +179,25 @@ def _free_name(name: str, taken: Callable[[str], bool]) -> str:
 
 
 class FolderLocation(Location):
-    def __init__(self, path: Path) -> None:
+    """A folder: the one the isolation device reads from or writes to (usually a mounted share,
+    never created here: a share that is not mounted would leave files on a local disk the
+    device never sees, and a run would report them written), or, with ``create``, one of the
+    node's own (the kept copies), made when first needed."""
+
+    def __init__(self, path: Path, create: bool = False) -> None:
         self.path = path
         self.where = str(path)
+        self.create = create
+
+    def _there(self) -> None:
+        if self.create:
+            self.path.mkdir(parents=True, exist_ok=True)
+        elif not self.path.is_dir():
+            raise RetryableError(f"the ferry folder {self.path} does not exist or is not a folder (is the "
+                                 f"isolation device's share mounted?)", code="unreachable")
 
     def entries(self) -> dict[str, Entry]:
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._there()
         out: dict[str, Entry] = {}
         with os.scandir(self.path) as it:
             for e in it:
@@ -203,7 +216,7 @@ class FolderLocation(Location):
             return fh.read(limit + 1)
 
     def write(self, name: str, produce: Callable[[IO[bytes]], None]) -> int:
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._there()
         part = self.path / (name + PART_EXT)
         try:
             with open(part, "wb") as fh:
@@ -589,7 +602,7 @@ def kept_folder(node: Node, peer: str) -> Path:
 
 
 def _kept(node: Node, peer: str) -> FolderLocation | None:
-    return FolderLocation(kept_folder(node, peer)) if node.config.peers[peer].ferry_keep_days > 0 else None
+    return FolderLocation(kept_folder(node, peer), create=True) if node.config.peers[peer].ferry_keep_days > 0 else None
 
 
 def _copier(path: Path) -> Callable[[IO[bytes]], None]:
@@ -649,10 +662,23 @@ def resend(node: Node, peer: str, first: int, last: int | None = None, actor: st
     return names
 
 
-def skip(node: Node, peer: str, seq: int, reason: str, actor: str = "cli") -> str:
+def _later_arrived(node: Node, peer: str, seq: int) -> bool:
+    """Whether a file from ``peer`` numbered after ``seq`` is in the ferry_in location: the
+    sign that file ``seq`` was lost on the way rather than not sent yet."""
+    with open_location(node, peer, "in") as loc:
+        for name in loc.entries():
+            m = NAME_RE.fullmatch(name)
+            if m and m["sender"] == peer and m["recipient"] == node.id and int(m["seq"]) > seq:
+                return True
+    return False
+
+
+def skip(node: Node, peer: str, seq: int, reason: str, actor: str = "cli", force: bool = False) -> str:
     """Give up on the file ``seq`` from ``peer``, the one the link is waiting for: the files
     after it are imported from the next ``ferry-in`` on. Its items are lost here unless the
-    file turns up after all (it is then imported like any other). Returns its name."""
+    file turns up after all (it is then imported like any other). Unless ``force``, a file
+    after it must have arrived: until one has, file ``seq`` may simply not have been sent
+    yet, and a mistyped number would skip the next file to come. Returns its name."""
     if peer not in ferry_peers(node, "in"):
         raise FerryFailed(f"node {peer} is not a ferry peer with a ferry_in folder in {node.config.source}")
     if not reason.strip():
@@ -662,6 +688,16 @@ def skip(node: Node, peer: str, seq: int, reason: str, actor: str = "cli") -> st
         raise FerryFailed(f"the link from node {peer} is waiting for file {expected}, not {seq}: only the file it "
                           f"waits for can be skipped")
     name = file_name(peer, node.id, seq)
+    if not force:
+        try:
+            later = _later_arrived(node, peer, seq)
+        except (DeliveryError, ConfigError, *_LOCATION_ERRORS) as exc:
+            raise FerryFailed(f"cannot look into the ferry_in location of node {peer}: {_DESCRIBE(exc)}; give "
+                              f"--force to skip {name} all the same") from None
+        if not later:
+            raise FerryFailed(f"no file after {name} has arrived from node {peer}, so it is not known to be lost: "
+                              f"it may not have been sent yet; wait for it, or give --force if the sender says "
+                              f"it is gone")
     with node.db.begin() as s:
         _raise_sequence(s, peer, "in_seq", seq)
         audit.append(s, actor=actor, action="ferry.skip", obj=f"ferry:{peer}/{name}", outcome="skipped",
