@@ -287,6 +287,20 @@ def carries(type_name: str, subsystem: str) -> bool:
     return cls is None or cls.subsystems is None or subsystem in cls.subsystems
 
 
+def ca_problem(path: str | Path) -> str | None:
+    """Why ``path`` is no CA bundle TLS can verify with (missing, unreadable, no PEM
+    certificate in it); None if it is one. Checked at start: otherwise every call fails."""
+    import ssl
+
+    if not Path(path).is_file():
+        return f"{path} does not exist"
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        return f"{path} holds no certificate TLS can use (expected PEM: -----BEGIN CERTIFICATE-----…): {exc}"
+    return None
+
+
 def attachments_policy(type_name: str, config: Mapping[str, Any]) -> str:
     """What becomes of a document's attachments at an adapter: "carry" (its protocol has
     them), else its ``attachments`` setting, "refuse" (the default) or "omit"."""

@@ -269,6 +269,12 @@ class SftpAdapter(Adapter):
                 raise ConfigError(f"{self._key('host_key')}[{i}]: {exc}") from None
         known_hosts = self._opt("known_hosts_file", str, None)
         known_hosts_path = self._file(known_hosts, "known_hosts_file") if known_hosts else None
+        if known_hosts_path is not None:  # read now: a file that cannot be would refuse every connection
+            try:
+                paramiko.HostKeys(str(known_hosts_path))
+            except (OSError, paramiko.SSHException, paramiko.hostkeys.InvalidHostKey, ValueError) as exc:
+                raise ConfigError(f"{self._key('known_hosts_file')}: {known_hosts_path} is not a known_hosts "
+                                  f"file OpenSSH writes ({type(exc).__name__}: {exc})") from None
         if not host_keys and known_hosts_path is None:
             raise ConfigError(
                 f"{self._key('host_key')}: missing; the server's host key must be pinned with "
@@ -363,7 +369,7 @@ class SftpAdapter(Adapter):
         if s.known_hosts_file is not None:
             try:
                 known = paramiko.HostKeys(str(s.known_hosts_file))
-            except (OSError, paramiko.SSHException) as exc:
+            except (OSError, paramiko.SSHException, paramiko.hostkeys.InvalidHostKey) as exc:
                 raise PermanentError(
                     f"{self._key('known_hosts_file')}: cannot read: {exc}"
                 ) from None

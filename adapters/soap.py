@@ -59,6 +59,7 @@ from adapters.base import (
     Adapter,
     AdapterContext,
     ConfigError,
+    ca_problem,
     Delivery,
     DeliveryError,
     DeliveryResult,
@@ -363,8 +364,9 @@ class SoapAdapter(Adapter):
                               "expected one or the other")
         path = Path(ca_file)
         path = path if path.is_absolute() else self.context.base_dir / path
-        if not path.is_file():
-            raise ConfigError(f"{self._key('ca_file')}: no such file {path}")
+        problem = ca_problem(path)
+        if problem:
+            raise ConfigError(f"{self._key('ca_file')}: {problem}")
         return str(path)
 
     def _compile_arguments(self, send: Mapping[str, Any]) -> dict[str, _Expr]:

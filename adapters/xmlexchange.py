@@ -58,6 +58,7 @@ from adapters.base import (
     Adapter,
     AdapterContext,
     ConfigError,
+    ca_problem,
     Delivery,
     DeliveryResult,
     Health,
@@ -146,8 +147,9 @@ class XmlExchangeAdapter(Adapter):
             if "ca_file" in self.config:
                 ca = Path(self.require("ca_file"))
                 ca = ca if ca.is_absolute() else context.base_dir / ca
-                if not ca.is_file():
-                    raise ConfigError(f"adapters.{name}.ca_file: {ca} does not exist")
+                problem = ca_problem(ca)
+                if problem:
+                    raise ConfigError(f"adapters.{name}.ca_file: {problem}")
                 self.verify = str(ca) if verify else False
         else:
             folder = Path(self.require("folder"))

@@ -267,11 +267,11 @@ _EMBEDDED_ADAPTERS = " (the embedded default configures them at 'gateway serve';
 @pass_ctx
 def adapters_list(c: Ctx) -> None:
     cfg = c.cfg()
+    if not c.embedded:  # also with no adapter: the node's own files (the metrics token) are read
+        c.node(check_adapters=True).close()
     if not cfg.adapters:
         click.echo(_NO_ADAPTERS + (_EMBEDDED_ADAPTERS if c.embedded else ""))
         return
-    n = c.node(check_adapters=True)
-    n.close()
     for name, a in sorted(cfg.adapters.items()):
         click.echo(f"{name}\t{a.get('type')}")
 

@@ -445,3 +445,38 @@ def test_an_empty_gateway_config_is_refused_not_taken_for_the_embedded_default(t
     r = gateway("keys", "list", cwd=tmp_path, env={"GATEWAY_CONFIG": ""})
     assert r.returncode == 2 and "GATEWAY_CONFIG is set but empty" in r.stderr
     assert not (tmp_path / "var").exists()
+
+
+def test_adapters_list_checks_the_node_files_and_tls_files_with_no_adapter_too(tmp_path):
+    """The documented settings check reads what the node reads at start: a metrics token file
+    that is not there fails it even with no adapter, and a CA bundle or known_hosts file that
+    holds nothing usable fails it naming the key."""
+    conf = _config(tmp_path, f'[api]\nmetrics_token_file = "{tmp_path / "no-such-token"}"\n')
+    r = gateway("-c", str(conf), "adapters", "list", cwd=tmp_path)
+    assert r.returncode == 1 and "api.metrics_token_file" in r.stderr, r.stdout + r.stderr
+    junk = tmp_path / "junk.pem"
+    junk.write_text('id = "abc"\nnot a certificate\n')
+    for body, key in [(f'[adapters.a]\ntype = "soap"\nwsdl = "schemas/legacy/docexchange.wsdl"\n'
+                       f'address = "https://127.0.0.1:9/x"\nca_file = "{junk}"\n', "adapters.a.ca_file"),
+                      (f'[adapters.b]\ntype = "xml-exchange"\nmode = "http"\naddress = "https://127.0.0.1:9"\n'
+                       f'ca_file = "{junk}"\n', "adapters.b.ca_file"),
+                      (f'[adapters.c]\ntype = "sftp"\nhost = "127.0.0.1"\nusername = "u"\n'
+                       f'private_key_file = "{tmp_path / "k"}"\nknown_hosts_file = "{junk}"\n',
+                       "adapters.c.known_hosts_file")]:
+        (tmp_path / "k").write_text("")
+        conf = _config(tmp_path, body)
+        r = gateway("-c", str(conf), "adapters", "list", cwd=tmp_path)
+        assert r.returncode == 1 and key in r.stderr and "Traceback" not in r.stderr, (key, r.stderr)
+
+
+def test_ferry_resend_names_a_backward_range(tmp_path):
+    from gateway import nodekey
+    from gateway.federation.keys import public_text
+
+    (tmp_path / "peer").mkdir()
+    peer_key = public_text(nodekey.load_or_create(tmp_path / "peer"))
+    conf = _config(tmp_path, f'[peers.county-b]\npublic_key = "{peer_key}"\nlink = "ferry"\n'
+                             f'ferry_out = "{tmp_path / "out"}"\nferry_in = "{tmp_path / "in"}"\n')
+    assert gateway("-c", str(conf), "db", "upgrade", cwd=tmp_path).returncode == 0
+    r = gateway("-c", str(conf), "ferry", "resend", "county-b", "5", "--to", "2", cwd=tmp_path)
+    assert r.returncode == 1 and "--to 2 is before file 5" in r.stderr

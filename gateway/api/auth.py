@@ -73,10 +73,13 @@ def create_key(db: Database, *, name: str, scopes: list[str], clearance: str = "
         if problem:
             raise ValueError(f"unit {u!r}: {problem}")
     if webhook_url is not None:
+        from gateway.config import url_problem
+
         parts = urlsplit(webhook_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"webhook URL {webhook_url!r}: expected an http:// or https:// URL, "
-                             f"e.g. https://oa.example.internal/gateway-events")
+        problem = url_problem(webhook_url)
+        if problem:
+            raise ValueError(f"webhook URL {webhook_url!r} {problem}: expected an http:// or https:// URL with a "
+                             f"host, e.g. https://oa.example.internal/gateway-events")
         if parts.username is not None or parts.password is not None:
             raise ValueError("webhook URL: no user name or password in it (it is shown in logs and errors); "
                              "the posts are signed by this node, which is how the receiver knows them")

@@ -639,6 +639,9 @@ def resend(node: Node, peer: str, first: int, last: int | None = None, actor: st
     if peer not in ferry_peers(node, "out"):
         raise FerryFailed(f"node {peer} is not a ferry peer with a ferry_out folder in {node.config.source}")
     last = first if last is None else last
+    if last < first:
+        raise FerryFailed(f"--to {last} is before file {first}; expected --to {first} or later (the last file of "
+                          f"the range to write again)")
     written = sequence(node, peer, "out_seq")
     if not 1 <= first <= last <= written:
         raise FerryFailed(f"files {first}..{last}: this node has written files 1..{written} for node {peer}")
