@@ -622,7 +622,10 @@ def federation_key(c: Ctx) -> None:
     from gateway.federation import keys
 
     cfg = c.cfg()
-    click.echo(keys.public_text(keys.own_key(cfg)))
+    try:
+        click.echo(keys.public_text(keys.own_key(cfg)))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @federation.command("ping", help="Send a signed request to a peer (or every peer) and show whether it "

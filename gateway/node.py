@@ -118,6 +118,9 @@ class Node:
         from gateway.config import ConfigError
 
         _ = self.metrics_token  # readable, if one is configured (read once: rotating it needs a reload)
+        from gateway.federation.keys import check_own_key
+
+        check_own_key(self.config)  # it signs webhooks and node requests: a damaged one stops the start
         for name in self.adapter_names():
             try:
                 a = self.adapter(name)

@@ -58,8 +58,12 @@ def load_or_create(data_dir: Path) -> Ed25519PrivateKey:
     path = data_dir / ED25519_FILE
 
     def load(pem: bytes) -> Ed25519PrivateKey:
-        key = serialization.load_pem_private_key(pem, password=None)
-        assert isinstance(key, Ed25519PrivateKey), f"{path} is not an Ed25519 private key"
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as exc:  # not PEM, encrypted, damaged
+            raise ValueError(f"{path} is not an Ed25519 private key in PEM: {exc}") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path} is not an Ed25519 private key (it holds a {type(key).__name__})")
         return key
 
     def generate() -> tuple[Ed25519PrivateKey, bytes]:

@@ -480,3 +480,16 @@ def test_ferry_resend_names_a_backward_range(tmp_path):
     assert gateway("-c", str(conf), "db", "upgrade", cwd=tmp_path).returncode == 0
     r = gateway("-c", str(conf), "ferry", "resend", "county-b", "5", "--to", "2", cwd=tmp_path)
     assert r.returncode == 1 and "--to 2 is before file 5" in r.stderr
+
+
+def test_a_damaged_node_key_stops_the_start_and_is_never_replaced(tmp_path):
+    """Peers pinned the node key: one that cannot be read is named, never silently made anew."""
+    conf = _config(tmp_path)
+    assert gateway("-c", str(conf), "db", "upgrade", cwd=tmp_path).returncode == 0
+    key = tmp_path / "var" / "node-ed25519.pem"
+    key.write_text("garbage\n")
+    for args in (("federation", "key"), ("worker", "--once"), ("adapters", "list")):
+        r = gateway("-c", str(conf), *args, cwd=tmp_path)
+        assert r.returncode == 1 and "the node key:" in r.stderr and "restore the file" in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert key.read_text() == "garbage\n"

@@ -33,10 +33,24 @@ _FORMS = ("PEM text, ed25519:<base64 of the 32 raw bytes> or "
 
 
 def own_key(config: Config) -> NodeKey:
+    """This node's key, made on first use. A key file that cannot be read as one is a
+    ConfigError: making a new key in its place would break every peer that pinned it."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if config.federation.algorithm == "sm2":
-        return nodekey.load_or_create_sm2(config.data_dir)
-    return nodekey.load_or_create(config.data_dir)
+    try:
+        if config.federation.algorithm == "sm2":
+            return nodekey.load_or_create_sm2(config.data_dir)
+        return nodekey.load_or_create(config.data_dir)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{config.source}: the node key: {exc}; restore the file from a backup (peers pinned "
+                          f"its public key), or move it away to make a new key, which every peer must then "
+                          f"pin") from None
+
+
+def check_own_key(config: Config) -> None:
+    """At start: the node key, if it has been made, can be read (ConfigError otherwise)."""
+    name = nodekey.SM2_FILE if config.federation.algorithm == "sm2" else nodekey.ED25519_FILE
+    if (config.data_dir / name).exists() or (config.data_dir / name).is_symlink():
+        own_key(config)
 
 
 def public_of(key: NodeKey | PeerKey) -> PeerKey:
