@@ -69,7 +69,7 @@ def problem_document(status: int, kind: str, detail: str, **extra: Any) -> dict[
 
 
 def problem_response(status: int, kind: str, detail: str, **extra: Any) -> Response:
-    body = problem_document(status, kind, detail, instance=request.path if request else None, **extra)
+    body = problem_document(status, kind, detail, instance=shown(request.path) if request else None, **extra)
     out = Response(json.dumps(body, ensure_ascii=False), status=status, mimetype="application/problem+json")
     if kind in ("unauthenticated", "metrics-token"):  # RFC 9110: a 401 says how to authenticate
         out.headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
@@ -173,23 +173,23 @@ def check_request() -> None:
     UTF-8, a query parameter given twice (each one has a single value), a body in a content
     coding (gzip …) or a transfer coding other than chunked, neither of which is decoded here."""
     if not storable(request.path):
-        raise Problem(400, "validation", f"the request path {shown(request.path)!r} contains control characters "
+        raise Problem(400, "validation", f"the request path '{shown(request.path)}' contains control characters "
                                          f"or bytes that are not UTF-8")
     for name, values in request.args.lists():
         if len(values) > 1:
-            raise Problem(400, "validation", f"query parameter {shown(name)!r} is given {len(values)} times; "
+            raise Problem(400, "validation", f"query parameter '{shown(name)}' is given {len(values)} times; "
                                              f"it takes one value", errors=[{"field": shown(name),
                                                                               "message": "given more than once"}])
         if not storable(name) or not storable(values[0]):
-            raise Problem(400, "validation", f"query parameter {shown(name)!r} contains control characters or "
+            raise Problem(400, "validation", f"query parameter '{shown(name)}' contains control characters or "
                                              f"bytes that are not UTF-8")
     env = request.environ
     te = [c.strip().lower() for c in env.get("HTTP_TRANSFER_ENCODING", "").split(",") if c.strip()]
     if any(c not in _TRANSFER_CODINGS for c in te):
-        raise Problem(501, "unsupported-coding", f"Transfer-Encoding {shown(env['HTTP_TRANSFER_ENCODING'])!r}: "
+        raise Problem(501, "unsupported-coding", f"Transfer-Encoding '{shown(env['HTTP_TRANSFER_ENCODING'])}': "
                                                  f"only chunked is supported; send the body without other codings")
     ce = env.get("HTTP_CONTENT_ENCODING", "").strip().lower()
     if ce not in ("", "identity"):
-        raise Problem(415, "unsupported-coding", f"Content-Encoding {shown(ce)!r} is not accepted: send the body "
+        raise Problem(415, "unsupported-coding", f"Content-Encoding '{shown(ce)}' is not accepted: send the body "
                                                  f"uncompressed (the gateway stores and hashes the bytes it gets)",
                       headers={"Accept-Encoding": "identity"})

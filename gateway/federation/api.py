@@ -79,7 +79,7 @@ def _json_body() -> Any:
         raise Problem(400, "malformed-json", f"the body is not JSON: {exc}") from None
     bad = _unstorable(body)
     if bad is not None:
-        raise Problem(400, "validation", f"the body holds text no database keeps: {shown(bad)[:80]!r} has a NUL or a "
+        raise Problem(400, "validation", f"the body holds text no database keeps: '{shown(bad)[:80]}' has a NUL or a "
                                          f"lone surrogate")
     return body
 
