@@ -439,6 +439,64 @@ def outbox_retry(c: Ctx, ids: tuple[int, ...], all_rows: bool, kind: str | None,
         click.echo(f"row {i} left dead: {why}", err=True)
 
 
+# -- report --------------------------------------------------------------------------------
+@main.group(help="Reports for assessment (考核).")
+def report() -> None:
+    pass
+
+
+@report.command("sign-for", help="Timeliness of sign-for (签收及时性) per receiving unit, for the documents "
+                                 "delivered between --from and --to (dates in China time, both included; default: "
+                                 "the last 30 days): copies delivered, signed, signed within --within hours, "
+                                 "returned, still waiting, and the median and 90th percentile of the hours to 签收.")
+@click.option("--from", "start", type=click.DateTime(["%Y-%m-%d"]), help="first day, e.g. 2026-11-01")
+@click.option("--to", "end", type=click.DateTime(["%Y-%m-%d"]), help="last day, e.g. 2026-11-30")
+@click.option("--within", type=click.FloatRange(0, 24 * 366, min_open=True), default=24.0, show_default=True,
+              help="hours from delivery within which a 签收 counts as in time")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per unit, one per line")
+@pass_ctx
+def report_sign_for(c: Ctx, start: Any, end: Any, within: float, as_json: bool) -> None:
+    from datetime import UTC, datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    from systems.documents import assessment
+
+    china = ZoneInfo("Asia/Shanghai")
+    now = datetime.now(UTC)
+    today = now.astimezone(china).date()
+    first = start.date() if start else today - timedelta(days=29)
+    last = end.date() if end else today
+    if last < first:
+        raise click.BadParameter(f"{last} is before --from {first}", param_hint="--to")
+    since = datetime.combine(first, datetime.min.time(), china)
+    until = datetime.combine(last + timedelta(days=1), datetime.min.time(), china)
+    n = c.node()
+    _require_schema(n)
+    try:
+        rows = assessment.sign_for(n.db, since, until, within, now)
+    finally:
+        n.close()
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps(r.as_dict(), ensure_ascii=False))
+        return
+    click.echo(f"签收及时性 sign-for timeliness, documents delivered {first} – {last} (China time); "
+               f"in time: within {within:g} h")
+    cells = assessment.table(rows)
+    widths = [max(_width(row[i]) for row in cells) for i in range(len(cells[0]))]
+    for row in cells:
+        click.echo("  ".join(v + " " * (w - _width(v)) for v, w in zip(row, widths)).rstrip())
+    if not rows:
+        click.echo("(no copy was delivered in this period)")
+
+
+def _width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: CJK characters take two."""
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text)
+
+
 # -- sync ----------------------------------------------------------------------------------
 @main.command(help="Run a scheduled job now (JOB), or list the jobs with their schedules and last runs "
                    "(--list). Built-in job: receipts (poll every adapter once). Prints one line of JSON "
