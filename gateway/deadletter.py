@@ -102,12 +102,14 @@ def _copies(s: Session, entry: OutboxEntry, d: Delivery | None) -> list[Delivery
     if entry.kind == "deliver":
         if d is None:
             return []
+        # locked and read again: a receipt or status report applied meanwhile is not undone
+        s.refresh(d, with_for_update=True)
         return [d] if d.status == "failed" else f"its copy for {d.unit} is now {d.status}, not failed"
     if entry.kind == "forward" and d is not None:
         units = (entry.payload or {}).get("units", [])
         behind = s.scalars(select(Delivery).where(
             Delivery.message_id == d.message_id, Delivery.route_kind == "node", Delivery.target == entry.target,
-            Delivery.unit.in_(units))).all()
+            Delivery.unit.in_(units)).with_for_update().execution_options(populate_existing=True)).all()
         failed = [x for x in behind if x.status == "failed"]
         if not failed:
             return f"none of its copies ({', '.join(units)}) is failed any more"
@@ -143,22 +145,28 @@ def requeue(db: Database, *, ids: Sequence[int] | None = None, kind: str | None 
             plans.append((entry, d, copies))
         if ids and problems:
             raise RetryRefused(problems)
+        records, changed = [], []
         for entry, d, copies in plans:
             out.ids.append(entry.id)
             out.copies += len(copies)
             if dry_run:
                 continue
-            attempts, error = entry.attempts, entry.last_error
+            records.append(audit.Record(actor, "admin.outbox.retry",
+                                        f"delivery:{d.message_id}/{d.unit}" if d is not None else f"outbox:{entry.id}",
+                                        detail={"outbox_id": entry.id, "kind": entry.kind,
+                                                "target": events.shown_url(entry.target) if entry.kind == "webhook"
+                                                else entry.target,
+                                                "attempts_before": entry.attempts,
+                                                "last_error": (entry.last_error or "")[:500],
+                                                "units": [c.unit for c in copies]}))
             entry.state, entry.attempts, entry.next_attempt_at = "pending", 0, now
             entry.finished_at, entry.claimed_by, entry.lease_until = None, None, None
             for c in copies:
                 c.status, c.updated_at = "queued", now
+                changed.append(c.id)
+        if records:
+            # rows first, the audit chain last, as every other writer takes them
             s.flush()
-            events.status_changed_many(s, [(c.id, "failed", "queued") for c in copies])
-            obj = f"delivery:{d.message_id}/{d.unit}" if d is not None else f"outbox:{entry.id}"
-            audit.append(s, actor=actor, action="admin.outbox.retry", obj=obj, detail={
-                "outbox_id": entry.id, "kind": entry.kind,
-                "target": events.shown_url(entry.target) if entry.kind == "webhook" else entry.target,
-                "attempts_before": attempts, "last_error": (error or "")[:500],
-                "units": [c.unit for c in copies]})
+            events.status_changed_many(s, [(i, "failed", "queued") for i in changed])
+            audit.append_many(s, records)
     return out

@@ -328,8 +328,8 @@ class GatewayLogger(glogging.Logger):
         path = atoms.get("U")
         if path and not (path.isascii() and path.isprintable()):
             atoms["U"] = shown(path.encode("latin-1", "replace").decode("utf-8", "replace"))
-        for k in ("f", "a"):
+        for k in ("u", "f", "a", "m", "H"):  # u: the user of an Authorization: Basic header, decoded
             v = atoms.get(k)
-            if v and not v.isprintable():
+            if isinstance(v, str) and not v.isprintable():
                 atoms[k] = shown(v)
         return atoms

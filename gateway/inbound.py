@@ -117,6 +117,9 @@ def ingest(node: Node, adapter_name: str, item: PolledItem) -> str:
     """Apply one polled item exactly once; acknowledge it at the source afterwards."""
     if len(item.key) > 400:  # IngestedItem.key; a key this long is no legacy system's own
         reason = f"the item's key is {len(item.key)} characters long; at most 400 are kept"
+        with node.db.begin() as s:
+            audit.append(s, actor=f"adapter:{adapter_name}", action="inbound.reject", obj=item.key[:200],
+                         outcome="rejected", detail={"reason": reason, "source": item.source})
         log.warning("%s: rejected %s…: %s", adapter_name, item.key[:80], reason)
         item.reject(reason)
         return "rejected"
@@ -158,14 +161,21 @@ def collect(node: Node, adapter_name: str) -> dict[str, int]:
 
 def collect_all(node: Node) -> dict[str, dict[str, int]]:
     out = {}
+    wrong: Exception | None = None
     for name in node.adapter_names():
         try:
             out[name] = collect(node, name)
-        except (ConfigError, NodeConfigError):
-            raise  # a setting that is wrong is no system that cannot be reached: the run fails, naming it
+        except (ConfigError, NodeConfigError) as exc:
+            # a setting that is wrong is no system that cannot be reached: the run fails,
+            # naming it, once the other adapters have been polled
+            log.warning("polling %s failed: %s", name, exc)
+            out[name] = {"error": 1}
+            wrong = wrong or exc
         except Exception as exc:  # noqa: BLE001 - one unreachable system must not stop the others
             log.warning("polling %s failed: %s", name, exc)
             out[name] = {"error": 1}
+    if wrong is not None:
+        raise wrong
     return out
 
 

@@ -388,6 +388,8 @@ def recall(s: Session, message_id: str, units: Collection[str] | None = None,
     now = datetime.now(UTC)
     m = s.get(Message, message_id)
     assert m is not None
+    # the message's copies locked first (PostgreSQL): two recalls at once see each other's rows
+    s.execute(select(Delivery.id).where(Delivery.message_id == message_id).with_for_update())
     ids = [d.id for d in m.deliveries]
     out = Recalled()
     asked = set(s.scalars(select(OutboxEntry.delivery_id).where(

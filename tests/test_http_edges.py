@@ -207,6 +207,17 @@ def test_the_access_log_cannot_be_forged_through_the_path(server):
     assert not any(line.startswith(forged) for line in lines)
     line = next(line for line in lines if "/api/v1/documents/x" in line)
     assert "\\n127.0.0.1" in line and "\\x1b[2J公文" in line and "\x1b" not in line, line
+    # the user name of a Basic header is logged too (%(u)s): escaped the same way
+    import base64
+
+    basic = base64.b64encode(f"evil\n{forged}:pw".encode()).decode()
+    requests.get(f"{base}/healthz?basic", headers={"Authorization": f"Basic {basic}"}, timeout=30)
+    deadline = time.monotonic() + 10
+    while b"evil" not in log.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = log.read_text(encoding="utf-8").splitlines()
+    assert not any(line.startswith(forged) for line in lines)
+    assert any("evil\\n127.0.0.1" in line for line in lines), lines[-3:]
 
 
 def test_an_answer_given_before_a_malformed_body_is_the_only_answer(server):
@@ -217,3 +228,13 @@ def test_an_answer_given_before_a_malformed_body_is_the_only_answer(server):
                         f"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
                   b"zz\r\n{}\r\n0\r\n\r\n", half_close=True)
     assert b" 415 " in _status(answer) and answer.count(b"HTTP/1.1 ") == 1, answer
+
+
+def test_a_path_that_is_not_utf8_is_refused(server):
+    """gunicorn hands the path's bytes over as they came (werkzeug would make U+FFFD of them)."""
+    base, key, _ = server
+    r = requests.get(f"{base}/api/v1/documents/%FF%FE", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 400 and "not UTF-8" in r.json()["detail"], r.text
+    r = requests.get(f"{base}/api/v1/documents/%E5%85%AC%E6%96%87", headers={"Authorization": f"Bearer {key}"},
+                     timeout=30)
+    assert r.status_code == 404  # UTF-8 (公文) is a path like any other

@@ -19,7 +19,7 @@ from gateway.envelope import Receipt
 from gateway.models import IngestedItem, Message, ReceiptRecord
 from gateway.node import Node
 from gateway.worker import Worker
-from tests.plugins.gatewaynode import EMERGENCY, Api, node_config
+from tests.plugins.gatewaynode import CITY_B, EMERGENCY, Api, node_config
 
 
 def _problem(r, status: int, kind: str) -> dict:  # type: ignore[no-untyped-def]
@@ -40,6 +40,30 @@ def test_a_path_with_control_characters_is_refused_before_any_query(api, path):
     r = api.post(path) if path.endswith("/recall") else api.get(path)
     body = _problem(r, 400, "validation")
     assert "control characters" in body["detail"] and "\x00" not in body["detail"]
+
+
+def test_one_adapter_set_wrong_does_not_stop_the_others_being_polled(gw_node, monkeypatch):
+    """A wrong setting fails the receipts run, naming it, but only after every other adapter
+    has had its turn: the others' 签收 still come in."""
+    from adapters.base import ConfigError, PolledItem
+    from gateway.envelope import Receipt
+    from gateway.inbound import collect_all
+
+    api = Api(gw_node)
+    body = api.post("/api/v1/documents", json=api.document(recipients=(CITY_B,))).get_json()
+    Worker(gw_node).drain()
+    rec2 = gw_node.adapter("rec2")
+    rec2.pending_items = [PolledItem(key="rec2:1", receipt=Receipt(unit=CITY_B, action="SIGNED",
+                                                                     remote_ref=rec2.delivered[0].remote_ref,
+                                                                     signer="王某", receipt_no="S-1"))]
+
+    def wrong():  # type: ignore[no-untyped-def]
+        raise ConfigError("adapters.rec.password_env: environment variable X is not set")
+
+    monkeypatch.setattr(gw_node.adapter("rec"), "poll", wrong)  # polled first (names in order)
+    with pytest.raises(ConfigError, match="password_env"):
+        collect_all(gw_node)
+    assert api.get(f"/api/v1/documents/{body['id']}").get_json()["recipients"][0]["status"] == "signed"
 
 
 @pytest.mark.parametrize("query", [

@@ -172,6 +172,13 @@ def check_request() -> None:
     """What no endpoint takes: a path or query value with control characters or that is not
     UTF-8, a query parameter given twice (each one has a single value), a body in a content
     coding (gzip …) or a transfer coding other than chunked, neither of which is decoded here."""
+    raw = request.environ.get("PATH_INFO", "")  # the path's bytes, as WSGI hands them over (latin-1)
+    if not raw.isascii():
+        try:
+            raw.encode("latin-1").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            raise Problem(400, "validation", f"the request path '{shown(request.path)}' holds bytes that are not "
+                                             f"UTF-8") from None
     if not storable(request.path):
         raise Problem(400, "validation", f"the request path '{shown(request.path)}' contains control characters "
                                          f"or bytes that are not UTF-8")
