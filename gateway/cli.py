@@ -90,13 +90,9 @@ def db_upgrade(c: Ctx) -> None:
     except migrate.NewerSchema as exc:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - the database cannot be reached, created or read
-        raise click.ClickException(f"{_where(c)}database.url: cannot migrate the database at {_safe_url(url)}: "
-                                   f"{_reason(exc)}") from None
+        raise click.ClickException(f"{c.cfg().source}: database.url: cannot migrate the database at "
+                                   f"{_safe_url(url)}: {_reason(exc)}") from None
     click.echo(f"database at {_safe_url(url)} is at the newest schema")
-
-
-def _where(c: Ctx) -> str:
-    return f"{c.config_path}: " if c.config_path else ""
 
 
 def _reason(exc: BaseException) -> str:

@@ -1,6 +1,7 @@
 """Run Alembic migrations programmatically (``gateway db upgrade``)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from alembic import command
@@ -34,23 +35,29 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+@functools.cache
+def _script() -> tuple[str, frozenset[str]]:
+    """This version's newest revision and every revision it knows (read once: the migration
+    files do not change while the gateway runs; /readyz asks on every probe)."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return script.get_current_head() or "", frozenset(r.revision for r in script.walk_revisions())
+
+
 def _known(engine) -> str | None:  # type: ignore[no-untyped-def]
     """The database's revision, which this version knows; NewerSchema if it does not."""
     from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
 
-    script = ScriptDirectory.from_config(alembic_config(str(engine.url)))
     with engine.connect() as conn:
         current = MigrationContext.configure(conn).get_current_revision()
-    if current is not None and current not in {r.revision for r in script.walk_revisions()}:
+    head, known = _script()
+    if current is not None and current not in known:
         raise NewerSchema(f"the database is at schema revision {current}, which this version of the gateway does "
-                          f"not know (its newest is {script.get_current_head()}): a newer version migrated it; "
+                          f"not know (its newest is {head}): a newer version migrated it; "
                           f"run that version, or restore the database from before the upgrade")
     return current
 
 
 def current_is_head(engine) -> bool:  # type: ignore[no-untyped-def]
-    from alembic.script import ScriptDirectory
-
-    script = ScriptDirectory.from_config(alembic_config(str(engine.url)))
-    return _known(engine) == script.get_current_head()
+    return _known(engine) == _script()[0]

@@ -377,8 +377,8 @@ class Recalled:
 NO_RECALL = "撤回失败：收文系统不支持撤回，请联系收文单位处理 (the receiving system has no recall)"
 
 
-def recall(s: Session, message_id: str, units: Collection[str] | None = None,
-           recallable: Callable[[str], bool] | None = None) -> Recalled:
+def recall(s: Session, message_id: str, units: Collection[str] | None = None, *,
+           recallable: Callable[[str], bool]) -> Recalled:
     """Withdraw (撤回) a message's copies not yet signed for: a copy still waiting in the
     outbox is simply not sent; one already handed over is recalled through its adapter or,
     for a copy at another node, by asking that node (its answer comes back as a status).
@@ -415,7 +415,7 @@ def recall(s: Session, message_id: str, units: Collection[str] | None = None,
             if d.id in asked:
                 out.acted += 1
                 continue
-            if d.route_kind == "adapter" and recallable is not None and not recallable(d.target or ""):
+            if d.route_kind == "adapter" and not recallable(d.target or ""):
                 d.reason, d.updated_at = NO_RECALL, now
                 out.cannot.append(d.unit)
                 continue

@@ -273,7 +273,8 @@ def test_operator_mistakes_get_a_message_naming_what_was_expected_never_a_traceb
     assert r.returncode == 1 and "Traceback" not in r.stderr and "no directory source" in r.stderr
 
 
-def test_ferry_resend_and_skip_say_what_they_can_do(tmp_path):
+def _ferry_node(tmp_path: Path) -> Path:
+    """A migrated node with one ferry peer, county-b (folders out/ and in/, not made)."""
     from gateway import nodekey
     from gateway.federation.keys import public_text
 
@@ -282,6 +283,11 @@ def test_ferry_resend_and_skip_say_what_they_can_do(tmp_path):
     conf = _config(tmp_path, f'[peers.county-b]\npublic_key = "{peer_key}"\nlink = "ferry"\n'
                              f'ferry_out = "{tmp_path / "out"}"\nferry_in = "{tmp_path / "in"}"\n')
     assert gateway("-c", str(conf), "db", "upgrade", cwd=tmp_path).returncode == 0
+    return conf
+
+
+def test_ferry_resend_and_skip_say_what_they_can_do(tmp_path):
+    conf = _ferry_node(tmp_path)
     r = gateway("-c", str(conf), "ferry", "resend", "county-b", "1", cwd=tmp_path)
     assert r.returncode == 1 and "written files 1..0" in r.stderr and "Traceback" not in r.stderr
     r = gateway("-c", str(conf), "ferry", "skip", "county-b", "2", "--reason", "丢失", cwd=tmp_path)
@@ -470,14 +476,7 @@ def test_adapters_list_checks_the_node_files_and_tls_files_with_no_adapter_too(t
 
 
 def test_ferry_resend_names_a_backward_range(tmp_path):
-    from gateway import nodekey
-    from gateway.federation.keys import public_text
-
-    (tmp_path / "peer").mkdir()
-    peer_key = public_text(nodekey.load_or_create(tmp_path / "peer"))
-    conf = _config(tmp_path, f'[peers.county-b]\npublic_key = "{peer_key}"\nlink = "ferry"\n'
-                             f'ferry_out = "{tmp_path / "out"}"\nferry_in = "{tmp_path / "in"}"\n')
-    assert gateway("-c", str(conf), "db", "upgrade", cwd=tmp_path).returncode == 0
+    conf = _ferry_node(tmp_path)
     r = gateway("-c", str(conf), "ferry", "resend", "county-b", "5", "--to", "2", cwd=tmp_path)
     assert r.returncode == 1 and "--to 2 is before file 5" in r.stderr
 

@@ -63,6 +63,14 @@ def parse_xml(data: bytes):  # type: ignore[no-untyped-def]
         raise Problem(status, exc.kind, exc.reason) from None
 
 
+def idempotency_key() -> str | None:
+    """The request's ``Idempotency-Key``, if it has one (400 if it is empty or too long)."""
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 0 < len(key) <= 200:
+        raise Problem(400, "validation", "Idempotency-Key must be 1 to 200 characters long")
+    return key
+
+
 def body_bytes() -> bytes:
     data = request.get_data(cache=True)
     declared = request.content_length

@@ -118,10 +118,9 @@ def install(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _any(exc: Exception) -> Response:
-        if client_stalled(exc):  # a chunked body, read without werkzeug's length check
-            app.logger.warning("%s %s: %s", request.method, shown(request.path), _STALLED)
-            return problem_response(400, "incomplete-body", _STALLED)
-        if isinstance(exc, NoMoreData):  # the connection ended inside a chunk
+        # a chunked body that stalled (read without werkzeug's length check) or whose
+        # connection ended inside a chunk
+        if client_stalled(exc) or isinstance(exc, NoMoreData):
             app.logger.warning("%s %s: %s", request.method, shown(request.path), _STALLED)
             return problem_response(400, "incomplete-body", _STALLED)
         if isinstance(exc, ParseException):  # a chunked body gunicorn could not read: a bad size or terminator

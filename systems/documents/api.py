@@ -20,6 +20,7 @@ from gateway.api import auth
 from gateway.api.blobs import granted
 from gateway.api.common import (
     body_bytes,
+    idempotency_key,
     node,
     parse_json,
     parse_xml,
@@ -209,12 +210,8 @@ def send_document() -> Response:
         msg = "the body (正文) is empty: the content uploaded under this SHA-256 has no bytes"
         raise Problem(422, "validation", f"body.sha256: {msg}", errors=[{"field": "body.sha256", "message": msg}])
     env = payload.to_envelope(doc, message_id=doc.message_id, node_id=n.id, sizes=sizes, plain=plain)
-    idem_key = request.headers.get("Idempotency-Key")
-    idem = None
-    if idem_key is not None:
-        if not 0 < len(idem_key) <= 200:
-            raise Problem(400, "validation", "Idempotency-Key must be 1 to 200 characters long")
-        idem = IdempotencyKey(caller.key_id, idem_key, request_hash())
+    idem_key = idempotency_key()
+    idem = None if idem_key is None else IdempotencyKey(caller.key_id, idem_key, request_hash())
     summary = {"doc_number": doc.doc_number, "title": doc.title, "doc_type": doc.doc_type}
     try:
         result = accept(n, env, actor=caller.actor, api_key_id=caller.key_id, summary=summary, idempotency=idem,
@@ -254,27 +251,29 @@ def get_document(message_id: str) -> Response:
         with n.db.sessions() as s:
             m = _find(s, message_id, caller, with_xml=True)
             xml, classification = m.envelope_xml, m.classification
-        _audit_read(n, caller, [(message_id, classification)], "document.read", "xml")
+        _audit_read(n, caller, message_id, classification, "xml")
         return Response(xml, mimetype="application/xml")
     out = _load(message_id, caller)
-    _audit_read(n, caller, [(out.id, out.classification)], "document.read", "json")
+    _audit_read(n, caller, out.id, out.classification, "json")
     return _json(out)
 
 
-def _audit_read(n, caller: auth.Caller, shown: list[tuple[str, str]], action: str, form: str) -> None:  # type: ignore[no-untyped-def]
-    """A classified document read (or listed) is audited: who saw which, in what form
-    (GB/T 22239). Unclassified ones are not, so that status polling writes nothing."""
-    classified = [(mid, c) for mid, c in shown if c != "非密"]
-    if not classified:
-        return
-    with n.db.begin() as s:
-        if action == "document.read":
-            mid, c = classified[0]
-            audit.append(s, actor=caller.actor, action=action, obj=f"message:{mid}",
-                         detail={"classification": c, "form": form})
-        else:
-            audit.append(s, actor=caller.actor, action=action, obj="documents",
-                         detail={"classified": [mid for mid, _ in classified], "form": form})
+def _audit_read(n, caller: auth.Caller, message_id: str, classification: str, form: str) -> None:  # type: ignore[no-untyped-def]
+    """A classified document read is audited: who saw which, in what form (GB/T 22239).
+    Unclassified ones are not, so that status polling writes nothing."""
+    if classification != "非密":
+        with n.db.begin() as s:
+            audit.append(s, actor=caller.actor, action="document.read", obj=f"message:{message_id}",
+                         detail={"classification": classification, "form": form})
+
+
+def _audit_list(n, caller: auth.Caller, items: list[DocumentOut]) -> None:  # type: ignore[no-untyped-def]
+    """A list that showed classified documents is audited, naming them."""
+    classified = [i.id for i in items if i.classification != "非密"]
+    if classified:
+        with n.db.begin() as s:
+            audit.append(s, actor=caller.actor, action="document.list", obj="documents",
+                         detail={"classified": classified, "form": "json"})
 
 
 @operation(method="get", path="/api/v1/documents", summary="公文列表 (documents sent with this key, newest first)",
@@ -322,7 +321,7 @@ def list_documents() -> Response:
         if len(rows) > limit:
             last = rows[limit - 1]
             nxt = base64.urlsafe_b64encode(json.dumps([last.accepted_at.isoformat(), last.id]).encode()).decode()
-    _audit_read(n, caller, [(i.id, i.classification) for i in items], "document.list", "json")
+    _audit_list(n, caller, items)
     return _json(DocumentList(items=items, next_cursor=nxt))
 
 
@@ -342,9 +341,7 @@ def recall_document(message_id: str) -> Response:
     n = node()
     caller = auth.require(n.db, "documents:recall")
     _load(message_id, caller, receipts=False)  # ownership and clearance
-    idem_key = request.headers.get("Idempotency-Key")
-    if idem_key is not None and not 0 < len(idem_key) <= 200:
-        raise Problem(400, "validation", "Idempotency-Key must be 1 to 200 characters long")
+    idem_key = idempotency_key()
     # what the key was first used for: this recall (a key used for a send, or for another
     # document's recall, is refused as reused)
     digest = hashlib.sha256(f"POST recall\n{message_id}".encode()).hexdigest()
