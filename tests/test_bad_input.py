@@ -30,19 +30,6 @@ def _problem(r, status: int, kind: str) -> dict:  # type: ignore[no-untyped-def]
     return body
 
 
-@pytest.fixture
-def sqlite_api(tmp_path):  # type: ignore[no-untyped-def]
-    from gateway import migrate
-    from gateway.node import Node
-    from tests.plugins.gatewaynode import node_config
-
-    cfg = node_config(tmp_path, f"sqlite:///{tmp_path}/gw.db")
-    migrate.upgrade(cfg.database_url())
-    n = Node(cfg)
-    yield Api(n)
-    n.close()
-
-
 XML_ATTACKS = {
     "malformed": (b"<envelope><header></envelope>", "malformed-xml"),
     "external-entity": (b'<?xml version="1.0"?><!DOCTYPE e [<!ENTITY x SYSTEM "file:///etc/passwd">]>'

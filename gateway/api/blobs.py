@@ -33,7 +33,7 @@ class BlobOut(BaseModel):
 
 @operation(method="post", path="/api/v1/blobs", summary="上传正文或附件 (upload a body or attachment by streaming)",
            tag="正文与附件 (blobs)", scope="blobs:write", request_media=("application/octet-stream",),
-           responses={201: BlobOut}, errors=(400, 401, 403, 413, 415, 429, 507),
+           responses={201: BlobOut}, errors=(400, 401, 403, 413, 415, 429, 507), headers={201: ("Location",)},
            description="Send the raw bytes as application/octet-stream; they are streamed to disk while "
                        "SHA-256 is computed, never held in memory. The same content uploaded twice is "
                        "stored once. Where the node sets a daily upload quota per key, an upload that "
@@ -71,7 +71,7 @@ def upload() -> Response:
         if s.get(BlobGrant, (sha, caller.key_id)) is None:  # this key may now name it
             s.add(BlobGrant(sha256=sha, api_key_id=caller.key_id))
     return Response(json.dumps({"sha256": sha, "size": size}), status=201, mimetype="application/json",
-                    headers={"Location": f"/api/v1/blobs/{sha}"})
+                    headers={"Location": f"{request.root_path}/api/v1/blobs/{sha}"})
 
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hmac
 from pathlib import Path
+from typing import Literal
 
 from flask import Blueprint, Response, current_app, json, render_template_string, request, send_from_directory
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from pydantic import BaseModel, Field
 from sqlalchemy import func, select, text
 
 from adapters.base import PermanentError
@@ -24,8 +26,34 @@ from gateway.models import Delivery, JobRun, OutboxEntry
 bp = Blueprint("ops", __name__)
 
 
+class Health(BaseModel):
+    """The process is up."""
+
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    """Whether this node can take work; ``checks`` says what was checked and what is wrong."""
+
+    status: Literal["ready", "degraded", "not ready"]
+    node: str
+    checks: dict[str, str] = Field(description="database, migrations and, where there is one, the federation "
+                                               "directory: ok or what is wrong")
+
+
+class WebhookKey(BaseModel):
+    """The key this node signs its webhooks with: verify Gateway-Signature over
+    Gateway-Timestamp + '.' + body with it."""
+
+    node: str
+    algorithm: Literal["ed25519", "sm2-sm3"]
+    public_key_pem: str
+    signed: str
+    header: str
+
+
 @operation(method="get", path="/healthz", summary="存活检查 (the process is up)", tag="运维 (operations)", scope=None,
-           responses={200: '{"status": "ok"}'}, errors=())
+           responses={200: Health}, errors=())
 @bp.get("/healthz")
 def healthz() -> Response:
     return Response(json.dumps({"status": "ok"}), mimetype="application/json")
@@ -33,8 +61,8 @@ def healthz() -> Response:
 
 @operation(method="get", path="/readyz", summary="就绪检查 (database reachable, schema current)",
            tag="运维 (operations)", scope=None, errors=(),
-           responses={200: '{"status": "ready" | "degraded", "node", "checks"}',
-                      503: '{"status": "not ready", "node", "checks"}: the checks say what is wrong'})
+           responses={200: (Readiness, "ready, or degraded (an expired federation directory still routes)"),
+                      503: (Readiness, "not ready: the checks say what is wrong")})
 @bp.get("/readyz")
 def readyz() -> Response:
     n = node()
@@ -127,10 +155,10 @@ class _DbCollector:
            description="Open, unless the node sets [api] metrics_token_env or metrics_token_file: then only "
                        "with Authorization: Bearer <that token> (Prometheus: authorization.credentials_file); "
                        "an API key is not accepted here.",
-           responses={200: "text/plain; version=0.0.4: gateway_outbox_entries{kind,state}, "
+           responses={200: ("text/plain", "Prometheus text format 0.0.4: gateway_outbox_entries{kind,state}, "
                            "gateway_deliveries{target,status}, gateway_job_last_success_timestamp_seconds{job}, "
                            "gateway_job_last_run_timestamp_seconds{job,outcome}, gateway_blob_store_free_bytes, "
-                           "gateway_blob_store_reserve_bytes, the federation directory's age"})
+                           "gateway_blob_store_reserve_bytes, the federation directory's age")})
 @bp.get("/metrics")
 def metrics() -> Response:
     n = node()
@@ -230,8 +258,7 @@ def docs_assets(name: str) -> Response:
 
 @operation(method="get", path="/api/v1/webhooks/public-key",
            summary="回调签名公钥 (the key that signs this node's webhooks)", tag="运维 (operations)", scope=None,
-           errors=(), responses={200: '{"node", "algorithm": "ed25519" | "sm2-sm3", "public_key_pem", "signed", "header"}: '
-                                      "verify Gateway-Signature over Gateway-Timestamp + '.' + body with it"})
+           errors=(), responses={200: WebhookKey})
 @bp.get("/api/v1/webhooks/public-key")
 def webhook_key() -> Response:
     n = node()
@@ -246,7 +273,8 @@ def webhook_key() -> Response:
 
 @operation(method="post", path="/api/v1/callbacks/{adapter}",
            summary="遗留系统回执推送 (a legacy system pushes receipts, e.g. the exchange box)",
-           tag="运维 (operations)", scope=None, request_media=("application/xml",), errors=(400, 401, 403, 404),
+           tag="运维 (operations)", scope=None, request_media=("application/xml",),
+           errors=(400, 401, 403, 404, 413, 422, 503),
            parameters=[{"name": "adapter", "in": "path", "required": True, "schema": {"type": "string"}},
                        {"name": "token", "in": "query", "required": False, "schema": {"type": "string"},
                         "description": "the adapter's callback_token, when one is configured; without one, "

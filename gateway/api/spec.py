@@ -10,6 +10,7 @@ from typing import Any
 from collections.abc import Callable
 
 from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode
 
 import gateway
 
@@ -23,13 +24,17 @@ class Operation:
     scope: str | None
     request: type[BaseModel] | None = None
     request_media: tuple[str, ...] = ("application/json",)
-    responses: dict[int, type[BaseModel] | str] = field(default_factory=dict)
+    #: per status: a model (its JSON), a description (no body), or (model or media type, description)
+    responses: dict[int, type[BaseModel] | str | tuple[type[BaseModel] | str, str]] = field(default_factory=dict)
     parameters: list[dict[str, Any]] = field(default_factory=list)
     description: str = ""
     #: problem answers it can give; None: those of every API call (see PROBLEM_STATUSES)
     errors: tuple[int, ...] | None = None
     #: other media types of the 200 answer, chosen by the Accept header: media -> description
     alternatives: dict[str, str] = field(default_factory=dict)
+    #: headers its answers carry, per status: names in RESPONSE_HEADERS (401 and 429 get theirs
+    #: without being named)
+    headers: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
 
 OPERATIONS: list[Operation] = []
@@ -70,16 +75,37 @@ PROBLEM_STATUSES = {
     415: "不支持的内容类型 (unsupported media type)",
     422: "内容不符合规则 (content breaks a rule; errors names each field)",
     429: "上传配额已用完 (this key's daily upload quota is used up; Retry-After says when there is room again)",
+    503: "服务未就绪 (the node is not set up for this request; its log says why)",
     507: "存储空间不足 (too little disk space left on the node; nothing was stored, try again later)",
 }
+#: the response headers the API sends, as the document describes them
+RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
+    "Location": {"description": "the URL of what was created or accepted (the document's status, the upload)",
+                 "required": True, "schema": {"type": "string"}},
+    "Idempotent-Replayed": {"description": "true when this answer repeats the one given to an earlier request "
+                                           "with the same Idempotency-Key (or message_id): nothing new was done",
+                            "schema": {"type": "string", "enum": ["true"]}},
+    "Retry-After": {"description": "seconds until there is room again", "required": True,
+                    "schema": {"type": "integer", "minimum": 1}},
+    "WWW-Authenticate": {"description": 'how to authenticate: Bearer realm="gateway"', "required": True,
+                         "schema": {"type": "string"}},
+}
+_PROBLEM_HEADERS = {401: ("WWW-Authenticate",), 429: ("Retry-After",)}
+#: the Idempotency-Key request header, as every POST that honours it takes it (common.idempotency_key)
+IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
+                   "description": "the caller's key for this request: sent again, the first answer is repeated "
+                                  "(Idempotent-Replayed) and nothing is done twice",
+                   "schema": {"type": "string", "minLength": 1, "maxLength": 200}}
 _DEFAULT_ERRORS = {"get": (400, 401, 403, 404), "post": (400, 401, 403, 404, 409, 413, 415, 422)}
 
 
 def document() -> dict[str, Any]:
     schemas: dict[str, Any] = {"Problem": PROBLEM_SCHEMA}
 
-    def ref(model: type[BaseModel]) -> dict[str, str]:
-        js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    def ref(model: type[BaseModel], mode: JsonSchemaMode = "validation") -> dict[str, str]:
+        # answers in "serialization" mode: a field with a default is still always sent
+        # (see json_schema_serialization_defaults_required on the answer models)
+        js = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
         for name, sub in js.pop("$defs", {}).items():
             schemas[name] = sub
         schemas[model.__name__] = js
@@ -107,11 +133,15 @@ def document() -> dict[str, Any]:
                     content[media] = {"schema": {"type": "string", "format": "binary"}}
             o["requestBody"] = {"required": True, "content": content}
         for status, resp in op.responses.items():
-            if isinstance(resp, str):
-                o["responses"][str(status)] = {"description": resp}
+            what, description = resp if isinstance(resp, tuple) else (resp, None)
+            if isinstance(what, str) and description is None:
+                o["responses"][str(status)] = {"description": what}
+            elif isinstance(what, str):  # a body in another media type
+                o["responses"][str(status)] = {"description": description,
+                                               "content": {what: {"schema": {"type": "string"}}}}
             else:
-                o["responses"][str(status)] = {"description": resp.__doc__ or resp.__name__,
-                                               "content": {"application/json": {"schema": ref(resp)}}}
+                o["responses"][str(status)] = {"description": description or what.__doc__ or what.__name__,
+                                               "content": {"application/json": {"schema": ref(what, "serialization")}}}
         for media, what in op.alternatives.items():
             ok = next(iter(o["responses"]))
             o["responses"][ok].setdefault("content", {})[media] = {
@@ -126,6 +156,9 @@ def document() -> dict[str, Any]:
             o["responses"].setdefault(str(status), {
                 "description": PROBLEM_STATUSES[status], "content": {"application/problem+json": {
                     "schema": {"$ref": "#/components/schemas/Problem"}}}})
+        for status, names in (_PROBLEM_HEADERS | op.headers).items():
+            if str(status) in o["responses"]:
+                o["responses"][str(status)]["headers"] = {name: RESPONSE_HEADERS[name] for name in names}
         paths.setdefault(op.path, {})[op.method] = o
     return {
         "openapi": "3.1.0",

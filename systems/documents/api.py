@@ -29,12 +29,19 @@ from gateway.api.common import (
     wants_xml,
 )
 from gateway.api.problems import Problem, storable
-from gateway.api.spec import operation
+from gateway.api.spec import IDEMPOTENCY_KEY, operation
 from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError
 from gateway.models import Delivery, IdempotencyRecord, Message, ReceiptRecord
 from gateway.pipeline import IdempotencyKey, Rejected, StoredMessage, accept
 from systems.documents import SLUG, payload
-from systems.documents.schemas import DocumentIn, DocumentList, DocumentOut, ReceiptOut, RecipientStatus
+from systems.documents.schemas import (
+    RECIPIENT_STATUSES,
+    DocumentIn,
+    DocumentList,
+    DocumentOut,
+    ReceiptOut,
+    RecipientStatus,
+)
 
 bp = Blueprint("documents", __name__, url_prefix=f"/api/v1/{SLUG}")
 
@@ -92,7 +99,7 @@ def status_url(message_id: str) -> str:
 
 _SAFE = "!$&'()*+,:;=@-._~"
 #: a recipient's status, as the list's ?status= takes it
-_STATUSES = ("queued", "delivered", "signed", "returned", "recalled", "failed")
+_STATUSES = RECIPIENT_STATUSES
 _PLAIN_ID = re.compile(r"[A-Za-z0-9._:~-]+")  # what the API allows as a message id: nothing to escape
 
 
@@ -159,7 +166,7 @@ def _load(message_id: str, caller: auth.Caller, receipts: bool = True) -> Docume
            request_media=("application/json", "application/xml"), responses={202: DocumentOut},
            alternatives={"application/xml": "with Accept: application/xml, the canonical envelope as stored "
                                             "(schemas/envelope.xsd), with its message id and 份号"},
-           parameters=[{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}}],
+           parameters=[IDEMPOTENCY_KEY], headers={202: ("Location", "Idempotent-Replayed")},
            description="Accepted (202) means stored: the document, its audit entry and one delivery per "
                        "recipient are committed. Upload the body and attachments to /api/v1/blobs first.")
 @bp.post("")
@@ -278,9 +285,11 @@ def _audit_list(n, caller: auth.Caller, items: list[DocumentOut]) -> None:  # ty
 
 @operation(method="get", path="/api/v1/documents", summary="公文列表 (documents sent with this key, newest first)",
            tag="公文 (documents)", scope="documents:read", responses={200: DocumentList},
-           parameters=[{"name": "status", "in": "query", "schema": {"type": "string"},
+           parameters=[{"name": "status", "in": "query", "schema": {"type": "string", "enum": list(_STATUSES)},
                         "description": "only documents with a recipient in this status"},
-                       {"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 200}},
+                       {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 50},
+                        "description": "at most this many documents; at most 200 are given (a larger limit "
+                                       "gives 200)"},
                        {"name": "cursor", "in": "query", "schema": {"type": "string"}}])
 @bp.get("")
 def list_documents() -> Response:
@@ -327,8 +336,7 @@ def list_documents() -> Response:
 
 @operation(method="post", path="/api/v1/documents/{id}/recall", summary="撤回公文 (recall before sign-for)",
            tag="公文 (documents)", scope="documents:recall", responses={202: DocumentOut},
-           parameters=[_ID_PARAM, {"name": "Idempotency-Key", "in": "header", "required": False,
-                                   "schema": {"type": "string"}}],
+           parameters=[_ID_PARAM, IDEMPOTENCY_KEY], headers={202: ("Idempotent-Replayed",)},
            description="Copies not yet delivered are withdrawn at once; delivered copies are recalled at the "
                        "receiving system where its protocol has a recall (the SOAP document service), and "
                        "keep their status with a `reason` saying so where it has none (the SFTP drop, the "

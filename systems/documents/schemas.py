@@ -6,13 +6,24 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic.json_schema import JsonDict
 from typing_extensions import TypedDict  # pydantic needs it before Python 3.12
 
 from gateway import xmlsafe
+from gateway.envelope import RECEIPT_ACTIONS, URGENCY_RANK
 from gateway.units import uscc_problem
 from systems.documents import rules
 
 Sha256 = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of content uploaded to /api/v1/blobs")
+# What the validators below check, told to the OpenAPI document (json_schema_extra only: the
+# validators keep their own messages). A check character or a calendar date is beyond a pattern.
+_USCC: JsonDict = {"pattern": "^[0-9A-HJ-NPQRTUWXY]{18}$"}
+_YEAR = "(?:19(?:49|[5-9][0-9])|20[0-9]{2})"  # rules.YEARS
+_DATE: JsonDict = {"pattern": f"^(?:{_YEAR}年(?:[1-9]|1[0-2])月(?:[1-9]|[12][0-9]|3[01])日"
+                              f"|{_YEAR}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01]))$"}
+_DOC_NUMBER: JsonDict = {"pattern": r"^[^\s\x00-\x1f〔〕\[\]［］()（）【】第０-９\uFFFE\uFFFF]+〔" + _YEAR + r"〕[1-9][0-9]{0,5}号$"}
+#: a recipient's status (the list's ?status= takes the same)
+RECIPIENT_STATUSES = ("queued", "delivered", "signed", "returned", "recalled", "failed")
 #: free text the envelope (XML) can carry (see gateway.xmlsafe.XML_TEXT)
 XML_TEXT = xmlsafe.XML_TEXT
 
@@ -40,10 +51,11 @@ class FileRef(TypedDict):
 
 class RecipientIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    unit: str = Field(description="统一社会信用代码 of the receiving unit")
+    unit: str = Field(description="统一社会信用代码 of the receiving unit", json_schema_extra=_USCC)
     name: str | None = Field(default=None, max_length=200, pattern=XML_TEXT)
     copy_type: Literal["主送", "抄送", "抄报"] = Field(default="主送", description="主送 / 抄送 / 抄报")
-    copy_no: str | None = Field(default=None, description="份号, six digits; assigned if omitted")
+    copy_no: str | None = Field(default=None, description="份号, six digits; assigned if omitted",
+                                json_schema_extra={"pattern": "^[0-9]{6}$"})
 
     @field_validator("unit")
     @classmethod
@@ -64,7 +76,7 @@ class RecipientIn(BaseModel):
 class Printer(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200, pattern=XML_TEXT)
-    date: str = Field(description="印发日期, 2026年11月20日 or 2026-11-20")
+    date: str = Field(description="印发日期, 2026年11月20日 or 2026-11-20", json_schema_extra=_DATE)
 
     @field_validator("date")
     @classmethod
@@ -92,18 +104,22 @@ class DocumentIn(BaseModel):
 
     message_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{8,128}$",
                                    description="the caller's own id for this message; resending it is idempotent")
-    sender_unit: str = Field(description="统一社会信用代码 of the issuing unit (发文机关)")
+    sender_unit: str = Field(description="统一社会信用代码 of the issuing unit (发文机关)", json_schema_extra=_USCC)
     issuer: str = Field(min_length=1, max_length=200, pattern=XML_TEXT, description="发文机关 name")
-    doc_type: str = Field(description="文种, one of the 15 types (命令 may be written 令): " + " ".join(rules.DOC_TYPES))
-    doc_number: str = Field(pattern=XML_TEXT, description="发文字号, e.g. 州政发〔2026〕12号")
+    doc_type: str = Field(description="文种, one of the 15 types (命令 may be written 令): " + " ".join(rules.DOC_TYPES),
+                          json_schema_extra={"enum": list(rules.DOC_TYPES)})
+    doc_number: str = Field(pattern=XML_TEXT, description="发文字号, e.g. 州政发〔2026〕12号",
+                            json_schema_extra=_DOC_NUMBER)
     title: str = Field(min_length=1, max_length=500, pattern=XML_TEXT, description="标题")
-    classification: str = Field(default="非密", description="密级: 非密, 秘密, 机密 or 绝密")
+    classification: str = Field(default="非密", description="密级: 非密, 秘密, 机密 or 绝密",
+                                json_schema_extra={"enum": list(rules.CLASSIFICATIONS)})
     classification_period: str | None = Field(default=None, max_length=50, validate_default=True, pattern=XML_TEXT,
                                               description="保密期限, required when classified")
-    urgency: str = Field(default="平件", description="紧急程度: 特急, 加急 or 平件 (ordinary)")
+    urgency: str = Field(default="平件", description="紧急程度: 特急, 加急 or 平件 (ordinary; 普通 or empty is read as 平件)",
+                         json_schema_extra={"enum": [*rules.URGENCIES, "普通", ""]})
     signer: str | None = Field(default=None, min_length=1, max_length=100, validate_default=True, pattern=XML_TEXT,
                                description="签发人, required for 请示 and 报告")
-    written_date: str = Field(description="成文日期, 2026年11月20日 or 2026-11-20")
+    written_date: str = Field(description="成文日期, 2026年11月20日 or 2026-11-20", json_schema_extra=_DATE)
     recipients: list[RecipientIn] = Field(min_length=1, max_length=1000, description="主送/抄送/抄报 units")
     body: FileRef = Field(description="正文 (OFD or PDF), uploaded first to /api/v1/blobs")
     attachments: list[FileRef] = Field(default_factory=list, max_length=99, description="附件")
@@ -201,8 +217,14 @@ class DocumentIn(BaseModel):
         return v
 
 
+# The answers: every field is always sent (null where there is no value), so in the OpenAPI
+# document every field is required (json_schema_serialization_defaults_required).
+_ANSWER = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
 class ReceiptOut(BaseModel):
-    action: str
+    model_config = _ANSWER
+    action: str = Field(json_schema_extra={"enum": list(RECEIPT_ACTIONS)})
     signer: str | None = None
     receipt_no: str | None = None
     reason: str | None = None
@@ -211,11 +233,13 @@ class ReceiptOut(BaseModel):
 
 
 class RecipientStatus(BaseModel):
+    model_config = _ANSWER
     unit: str
     name: str | None = None
-    copy_type: str | None = None
+    copy_type: str | None = Field(default=None, json_schema_extra={"enum": [*rules.COPY_TYPES, None]})
     copy_no: str | None = None
-    status: str = Field(description="queued, delivered, signed, returned, recalled or failed")
+    status: str = Field(description="queued, delivered, signed, returned, recalled or failed",
+                        json_schema_extra={"enum": list(RECIPIENT_STATUSES)})
     route: str | None = Field(default=None, description="adapter or node the copy goes through")
     signer: str | None = None
     signed_at: datetime | None = None
@@ -226,6 +250,9 @@ class RecipientStatus(BaseModel):
 
 
 class DocumentOut(BaseModel):
+    """A document and each recipient's copy (份) with its status."""
+
+    model_config = _ANSWER
     id: str
     status_url: str
     accepted_at: datetime
@@ -233,11 +260,14 @@ class DocumentOut(BaseModel):
     doc_number: str | None = None
     title: str | None = None
     doc_type: str | None = None
-    classification: str
-    urgency: str
+    classification: str = Field(json_schema_extra={"enum": list(rules.CLASSIFICATIONS)})
+    urgency: str = Field(json_schema_extra={"enum": list(URGENCY_RANK)})  # as the envelope may carry it
     recipients: list[RecipientStatus]
 
 
 class DocumentList(BaseModel):
+    """A page of documents, newest first; ``next_cursor`` asks for the next page (null: none)."""
+
+    model_config = _ANSWER
     items: list[DocumentOut]
     next_cursor: str | None = None

@@ -140,3 +140,13 @@ class Api:
 @pytest.fixture
 def api(gw_node):  # type: ignore[no-untyped-def]
     return Api(gw_node)
+
+
+@pytest.fixture
+def sqlite_api(tmp_path):  # type: ignore[no-untyped-def]
+    """An Api on a fresh SQLite node only (for checks that need no second database)."""
+    cfg = node_config(tmp_path, f"sqlite:///{tmp_path}/gw.db")
+    migrate.upgrade(cfg.database_url())
+    n = Node(cfg)
+    yield Api(n)
+    n.close()
