@@ -12,7 +12,9 @@ exists and afterwards moves both to ``archive/`` (or to ``failed/`` beside ``NAM
 * :meth:`SftpAdapter.poll` collects receipts (回执) ``HZ_<docid>_<unit>.xml`` and, when
   ``duty_report_to`` is set, duty reports (值班报告) ``ZB_<unit>_<yyyymmddHHMMSS>.xml`` from
   the configured units' outboxes. Keys are ``<adapter>:<outbox path>/<file>:<sha256>``, so
-  they are stable across restarts. ``ack`` moves to ``archive/``, ``reject`` to ``failed/``.
+  they are stable across restarts. ``ack`` moves to ``archive/``, ``reject`` to ``failed/``,
+  the file only if it still holds what was read (a new receipt under the name waits for the
+  next poll).
 * The server's host key is pinned (``host_key`` or ``known_hosts_file``); any other key is
   refused as a security event (:class:`HostKeyMismatch`, a :class:`PermanentError`).
 
@@ -781,8 +783,10 @@ class SftpAdapter(Adapter):
         except (archive.ArchiveFormatError, xmlsafe.UnsafeXMLError, ValueError) as exc:
             self._reject_now(sftp, unit, name, f"{name}: {exc}")
             return None
-        item._ack = partial(self._finish, unit, name, False, None)
-        item._reject = partial(self._finish, unit, name, True)
+        # only the file as read: another instance may have taken it meanwhile, and the legacy
+        # side then writes its next receipt under the same name (an ARRIVE, then a SIGN)
+        item._ack = partial(self._finish, unit, name, False, None, expect=digest)
+        item._reject = partial(self._finish, unit, name, True, expect=digest)
         return item
 
     def _interpret(self, unit: str, name: str, data: bytes, key: str) -> PolledItem:
@@ -836,10 +840,15 @@ class SftpAdapter(Adapter):
         except (OSError, EOFError, paramiko.SSHException) as exc:
             log.error("sftp %s: could not move %s to failed/: %s", self.name, name, _describe(exc))
 
-    def _finish(self, unit: str, name: str, failed: bool, reason: str | None) -> None:
-        """ack (-> archive/) or reject (-> failed/ + NAME.error). Idempotent."""
+    def _finish(self, unit: str, name: str, failed: bool, reason: str | None, *, expect: str | None = None) -> None:
+        """ack (-> archive/) or reject (-> failed/ + NAME.error). Idempotent. With ``expect``
+        (SHA-256), only if the file still holds what was read; else it is left for the next poll."""
         try:
             with self._session() as sftp:
+                if expect is not None and not self._holds(sftp, unit, name, expect):
+                    log.info("sftp %s: %s of %s changed since it was read (taken by another instance, "
+                             "a new receipt under its name): left for the next poll", self.name, name, unit)
+                    return
                 self._move(sftp, unit, name, failed=failed, reason=reason)
         except DeliveryError:
             raise
@@ -848,6 +857,15 @@ class SftpAdapter(Adapter):
             raise RetryableError(
                 f"{self._where}: {verb} of {name} failed: {_describe(exc)}"
             ) from exc
+
+    def _holds(self, sftp: paramiko.SFTPClient, unit: str, name: str, sha256: str) -> bool:
+        """Whether the outbox file ``name`` is there and holds the content of that SHA-256."""
+        path = posixpath.join(self._dir(self.settings.outbox, unit), name)
+        try:
+            data = _read_file(sftp, path, self.settings.max_file_size, 0)
+        except FileNotFoundError:
+            return False  # moved already (a repeated ack, or another instance's)
+        return hashlib.sha256(data).hexdigest() == sha256
 
     def _move(
         self, sftp: paramiko.SFTPClient, unit: str, name: str, *, failed: bool, reason: str | None

@@ -10,7 +10,8 @@ Two modes, chosen by ``mode``:
 ``folder``
     A shared folder in the SFTP-drop discipline: ``inbox/GW_<archiveid>.xml`` is written as
     ``.part`` -> fsync -> rename -> empty ``.ok``; receipts ``outbox/HZ_<archiveid>_<unit>.xml``
-    (with ``.ok``) are polled, then moved to ``archive/`` on ack or ``failed/`` on reject.
+    (with ``.ok``) are polled, then moved to ``archive/`` on ack or ``failed/`` on reject
+    if they still hold what was read (a new receipt under the name waits for the next poll).
 
 The archive id is always :attr:`adapters.base.Delivery.remote_ref`, so a retry is the same
 document at the box (it deduplicates by archive id + receiver) and receipts name it.
@@ -421,13 +422,20 @@ class XmlExchangeAdapter(Adapter):
             key=f"{self.name}:file:{name}:{sha}",
             receipt=receipt,
             source=f"{self.name}:outbox/{name}",
-            _ack=partial(self._move, outbox, name, "archive", None),
-            _reject=partial(self._reject_file, outbox, name),
+            # only the file as read: another instance may have taken it meanwhile, and the box
+            # then writes its next receipt under the same name (an ARRIVE, then a SIGN)
+            _ack=partial(self._move, outbox, name, "archive", None, expect=sha),
+            _reject=partial(self._reject_file, outbox, name, expect=sha),
         )
 
-    def _move(self, outbox: Path, name: str, dest_name: str, note: str | None) -> None:
+    def _move(self, outbox: Path, name: str, dest_name: str, note: str | None, *, expect: str | None = None) -> None:
         """Move NAME.xml then NAME.xml.ok to dest/ (the .xml first: a crash in between
-        leaves an orphan .ok, which poll ignores, never a receipt to ingest twice)."""
+        leaves an orphan .ok, which poll ignores, never a receipt to ingest twice). With
+        ``expect`` (SHA-256), only if the file still holds what was read."""
+        if expect is not None and not _holds(outbox / name, expect):
+            log.info("%s: outbox/%s changed since it was read (taken by another instance, a new receipt "
+                     "under its name): left for the next poll", self.name, name)
+            return
         dest = self._sub(dest_name)
         target = name
         if (dest / target).exists():
@@ -446,8 +454,8 @@ class XmlExchangeAdapter(Adapter):
         fsync_dir(dest)
         fsync_dir(outbox)
 
-    def _reject_file(self, outbox: Path, name: str, reason: str) -> None:
-        self._move(outbox, name, "failed", reason)
+    def _reject_file(self, outbox: Path, name: str, reason: str, *, expect: str | None = None) -> None:
+        self._move(outbox, name, "failed", reason, expect=expect)
 
     def _quarantine(self, outbox: Path, name: str, reason: str) -> None:
         log.warning("%s: moving outbox/%s to failed/: %s", self.name, name, reason)
@@ -485,6 +493,17 @@ class XmlExchangeAdapter(Adapter):
 def _charset(content_type: str | None) -> str | None:
     m = re.search(r"charset\s*=\s*\"?([A-Za-z0-9._-]+)", content_type or "", re.IGNORECASE)
     return m.group(1).lower() if m else None
+
+
+def _holds(path: Path, sha256: str) -> bool:
+    """Whether the file at ``path`` is there and holds the content of that SHA-256."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read(MAX_RECEIPT_BYTES + 1)
+    except FileNotFoundError:
+        return False  # moved already (a repeated ack, or another instance's)
+    return hashlib.sha256(data).hexdigest() == sha256
 
 
 def _read_note(path: Path) -> str:

@@ -147,6 +147,13 @@ def ingest(node: Node, adapter_name: str, item: PolledItem) -> str:
         log.warning("%s: rejected %s: %s", adapter_name, item.key, reason)
         item.reject(reason)
         return "rejected"
+    except node.db.integrity_errors:
+        with node.db.sessions() as s:
+            if s.get(IngestedItem, item.key) is None:
+                raise  # some other constraint: a bug, not a race
+        # another instance polling the same source took the item at the same moment and
+        # committed it first (its effect rolled back here): a duplicate, acknowledged as one
+        outcome = "duplicate"
     item.ack()
     return outcome
 

@@ -388,8 +388,10 @@ def recall(s: Session, message_id: str, units: Collection[str] | None = None, *,
     now = datetime.now(UTC)
     m = s.get(Message, message_id)
     assert m is not None
-    # the message's copies locked first (PostgreSQL): two recalls at once see each other's rows
-    s.execute(select(Delivery.id).where(Delivery.message_id == message_id).with_for_update())
+    # the message's copies locked and read again first (PostgreSQL): two recalls at once, or a
+    # recall and a receipt (签收), see each other's changes, not the copies as loaded with m
+    s.scalars(select(Delivery).where(Delivery.message_id == message_id).with_for_update()
+              .execution_options(populate_existing=True)).all()
     ids = [d.id for d in m.deliveries]
     out = Recalled()
     asked = set(s.scalars(select(OutboxEntry.delivery_id).where(

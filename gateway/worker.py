@@ -93,10 +93,14 @@ def _claim_statement(skip_locked: bool, by_target: bool = False):  # type: ignor
         in_order = or_(_OUTBOX.c.conversation.is_(None), ~exists().where(
             _EARLIER.c.conversation == _OUTBOX.c.conversation, _EARLIER.c.target == _OUTBOX.c.target,
             _EARLIER.c.id < _OUTBOX.c.id, _EARLIER.c.state.in_(("pending", "claimed"))))
-        # rows for peers reached only by sync jobs (batch and ferry links) wait for those jobs
+        # rows for peers reached only by sync jobs (batch and ferry links) wait for those jobs;
+        # a row this worker still has in hand (its lease ran out while its delivery was running,
+        # and the reaper gave it back) is not claimed by it again: claimed_by is the worker's
+        # id, so that delivery's late outcome would be recorded over the second claim's
         sub = (select(_OUTBOX.c.id)
                .where(_OUTBOX.c.state == "pending", _OUTBOX.c.next_attempt_at <= bindparam("now"), in_order,
-                      _OUTBOX.c.target.not_in(bindparam("parked", expanding=True)))
+                      _OUTBOX.c.target.not_in(bindparam("parked", expanding=True)),
+                      _OUTBOX.c.id.not_in(bindparam("in_hand", expanding=True)))
                .order_by(_OUTBOX.c.priority, _OUTBOX.c.next_attempt_at, _OUTBOX.c.id)
                .limit(bindparam("limit", type_=Integer)))
     if skip_locked:
@@ -219,6 +223,9 @@ class Worker:
         self._delivery_threads: list[threading.Thread] = []
         self._wake = threading.Event()  # the dispatcher: claim now
         self._outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        #: ids of the rows claimed and not yet recorded (or given back): never claimed again
+        #: meanwhile (guarded by _cv)
+        self._in_hand: set[int] = set()
         self._http = requests.Session()
         self._key: Ed25519PrivateKey | SM2PrivateKey | None = None
         #: peers whose rows only the sync jobs carry (batch and ferry links)
@@ -234,7 +241,9 @@ class Worker:
         pg = self.node.db.postgres
         params: dict[str, object]
         if target is None:
-            claim, params = _CLAIM_PG if pg else _CLAIM, {"parked": self.parked}
+            with self._cv:
+                in_hand = list(self._in_hand)
+            claim, params = _CLAIM_PG if pg else _CLAIM, {"parked": self.parked, "in_hand": in_hand}
         else:
             claim, params = _CLAIM_TARGET_PG if pg else _CLAIM_TARGET, {"for_target": target}
         with self.node.db.begin_core() as s:
@@ -394,7 +403,8 @@ class Worker:
         if entry is None or entry.state != "claimed" or entry.claimed_by != self.id:
             return  # our lease expired and another worker took the row over
         entry.attempts += 1
-        d = s.get(Delivery, entry.delivery_id) if entry.delivery_id else None
+        # locked, as a receipt locks it: one applied meanwhile (签收) is seen, never overwritten
+        d = s.get(Delivery, entry.delivery_id, with_for_update=True) if entry.delivery_id else None
         obj = f"delivery:{d.message_id}/{d.unit}" if d else f"outbox:{entry.id}"
         actor = f"worker:{self.id}"
         err = o.error
@@ -435,7 +445,8 @@ class Worker:
                 for other in s.scalars(select(Delivery).where(
                         Delivery.message_id == d.message_id, Delivery.route_kind == "node",
                         Delivery.target == entry.target, Delivery.status == "queued",
-                        Delivery.unit.in_((entry.payload or {}).get("units", [])))):
+                        Delivery.unit.in_((entry.payload or {}).get("units", [])))
+                        .with_for_update().execution_options(populate_existing=True)):
                     prev, other.status, other.last_error, other.updated_at = other.status, "failed", message, now
                     events.status_changed(s, other, prev)
             elif d is not None and entry.kind == "recall" and d.status in ("queued", "delivered"):
@@ -598,6 +609,7 @@ class Worker:
                     fresh = self.claim(batch + free - queued)
                     if fresh:
                         with self._cv:
+                            self._in_hand.update(j.id for j in fresh)
                             # an urgent row claimed now goes ahead of ordinary rows claimed earlier
                             self._ready = deque(sorted([*self._ready, *fresh], key=lambda j: j.priority))
                             self._cv.notify(len(fresh))
@@ -644,6 +656,9 @@ class Worker:
             except Exception:  # keep the rows claimed: their lease expires and they run again
                 log.exception("recording %d outcomes failed; their rows will be retried", len(batch))
                 time.sleep(0.5)
+            finally:
+                with self._cv:
+                    self._in_hand.difference_update(o.job.id for o in batch)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -655,6 +670,7 @@ class Worker:
         with self._cv:
             unstarted = [j.id for j in self._ready]
             self._ready.clear()
+            self._in_hand.difference_update(unstarted)
             self._closing = True
             self._cv.notify_all()
         for t in self._delivery_threads:
