@@ -74,6 +74,10 @@ def check_receipt(r: Receipt) -> None:
             raise UnmatchedReceipt(f"the receipt's time {r.time.isoformat()} is out of range") from None
 
 
+#: the note of an item refused again (its first refusal's reason is in the audit log)
+REFUSED_BEFORE = "this item was refused when it first came; the reason is in the audit log (inbound.reject)"
+
+
 def was_rejected(node: Node, key: str) -> bool:
     """Whether the item ``key`` was refused when it was first ingested."""
     with node.db.sessions() as s:
@@ -125,8 +129,9 @@ def ingest(node: Node, adapter_name: str, item: PolledItem) -> str:
         return "rejected"
     try:
         with node.db.begin() as s:
-            if s.get(IngestedItem, item.key) is not None:
-                outcome = "duplicate"
+            seen = s.get(IngestedItem, item.key)
+            if seen is not None:
+                outcome = "rejected" if seen.outcome == "rejected" else "duplicate"
             else:
                 if item.receipt is not None:
                     outcome = apply_receipt(s, item.receipt, adapter_name)
@@ -149,11 +154,17 @@ def ingest(node: Node, adapter_name: str, item: PolledItem) -> str:
         return "rejected"
     except node.db.integrity_errors:
         with node.db.sessions() as s:
-            if s.get(IngestedItem, item.key) is None:
+            seen = s.get(IngestedItem, item.key)
+            if seen is None:
                 raise  # some other constraint: a bug, not a race
-        # another instance polling the same source took the item at the same moment and
-        # committed it first (its effect rolled back here): a duplicate, acknowledged as one
-        outcome = "duplicate"
+            # another instance polling the same source took the item at the same moment and
+            # committed it first (its effect rolled back here): a duplicate, acknowledged as one
+            outcome = "rejected" if seen.outcome == "rejected" else "duplicate"
+    if outcome == "rejected":
+        # refused when first collected, and the process died before the item was moved to
+        # failed/: it is refused again, never acknowledged as if it had been taken
+        item.reject(REFUSED_BEFORE)
+        return outcome
     item.ack()
     return outcome
 

@@ -500,7 +500,10 @@ class Worker:
         return len(jobs)
 
     def drain(self, timeout: float = 30.0) -> None:
-        """Process until nothing is due (tests, the demo)."""
+        """Process until nothing is due (tests, the demo, ``gateway worker --once``). Rows a
+        worker that died left claimed are due once their lease has run out: nothing else
+        returns them when no long-running worker is there to reap them."""
+        self.reap_expired_leases()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.run_once() == 0:

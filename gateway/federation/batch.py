@@ -208,6 +208,17 @@ def record_results(node: Node, worker: Worker, jobs: list[Job], results: list[di
 
 
 # -- the jobs -------------------------------------------------------------------------------
+def release_orphans(node: Node, worker: Worker) -> None:
+    """Rows an earlier run of this job (``worker``) left claimed, killed before it recorded
+    them, go back to the queue at once (the job's lock means no other run is using them): the
+    next batch starts with them, and no later row overtakes them (a 续报 before its 初报)
+    while they wait for their lease to run out."""
+    with node.db.begin() as s:
+        s.execute(update(OutboxEntry).where(OutboxEntry.claimed_by == worker.id, OutboxEntry.state == "claimed")
+                  .values(state="pending", claimed_by=None, lease_until=None),
+                  execution_options={"synchronize_session": False})
+
+
 _BATCH_PEERS = 'peer on a batch link (link = "batch")'
 
 
@@ -221,6 +232,7 @@ def push(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for peer in peers if peers is not None else require_peers(batch_peers(node), _BATCH_PEERS):
         worker = Worker(node, worker_id=f"push:{peer}:{node.id}")
+        release_orphans(node, worker)
         sent: dict[str, int] = {}
         try:
             while True:
@@ -252,10 +264,13 @@ def push(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
 
 
 def serve_batch(node: Node, peer: str, limit: int) -> dict[str, Any]:
-    """The items queued here for ``peer``, in queue order (the pull side)."""
+    """The items queued here for ``peer``, in queue order (the pull side). Items served
+    before and not acknowledged are served again first: ``peer`` pulls one run at a time
+    (its job's lock), so the run they were served to is over (it died, or lost the answer)."""
     if peer not in batch_peers(node):
         raise transfer.TransferError(409, "conflict", f"node {peer} is not a batch peer of node {node.id}")
     worker = Worker(node, worker_id=f"pull:{peer}:{node.id}")
+    release_orphans(node, worker)
     send, empty = split(node, worker.claim(min(limit, BATCH_SIZE), target=peer))
     # the rows stay claimed under a lease until acknowledged; unacknowledged ones return to
     # the queue when the lease runs out

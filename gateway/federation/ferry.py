@@ -528,16 +528,6 @@ def _plan(node: Node, jobs: list[Job], max_bytes: int) -> _Plan:
     return plan
 
 
-def _release_orphans(node: Node, worker: Worker) -> None:
-    """Rows a crashed earlier run of this job left claimed go back to the queue at once (the
-    job lock means no other run is using them), so the next file starts with them and no
-    later row overtakes them."""
-    with node.db.begin() as s:
-        s.execute(update(OutboxEntry).where(OutboxEntry.claimed_by == worker.id, OutboxEntry.state == "claimed")
-                  .values(state="pending", claimed_by=None, lease_until=None),
-                  execution_options={"synchronize_session": False})
-
-
 def _hold(node: Node, worker: Worker, jobs: list[Job]) -> None:
     """Writing a large file may take longer than a lease: the claimed rows are held for a
     day, so no lease reaper hands them back meanwhile (only this job takes rows of a ferry
@@ -756,7 +746,7 @@ def ferry_out(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
         report: dict[str, Any] = {"files": [], "items": 0}
         out[peer] = report
         worker = Worker(node, worker_id=f"ferry-out:{peer}:{node.id}")
-        _release_orphans(node, worker)
+        batch.release_orphans(node, worker)
         prune_kept(node, peer)
         if not _queued(node, peer):
             continue  # nothing to write: not even a connection to the location
