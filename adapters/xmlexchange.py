@@ -35,6 +35,7 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import stat
 import time
 from collections.abc import Iterable, Mapping
@@ -439,8 +440,9 @@ class XmlExchangeAdapter(Adapter):
         dest = self._sub(dest_name)
         target = name
         if (dest / target).exists():
-            # Same name seen before (the legacy side reuses HZ_ names): keep both copies.
-            target = f"{name[:-4]}.{time.strftime('%Y%m%d%H%M%S')}.{os.getpid()}.xml"
+            # Same name seen before (the legacy side reuses HZ_ names): keep both copies (a
+            # random part, as the SFTP adapter's: two reuses within a second stay apart)
+            target = f"{name[:-4]}.{time.strftime('%Y%m%d%H%M%S')}.{secrets.token_hex(3)}.xml"
         if note is not None:
             (dest / (target + ".error")).write_bytes(note.encode("gb18030"))
         try:

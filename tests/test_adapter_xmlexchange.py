@@ -403,6 +403,11 @@ def test_folder_keys_stable_across_instances_no_double_ingest(tmp_path: Path, ct
     assert item.key not in ingested and item.key.startswith(f"box:file:HZ_ref-1_{COUNTY_A}.xml:")
     item.ack()
     assert len([n for n in os.listdir(root / "archive") if n.endswith(".xml")]) == 3  # none overwritten
+    # and once more within the same second: the second kept copy does not replace the first
+    clerk.return_archive("ref-1", COUNTY_A, "再次重发", "李某")
+    (item,) = a.poll()
+    item.ack()
+    assert len([n for n in os.listdir(root / "archive") if n.endswith(".xml")]) == 4
 
 
 def test_folder_reject_and_max_per_poll(tmp_path: Path, ctx) -> None:
