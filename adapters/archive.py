@@ -440,8 +440,7 @@ def refusal_item(state: StateStore, mark_key: str, *, ref: str, unit: str, note:
     item = PolledItem(key=key, receipt=receipt, source=source)
 
     def taken() -> None:
-        if int(mtime) > refusal_mark(state, mark_key):
-            state.set(mark_key, str(int(mtime)))
+        state.advance(mark_key, int(mtime))
 
     item._ack = taken
     return item

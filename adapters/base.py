@@ -116,6 +116,9 @@ class StateStore(Protocol):
 
     def get(self, key: str, default: str | None = None) -> str | None: ...
     def set(self, key: str, value: str) -> None: ...
+    def advance(self, key: str, value: int) -> None:
+        """Store the number ``value`` unless the one stored is as high already: a high-water
+        mark that never moves back, also when several instances advance it at once."""
 
 
 @dataclass

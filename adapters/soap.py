@@ -295,7 +295,6 @@ class SoapAdapter(Adapter):
             if self._username is not None else None
         )
         self._lock = threading.Lock()
-        self._cursor_lock = threading.Lock()
         self._client: zeep.Client | None = None
         self._proxy: Any = None
         # A local WSDL is read now, so a wrong operation or argument name stops start-up; a
@@ -623,10 +622,9 @@ class SoapAdapter(Adapter):
             ) from None
 
     def _advance_cursor(self, seq: int) -> None:
-        # Items may be acked in any order; the cursor only ever moves forward.
-        with self._cursor_lock:
-            if seq > self._cursor():
-                self.context.state.set(CURSOR_KEY, str(seq))
+        # Items may be acked in any order, and by several instances: the cursor only ever
+        # moves forward
+        self.context.state.advance(CURSOR_KEY, seq)
 
     def poll(self) -> list[PolledItem]:
         """Receipts (回执) since the stored cursor, at most ``max_per_poll``. Nothing moves

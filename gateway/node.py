@@ -8,6 +8,7 @@ import functools
 import logging
 import threading
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 
@@ -37,12 +38,32 @@ class DbStateStore:
             return row.value if row else default
 
     def set(self, key: str, value: str) -> None:
-        with self.db.begin() as s:
-            row = s.get(AdapterState, (self.adapter, key))
-            if row:
-                row.value = value
-            else:
-                s.add(AdapterState(adapter=self.adapter, key=key, value=value))
+        self._write(key, lambda _old: value)
+
+    def advance(self, key: str, value: int) -> None:
+        def higher(old: str | None) -> str | None:
+            try:
+                return str(value) if old is None or value > int(old) else None
+            except ValueError:  # not a number: what the adapter reading it will say
+                return str(value)
+        self._write(key, higher)
+
+    def _write(self, key: str, new: Callable[[str | None], str | None]) -> None:
+        """Write ``new(stored value)`` (None: leave it) with the row locked. Two instances
+        writing a key's first value at once: the second finds the first's row and goes again."""
+        for last in (False, True):
+            try:
+                with self.db.begin() as s:
+                    row = s.get(AdapterState, (self.adapter, key), with_for_update=True)
+                    value = new(row.value if row else None)
+                    if value is not None and row:
+                        row.value = value
+                    elif value is not None:
+                        s.add(AdapterState(adapter=self.adapter, key=key, value=value))
+                return
+            except self.db.integrity_errors:
+                if last:
+                    raise
 
 
 class Node:

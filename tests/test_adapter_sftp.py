@@ -62,6 +62,10 @@ class DictState:
     def set(self, key: str, value: str) -> None:
         self.values[key] = value
 
+    def advance(self, key: str, value: int) -> None:
+        if value > int(self.get(key) or "0"):
+            self.set(key, str(value))
+
 
 @pytest.fixture
 def blobs(tmp_path: Path) -> BlobStore:

@@ -36,6 +36,10 @@ class DictState(dict):
     def set(self, key: str, value: str) -> None:
         self[key] = value
 
+    def advance(self, key: str, value: int) -> None:
+        if value > int(self.get(key) or "0"):
+            self.set(key, str(value))
+
 
 @pytest.fixture
 def ctx(tmp_path: Path) -> AdapterContext:

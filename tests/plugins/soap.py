@@ -31,6 +31,10 @@ class DictState:
     def set(self, key: str, value: str) -> None:
         self.data[key] = value
 
+    def advance(self, key: str, value: int) -> None:
+        if value > int(self.get(key) or "0"):
+            self.set(key, str(value))
+
 
 @pytest.fixture
 def soap_service_factory() -> Iterator[Callable[..., SoapServiceServer]]:
