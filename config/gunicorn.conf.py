@@ -21,6 +21,9 @@ logger_class = "gateway.gunicorn_worker.GatewayLogger"
 from gateway.gunicorn_worker import read_timeout  # noqa: E402
 
 read_timeout()  # a bad GATEWAY_READ_TIMEOUT stops the start here, named, not in every worker start
+from gateway import logs  # noqa: E402
+
+logs.setup()  # the node's own log lines (gateway.*, adapters.*) on stderr, like errorlog below
 threads = int(os.environ.get("GATEWAY_THREADS", 8))
 timeout = 120            # a streamed 1 GB attachment upload must not be cut off
 graceful_timeout = 30

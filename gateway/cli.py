@@ -551,6 +551,9 @@ def worker(c: Ctx, once: bool) -> None:
     if c.embedded:
         raise click.ClickException("'gateway worker' needs --config; the embedded default runs everything "
                                    "in 'gateway serve'")
+    from gateway import logs
+
+    logs.setup()
     n = c.node(check_adapters=True)
     _require_schema(n)
     if once:
@@ -635,6 +638,9 @@ def serve(c: Ctx, bind: str, threads: int) -> None:
             sims.stop()
 
     click.echo(f"API on http://{bind}/api/v1/docs")
+    from gateway import logs
+
+    logs.setup()
     serve_mod.run(factory, bind=bind, threads=threads, post_worker_init=post_worker_init,
                   worker_exit=worker_exit)
 

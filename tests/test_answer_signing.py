@@ -81,3 +81,32 @@ def test_only_an_answer_signed_by_the_peer_over_this_requests_nonce_is_taken(tmp
         with pytest.raises(RetryableError, match="not signed with the key pinned"):
             client.get_json("county-a", "/ping")
     client.close()
+
+
+def test_a_peer_with_a_new_node_key_is_named_as_a_cause_on_both_sides(tmp_path, peer) -> None:
+    """Key rotation (docs/federation.md): a node that made a new key is refused by the peers
+    that pinned the old one, and the messages on both sides say what to compare and re-pin,
+    not only that something between the nodes may be changing traffic."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from gateway.federation.signing import SignatureRejected, Signer, verify
+
+    key_dir, how, url = peer
+    client = _client(tmp_path, key_dir, url)
+    new_key = Ed25519PrivateKey.generate()  # county-a moved its key away and made a new one
+    how[:] = [lambda request, body: (body, {ANSWER_HEADER: answer_signature(new_key, nonce_of(request.headers),
+                                                                            body)})]
+    with pytest.raises(RetryableError) as answer:
+        client.post("county-a", "/ping", {})
+    client.close()
+    assert "new node key" in str(answer.value) and "gateway federation key" in str(answer.value)
+    assert "[peers.county-a] public_key" in str(answer.value)
+
+    old = nodekey.load_or_create(key_dir)
+    target = "http://127.0.0.1:8440/federation/v1/ping"
+    headers = Signer("county-a", new_key).sign("GET", target, {}, None, to="prefecture")
+    with pytest.raises(SignatureRejected) as request:
+        verify("GET", target, headers, b"", keys=lambda k: old.public_key() if k == "county-a" else None,
+               max_skew=300, node_id="prefecture")
+    assert request.value.kind == "bad-signature"
+    assert "[peers.county-a] public_key" in request.value.detail and "gateway federation key" in request.value.detail

@@ -62,7 +62,9 @@ class PeerClient:
         public = self._pinned(peer)
         if public is None or not answer_verifies(public, nonce, r.content, r.headers.get(ANSWER_HEADER)):
             raise RetryableError(f"node {peer}: its answer is not signed with the key pinned for it "
-                                 f"({ANSWER_HEADER}); something between the nodes may be changing answers")
+                                 f"({ANSWER_HEADER}): either node {peer} has a new node key (compare 'gateway "
+                                 f"federation key' there with [peers.{peer}] public_key here, and pin the new "
+                                 f"one), or something between the nodes is changing answers")
 
     @contextmanager
     def _get(self, peer: str, path: str) -> Iterator[tuple[requests.Response, str]]:

@@ -223,7 +223,9 @@ def verify(method: str, url: str, headers: Mapping[str, str] | Any, body: bytes,
                                   require_components=_WITH_BODY if body else _NO_BODY, body=body)
     except (InvalidSignature, HTTPMessageSignaturesException) as exc:
         why = str(exc) or ("the signature does not match the request (its method, path, query or body "
-                           "changed on the way, or another key made it)")
+                           "changed on the way, or another key made it: if that node made a new node key, "
+                           f"pin it here as [peers.{key_id}] public_key, the output of 'gateway federation "
+                           "key' there)")
         raise SignatureRejected("bad-signature", f"the signature of node {key_id!r} does not verify: {why}",
                                 key_id) from None
     got = [dict(r.parameters) for r in results]

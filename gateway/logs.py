@@ -1,0 +1,34 @@
+"""Where the node's own log lines go: standard error, one line each, with the time, the
+process, the level and the logger's name (``gateway.scheduler``, ``adapters.sftp``, …), in
+the format of gunicorn's error log, so that one ``journalctl -u`` or one file holds both.
+
+Without this, Python prints only WARNING and above, without time or logger name, and the
+INFO lines the operator documentation points to (a job started and ended, a directory
+stored, a ferry file written or imported) go nowhere. Used by the long-running processes:
+``gateway worker``, ``gateway serve`` and gunicorn (``config/gunicorn.conf.py``).
+Other libraries (paramiko, zeep, urllib3) keep WARNING: their INFO is one line per connection.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+DATEFMT = "%Y-%m-%d %H:%M:%S %z"
+OURS = ("gateway", "adapters", "systems")
+
+
+def setup(level: int = logging.INFO) -> None:
+    """Log the gateway's own INFO and up, and everyone's WARNING and up, to stderr. Does
+    nothing to a logging set up already (a handler on the root logger)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    for name in OURS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(level)
