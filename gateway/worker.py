@@ -546,8 +546,9 @@ class Worker:
     def _forward_many(self, jobs: list[Job]) -> list[Outcome]:
         from gateway.federation.batch import outcome_for, split
 
-        send, empty = split(self.node, jobs)
+        send, empty, refused = split(self.node, jobs)
         out = {j.id: Outcome(j, extra={"units": [], "skipped": True}) for j in empty}
+        out.update({o.job.id: o for o in refused})
         if send:
             answer = self.node.federation.client.post(jobs[0].target, "/batch", {"items": [i for _, i in send]})
             results = {r.get("seq"): r for r in answer.get("results", []) if isinstance(r, dict)}

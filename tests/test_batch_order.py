@@ -14,7 +14,7 @@ def test_split_sends_items_in_increasing_seq_whatever_order_the_group_has(monkey
     jobs = [Job(412, "forward", "prefecture", 0, None, priority=0), Job(409, "forward", "prefecture", 0, None),
             Job(7, "forward", "prefecture", 0, None), Job(411, "forward", "prefecture", 0, None),
             Job(410, "forward", "prefecture", 0, None)]
-    send, empty = batch.split(None, jobs)  # type: ignore[arg-type]
+    send, empty, _ = batch.split(None, jobs)  # type: ignore[arg-type]
     assert [item["seq"] for _, item in send] == [409, 410, 411, 412]
     assert [j.id for j, _ in send] == [409, 410, 411, 412] and [j.id for j in empty] == [7]
 

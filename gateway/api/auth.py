@@ -239,24 +239,26 @@ class Refusals:
 
     def _suppressed(self, key: str, detail: dict[str, Any]) -> None:
         with self.db.begin() as s:
-            audit.append(s, actor=key if key.startswith("key:") else "anonymous", action="api.refuse",
+            audit.append(s, actor=key if key.startswith(("key:", "node:")) else "anonymous", action="api.refuse",
                          obj="/api/", outcome="suppressed", detail=detail)
 
     def __call__(self, exc: Problem) -> None:
         if exc.kind not in SECURITY_REFUSALS:
             return
         caller: Caller | None = g.get("caller")
+        peer: str | None = g.get("fed_peer")  # a signed node request (gateway.federation.api)
         token = _presented() or ""
         presented = token.split("_", 2)[1][:32] if token.startswith("gw_") and token.count("_") >= 2 else None
         addr = request.remote_addr or "?"
-        if not self.limiter.admit(f"key:{caller.key_id}" if caller else addr, exc.kind):
+        if not self.limiter.admit(f"key:{caller.key_id}" if caller else f"node:{peer}" if peer else addr, exc.kind):
             return
         detail: dict[str, Any] = {"reason": exc.detail[:500], "remote_addr": addr}
         if caller is None and presented:
             detail["key_id"] = presented  # a revoked key still in use shows here
         try:
             with self.db.begin() as s:
-                audit.append(s, actor=caller.actor if caller else "anonymous", action="api.refuse",
+                audit.append(s, actor=caller.actor if caller else f"node:{peer}" if peer else "anonymous",
+                             action="federation.reject" if peer else "api.refuse",
                              obj=f"{request.method} {shown(request.path)}"[:400], outcome=exc.kind, detail=detail)
         except Exception:  # noqa: BLE001 - the refusal is answered all the same; the log has it
             log.exception("could not audit a refused request")

@@ -47,6 +47,7 @@ def authenticate(n: Node) -> str:
                                     f"(nonce {v.nonce}); a replayed request is refused", v.key_id)
         fed.maybe_purge_nonces()
         g.fed_nonce = v.nonce  # the answer is signed over it (_sign_answer)
+        g.fed_peer = v.key_id  # a refusal is audited in its name (gateway.api.auth.Refusals)
         return v.key_id
     except SignatureRejected as exc:
         if fed.rejects.admit(request.remote_addr or "?", exc.kind):  # a flood is counted, not written 1 by 1

@@ -30,6 +30,8 @@ from typing import Any
 from sqlalchemy import select, update
 
 from adapters.base import PermanentError, RetryableError
+from gateway import audit
+from gateway.envelope import CLASSIFICATION_LEVEL
 from gateway.federation import require_peers, transfer
 from gateway.models import IngestedItem, OutboxEntry
 from gateway.node import Node
@@ -41,6 +43,8 @@ BATCH_SIZE = 200
 #: forwards of a batch accepted in one transaction (one commit), at most
 ACCEPT_TOGETHER = 16
 _KINDS = ("forward", "status", "recall")
+#: item refusals that are security events: the peer tried to act for a unit or above its clearance
+_SECURITY_REFUSALS = ("forbidden-unit", "clearance-too-low")
 
 
 # -- the receiver's cursor -----------------------------------------------------------------
@@ -65,8 +69,12 @@ def _record_applied(node: Node, peer: str, results: list[dict[str, Any]]) -> Non
     with node.db.begin() as s:
         present = set(s.scalars(select(IngestedItem.key).where(
             IngestedItem.key.in_([_key(peer, r["seq"]) for r in done]))))
-        s.add_all([IngestedItem(key=_key(peer, r["seq"]), adapter=f"peer:{peer}", outcome=r["outcome"])
-                   for r in done if _key(peer, r["seq"]) not in present])
+        new = [r for r in done if _key(peer, r["seq"]) not in present]
+        s.add_all([IngestedItem(key=_key(peer, r["seq"]), adapter=f"peer:{peer}", outcome=r["outcome"]) for r in new])
+        for r in new:  # a single request refused so is audited too (gateway.api.auth.Refusals)
+            if r["outcome"] == "rejected" and r.get("type") in _SECURITY_REFUSALS:
+                audit.append(s, actor=f"node:{peer}", action="federation.reject", obj=f"batch item {r['seq']}",
+                             outcome=r["type"], detail={"reason": str(r.get("detail"))[:500]})
 
 
 # -- building items (sender) --------------------------------------------------------------
@@ -81,10 +89,16 @@ def item_for(node: Node, job: Job, *, inline: bool = True) -> dict[str, Any] | N
         if not units:
             return None
         assert job.envelope_xml is not None and job.payload is not None
+        env = _envelope(job.message_id, job.envelope_xml)
+        link = node.config.peers[job.target].clearance if job.target in node.config.peers else None
+        if link is not None and env.clearance_needed > CLASSIFICATION_LEVEL[link]:
+            # checked when the message was accepted; the link's clearance was lowered since
+            raise PermanentError(f"the link to node {job.target} is cleared up to {link} now; a {env.classification} "
+                                 f"message no longer travels on it")
         item = {"seq": job.id, "kind": "forward", "message_id": job.message_id, "units": units,
                 "hops": job.payload["hops"], "envelope": job.envelope_xml.decode("utf-8")}
         if inline:
-            item["blobs"] = transfer.inline_blobs(node, _envelope(job.message_id, job.envelope_xml))
+            item["blobs"] = transfer.inline_blobs(node, env)
         return item
     if job.kind == "status":
         return {"seq": job.id, "kind": "status", **(job.payload or {})}
@@ -166,17 +180,22 @@ def _apply_one(node: Node, peer: str, item: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- recording what the receiver answered (sender) ------------------------------------------
-def split(node: Node, jobs: list[Job]) -> tuple[list[tuple[Job, dict[str, Any]]], list[Job]]:
+def split(node: Node, jobs: list[Job]) -> tuple[list[tuple[Job, dict[str, Any]]], list[Job], list[Outcome]]:
     """The (job, item) pairs to send, in queue order (the receiver applies them in turn and
-    refuses a batch whose seq does not increase), and the jobs left with nothing to send."""
-    send, empty = [], []
+    refuses a batch whose seq does not increase), the jobs left with nothing to send, and
+    the outcomes of those that may never be sent."""
+    send, empty, refused = [], [], []
     for job in sorted(jobs, key=lambda j: j.id):
-        item = item_for(node, job)
+        try:
+            item = item_for(node, job)
+        except PermanentError as exc:
+            refused.append(Outcome(job, error=exc))
+            continue
         if item is None:
             empty.append(job)
         else:
             send.append((job, item))
-    return send, empty
+    return send, empty, refused
 
 
 def outcome_for(job: Job, r: dict[str, Any], units: list[str] | None = None) -> Outcome:
@@ -239,8 +258,9 @@ def push(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
                 jobs = worker.claim(BATCH_SIZE, target=peer)
                 if not jobs:
                     break
-                send, empty = split(node, jobs)
+                send, empty, refused = split(node, jobs)
                 record_results(node, worker, empty, [{"seq": j.id, "outcome": "ok"} for j in empty])
+                worker.record(refused)
                 if not send:
                     continue
                 items = [item for _, item in send]
@@ -271,10 +291,11 @@ def serve_batch(node: Node, peer: str, limit: int) -> dict[str, Any]:
         raise transfer.TransferError(409, "conflict", f"node {peer} is not a batch peer of node {node.id}")
     worker = Worker(node, worker_id=f"pull:{peer}:{node.id}")
     release_orphans(node, worker)
-    send, empty = split(node, worker.claim(min(limit, BATCH_SIZE), target=peer))
+    send, empty, refused = split(node, worker.claim(min(limit, BATCH_SIZE), target=peer))
     # the rows stay claimed under a lease until acknowledged; unacknowledged ones return to
     # the queue when the lease runs out
     record_results(node, worker, empty, [{"seq": j.id, "outcome": "ok"} for j in empty])
+    worker.record(refused)
     return {"node": node.id, "items": [item for _, item in send]}
 
 

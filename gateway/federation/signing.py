@@ -48,6 +48,8 @@ LABEL = "fed"
 TO_HEADER = "Gateway-To"
 _WITH_BODY = ("@method", "@path", "@query", "content-digest")
 _NO_BODY = ("@method", "@path", "@query")
+#: the longest nonce a receiver remembers (this node's own are 24 characters)
+MAX_NONCE = 64
 
 
 class SignatureRejected(Exception):
@@ -201,6 +203,9 @@ def verify(method: str, url: str, headers: Mapping[str, str] | Any, body: bytes,
     if public is None:
         raise SignatureRejected("unknown-key", f"key id {key_id!r} is not a peer of this node; its public key "
                                 "must be pinned in [peers] first", key_id)
+    if len(nonce) > MAX_NONCE:  # the replay store keeps no longer one (FederationNonce.nonce)
+        raise SignatureRejected("bad-signature", f"the signature's nonce is {len(nonce)} characters long; at most "
+                                f"{MAX_NONCE} are accepted", key_id)
     algorithm = algorithm_for(public)
     alg = params.get("alg")
     if alg is not None and alg != algorithm.algorithm_id:

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from adapters.base import PermanentError, RetryableError
 from gateway import audit, events, pipeline
+from gateway.blobs import BlobNoSpace, BlobTooLarge
 from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError
 from gateway.models import Delivery, Message, ReceiptRecord
 from gateway.node import Node
@@ -149,11 +150,16 @@ def prepare(node: Node, peer: str, body: Any) -> Incoming:
     # The origin must be known to serve the sender unit: by its [peers] entry or by the signed
     # directory. A hop list is the sender's word, so an origin nobody vouches for (a node id
     # made up by a peer) cannot lend its name to any unit. Only this node's parent, which
-    # checked the origin itself when the message reached it, relays for origins unknown here.
+    # checked the origin itself when the message reached it, relays for other origins: a peer
+    # that names another node first (a known one too) would otherwise send as its units.
     origin = hops[0]
+    relayed_by_parent = origin != peer and peer == node.config.federation.parent
+    if origin != peer and not relayed_by_parent:
+        raise TransferError(422, "forbidden-unit", f"node {peer} is not this node's parent and relays for no "
+                                                   f"other node; the message names node {origin} as its origin "
+                                                   f"({' -> '.join(hops)})")
     declared = node.config.peers[origin].units if origin in node.config.peers else []
     vouched = env.sender_unit in declared or node.directory_node(env.sender_unit) == origin
-    relayed_by_parent = origin != peer and peer == node.config.federation.parent
     if not (vouched or relayed_by_parent):
         raise TransferError(422, "forbidden-unit", f"sender unit {env.sender_unit} is not served by node {origin} "
                                                    f"(neither [peers.{origin}] units nor the directory say so)")
@@ -227,16 +233,25 @@ def _inline(node: Node, env: Envelope, blobs: Any) -> dict[str, bytes]:
 
 
 def _fetch_blobs(node: Node, peer: str, env: Envelope, skip: Mapping[str, bytes]) -> None:
+    # the sizes are the peer's word: held to what a caller's upload or a ferry file may be
+    limit = node.config.api.max_blob_bytes
+    for a in env.attachments:
+        if a.sha256 not in skip and a.size > limit:
+            raise TransferError(413, "too-large", f"{a.name} is {a.size} bytes; this node accepts at most {limit}")
     for a in env.attachments:
         if a.sha256 in skip or node.blobs.touch(a.sha256):  # stored already: marked in use
             continue
         try:
             with node.federation.client.get_stream(peer, f"/messages/{env.message_id}/blobs/{a.sha256}") as r:
                 r.raw.decode_content = True
-                sha, size = node.blobs.put_stream(r.raw, max_bytes=a.size)
+                sha, size = node.blobs.put_stream(r.raw, max_bytes=a.size, keep_free=node.config.api.min_free_bytes)
         except (RetryableError, PermanentError) as exc:
             raise TransferError(502, "peer-unavailable", f"fetching {a.name} ({a.sha256[:12]}…) from node {peer} "
                                                          f"failed: {exc}") from None
+        except BlobNoSpace as exc:
+            raise TransferError(507, "storage-full", f"fetching {a.name} from node {peer}: {exc.strerror}") from None
+        except BlobTooLarge:
+            sha, size = "", a.size + 1  # more than the envelope says: refused below
         if sha != a.sha256 or size != a.size:
             raise TransferError(422, "validation", f"{a.name}: node {peer} sent content whose SHA-256 or size "
                                                    f"does not match the envelope")
@@ -253,6 +268,9 @@ def blob_allowed(node: Node, peer: str, message_id: str, sha256: str) -> bool:
     if xml is None:
         return False
     env = Envelope.from_xml(xml, validate=False)
+    # the peer's clearance may have been lowered since the message was forwarded to it
+    if env.clearance_needed > CLASSIFICATION_LEVEL[node.config.peers[peer].clearance]:
+        return False
     return any(a.sha256 == sha256 for a in env.attachments)
 
 

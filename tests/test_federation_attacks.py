@@ -1,0 +1,222 @@
+"""A compromised county node (its key is the attacker's) against the prefecture, in process:
+signed requests from a node whose key the attacker holds, or captured ones replayed. Each
+attack is refused with a problem answer; nothing it asks for happens."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import select
+
+from gateway import migrate, nodekey
+from gateway.app import create_app
+from gateway.federation.keys import public_text
+from gateway.federation import signing
+from gateway.federation.signing import Signer
+from gateway.models import AuditEntry, Delivery, Message
+from gateway.node import Node
+from systems.documents.payload import to_envelope
+from systems.documents.schemas import DocumentIn
+from tests.plugins.gatewaynode import CITY_B, COUNTY_A, PREFECTURE, RecordingAdapter, node_config
+
+URL = "http://localhost/federation/v1"
+
+
+class Prefecture:
+    """The prefecture node with two county peers; the test holds both counties' keys."""
+
+    def __init__(self, tmp_path: Path, database_url: str, **county_a: Any) -> None:
+        for p in ("county-a", "county-b"):
+            (tmp_path / p).mkdir(exist_ok=True)
+        self.keys = {p: nodekey.load_or_create(tmp_path / p) for p in ("county-a", "county-b")}
+        peers = {p: {"url": "http://127.0.0.1:9", "public_key": public_text(k), "units": [u]}
+                 for (p, k), u in zip(self.keys.items(), (COUNTY_A, CITY_B))}
+        peers["county-a"].update(county_a)
+        cfg = node_config(tmp_path, database_url, peers=peers, api={"max_blob_bytes": 4096},
+                          routes=[{"units": [PREFECTURE], "adapter": "rec"}])
+        migrate.upgrade(cfg.database_url())
+        self.node = Node(cfg)
+        self.client: FlaskClient = create_app(node=self.node).test_client()
+
+    def post(self, as_node: str, path: str, body: Any) -> Any:
+        raw = json.dumps(body, ensure_ascii=False).encode()
+        headers = Signer(as_node, self.keys[as_node]).sign("POST", URL + path, {}, raw, to="prefecture")
+        return self.client.post(URL + path, data=raw, headers={"Content-Type": "application/json", **headers})
+
+    def get(self, as_node: str, path: str) -> Any:
+        headers = Signer(as_node, self.keys[as_node]).sign("GET", URL + path, {}, None, to="prefecture")
+        return self.client.get(URL + path, headers=headers)
+
+    def audit(self, action: str) -> list[AuditEntry]:
+        with self.node.db.sessions() as s:
+            return list(s.scalars(select(AuditEntry).where(AuditEntry.action == action)))
+
+    def messages(self) -> list[str]:
+        with self.node.db.sessions() as s:
+            return list(s.scalars(select(Message.id)))
+
+
+@pytest.fixture
+def pref(tmp_path: Path, database_url: str) -> Iterator[Prefecture]:
+    RecordingAdapter.instances.clear()
+    p = Prefecture(tmp_path, database_url)
+    yield p
+    p.node.close()
+
+
+def forward(sender_unit: str, sender_node: str, hops: list[str], title: str = "冒充发文",
+            content: bytes | None = None, inline: bool = True, to: str = PREFECTURE,
+            **extra: Any) -> dict[str, Any]:
+    """A forward of a small document to the prefecture's own unit, its body inline (or, with
+    ``inline`` off, to be fetched from the sender)."""
+    content = content if content is not None else f"{title} 正文".encode()
+    sha = hashlib.sha256(content).hexdigest()
+    doc = DocumentIn.model_validate({
+        "sender_unit": sender_unit, "issuer": "测试机关", "doc_type": "通知", "doc_number": "州政办发〔2026〕41号",
+        "title": title, "written_date": "2026-11-26", "recipients": [{"unit": to}],
+        "body": {"sha256": sha, "name": "正文.ofd", "media_type": "application/ofd"}, **extra})
+    env = to_envelope(doc, message_id=None, node_id=sender_node, sizes={sha: len(content)})
+    return {"message_id": env.message_id, "units": [to], "hops": hops,
+            "envelope": env.to_xml().decode("utf-8"),
+            "blobs": {sha: base64.b64encode(content).decode()} if inline else {}}
+
+
+def test_a_county_forwards_a_document_of_its_own_unit(pref: Prefecture) -> None:
+    r = pref.post("county-a", "/messages", forward(COUNTY_A, "county-a", ["county-a"]))
+    assert r.status_code == 200, r.get_json()
+
+
+def test_a_county_cannot_send_as_a_unit_of_another_county_by_naming_it_the_first_hop(pref: Prefecture) -> None:
+    """County A claims the document came from county B and passed county A on its way: but
+    only a node's parent relays for other nodes, and county A is nobody's parent here."""
+    body = forward(CITY_B, "county-b", ["county-b", "county-a"])
+    r = pref.post("county-a", "/messages", body)
+    assert r.status_code == 422, r.get_json()
+    assert r.get_json()["type"].endswith(":forbidden-unit")
+    assert body["message_id"] not in pref.messages()
+
+
+def test_a_refused_forward_is_audited_in_the_name_of_the_node_that_signed_it(pref: Prefecture) -> None:
+    """An authenticated peer's attempt is a security event of that node, not an anonymous one."""
+    pref.post("county-a", "/messages", forward(CITY_B, "county-b", ["county-b", "county-a"]))
+    [entry] = pref.audit("federation.reject")
+    assert (entry.actor, entry.object, entry.outcome) == ("node:county-a", "POST /federation/v1/messages",
+                                                          "forbidden-unit")
+    assert pref.audit("api.refuse") == []
+
+
+def test_a_county_cannot_send_as_a_unit_of_the_prefecture(pref: Prefecture) -> None:
+    r = pref.post("county-a", "/messages", forward(PREFECTURE, "county-a", ["county-a"]))
+    assert r.status_code == 422, r.get_json()
+    r = pref.post("county-a", "/messages", forward(PREFECTURE, "prefecture", ["prefecture", "county-a"]))
+    assert r.status_code == 422, r.get_json()
+
+
+def serve_blob(pref: Prefecture, content: bytes) -> list[str]:
+    """County A's node answers every blob fetch with ``content``; the paths fetched."""
+    fetched: list[str] = []
+
+    @contextmanager
+    def get_stream(peer: str, path: str) -> Iterator[Any]:
+        fetched.append(path)
+        yield SimpleNamespace(raw=io.BytesIO(content))
+
+    pref.node.federation.client.get_stream = get_stream  # type: ignore[method-assign]
+    return fetched
+
+
+def test_an_attachment_larger_than_this_node_takes_is_refused_before_it_is_fetched(pref: Prefecture) -> None:
+    """A peer declares a body of any size it likes; it is held to [api] max_blob_bytes, as a
+    caller's upload and a ferry file are, and is not fetched at all."""
+    content = b"x" * 5000
+    fetched = serve_blob(pref, content)
+    body = forward(COUNTY_A, "county-a", ["county-a"], content=content, inline=False)
+    r = pref.post("county-a", "/messages", body)
+    assert r.status_code == 413, r.get_json()
+    assert r.get_json()["type"].endswith(":too-large") and "4096" in r.get_json()["detail"]
+    assert fetched == [] and body["message_id"] not in pref.messages()
+
+
+def test_a_fetched_attachment_longer_than_its_envelope_says_is_a_422_not_a_500(pref: Prefecture) -> None:
+    fetched = serve_blob(pref, b"y" * 3000)
+    body = forward(COUNTY_A, "county-a", ["county-a"], content=b"y" * 1000, inline=False)
+    r = pref.post("county-a", "/messages", body)
+    assert r.status_code == 422, r.get_json()
+    assert "does not match" in r.get_json()["detail"]
+    assert len(fetched) == 1 and body["message_id"] not in pref.messages()
+
+
+def test_the_same_impersonation_in_a_batch_item_is_refused_and_the_batch_goes_on(pref: Prefecture) -> None:
+    forged = forward(CITY_B, "county-b", ["county-b", "county-a"], title="批量冒充")
+    own = forward(COUNTY_A, "county-a", ["county-a"], title="批量本县")
+    r = pref.post("county-a", "/batch", {"items": [{"seq": 1, "kind": "forward", **forged},
+                                                  {"seq": 2, "kind": "forward", **own}]})
+    assert r.status_code == 200, r.get_json()
+    assert [(x["outcome"], x.get("type")) for x in r.get_json()["results"]] == [("rejected", "forbidden-unit"),
+                                                                              ("ok", None)]
+    assert forged["message_id"] not in pref.messages() and own["message_id"] in pref.messages()
+    [entry] = pref.audit("federation.reject")
+    assert (entry.actor, entry.object, entry.outcome) == ("node:county-a", "batch item 1", "forbidden-unit")
+
+
+def test_a_county_cannot_recall_a_document_another_county_sent(pref: Prefecture) -> None:
+    body = forward(CITY_B, "county-b", ["county-b"], title="乙市发文")
+    assert pref.post("county-b", "/messages", body).status_code == 200
+    r = pref.post("county-a", "/recall", {"message_id": body["message_id"], "units": [PREFECTURE]})
+    assert r.status_code == 404, r.get_json()
+    with pref.node.db.sessions() as s:
+        assert pref.audit("message.recall") == [] and s.get(Message, body["message_id"]) is not None
+
+
+def test_a_document_above_the_link_clearance_is_refused(pref: Prefecture) -> None:
+    body = forward(COUNTY_A, "county-a", ["county-a"], title="绝密测试", classification="绝密",
+                   classification_period="长期")
+    r = pref.post("county-a", "/messages", body)
+    assert r.status_code == 403, r.get_json()
+    assert r.get_json()["type"].endswith(":clearance-too-low")
+
+
+@pytest.mark.parametrize("nonce", ["n" * 65, "n" * 4000])
+def test_a_nonce_longer_than_this_node_keeps_is_refused_as_a_bad_signature(pref: Prefecture, nonce: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The nonce is the signer's to choose; one no nonce column keeps is a 401, not a 500."""
+    with monkeypatch.context() as m:
+        m.setattr(signing.secrets, "token_urlsafe", lambda _n: nonce)
+        r = pref.post("county-a", "/status", {"items": []})
+    assert r.status_code == 401, r.get_json()
+    assert r.get_json()["type"].endswith(":bad-signature") and "nonce" in r.get_json()["detail"]
+    [entry] = pref.audit("federation.reject")
+    assert entry.actor == "node:county-a"
+
+
+def test_a_county_whose_clearance_was_lowered_cannot_pull_what_was_queued_for_it_before(
+        tmp_path: Path, database_url: str) -> None:
+    """A 机密 document is queued for county A; then county A's link is lowered to 秘密 (its
+    node is suspected compromised). Its pull gets nothing of that document, not even the
+    body by its hash, and the copy fails here for the sender to see."""
+    before = Prefecture(tmp_path, database_url, link="batch")
+    body = forward(CITY_B, "county-b", ["county-b"], title="机密下发", to=COUNTY_A, classification="机密",
+                   classification_period="10年")
+    assert before.post("county-b", "/messages", body).status_code == 200
+    before.node.close()
+    pref = Prefecture(tmp_path, database_url, link="batch", clearance="秘密")
+    try:
+        sha = next(iter(body["blobs"]))
+        r = pref.get("county-a", "/batch")
+        assert r.status_code == 200, r.get_json()
+        assert r.get_json()["items"] == []
+        assert pref.get("county-a", f"/messages/{body['message_id']}/blobs/{sha}").status_code == 404
+        with pref.node.db.sessions() as s:
+            assert s.scalars(select(Delivery.status).where(Delivery.message_id == body["message_id"])).all() == [
+                "failed"]
+    finally:
+        pref.node.close()
