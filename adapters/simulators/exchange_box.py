@@ -27,7 +27,7 @@ import os
 import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -134,15 +134,32 @@ class CallbackJob:
 
 class ExchangeBoxState:
     """What the box received and did. ``archives`` is keyed by (archiveid, receiver unit);
-    ``counters``: posts, accepted, duplicates, rejected, callbacks_sent, callback_failures."""
+    ``counters``: posts, accepted, duplicates, rejected, callbacks_sent, callback_failures.
 
-    def __init__(self) -> None:
+    Bounded: the box runs inside ``gateway serve`` (embedded default) for as long as the node
+    does, and each archive holds the whole POST body, so only the newest archives are kept,
+    at most ``max_archives`` of them and ``max_bytes`` of bodies (the newest always; the
+    oldest dropped first: a clerk signing one of those gets KeyError, a sender posting it
+    again gets a new receipt), and the newest ``max_log`` callbacks and rejections."""
+
+    def __init__(self, max_archives: int = 10_000, max_bytes: int = 32 * 1024 * 1024,
+                 max_log: int = 1_000) -> None:
         self.lock = threading.RLock()
+        self.max_archives = max_archives
+        self.max_bytes = max_bytes
+        self._bytes = 0  # bodies held in archives (one body may be shared by several receivers)
         self.archives: dict[tuple[str, str], ReceivedArchive] = {}
         self.counters: Counter[str] = Counter()
-        self.callbacks: list[CallbackJob] = []
-        self.rejections: list[tuple[int, str]] = []
+        self.callbacks: deque[CallbackJob] = deque(maxlen=max_log)
+        self.rejections: deque[tuple[int, str]] = deque(maxlen=max_log)
         self._seq = itertools.count(1)
+
+    def keep(self, key: tuple[str, str], rec: ReceivedArchive) -> None:
+        """Store ``rec`` (hold :attr:`lock`), dropping the oldest archives past the bound."""
+        self.archives[key] = rec
+        self._bytes += len(rec.body)
+        while len(self.archives) > 1 and (len(self.archives) > self.max_archives or self._bytes > self.max_bytes):
+            self._bytes -= len(self.archives.pop(next(iter(self.archives))).body)
 
     def next_receipt_no(self) -> str:
         with self.lock:
@@ -224,7 +241,7 @@ class ExchangeBox:
                         req.headers.get("Content-Length"), self.state.next_receipt_no(),
                         datetime.now(CST), root.findtext("archiveparameters/title") or "",
                     )
-                    self.state.archives[key] = rec
+                    self.state.keep(key, rec)
                     self.state.counters["accepted"] += 1
                     new.append(rec)
                 answers.append(rec)

@@ -126,6 +126,11 @@ class DocExchangeState:
     API (``sign``, ``return_document``) and the inspection counters are for tests and the demo.
     ``auto_sign=True`` starts a thread that signs every new document ``auto_sign_delay``
     seconds after it arrives; :meth:`close` stops it.
+
+    Bounded: it runs inside ``gateway serve`` (embedded default) for as long as the node
+    does, and each document holds its body, so only the newest documents are kept, at most
+    ``max_docs`` of them and ``max_body_bytes`` of bodies (the newest always); an older one
+    is as unknown as one never sent. ``arrivals`` keeps the newest ``max_docs`` times.
     """
 
     def __init__(
@@ -135,7 +140,12 @@ class DocExchangeState:
         auto_sign_delay: float = 2.0,
         auto_signer: str = "值班员",
         response_delay: float = 0.0,
+        max_docs: int = 20_000,
+        max_body_bytes: int = 32 * 1024 * 1024,
     ) -> None:
+        self.max_docs = max_docs
+        self.max_body_bytes = max_body_bytes
+        self._body_bytes = 0
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._docs: dict[str, StoredDocument] = {}
@@ -228,6 +238,12 @@ class DocExchangeState:
             )
             self._docs[doc_id] = doc
             self.arrivals[doc_id] = time.monotonic()
+            self._body_bytes += len(doc.body)
+            # the oldest first (dicts keep insertion order; a new status keeps the place)
+            while len(self._docs) > 1 and (len(self._docs) > self.max_docs or self._body_bytes > self.max_body_bytes):
+                self._body_bytes -= len(self._docs.pop(next(iter(self._docs))).body)
+            while len(self.arrivals) > self.max_docs:
+                del self.arrivals[next(iter(self.arrivals))]
             if self._auto_thread is not None:
                 self._sign_queue.append((time.monotonic() + self.auto_sign_delay, doc_id))
                 self._cond.notify_all()
