@@ -180,6 +180,9 @@ class ApiConfig(_Strict):
     #: used for this many days is removed by the ``blobs`` job ([schedules.blobs]); 0: kept
     #: forever. Content a message names is never removed.
     unclaimed_upload_days: int = Field(default=0, ge=0, le=3650)
+    #: an Idempotency-Key is honoured for this many days after its first request; the
+    #: ``prune`` job ([schedules.prune]) forgets older ones (a message id is honoured for good)
+    idempotency_days: int = Field(default=30, ge=1, le=3650)
 
     @property
     def in_use_seconds(self) -> int:
@@ -206,6 +209,9 @@ class WorkerConfig(_Strict):
     lease_seconds: float = Field(default=120.0, gt=0, le=_DAY)
     poll_interval: float = Field(default=5.0, gt=0, le=_DAY)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    #: outbox rows done (delivered, sent, given up as recalled) this many days ago are removed
+    #: by the ``prune`` job ([schedules.prune]); dead and waiting rows are kept
+    keep_done_days: int = Field(default=30, ge=1, le=3650)
 
 
 class WebhookConfig(_Strict):

@@ -152,6 +152,16 @@ def _blobs(node: Node) -> dict[str, Any]:
 register("blobs", _blobs, "remove stored content no message names, unused for [api] unclaimed_upload_days")
 
 
+def _prune(node: Node) -> dict[str, Any]:
+    from gateway import prune
+
+    return prune.run(node)
+
+
+register("prune", _prune, "remove outbox rows done for [worker] keep_done_days and Idempotency-Keys older "
+                          "than [api] idempotency_days")
+
+
 # -- configuration -------------------------------------------------------------------------
 CRON_EXPECTED = ('expected 5 fields (minute hour day-of-month month day-of-week) or 6 with seconds first, '
                  'e.g. "*/5 * * * *" or "30 0 2 * * *"')
