@@ -434,7 +434,9 @@ def note_text(data: bytes) -> str:
 def refusal_item(state: StateStore, mark_key: str, *, ref: str, unit: str, note: bytes, mtime: float, key: str,
                  source: str) -> PolledItem:
     """A REFUSED receipt for the note the legacy side left beside our file ``ref``. Taking
-    it (ack) raises the high-water mark ``mark_key`` of note times (see :func:`refusal_mark`)."""
+    it (ack) or refusing it (a note for no copy of this node's) raises the high-water mark
+    ``mark_key`` of note times (see :func:`refusal_mark`): the note is left where it is either
+    way, and a refused one is refused again each time it is read (gateway.inbound.ingest)."""
     receipt = Receipt(unit=unit, action="REFUSED", remote_ref=ref, reason=note_text(note) or "no reason given",
                       time=datetime.fromtimestamp(mtime, UTC))
     item = PolledItem(key=key, receipt=receipt, source=source)
@@ -443,6 +445,7 @@ def refusal_item(state: StateStore, mark_key: str, *, ref: str, unit: str, note:
         state.advance(mark_key, int(mtime))
 
     item._ack = taken
+    item._reject = lambda _reason: taken()
     return item
 
 

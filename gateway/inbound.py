@@ -144,11 +144,16 @@ def ingest(node: Node, adapter_name: str, item: PolledItem) -> str:
                 s.add(IngestedItem(key=item.key, adapter=adapter_name, outcome=outcome))
     except (UnmatchedReceipt, pipeline.Rejected) as exc:
         reason = str(exc)
-        with node.db.begin() as s:
-            if s.get(IngestedItem, item.key) is None:
-                s.add(IngestedItem(key=item.key, adapter=adapter_name, outcome="rejected"))
-                audit.append(s, actor=f"adapter:{adapter_name}", action="inbound.reject", obj=item.key,
-                             outcome="rejected", detail={"reason": reason, "source": item.source})
+        try:
+            with node.db.begin() as s:
+                if s.get(IngestedItem, item.key) is None:
+                    s.add(IngestedItem(key=item.key, adapter=adapter_name, outcome="rejected"))
+                    audit.append(s, actor=f"adapter:{adapter_name}", action="inbound.reject", obj=item.key,
+                                 outcome="rejected", detail={"reason": reason, "source": item.source})
+        except node.db.integrity_errors:
+            # another instance polling the same source refused the item at the same moment and
+            # recorded (and audited) it first: refused here all the same, the round goes on
+            pass
         log.warning("%s: rejected %s: %s", adapter_name, item.key, reason)
         item.reject(reason)
         return "rejected"

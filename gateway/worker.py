@@ -211,6 +211,8 @@ class Worker:
         self.threads = threads or self.cfg.threads
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._stop = threading.Event()
+        #: the delivery threads have ended (stop): the recorder ends once it has recorded the rest
+        self._drained = threading.Event()
         self._threads: list[threading.Thread] = []
         #: claimed rows not started yet, most urgent first; the delivery threads take from it
         #: themselves (guarded by _cv, as are _busy and _closing)
@@ -511,6 +513,7 @@ class Worker:
 
     def start(self) -> None:
         self._stop.clear()
+        self._drained.clear()
         self._closing = False
         self._delivery_threads = [threading.Thread(target=self._delivery_loop, name=f"delivery-{i}", daemon=True)
                                   for i in range(self.threads)]
@@ -642,7 +645,7 @@ class Worker:
             try:
                 first = self._outcomes.get(timeout=0.2)
             except queue.Empty:
-                if self._stop.is_set():
+                if self._drained.is_set():  # not _stop: deliveries still running put outcomes later
                     self.node.db.release_connection()
                     return
                 continue
@@ -679,6 +682,7 @@ class Worker:
             self._cv.notify_all()
         for t in self._delivery_threads:
             t.join(timeout)
+        self._drained.set()
         if unstarted:
             try:
                 self._release(unstarted)

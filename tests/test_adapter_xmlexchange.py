@@ -510,3 +510,22 @@ def test_folder_clerk_refuses_a_tampered_archive(tmp_path: Path, ctx, envelope) 
     old = time.time() - 3600  # notes older than the newest one taken are not read again
     os.utime(root / "failed" / (name + ".error"), (old, old))
     assert [i for i in adapter.poll() if i.receipt is not None and i.receipt.action == "REFUSED"] == []
+
+
+def test_a_refusal_note_for_no_copy_of_ours_is_not_read_again_once_refused(tmp_path: Path, ctx) -> None:
+    """A note the gateway refuses (it names no copy of this node's: the ingest refuses it again
+    each time it sees it) raises the mark like one taken: refused notes must not be read and
+    refused on every poll for ever, each taking a place of max_per_poll from newer notes."""
+    root = tmp_path / "box"
+    FolderClerk(root)
+    note = root / "failed" / "GW_stray-1.xml.error"
+    note.write_bytes("不是本系统的文件".encode("gb18030"))
+    then = time.time() - 100
+    os.utime(note, (then, then))
+    adapter = folder_adapter(ctx, root)
+    [item] = [i for i in adapter.poll() if i.receipt is not None and i.receipt.action == "REFUSED"]
+    item.reject("no delivery through adapter box matches the receipt")
+    assert ctx.state.get("refused-mtime") == str(int(then))
+    old = then - 3600  # notes older than the mark are not read again
+    os.utime(note, (old, old))
+    assert [i for i in adapter.poll() if i.receipt is not None and i.receipt.action == "REFUSED"] == []

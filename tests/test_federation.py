@@ -344,6 +344,7 @@ def test_forwards_in_one_batch_are_accepted_together_but_refused_one_by_one(clus
     assert r.json()["results"][1]["type"] == "no-route" and "loop" in r.json()["results"][1]["detail"]
     stored = {m for (m,) in rows(a, select(Message.id).where(Message.id.in_([i["message_id"] for i in items])))}
     assert stored == {items[0]["message_id"], items[2]["message_id"]}
-    # the same batch again: nothing is applied twice
+    # the same batch again: nothing is applied twice, and the refused item is refused again (a
+    # "duplicate" would have the sender record it as handed over)
     r = _post(url, body, _signer_as(cluster, "prefecture").sign("POST", url, {}, body, to="county-a"))
-    assert [x["outcome"] for x in r.json()["results"]] == ["duplicate"] * 3
+    assert [x["outcome"] for x in r.json()["results"]] == ["duplicate", "rejected", "duplicate"]

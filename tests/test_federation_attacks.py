@@ -168,6 +168,20 @@ def test_the_same_impersonation_in_a_batch_item_is_refused_and_the_batch_goes_on
     assert (entry.actor, entry.object, entry.outcome) == ("node:county-a", "batch item 1", "forbidden-unit")
 
 
+def test_a_refused_batch_item_sent_again_is_refused_again_not_answered_duplicate(pref: Prefecture) -> None:
+    """The sender lost the first answer and sends the batch again: the refused item must not
+    come back as a duplicate, which the sender records as handed over (its copies would wait
+    for a status report that never comes)."""
+    forged = forward(CITY_B, "county-b", ["county-b", "county-a"], title="再次冒充")
+    own = forward(COUNTY_A, "county-a", ["county-a"], title="再次本县")
+    batch = {"items": [{"seq": 1, "kind": "forward", **forged}, {"seq": 2, "kind": "forward", **own}]}
+    assert pref.post("county-a", "/batch", batch).status_code == 200
+    again = pref.post("county-a", "/batch", batch)
+    assert again.status_code == 200, again.get_json()
+    assert [x["outcome"] for x in again.get_json()["results"]] == ["rejected", "duplicate"]
+    assert len(pref.audit("federation.reject")) == 1  # audited once, when it was refused
+
+
 def test_a_county_cannot_recall_a_document_another_county_sent(pref: Prefecture) -> None:
     body = forward(CITY_B, "county-b", ["county-b"], title="乙市发文")
     assert pref.post("county-b", "/messages", body).status_code == 200

@@ -464,6 +464,36 @@ def test_two_instances_polling_the_same_sftp_outbox_take_a_duty_report_in_once(t
         shutil.rmtree(openssh_server.data_root / sub, ignore_errors=True)
 
 
+def test_two_instances_refusing_the_same_receipt_at_once_both_finish_their_round(tmp_path, pg_node):
+    """Two instances poll the exchange box's folder at the same moment and both read a receipt
+    for a document this node never sent: both refuse it and both get past their "recorded
+    already?" read before either commits (the chain's lock is held until both wait for it).
+    One records and audits the refusal; the other finds it recorded and goes on with its
+    round instead of failing it on the unique violation."""
+    box = tmp_path / "box"
+    adapter = {"type": "xml-exchange", "mode": "folder", "folder": str(box)}
+    clerk = FolderClerk(box)
+    settings = tmp_path / "adapter.json"
+    settings.write_text(json.dumps(adapter), encoding="utf-8")
+    node = Node(_sftp_config(tmp_path, pg_node.config.database_url(), adapter))
+    try:
+        node.adapter("countydrop")  # the folders exist before the clerk writes
+        clerk.write_receipt(remote_ref("never-sent-0001", CITY_B), CITY_B, "ARRIVED")
+        with psycopg.connect(_libpq(node.config.database_url()), autocommit=True) as chain:
+            chain.execute("SELECT pg_advisory_lock(%s)", (audit._LOCK_ID,))  # every refusal waits here
+            pollers = [_start(node, "collect-sftp", str(settings)) for _ in range(2)]
+            _wait_until_blocked(node, *pollers)
+            chain.execute("SELECT pg_advisory_unlock(%s)", (audit._LOCK_ID,))
+        counts = [_finish(p) for p in pollers]
+        assert counts == [{"rejected": 1}, {"rejected": 1}], counts
+        with node.db.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(AuditEntry).where(
+                AuditEntry.action == "inbound.reject")) == 1
+        assert len(list((box / "failed").glob("HZ_*.xml"))) == 1
+    finally:
+        node.close()
+
+
 @pytest.mark.parametrize("drop", ["sftp", "exchange-box"])
 def test_a_receipt_written_under_a_name_another_instance_just_collected_is_not_acknowledged_unread(
         request, tmp_path, pg_node, drop):

@@ -52,12 +52,14 @@ def _key(peer: str, seq: int) -> str:
     return f"batch:{peer}:{seq}"
 
 
-def _applied(node: Node, peer: str, seqs: list[int]) -> set[int]:
+def _applied(node: Node, peer: str, seqs: list[int]) -> dict[int, str]:
+    """Of ``seqs``, the items recorded before, with their outcome (ok or rejected)."""
     if not seqs:
-        return set()
+        return {}
     with node.db.sessions() as s:
-        keys = set(s.scalars(select(IngestedItem.key).where(IngestedItem.key.in_([_key(peer, q) for q in seqs]))))
-    return {q for q in seqs if _key(peer, q) in keys}
+        done = dict(s.execute(select(IngestedItem.key, IngestedItem.outcome).where(
+            IngestedItem.key.in_([_key(peer, q) for q in seqs]))).tuples().all())
+    return {q: done[_key(peer, q)] for q in seqs if _key(peer, q) in done}
 
 
 def _record_applied(node: Node, peer: str, results: list[dict[str, Any]]) -> None:
@@ -111,8 +113,9 @@ def item_for(node: Node, job: Job, *, inline: bool = True) -> dict[str, Any] | N
 # -- applying items (receiver) ------------------------------------------------------------
 def apply_items(node: Node, peer: str, items: Any) -> dict[str, Any]:
     """Apply a batch from ``peer`` in order. Answers one result per item it looked at:
-    ``ok``, ``duplicate`` (at or below the cursor, or already here), ``rejected`` (will never
-    be accepted: the sender dead-letters it) or ``retry`` (the batch stopped there)."""
+    ``ok``, ``duplicate`` (applied before, or already here), ``rejected`` (will never be
+    accepted, or was refused before: the sender dead-letters it) or ``retry`` (the batch
+    stopped there)."""
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
         raise transfer.TransferError(400, "validation", "items: expected a list of objects")
     seqs = [i.get("seq") for i in items]
@@ -141,7 +144,11 @@ def apply_items(node: Node, peer: str, items: Any) -> dict[str, Any]:
     for item in items:
         seq = item["seq"]
         if seq in seen:
-            results.append({"seq": seq, "outcome": "duplicate"})
+            # an item refused when it first came (its answer lost) is refused again: a
+            # "duplicate" would make the sender record it as handed over
+            results.append({"seq": seq, "outcome": "rejected", "type": "refused-before",
+                            "detail": "this item was refused when it first came (see this node's audit log)"}
+                           if seen[seq] == "rejected" else {"seq": seq, "outcome": "duplicate"})
             continue
         try:
             if item.get("kind") == "forward":
