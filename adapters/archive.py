@@ -172,7 +172,7 @@ def iter_archive(
         plan.append((sha, size))
         f.text = marker
     text = XML_DECLARATION + etree.tostring(root, encoding="unicode", pretty_print=True)
-    parts = [p.encode("gb18030") for p in text.split(marker)]
+    parts = [xmlsafe.gb18030_encode(p) for p in text.split(marker)]
     if len(parts) != len(files) + 1:  # pragma: no cover - a 128-bit collision
         raise ArchiveFormatError("files", "internal marker collision; retry")
     return ArchiveStream(parts, plan, blobs, chunk_size)
@@ -427,7 +427,7 @@ def note_text(data: bytes) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        text = data.decode("gb18030", errors="replace")
+        text = xmlsafe.gb18030_decode(data, errors="replace")
     return text.strip()[:2000]
 
 

@@ -882,7 +882,7 @@ class SftpAdapter(Adapter):
         if failed:  # in GB18030, as everything on the drop (legacy README §2)
             note = (reason or "rejected").strip()[:4000] + "\n"
             with sftp.open(dst + ERROR_SUFFIX, "wb") as fh:
-                fh.write(note.encode("gb18030", errors="replace"))
+                fh.write(xmlsafe.gb18030_encode(note, errors="replace"))
         try:
             _rename_over(sftp, src, dst)
         except FileNotFoundError:

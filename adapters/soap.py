@@ -195,6 +195,12 @@ class _Transport(zeep.Transport):
 
     def post(self, address: str, message: Any, headers: Any) -> requests.Response:
         response = super().post(address, message, headers)
+        # zeep hands the answer to libxml2, which takes encoding="GBK" at its word and refuses
+        # a 4-byte GB18030 name in it: a GB-family answer is decoded as our own parser does
+        try:
+            response._content = xmlsafe.normalise_gb(response.content)
+        except xmlsafe.UnsafeXMLError:
+            pass  # not GB18030 at all: zeep says what is wrong with it
         if response.status_code >= 400 and not _has_soap_fault(response.content):
             raise zeep.exceptions.TransportError(
                 f"HTTP {response.status_code}", status_code=response.status_code

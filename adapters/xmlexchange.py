@@ -253,7 +253,8 @@ class XmlExchangeAdapter(Adapter):
         if xmlsafe.declared_encoding(body) is None and charset and charset not in ("utf-8", "utf8"):
             # No XML declaration: the Content-Type charset is all that says how to decode.
             try:
-                data = body.decode("gb18030" if charset in ("gbk", "gb2312") else charset)
+                data = (xmlsafe.gb18030_decode(body) if charset in xmlsafe.GB_FAMILY
+                        else body.decode(charset))
             except (LookupError, UnicodeDecodeError) as exc:
                 raise PermanentError(f"callback body is not valid {charset}: {exc}",
                                      code="bad-receipt") from None
@@ -444,7 +445,7 @@ class XmlExchangeAdapter(Adapter):
             # random part, as the SFTP adapter's: two reuses within a second stay apart)
             target = f"{name[:-4]}.{time.strftime('%Y%m%d%H%M%S')}.{secrets.token_hex(3)}.xml"
         if note is not None:
-            (dest / (target + ".error")).write_bytes(note.encode("gb18030"))
+            (dest / (target + ".error")).write_bytes(xmlsafe.gb18030_encode(note))
         try:
             os.replace(outbox / name, dest / target)
         except FileNotFoundError:
@@ -518,7 +519,7 @@ def _read_note(path: Path) -> str:
 def _snippet(body: bytes, limit: int = 300) -> str:
     """A short, printable excerpt of an answer for error messages (legacy boxes answer
     GB18030; an error ``<receipt>``/``<result>`` text is preferred when present)."""
-    text = body[:4000].decode("gb18030", "replace")
+    text = xmlsafe.gb18030_decode(body[:4000], "replace")
     m = re.search(r"<(?:error|result|message)[^>]*>([^<]{1,500})<", text)
     text = m.group(1) if m else text
     text = " ".join(text.split())

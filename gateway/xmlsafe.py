@@ -9,7 +9,8 @@ Every parsing choice that matters for safety lives here, safe by default:
   sending one, and refusing it is simpler to reason about than tolerating it;
 * ``huge_tree=False`` plus our own ``max_bytes`` and ``max_depth`` limits;
 * the encoding declared in the prolog is honoured, so GB18030/GBK legacy files decode
-  correctly (GB2312 and GBK are read as GB18030, their superset).
+  correctly (GB2312 and GBK are read as GB18030, their superset, and GB18030 as its 2022
+  edition reads it: :func:`gb18030_decode`).
 
 Nobody builds an ``etree.XMLParser`` by hand elsewhere.
 """
@@ -52,7 +53,39 @@ def plain_json(data: bytes) -> bool:
     return not (b"\\" in data or b"&" in data or b"<" in data or b">" in data)
 
 
-_GB_FAMILY = {"gb2312", "gbk", "gb18030", "cp936", "x-gbk", "euc-cn"}
+#: names of GB2312, GBK and GB18030 (with their IANA aliases: a Windows system writes
+#: windows-936), all read as GB18030, their superset
+GB_FAMILY = {"gb2312", "gbk", "gb18030", "cp936", "x-gbk", "euc-cn", "ms936", "windows-936", "csgbk", "csgb2312",
+             "gb_2312-80", "csgb18030"}
+
+#: GB18030-2022 maps 18 two-byte codes (ten vertical forms, eight CJK components) to their
+#: standard code points; GB18030-2005, and Python's codec, to the Private Use Area. So a
+#: 2022 peer's 龴 (FE59) would read as U+E81E, and our U+9FB4 would go out as the 4-byte code
+#: a 2022 peer reads as U+E81E: a blank in a name either way. Read both editions' two-byte
+#: code as the standard character; write the two-byte code, which both editions (and GBK)
+#: take for that character.
+_GB2022_PUA = {
+    0xFE10: 0xE78D, 0xFE12: 0xE78E, 0xFE11: 0xE78F, 0xFE13: 0xE790, 0xFE14: 0xE791, 0xFE15: 0xE792,
+    0xFE16: 0xE793, 0xFE17: 0xE794, 0xFE18: 0xE795, 0xFE19: 0xE796, 0x9FB4: 0xE81E, 0x9FB5: 0xE826,
+    0x9FB6: 0xE82B, 0x9FB7: 0xE82C, 0x9FB8: 0xE832, 0x9FB9: 0xE843, 0x9FBA: 0xE854, 0x9FBB: 0xE864,
+}
+_FROM_PUA = {pua: std for std, pua in _GB2022_PUA.items()}
+_ANY_PUA = re.compile("[" + "".join(map(chr, _FROM_PUA)) + "]")
+_ANY_MOVED = re.compile("[" + "".join(map(chr, _GB2022_PUA)) + "]")
+
+
+def gb18030_decode(data: bytes, errors: str = "strict") -> str:
+    """``data`` decoded as GB18030 as its 2022 edition reads it (see :data:`_GB2022_PUA`)."""
+    text = data.decode("gb18030", errors)
+    # a regex search first: str.translate looks at every character of a 64 MB archive
+    return text.translate(_FROM_PUA) if _ANY_PUA.search(text) else text
+
+
+def gb18030_encode(text: str, errors: str = "strict") -> bytes:
+    """``text`` in GB18030 as both its 2005 and 2022 editions read it (see :data:`_GB2022_PUA`)."""
+    if _ANY_MOVED.search(text):
+        text = text.translate(_GB2022_PUA)
+    return text.encode("gb18030", errors)
 
 
 class UnsafeXMLError(ValueError):
@@ -115,14 +148,14 @@ def declared_encoding(data: bytes) -> str | None:
     return m.group(1).decode("ascii").lower() if m else None
 
 
-def _normalise_gb(data: bytes) -> bytes:
+def normalise_gb(data: bytes) -> bytes:
     """libxml2 may lack GB18030 (it depends on the iconv it was built with); decode
     GB-family documents ourselves and hand lxml UTF-8 with the declaration rewritten."""
     enc = declared_encoding(data)
-    if enc is None or enc not in _GB_FAMILY:
+    if enc is None or enc not in GB_FAMILY:
         return data
     try:
-        text = data.decode("gb18030")
+        text = gb18030_decode(data)
     except UnicodeDecodeError as exc:
         raise UnsafeXMLError(
             f"the document declares encoding {enc} but byte {exc.start} is not valid GB18030",
@@ -138,9 +171,8 @@ def parse(data: bytes | str, limits: XMLLimits | None = None, charset: str | Non
     which wins over the document's own declaration (RFC 7303, section 3.2)."""
     limits = limits or XMLLimits()
     if isinstance(data, bytes) and charset and charset.lower().replace("_", "-") not in ("utf-8", "utf8"):
-        codec = "gb18030" if charset.lower() in _GB_FAMILY else charset
         try:
-            data = data.decode(codec)
+            data = gb18030_decode(data) if charset.lower() in GB_FAMILY else data.decode(charset)
         except LookupError:
             raise UnsafeXMLError(f"unknown charset {charset!r}; send UTF-8 or GB18030", kind="bad-encoding") from None
         except UnicodeDecodeError as exc:
@@ -158,7 +190,7 @@ def parse(data: bytes | str, limits: XMLLimits | None = None, charset: str | Non
     # two lower-cased copies of themselves
     if b"<!" in data and _DECLARATION.search(data):  # anywhere: after a long comment too
         raise UnsafeXMLError("a DOCTYPE or ENTITY declaration is not allowed", kind="forbidden-dtd")
-    data = _normalise_gb(data)
+    data = normalise_gb(data)
     try:
         root = etree.fromstring(data, _parser(limits.large_text))
     except etree.XMLSyntaxError as exc:
@@ -217,7 +249,7 @@ def _too_deep(max_depth: int) -> etree.XPath:
 def tostring_gb18030(root: etree._Element) -> bytes:
     """Serialise for legacy peers: GB18030 with the matching declaration."""
     text = etree.tostring(root, encoding="unicode")
-    return ('<?xml version="1.0" encoding="GB18030"?>\n' + text).encode("gb18030")
+    return gb18030_encode('<?xml version="1.0" encoding="GB18030"?>\n' + text)
 
 
 def xslt(path) -> etree.XSLT:

@@ -416,7 +416,7 @@ class FolderClerk:
     def _move(self, name: str, dest: str, note: str | None = None) -> Path:
         src, dst = self.root / "inbox", self.root / dest
         if note is not None:
-            (dst / (name + ".error")).write_bytes(note.encode("gb18030"))
+            (dst / (name + ".error")).write_bytes(xmlsafe.gb18030_encode(note))
         os.replace(src / name, dst / name)
         try:
             os.replace(src / (name + ".ok"), dst / (name + ".ok"))

@@ -311,8 +311,10 @@ def apply_status(s: Session, peer: str, item: dict) -> str:
         return "unmatched"
     now = datetime.now(UTC)
     at = _time(item.get("at")) or now
-    signer, receipt_no, reason = (str(item[k])[:200] if item.get(k) is not None else None
-                                  for k in ("signer", "receipt_no", "reason"))
+    # cut to what the columns hold (signer, receipt_no VARCHAR(100), in characters), so that
+    # PostgreSQL refuses no batch over one value; a 退回 reason is kept as the worker keeps one
+    signer, receipt_no, reason = (str(item[k])[:most] if item.get(k) is not None else None
+                                  for k, most in (("signer", 100), ("receipt_no", 100), ("reason", 2000)))
     outcome = "unchanged"
     if d.status in STATUS_FROM[status]:
         if status in ("signed", "returned"):  # a repeated report adds no second receipt
