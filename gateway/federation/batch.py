@@ -57,8 +57,8 @@ def _applied(node: Node, peer: str, seqs: list[int]) -> dict[int, str]:
     if not seqs:
         return {}
     with node.db.sessions() as s:
-        done = dict(s.execute(select(IngestedItem.key, IngestedItem.outcome).where(
-            IngestedItem.key.in_([_key(peer, q) for q in seqs]))).tuples().all())
+        done: dict[str, str] = {key: outcome for key, outcome in s.execute(
+            select(IngestedItem.key, IngestedItem.outcome).where(IngestedItem.key.in_([_key(peer, q) for q in seqs])))}
     return {q: done[_key(peer, q)] for q in seqs if _key(peer, q) in done}
 
 
