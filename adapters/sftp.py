@@ -556,10 +556,12 @@ class SftpAdapter(Adapter):
         inbox = self._dir(self.settings.inbox, unit)
         final = posixpath.join(inbox, name)
         part = final + PART_SUFFIX
+        step = f"looking for {final}"  # what the server refused, for the message
         try:
             with self._session() as sftp:
                 if _exists(sftp, final):
                     if self.settings.done_file and not _exists(sftp, final + DONE_SUFFIX):
+                        step = f"creating {final}{DONE_SUFFIX}"
                         _touch(sftp, final + DONE_SUFFIX)  # we crashed between rename and .ok
                     return DeliveryResult(remote_id=ref, detail=f"{final} already delivered")
                 taken = posixpath.join(self._dir(self.settings.move, unit), name)
@@ -577,15 +579,19 @@ class SftpAdapter(Adapter):
                     raise RetryableError(
                         f"{self._where}: inbox {inbox} does not exist", code="no-inbox"
                     )
-                _remove_quietly(sftp, part)  # what a cut-off earlier attempt left
+                step = f"writing {part}"
+                if _exists(sftp, part):  # what a cut-off earlier attempt left (or a planted link)
+                    sftp.remove(part)  # only then: an upload-only drop may refuse every delete
                 written = self._upload(sftp, delivery, part)
                 size = sftp.stat(part).st_size
                 if size != written:
                     raise RetryableError(
                         f"{part}: the server has {size} bytes, {written} were sent"
                     )
+                step = f"renaming {part} to {name}"
                 _rename_over(sftp, part, final)
                 if self.settings.done_file:
+                    step = f"creating {final}{DONE_SUFFIX}"
                     _touch(sftp, final + DONE_SUFFIX)
         except DeliveryError:
             raise
@@ -595,7 +601,7 @@ class SftpAdapter(Adapter):
             ) from exc
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise RetryableError(
-                f"{self._where}: delivering {name} failed: {_describe(exc)}", code="transfer"
+                f"{self._where}: delivering {name} failed {step}: {_describe(exc)}", code="transfer"
             ) from exc
         log.info("sftp %s: delivered %s (%d bytes)", self.name, final, written)
         return DeliveryResult(remote_id=ref, detail=f"{final} ({written} bytes)")
@@ -665,9 +671,15 @@ class SftpAdapter(Adapter):
         """Take up to ``budget`` files from one outbox; return how many were taken."""
         folder = self._dir(self.settings.outbox, unit)
         try:
-            entries = sftp.listdir_attr(folder)
+            entries = _listdir_attr(sftp, folder)
         except FileNotFoundError:
             log.warning("sftp %s: outbox %s does not exist", self.name, folder)
+            return 0
+        except OSError as exc:
+            if _breaks_connection(exc):
+                raise
+            # one unit's folder the server will not list (permissions) must not stop the others
+            log.error("sftp %s: cannot list outbox %s of %s: %s", self.name, folder, unit, _describe(exc))
             return 0
         names = {e.filename for e in entries}
         ready: list[paramiko.SFTPAttributes] = []
@@ -721,8 +733,13 @@ class SftpAdapter(Adapter):
         what keeps a note from being taken twice."""
         folder = self._dir(self.settings.move_failed, unit)
         try:
-            entries = sftp.listdir_attr(folder)
+            entries = _listdir_attr(sftp, folder)
         except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            if _breaks_connection(exc):
+                raise
+            log.error("sftp %s: cannot list %s of %s: %s", self.name, folder, unit, _describe(exc))
             return 0
         mark_key = f"refused-mtime:{unit}"
         mark = archive.refusal_mark(self.context.state, mark_key)
@@ -854,8 +871,10 @@ class SftpAdapter(Adapter):
             raise
         except (OSError, EOFError, paramiko.SSHException) as exc:
             verb = "reject" if failed else "ack"
+            dst = self._dir(self.settings.move_failed if failed else self.settings.move, unit)
             raise RetryableError(
-                f"{self._where}: {verb} of {name} failed: {_describe(exc)}"
+                f"{self._where}: {verb} of {name} failed moving it from "
+                f"{self._dir(self.settings.outbox, unit)} to {dst}: {_describe(exc)}"
             ) from exc
 
     def _holds(self, sftp: paramiko.SFTPClient, unit: str, name: str, sha256: str) -> bool:
@@ -1001,6 +1020,34 @@ def _makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
     except OSError:
         if not _exists(sftp, path):  # someone else may have created it meanwhile
             raise
+
+
+def _listdir_attr(sftp: paramiko.SFTPClient, path: str) -> list[paramiko.SFTPAttributes]:
+    """``sftp.listdir_attr(path)`` that survives a name which is not UTF-8 (a GB18030 name
+    from the legacy side): paramiko decodes names strictly, so one such file would fail every
+    listing of its folder. Such a name comes back with its bytes escaped (``\\xbb``); the
+    backslash makes :func:`_safe_component` refuse it, so no path is ever built from it.
+    Speaks the protocol as ``listdir_attr`` itself does (paramiko internals)."""
+    t, msg = sftp._request(paramiko.sftp.CMD_OPENDIR, path)
+    if t != paramiko.sftp.CMD_HANDLE:
+        raise paramiko.SSHException(f"the server answered OPENDIR {path} with message type {t}")
+    handle = msg.get_binary()
+    entries = []
+    while True:
+        try:
+            t, msg = sftp._request(paramiko.sftp.CMD_READDIR, handle)
+        except EOFError:  # the server's "end of folder" (a dropped connection is SSHException)
+            break
+        if t != paramiko.sftp.CMD_NAME:
+            raise paramiko.SSHException(f"the server answered READDIR {path} with message type {t}")
+        for _ in range(msg.get_int()):
+            name = msg.get_string().decode("utf-8", "backslashreplace")
+            msg.get_string()  # the "ls -l" long name: never used
+            attr = paramiko.SFTPAttributes._from_msg(msg, name)
+            if name not in (".", ".."):
+                entries.append(attr)
+    sftp._request(paramiko.sftp.CMD_CLOSE, handle)
+    return entries
 
 
 def _read_file(sftp: paramiko.SFTPClient, path: str, limit: int, size_hint: int) -> bytes:

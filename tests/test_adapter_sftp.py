@@ -39,7 +39,7 @@ from adapters.simulators.sftp_server import (
 from gateway import xmlsafe
 from gateway.blobs import BlobStore
 from gateway.envelope import Attachment, Envelope, Receipt, validate
-from tests.plugins.sshd import SftpEndpoint
+from tests.plugins.sshd import SftpEndpoint, give_to
 
 pytestmark = pytest.mark.sshd
 
@@ -419,6 +419,18 @@ def test_connection_cut_mid_upload_leaves_no_final_file_and_retry_succeeds(
     assert proxy.connections == 2
 
 
+def test_a_drop_that_refuses_deletes_takes_deliveries(
+    openssh_server_refusing_deletes: SftpEndpoint, blobs: BlobStore, make_adapter
+) -> None:
+    """The contract needs write and rename only; nothing is deleted when nothing is left over."""
+    drop = Drop(openssh_server_refusing_deletes)
+    d = make_delivery(blobs)
+
+    make_adapter(drop.config()).deliver(d)
+
+    assert drop.listing(UNIT_A, "inbox") == [f"GW_{d.remote_ref}.xml", f"GW_{d.remote_ref}.xml.ok"]
+
+
 def test_two_deliveries_share_one_connection(
     drop: Drop, blobs: BlobStore, make_adapter, proxy: CuttingProxy
 ) -> None:
@@ -684,6 +696,78 @@ def test_symlink_in_outbox_is_never_followed(drop: Drop, make_adapter, tmp_path:
     assert moved.is_symlink()  # the link itself was moved, its target left alone
     assert secret.read_bytes() == receipt_bytes(ref)
     assert "symlink" in (drop.folder(UNIT_A, "failed") / (name + ".error")).read_text()
+
+
+def test_a_name_that_is_not_utf8_is_passed_over_and_the_rest_collected(drop: Drop, make_adapter) -> None:
+    """The legacy side may name a file in GB18030; paramiko's own listing fails on such a name."""
+    ref = str(uuid.uuid4())
+    put_outbox(drop, f"HZ_{ref}_{UNIT_A}.xml", receipt_bytes(ref))
+    odd = "HZ_回执_测试.xml".encode("gb18030")
+    drop.folder(UNIT_A, "failed").mkdir()
+    for folder in ("outbox", "failed"):
+        for name in (odd, odd + b".ok", b"GW_" + odd[3:] + b".error"):
+            with open(os.path.join(bytes(drop.folder(UNIT_A, folder)), name), "wb") as fh:
+                fh.write(b"<x/>")
+
+    items = make_adapter(drop.config()).poll()
+
+    assert [i.receipt.remote_ref for i in items if i.receipt] == [ref]
+    assert odd in os.listdir(bytes(drop.folder(UNIT_A, "outbox")))  # left where it is, untouched
+
+
+# -- a server that refuses (its SFTP user may not read or write a folder) ----------------------
+@pytest.fixture
+def own_drop(unprivileged_openssh_server: SftpEndpoint) -> Iterator[Drop]:
+    d = Drop(unprivileged_openssh_server)
+    give_to(unprivileged_openssh_server, d.local)
+    yield d
+    for p in [d.local, *d.local.rglob("*")]:
+        if p.is_dir() and not p.is_symlink():
+            p.chmod(0o755)
+
+
+def test_an_outbox_the_server_will_not_list_does_not_stop_the_other_units(
+    own_drop: Drop, make_adapter, caplog: pytest.LogCaptureFixture
+) -> None:
+    ref = str(uuid.uuid4())
+    put_outbox(own_drop, f"HZ_{ref}_{UNIT_B}.xml", receipt_bytes(ref, UNIT_B), unit=UNIT_B)
+    own_drop.folder(UNIT_A, "outbox").chmod(0)
+
+    items = make_adapter(own_drop.config()).poll()
+
+    assert [i.receipt.remote_ref for i in items if i.receipt] == [ref]
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "countydrop" in record.message and f"{own_drop.sub}/{UNIT_A}/outbox" in record.message
+    assert "Permission denied" in record.message
+
+
+def test_a_refused_upload_names_the_file_and_what_was_refused(
+    own_drop: Drop, blobs: BlobStore, make_adapter
+) -> None:
+    own_drop.folder(UNIT_A, "inbox").chmod(0o555)
+    d = make_delivery(blobs)
+
+    with pytest.raises(RetryableError) as err:
+        make_adapter(own_drop.config()).deliver(d)
+
+    assert f"failed writing {own_drop.local}/{UNIT_A}/inbox/GW_{d.remote_ref}.xml.part: " in str(err.value)
+    assert "Permission denied" in str(err.value) and own_drop.listing(UNIT_A, "inbox") == []
+
+
+def test_a_refused_ack_names_both_folders(own_drop: Drop, make_adapter) -> None:
+    ref = str(uuid.uuid4())
+    put_outbox(own_drop, f"HZ_{ref}_{UNIT_A}.xml", receipt_bytes(ref))
+    own_drop.folder(UNIT_A, "archive").mkdir()
+    give_to(own_drop.endpoint, own_drop.local)
+    own_drop.folder(UNIT_A, "archive").chmod(0o555)
+    [item] = make_adapter(own_drop.config()).poll()
+
+    with pytest.raises(RetryableError) as err:
+        item.ack()
+
+    where = own_drop.local / UNIT_A
+    assert f"failed moving it from {where}/outbox to {where}/archive: " in str(err.value)
+    assert len(own_drop.listing(UNIT_A, "outbox")) == 2  # the receipt and its .ok, still there
 
 
 def test_dotdot_name_from_a_hostile_server_is_never_used(

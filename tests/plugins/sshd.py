@@ -126,20 +126,25 @@ class PrivateSshd:
     """One sshd process with everything in its own temp dir; nothing system-wide is touched
     except ``/run/sshd`` (sshd's privilege-separation directory, created if missing)."""
 
-    def __init__(self, sshd: str) -> None:
+    def __init__(self, sshd: str, user: str | None = None, sftp_options: str = "") -> None:
         self.sshd = sshd
+        self.sftp_options = sftp_options
         self.tmp = Path(tempfile.mkdtemp(prefix="gwtest-sshd."))
         self.data = self.tmp / "data"
         self.data.mkdir()
         self.log = self.tmp / "sshd.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.username = pwd.getpwuid(os.geteuid()).pw_name
+        self.username = user or pwd.getpwuid(os.geteuid()).pw_name
+        self.shared = user is not None
+        if self.shared:  # sshd reads the keys as the user, who must reach the data root
+            os.chmod(self.tmp, 0o755)
+            os.chmod(self.data, 0o777)
 
     def start(self) -> SftpEndpoint:
         host_line = generate_ed25519(self.tmp / "ssh_host_ed25519_key")
         client_line = generate_ed25519(self.tmp / "client_ed25519")
         (self.tmp / "authorized_keys").write_text(client_line + "\n")
-        os.chmod(self.tmp / "authorized_keys", 0o600)
+        os.chmod(self.tmp / "authorized_keys", 0o644 if self.shared else 0o600)
         if os.geteuid() == 0:
             # sshd refuses to start as root without its privilege-separation directory.
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
@@ -166,7 +171,7 @@ class PrivateSshd:
                 "MaxStartups 64\n"
                 "LogLevel VERBOSE\n"
                 # internal-sftp needs no helper binary; -d puts a session's "." at the data root
-                f"Subsystem sftp internal-sftp -d {self.data}\n"
+                f"Subsystem sftp internal-sftp -d {self.data} {self.sftp_options}\n"
             )
             with open(self.log, "ab") as log:
                 self.proc = subprocess.Popen(
@@ -205,9 +210,7 @@ class PrivateSshd:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def openssh_server() -> Iterator[SftpEndpoint]:
-    """A private, real OpenSSH server for the session (see the module docstring)."""
+def _serve(user: str | None = None, sftp_options: str = "") -> Iterator[SftpEndpoint]:
     sshd = _find_sshd()
     if sshd is None:
         pytest.fail(
@@ -215,11 +218,40 @@ def openssh_server() -> Iterator[SftpEndpoint]:
             "openssh-server (or apt-get install openssh-server)",
             pytrace=False,
         )
-    server = PrivateSshd(sshd)
+    server = PrivateSshd(sshd, user=user, sftp_options=sftp_options)
     try:
         yield server.start()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def openssh_server() -> Iterator[SftpEndpoint]:
+    """A private, real OpenSSH server for the session (see the module docstring)."""
+    yield from _serve()
+
+
+@pytest.fixture(scope="session")
+def unprivileged_openssh_server() -> Iterator[SftpEndpoint]:
+    """Like ``openssh_server``, but its SFTP sessions run as a user file permissions apply to
+    (``nobody`` when the tests run as root): a server that refuses a write or a listing.
+    Folders the tests make there must be handed to it (:func:`give_to`)."""
+    yield from _serve(user="nobody" if os.geteuid() == 0 else None)
+
+
+@pytest.fixture(scope="session")
+def openssh_server_refusing_deletes() -> Iterator[SftpEndpoint]:
+    """Like ``openssh_server``, with ``internal-sftp -P remove``: a drop whose users may write
+    and rename but never delete (OpenSSH's own way to set up an upload-only account)."""
+    yield from _serve(sftp_options="-P remove")
+
+
+def give_to(endpoint: SftpEndpoint, folder: Path) -> None:
+    """Make ``folder`` and everything below it the SFTP user's, as its own files would be."""
+    pw = pwd.getpwnam(endpoint.username)
+    if os.geteuid() == 0:
+        for p in [folder, *folder.rglob("*")]:
+            os.lchown(p, pw.pw_uid, pw.pw_gid)
 
 
 @pytest.fixture
