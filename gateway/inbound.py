@@ -78,13 +78,6 @@ def check_receipt(r: Receipt) -> None:
 REFUSED_BEFORE = "this item was refused when it first came; the reason is in the audit log (inbound.reject)"
 
 
-def was_rejected(node: Node, key: str) -> bool:
-    """Whether the item ``key`` was refused when it was first ingested."""
-    with node.db.sessions() as s:
-        item = s.get(IngestedItem, key)
-        return item is not None and item.outcome == "rejected"
-
-
 def apply_receipt(s: Session, r: Receipt, source: str) -> str:
     """Apply a receipt that adapter ``source`` collected."""
     check_receipt(r)

@@ -18,6 +18,17 @@ DATEFMT = "%Y-%m-%d %H:%M:%S %z"
 OURS = ("gateway", "adapters", "systems")
 
 
+class _OneLine(logging.Formatter):
+    """The message's control characters as escapes (a file name from a legacy system with a
+    line break or a terminal escape in it cannot forge a line); a traceback stays as it is."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        from gateway.api.problems import shown
+
+        record.message = shown(record.message)
+        return super().formatMessage(record)
+
+
 def setup(level: int = logging.INFO) -> None:
     """Log the gateway's own INFO and up, and everyone's WARNING and up, to stderr. Does
     nothing to a logging set up already (a handler on the root logger)."""
@@ -25,7 +36,7 @@ def setup(level: int = logging.INFO) -> None:
     if root.handlers:
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+    handler.setFormatter(_OneLine(FORMAT, DATEFMT))
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     for name in OURS:

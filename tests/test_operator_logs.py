@@ -52,6 +52,23 @@ def test_setup_logs_the_gateways_info_with_time_level_and_name_but_not_other_lib
     assert "[WARNING] zeep.transports: a library warning" in err[2]
 
 
+def test_a_message_cannot_forge_a_line_but_a_traceback_keeps_its_lines(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    with bare_logging():
+        logs.setup()
+        log = logging.getLogger("adapters.sftp")
+        log.info("sftp drop: %s changed", "HZ_x.xml\n[2026-11-28 00:00:00 +0000] [1] [INFO] forged\x1b[2J")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("poll failed")
+    err = out.getvalue().splitlines()
+    assert "HZ_x.xml\\n[2026-11-28 00:00:00 +0000] [1] [INFO] forged\\x1b[2J changed" in err[0]
+    assert err[1].endswith("[ERROR] adapters.sftp: poll failed") and err[2] == "Traceback (most recent call last):"
+    assert err[-1] == "ValueError: boom"
+
+
 def test_setup_leaves_a_logging_configured_already_alone():
     with bare_logging() as root:
         mine = logging.NullHandler()

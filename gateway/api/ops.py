@@ -307,9 +307,8 @@ def adapter_callback(adapter_name: str) -> Response:
         refused: list[str] = []
         item._reject = refused.append
         outcome = inbound.ingest(n, adapter_name, item)
-        if outcome == "rejected" or (outcome == "duplicate" and inbound.was_rejected(n, item.key)):
+        if outcome == "rejected":  # now or when it first came (ingest refuses it again)
             # never "OK" for a receipt that changed nothing: the legacy system would take it
             # as delivered and not send it again
-            reason = refused[0] if refused else "this receipt was refused when it first came"
-            raise Problem(422, "validation", f"receipt refused: {reason}")
+            raise Problem(422, "validation", f"receipt refused: {refused[0]}")
     return Response(body, mimetype=ctype.split(";")[0], content_type=ctype)
