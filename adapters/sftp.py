@@ -914,11 +914,19 @@ class SftpAdapter(Adapter):
 
     # -- health --------------------------------------------------------------------------
     def check(self) -> Health:
-        """Connect (or reuse the connection) and stat ``root``."""
+        """Connect (or reuse the connection), stat ``root`` and each configured unit's inbox
+        and outbox (a folder missing fails deliveries or leaves receipts uncollected)."""
         t0 = time.perf_counter()
         try:
             with self._session() as sftp:
                 sftp.stat(self.settings.root)
+                missing = [path for unit in self.settings.units
+                           for path in (self._dir(self.settings.inbox, unit), self._dir(self.settings.outbox, unit))
+                           if not _exists(sftp, path)]
+                if missing:
+                    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                    return Health(False, f"{self._where}: {len(missing)} unit folder(s) do not exist: "
+                                         f"{', '.join(missing[:5])}{more}")
         except HostKeyMismatch as exc:
             return Health(False, str(exc))
         except DeliveryError as exc:

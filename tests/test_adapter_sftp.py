@@ -12,6 +12,7 @@ import stat
 import threading
 import time
 import tracemalloc
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -546,6 +547,16 @@ def test_known_hosts_file_pins_or_refuses(drop: Drop, tmp_path: Path, make_adapt
 def test_check_reports_latency(drop: Drop, make_adapter) -> None:
     health = make_adapter(drop.config()).check()
     assert health.ok and health.latency_ms is not None and health.latency_ms >= 0
+
+
+def test_check_names_a_units_missing_folder(drop: Drop, make_adapter) -> None:
+    """A unit whose outbox is missing has its receipts never collected, one whose inbox is
+    missing fails every delivery: `gateway adapters check` says so before either happens."""
+    shutil.rmtree(drop.local / UNIT_B / "outbox")
+    health = make_adapter(drop.config()).check()
+    assert not health.ok
+    assert f"{drop.sub}/{UNIT_B}/outbox" in health.message and "1 unit folder(s) do not exist" in health.message
+    assert f"{UNIT_A}/" not in health.message
 
 
 def test_configuration_errors_name_the_key(drop: Drop, context: AdapterContext) -> None:
