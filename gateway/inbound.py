@@ -110,6 +110,11 @@ def apply_receipt(s: Session, r: Receipt, source: str) -> str:
     return outcome
 
 
+def _again(seen: IngestedItem) -> str:
+    """The outcome of an item stored before: refused again if it was refused, else a duplicate."""
+    return "rejected" if seen.outcome == "rejected" else "duplicate"
+
+
 def ingest(node: Node, adapter_name: str, item: PolledItem) -> str:
     """Apply one polled item exactly once; acknowledge it at the source afterwards."""
     if len(item.key) > 400:  # IngestedItem.key; a key this long is no legacy system's own
@@ -124,7 +129,7 @@ def ingest(node: Node, adapter_name: str, item: PolledItem) -> str:
         with node.db.begin() as s:
             seen = s.get(IngestedItem, item.key)
             if seen is not None:
-                outcome = "rejected" if seen.outcome == "rejected" else "duplicate"
+                outcome = _again(seen)
             else:
                 if item.receipt is not None:
                     outcome = apply_receipt(s, item.receipt, adapter_name)
@@ -157,7 +162,7 @@ def ingest(node: Node, adapter_name: str, item: PolledItem) -> str:
                 raise  # some other constraint: a bug, not a race
             # another instance polling the same source took the item at the same moment and
             # committed it first (its effect rolled back here): a duplicate, acknowledged as one
-            outcome = "rejected" if seen.outcome == "rejected" else "duplicate"
+            outcome = _again(seen)
     if outcome == "rejected":
         # refused when first collected, and the process died before the item was moved to
         # failed/: it is refused again, never acknowledged as if it had been taken

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from gateway.api.problems import shown
+
 FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 DATEFMT = "%Y-%m-%d %H:%M:%S %z"
 OURS = ("gateway", "adapters", "systems")
@@ -23,8 +25,6 @@ class _OneLine(logging.Formatter):
     line break or a terminal escape in it cannot forge a line); a traceback stays as it is."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        from gateway.api.problems import shown
-
         record.message = shown(record.message)
         return super().formatMessage(record)
 

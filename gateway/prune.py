@@ -16,12 +16,10 @@ lock briefly), and one ``housekeeping.prune`` audit entry says what went.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, select
-from sqlalchemy.sql import Delete
 
 from gateway import audit
 from gateway.models import IdempotencyRecord, OutboxEntry
@@ -39,28 +37,23 @@ def run(node: Node, now: datetime | None = None) -> dict[str, Any]:
     done_before = now - timedelta(days=node.config.worker.keep_done_days)
     idem_before = now - timedelta(days=node.config.api.idempotency_days)
     newest = select(func.max(OutboxEntry.id)).scalar_subquery()
-    outbox = _in_slices(node, lambda: delete(OutboxEntry).where(OutboxEntry.id.in_(
+    one_slice = delete(OutboxEntry).where(OutboxEntry.id.in_(
         select(OutboxEntry.id).where(OutboxEntry.state == "done", OutboxEntry.finished_at < done_before,
-                                     OutboxEntry.id < newest).limit(SLICE))))
-    with node.db.begin() as s:  # small rows (~200 bytes): one statement
+                                     OutboxEntry.id < newest).limit(SLICE))).execution_options(synchronize_session=False)
+    outbox, n = 0, SLICE
+    while n == SLICE:
+        with node.db.begin() as s:
+            n = s.execute(one_slice).rowcount or 0  # type: ignore[attr-defined]
+        outbox += n
+    out: dict[str, Any] = {"outbox_done_removed": outbox, "done_before": done_before.isoformat(timespec="seconds"),
+                           "idempotency_before": idem_before.isoformat(timespec="seconds")}
+    with node.db.begin() as s:  # the keys (small rows: one statement) and the audit entry together
         idem = s.execute(delete(IdempotencyRecord).where(IdempotencyRecord.created_at < idem_before)
                          .execution_options(synchronize_session=False)).rowcount or 0  # type: ignore[attr-defined]
-    out = {"outbox_done_removed": outbox, "idempotency_removed": idem,
-           "done_before": done_before.isoformat(timespec="seconds"),
-           "idempotency_before": idem_before.isoformat(timespec="seconds")}
-    if outbox or idem:
-        with node.db.begin() as s:
+        out["idempotency_removed"] = idem
+        if outbox or idem:
             audit.append(s, actor="job:prune", action="housekeeping.prune", obj="outbox,idempotency",
                          outcome="ok", detail=out)
+    if outbox or idem:
         log.info("prune: %d finished outbox rows, %d idempotency keys removed", outbox, idem)
     return out
-
-
-def _in_slices(node: Node, statement: Callable[[], Delete]) -> int:
-    total = 0
-    while True:
-        with node.db.begin() as s:
-            n = s.execute(statement().execution_options(synchronize_session=False)).rowcount or 0  # type: ignore[attr-defined]
-        total += n
-        if n < SLICE:
-            return total
