@@ -198,7 +198,7 @@ class _Transport(zeep.Transport):
         # zeep hands the answer to libxml2, which takes encoding="GBK" at its word and refuses
         # a 4-byte GB18030 name in it: a GB-family answer is decoded as our own parser does
         try:
-            response._content = xmlsafe.normalise_gb(response.content)
+            response._content = xmlsafe.normalise_gb(response.content, _charset(response))
         except xmlsafe.UnsafeXMLError:
             pass  # not GB18030 at all: zeep says what is wrong with it
         if response.status_code >= 400 and not _has_soap_fault(response.content):
@@ -206,6 +206,16 @@ class _Transport(zeep.Transport):
                 f"HTTP {response.status_code}", status_code=response.status_code
             )
         return response
+
+
+def _charset(response: requests.Response) -> str | None:
+    """The charset the answer's Content-Type names, if any (lower case)."""
+    ctype = response.headers.get("Content-Type", "")
+    for part in ctype.split(";")[1:]:
+        name, _, value = part.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower() or None
+    return None
 
 
 def _has_soap_fault(content: bytes) -> bool:

@@ -148,10 +148,15 @@ def declared_encoding(data: bytes) -> str | None:
     return m.group(1).decode("ascii").lower() if m else None
 
 
-def normalise_gb(data: bytes) -> bytes:
+def normalise_gb(data: bytes, charset: str | None = None) -> bytes:
     """libxml2 may lack GB18030 (it depends on the iconv it was built with); decode
-    GB-family documents ourselves and hand lxml UTF-8 with the declaration rewritten."""
+    GB-family documents ourselves and hand lxml UTF-8 with the declaration rewritten.
+    ``charset``: the encoding the transport declared (HTTP ``Content-Type``), which counts
+    when the document declares none (XML 1.0 appendix F: external information first; a
+    document without a declaration would otherwise be read as UTF-8)."""
     enc = declared_encoding(data)
+    if enc is None and charset is not None and charset.lower() in GB_FAMILY and not data.startswith(b"\xef\xbb\xbf"):
+        enc = charset.lower()
     if enc is None or enc not in GB_FAMILY:
         return data
     try:

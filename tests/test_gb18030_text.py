@@ -76,15 +76,19 @@ def test_a_peer_nodes_status_keeps_what_the_columns_hold(api, gw_node) -> None: 
 
 
 @pytest.mark.parametrize("declared", ["GB18030", "GBK"])
+@pytest.mark.parametrize("where", ["declaration", "content-type"])
 def test_a_soap_service_answering_in_gb18030_gives_the_signer_unchanged(
-        soap_service, make_soap_adapter, document, http_endpoint, declared: str) -> None:  # type: ignore[no-untyped-def]
-    """A service that declares GBK but writes GB18030 (a 4-byte signer): read, not refused."""
+        soap_service, make_soap_adapter, document, http_endpoint, declared: str, where: str) -> None:  # type: ignore[no-untyped-def]
+    """A service that declares GBK but writes GB18030 (a 4-byte signer): read, not refused;
+    also when only its Content-Type names the charset (no XML declaration), which XML over
+    HTTP makes authoritative (RFC 7303): read as GB18030, not as UTF-8."""
     import requests
 
     def in_gb(body: bytes, content_type: str) -> tuple[int, bytes, str]:
         r = requests.post(soap_service.url, data=body, headers={"Content-Type": content_type}, timeout=5)
-        text = r.content.decode("utf-8").replace("<?xml version='1.0' encoding='UTF-8'?>",
-                                                 f'<?xml version="1.0" encoding="{declared}"?>')
+        head = f'<?xml version="1.0" encoding="{declared}"?>' if where == "declaration" else ""
+        text = r.content.decode("utf-8").replace("<?xml version='1.0' encoding='UTF-8'?>", head)
+        assert ("encoding=" in text[:100]) == (where == "declaration")
         return r.status_code, text.encode("gb18030"), f"text/xml; charset={declared}"
 
     http_endpoint.handler = in_gb
