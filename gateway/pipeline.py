@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-import json
 from typing import Any, cast
 from datetime import datetime, UTC
 
@@ -20,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from adapters.base import can_recall, carries, remote_ref
 from gateway import audit, events, payloads
-from gateway.db import driver_mark, driver_stamp, group_cursor, in_group_pipeline
+from gateway.db import driver_mark, driver_stamp, group_cursor, in_group_pipeline, json_text
 from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError, Recipient, same_message
 from gateway.models import table, Delivery, Message, OutboxEntry
 from gateway.node import Node
@@ -264,7 +263,7 @@ def _plan(env: Envelope, recipients: list[Recipient], routes: list[Route], hops:
     summary = summary or {}
     message_row = (env.message_id, env.subsystem, env.type, env.sender_unit, env.classification,
                    env.clearance_needed, env.urgency, env.in_reply_to, env.conversation_id, api_key_id, source,
-                   json.dumps(summary), env.to_xml(), stamp)
+                   json_text(summary), env.to_xml(), stamp)
     delivery_rows = [(env.message_id, r.unit, r.name, r.copy_type, r.copy_no, route.kind, route.target,
                       "queued", remote_ref(env.message_id, r.unit), stamp) for r, route in zip(recipients, routes)]
     record = audit.Record(actor, "message.accept", f"message:{env.message_id}", detail={

@@ -48,11 +48,16 @@ def test_rows_written_by_the_driver_match_what_the_orm_writes(api, gw_node, idem
     if gw_node.db.postgres:
         assert type(ours[0]) is type(ref[0]) and ours[0].tzinfo is not None
         assert ours[1] == {"doc_number": ours[1]["doc_number"], "title": "存储格式核对", "doc_type": "通知"}  # noqa: E501
+        raw = _raw(gw_node, "SELECT summary::text, (SELECT summary::text FROM messages WHERE id = 'ref-orm') "
+                            "FROM messages WHERE id = :i", i=mid)
+        assert all('"存储格式核对"' in t for t in raw), raw  # UTF-8, not \uXXXX escapes
     else:  # text in one format: 'YYYY-MM-DD HH:MM:SS.ffffff', as SQLAlchemy writes it
         assert len(ours[0]) == len(ref[0]) == 26 and ours[0][10] == ref[0][10] == " "
         assert ref[0] == "2026-11-26 08:30:01.123456"
         import json
         assert json.loads(ours[1])["title"] == "存储格式核对"
+        # Chinese stored as UTF-8, by the driver and by the ORM alike, not as \uXXXX escapes
+        assert '"存储格式核对"' in ours[1] and '"存储格式核对"' in ref[1]
     for table, col, key in (("deliveries", "updated_at", "message_id"),
                             *((("idempotency", "created_at", "message_id"),) if idem else ())):
         a = _raw(gw_node, f"SELECT {col} FROM {table} WHERE {key} = :i LIMIT 1", i=mid)[0]
