@@ -14,7 +14,11 @@ exists and afterwards moves both to ``archive/`` (or to ``failed/`` beside ``NAM
   the configured units' outboxes. Keys are ``<adapter>:<outbox path>/<file>:<sha256>``, so
   they are stable across restarts. ``ack`` moves to ``archive/``, ``reject`` to ``failed/``,
   the file only if it still holds what was read (a new receipt under the name waits for the
-  next poll).
+  next poll). A move the server refuses for that one file is logged and named by ``check()``,
+  and does not stop the round: the file stays and is read (and acknowledged) again later.
+  Polls are bounded whatever waits: see :meth:`SftpAdapter.poll`. A ``.ok`` whose file is gone
+  is moved away after ``orphan_seconds``; a ``.part`` (the writer's) is never touched, only
+  reported once it is a day old.
 * The server's host key is pinned (``host_key`` or ``known_hosts_file``); any other key is
   refused as a security event (:class:`HostKeyMismatch`, a :class:`PermanentError`).
 
@@ -34,7 +38,8 @@ Configuration (``[adapters.NAME]``, Camel-like names)::
     units = ["1152230107CTPD8U2P"]           # whose outbox is polled
     done_file = true                         # create NAME.ok after the rename
     read_lock = "done-file"                  # or "stable-size" with stable_seconds = 5
-    max_per_poll = 100
+    orphan_seconds = 600                     # a NAME.ok without NAME is moved away after this
+    max_per_poll = 100                       # files a poll takes (see SftpAdapter.poll)
     max_file_size = 16777216                 # larger outbox files go to failed/
     connect_timeout = 10                     # seconds, TCP connect + SSH handshake
     so_timeout = 60                          # seconds a stalled server may keep a call waiting
@@ -60,7 +65,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -117,12 +122,19 @@ _KEY_ALGS = {
     "ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"),
 }
 _IDLE_CLIENTS = 2  # SFTP channels kept open on the one transport for reuse
+#: A poll reads at most this many outbox entries per unit for each file it may take
+#: (max_per_poll): with OpenSSH's 100 names a READDIR answer, 20 round trips at the default.
+SCAN_FACTOR = 20
+#: A .part upload unchanged for this long is reported (the legacy writer's; never touched).
+STALE_PART_SECONDS = 24 * 3600
+#: At most this many files whose move out of the outbox was refused are remembered for check().
+_STUCK_KEPT = 100
 
 _NS_KEYS = uuid.UUID("1f0d2c4e-7b0a-5e61-8d3c-5a9e0b7c2f41")
 
 
 KNOWN_KEYS = frozenset(
-    ["type", "host", "port", "username", "private_key_file", "passphrase_env", "passphrase_file", "host_key", "known_hosts_file", "root", "inbox", "outbox", "move", "move_failed", "units", "done_file", "read_lock", "stable_seconds", "max_per_poll", "max_file_size", "connect_timeout", "so_timeout", "server_alive_interval", "duty_report_to", "appids"]
+    ["type", "host", "port", "username", "private_key_file", "passphrase_env", "passphrase_file", "host_key", "known_hosts_file", "root", "inbox", "outbox", "move", "move_failed", "units", "done_file", "read_lock", "stable_seconds", "orphan_seconds", "max_per_poll", "max_file_size", "connect_timeout", "so_timeout", "server_alive_interval", "duty_report_to", "appids"]
 )
 
 
@@ -183,6 +195,7 @@ class SftpSettings:
     done_file: bool
     read_lock: str
     stable_seconds: float
+    orphan_seconds: float
     max_per_poll: int
     max_file_size: int
     connect_timeout: float
@@ -190,6 +203,17 @@ class SftpSettings:
     server_alive_interval: int
     duty_report_to: str | None
     appids: Mapping[str, str]
+
+
+@dataclass
+class _Pass:
+    """One pass through a unit's outbox, from one poll to the next (see SftpAdapter.poll)."""
+
+    handle: bytes  # the open directory handle (on the poll's SFTP channel)
+    no: int  # the unit's pass number
+    pending: list[tuple[str, paramiko.SFTPAttributes | None]] = field(default_factory=list)
+    stale_parts: int = 0
+    stale_sample: list[str] = field(default_factory=list)
 
 
 @register("sftp")
@@ -208,9 +232,20 @@ class SftpAdapter(Adapter):
         self._idle: list[paramiko.SFTPClient] = []
         #: How many SSH connections this adapter has opened (diagnostics, tests).
         self.connections_opened = 0
-        # stable-size read lock: (unit, name) -> (size, mtime, first seen with them)
-        self._observed: dict[tuple[str, str], tuple[int, int, float]] = {}
+        # stable-size read lock: (unit, name) -> (size, mtime, first seen with them, last pass seen in)
+        self._observed: dict[tuple[str, str], tuple[int, int, float, int]] = {}
         self._unit_turn = 0
+        # poll: its own SFTP channel, and on it each unit's pass through its outbox (see poll)
+        self._poll_lock = threading.Lock()
+        self._poll_client: paramiko.SFTPClient | None = None
+        self._scans: dict[str, _Pass] = {}
+        self._passes: dict[str, int] = {}  # unit -> number of its latest pass
+        # (unit, name) -> (first seen with its .ok but without itself, the unit's pass then)
+        self._orphans: dict[tuple[str, str], tuple[float, int]] = {}
+        # unit -> (how many, some names) of the .part files its last pass found a day old
+        self._stale_parts: dict[str, tuple[int, tuple[str, ...]]] = {}
+        # (unit, name) -> why its move out of the outbox was refused (see _finish)
+        self._stuck: dict[tuple[str, str], str] = {}
 
     # -- configuration -------------------------------------------------------------------
     def _key(self, key: str) -> str:
@@ -318,6 +353,7 @@ class SftpAdapter(Adapter):
             done_file=self._opt("done_file", bool, True),
             read_lock=read_lock,
             stable_seconds=float(self._opt("stable_seconds", (int, float), 5)),
+            orphan_seconds=float(positive("orphan_seconds", 600)),
             max_per_poll=positive("max_per_poll", 100, int),
             max_file_size=positive("max_file_size", 16 * 1024 * 1024, int),
             connect_timeout=float(positive("connect_timeout", 10)),
@@ -641,7 +677,16 @@ class SftpAdapter(Adapter):
     def poll(self) -> list[PolledItem]:
         """Receipts and duty reports from the configured units' outboxes, at most
         ``max_per_poll`` files per call (rejected ones count). Files that cannot be read
-        as their name promises are moved to ``failed/`` at once and not returned."""
+        as their name promises are moved to ``failed/`` at once and not returned.
+
+        Bounded: an outbox is read a batch (one READDIR answer) at a time through a directory
+        handle kept open from one poll to the next, so a poll reads at most
+        ``SCAN_FACTOR * max_per_poll`` entries of each unit's outbox and holds only the files
+        it takes, however many are waiting. Files come in the order the server lists them
+        (not oldest first, which would need the whole folder listed every time); each pass
+        through a folder goes on where the previous poll stopped, so every finished file is
+        reached within one pass even while others are not acknowledged. With ``done-file``
+        the ``.ok`` is what makes a file ready, wherever it stands in the listing."""
         s = self.settings
         if not s.units:
             return []
@@ -651,89 +696,229 @@ class SftpAdapter(Adapter):
         units = s.units[turn:] + s.units[:turn]
         items: list[PolledItem] = []
         budget = s.max_per_poll
-        try:
-            with self._session() as sftp:
-                for unit in units:
-                    if budget <= 0:
-                        break
-                    budget -= self._poll_unit(sftp, unit, budget, items)
-        except DeliveryError:
-            raise
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise RetryableError(
-                f"{self._where}: polling failed: {_describe(exc)}", code="poll"
-            ) from exc
+        with self._poll_lock:
+            try:
+                sftp = self._poll_session()
+                try:
+                    for unit in units:
+                        if budget <= 0:
+                            break
+                        budget -= self._poll_unit(sftp, unit, budget, items)
+                except BaseException as exc:
+                    self._end_poll_session(exc)
+                    raise
+            except DeliveryError:
+                raise
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                raise RetryableError(
+                    f"{self._where}: polling failed: {_describe(exc)}", code="poll"
+                ) from exc
         return items
+
+    def _poll_session(self) -> paramiko.SFTPClient:
+        """The SFTP channel polls use, kept (not pooled) while it lives: the outboxes'
+        directory handles belong to it. A new channel starts every pass from the top."""
+        client = self._poll_client
+        if client is not None:
+            channel = client.get_channel()
+            transport = channel.get_transport()
+            if not channel.closed and transport is not None and transport.is_active() and transport is self._transport:
+                return client
+            self._end_poll_session(None)
+        self._poll_client = self._checkout()
+        return self._poll_client
+
+    def _end_poll_session(self, error: BaseException | None) -> None:
+        client, self._poll_client = self._poll_client, None
+        self._scans.clear()
+        if client is None:
+            return
+        transport = client.get_channel().get_transport()
+        _close_quietly(client)  # closing the channel closes its directory handles on the server
+        if error is not None and transport is self._transport and transport is not None and (
+            not transport.is_active() or _breaks_connection(error)
+        ):
+            self._drop_transport()
 
     def _poll_unit(
         self, sftp: paramiko.SFTPClient, unit: str, budget: int, items: list[PolledItem]
     ) -> int:
         """Take up to ``budget`` files from one outbox; return how many were taken."""
         folder = self._dir(self.settings.outbox, unit)
-        try:
-            entries = _listdir_attr(sftp, folder)
-        except FileNotFoundError:
-            log.warning("sftp %s: outbox %s does not exist", self.name, folder)
-            return 0
-        except OSError as exc:
-            if _breaks_connection(exc):
-                raise
-            # one unit's folder the server will not list (permissions) must not stop the others
-            log.error("sftp %s: cannot list outbox %s of %s: %s", self.name, folder, unit, _describe(exc))
-            return 0
-        names = {e.filename for e in entries}
-        ready: list[paramiko.SFTPAttributes] = []
-        now = time.monotonic()
-        seen: set[tuple[str, str]] = set()
-        for e in entries:
-            name = e.filename
-            if not isinstance(name, str) or not _safe_component(name):
-                # Never used to build a path: a listing is data from the other side.
-                log.warning("sftp %s: skipping suspicious name %r in %s", self.name, name, folder)
-                continue
-            if not name.endswith(".xml") or not name.startswith(self._prefixes()):
-                continue  # companions (.ok/.part/.error) and files that are not ours
-            if self.settings.read_lock == "done-file":
-                if name + DONE_SUFFIX not in names:
-                    continue
-            else:
-                key = (unit, name)
-                seen.add(key)
-                if not self._stable(key, e, now):
-                    continue
-            ready.append(e)
-        if self.settings.read_lock == "stable-size":
-            for key in [k for k in self._observed if k[0] == unit and k not in seen]:
-                del self._observed[key]
         refused = self._refusals(sftp, unit, budget, items)
         budget -= refused
-        ready.sort(key=lambda e: (e.st_mtime or 0, e.filename))
         taken = 0
-        for e in ready[:budget]:
+        for name, attrs in self._scan(sftp, unit, folder, budget):
             taken += 1
             try:
-                item = self._take(sftp, unit, folder, e)
+                if attrs is None:  # done-file: its .ok was listed; the file itself is looked at now
+                    try:
+                        attrs = sftp.lstat(posixpath.join(folder, name))
+                    except FileNotFoundError:
+                        self._orphan(sftp, unit, folder, name)
+                        continue
+                    attrs.filename = name
+                item = self._take(sftp, unit, folder, attrs)
             except (OSError, EOFError, paramiko.SSHException) as exc:
                 if sftp.get_channel().closed or not sftp.get_channel().get_transport().is_active():
                     raise  # the connection is gone: the whole poll is retried
                 # One unreadable file (permissions, vanished) must not block the others.
-                log.warning(
-                    "sftp %s: cannot read %s/%s: %s", self.name, folder, e.filename, _describe(exc)
-                )
+                log.warning("sftp %s: cannot read %s/%s: %s", self.name, folder, name, _describe(exc))
                 continue
             if item is not None:
                 items.append(item)
         return taken + refused
+
+    def _scan(
+        self, sftp: paramiko.SFTPClient, unit: str, folder: str, budget: int
+    ) -> list[tuple[str, paramiko.SFTPAttributes | None]]:
+        """Up to ``budget`` files of the outbox ready to be taken, read on from where the
+        previous poll left its pass, at most ``SCAN_FACTOR * max_per_poll`` entries.
+        ``(name, None)``: the ``.ok`` of ``name`` was listed (done-file); ``(name, attrs)``:
+        a file whose size has held for ``stable_seconds`` (stable-size)."""
+        scan = self._scans.get(unit)
+        ready: list[tuple[str, paramiko.SFTPAttributes | None]] = []
+        if scan is not None:  # what the previous poll read but had no budget left for
+            ready, scan.pending = scan.pending[:budget], scan.pending[budget:]
+        limit = SCAN_FACTOR * self.settings.max_per_poll
+        read = 0
+        fresh = scan is None  # a pass begun by this poll ends it; one carried on may begin anew
+        taken = {name for name, _ in ready}
+        while len(ready) < budget and read < limit:
+            try:
+                if scan is None:
+                    try:
+                        handle = _opendir(sftp, folder)
+                    except FileNotFoundError:
+                        log.warning("sftp %s: outbox %s does not exist", self.name, folder)
+                        return ready
+                    no = self._passes[unit] = self._passes.get(unit, 0) + 1
+                    scan = self._scans[unit] = _Pass(handle, no)
+                batch = _readdir(sftp, scan.handle, folder)
+            except OSError as exc:
+                if _breaks_connection(exc):
+                    raise
+                # one unit's folder the server will not list (permissions) must not stop the others
+                log.error("sftp %s: cannot list outbox %s of %s: %s", self.name, folder, unit, _describe(exc))
+                self._scans.pop(unit, None)  # its handle, if any, closes with the channel
+                return ready
+            if batch is None:  # the end of the folder: a new pass starts at the top
+                del self._scans[unit]
+                self._end_pass(sftp, unit, folder, scan)
+                scan = None
+                if fresh:  # never two passes in one poll: the folder is read at most once
+                    break
+                fresh = True
+                continue
+            read += len(batch)
+            now, wall = time.monotonic(), time.time()
+            for e in batch:
+                found = self._ready(unit, folder, e, scan, now, wall)
+                if found is not None and found[0] not in taken:  # a new pass finds them again
+                    taken.add(found[0])
+                    (ready if len(ready) < budget else scan.pending).append(found)
+        return ready
+
+    def _ready(
+        self, unit: str, folder: str, e: paramiko.SFTPAttributes, scan: _Pass, now: float, wall: float
+    ) -> tuple[str, paramiko.SFTPAttributes | None] | None:
+        """Whether the listed entry ``e`` makes a file ready (see :meth:`_scan`)."""
+        name = e.filename
+        if not isinstance(name, str) or not _safe_component(name):
+            # Never used to build a path: a listing is data from the other side.
+            log.warning("sftp %s: skipping suspicious name %r in %s", self.name, name, folder)
+            return None
+        if name.endswith(PART_SUFFIX):
+            # the legacy writer's upload: its own, never touched, only reported when it has
+            # not changed for a day (a writer that died mid-upload)
+            if (e.st_mtime or 0) < wall - STALE_PART_SECONDS:
+                scan.stale_parts += 1
+                if len(scan.stale_sample) < 3:
+                    scan.stale_sample.append(name)
+            return None
+        if self.settings.read_lock == "done-file":
+            base = name[: -len(DONE_SUFFIX)]
+            if not name.endswith(DONE_SUFFIX) or not base.endswith(".xml") or not base.startswith(self._prefixes()):
+                return None  # files (ready once their .ok is listed), .error notes, foreign files
+            return base, None
+        if not name.endswith(".xml") or not name.startswith(self._prefixes()):
+            return None  # companions (.ok/.part/.error) and files that are not ours
+        return (name, e) if self._stable((unit, name), e, now, scan.no) else None
+
+    def _end_pass(self, sftp: paramiko.SFTPClient, unit: str, folder: str, scan: _Pass) -> None:
+        """A pass through ``unit``'s outbox reached its end: close the handle, forget what
+        that pass no longer saw, say what it found the legacy writer left unfinished."""
+        try:
+            sftp._request(paramiko.sftp.CMD_CLOSE, scan.handle)
+        except OSError as exc:
+            if _breaks_connection(exc):
+                raise  # else the handle is the server's to forget; the channel's end closes it
+        for key in [k for k, v in list(self._observed.items()) if k[0] == unit and v[3] != scan.no]:
+            self._observed.pop(key, None)  # stable-size: files gone since the previous pass
+        for key in [k for k, v in self._orphans.items() if k[0] == unit and v[1] < scan.no - 1]:
+            del self._orphans[key]  # done files no longer orphaned (or gone)
+        if scan.stale_parts:
+            self._stale_parts[unit] = (scan.stale_parts, tuple(scan.stale_sample))
+            log.warning("sftp %s: %d upload(s) in %s unchanged for more than a day, e.g. %s: "
+                        "the legacy writer's, left alone", self.name, scan.stale_parts, folder,
+                        ", ".join(scan.stale_sample))
+        else:
+            self._stale_parts.pop(unit, None)
+
+    def _orphan(self, sftp: paramiko.SFTPClient, unit: str, folder: str, name: str) -> None:
+        """``name.ok`` is in the outbox without ``name``. Seen so for ``orphan_seconds``
+        (another reader may be between its two renames), the done file is moved away: to
+        ``archive/`` when ``name`` is there (an acknowledgement cut between its two renames),
+        else to ``failed/`` beside a note. Either way it is never taken as a file."""
+        key, now = (unit, name), time.monotonic()
+        if not _exists(sftp, posixpath.join(folder, name + DONE_SUFFIX)):
+            self._orphans.pop(key, None)
+            return
+        first = self._orphans.get(key)
+        if first is None or now - first[0] < self.settings.orphan_seconds:
+            self._orphans[key] = (first[0] if first else now, self._passes.get(unit, 0))
+            return
+        del self._orphans[key]
+        src = posixpath.join(folder, name + DONE_SUFFIX)
+        archived = posixpath.join(self._dir(self.settings.move, unit), name)
+        try:
+            if _exists(sftp, archived):
+                _rename_over(sftp, src, archived + DONE_SUFFIX)
+                log.warning("sftp %s: %s was left behind by an acknowledgement cut short; "
+                            "moved beside %s", self.name, src, archived)
+                return
+            failed_dir = self._dir(self.settings.move_failed, unit)
+            _makedirs(sftp, failed_dir)
+            dst = posixpath.join(failed_dir, name)
+            if _exists(sftp, dst) or _exists(sftp, dst + ERROR_SUFFIX):
+                dst = posixpath.join(failed_dir, f"{name[:-4]}.{time.strftime('%Y%m%d%H%M%S')}.{uuid.uuid4().hex[:6]}.xml")
+            reason = (f"{name}{DONE_SUFFIX} was in the outbox without {name} for more than "
+                      f"{self.settings.orphan_seconds:g} seconds: a done file whose file is gone")
+            with sftp.open(dst + ERROR_SUFFIX, "wb") as fh:
+                fh.write(xmlsafe.gb18030_encode(reason + "\n", errors="replace"))
+            _rename_over(sftp, src, dst + DONE_SUFFIX)
+            log.warning("sftp %s: %s; moved to %s", self.name, reason, failed_dir)
+        except FileNotFoundError:
+            pass  # taken away meanwhile
+        except OSError as exc:
+            if _breaks_connection(exc):
+                raise
+            log.error("sftp %s: could not move the done file %s away: %s", self.name, src, _describe(exc))
 
     def _refusals(self, sftp: paramiko.SFTPClient, unit: str, budget: int, items: list[PolledItem]) -> int:
         """The legacy reader moves a document it cannot take to ``failed/`` beside a
         ``GW_<ref>.xml.error`` note: each such note becomes a REFUSED receipt, so the copy
         fails with the note as its reason instead of staying "delivered". The files stay
         where the legacy side put them (its folder); the key, made of the note's content, is
-        what keeps a note from being taken twice."""
+        what keeps a note from being taken twice. The folder is read a batch at a time and
+        only notes not older than the mark are kept (failed/ grows; it is not for us to empty)."""
         folder = self._dir(self.settings.move_failed, unit)
+        mark_key = f"refused-mtime:{unit}"
+        mark = archive.refusal_mark(self.context.state, mark_key)
         try:
-            entries = _listdir_attr(sftp, folder)
+            notes = [e for e in _iterdir(sftp, folder)
+                     if isinstance(e.filename, str) and REFUSED_NOTE_RE.fullmatch(e.filename)
+                     and stat.S_ISREG(e.st_mode or 0) and (e.st_mtime or 0) >= mark]
         except FileNotFoundError:
             return 0
         except OSError as exc:
@@ -741,12 +926,10 @@ class SftpAdapter(Adapter):
                 raise
             log.error("sftp %s: cannot list %s of %s: %s", self.name, folder, unit, _describe(exc))
             return 0
-        mark_key = f"refused-mtime:{unit}"
-        mark = archive.refusal_mark(self.context.state, mark_key)
         taken = 0
-        for e in sorted(entries, key=lambda e: (e.st_mtime or 0, e.filename)):
-            m = REFUSED_NOTE_RE.fullmatch(e.filename) if isinstance(e.filename, str) else None
-            if m is None or taken >= budget or not stat.S_ISREG(e.st_mode or 0) or (e.st_mtime or 0) < mark:
+        for e in sorted(notes, key=lambda e: (e.st_mtime or 0, e.filename)):
+            m = REFUSED_NOTE_RE.fullmatch(e.filename)
+            if m is None or taken >= budget:
                 continue
             taken += 1
             try:
@@ -763,13 +946,15 @@ class SftpAdapter(Adapter):
     def _prefixes(self) -> tuple[str, ...]:
         return ("HZ_", "ZB_") if self.settings.duty_report_to else ("HZ_",)
 
-    def _stable(self, key: tuple[str, str], e: paramiko.SFTPAttributes, now: float) -> bool:
-        """stable-size read lock: same size and mtime as seen at least stable_seconds ago."""
+    def _stable(self, key: tuple[str, str], e: paramiko.SFTPAttributes, now: float, no: int) -> bool:
+        """stable-size read lock: same size and mtime as seen at least stable_seconds ago
+        (in an earlier pass; ``no`` is this pass's number)."""
         sig = (int(e.st_size or 0), int(e.st_mtime or 0))
         prev = self._observed.get(key)
         if prev is None or prev[:2] != sig:
-            self._observed[key] = (*sig, now)
+            self._observed[key] = (*sig, now, no)
             return False
+        self._observed[key] = (*prev[:3], no)
         return now - prev[2] >= self.settings.stable_seconds
 
     def _take(
@@ -872,10 +1057,21 @@ class SftpAdapter(Adapter):
         except (OSError, EOFError, paramiko.SSHException) as exc:
             verb = "reject" if failed else "ack"
             dst = self._dir(self.settings.move_failed if failed else self.settings.move, unit)
-            raise RetryableError(
-                f"{self._where}: {verb} of {name} failed moving it from "
-                f"{self._dir(self.settings.outbox, unit)} to {dst}: {_describe(exc)}"
-            ) from exc
+            message = (f"{self._where}: {verb} of {name} failed moving it from "
+                       f"{self._dir(self.settings.outbox, unit)} to {dst}: {_describe(exc)}")
+            if _breaks_connection(exc):  # the connection is gone: the round stops, tried again later
+                raise RetryableError(message) from exc
+            # The server refused this one file's move (permissions, a name in the way): the
+            # gateway has recorded the item, so it stays in the outbox and is acknowledged
+            # again (a duplicate, never ingested twice) when a later pass reads it. The other
+            # files of the round go on; check() names it until a move succeeds.
+            log.error("sftp %s: %s; left in the outbox, moved when a later poll reads it again",
+                      self.name, message)
+            with self._lock:
+                self._stuck.pop((unit, name), None)
+                self._stuck[(unit, name)] = message
+                while len(self._stuck) > _STUCK_KEPT:
+                    del self._stuck[next(iter(self._stuck))]
 
     def _holds(self, sftp: paramiko.SFTPClient, unit: str, name: str, sha256: str) -> bool:
         """Whether the outbox file ``name`` is there and holds the content of that SHA-256."""
@@ -911,6 +1107,8 @@ class SftpAdapter(Adapter):
         except FileNotFoundError:
             pass  # stable-size files have none; a repeated ack moved it already
         self._observed.pop((unit, name), None)
+        with self._lock:
+            self._stuck.pop((unit, name), None)
 
     # -- health --------------------------------------------------------------------------
     def check(self) -> Health:
@@ -927,6 +1125,10 @@ class SftpAdapter(Adapter):
                     more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
                     return Health(False, f"{self._where}: {len(missing)} unit folder(s) do not exist: "
                                          f"{', '.join(missing[:5])}{more}")
+                stuck = self._still_stuck(sftp)
+                if stuck:
+                    return Health(False, f"{len(stuck)} file(s) stay in an outbox because the server "
+                                         f"refused to move them: {stuck[0]}")
         except HostKeyMismatch as exc:
             return Health(False, str(exc))
         except DeliveryError as exc:
@@ -936,9 +1138,27 @@ class SftpAdapter(Adapter):
         except (OSError, EOFError, paramiko.SSHException) as exc:
             return Health(False, f"{self._where}: {_describe(exc)}")
         ms = (time.perf_counter() - t0) * 1000
-        return Health(True, f"{self._where} reachable", latency_ms=round(ms, 1))
+        stale = [f"{n} in {self._dir(self.settings.outbox, unit)} (e.g. {', '.join(names)})"
+                 for unit, (n, names) in sorted(self._stale_parts.items())]
+        note = (f"; .part uploads unchanged for more than a day (the legacy writer's, left alone): "
+                f"{'; '.join(stale)}" if stale else "")
+        return Health(True, f"{self._where} reachable{note}", latency_ms=round(ms, 1))
+
+    def _still_stuck(self, sftp: paramiko.SFTPClient) -> list[str]:
+        """Why files whose move out of the outbox was refused are still there (forgetting
+        the ones gone since, looking at no more than five)."""
+        with self._lock:
+            stuck = list(self._stuck.items())
+        for (unit, name), _ in stuck[:5]:
+            if not _exists(sftp, posixpath.join(self._dir(self.settings.outbox, unit), name)):
+                with self._lock:
+                    self._stuck.pop((unit, name), None)
+        with self._lock:
+            return list(self._stuck.values())
 
     def close(self) -> None:
+        with self._poll_lock:
+            self._end_poll_session(None)
         self._drop_transport()
 
 
@@ -1030,32 +1250,44 @@ def _makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
             raise
 
 
-def _listdir_attr(sftp: paramiko.SFTPClient, path: str) -> list[paramiko.SFTPAttributes]:
-    """``sftp.listdir_attr(path)`` that survives a name which is not UTF-8 (a GB18030 name
-    from the legacy side): paramiko decodes names strictly, so one such file would fail every
-    listing of its folder. Such a name comes back with its bytes escaped (``\\xbb``); the
-    backslash makes :func:`_safe_component` refuse it, so no path is ever built from it.
-    Speaks the protocol as ``listdir_attr`` itself does (paramiko internals)."""
+def _opendir(sftp: paramiko.SFTPClient, path: str) -> bytes:
+    """OPENDIR: a directory handle to read with :func:`_readdir` (paramiko internals, as
+    ``listdir_attr`` itself does; see :func:`_iterdir` for why)."""
     t, msg = sftp._request(paramiko.sftp.CMD_OPENDIR, path)
     if t != paramiko.sftp.CMD_HANDLE:
         raise paramiko.SSHException(f"the server answered OPENDIR {path} with message type {t}")
-    handle = msg.get_binary()
+    return msg.get_binary()
+
+
+def _readdir(sftp: paramiko.SFTPClient, handle: bytes, path: str) -> list[paramiko.SFTPAttributes] | None:
+    """One READDIR: the next batch of entries (without ``.`` and ``..``), or None at the end
+    of the folder. A name that is not UTF-8 comes back with its bytes escaped (``\\xbb``)."""
+    try:
+        t, msg = sftp._request(paramiko.sftp.CMD_READDIR, handle)
+    except EOFError:  # the server's "end of folder" (a dropped connection is SSHException)
+        return None
+    if t != paramiko.sftp.CMD_NAME:
+        raise paramiko.SSHException(f"the server answered READDIR {path} with message type {t}")
     entries = []
-    while True:
-        try:
-            t, msg = sftp._request(paramiko.sftp.CMD_READDIR, handle)
-        except EOFError:  # the server's "end of folder" (a dropped connection is SSHException)
-            break
-        if t != paramiko.sftp.CMD_NAME:
-            raise paramiko.SSHException(f"the server answered READDIR {path} with message type {t}")
-        for _ in range(msg.get_int()):
-            name = msg.get_string().decode("utf-8", "backslashreplace")
-            msg.get_string()  # the "ls -l" long name: never used
-            attr = paramiko.SFTPAttributes._from_msg(msg, name)
-            if name not in (".", ".."):
-                entries.append(attr)
-    sftp._request(paramiko.sftp.CMD_CLOSE, handle)
+    for _ in range(msg.get_int()):
+        name = msg.get_string().decode("utf-8", "backslashreplace")
+        msg.get_string()  # the "ls -l" long name: never used
+        attr = paramiko.SFTPAttributes._from_msg(msg, name)
+        if name not in (".", ".."):
+            entries.append(attr)
     return entries
+
+
+def _iterdir(sftp: paramiko.SFTPClient, path: str) -> Iterator[paramiko.SFTPAttributes]:
+    """``sftp.listdir_attr(path)`` a batch at a time, so a caller keeps only what it needs,
+    and surviving a name which is not UTF-8 (a GB18030 name from the legacy side): paramiko
+    decodes names strictly, so one such file would fail every listing of its folder. Such a
+    name comes back with its bytes escaped (``\\xbb``); the backslash makes
+    :func:`_safe_component` refuse it, so no path is ever built from it."""
+    handle = _opendir(sftp, path)
+    while (batch := _readdir(sftp, handle, path)) is not None:
+        yield from batch
+    sftp._request(paramiko.sftp.CMD_CLOSE, handle)
 
 
 def _read_file(sftp: paramiko.SFTPClient, path: str, limit: int, size_hint: int) -> bytes:

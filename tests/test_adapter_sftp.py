@@ -679,6 +679,114 @@ def test_max_per_poll_bounds_each_poll(drop: Drop, make_adapter) -> None:
     assert sizes == [4, 2, 0]
 
 
+def put_receipts(drop: Drop, count: int, unit: str = UNIT_A) -> set[str]:
+    """``count`` finished receipts in ``unit``'s outbox; their remote refs."""
+    refs = {str(uuid.uuid4()) for _ in range(count)}
+    sample = str(uuid.uuid4())
+    template = receipt_bytes(sample, unit)
+    for ref in refs:
+        put_outbox(drop, f"HZ_{ref}_{unit}.xml", template.replace(sample.encode(), ref.encode()), unit=unit)
+    return refs
+
+
+def test_a_crowded_outbox_costs_a_poll_only_what_it_takes(drop: Drop, make_adapter) -> None:
+    """A thousand waiting: a poll reads the folder a batch at a time and stops once it has
+    max_per_poll files, instead of holding the whole listing (~1 KB an entry)."""
+    put_receipts(drop, 1000)
+    adapter = make_adapter(drop.config(max_per_poll=10))
+    adapter.check()  # connected before measuring
+
+    tracemalloc.start()
+    try:
+        items = adapter.poll()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert len(items) == 10
+    assert peak < 512 * 1024, f"a poll of 10 files held {peak} bytes"
+
+
+def test_every_waiting_file_is_reached_even_while_none_is_acknowledged(drop: Drop, make_adapter) -> None:
+    """Each poll goes on where the previous one stopped in the folder, so files that stay
+    (their ack refused, their ingest failing) never hold the rest back."""
+    refs = put_receipts(drop, 30)
+    adapter = make_adapter(drop.config(units=[UNIT_A], max_per_poll=10))
+
+    polls = [[i.receipt.remote_ref for i in adapter.poll() if i.receipt] for _ in range(3)]
+
+    assert [len(p) for p in polls] == [10, 10, 10]
+    assert set(polls[0]) | set(polls[1]) | set(polls[2]) == refs  # all 30, none twice
+    assert len(adapter.poll()) == 10  # the next pass starts again at the top
+
+
+def test_a_backlog_drained_in_small_polls_is_collected_exactly_once(drop: Drop, make_adapter) -> None:
+    """Many files and small polls: passes carried from poll to poll and begun anew within
+    one, a file and its .ok in different READDIR batches; each file is collected exactly
+    once, nothing is left."""
+    refs = put_receipts(drop, 120)
+    adapter = make_adapter(drop.config(units=[UNIT_A], max_per_poll=3))
+
+    seen: list[str] = []
+    for _ in range(100):
+        items = adapter.poll()
+        if not items:
+            break
+        for item in items:
+            assert item.receipt is not None
+            seen.append(item.receipt.remote_ref)
+            item.ack()
+
+    assert sorted(seen) == sorted(refs)
+    assert drop.listing(UNIT_A, "outbox") == [] and len(drop.listing(UNIT_A, "archive")) == 240
+
+
+def test_a_done_file_without_its_file_is_moved_away_after_its_grace_period(drop: Drop, make_adapter) -> None:
+    orphan = f"HZ_{uuid.uuid4()}_{UNIT_A}.xml"  # its file gone (deleted by hand)
+    cut_short = f"HZ_{uuid.uuid4()}_{UNIT_A}.xml"  # an ack that moved the file, not yet its .ok
+    (drop.folder(UNIT_A, "outbox") / f"{orphan}.ok").touch()
+    (drop.folder(UNIT_A, "outbox") / f"{cut_short}.ok").touch()
+    drop.folder(UNIT_A, "archive").mkdir()
+    (drop.folder(UNIT_A, "archive") / cut_short).write_bytes(receipt_bytes(cut_short[3:39]))
+    ref = str(uuid.uuid4())
+    put_outbox(drop, f"HZ_{ref}_{UNIT_A}.xml", receipt_bytes(ref))
+    adapter = make_adapter(drop.config(units=[UNIT_A], orphan_seconds=0.3))
+
+    first = adapter.poll()  # another reader may be between its two renames: left for now
+    assert [i.receipt.remote_ref for i in first if i.receipt] == [ref]
+    assert drop.listing(UNIT_A, "outbox") == sorted([f"{orphan}.ok", f"{cut_short}.ok",
+                                                     f"HZ_{ref}_{UNIT_A}.xml", f"HZ_{ref}_{UNIT_A}.xml.ok"])
+    time.sleep(0.35)
+    assert adapter.poll() != []  # the receipt, not acknowledged, again; the done files go
+
+    assert drop.listing(UNIT_A, "outbox") == [f"HZ_{ref}_{UNIT_A}.xml", f"HZ_{ref}_{UNIT_A}.xml.ok"]
+    assert drop.listing(UNIT_A, "archive") == [cut_short, f"{cut_short}.ok"]
+    assert drop.listing(UNIT_A, "failed") == [f"{orphan}.error", f"{orphan}.ok"]
+    note = (drop.folder(UNIT_A, "failed") / f"{orphan}.error").read_text("gb18030")
+    assert f"{orphan}.ok was in the outbox without {orphan}" in note
+
+
+def test_a_stale_upload_is_reported_and_left_alone(
+    drop: Drop, make_adapter, caplog: pytest.LogCaptureFixture
+) -> None:
+    stale, fresh = drop.folder(UNIT_A, "outbox") / "HZ_old.xml.part", drop.folder(UNIT_A, "outbox") / "HZ_new.xml.part"
+    stale.write_bytes(b"<receipt")
+    fresh.write_bytes(b"<receipt")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(stale, (two_days_ago, two_days_ago))
+    adapter = make_adapter(drop.config())
+    assert "HZ_old" not in adapter.check().message
+
+    assert adapter.poll() == []
+
+    health = adapter.check()
+    assert health.ok and f"1 in {drop.local}/{UNIT_A}/outbox (e.g. HZ_old.xml.part)" in health.message
+    assert "HZ_new" not in health.message
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "HZ_old.xml.part" in record.message and "left alone" in record.message
+    assert drop.listing(UNIT_A, "outbox") == ["HZ_new.xml.part", "HZ_old.xml.part"]
+
+
 def test_same_file_has_the_same_key_after_a_restart(drop: Drop, make_adapter) -> None:
     ref = str(uuid.uuid4())
     put_outbox(drop, f"HZ_{ref}_{UNIT_A}.xml", receipt_bytes(ref))
@@ -765,20 +873,43 @@ def test_a_refused_upload_names_the_file_and_what_was_refused(
     assert "Permission denied" in str(err.value) and own_drop.listing(UNIT_A, "inbox") == []
 
 
-def test_a_refused_ack_names_both_folders(own_drop: Drop, make_adapter) -> None:
-    ref = str(uuid.uuid4())
-    put_outbox(own_drop, f"HZ_{ref}_{UNIT_A}.xml", receipt_bytes(ref))
+def test_a_refused_ack_names_both_folders_and_holds_no_other_file_back(
+    own_drop: Drop, make_adapter, caplog: pytest.LogCaptureFixture
+) -> None:
+    ref, other = str(uuid.uuid4()), str(uuid.uuid4())
+    name, other_name = f"HZ_{ref}_{UNIT_A}.xml", f"HZ_{other}_{UNIT_B}.xml"
+    put_outbox(own_drop, name, receipt_bytes(ref))
+    put_outbox(own_drop, other_name, receipt_bytes(other, UNIT_B), unit=UNIT_B)
     own_drop.folder(UNIT_A, "archive").mkdir()
     give_to(own_drop.endpoint, own_drop.local)
-    own_drop.folder(UNIT_A, "archive").chmod(0o555)
-    [item] = make_adapter(own_drop.config()).poll()
+    own_drop.folder(UNIT_A, "archive").chmod(0o555)  # the server refuses this unit's moves
+    adapter = make_adapter(own_drop.config())
+    items = adapter.poll()
+    assert sorted(i.key for i in items) == sorted(
+        f"countydrop:{u}/outbox/{n}:{hashlib.sha256(receipt_bytes(r, u)).hexdigest()}"
+        for u, n, r in ((UNIT_A, name, ref), (UNIT_B, other_name, other))
+    )
 
-    with pytest.raises(RetryableError) as err:
+    for item in items:  # the refused one does not stop the round
         item.ack()
 
     where = own_drop.local / UNIT_A
-    assert f"failed moving it from {where}/outbox to {where}/archive: " in str(err.value)
-    assert len(own_drop.listing(UNIT_A, "outbox")) == 2  # the receipt and its .ok, still there
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert f"failed moving it from {where}/outbox to {where}/archive: " in record.message
+    assert "Permission denied" in record.message
+    assert own_drop.listing(UNIT_A, "outbox") == [name, name + ".ok"]  # still there, whole
+    assert own_drop.listing(UNIT_B, "archive") == [other_name, other_name + ".ok"]
+    health = adapter.check()
+    assert not health.ok and f"to {where}/archive" in health.message and name in health.message
+
+    # Once the folder is fixed, a later poll reads it again under the same key (so the
+    # gateway takes it as a duplicate, never twice) and its ack moves it.
+    own_drop.folder(UNIT_A, "archive").chmod(0o755)
+    [again] = adapter.poll()
+    assert again.key == next(i.key for i in items if name in i.key)
+    again.ack()
+    assert own_drop.listing(UNIT_A, "archive") == [name, name + ".ok"]
+    assert adapter.check().ok
 
 
 def test_dotdot_name_from_a_hostile_server_is_never_used(

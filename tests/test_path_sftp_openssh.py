@@ -3,9 +3,11 @@ delivered by the worker as GW_ files, signed for by the legacy clerk, receipts c
 duty reports (ZB_ files) ingested into the same path."""
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import uuid
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -15,7 +17,8 @@ from gateway.inbound import collect
 from gateway.models import Message
 from gateway.node import Node
 from gateway.worker import Worker
-from tests.plugins.gatewaynode import CITY_B, PREFECTURE, Api, node_config
+from tests.plugins.gatewaynode import CITY_B, COUNTY_A, PREFECTURE, Api, node_config
+from tests.plugins.sshd import give_to
 
 
 def _node(tmp_path, database_url, endpoint, sub):  # type: ignore[no-untyped-def]
@@ -62,8 +65,6 @@ def test_duty_report_from_the_drop_enters_the_path_once(tmp_path, database_url, 
     node = _node(tmp_path, database_url, openssh_server, sub)
     outbox = openssh_server.data_root / sub / CITY_B / "outbox"
     outbox.mkdir(parents=True)
-    from pathlib import Path
-
     data = (Path(__file__).parent / "data" / "ZB_1152230107CTPD8U2P_20261126145210.xml").read_bytes()
     data = data.replace(b"1152230107CTPD8U2P", CITY_B.encode())
     name = f"ZB_{CITY_B}_20261126145210.xml"
@@ -80,3 +81,47 @@ def test_duty_report_from_the_drop_enters_the_path_once(tmp_path, database_url, 
     finally:
         node.close()
         shutil.rmtree(openssh_server.data_root / sub, ignore_errors=True)
+
+
+def test_a_file_the_server_will_not_move_holds_no_other_back_and_is_ingested_once(
+        tmp_path, database_url, unprivileged_openssh_server):
+    """The move to archive/ of one unit is refused: the round goes on with the other unit's
+    file; the refused one stays in the outbox, is read again by later polls and never
+    ingested twice, and is moved once the folder is fixed."""
+    server = unprivileged_openssh_server
+    sub = f"drop-{uuid.uuid4().hex[:8]}"
+    cfg = node_config(tmp_path, database_url,
+                      adapters={"countydrop": server.adapter_config(sub, units=[CITY_B, COUNTY_A],
+                                                                    duty_report_to=PREFECTURE)},
+                      routes=[{"units": [CITY_B, COUNTY_A], "adapter": "countydrop"},
+                              {"units": [PREFECTURE], "adapter": "rec"}])
+    migrate.upgrade(cfg.database_url())
+    node = Node(cfg)
+    local = server.data_root / sub
+    data = (Path(__file__).parent / "data" / "ZB_1152230107CTPD8U2P_20261126145210.xml").read_bytes()
+    names = {}
+    for unit in (CITY_B, COUNTY_A):
+        (local / unit / "outbox").mkdir(parents=True)
+        (local / unit / "archive").mkdir()
+        names[unit] = name = f"ZB_{unit}_20261126145210.xml"
+        (local / unit / "outbox" / name).write_bytes(data.replace(COUNTY_A.encode(), unit.encode()))
+        (local / unit / "outbox" / f"{name}.ok").write_bytes(b"")
+    give_to(server, local)
+    (local / CITY_B / "archive").chmod(0o555)  # polled first: units rotate from the first
+    try:
+        assert collect(node, "countydrop") == {"accepted": 2}
+        assert sorted(os.listdir(local / COUNTY_A / "archive")) == [names[COUNTY_A], names[COUNTY_A] + ".ok"]
+        assert sorted(os.listdir(local / CITY_B / "outbox")) == [names[CITY_B], names[CITY_B] + ".ok"]
+
+        assert collect(node, "countydrop") == {"duplicate": 1}  # read again, still refused its move
+        (local / CITY_B / "archive").chmod(0o755)
+        assert collect(node, "countydrop") == {"duplicate": 1}
+        assert collect(node, "countydrop") == {}
+        assert sorted(os.listdir(local / CITY_B / "archive")) == [names[CITY_B], names[CITY_B] + ".ok"]
+        with node.db.sessions() as s:
+            senders = sorted(s.scalars(select(Message.sender_unit).where(Message.subsystem == "duty")))
+        assert senders == sorted([CITY_B, COUNTY_A])
+    finally:
+        node.close()
+        (local / CITY_B / "archive").chmod(0o755)
+        shutil.rmtree(local, ignore_errors=True)
