@@ -52,9 +52,9 @@ _REF_NS = uuid.UUID("6f1b8a52-4d0e-5c39-9a57-2f0c1e6b7d10")
 _REF_NS_BYTES = _REF_NS.bytes
 
 
-#: a message id this gateway made (a UUIDv7, gateway.envelope.new_message_id): its first 48
-#: bits are the time in milliseconds
-_UUID7 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+#: a message id this gateway made (a UUIDv7, gateway.envelope.new_message_id, followed since
+#: 2026-11-28 by ':' and the node id): its first 48 bits are the time in milliseconds
+_UUID7 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}(?::[a-z][a-z0-9-]{1,31})?")
 
 
 def remote_ref(message_id: str, unit: str) -> str:

@@ -29,6 +29,8 @@ class ConfigError(Exception):
     """Raised with a message fit for an operator: file, key, what was expected."""
 
 
+#: ``[worker] keep_ingested_days``, when not 0, is at least this
+MIN_KEEP_INGESTED_DAYS = 7
 #: ``[node] id`` and every ``[peers.NODE_ID]``: node ids become folder and file names
 NODE_ID = re.compile(r"[a-z][a-z0-9-]{1,31}")
 NODE_ID_EXPECTED = "expected 2-32 lowercase letters, digits or '-', starting with a letter, e.g. county-a"
@@ -212,6 +214,19 @@ class WorkerConfig(_Strict):
     #: outbox rows done (delivered, sent, given up as recalled) this many days ago are removed
     #: by the ``prune`` job ([schedules.prune]); dead and waiting rows are kept
     keep_done_days: int = Field(default=30, ge=1, le=3650)
+    #: the keys of items taken from legacy systems (gateway.inbound) are forgotten by the
+    #: ``prune`` job once their item has not been seen at its source for this many days: it was
+    #: archived or moved there, or passed by a receipt cursor; 0 keeps them for ever
+    keep_ingested_days: int = Field(default=90, ge=0, le=3650)
+
+    @field_validator("keep_ingested_days")
+    @classmethod
+    def _keep_ingested(cls, v: int) -> int:
+        if 0 < v < MIN_KEEP_INGESTED_DAYS:
+            raise ValueError(f"{v} days is too short a time to forget what was taken from a legacy system (a "
+                             f"source out of reach for a few days may still hold it); expected 0 (kept for "
+                             f"ever) or {MIN_KEEP_INGESTED_DAYS} to 3650")
+        return v
 
 
 class WebhookConfig(_Strict):

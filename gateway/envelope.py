@@ -47,17 +47,35 @@ class Recipient:
     copy_no: str | None = None  # 份号, six digits
 
 
-def new_message_id() -> str:
+#: a message id a node made (new_message_id with its node id): ``<UUIDv7>:<node id>``
+_NODE_MESSAGE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}:"
+                              r"(?P<node>[a-z][a-z0-9-]{1,31})")
+
+
+def new_message_id(node: str | None = None) -> str:
     """A UUID version 7 (RFC 9562): 48 bits of Unix time in milliseconds, then 74 random
     bits. Ids made one after another sort together, so each new message (and its delivery
     rows, keyed by message id) lands next to the last one in the database's indexes instead
-    of on a random page: in SQLite that page is usually already in the group's WAL frames."""
+    of on a random page: in SQLite that page is usually already in the group's WAL frames.
+
+    With ``node``, the id is followed by ``:`` and that node id (the form a node gives the
+    messages it makes, since 2026-11-28): an id only that node may use (:func:`id_owner`), so
+    that no other node, nor a caller of another node, can take it before the message arrives."""
     ms = time.time_ns() // 1_000_000
     rand = int.from_bytes(os.urandom(10), "big")
     value = ((ms & 0xFFFF_FFFF_FFFF) << 80) | (0x7 << 76) | ((rand >> 62) & 0xFFF) << 64
     value |= (0b10 << 62) | (rand & 0x3FFF_FFFF_FFFF_FFFF)
     h = f"{value:032x}"  # as str(uuid.UUID(int=value)) writes it, without building the object
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    plain = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return plain if node is None else f"{plain}:{node}"
+
+
+def id_owner(message_id: str) -> str | None:
+    """The node a message id belongs to: the node id in an id of the form ``<UUIDv7>:<node>``
+    (:func:`new_message_id`); None for any other id (a caller's own, or one a node made
+    before 2026-11-28), which any sender may use, the first one to be stored keeping it."""
+    m = _NODE_MESSAGE_ID.fullmatch(message_id)
+    return m["node"] if m else None
 
 
 def same_message(a: bytes | str, b: bytes | str) -> bool:

@@ -130,6 +130,9 @@ def ingest(node: Node, adapter_name: str, item: PolledItem) -> str:
             seen = s.get(IngestedItem, item.key)
             if seen is not None:
                 outcome = _again(seen)
+                # still at its source (its acknowledgement did not happen): its key is kept as
+                # long as that lasts, not just [worker] keep_ingested_days (gateway.prune)
+                seen.at = datetime.now(UTC)
             else:
                 if item.receipt is not None:
                     outcome = apply_receipt(s, item.receipt, adapter_name)

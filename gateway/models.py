@@ -164,12 +164,15 @@ class ReceiptRecord(Base):
 
 
 class IngestedItem(Base):
-    """Keys of everything adapters have collected (idempotent consumer)."""
+    """Keys of everything adapters have collected (idempotent consumer), and of the batch
+    items and ferry files peers sent (``adapter`` ``peer:NODE`` / ``ferry:NODE``)."""
 
     __tablename__ = "ingested"
     key: Mapped[str] = mapped_column(String(400), primary_key=True)
     adapter: Mapped[str] = mapped_column(String(64))
     outcome: Mapped[str] = mapped_column(String(200))
+    #: when the item was taken, or last seen again at its source (gateway.inbound); a legacy
+    #: item's key is forgotten [worker] keep_ingested_days after it (gateway.prune)
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

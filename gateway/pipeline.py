@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from adapters.base import can_recall, carries, remote_ref
 from gateway import audit, events, payloads
 from gateway.db import driver_mark, driver_stamp, group_cursor, in_group_pipeline, json_text
-from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError, Recipient, same_message
+from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError, Recipient, id_owner, same_message
 from gateway.models import table, Delivery, Message, OutboxEntry
 from gateway.node import Node
 from gateway.routing import NoRoute, Route
@@ -112,7 +112,9 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
            hops: tuple[str, ...] = (), new_id: bool = False) -> Accepted:
     """Store ``env`` (already validated) for delivery. Idempotent by message id and by
     (caller, Idempotency-Key). ``new_id``: the message id was just generated for this
-    request (a UUIDv7), so no stored message can have it and the lookup is skipped.
+    request (a UUIDv7 with this node's id), so no stored message can have it and the lookup
+    is skipped. An id of the form ``<UUIDv7>:<node id>`` is that node's: a message from
+    another origin is refused under it (``foreign-message-id``, see foreign_id).
 
     A message forwarded by another node names the ``units`` this node is to deliver to (the
     others are other nodes' business) and the ``hops`` (node ids) it has passed through,
@@ -126,6 +128,10 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
             payloads.check_rules(env)
     except EnvelopeError as exc:
         raise Rejected("validation", str(exc)) from None
+    if not new_id:
+        problem = foreign_id(env.message_id, hops[0] if hops else node.id)
+        if problem:
+            raise Rejected("foreign-message-id", problem, field="message_id")
     recipients = env.recipients if units is None else [r for r in env.recipients if r.unit in units]
     routes = plan_routes(node, env, recipients, hops)
     # Everything but the statements is prepared here, not inside the transaction: writers
@@ -154,6 +160,20 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
     if out.by_id:
         _same_or_conflict(node, env, plan)
     return out
+
+
+def foreign_id(message_id: str, origin: str) -> str | None:
+    """Why a message that comes from node ``origin`` (its first hop, or this node for one a
+    caller or a legacy system gave it) may not have ``message_id``: the id is another node's
+    (``<UUIDv7>:<node id>``, see envelope.new_message_id). Without this check a node, or a
+    caller of one, that saw such an id could store a message under it wherever the real one
+    has not arrived yet, and the real one would be refused there (409 message-id-conflict)."""
+    owner = id_owner(message_id)
+    if owner is None or owner == origin:
+        return None
+    return (f"message id {message_id} is one node {owner} made (an id of the form <UUIDv7>:<node id> is that "
+            f"node's), and this message comes from node {origin}; send it under an id of its own, or none "
+            f"(the gateway then makes one)")
 
 
 def _same_or_conflict(node: Node, env: Envelope, plan: _Plan) -> None:

@@ -158,8 +158,9 @@ def _prune(node: Node) -> dict[str, Any]:
     return prune.run(node)
 
 
-register("prune", _prune, "remove outbox rows done for [worker] keep_done_days and Idempotency-Keys older "
-                          "than [api] idempotency_days")
+register("prune", _prune, "remove outbox rows done for [worker] keep_done_days, Idempotency-Keys older "
+                          "than [api] idempotency_days and the keys of legacy items not seen for [worker] "
+                          "keep_ingested_days")
 
 
 # -- configuration -------------------------------------------------------------------------
@@ -169,6 +170,10 @@ CRON_EXPECTED = ('expected 5 fields (minute hour day-of-month month day-of-week)
 
 def _cron(expr: str) -> croniter:
     return croniter(expr, datetime.now(UTC), second_at_beginning=True)
+
+
+#: the runs of the receipts schedule looked at for its longest pause (see validate)
+_GAPS = 60
 
 
 def validate(config: Config) -> None:
@@ -192,6 +197,18 @@ def validate(config: Config) -> None:
         except (KeyError, ValueError):
             raise ConfigError(f"{where}.timezone: {sc.timezone!r} is not an IANA time zone; "
                               f"expected e.g. Asia/Shanghai or UTC") from None
+    receipts, keep = config.schedules.get("receipts"), config.worker.keep_ingested_days
+    if receipts is not None and receipts.enabled and keep:
+        # an item still at its source (its acknowledgement failed) keeps its key only while the
+        # collection sees it again (gateway.prune): the runs must come well within the time kept
+        it = _cron(receipts.cron)
+        times = [it.get_next(datetime) for _ in range(_GAPS + 1)]
+        longest = max(b - a for a, b in zip(times, times[1:]))
+        if 2 * longest > timedelta(days=keep):
+            raise ConfigError(f"{config.source}: schedules.receipts.cron: {receipts.cron!r} leaves up to "
+                              f"{longest.total_seconds() / 86400:.1f} days between runs, too long for "
+                              f"[worker] keep_ingested_days = {keep}; expected runs at least twice in that "
+                              f"time (raise keep_ingested_days, or run receipts more often)")
 
 
 def enabled_schedules(config: Config) -> dict[str, ScheduleConfig]:

@@ -346,3 +346,24 @@ def test_the_sample_configurations_still_load():
     for name in ("prefecture", "county-a", "county-b"):
         cfg = load(ROOT / "config" / f"{name}.toml")
         assert cfg.node.id == name and cfg.peers
+
+
+def test_keep_ingested_days_is_0_or_a_week_or_more_and_outlasts_the_pauses_of_the_receipts_runs(tmp_path):
+    """The keys of legacy items are forgotten once not seen at their source for that long
+    (gateway.prune): a shorter time, or collection runs further apart, could forget the key
+    of an item still there, which would then be taken twice."""
+    from gateway import scheduler
+
+    msg = refused(tmp_path, {"worker": {"keep_ingested_days": 3}})
+    assert msg.startswith("node.toml: worker.keep_ingested_days: 3 days is too short") and "0 (kept for ever)" in msg
+    assert refused(tmp_path, {"worker": {"keep_ingested_days": -1}}).startswith("node.toml: worker.keep_ingested_days")
+    assert [ok(tmp_path, {"worker": {"keep_ingested_days": d}}).worker.keep_ingested_days for d in (0, 7)] == [0, 7]
+    assert ok(tmp_path, {}).worker.keep_ingested_days == 90
+    monthly = {"receipts": {"cron": "0 3 1 * *"}}
+    with pytest.raises(ConfigError) as e:
+        scheduler.validate(ok(tmp_path, {"worker": {"keep_ingested_days": 30}, "schedules": monthly}))
+    assert str(e.value).startswith("node.toml: schedules.receipts.cron: '0 3 1 * *' leaves up to 3"), str(e.value)
+    assert "keep_ingested_days = 30" in str(e.value)
+    scheduler.validate(ok(tmp_path, {"schedules": monthly}))  # 90 days: two runs at least
+    scheduler.validate(ok(tmp_path, {"worker": {"keep_ingested_days": 0}, "schedules": monthly}))
+    scheduler.validate(ok(tmp_path, {"worker": {"keep_ingested_days": 7}, "schedules": {"receipts": {"cron": "*/5 * * * *"}}}))

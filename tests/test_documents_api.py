@@ -182,6 +182,38 @@ def test_same_message_id_or_idempotency_key_is_accepted_once(api, gw_node):
     assert _count(gw_node, Message) == 2
 
 
+def test_ids_this_node_makes_are_its_own_and_no_caller_or_legacy_system_takes_another_nodes(api, gw_node):
+    """An id the gateway makes is <UUIDv7>:<node id> (envelope.new_message_id). Only that node
+    stores a message under it: a caller (or a legacy system) here that saw an id county B made
+    cannot take it before county B's document arrives, which would be refused then (409)."""
+    import pytest
+
+    from gateway import pipeline
+    from gateway.envelope import Envelope, id_owner, new_message_id
+
+    doc = api.document()
+    r = api.post("/api/v1/documents", json=doc)
+    mine = r.get_json()["id"]
+    assert r.status_code == 202 and id_owner(mine) == "prefecture" and mine.startswith(mine[:36] + ":")
+    again = api.post("/api/v1/documents", json={**doc, "message_id": mine})  # a retry with the id it was given
+    assert again.status_code == 202 and again.headers.get("Idempotent-Replayed") == "true"
+    theirs = new_message_id("county-b")
+    r = api.post("/api/v1/documents", json=api.document(message_id=theirs))
+    assert r.status_code == 422, r.get_json()
+    assert r.get_json()["type"].endswith(":foreign-message-id") and "county-b" in r.get_json()["detail"]
+    assert r.get_json()["errors"][0]["field"] == "message_id"
+    with gw_node.db.sessions() as s:
+        [entry] = s.scalars(select(AuditEntry).where(AuditEntry.action == "api.refuse")).all()
+        stored = s.get(Message, mine).envelope_xml
+    assert entry.outcome == "foreign-message-id"
+    env = Envelope.from_xml(stored)
+    env.message_id = theirs
+    with pytest.raises(pipeline.Rejected) as err:
+        pipeline.accept(gw_node, env, actor="adapter:rec", source="adapter:rec")
+    assert err.value.kind == "foreign-message-id"
+    assert _count(gw_node, Message) == 1
+
+
 def test_recall_before_delivery_withdraws_and_after_sign_for_is_too_late(api, gw_node):
     body = api.post("/api/v1/documents", json=api.document(recipients=(COUNTY_A, EMERGENCY))).get_json()
     r = api.post(f"/api/v1/documents/{body['id']}/recall")

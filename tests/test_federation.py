@@ -330,7 +330,7 @@ def test_forwards_in_one_batch_are_accepted_together_but_refused_one_by_one(clus
     items = []
     for i, mid in enumerate(mids):
         [(xml,)] = rows(pref, select(Message.envelope_xml).where(Message.id == mid))
-        again = f"{mid}-again"
+        again = f"again-{mid}"
         envelope = xml.decode().replace(mid, again)
         if i == 1:  # the middle one is for a unit county A would have to send back up: a loop,
             envelope = envelope.replace(COUNTY_A, CITY_B)  # refused inside the shared transaction

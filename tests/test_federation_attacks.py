@@ -75,7 +75,7 @@ def pref(tmp_path: Path, database_url: str) -> Iterator[Prefecture]:
 
 def forward(sender_unit: str, sender_node: str, hops: list[str], title: str = "冒充发文",
             content: bytes | None = None, inline: bool = True, to: str = PREFECTURE,
-            **extra: Any) -> dict[str, Any]:
+            message_id: str | None = None, **extra: Any) -> dict[str, Any]:
     """A forward of a small document to the prefecture's own unit, its body inline (or, with
     ``inline`` off, to be fetched from the sender)."""
     content = content if content is not None else f"{title} 正文".encode()
@@ -84,7 +84,7 @@ def forward(sender_unit: str, sender_node: str, hops: list[str], title: str = "�
         "sender_unit": sender_unit, "issuer": "测试机关", "doc_type": "通知", "doc_number": "州政办发〔2026〕41号",
         "title": title, "written_date": "2026-11-26", "recipients": [{"unit": to}],
         "body": {"sha256": sha, "name": "正文.ofd", "media_type": "application/ofd"}, **extra})
-    env = to_envelope(doc, message_id=None, node_id=sender_node, sizes={sha: len(content)})
+    env = to_envelope(doc, message_id=message_id, node_id=sender_node, sizes={sha: len(content)})
     return {"message_id": env.message_id, "units": [to], "hops": hops,
             "envelope": env.to_xml().decode("utf-8"),
             "blobs": {sha: base64.b64encode(content).decode()} if inline else {}}
@@ -180,6 +180,37 @@ def test_a_refused_batch_item_sent_again_is_refused_again_not_answered_duplicate
     assert again.status_code == 200, again.get_json()
     assert [x["outcome"] for x in again.get_json()["results"]] == ["rejected", "duplicate"]
     assert len(pref.audit("federation.reject")) == 1  # audited once, when it was refused
+
+
+def test_a_county_cannot_take_the_message_id_another_county_made(pref: Prefecture) -> None:
+    """County B's document goes by an id county B made (<UUIDv7>:county-b). County A, which
+    saw the id (a copy of it for one of its units, say), sends a document of its own under it
+    before county B's reaches the prefecture: refused and audited, so that county B's document
+    is not then refused as a different message under a taken id (409 message-id-conflict)."""
+    real = forward(CITY_B, "county-b", ["county-b"], title="乙市发文")
+    assert real["message_id"].endswith(":county-b")
+    squat = forward(COUNTY_A, "county-a", ["county-a"], title="抢占编号", message_id=real["message_id"])
+    r = pref.post("county-a", "/messages", squat)
+    assert r.status_code == 422, r.get_json()
+    assert r.get_json()["type"].endswith(":foreign-message-id") and "county-b" in r.get_json()["detail"]
+    [entry] = pref.audit("federation.reject")
+    assert (entry.actor, entry.outcome) == ("node:county-a", "foreign-message-id")
+    assert real["message_id"] not in pref.messages()
+    r = pref.post("county-b", "/messages", real)
+    assert r.status_code == 200, r.get_json()
+    with pref.node.db.sessions() as s:
+        assert s.get(Message, real["message_id"]).sender_unit == CITY_B  # type: ignore[union-attr]
+
+
+def test_the_same_id_taking_in_a_batch_item_is_refused_and_audited(pref: Prefecture) -> None:
+    real = forward(CITY_B, "county-b", ["county-b"], title="乙市批量")
+    squat = forward(COUNTY_A, "county-a", ["county-a"], title="批量抢占", message_id=real["message_id"])
+    r = pref.post("county-a", "/batch", {"items": [{"seq": 1, "kind": "forward", **squat}]})
+    assert r.status_code == 200, r.get_json()
+    assert [(x["outcome"], x.get("type")) for x in r.get_json()["results"]] == [("rejected", "foreign-message-id")]
+    [entry] = pref.audit("federation.reject")
+    assert (entry.actor, entry.object, entry.outcome) == ("node:county-a", "batch item 1", "foreign-message-id")
+    assert pref.post("county-b", "/messages", real).status_code == 200
 
 
 def test_a_county_cannot_recall_a_document_another_county_sent(pref: Prefecture) -> None:

@@ -56,6 +56,8 @@ def test_remote_refs_of_a_message_share_a_time_ordered_start():
     time.sleep(0.002)
     later = new_message_id()
     assert min(remote_ref(later, u) for u in units) > max(refs)  # a later message sorts after
+    node_made = new_message_id("county-a")  # an id this gateway makes: its node id after it
+    assert remote_ref(node_made, units[0])[:13] == node_made[:13]  # its time, as for a plain UUIDv7
     own = [remote_ref("州政办发2026-37号-caller-id", u) for u in units]  # not a UUIDv7: a hash of the id
     assert len({r[:13] for r in own}) == 1 and len(set(own)) == 200
     assert own[0][:13] != remote_ref("州政办发2026-38号-caller-id", units[0])[:13]

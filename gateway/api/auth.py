@@ -220,9 +220,9 @@ def require(db: Database, scope: str) -> Caller:
 
 
 #: refusals that are security events (GB/T 22239: audit them): no or a bad key, a key used
-#: beyond its scopes, units or clearance
+#: beyond its scopes, units or clearance, a message id another node made (envelope.id_owner)
 SECURITY_REFUSALS = frozenset({"unauthenticated", "forbidden-scope", "forbidden-unit", "clearance-too-low",
-                               "metrics-token"})
+                               "metrics-token", "foreign-message-id"})
 
 
 class Refusals:

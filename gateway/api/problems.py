@@ -33,6 +33,7 @@ TITLES = {
     "unknown-blob": "正文或附件未上传 (body or attachment not uploaded)",
     "idempotency-key-reused": "幂等键已用于不同请求 (Idempotency-Key reused)",
     "message-id-conflict": "消息标识已被占用 (message id taken)",
+    "foreign-message-id": "消息标识属于其他节点 (message id of another node)",
     "unsupported-media-type": "不支持的内容类型 (unsupported media type)",
     "method-not-allowed": "不允许的方法 (method not allowed)",
     "conflict": "状态冲突 (conflict)",

@@ -43,8 +43,9 @@ BATCH_SIZE = 200
 #: forwards of a batch accepted in one transaction (one commit), at most
 ACCEPT_TOGETHER = 16
 _KINDS = ("forward", "status", "recall")
-#: item refusals that are security events: the peer tried to act for a unit or above its clearance
-_SECURITY_REFUSALS = ("forbidden-unit", "clearance-too-low")
+#: item refusals that are security events: the peer tried to act for a unit or above its clearance,
+#: or to take a message id another node made
+_SECURITY_REFUSALS = ("forbidden-unit", "clearance-too-low", "foreign-message-id")
 
 
 # -- the receiver's cursor -----------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.envelope import Envelope, EnvelopeError, Recipient, escape_attr, escape_text
+from gateway.envelope import Envelope, EnvelopeError, Recipient, escape_attr, escape_text, new_message_id
 from systems.documents import PAYLOAD_NS, rules
 from systems.documents.schemas import DocumentIn
 
@@ -66,7 +66,8 @@ def to_envelope(doc: DocumentIn, *, message_id: str | None, node_id: str, sizes:
     body = doc.body
     rows = [("body", body["name"], sizes[body["sha256"]], body["sha256"], body["media_type"])]
     rows += [("attachment", a["name"], sizes[a["sha256"]], a["sha256"], a["media_type"]) for a in doc.attachments]
-    kw: dict[str, Any] = {"message_id": message_id} if message_id else {}
+    # an id this node makes carries its node id (see new_message_id): no other node may take it
+    kw: dict[str, Any] = {"message_id": message_id or new_message_id(node_id)}
     env = Envelope(subsystem="documents", type="document", sender_unit=doc.sender_unit, sender_node=node_id,
                    sender_name=doc.issuer, recipients=recipients,
                    payload=None,  # type: ignore[arg-type]  # given as text just below
