@@ -290,7 +290,11 @@ class JobRun(Base):
     (job, tick) is unique: one run per schedule tick however many instances are running."""
 
     __tablename__ = "job_runs"
-    __table_args__ = (UniqueConstraint("job", "tick"), Index("ix_job_runs_job_started", "job", "started_at"))
+    __table_args__ = (UniqueConstraint("job", "tick"), Index("ix_job_runs_job_started", "job", "started_at"),
+                      # the runs left running (scheduler._run_locked looks for them before every
+                      # run), without reading the job's whole history (migration 0012)
+                      Index("ix_job_runs_running", "job", sqlite_where=text("outcome = 'running'"),
+                            postgresql_where=text("outcome = 'running'")))
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job: Mapped[str] = mapped_column(String(64))
     #: the schedule tick this run belongs to; manual runs use their start time

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
-from sqlalchemy import select, text
+from sqlalchemy import literal_column, select, text
 from sqlalchemy.exc import IntegrityError
 
 from adapters.base import ConfigError as AdapterConfigError, DeliveryError
@@ -301,6 +301,12 @@ def _jsonable(value: Mapping[str, Any] | None) -> dict[str, Any]:
     return json.loads(json.dumps(dict(value), ensure_ascii=False, default=str))  # type: ignore[no-any-return]
 
 
+#: a literal, not a parameter: the partial index ix_job_runs_running (these rows only) serves
+#: it in every plan (PostgreSQL's generic plan of a prepared statement, which psycopg makes of
+#: one run five times, never proves a partial index's condition from a parameter)
+_RUNNING = JobRun.outcome == literal_column("'running'")
+
+
 def _tick_taken(node: Node, name: str, tick: datetime) -> bool:
     with node.db.sessions() as s:
         return s.scalar(select(JobRun.id).where(JobRun.job == name, JobRun.tick == tick)) is not None
@@ -358,7 +364,7 @@ def _run_locked(node: Node, spec: Job, trigger: str, tick: datetime, instance: s
         with node.db.begin() as s:
             # We hold the job's lock, so no run of it is alive anywhere: a row still 'running'
             # belongs to a process that died mid-run. Say so instead of leaving it running.
-            for stale in s.scalars(select(JobRun).where(JobRun.job == spec.name, JobRun.outcome == "running")):
+            for stale in s.scalars(select(JobRun).where(JobRun.job == spec.name, _RUNNING)):
                 stale.outcome, stale.finished_at = "failed", started
                 stale.detail = {"error": "Abandoned", "message": "the process running it ended before it finished"}
                 audit.append(s, actor=actor, action="job.run", obj=f"job:{spec.name}", outcome="abandoned",

@@ -12,7 +12,7 @@ from urllib.parse import quote
 from flask import Blueprint, Response, request
 from pydantic import ValidationError
 from pydantic_core import to_json
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.orm import Session, defer, lazyload
 
 from gateway import audit, payloads, pipeline, xmlsafe
@@ -309,7 +309,10 @@ def list_documents() -> Response:
         raise Problem(400, "validation", f"status {status!r}: expected one of {', '.join(_STATUSES)}",
                       errors=[{"field": "status", "message": f"expected one of {', '.join(_STATUSES)}"}])
     if status:
-        q = q.where(Message.id.in_(select(Delivery.message_id).where(Delivery.status == status)))
+        # a probe of each listed document's copies (the (message_id, unit) index), newest first
+        # until the page is full; SQLite made "id IN (copies in that status)" a list of every
+        # copy in the table, read again for every request
+        q = q.where(exists().where(Delivery.message_id == Message.id, Delivery.status == status))
     cursor = request.args.get("cursor")
     if cursor:
         try:
@@ -322,7 +325,10 @@ def list_documents() -> Response:
         except (ValueError, TypeError):
             raise Problem(400, "validation", "cursor is not one this API returned",
                           errors=[{"field": "cursor", "message": "not a cursor this API returned"}]) from None
-        q = q.where(or_(Message.accepted_at < at, and_(Message.accepted_at == at, Message.id < mid)))
+        # the first condition, implied by the second, bounds the index range: without it a page
+        # deep in the list read every newer document's index entry first
+        q = q.where(Message.accepted_at <= at,
+                    or_(Message.accepted_at < at, and_(Message.accepted_at == at, Message.id < mid)))
     with n.db.sessions() as s:
         rows = s.scalars(q).all()
         items = [_status_out(m, False) for m in rows[:limit]]
