@@ -76,6 +76,28 @@ from gateway.envelope import Receipt
 
 log = logging.getLogger(__name__)
 
+
+class _NoEnvelopes(logging.Filter):
+    """zeep's transport logs each request and answer whole at DEBUG: the WS-Security password
+    (in clear unless password_digest), the document's title and its body, classified or not.
+    Whoever turns DEBUG on to look into a link gets the address, the status and the size;
+    never the envelope."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._hidden(a) for a in record.args)
+        return True
+
+    @staticmethod
+    def _hidden(arg: object) -> object:
+        if isinstance(arg, bytes) and b"Envelope" in arg or isinstance(arg, str) and "Envelope" in arg:
+            return (f"<{len(arg)} {'bytes' if isinstance(arg, bytes) else 'characters'} of SOAP not logged: "  # type: ignore[arg-type]
+                    f"they may carry the WS-Security password and the document>")
+        return arg
+
+
+logging.getLogger("zeep.transports").addFilter(_NoEnvelopes())
+
 DOCUMENTS_NS = "urn:egov:gateway:documents:v1"
 XPATH_NAMESPACES = {"e": ENVELOPE_NS, "d": DOCUMENTS_NS}
 XPATH_VARIABLES = ("recipient", "remote_ref", "message_id", "copy_type", "copy_no")

@@ -2,6 +2,7 @@
 configuration from ``$GATEWAY_CONFIG`` (a TOML file); without it the embedded default runs."""
 from __future__ import annotations
 
+import logging
 import os
 
 from flask import Flask
@@ -11,6 +12,19 @@ from gateway import config as config_mod
 from gateway.api import auth, blobs, ops, problems
 from gateway.config import Config, ConfigError
 from gateway.node import Node
+
+log = logging.getLogger("gateway.app")
+
+
+def record_config(node: Node, process: str) -> None:
+    """:meth:`Node.record_config`; a database that cannot take it yet (not migrated, not
+    reachable) does not stop the start: the API answers 503 until it can, and the log says so."""
+    try:
+        node.record_config(process)
+    except Exception as exc:  # noqa: BLE001
+        orig = getattr(exc, "orig", None) or exc
+        log.error("the configuration in force could not be recorded in the audit log (config.change): %s: %s",
+                  type(orig).__name__, " ".join(str(orig).split())[:300])
 
 
 def create_app(cfg: Config | str | None = None, node: Node | None = None) -> Flask:
@@ -23,6 +37,7 @@ def create_app(cfg: Config | str | None = None, node: Node | None = None) -> Fla
         except ConfigError as exc:
             # gunicorn prints this message alone and stops (no traceback, no worker restarts)
             raise AppImportError(f"gateway: the configuration is not valid:\n{exc}") from None
+        record_config(node, "api")
     app = Flask("gateway")
     app.config["MAX_CONTENT_LENGTH"] = node.config.api.max_json_bytes
     app.json.ensure_ascii = False  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ from datetime import datetime, UTC
 from typing import Any
 from collections.abc import Iterator
 
-from sqlalchemy import Connection, insert, select, text
+from sqlalchemy import Connection, insert, or_, select, text
 from sqlalchemy.orm import Session
 
 from gateway.db import claim_audit_lock, driver_mark, driver_stamp
@@ -40,8 +40,13 @@ def _digest(prev: str, seq: int, at: datetime, actor: str, action: str, obj: str
 def _digest_tail(at: datetime, actor: str, action: str, obj: str, outcome: str, detail: str) -> bytes:
     """What an entry's hash covers after ``prev_hash`` and ``seq``: each part in UTF-8,
     each followed by a 0x1F (unit separator)."""
-    parts = (at.astimezone(UTC).isoformat(timespec="microseconds"), actor, action, obj, outcome, detail)
+    parts = (at_text(at), actor, action, obj, outcome, detail)
     return "".join(f"{p}\x1f" for p in parts).encode("utf-8")
+
+
+def at_text(at: datetime) -> str:
+    """An entry's time as its hash covers it (and as ``gateway audit export`` writes it)."""
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def canonical(detail: dict[str, Any] | None) -> str:
@@ -202,3 +207,135 @@ def verify(session: Session, expect_head: str | None = None) -> VerifyResult:
         if row.hash != want:
             return VerifyResult(False, n, head, f"entry {seq_s} differs from the recorded head")
     return VerifyResult(True, n, head)
+
+
+# -- reading the log: export and checking an export -------------------------------------------
+#: the fields of one exported entry, in the order ``gateway audit export`` writes them
+EXPORT_FIELDS = ("seq", "at", "actor", "action", "object", "outcome", "detail", "prev_hash", "hash")
+
+
+@dataclass
+class Filters:
+    """Which entries :func:`export` gives; every filter given must match. ``actor``, ``action``
+    and ``outcome`` match exactly, or as a prefix when they end in ``*``; ``message`` matches
+    the entries about that message (object ``message:ID``) and its copies (``delivery:ID/…``);
+    ``since`` is inclusive, ``until`` exclusive."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    actor: str | None = None
+    action: str | None = None
+    outcome: str | None = None
+    message: str | None = None
+    from_seq: int | None = None
+    to_seq: int | None = None
+
+
+def _like(column: Any, value: str) -> Any:
+    if not value.endswith("*"):
+        return column == value
+    prefix = value[:-1].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return column.like(prefix + "%", escape="\\")
+
+
+def _where(f: Filters) -> list[Any]:
+    w: list[Any] = []
+    if f.since is not None:
+        w.append(AuditEntry.at >= f.since)
+    if f.until is not None:
+        w.append(AuditEntry.at < f.until)
+    for column, value in ((AuditEntry.actor, f.actor), (AuditEntry.action, f.action),
+                          (AuditEntry.outcome, f.outcome)):
+        if value is not None:
+            w.append(_like(column, value))
+    if f.message is not None:
+        m = f.message.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        w.append(or_(AuditEntry.object == f"message:{f.message}",
+                     AuditEntry.object.like(f"delivery:{m}/%", escape="\\")))
+    if f.to_seq is not None:
+        w.append(AuditEntry.seq <= f.to_seq)
+    return w
+
+
+def export(session: Session, f: Filters, batch: int = 5000) -> Iterator[dict[str, Any]]:
+    """The entries ``f`` selects, oldest first, as :data:`EXPORT_FIELDS` (``at`` and
+    ``detail`` as the hash covers them: a reader recomputes ``hash`` from the line alone).
+    Read ``batch`` at a time by sequence number, so a log of any size is never in memory."""
+    cols = [getattr(AuditEntry, c) for c in EXPORT_FIELDS]
+    where = _where(f)
+    after = (f.from_seq - 1) if f.from_seq else 0
+    while True:
+        rows = session.execute(select(*cols).where(AuditEntry.seq > after, *where)
+                               .order_by(AuditEntry.seq).limit(batch)).all()
+        for r in rows:
+            e = dict(zip(EXPORT_FIELDS, r))
+            e["at"] = at_text(e["at"])
+            yield e
+        if len(rows) < batch:
+            return
+        after = rows[-1][0]
+
+
+def entry_hash(e: dict[str, Any]) -> str:
+    """The hash an exported entry must carry: SHA-256 of ``prev_hash``, ``seq``, ``at``,
+    ``actor``, ``action``, ``object``, ``outcome`` and ``detail`` as written, in UTF-8, each
+    followed by 0x1F."""
+    parts = (e["prev_hash"], str(e["seq"]), e["at"], e["actor"], e["action"], e["object"], e["outcome"],
+             e["detail"])
+    return hashlib.sha256("".join(f"{p}\x1f" for p in parts).encode("utf-8")).hexdigest()
+
+
+@dataclass
+class ExportCheck:
+    entries: int = 0
+    runs: int = 0  # stretches of consecutive entries, each linked by prev_hash
+    first: str | None = None  # SEQ:HASH of the first and last entries
+    last: str | None = None
+    problem: str | None = None
+    line: int | None = None
+
+
+def check_export(lines: Iterator[str], expect_head: str | None = None) -> ExportCheck:
+    """Check an export line by line: each entry's hash matches its content, sequence numbers
+    rise, and an entry that follows the previous line's (seq + 1) names its hash as
+    ``prev_hash``. ``expect_head``: SEQ:HASH recorded off the node; the export must hold that
+    entry with that hash. Stops at the first problem."""
+    out = ExportCheck()
+    prev: dict[str, Any] | None = None
+    want_seq, _, want_hash = (expect_head or "").partition(":")
+    head_seen = False
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+            if not isinstance(e, dict) or not isinstance(e.get("seq"), int) or not all(
+                    isinstance(e.get(k), str) for k in EXPORT_FIELDS if k != "seq"):
+                raise ValueError(f"expected an object with {', '.join(EXPORT_FIELDS)} (seq a number, the rest text)")
+        except ValueError as exc:
+            out.problem, out.line = f"not an exported entry: {exc}", no
+            return out
+        if entry_hash(e) != e["hash"]:
+            out.problem, out.line = f"entry {e['seq']} was altered (its hash does not match its content)", no
+            return out
+        if prev is not None and e["seq"] <= prev["seq"]:
+            out.problem, out.line = f"entry {e['seq']} comes after entry {prev['seq']} (out of order)", no
+            return out
+        if prev is not None and e["seq"] == prev["seq"] + 1:
+            if e["prev_hash"] != prev["hash"]:
+                out.problem, out.line = f"entry {e['seq']} does not follow entry {prev['seq']}", no
+                return out
+        else:
+            out.runs += 1
+        if str(e["seq"]) == want_seq:
+            if e["hash"] != want_hash:
+                out.problem, out.line = f"entry {want_seq} differs from the recorded head", no
+                return out
+            head_seen = True
+        out.entries += 1
+        out.first = out.first or f"{e['seq']}:{e['hash']}"
+        out.last = f"{e['seq']}:{e['hash']}"
+        prev = e
+    if expect_head and not head_seen:
+        out.problem = f"the recorded head {expect_head} is not in the export"
+    return out

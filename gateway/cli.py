@@ -1,11 +1,12 @@
 """The ``gateway`` command line (click)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
@@ -86,12 +87,24 @@ def db_upgrade(c: Ctx) -> None:
     except ConfigError as exc:  # its variable unset, or a driver other than psycopg 3
         raise click.ClickException(str(exc)) from None
     try:
-        migrate.upgrade(url)
+        before = migrate.upgrade(url)
     except migrate.NewerSchema as exc:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - the database cannot be reached, created or read
         raise click.ClickException(f"{c.cfg().source}: database.url: cannot migrate the database at "
                                    f"{_safe_url(url)}: {_reason(exc)}") from None
+    head = migrate.head()
+    if before != head:  # the schema changed: in the audit log, which exists from now on
+        from gateway import audit as audit_mod
+        from gateway.db import Database
+
+        db = Database(url, 1)
+        try:
+            with db.begin() as s:
+                audit_mod.append(s, actor=f"cli:{_user()}", action="schema.upgrade", obj="database",
+                                 detail={"from": before, "to": head})
+        finally:
+            db.dispose()
     click.echo(f"database at {_safe_url(url)} is at the newest schema")
 
 
@@ -322,6 +335,108 @@ def audit_verify(c: Ctx, expect_head: str | None) -> None:
         return
     click.echo(f"AUDIT LOG BROKEN{'' if r.seq is None else f' at entry {r.seq}'}: {r.problem}", err=True)
     sys.exit(1)
+
+
+def _when(value: str | None, option: str) -> Any:
+    """--since / --until: an ISO 8601 date or time; without an offset it is UTC."""
+    from datetime import UTC, datetime
+
+    if value is None:
+        return None
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected an ISO 8601 date or time, e.g. 2026-06-01, "
+                                 f"2026-06-01T08:00 (UTC) or 2026-06-01T08:00+08:00", param_hint=option) from None
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+@audit.command("export", help="Write audit entries as JSON lines, oldest first: seq, at (UTC), actor, action, "
+                              "object, outcome, detail (the JSON text the hash covers), prev_hash and hash, so "
+                              "that 'gateway audit verify-export' (or any SHA-256 tool) can prove the lines "
+                              "unaltered. Filters combine; ACTOR, ACTION and OUTCOME match exactly, or as a "
+                              "prefix when they end in '*'. Streams: any size of log. The export itself is "
+                              "audited (audit.export).")
+@click.option("--since", help="entries at or after this time (ISO 8601; UTC unless an offset is given)")
+@click.option("--until", help="entries before this time")
+@click.option("--actor", help="e.g. cli:zhang, key:4f2a…(州OA), node:county-a, job:prune, or key:*")
+@click.option("--action", help="e.g. document.read, api.refuse, or admin.*")
+@click.option("--outcome", help="e.g. ok, rejected, forbidden-scope")
+@click.option("--message", "message_id", help="the entries about this message and its copies")
+@click.option("--from-seq", type=click.IntRange(1, 2**63 - 1), help="entries numbered this or more")
+@click.option("--to-seq", type=click.IntRange(1, 2**63 - 1), help="entries numbered this or less")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True),
+              help="write to this file (made mode 0600) instead of standard output")
+@pass_ctx
+def audit_export(c: Ctx, since: str | None, until: str | None, actor: str | None, action: str | None,
+                 outcome: str | None, message_id: str | None, from_seq: int | None, to_seq: int | None,
+                 output: str | None) -> None:
+    from gateway import audit as audit_mod
+
+    f = audit_mod.Filters(since=_when(since, "--since"), until=_when(until, "--until"), actor=actor,
+                          action=action, outcome=outcome, message=message_id, from_seq=from_seq, to_seq=to_seq)
+    if f.since and f.until and f.since >= f.until:
+        raise click.BadParameter(f"--since {since} is not before --until {until}: nothing could match",
+                                 param_hint="--since/--until")
+    if from_seq and to_seq and from_seq > to_seq:
+        raise click.BadParameter(f"--from-seq {from_seq} is after --to-seq {to_seq}: nothing could match",
+                                 param_hint="--from-seq/--to-seq")
+    for name, value in (("--actor", actor), ("--action", action), ("--outcome", outcome),
+                        ("--message", message_id)):
+        if value is not None and not value.strip("*"):
+            raise click.BadParameter("is empty; leave the option out to take every entry", param_hint=name)
+    n = c.node()
+    _require_schema(n)
+    count = 0
+    try:
+        with contextlib.ExitStack() as files:
+            out: TextIO = sys.stdout
+            if output:
+                fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                out = files.enter_context(open(fd, "w", encoding="utf-8", newline="\n"))
+            with n.db.sessions() as s:
+                for e in audit_mod.export(s, f):
+                    out.write(json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n")
+                    count += 1
+            out.flush()
+        given = {k: v for k, v in (("since", since), ("until", until), ("actor", actor), ("action", action),
+                                   ("outcome", outcome), ("message", message_id), ("from_seq", from_seq),
+                                   ("to_seq", to_seq)) if v is not None}
+        with n.db.begin() as s:  # who read the log, which part, where it went
+            audit_mod.append(s, actor=f"cli:{_user()}", action="audit.export", obj="audit_log",
+                             detail={"filters": given, "entries": count,
+                                     "to": os.path.abspath(output) if output else "stdout"})
+    except OSError as exc:
+        raise click.ClickException(f"{output or 'standard output'}: cannot write: {exc.strerror or exc}") from None
+    finally:
+        n.close()
+    click.echo(f"{count} entr{'y' if count == 1 else 'ies'} exported", err=True)
+
+
+@audit.command("verify-export", help="Check a file 'gateway audit export' wrote, without the node: each entry's "
+                                     "hash matches its content, and each entry that follows the one before it "
+                                     "(seq + 1) carries that entry's hash. Exit 1 on the first problem.")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.option("--expect-head", help="SEQ:HASH recorded off the node (from 'gateway audit verify'): the export "
+                                    "must hold that entry, unaltered")
+def audit_verify_export(file: Any, expect_head: str | None) -> None:
+    from gateway import audit as audit_mod
+
+    if expect_head is not None and re.fullmatch(r"[0-9]{1,19}:[0-9a-f]{64}", expect_head) is None:
+        raise click.BadParameter(f"{expect_head!r}: expected SEQ:HASH as 'gateway audit verify' printed it, "
+                                 f"e.g. 1234:{'0' * 64}", param_hint="--expect-head")
+    try:
+        r = audit_mod.check_export(iter(file), expect_head)
+    except UnicodeDecodeError:
+        raise click.ClickException(f"{file.name}: not UTF-8 text; expected the JSON lines of "
+                                   f"'gateway audit export'") from None
+    if r.problem:
+        where = f" line {r.line}" if r.line else ""
+        click.echo(f"EXPORT BROKEN: {file.name}{where}: {r.problem}", err=True)
+        sys.exit(1)
+    linked = "one linked run" if r.runs == 1 else f"{r.runs} linked runs (the filters left gaps)"
+    click.echo(f"export intact: {r.entries} entries in {linked}"
+               + (f", first {r.first}, last {r.last}" if r.entries else ""))
 
 
 @main.group(help="The blob store: bodies and attachments (正文与附件).")
@@ -556,6 +671,7 @@ def worker(c: Ctx, once: bool) -> None:
     logs.setup()
     n = c.node(check_adapters=True)
     _require_schema(n)
+    n.record_config("worker")
     if once:
         Worker(n).drain()
         inbound.collect_all(n)
@@ -622,6 +738,9 @@ def serve(c: Ctx, bind: str, threads: int) -> None:
         if not current:
             raise SystemExit("the database schema is not current; run 'gateway db upgrade' first")
         state["node"] = n
+        from gateway.app import record_config
+
+        record_config(n, "serve")
         return create_app(node=n)
 
     def post_worker_init(_w: Any) -> None:

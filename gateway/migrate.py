@@ -22,17 +22,20 @@ class NewerSchema(Exception):
     """The database was migrated by a newer version of the gateway than this one."""
 
 
-def upgrade(url: str, revision: str = "head") -> None:
+def upgrade(url: str, revision: str = "head") -> str | None:
+    """Migrate the database at ``url`` to ``revision``; the revision it was at before (None:
+    an empty database)."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # private
     from sqlalchemy import create_engine
 
     engine = create_engine(url)
     try:
-        _known(engine)
+        before = _known(engine)
     finally:
         engine.dispose()
     command.upgrade(alembic_config(url), revision)
+    return before
 
 
 @functools.cache
@@ -57,6 +60,11 @@ def _known(engine) -> str | None:  # type: ignore[no-untyped-def]
                           f"not know (its newest is {head}): a newer version migrated it; "
                           f"run that version, or restore the database from before the upgrade")
     return current
+
+
+def head() -> str:
+    """This version's newest schema revision."""
+    return _script()[0]
 
 
 def current_is_head(engine) -> bool:  # type: ignore[no-untyped-def]

@@ -5,11 +5,14 @@ Built once per process by the app factory or the command line; no import-time si
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
+import os
 import threading
 from pathlib import Path
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 
 import adapters
@@ -64,6 +67,25 @@ class DbStateStore:
             except self.db.integrity_errors:
                 if last:
                     raise
+
+
+#: where the configuration recorded last is kept (see :meth:`Node.record_config`)
+_CONFIG_STATE = ("node", "config")
+
+
+def os_user() -> str:
+    """The operating-system account running this process (under sudo, who ran sudo)."""
+    return os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid())
+
+
+def changed_settings(before: Any, after: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two settings trees (lists compare whole)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        out: list[str] = []
+        for k in sorted(set(before) | set(after)):
+            out += changed_settings(before.get(k), after.get(k), f"{prefix}{k}.")
+        return out
+    return [] if before == after else [prefix[:-1]]
 
 
 class Node:
@@ -178,6 +200,42 @@ class Node:
 
     def adapter_names(self) -> list[str]:
         return sorted(self.config.adapters)
+
+    def record_config(self, process: str) -> None:
+        """Audit the configuration this process starts with (``config.change``) when it differs
+        from the one recorded last: its SHA-256, the previous one, the settings that changed
+        (dotted keys) and the file. The settings themselves (never a secret: the file may only
+        name where secrets are) are kept in ``adapter_state`` for the next comparison. Several
+        processes starting with one configuration record it once."""
+        from gateway import audit
+
+        settings = self.config.model_dump(mode="json", exclude={"source", "base_dir", "simulators"})
+        text = audit.canonical(settings)
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        for last in (False, True):
+            try:
+                with self.db.begin() as s:
+                    row = s.get(AdapterState, _CONFIG_STATE, with_for_update=True)
+                    before = json.loads(row.value) if row else None
+                    if before is not None and before.get("sha256") == digest:
+                        return
+                    detail: dict[str, object] = {"process": process, "sha256": digest, "file": self.config.source}
+                    if before is not None:
+                        changed = changed_settings(before.get("settings") or {}, settings)
+                        detail.update(previous_sha256=before.get("sha256"), changed=changed[:100],
+                                      changed_count=len(changed))
+                    audit.append(s, actor=f"{process}:{os_user()}", action="config.change",
+                                 obj=f"node:{self.id}", outcome="first" if before is None else "changed",
+                                 detail=detail)
+                    value = json.dumps({"sha256": digest, "settings": settings}, ensure_ascii=False)
+                    if row is None:
+                        s.add(AdapterState(adapter=_CONFIG_STATE[0], key=_CONFIG_STATE[1], value=value))
+                    else:
+                        row.value = value
+                return
+            except self.db.integrity_errors:  # another process recorded it first: compare again
+                if last:
+                    raise
 
     def attachments_policy(self, name: str) -> str:
         """What becomes of a document's attachments at adapter ``name`` (see

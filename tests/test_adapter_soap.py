@@ -391,3 +391,23 @@ def test_default_mapping_covers_every_send_document_argument() -> None:
     ns = {"xs": "http://www.w3.org/2001/XMLSchema"}
     declared = wsdl.xpath("//xs:complexType[@name='SendDocument']//xs:element/@name", namespaces=ns)
     assert sorted(DEFAULT_SEND_ARGUMENTS) == sorted(declared) == sorted(SEND_FIELDS)
+
+
+def test_debug_logging_never_shows_the_password_or_the_document(
+    soap_service_factory: Callable[..., SoapServiceServer], make_soap_adapter: MakeAdapter,
+    document: Envelope, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Someone looking into a link turns DEBUG on: zeep's transport would log each envelope
+    whole, the WS-Security password (PasswordText) and the body (正文) in it."""
+    import base64
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    service = soap_service_factory(username="gateway", password=PASSWORD)
+    adapter = make_soap_adapter(service, username="gateway", password_env="RIGHT_PASSWORD",
+                                secrets={"RIGHT_PASSWORD": PASSWORD})
+    adapter.deliver(to(document, COUNTY_A))
+    assert service.state.documents == 1
+    assert PASSWORD not in caplog.text and "gateway</wsse:Username>" not in caplog.text
+    assert base64.b64encode(BODY).decode()[:24] not in caplog.text
+    assert f"HTTP Post to {service.url}" in caplog.text and "of SOAP not logged" in caplog.text

@@ -225,11 +225,21 @@ SECURITY_REFUSALS = frozenset({"unauthenticated", "forbidden-scope", "forbidden-
                                "metrics-token", "foreign-message-id"})
 
 
+def _attempted_change(peer: str | None) -> bool:
+    """A calling system's request that would have changed something (a document sent or
+    recalled, content uploaded): refused for any reason, it is a failed action the audit log
+    records (GB/T 22239: each event's outcome, success or failure). Legacy systems' callbacks
+    are audited as ``inbound.reject`` and node requests as ``federation.reject`` instead."""
+    return (peer is None and request.method == "POST" and request.path.startswith("/api/")
+            and not request.path.startswith("/api/v1/callbacks/"))
+
+
 class Refusals:
-    """Audits the API's security refusals, one entry each (``api.refuse``: who, which request,
-    why, from where), up to RejectAudit.PER_MINUTE a minute per key or, without one, per
-    address; past that a minute's refusals are counted into one entry. Without the bound a
-    flood of bad keys would write to the hash chain that every accept waits on."""
+    """Audits the API's security refusals, and the refusals of requests that would have changed
+    something, one entry each (``api.refuse``: who, which request, why, from where), up to
+    RejectAudit.PER_MINUTE a minute per key or, without one, per address; past that a minute's
+    refusals are counted into one entry. Without the bound a flood of bad keys (or of bad
+    documents) would write to the hash chain that every accept waits on."""
 
     def __init__(self, db: Database) -> None:
         from gateway.federation.state import RejectAudit
@@ -243,16 +253,18 @@ class Refusals:
                          obj="/api/", outcome="suppressed", detail=detail)
 
     def __call__(self, exc: Problem) -> None:
-        if exc.kind not in SECURITY_REFUSALS:
-            return
         caller: Caller | None = g.get("caller")
         peer: str | None = g.get("fed_peer")  # a signed node request (gateway.federation.api)
+        if exc.kind not in SECURITY_REFUSALS and not _attempted_change(peer):
+            return
         token = _presented() or ""
         presented = token.split("_", 2)[1][:32] if token.startswith("gw_") and token.count("_") >= 2 else None
         addr = request.remote_addr or "?"
         if not self.limiter.admit(f"key:{caller.key_id}" if caller else f"node:{peer}" if peer else addr, exc.kind):
             return
         detail: dict[str, Any] = {"reason": exc.detail[:500], "remote_addr": addr}
+        if exc.kind not in SECURITY_REFUSALS:
+            detail["status"] = exc.status
         if caller is None and presented:
             detail["key_id"] = presented  # a revoked key still in use shows here
         try:
