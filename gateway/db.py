@@ -24,6 +24,7 @@ other connection keeps ``synchronous=FULL``.
 from __future__ import annotations
 
 import collections
+import errno
 import fcntl
 import functools
 import json
@@ -66,6 +67,52 @@ BUSY_TIMEOUT_S = 30
 #: how JSON columns are written: Chinese as UTF-8, not \uXXXX escapes (half the bytes of a
 #: title, and readable to an operator at the database's own prompt)
 json_text = functools.partial(json.dumps, ensure_ascii=False)
+
+
+#: SQLite's result codes for "no space left" and for a database it cannot reach or lock
+_SQLITE_FULL, _SQLITE_AWAY = 13, frozenset({5, 6, 10, 14})  # FULL; BUSY, LOCKED, IOERR, CANTOPEN
+#: PostgreSQL's SQLSTATE for a full disk (class 53: insufficient resources)
+_PG_DISK_FULL = "53100"
+
+
+def outage(exc: BaseException) -> str | None:
+    """What an error says about the database, rather than about the work that met it:
+    ``"full"`` (no disk space left for it: SQLite's file system, PostgreSQL's), ``"away"``
+    (the server is down, restarting or refused the connection, every connection is taken,
+    the connection was cut, SQLite's file is locked or unreadable), or None (anything else:
+    a constraint, a bug). An outage passes by itself or once an operator has acted; the
+    work is not at fault, so it is answered 503 or 507 and retried, never logged as a bug."""
+    if isinstance(exc, sqlalchemy.exc.TimeoutError):  # the pool: every connection in use
+        return "away"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "full"
+    if isinstance(exc, pgbatch.BatchFailed) and exc.broken:
+        return "away"
+    orig = exc.orig if isinstance(exc, sqlalchemy.exc.DBAPIError) else exc
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+        return "away"
+    code = getattr(orig, "sqlite_errorcode", None)
+    if code is not None:
+        if code & 0xFF == _SQLITE_FULL:
+            return "full"
+        return "away" if code & 0xFF in _SQLITE_AWAY else None
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - a SQLite-only installation
+        return None
+    if isinstance(orig, psycopg.Error) and getattr(orig, "sqlstate", None) == _PG_DISK_FULL:
+        return "full"
+    if isinstance(orig, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return "away"
+    return None
+
+
+def outage_text(exc: BaseException) -> str:
+    """An outage's error in one line, for a log line or a stored error: its type and the
+    first line of its message (SQLAlchemy appends a link, psycopg a hint on further lines)."""
+    orig = exc.orig if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None else exc
+    first = next((line.strip() for line in str(orig).splitlines() if line.strip()), "")
+    return f"{type(orig).__name__}: {first}"[:300]
 
 
 def make_engine(url: str, pool_size: int = 10) -> Engine:
@@ -408,7 +455,8 @@ class Database:
                     synced = self._commit_group(batch)
             except BaseException as exc:  # the commit failed, so every unit of the group did
                 batch = batch or self._take()
-                log.error("group commit of %d units failed: %s", len(batch), exc)
+                if outage(exc) is None:  # an outage: each caller says so (503, the worker's log)
+                    log.error("group commit of %d units failed: %s", len(batch), exc)
                 error = exc
                 self._drop_group_connection()
             mine = me in batch  # always, unless more than GROUP_MAX were queued before it
@@ -615,11 +663,21 @@ class Database:
     RESTART_WAIT_MS = 100
 
     def _checkpoint_loop(self) -> None:
+        failing = False  # said once a streak (a full disk fails every round until space returns)
         while not self._closed.wait(self.CHECKPOINT_SECONDS):
             try:
                 self.checkpoint()
-            except Exception:  # the next round tries again
-                log.warning("WAL checkpoint failed", exc_info=True)
+            except Exception as exc:  # the next round tries again
+                if outage(exc) is None:
+                    log.warning("WAL checkpoint failed", exc_info=True)
+                elif not failing:
+                    log.warning("WAL checkpoint failed (%s); trying again every %g s", outage_text(exc),
+                                self.CHECKPOINT_SECONDS)
+                failing = True
+            else:
+                if failing:
+                    log.info("WAL checkpoints work again")
+                failing = False
 
     def checkpoint(self) -> tuple[int, int]:
         """Copy the WAL's pages into the database file; returns (frames in the WAL, frames

@@ -14,6 +14,7 @@ import logging
 import sys
 
 from gateway.api.problems import shown
+from gateway.db import outage, outage_text
 
 FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 DATEFMT = "%Y-%m-%d %H:%M:%S %z"
@@ -29,6 +30,19 @@ class _OneLine(logging.Formatter):
         return super().formatMessage(record)
 
 
+class _OutageOneLine(logging.Filter):
+    """A record with a traceback of a database outage (a library's own, such as SQLAlchemy's
+    pool failing to reset a connection the server closed): one line with the error instead.
+    While the database restarts, every process would otherwise print dozens of them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and outage(exc) is not None:
+            record.msg, record.args = f"{record.getMessage()}: {outage_text(exc)}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def setup(level: int = logging.INFO) -> None:
     """Log the gateway's own INFO and up, and everyone's WARNING and up, to stderr. Does
     nothing to a logging set up already (a handler on the root logger)."""
@@ -37,6 +51,7 @@ def setup(level: int = logging.INFO) -> None:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLine(FORMAT, DATEFMT))
+    handler.addFilter(_OutageOneLine())
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     for name in OURS:

@@ -44,6 +44,7 @@ from sqlalchemy.exc import IntegrityError
 from adapters.base import ConfigError as AdapterConfigError, DeliveryError
 from gateway import audit
 from gateway.config import Config, ConfigError, ScheduleConfig
+from gateway.db import outage, outage_text
 from gateway.models import JobRun
 
 if TYPE_CHECKING:
@@ -385,7 +386,8 @@ def _run_locked(node: Node, spec: Job, trigger: str, tick: datetime, instance: s
     try:
         detail = _jsonable(spec.fn(node))
     except Exception as exc:
-        if isinstance(exc, _EXPECTED_FAILURES) or type(exc).__name__ in _EXPECTED_BY_NAME:
+        if (isinstance(exc, _EXPECTED_FAILURES) or type(exc).__name__ in _EXPECTED_BY_NAME
+                or outage(exc) is not None):
             # a peer down, a setting missing …: the message says it all (the run's detail too)
             log.error("job %s (%s, tick %s) failed: %s", spec.name, trigger, tick.isoformat(), exc)
         else:  # a bug: the traceback is what finds it
@@ -544,8 +546,12 @@ class Scheduler:
             try:
                 give_up = min(sched.next_after(tick), tick + timedelta(seconds=self.busy_patience))
                 self._run_tick(name, tick, give_up)
-            except Exception:  # the runner must survive a database outage
-                log.exception("job %s tick %s: the run could not be recorded", name, tick.isoformat())
+            except Exception as exc:  # the runner must survive a database outage
+                if outage(exc) is None:
+                    log.exception("job %s tick %s: the run could not be recorded", name, tick.isoformat())
+                else:  # the next tick runs once the database is back (a row left running: Abandoned)
+                    log.warning("job %s tick %s: not run, the database is unavailable (%s)", name,
+                                tick.isoformat(), outage_text(exc))
 
     def _run_tick(self, name: str, tick: datetime, give_up: datetime) -> RunResult:
         pause = self.busy_retry

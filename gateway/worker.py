@@ -41,7 +41,7 @@ from adapters.base import Delivery as AdapterDelivery
 from adapters.base import DeliveryError, PermanentError, RetryableError
 from gateway import audit, events, nodekey
 from gateway.config import RetryPolicy
-from gateway.db import driver_mark, driver_stamp
+from gateway.db import driver_mark, driver_stamp, outage, outage_text
 from gateway.envelope import Envelope, Recipient
 from gateway.models import table, Delivery, Message, OutboxEntry
 from gateway.node import Node
@@ -228,6 +228,9 @@ class Worker:
         #: ids of the rows claimed and not yet recorded (or given back): never claimed again
         #: meanwhile (guarded by _cv)
         self._in_hand: set[int] = set()
+        #: ids of rows delivered (or tried) whose outcomes wait for the database to come back:
+        #: this worker's reaper leaves them claimed (guarded by _cv)
+        self._unrecorded: set[int] = set()
         self._http = requests.Session()
         self._key: Ed25519PrivateKey | SM2PrivateKey | None = None
         #: peers whose rows only the sync jobs carry (batch and ferry links)
@@ -258,11 +261,18 @@ class Worker:
         return jobs_from_rows(rows)
 
     def reap_expired_leases(self) -> int:
-        """Return rows whose worker died (lease expired) to the queue."""
+        """Return rows whose worker died (lease expired) to the queue. Not the rows whose
+        outcomes this worker is waiting to record (a database outage longer than the lease):
+        taken back, they would be delivered a second time."""
         now = datetime.now(UTC)
+        with self._cv:
+            unrecorded = list(self._unrecorded)
+        expired = [OutboxEntry.state == "claimed", OutboxEntry.lease_until < now]
+        if unrecorded:
+            expired.append(OutboxEntry.id.not_in(unrecorded))
         with self.node.db.begin() as s:
             res = s.execute(update(OutboxEntry)
-                            .where(OutboxEntry.state == "claimed", OutboxEntry.lease_until < now)
+                            .where(*expired)
                             .values(state="pending", claimed_by=None, lease_until=None),
                             execution_options={"synchronize_session": False})
             return cast(CursorResult, res).rowcount or 0
@@ -596,6 +606,7 @@ class Worker:
         a quarter of the lease. A row waiting here longer than its lease would be taken back
         (and tried a second time) while a slow peer holds every thread."""
         last_reap = 0.0
+        away = False  # the last round met a database outage
         pace_at, pace_done, pace = time.monotonic(), 0, None
         self.node.db.hold_connection()
         while not self._stop.is_set():
@@ -622,8 +633,16 @@ class Worker:
                             self._cv.notify(len(fresh))
                 self._wake.wait(self.cfg.idle_sleep)
                 self._wake.clear()
-            except Exception:  # the database may be briefly unavailable
-                log.exception("dispatcher loop error; retrying")
+                if away:
+                    log.info("the database is back; claiming rows again")
+                    away = False
+            except Exception as exc:  # the database may be briefly unavailable
+                if outage(exc) is None:
+                    log.exception("dispatcher loop error; retrying")
+                elif not away:  # one line an outage, not one a second
+                    log.warning("the database is unavailable (%s); claiming again every second until it is back",
+                                outage_text(exc))
+                    away = True
                 self._stop.wait(1.0)
         self.node.db.release_connection()
 
@@ -659,7 +678,7 @@ class Worker:
                 except queue.Empty:
                     break
             try:
-                self.record(batch)
+                self._record_until_done(batch)
             except Exception:  # keep the rows claimed: their lease expires and they run again
                 log.exception("recording %d outcomes failed; their rows will be retried", len(batch))
                 time.sleep(0.5)
@@ -667,7 +686,56 @@ class Worker:
                 with self._cv:
                     self._in_hand.difference_update(o.job.id for o in batch)
 
+    #: how long a stopping worker still tries to record outcomes while the database is away
+    RECORD_PATIENCE_STOPPING = 5.0
+
+    def _record_until_done(self, batch: list[Outcome]) -> None:
+        """Record ``batch``; while the database is away (restarting, stopped, out of
+        connections), keep the outcomes and try again every second rather than drop them.
+        Dropped, the rows would stay claimed until their lease ran out and be delivered a
+        second time: a legacy system that does not deduplicate (an SFTP drop whose reader
+        has taken the first file) would get the document twice. Recording again is safe:
+        a row already recorded (a commit whose answer was lost) is no longer ``claimed``
+        by this worker, and is left alone. A stopping worker gives up after
+        RECORD_PATIENCE_STOPPING seconds (the rows come back when their lease runs out)."""
+        try:
+            self._record_retrying(batch)
+        finally:
+            with self._cv:
+                self._unrecorded.difference_update(o.job.id for o in batch)
+
+    def _record_retrying(self, batch: list[Outcome]) -> None:
+        away_since: float | None = None
+        while True:
+            try:
+                self.record(batch)
+            except Exception as exc:
+                if outage(exc) is None:
+                    raise
+                now = time.monotonic()
+                if away_since is None:
+                    away_since = now
+                    with self._cv:
+                        self._unrecorded.update(o.job.id for o in batch)
+                    log.warning("the database is unavailable (%s); keeping %d delivery outcomes and recording them "
+                                "once it is back", outage_text(exc), len(batch))
+                if self._drained.is_set() and now - away_since > self.RECORD_PATIENCE_STOPPING:
+                    log.warning("stopping: %d delivery outcomes not recorded (the database is still unavailable); "
+                                "their rows return to the queue when their lease runs out", len(batch))
+                    return
+                time.sleep(1.0)
+                continue
+            if away_since is not None:
+                log.info("the database is back; %d delivery outcomes recorded", len(batch))
+            return
+
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop claiming, give back the rows not started, wait for the deliveries running and
+        record their outcomes. Waits ``timeout`` for the deliveries all together (not each
+        thread in turn: eight threads stuck on a legacy system that does not answer would
+        hold a ``gateway worker`` for 80 s past its SIGTERM, beyond what a service manager
+        waits before it kills); a delivery still running then is left to its lease."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         self._wake.set()
         dispatcher, recorder = self._threads or (None, None)
@@ -681,7 +749,11 @@ class Worker:
             self._closing = True
             self._cv.notify_all()
         for t in self._delivery_threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
+        running = sum(t.is_alive() for t in self._delivery_threads)
+        if running:
+            log.warning("stopping: %d deliveries still running after %g s; their rows return to the queue when "
+                        "their lease runs out (worker.lease_seconds)", running, timeout)
         self._drained.set()
         if unstarted:
             try:

@@ -69,6 +69,30 @@ def test_a_message_cannot_forge_a_line_but_a_traceback_keeps_its_lines(monkeypat
     assert err[-1] == "ValueError: boom"
 
 
+def test_a_librarys_traceback_of_a_database_outage_is_one_line(monkeypatch, tmp_path):
+    """SQLAlchemy's pool logs a traceback for each connection it cannot reset while the
+    database restarts: one line each instead, naming the error (gateway.db.outage)."""
+    import sqlite3
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    with bare_logging():
+        logs.setup()
+        try:
+            sqlite3.connect(tmp_path / "no-such-folder" / "gateway.db")  # SQLITE_CANTOPEN: the database is away
+        except sqlite3.OperationalError:
+            logging.getLogger("sqlalchemy.pool.impl.QueuePool").error("Exception during reset or similar",
+                                                                       exc_info=True)
+        try:
+            raise ValueError("boom")
+        except ValueError:  # anything else keeps its traceback
+            logging.getLogger("sqlalchemy.pool.impl.QueuePool").error("something else", exc_info=True)
+    err = out.getvalue().splitlines()
+    assert err[0].endswith("[ERROR] sqlalchemy.pool.impl.QueuePool: Exception during reset or similar: "
+                           "OperationalError: unable to open database file"), err
+    assert err[1].endswith("something else") and err[2] == "Traceback (most recent call last):"
+
+
 def test_setup_leaves_a_logging_configured_already_alone():
     with bare_logging() as root:
         mine = logging.NullHandler()

@@ -2,11 +2,16 @@
 with a stable ``type`` a caller can switch on."""
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from typing import Any
 
 from flask import Flask, Response, json, request
 from gunicorn.http.errors import NoMoreData, ParseException
 from werkzeug.exceptions import ClientDisconnected, HTTPException
+
+from gateway.db import outage, outage_text
 
 TYPE_PREFIX = "urn:egov:gateway:problem:"
 
@@ -20,6 +25,7 @@ TITLES = {
     "header-too-large": "请求头过大 (request headers too large)",
     "incomplete-body": "请求体不完整 (request body ended early)",
     "storage-full": "存储空间不足 (storage full)",
+    "database-unavailable": "数据库暂不可用 (database unavailable)",
     "too-deep": "XML 嵌套过深 (XML nested too deeply)",
     "bad-encoding": "字符编码错误 (bad character encoding)",
     "unauthenticated": "需要有效的 API 密钥 (a valid API key is required)",
@@ -130,12 +136,67 @@ def install(app: Flask) -> None:
             # (the connection is closed after the answer: gunicorn_worker.handle_request)
             return problem_response(400, "malformed-request", f"the chunked request body is malformed "
                                     f"({shown(str(exc))[:200]}); nothing was stored")
+        kind = outage(exc)
+        if kind is not None:  # the database is away or full: not the request's fault, nor a bug
+            return _outage_answer(app, kind, exc)
         app.logger.exception("unhandled error on %s %s", request.method, shown(request.path))
         return problem_response(500, "internal", "an internal error occurred; it has been logged")
 
     @app.before_request
     def _hygiene() -> None:
         check_request()
+
+
+#: seconds a caller is asked to wait before trying again while the database is away or full
+RETRY_AFTER_OUTAGE = 5
+
+
+class _OutageLog:
+    """The log lines of requests refused for an outage: the first one, then at most one
+    every ``EVERY`` seconds with the number refused since (the access log has each one).
+    A 30 s restart under load would otherwise write thousands of lines saying the same."""
+
+    EVERY = 10.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = -float("inf")
+        self._quiet = 0
+
+    def note(self, app: Flask, level: int, msg: str, *args: Any) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.EVERY:
+                self._quiet += 1
+                return
+            quiet, self._quiet, self._last = self._quiet, 0, now
+        if quiet:
+            msg += f" ({quiet} more answered so since the last such line)"
+        app.logger.log(level, msg, *args)
+
+
+_OUTAGE_LOG = _OutageLog()
+
+
+def _outage_answer(app: Flask, kind: str, exc: BaseException) -> Response:
+    """503 (the database is away: restarting, stopped, out of connections) or 507 (its disk
+    is full), both with Retry-After; the log gets one line, not a traceback per request.
+    Nothing was stored: the request's transaction was never committed (or, for a commit cut
+    off on its way back, the same Idempotency-Key finds it when the caller tries again)."""
+    text = outage_text(exc)
+    if kind == "full":
+        _OUTAGE_LOG.note(app, logging.ERROR, "%s %s: no disk space left for the database (%s); answered 507",
+                         request.method, shown(request.path), shown(text))
+        out = problem_response(507, "storage-full", "the node's database has no disk space left; nothing was "
+                                                    "stored, try again later")
+    else:
+        _OUTAGE_LOG.note(app, logging.WARNING, "%s %s: the database is unavailable (%s); answered 503",
+                         request.method, shown(request.path), shown(text))
+        out = problem_response(503, "database-unavailable", "the node's database is unavailable for the moment "
+                                                            "(restarting, stopped or out of connections); nothing "
+                                                            "was stored, try again later")
+    out.headers["Retry-After"] = str(RETRY_AFTER_OUTAGE)
+    return out
 
 
 def shown(text: str) -> str:

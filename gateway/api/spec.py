@@ -75,7 +75,9 @@ PROBLEM_STATUSES = {
     415: "不支持的内容类型 (unsupported media type)",
     422: "内容不符合规则 (content breaks a rule; errors names each field)",
     429: "上传配额已用完 (this key's daily upload quota is used up; Retry-After says when there is room again)",
-    503: "服务未就绪 (the node is not set up for this request; its log says why)",
+    503: "服务暂不可用 (the node's database is unavailable for the moment (restarting, stopped, out of "
+         "connections; Retry-After says when to try again), or the node is not set up for this request; nothing "
+         "was stored)",
     507: "存储空间不足 (too little disk space left on the node; nothing was stored, try again later)",
 }
 #: the response headers the API sends, as the document describes them
@@ -87,10 +89,13 @@ RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
                             "schema": {"type": "string", "enum": ["true"]}},
     "Retry-After": {"description": "seconds until there is room again", "required": True,
                     "schema": {"type": "integer", "minimum": 1}},
+    "Retry-After-Outage": {"description": "seconds to wait before trying again (sent while the database is "
+                                          "unavailable or full)", "schema": {"type": "integer", "minimum": 1}},
     "WWW-Authenticate": {"description": 'how to authenticate: Bearer realm="gateway"', "required": True,
                          "schema": {"type": "string"}},
 }
-_PROBLEM_HEADERS = {401: ("WWW-Authenticate",), 429: ("Retry-After",)}
+_PROBLEM_HEADERS = {401: ("WWW-Authenticate",), 429: ("Retry-After",), 503: ("Retry-After-Outage",),
+                    507: ("Retry-After-Outage",)}
 #: the Idempotency-Key request header, as every POST that honours it takes it (common.idempotency_key)
 IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
                    "description": "the caller's key for this request: sent again, the first answer is repeated "
@@ -152,13 +157,16 @@ def document() -> dict[str, Any]:
             errors = _DEFAULT_ERRORS.get(op.method, (400, 401, 403, 404))
             if not op.scope:
                 errors = tuple(e for e in errors if e not in (401, 403))
+        if errors:  # anything that can fail can meet the database away (503), a write its disk full (507)
+            errors = (*errors, 503, *((507,) if op.method == "post" else ()))
         for status in errors:
             o["responses"].setdefault(str(status), {
                 "description": PROBLEM_STATUSES[status], "content": {"application/problem+json": {
                     "schema": {"$ref": "#/components/schemas/Problem"}}}})
         for status, names in (_PROBLEM_HEADERS | op.headers).items():
             if str(status) in o["responses"]:
-                o["responses"][str(status)]["headers"] = {name: RESPONSE_HEADERS[name] for name in names}
+                o["responses"][str(status)]["headers"] = {name.removesuffix("-Outage"): RESPONSE_HEADERS[name]
+                                                          for name in names}
         paths.setdefault(op.path, {})[op.method] = o
     return {
         "openapi": "3.1.0",

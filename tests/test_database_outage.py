@@ -1,0 +1,295 @@
+"""The database goes away and comes back while the node works: PostgreSQL restarted or stopped
+by its operator, SQLite's disk full. Callers get 503 (507 for a full disk) problem+json with
+Retry-After, never a 500; /readyz says not ready; the log says so in one line, not a traceback
+per request; the connection pool, the delivery worker and the API recover by themselves once
+the database is back; an outcome of a delivery made during the outage is recorded afterwards,
+not dropped (dropped, the row would be delivered a second time once its lease ran out).
+
+Each PostgreSQL test runs on a private cluster of its own, which it stops and starts."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import event, select
+
+from adapters.simulators.cluster import to_toml
+from gateway import migrate
+from gateway.models import Delivery, Message, OutboxEntry
+from gateway.node import Node
+from gateway.worker import Worker
+from tests.plugins.gatewaynode import Api, RecordingAdapter, node_config
+from tests.plugins.postgres import PrivateCluster, _pg_bin
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Cluster(PrivateCluster):
+    def stop_server(self) -> None:
+        """``pg_ctl stop -m fast``, as an operator stops it: sessions are ended, nothing is lost."""
+        self._check("pg_ctl stop -m fast", self._pg_ctl("-m", "fast", "-w", "stop"))
+
+
+@pytest.fixture
+def pg(tmp_path) -> Iterator[tuple[Cluster, Node]]:  # type: ignore[no-untyped-def]
+    """A node (worker threads not started) on a private cluster that the test may stop."""
+    pg_bin = _pg_bin()
+    assert pg_bin is not None, "PostgreSQL server binaries not found (tests/run installs them)"
+    cluster = Cluster(pg_bin)
+    url = cluster.start()
+    try:
+        RecordingAdapter.instances.clear()
+        cfg = node_config(tmp_path, url)
+        migrate.upgrade(cfg.database_url())
+        node = Node(cfg)
+        try:
+            yield cluster, node
+        finally:
+            node.close()
+    finally:
+        cluster.stop()
+
+
+def _problem(r, status: int, kind: str) -> None:  # type: ignore[no-untyped-def]
+    assert r.status_code == status, r.get_data(as_text=True)
+    assert r.mimetype == "application/problem+json"
+    assert r.get_json()["type"] == f"urn:egov:gateway:problem:{kind}"
+    assert int(r.headers["Retry-After"]) >= 1
+
+
+@pytest.mark.postgres
+def test_while_postgresql_is_stopped_callers_get_503_and_the_node_recovers_by_itself(pg, caplog):  # type: ignore[no-untyped-def]
+    cluster, node = pg
+    api = Api(node)
+    doc = api.document(title="数据库停机期间收文")
+    assert api.post("/api/v1/documents", json=doc).status_code == 202
+    cluster.stop_server()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):  # a new document, a status read, an upload: each a 503, not a 500
+            _problem(api.post("/api/v1/documents", json=doc, headers={"Idempotency-Key": "停机"}), 503,
+                     "database-unavailable")
+        _problem(api.get("/api/v1/documents"), 503, "database-unavailable")
+        ready = api.client.get("/readyz")
+        assert ready.status_code == 503 and ready.get_json()["status"] == "not ready"
+    assert not any(r.exc_info for r in caplog.records), "an outage is not a bug: no traceback"
+    said = [r.getMessage() for r in caplog.records if "database is unavailable" in r.getMessage()]
+    assert len(said) == 1, said  # the first refusal says so; the next ones within 10 s are counted
+    assert "answered 503" in said[0] and "OperationalError" in said[0]
+    cluster.start_again()  # the same gateway objects, no restart: the pool opens new connections
+    r = api.post("/api/v1/documents", json=doc, headers={"Idempotency-Key": "停机"})
+    assert r.status_code == 202, r.get_data(as_text=True)
+    assert api.client.get("/readyz").status_code == 200
+    with node.db.sessions() as s:
+        assert len(s.scalars(select(Message.id)).all()) == 2  # nothing of the refused requests was stored
+
+
+@pytest.mark.postgres
+def test_a_delivery_made_while_postgresql_was_away_is_recorded_once_it_is_back(pg, tmp_path):  # type: ignore[no-untyped-def]
+    """The legacy system took the document, then the database went away for longer than the
+    row's lease. The worker keeps the outcome and records it when the database is back;
+    neither its own reaper nor the lease hands the row out again: one delivery, not two."""
+    cluster, node = pg
+    node.config.worker.lease_seconds = 1  # the outage (about 2 s) outlasts the lease
+    api = Api(node)
+    mid = api.post("/api/v1/documents", json=api.document()).get_json()["id"]
+    rec = node.adapter("rec")
+    assert isinstance(rec, RecordingAdapter)
+    outage_over = threading.Event()
+
+    def database_goes_away(_delivery: object) -> None:
+        rec.hook = None  # once
+        cluster.stop_server()
+
+    rec.hook = database_goes_away
+    w = Worker(node)
+    w.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not rec.delivered and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert rec.delivered, "the worker did not deliver"
+        time.sleep(2)  # longer than the lease: without the database nothing can be recorded meanwhile
+        cluster.start_again()
+        outage_over.set()
+        while time.monotonic() < deadline:
+            with node.db.sessions() as s:
+                if s.scalar(select(Delivery.status).where(Delivery.message_id == mid)) == "delivered":
+                    break
+            time.sleep(0.1)
+        time.sleep(1.5)  # a lease and a reaper's round: a row taken back would be delivered again now
+    finally:
+        w.stop()
+    with node.db.sessions() as s:
+        assert s.scalar(select(Delivery.status).where(Delivery.message_id == mid)) == "delivered"
+        assert s.scalar(select(OutboxEntry.state)) == "done"
+    assert list(rec.effects.values()) == [1], rec.effects
+
+
+def test_sqlite_out_of_space_answers_507_and_stores_nothing_until_there_is_room(tmp_path, caplog):  # type: ignore[no-untyped-def]
+    """SQLite's SQLITE_FULL (a full file system; here SQLite's own page limit, which fails the
+    same way at the same place) is a 507 storage-full with Retry-After, not a 500."""
+    cfg = node_config(tmp_path, f"sqlite:///{tmp_path}/gw.db")
+    migrate.upgrade(cfg.database_url())
+    node = Node(cfg)
+    try:
+        api = Api(node)
+        doc = api.document(title="磁盘已满")
+        assert api.post("/api/v1/documents", json=doc).status_code == 202
+        room = {"pages": 0}  # 0: no limit
+
+        @event.listens_for(node.db.engine, "connect")
+        def _limit(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            if room["pages"]:
+                dbapi_conn.execute(f"PRAGMA max_page_count={room['pages']}")
+
+        pages = node.db.engine.pool.connect().dbapi_connection.execute("PRAGMA page_count").fetchone()[0]
+        room["pages"] = pages
+        node.db.engine.dispose()  # every connection opened from now on has no room left
+        node.db._drop_group_connection()
+        caplog.clear()
+        big = {**doc, "title": "磁盘已满" * 100}
+        statuses = []
+        for i in range(200):  # the file has a little slack in its last pages: fill it
+            r = api.post("/api/v1/documents", json=big, headers={"Idempotency-Key": f"满-{i}"})
+            statuses.append(r.status_code)
+            if r.status_code != 202:
+                _problem(r, 507, "storage-full")
+                break
+        assert statuses[-1] == 507, statuses
+        assert not any(r.exc_info for r in caplog.records)
+        room["pages"] = 0
+        node.db.engine.dispose()
+        node.db._drop_group_connection()
+        r = api.post("/api/v1/documents", json=big, headers={"Idempotency-Key": f"满-{len(statuses) - 1}"})
+        assert r.status_code == 202, r.get_data(as_text=True)
+        with node.db.sessions() as s:
+            assert len(s.scalars(select(Message.id)).all()) == len(statuses) + 1
+    finally:
+        node.close()
+
+
+@pytest.mark.postgres
+def test_gateway_worker_rides_out_a_postgresql_restart_and_stops_on_sigterm(pg, tmp_path):  # type: ignore[no-untyped-def]
+    """A real ``gateway worker`` process: the database stops and starts again under it; it says
+    so in one line each way (no traceback), delivers what was accepted meanwhile, and exits 0
+    on SIGTERM."""
+    cluster, node = pg
+    raw = {"node": {"id": "prefecture", "name": "州人民政府办公室", "data_dir": str(tmp_path / "var"),
+                    "units": list(node.config.node.units)},
+           "database": {"url": node.db.url},
+           "worker": {"threads": 2, "idle_sleep": 0.05, "lease_seconds": 30, "poll_interval": 600},
+           "adapters": {"rec": {"type": "recording"}, "rec2": {"type": "recording"}},
+           "routes": [{"adapter": "rec"}]}
+    conf = tmp_path / "worker.toml"
+    conf.write_text(to_toml(raw), encoding="utf-8")
+    api = Api(node)
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        # (tests.crashpoint: the gateway command with the "recording" adapter type; no crash set)
+        proc = subprocess.Popen([sys.executable, "-m", "tests.crashpoint", "-c", str(conf), "worker"], cwd=ROOT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "GATEWAY_TEST_CRASH": ""}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def delivered(n: int) -> bool:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, log.read_text(errors="replace")
+                with node.db.sessions() as s:
+                    if len(s.scalars(select(Delivery.id).where(Delivery.status == "delivered")).all()) >= n:
+                        return True
+                time.sleep(0.1)
+            return False
+
+        assert api.post("/api/v1/documents", json=api.document(title="重启前")).status_code == 202
+        assert delivered(1), log.read_text(errors="replace")
+        cluster.stop_server()
+        time.sleep(1.5)  # the worker's rounds meet the outage
+        cluster.start_again()
+        assert api.post("/api/v1/documents", json=api.document(title="重启后")).status_code == 202
+        assert delivered(2), log.read_text(errors="replace")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text, text
+    assert "the database is unavailable" in text and "the database is back" in text, text
+
+
+_CHECKPOINT_WITHOUT_ROOM = r"""
+import logging, os, resource, signal, sys, time
+from gateway import logs
+from gateway.db import Database
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+logs.setup()
+db = Database(f"sqlite:///{sys.argv[1]}/gateway.db")
+db.CHECKPOINT_SECONDS = 0.05
+with db.begin_core() as c:
+    c.exec_driver_sql("CREATE TABLE t (x TEXT)")
+size = os.path.getsize(f"{sys.argv[1]}/gateway.db")
+for _ in range(10):  # the WAL holds what the database file must grow by to take it in
+    with db.begin_core() as c:
+        c.exec_driver_sql("INSERT INTO t VALUES (?)", ("x" * 30000,))
+resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))  # the file may not grow
+db._ensure_checkpointer()
+time.sleep(0.6)  # a dozen rounds fail
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+time.sleep(0.3)
+db.dispose()
+"""
+
+
+def test_wal_checkpoints_that_cannot_write_say_so_once_and_once_when_they_work_again(tmp_path):  # type: ignore[no-untyped-def]
+    """The checkpointer runs every second in every process; while the database file cannot
+    grow (a full disk) each round fails. One line when that starts, one when it ends, not a
+    traceback a second per process."""
+    p = subprocess.run([sys.executable, "-c", _CHECKPOINT_WITHOUT_ROOM, str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.splitlines()
+    assert "Traceback" not in p.stderr, p.stderr
+    failed = [x for x in lines if "WAL checkpoint failed" in x]
+    assert len(failed) == 1 and "disk I/O error" in failed[0], p.stderr
+    assert sum("WAL checkpoints work again" in x for x in lines) == 1, p.stderr
+
+
+@pytest.mark.postgres
+def test_a_scheduled_job_that_meets_the_database_away_is_one_log_line_and_the_next_tick_runs(pg, tmp_path, caplog):  # type: ignore[no-untyped-def]
+    import queue
+    from datetime import UTC, datetime
+
+    from gateway import scheduler
+
+    cluster, node = pg
+    cfg = node_config(tmp_path, node.db.url, schedules={"prune": {"cron": "* * * * *"}})
+    n = Node(cfg)
+    try:
+        sched = scheduler.Scheduler(n)
+        q: queue.Queue[object] = queue.Queue()
+        cluster.stop_server()
+        q.put(datetime.now(UTC))
+        q.put(scheduler._STOP)
+        with caplog.at_level(logging.INFO):
+            sched._runner("prune", q)  # the job's runner thread, run here: one tick, then stop
+        assert not any(r.exc_info for r in caplog.records), "an outage is not a bug: no traceback"
+        said = [r.getMessage() for r in caplog.records if r.name == "gateway.scheduler"]
+        assert len(said) == 1 and "not run, the database is unavailable" in said[0], said
+        cluster.start_again()
+        q.put(datetime.now(UTC))
+        q.put(scheduler._STOP)
+        sched._runner("prune", q)
+        assert [r.outcome for r in scheduler.last_runs(n, ["prune"]).values()] == ["ok"]
+    finally:
+        n.close()
