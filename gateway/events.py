@@ -78,8 +78,11 @@ def status_changed_many(s: Session | Connection, changes: list[tuple[int, str, s
             event = {"event": f"{t.subsystem}.status", "message_id": t.message_id, "unit": t.unit,
                      "status": status, "previous": previous, "signer": t.signer, "receipt_no": t.receipt_no,
                      "reason": t.reason, "at": at.isoformat()}
+            # one copy's changes reach the caller in the order they happened: a post being
+            # retried holds back the later ones of that copy (the worker's in-order claim)
             rows.append(dict(kind="webhook", delivery_id=delivery_id, target=t.webhook_url, payload=event,
-                             priority=1, state="pending", attempts=0, next_attempt_at=now, created_at=now))
+                             priority=1, state="pending", attempts=0, next_attempt_at=now, created_at=now,
+                             conversation=f"webhook:{delivery_id}"))
         if t.source.startswith("node:") and status != "queued":
             # back to the node the message came from (which passes it on towards the sender)
             item = {"message_id": t.message_id, "unit": t.unit, "status": status, "signer": t.signer,
@@ -87,6 +90,6 @@ def status_changed_many(s: Session | Connection, changes: list[tuple[int, str, s
                     "error": t.last_error if status == "failed" else None}
             rows.append(dict(kind="status", delivery_id=delivery_id, target=t.source.removeprefix("node:"),
                              payload=item, priority=1, state="pending", attempts=0, next_attempt_at=now,
-                             created_at=now))
+                             created_at=now, conversation=None))
     if rows:
         s.execute(_INSERT, rows)

@@ -133,7 +133,8 @@ class OutboxEntry(Base):
     kind: Mapped[str] = mapped_column(String(8))
     delivery_id: Mapped[int | None] = mapped_column(ForeignKey("deliveries.id"), index=True)
     target: Mapped[str] = mapped_column(String(400))  # adapter name, peer node id, or webhook URL
-    #: forwarded rows of one conversation (初报, 续报 …) leave for a node in accept order
+    #: forwarded rows of one conversation (初报, 续报 …) leave for a node in accept order; so do
+    #: the webhook rows of one copy (``webhook:<delivery id>``), to the caller's URL
     conversation: Mapped[str | None] = mapped_column(String(128))
     payload: Mapped[dict | None] = mapped_column(JSON)
     priority: Mapped[int] = mapped_column(Integer, default=2)

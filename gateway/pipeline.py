@@ -336,7 +336,8 @@ def _write_rows(cur: Any, sql: _Sql, conn: Connection, env: Envelope, plan: _Pla
         if rec is not None:
             if rec[0] != idem.request_hash:
                 raise Rejected("idempotency-key-reused",
-                               f"Idempotency-Key {idem.key!r} was used before with a different request body",
+                               f"Idempotency-Key {idem.key!r} was used before with a different request body: a "
+                               f"retry sends the exact bytes it first sent, and a new document a new key",
                                status=422)
             return Accepted(StoredMessage(rec[1]), created=False)
     existing = None

@@ -69,7 +69,8 @@ class RouteTable:
         node = self._peer_units.get(unit) or (self.directory(unit) if self.directory else None)
         if node is not None and node != self.self_id:
             return self._via(unit, node)
-        raise NoRoute(unit)
+        raise NoRoute(unit, "no route, peer or federation directory names it; check the unit code, or ask this "
+                            "node's operator to route it")
 
     def _via(self, unit: str, node: str) -> Route:
         if node == self.self_id:

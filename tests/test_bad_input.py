@@ -61,7 +61,10 @@ def test_hostile_xml_is_refused(sqlite_api, case):
 def test_oversized_body_is_refused(sqlite_api):
     sqlite_api.app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     r = sqlite_api.post("/api/v1/documents", data=b"{" + b" " * 100_000 + b"}", content_type="application/json")
-    _problem(r, 413, "too-large")
+    body = _problem(r, 413, "too-large")
+    # the caller learns the limit, and that files do not travel inside the document
+    assert "100002 bytes" in body["detail"] and "at most 65536" in body["detail"], body
+    assert "/api/v1/blobs" in body["detail"], body
     _nothing_stored(sqlite_api.node)
 
 
@@ -97,6 +100,15 @@ def test_invalid_unit_code_names_the_recipient(sqlite_api):
     body = _problem(sqlite_api.post("/api/v1/documents", json=doc), 422, "validation")
     assert body["errors"][0]["field"] == "recipients.0.unit"
     assert "check character" in body["detail"]
+    _nothing_stored(sqlite_api.node)
+
+
+def test_a_detail_that_shows_some_of_the_errors_says_how_many_more_there_are(sqlite_api):
+    body = _problem(sqlite_api.post("/api/v1/documents", json={"title": "只有标题"}), 422, "validation")
+    assert [e["field"] for e in body["errors"]] == ["sender_unit", "issuer", "doc_type", "doc_number",
+                                                    "written_date", "recipients", "body"]
+    assert body["detail"].endswith("; and 2 more (see errors)"), body["detail"]
+    assert "recipients" not in body["detail"]  # five in the detail, every one in the list
     _nothing_stored(sqlite_api.node)
 
 
@@ -200,7 +212,10 @@ def test_unrouted_recipient_is_refused(sqlite_api):
     r = sqlite_api.post("/api/v1/documents", json=doc)
     if r.status_code == 422 and r.get_json()["type"].endswith("validation"):
         pytest.fail("the sample code should be a valid USCC: " + r.get_json()["detail"])
-    _problem(r, 422, "no-route")
+    body = _problem(r, 422, "no-route")
+    # what the caller can do about it: check the code, or have the node's operator route it
+    assert body["errors"] == [{"field": "recipients.0.unit", "message": body["detail"]}]
+    assert "check the unit code" in body["detail"] and "operator" in body["detail"], body["detail"]
     _nothing_stored(sqlite_api.node)
 
 

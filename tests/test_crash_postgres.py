@@ -19,6 +19,7 @@ from gateway.models import AuditEntry, Delivery, Message, OutboxEntry
 from gateway.node import Node
 from tests.plugins.gatewaynode import Api, RecordingAdapter, node_config
 from tests.plugins.postgres import PrivateCluster, _pg_bin
+from tests.test_openapi_contract import _conforms
 
 pytestmark = pytest.mark.postgres
 
@@ -131,3 +132,33 @@ def test_accepts_go_on_at_once_after_the_server_drops_the_gateway_s_connections(
     assert statuses == [202, 202, 202]
     with db.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Message)) == 7
+
+
+def test_while_the_database_is_down_the_api_answers_503_with_retry_after(durable_node):
+    """A node whose database cannot be reached says so: 503 `database-unavailable` with Retry-After
+    and a detail that tells the caller to send the same request again (not a 500 "internal
+    error", which reads as a fault of the request or of the gateway). The retry with the same
+    Idempotency-Key, once the database is back, stores the document once."""
+    cluster, api = durable_node
+    doc = api.document(title="数据库中断时的重试")
+    spec = api.client.get("/api/v1/openapi.json").get_json()
+    cluster.crash()
+    try:
+        for method, path, r in (
+                ("post", "/api/v1/documents", api.post("/api/v1/documents", json=doc,
+                                                       headers={"Idempotency-Key": "db-down-1"})),
+                ("get", "/api/v1/documents", api.get("/api/v1/documents"))):
+            assert r.status_code == 503, r.get_data(as_text=True)
+            _conforms(spec, method, path, r)  # the document lists it, Retry-After included
+            problem = r.get_json()
+            assert problem["type"] == "urn:egov:gateway:problem:database-unavailable"
+            assert int(r.headers["Retry-After"]) >= 1
+            assert "same Idempotency-Key" in problem["detail"]
+    finally:
+        cluster.start_again()
+    first = api.post("/api/v1/documents", json=doc, headers={"Idempotency-Key": "db-down-1"})
+    again = api.post("/api/v1/documents", json=doc, headers={"Idempotency-Key": "db-down-1"})
+    assert (first.status_code, again.status_code) == (202, 202), first.get_json()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    with api.node.db.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Message)) == 1

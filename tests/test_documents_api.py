@@ -179,6 +179,7 @@ def test_same_message_id_or_idempotency_key_is_accepted_once(api, gw_node):
     assert a.get_json()["id"] == b.get_json()["id"]
     c = api.post("/api/v1/documents", json={**doc2, "title": "另一个标题"}, headers={"Idempotency-Key": "k-1"})
     assert c.status_code == 422 and c.get_json()["type"].endswith("idempotency-key-reused")
+    assert "exact bytes" in c.get_json()["detail"] and "new key" in c.get_json()["detail"]  # what to do
     assert _count(gw_node, Message) == 2
 
 
@@ -445,3 +446,47 @@ def test_a_caller_asking_for_xml_gets_the_stored_envelope_in_the_202(api, gw_nod
     # JSON stays the default, also for */*
     r = api.post("/api/v1/documents", json=api.document(), headers={"Accept": "*/*"})
     assert r.status_code == 202 and r.mimetype == "application/json"
+
+
+def test_a_replayed_send_and_a_recall_answer_with_the_receipts_a_get_shows(api, gw_node):
+    """Every answer that shows a copy's status shows its receipts too: a replay (message_id or
+    Idempotency-Key) and a recall are answered with the copies as they are now, so a signed
+    copy comes with its SIGNED receipt, not with an empty list a client reads as "none"."""
+    doc = api.document(recipients=(COUNTY_A, EMERGENCY), message_id="oa-2026-replay-receipts")
+    first = api.post("/api/v1/documents", json=doc, headers={"Idempotency-Key": "replay-receipts"})
+    assert first.status_code == 202
+    Worker(gw_node).drain()
+    rec = gw_node.adapter("rec")
+    ref = next(d.remote_ref for d in rec.delivered if d.recipient.unit == COUNTY_A)
+    rec.pending_items = [PolledItem(key="rec:9", receipt=Receipt(
+        unit=COUNTY_A, action="SIGNED", remote_ref=ref, signer="李某", receipt_no="JXF-9",
+        time=datetime(2026, 11, 20, 10, 15, tzinfo=UTC)))]
+    assert collect(gw_node, "rec") == {"signed": 1}
+    shown = api.get(f"/api/v1/documents/{doc['message_id']}").get_json()["recipients"]
+    assert [x["action"] for x in shown[0]["receipts"]] == ["SIGNED"]
+    for headers in ({}, {"Idempotency-Key": "replay-receipts"}):
+        again = api.post("/api/v1/documents", json=doc, headers=headers)
+        assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
+        DocumentOut.model_validate(again.get_json())
+        assert again.get_json()["recipients"] == shown
+    recalled = api.post(f"/api/v1/documents/{doc['message_id']}/recall")
+    assert recalled.status_code == 202
+    mine = {x["unit"]: x for x in recalled.get_json()["recipients"]}
+    assert mine[COUNTY_A]["status"] == "signed"
+    assert [x["action"] for x in mine[COUNTY_A]["receipts"]] == ["SIGNED"]
+
+
+def test_the_list_refuses_a_filter_it_does_not_have(api, gw_node):
+    """A query parameter the list does not take is refused, naming it, rather than ignored:
+    a caller asking for ?since= or ?sender_unit= would otherwise take every document for the
+    filtered ones."""
+    api.post("/api/v1/documents", json=api.document())
+    for query in ("since=2026-11-01", "sender_unit=11522300GDR9YB9550", "Status=signed", "page=2"):
+        r = api.get(f"/api/v1/documents?{query}")
+        assert r.status_code == 400, (query, r.get_json())
+        problem = r.get_json()
+        name = query.split("=")[0]
+        assert problem["errors"] == [{"field": name, "message": "not a parameter of this list; it takes "
+                                                                "status, limit and cursor"}]
+        assert f"'{name}'" in problem["detail"]
+    assert len(api.get("/api/v1/documents?status=queued&limit=5").get_json()["items"]) == 1

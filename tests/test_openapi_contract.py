@@ -3,6 +3,7 @@ every answer's status, media type, headers and body are in it, and what its sche
 server takes (and what they refuse it refuses)."""
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -202,3 +203,29 @@ def test_a_location_leads_back_where_the_gateway_is_mounted_under_a_prefix(sqlit
     sent = api.client.post("/api/v1/documents", base_url="http://localhost/gw", headers=api.headers,
                            json=api.document())
     assert sent.status_code == 202 and sent.headers["Location"].startswith("/gw/api/v1/documents/")
+
+
+def test_operation_ids_are_names_a_generated_client_can_use(spec):
+    """A generator (openapi-python-client, openapi-generator) makes a function of each
+    operationId: they are snake_case identifiers that say what the call does, not the path
+    spelt out (get_api_v1_webhooks_public-key was no identifier at all)."""
+    ids = {(method, path): op["operationId"] for path, ops in spec["paths"].items() for method, op in ops.items()}
+    assert all(re.fullmatch(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*", i) for i in ids.values()), ids
+    assert {ids[("post", "/api/v1/blobs")], ids[("get", "/api/v1/blobs/{sha256}")],
+            ids[("post", "/api/v1/documents")], ids[("get", "/api/v1/documents")],
+            ids[("get", "/api/v1/documents/{id}")], ids[("post", "/api/v1/documents/{id}/recall")],
+            ids[("get", "/api/v1/webhooks/public-key")]} == {
+        "upload_blob", "get_blob", "send_document", "list_documents", "get_document", "recall_document",
+        "get_webhook_public_key"}
+
+
+def test_every_call_that_reads_the_database_documents_its_503_with_retry_after(spec):
+    """A node whose database cannot be reached answers 503 with Retry-After
+    (tests/test_crash_postgres.py shows it): a generated client must know that answer."""
+    for path, ops in spec["paths"].items():
+        if not path.startswith(("/api/v1/documents", "/api/v1/blobs")):
+            continue
+        for method, op in ops.items():
+            answer = op["responses"].get("503")
+            assert answer is not None, (method, path)
+            assert "Retry-After" in answer["headers"], (method, path)

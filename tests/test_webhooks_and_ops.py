@@ -89,6 +89,41 @@ def test_status_changes_reach_the_caller_signed_and_retried(gw_node, receiver):
                    headers["Gateway-Timestamp"].encode() + b"." + body.replace(b'"unit"', b'"unjt"'))
 
 
+def test_a_copys_webhooks_reach_the_caller_in_the_order_its_status_changed(gw_node):
+    """A post the receiver failed is retried before any later change of the same copy is
+    posted: the caller never hears `signed` before the `delivered` it was retrying, whatever
+    the backoff. Another copy's posts do not wait for it."""
+    from sqlalchemy import update
+
+    from gateway.models import OutboxEntry
+    from tests.plugins.gatewaynode import EMERGENCY
+
+    receiver = Receiver(fail_first=1)
+    try:
+        api = Api(gw_node, webhook_url=receiver.url)
+        api.post("/api/v1/documents", json=api.document())
+        worker = Worker(gw_node)
+        worker.drain()  # delivered; its post is answered 500 and waits for its retry
+        assert [json.loads(b)["status"] for _, b in receiver.posts] == ["delivered"]
+        rec = gw_node.adapter("rec")
+        rec.pending_items = [PolledItem(key="k1", receipt=Receipt(
+            unit=COUNTY_A, action="SIGNED", remote_ref=rec.delivered[0].remote_ref, signer="李某",
+            receipt_no="JXF-10", time=datetime(2026, 11, 20, 2, 15, tzinfo=UTC)))]
+        collect(gw_node, "rec")
+        other = api.post("/api/v1/documents", json=api.document(recipients=(EMERGENCY,))).get_json()["id"]
+        worker.drain()  # the 签收 waits behind the retry; the other document's copy does not
+        assert [(json.loads(b)["message_id"] == other, json.loads(b)["status"]) for _, b in receiver.posts] == [
+            (False, "delivered"), (True, "delivered")]
+        with gw_node.db.begin() as s:  # the retry falls due
+            s.execute(update(OutboxEntry).where(OutboxEntry.state == "pending")
+                      .values(next_attempt_at=datetime.now(UTC)))
+        worker.drain()
+        mine = [json.loads(b)["status"] for _, b in receiver.posts if json.loads(b)["message_id"] != other]
+        assert mine == ["delivered", "delivered", "signed"]
+    finally:
+        receiver.server.shutdown()
+
+
 def test_a_webhook_is_never_redirected(gw_node):
     """A receiver answering 307 to another address (say an internal admin port) does not get
     the gateway to post there: the post fails and is retried to the address the key names."""

@@ -31,9 +31,10 @@ class BlobOut(BaseModel):
     size: int
 
 
-@operation(method="post", path="/api/v1/blobs", summary="上传正文或附件 (upload a body or attachment by streaming)",
+@operation(method="post", path="/api/v1/blobs", operation_id="upload_blob",
+           summary="上传正文或附件 (upload a body or attachment by streaming)",
            tag="正文与附件 (blobs)", scope="blobs:write", request_media=("application/octet-stream",),
-           responses={201: BlobOut}, errors=(400, 401, 403, 413, 415, 429, 507), headers={201: ("Location",)},
+           responses={201: BlobOut}, errors=(400, 401, 403, 413, 415, 429, 503, 507), headers={201: ("Location",)},
            description="Send the raw bytes as application/octet-stream; they are streamed to disk while "
                        "SHA-256 is computed, never held in memory. The same content uploaded twice is "
                        "stored once. Where the node sets a daily upload quota per key, an upload that "
@@ -76,7 +77,7 @@ def upload() -> Response:
 
 
 
-@operation(method="get", path="/api/v1/blobs/{sha256}",
+@operation(method="get", path="/api/v1/blobs/{sha256}", operation_id="get_blob",
            summary="查询已上传内容 (is this content uploaded? its size)", tag="正文与附件 (blobs)",
            scope="blobs:write", responses={200: BlobOut},
            parameters=[{"name": "sha256", "in": "path", "required": True, "schema": {"type": "string"}}],

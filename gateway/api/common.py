@@ -35,6 +35,8 @@ def validation_problem(exc: ValidationError) -> Problem:
             msg = _PATTERN_MESSAGES.get((e.get("ctx") or {}).get("pattern", ""), msg)
         errors.append({"field": loc, "message": msg})
     detail = "; ".join(f"{x['field']}: {x['message']}" for x in errors[:5])
+    if len(errors) > 5:  # the detail stays short; the list is whole
+        detail += f"; and {len(errors) - 5} more (see errors)"
     return Problem(422, "validation", detail, errors=errors)
 
 

@@ -52,14 +52,16 @@ class WebhookKey(BaseModel):
     header: str
 
 
-@operation(method="get", path="/healthz", summary="存活检查 (the process is up)", tag="运维 (operations)", scope=None,
+@operation(method="get", path="/healthz", operation_id="get_health",
+           summary="存活检查 (the process is up)", tag="运维 (operations)", scope=None,
            responses={200: Health}, errors=())
 @bp.get("/healthz")
 def healthz() -> Response:
     return Response(json.dumps({"status": "ok"}), mimetype="application/json")
 
 
-@operation(method="get", path="/readyz", summary="就绪检查 (database reachable, schema current)",
+@operation(method="get", path="/readyz", operation_id="get_readiness",
+           summary="就绪检查 (database reachable, schema current)",
            tag="运维 (operations)", scope=None, errors=(),
            responses={200: (Readiness, "ready, or degraded (an expired federation directory still routes)"),
                       503: (Readiness, "not ready: the checks say what is wrong")})
@@ -150,7 +152,8 @@ class _DbCollector:
         yield reserve
 
 
-@operation(method="get", path="/metrics", summary="Prometheus 指标 (queue depth, delivery states, directory)",
+@operation(method="get", path="/metrics", operation_id="get_metrics",
+           summary="Prometheus 指标 (queue depth, delivery states, directory)",
            tag="运维 (operations)", scope=None, errors=(401,),
            description="Open, unless the node sets [api] metrics_token_env or metrics_token_file: then only "
                        "with Authorization: Bearer <that token> (Prometheus: authorization.credentials_file); "
@@ -256,7 +259,7 @@ def docs_assets(name: str) -> Response:
     return send_from_directory(Path(swagger_ui.__file__).resolve().parent / "static", name, max_age=3600)
 
 
-@operation(method="get", path="/api/v1/webhooks/public-key",
+@operation(method="get", path="/api/v1/webhooks/public-key", operation_id="get_webhook_public_key",
            summary="回调签名公钥 (the key that signs this node's webhooks)", tag="运维 (operations)", scope=None,
            errors=(), responses={200: WebhookKey})
 @bp.get("/api/v1/webhooks/public-key")
@@ -271,7 +274,7 @@ def webhook_key() -> Response:
                                 "header": f"Gateway-Signature: {alg}=<base64>"}), mimetype="application/json")
 
 
-@operation(method="post", path="/api/v1/callbacks/{adapter}",
+@operation(method="post", path="/api/v1/callbacks/{adapter}", operation_id="push_receipts",
            summary="遗留系统回执推送 (a legacy system pushes receipts, e.g. the exchange box)",
            tag="运维 (operations)", scope=None, request_media=("application/xml",),
            errors=(400, 401, 403, 404, 413, 422, 503),

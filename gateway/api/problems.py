@@ -114,8 +114,14 @@ def install(app: Flask) -> None:
             return problem_response(400, "incomplete-body", _STALLED)
         status = exc.code or 500
         detail = exc.description or ""
-        if status == 413:
-            detail = "the request body is larger than this endpoint accepts"
+        if status == 413:  # werkzeug's: a Content-Length past the endpoint's limit
+            limit, size = request.max_content_length, request.content_length
+            detail = f"the request body is {size} bytes" if size else "the request body is too large"
+            if limit:
+                detail += f"; this endpoint accepts at most {limit} bytes"
+            if request.path.startswith("/api/v1/documents"):
+                detail += " (a document's JSON or XML: upload its body and attachments to /api/v1/blobs and name " \
+                          "them by SHA-256)"
         out = problem_response(status, _HTTP_KINDS.get(status, "internal" if status >= 500 else "validation"),
                                detail)
         for name, value in exc.get_headers():
@@ -193,8 +199,11 @@ def _outage_answer(app: Flask, kind: str, exc: BaseException) -> Response:
         _OUTAGE_LOG.note(app, logging.WARNING, "%s %s: the database is unavailable (%s); answered 503",
                          request.method, shown(request.path), shown(text))
         out = problem_response(503, "database-unavailable", "the node's database is unavailable for the moment "
-                                                            "(restarting, stopped or out of connections); nothing "
-                                                            "was stored, try again later")
+                                                            "(restarting, stopped or out of connections; its "
+                                                            "operator is told in the node's log); do not take this "
+                                                            "request as done: send it again after Retry-After "
+                                                            "seconds, a POST with the same Idempotency-Key (or "
+                                                            "message_id), so that it is never done twice")
     out.headers["Retry-After"] = str(RETRY_AFTER_OUTAGE)
     return out
 

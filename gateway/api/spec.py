@@ -19,6 +19,8 @@ import gateway
 class Operation:
     method: str
     path: str  # OpenAPI style: /api/v1/documents/{id}
+    #: what a generated client calls it (a Python-style identifier: verb_noun)
+    operation_id: str
     summary: str
     tag: str
     scope: str | None
@@ -73,11 +75,11 @@ PROBLEM_STATUSES = {
     409: "状态冲突 (conflict: id taken by another message, nothing left to recall)",
     413: "请求体过大 (request body too large)",
     415: "不支持的内容类型 (unsupported media type)",
-    422: "内容不符合规则 (content breaks a rule; errors names each field)",
+    422: "内容不符合规则 (content breaks a rule, errors names each field; or idempotency-key-reused: the "
+         "Idempotency-Key came before with another request)",
     429: "上传配额已用完 (this key's daily upload quota is used up; Retry-After says when there is room again)",
-    503: "服务暂不可用 (the node's database is unavailable for the moment (restarting, stopped, out of "
-         "connections; Retry-After says when to try again), or the node is not set up for this request; nothing "
-         "was stored)",
+    503: "服务暂不可用 (the node cannot serve this now: its database cannot be reached, and Retry-After says when "
+         "to send the same request again; or it is not set up for this request, and its log says why)",
     507: "存储空间不足 (too little disk space left on the node; nothing was stored, try again later)",
 }
 #: the response headers the API sends, as the document describes them
@@ -89,19 +91,27 @@ RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
                             "schema": {"type": "string", "enum": ["true"]}},
     "Retry-After": {"description": "seconds until there is room again", "required": True,
                     "schema": {"type": "integer", "minimum": 1}},
-    "Retry-After-Outage": {"description": "seconds to wait before trying again (sent while the database is "
-                                          "unavailable or full)", "schema": {"type": "integer", "minimum": 1}},
     "WWW-Authenticate": {"description": 'how to authenticate: Bearer realm="gateway"', "required": True,
                          "schema": {"type": "string"}},
 }
-_PROBLEM_HEADERS = {401: ("WWW-Authenticate",), 429: ("Retry-After",), 503: ("Retry-After-Outage",),
-                    507: ("Retry-After-Outage",)}
+#: the headers of problem answers, per status (a 503 of a node whose database cannot be reached
+#: says when to try again; one of a node not set up for the request does not)
+_PROBLEM_HEADERS: dict[int, dict[str, dict[str, Any]]] = {
+    401: {"WWW-Authenticate": RESPONSE_HEADERS["WWW-Authenticate"]},
+    429: {"Retry-After": RESPONSE_HEADERS["Retry-After"]},
+    503: {"Retry-After": {"description": "seconds to wait before sending the same request again (the node's "
+                                         "database cannot be reached just now)",
+                          "schema": {"type": "integer", "minimum": 1}}},
+    507: {"Retry-After": {"description": "seconds to wait before sending the same request again (sent when the "
+                                         "node's database has no disk space left)",
+                          "schema": {"type": "integer", "minimum": 1}}},
+}
 #: the Idempotency-Key request header, as every POST that honours it takes it (common.idempotency_key)
 IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
                    "description": "the caller's key for this request: sent again, the first answer is repeated "
                                   "(Idempotent-Replayed) and nothing is done twice",
                    "schema": {"type": "string", "minLength": 1, "maxLength": 200}}
-_DEFAULT_ERRORS = {"get": (400, 401, 403, 404), "post": (400, 401, 403, 404, 409, 413, 415, 422)}
+_DEFAULT_ERRORS = {"get": (400, 401, 403, 404, 503), "post": (400, 401, 403, 404, 409, 413, 415, 422, 503)}
 
 
 def document() -> dict[str, Any]:
@@ -119,7 +129,7 @@ def document() -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for op in OPERATIONS:
         o: dict[str, Any] = {"summary": op.summary, "tags": [op.tag],
-                             "operationId": f"{op.method}_{op.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
+                             "operationId": op.operation_id,
                              "parameters": list(op.parameters), "responses": {}}
         if op.description:
             o["description"] = op.description
@@ -163,10 +173,12 @@ def document() -> dict[str, Any]:
             o["responses"].setdefault(str(status), {
                 "description": PROBLEM_STATUSES[status], "content": {"application/problem+json": {
                     "schema": {"$ref": "#/components/schemas/Problem"}}}})
-        for status, names in (_PROBLEM_HEADERS | op.headers).items():
+        for status, headers in _PROBLEM_HEADERS.items():
             if str(status) in o["responses"]:
-                o["responses"][str(status)]["headers"] = {name.removesuffix("-Outage"): RESPONSE_HEADERS[name]
-                                                          for name in names}
+                o["responses"][str(status)]["headers"] = dict(headers)
+        for status, names in op.headers.items():
+            if str(status) in o["responses"]:
+                o["responses"][str(status)]["headers"] = {name: RESPONSE_HEADERS[name] for name in names}
         paths.setdefault(op.path, {})[op.method] = o
     return {
         "openapi": "3.1.0",

@@ -100,6 +100,8 @@ def status_url(message_id: str) -> str:
 _SAFE = "!$&'()*+,:;=@-._~"
 #: a recipient's status, as the list's ?status= takes it
 _STATUSES = RECIPIENT_STATUSES
+#: the query parameters the list takes
+_LIST_PARAMS = ("status", "limit", "cursor")
 _PLAIN_ID = re.compile(r"[A-Za-z0-9._:~-]+")  # what the API allows as a message id: nothing to escape
 
 
@@ -161,7 +163,8 @@ def _load(message_id: str, caller: auth.Caller, receipts: bool = True) -> Docume
         return _status_out(m, receipts, recs)
 
 
-@operation(method="post", path="/api/v1/documents", summary="发文：发送公文 (send an official document)",
+@operation(method="post", path="/api/v1/documents", operation_id="send_document",
+           summary="发文：发送公文 (send an official document)",
            tag="公文 (documents)", scope="documents:send", request=DocumentIn,
            request_media=("application/json", "application/xml"), responses={202: DocumentOut},
            alternatives={"application/xml": "with Accept: application/xml, the canonical envelope as stored "
@@ -238,15 +241,16 @@ def send_document() -> Response:
     out: dict | DocumentOut
     if result.created and result.routes is not None:
         out = _accepted_out(result.message, env, result.routes)
-    else:
-        out = _load(result.message.id, caller, receipts=False)
+    else:  # a replay: the copies as they are now, receipts included, as a GET shows them
+        out = _load(result.message.id, caller)
     headers = {"Location": out["status_url"] if isinstance(out, dict) else out.status_url}
     if not result.created:
         headers["Idempotent-Replayed"] = "true"
     return _json(out, 202, **headers)
 
 
-@operation(method="get", path="/api/v1/documents/{id}", summary="查询公文状态 (one document with each recipient's status)",
+@operation(method="get", path="/api/v1/documents/{id}", operation_id="get_document",
+           summary="查询公文状态 (one document with each recipient's status)",
            tag="公文 (documents)", scope="documents:read", responses={200: DocumentOut}, parameters=[_ID_PARAM],
            alternatives={"application/xml": "with Accept: application/xml, the stored canonical envelope "
                                             "(schemas/envelope.xsd)"})
@@ -283,7 +287,8 @@ def _audit_list(n, caller: auth.Caller, items: list[DocumentOut]) -> None:  # ty
                          detail={"classified": classified, "form": "json"})
 
 
-@operation(method="get", path="/api/v1/documents", summary="公文列表 (documents sent with this key, newest first)",
+@operation(method="get", path="/api/v1/documents", operation_id="list_documents",
+           summary="公文列表 (documents sent with this key, newest first)",
            tag="公文 (documents)", scope="documents:read", responses={200: DocumentList},
            parameters=[{"name": "status", "in": "query", "schema": {"type": "string", "enum": list(_STATUSES)},
                         "description": "only documents with a recipient in this status"},
@@ -295,6 +300,12 @@ def _audit_list(n, caller: auth.Caller, items: list[DocumentOut]) -> None:  # ty
 def list_documents() -> Response:
     n = node()
     caller = auth.require(n.db, "documents:read")
+    for name in request.args:  # a filter it does not have is not silently ignored
+        if name not in _LIST_PARAMS:
+            raise Problem(400, "validation", f"query parameter '{name}' is not a parameter of this list; it takes "
+                                             f"status, limit and cursor",
+                          errors=[{"field": name, "message": "not a parameter of this list; it takes status, limit "
+                                                             "and cursor"}])
     raw_limit = request.args.get("limit", "50")
     if not raw_limit.isascii() or not raw_limit.isdigit() or int(raw_limit) < 1:
         raise Problem(400, "validation", f"limit {raw_limit!r}: expected an integer from 1 to 200 (larger asks get 200)",
@@ -340,7 +351,8 @@ def list_documents() -> Response:
     return _json(DocumentList(items=items, next_cursor=nxt))
 
 
-@operation(method="post", path="/api/v1/documents/{id}/recall", summary="撤回公文 (recall before sign-for)",
+@operation(method="post", path="/api/v1/documents/{id}/recall", operation_id="recall_document",
+           summary="撤回公文 (recall before sign-for)",
            tag="公文 (documents)", scope="documents:recall", responses={202: DocumentOut},
            parameters=[_ID_PARAM, IDEMPOTENCY_KEY], headers={202: ("Idempotent-Replayed",)},
            description="Copies not yet delivered are withdrawn at once; delivered copies are recalled at the "
@@ -364,7 +376,7 @@ def recall_document(message_id: str) -> Response:
     except n.db.integrity_errors:  # the same key raced in twice: the other one was stored first
         replayed = _recall(n, message_id, caller, idem_key, digest)
     headers = {"Idempotent-Replayed": "true"} if replayed else {}
-    return _json(_load(message_id, caller, receipts=False), 202, **headers)
+    return _json(_load(message_id, caller), 202, **headers)
 
 
 def _recall(n, message_id: str, caller: auth.Caller, idem_key: str | None, digest: str) -> bool:  # type: ignore[no-untyped-def]

@@ -54,7 +54,8 @@ class RecipientIn(BaseModel):
     unit: str = Field(description="统一社会信用代码 of the receiving unit", json_schema_extra=_USCC)
     name: str | None = Field(default=None, max_length=200, pattern=XML_TEXT)
     copy_type: Literal["主送", "抄送", "抄报"] = Field(default="主送", description="主送 / 抄送 / 抄报")
-    copy_no: str | None = Field(default=None, description="份号, six digits; assigned if omitted",
+    copy_no: str | None = Field(default=None, description="份号, six digits; a classified document's copies "
+                                "are numbered by the gateway when omitted (an unclassified one's only when given)",
                                 json_schema_extra={"pattern": "^[0-9]{6}$"})
 
     @field_validator("unit")
@@ -246,7 +247,8 @@ class RecipientStatus(BaseModel):
     receipt_no: str | None = None
     reason: str | None = None
     last_error: str | None = None
-    receipts: list[ReceiptOut] = Field(default_factory=list)
+    receipts: list[ReceiptOut] = Field(default_factory=list, description="the copy's receipts, oldest first; "
+                                       "empty in the items of a list (GET the document for them)")
 
 
 class DocumentOut(BaseModel):
