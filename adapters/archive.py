@@ -28,13 +28,14 @@ import mimetypes
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, tzinfo
 from functools import lru_cache
 from typing import BinaryIO
 
 from lxml import etree
 
-from adapters.base import BlobReader, PolledItem, StateStore
+from adapters.base import BlobReader, PolledItem, StateStore, legacy_time
+from gateway.config import DEFAULT_TIMEZONE, zone
 from gateway import SCHEMAS, xmlsafe
 from gateway.envelope import Attachment, Envelope, EnvelopeError, Receipt, Recipient
 from gateway.units import uscc_problem
@@ -64,9 +65,10 @@ DEFAULT_CHUNK = 3 * 512 * 1024  # 1.5 MiB read, 2 MiB encoded
 ACTION_FROM_LEGACY = {"ARRIVE": "ARRIVED", "SIGN": "SIGNED", "RETURN": "RETURNED"}
 ACTION_TO_LEGACY = {v: k for k, v in ACTION_FROM_LEGACY.items()}
 
-#: Legacy systems write local time without an offset now and then; they all run on
-#: China Standard Time, so a naive time is read as +08:00 rather than rejected.
-CHINA_TZ = timezone(timedelta(hours=8), "CST")
+#: Legacy systems write local time without an offset now and then: it is read in the
+#: adapter's zone (``[adapters.NAME] timezone``, else ``[node] timezone``), China Standard
+#: Time unless configured otherwise, rather than rejected.
+CHINA_TZ: tzinfo = zone(DEFAULT_TIMEZONE)
 
 _MEDIA_TYPES = {
     ".ofd": "application/ofd",
@@ -343,19 +345,19 @@ def read_archive(
     return envelope, list(zip(envelope.attachments, contents))
 
 
-def _parse_time(text: str | None) -> datetime:
+def _parse_time(text: str | None, tz: tzinfo) -> datetime:
     if not text or not text.strip():
         raise ArchiveFormatError("receipt/time", "missing")
     try:
-        t = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ArchiveFormatError("receipt/time", f"{text.strip()!r} is not an ISO 8601 date-time") from None
-    return t if t.tzinfo else t.replace(tzinfo=CHINA_TZ)
+        return legacy_time(text, tz)
+    except ValueError as exc:
+        raise ArchiveFormatError("receipt/time", str(exc)) from None
 
 
-def parse_receipt(data: bytes | str) -> Receipt:
+def parse_receipt(data: bytes | str, tz: tzinfo = CHINA_TZ) -> Receipt:
     """Read a legacy ``receipt`` (回执): ARRIVE/SIGN/RETURN -> ARRIVED/SIGNED/RETURNED.
-    ``remote_ref`` = archiveid, ``unit`` = unit/@trustorgno; ``time`` is aware."""
+    ``remote_ref`` = archiveid, ``unit`` = unit/@trustorgno; ``time`` is aware (a time
+    without an offset is local time in ``tz``, the legacy system's zone)."""
     root = _parse(data, "receipt")
     if root.tag != "receipt":
         raise ArchiveFormatError("receipt", f"root element is <{root.tag}>, expected <receipt>")
@@ -388,7 +390,7 @@ def parse_receipt(data: bytes | str) -> Receipt:
         unit=unit,
         action=ACTION_FROM_LEGACY[legacy],
         remote_ref=archive_id,
-        time=_parse_time(root.findtext("time")),
+        time=_parse_time(root.findtext("time"), tz),
         signer=signer,
         receipt_no=receipt_no,
         reason=reason,

@@ -40,11 +40,12 @@ import os
 import re
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, Protocol
 from collections.abc import Callable, Iterable, Mapping
 
-from gateway.config import read_secret
+from gateway.config import DEFAULT_TIMEZONE, read_secret, timezone_problem, zone
 from gateway.envelope import Envelope, Receipt, Recipient
 
 
@@ -127,6 +128,9 @@ class AdapterContext:
     state: StateStore
     base_dir: Path = field(default_factory=Path.cwd)
     secrets: Callable[[str], str | None] = os.environ.get
+    #: ``[node] timezone``: the zone of legacy times without an offset, unless the adapter's
+    #: own ``timezone`` says otherwise
+    timezone: str = DEFAULT_TIMEZONE
 
     def secret(self, config: Mapping[str, Any], key: str) -> str | None:
         """Resolve ``KEY_env`` (an environment variable) or ``KEY_file`` (a file) from config
@@ -186,6 +190,9 @@ class PolledItem:
     source: str = ""
     _ack: Callable[[], None] | None = None
     _reject: Callable[[str], None] | None = None
+    #: why the item cannot be taken as it came (e.g. a receipt time no date-time can be read
+    #: from): the gateway refuses it (audited, ``reject``) instead of storing a guess
+    problem: str | None = None
 
     def ack(self) -> None:
         if self._ack:
@@ -197,8 +204,40 @@ class PolledItem:
 
 
 #: keys of an ``[adapters.NAME]`` table that the gateway itself reads (the worker's retry
-#: policy, the callback endpoint's guard); adapters never see them
-GATEWAY_KEYS = frozenset({"retry", "callback_token_env", "callback_token_file", "callback_allow", "attachments"})
+#: policy, the callback endpoint's guard) or this base class (``timezone``, as
+#: :attr:`Adapter.legacy_tz`); the protocols' own code never sees them
+GATEWAY_KEYS = frozenset({"retry", "callback_token_env", "callback_token_file", "callback_allow", "attachments",
+                          "timezone"})
+
+LEGACY_TIME_EXPECTED = ("expected a date and a time, e.g. 2026-11-20T10:15:00+08:00, 2026-11-20 10:15:00 "
+                        "(local time) or 20261120101500")
+_ISO_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d|\d{8}[Tt]\d", re.ASCII)
+_COMPACT_TIME = re.compile(r"\d{14}", re.ASCII)
+_SLASHED_TIME = re.compile(r"\d{4}/\d{1,2}/\d{1,2} \d{1,2}:\d{2}:\d{2}", re.ASCII)
+
+
+def legacy_time(text: str, tz: tzinfo) -> datetime:
+    """A time a legacy system wrote, aware: ISO 8601 with a date and a time (``T`` or a space
+    between them; ``Z``, an offset or none), ``yyyymmddHHMMSS`` (as in SFTP file names) or
+    ``yyyy/mm/dd HH:MM:SS``. A time without an offset is local time in ``tz`` (the legacy
+    system's zone). A bare date is refused (it says no time: midnight would be a guess).
+    Raises ValueError saying what was expected."""
+    s = text.strip()
+    try:
+        if _COMPACT_TIME.fullmatch(s):
+            t = datetime.strptime(s, "%Y%m%d%H%M%S")
+        elif _SLASHED_TIME.fullmatch(s):
+            t = datetime.strptime(s, "%Y/%m/%d %H:%M:%S")
+        elif _ISO_DATE_TIME.match(s):
+            t = datetime.fromisoformat(s)
+        else:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{s[:60]!r} is not a date and time; {LEGACY_TIME_EXPECTED}") from None
+    # a time no UTC date has (year 9999 at UTC-14) is refused when the receipt is applied
+    # (gateway.inbound.check_receipt), as a value no column can keep
+    return t if t.tzinfo else t.replace(tzinfo=tz)
+
 
 #: ``[adapters.NAME] attachments`` for a protocol without attachments (Adapter.takes_attachments
 #: False): a document with 附件 to a unit behind it is refused, or sent with its body only
@@ -218,6 +257,13 @@ class Adapter(abc.ABC):
         self.name = name
         self.config = {k: v for k, v in config.items() if k not in GATEWAY_KEYS}
         self.context = context
+        own = config.get("timezone")
+        problem = None if own is None else timezone_problem(own)
+        if problem:
+            raise ConfigError(f"adapters.{name}.timezone: {problem} (the legacy system's zone, for its times "
+                              f"written without an offset; default: [node] timezone)")
+        #: the legacy system's time zone: its times written without an offset are local times there
+        self.legacy_tz: tzinfo = zone(own or context.timezone)
 
     @abc.abstractmethod
     def deliver(self, delivery: Delivery) -> DeliveryResult: ...

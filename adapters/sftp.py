@@ -995,7 +995,7 @@ class SftpAdapter(Adapter):
         source = f"{self._where}/{self.settings.outbox.format(unit=unit)}/{name}"
         m = RECEIPT_NAME_RE.fullmatch(name)
         if m:
-            receipt = archive.parse_receipt(data)
+            receipt = archive.parse_receipt(data, self.legacy_tz)
             if receipt.remote_ref != m["ref"]:
                 raise ValueError(
                     f"the name says document {m['ref']} but the receipt is for {receipt.remote_ref}"
@@ -1092,8 +1092,10 @@ class SftpAdapter(Adapter):
         _makedirs(sftp, dst_dir)
         src, dst = posixpath.join(src_dir, name), posixpath.join(dst_dir, name)
         if _exists(sftp, src) and _exists(sftp, dst):
-            # the legacy side reuses HZ_ names (an ARRIVE, then a SIGN): keep both copies
-            dst = posixpath.join(dst_dir, f"{name[:-4]}.{time.strftime('%Y%m%d%H%M%S')}.{uuid.uuid4().hex[:6]}.xml")
+            # the legacy side reuses HZ_ names (an ARRIVE, then a SIGN): keep both copies, the
+            # time in the name local time as in the legacy side's own names, whatever the server's TZ
+            stamp = f"{datetime.now(self.legacy_tz):%Y%m%d%H%M%S}"
+            dst = posixpath.join(dst_dir, f"{name[:-4]}.{stamp}.{uuid.uuid4().hex[:6]}.xml")
         if failed:  # in GB18030, as everything on the drop (legacy README §2)
             note = (reason or "rejected").strip()[:4000] + "\n"
             with sftp.open(dst + ERROR_SUFFIX, "wb") as fh:

@@ -42,7 +42,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, tzinfo
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -68,6 +68,7 @@ from adapters.base import (
     PolledItem,
     RetryableError,
     delivery_ref,
+    legacy_time,
     register,
 )
 from gateway import ROOT, xmlsafe
@@ -131,8 +132,6 @@ DEFAULT_MAX_PER_POLL = 1000
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_POOL_SIZE = 10
 RECEIPT_ACTIONS = ("SIGNED", "RETURNED")
-#: Receipt times without an offset are the legacy system's local time (China, UTC+8, no DST).
-LEGACY_TZ = timezone(timedelta(hours=8))
 
 #: HTTP answers (without a SOAP fault) that say this node's settings are wrong, not the request
 _HTTP_CONFIGURATION = frozenset({401, 403, 404, 405, 407, 421})
@@ -191,23 +190,16 @@ def _fault_class(code: str | None) -> str:
     return code.split(":", 1)[1] if ":" in code else code
 
 
-def _parse_time(text: str | None) -> datetime | None:
-    """Aware datetime from the legacy stamp if it can be read; naive means UTC+8."""
-    if not text:
-        return None
-    text = text.strip()
-    for parse in (
-        datetime.fromisoformat,  # also takes Z and a space for T (3.11)
-        lambda s: datetime.strptime(s, "%Y%m%d%H%M%S"),
-        lambda s: datetime.strptime(s, "%Y/%m/%d %H:%M:%S"),
-    ):
-        try:
-            dt = parse(text)
-        except ValueError:
-            continue
-        return dt if dt.tzinfo else dt.replace(tzinfo=LEGACY_TZ)
-    log.warning("receipt time %r is not a date-time I can read; leaving it out", text)
-    return None
+def _parse_time(text: str | None, tz: tzinfo) -> tuple[datetime | None, str | None]:
+    """The receipt's time (aware; without an offset it is the legacy system's local time,
+    ``tz``), or None if it gives none; or None and why its text is no time (the receipt is
+    then refused, not dated by this node's clock)."""
+    if text is None or not text.strip():
+        return None, None
+    try:
+        return legacy_time(text, tz), None
+    except ValueError as exc:
+        return None, f"the receipt's time: {exc}"
 
 
 class _Transport(zeep.Transport):
@@ -699,11 +691,12 @@ class SoapAdapter(Adapter):
         if action not in RECEIPT_ACTIONS:
             log.warning("adapter %s: receipt seq %d has action %r; skipped", self.name, seq, action)
             return None
+        at, problem = _parse_time(_field(r, "time"), self.legacy_tz)
         receipt = Receipt(
             unit=_field(r, "unit") or "",
             action=action,
             remote_ref=_field(r, "doc_id"),
-            time=_parse_time(_field(r, "time")),
+            time=at,
             signer=_field(r, "signer") or None,
             receipt_no=_field(r, "receipt_no") or None,
             reason=_field(r, "reason") or None,
@@ -716,7 +709,7 @@ class SoapAdapter(Adapter):
 
         return PolledItem(
             key=f"{self.name}:seq:{seq}", receipt=receipt, source=self.name,
-            _ack=lambda: self._advance_cursor(seq), _reject=reject,
+            _ack=lambda: self._advance_cursor(seq), _reject=reject, problem=problem,
         )
 
     # -- check, recall, close ------------------------------------------------------------

@@ -39,6 +39,7 @@ import secrets
 import stat
 import time
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -219,7 +220,7 @@ class XmlExchangeAdapter(Adapter):
                                  f"(Location: {resp.headers.get('Location')}); check the address",
                                  code=f"http-{status}")
         try:
-            receipt = parse_receipt(answer)
+            receipt = parse_receipt(answer, self.legacy_tz)
         except ArchiveFormatError as exc:
             raise RetryableError(f"the exchange box accepted archive {ref} with HTTP {status} but "
                                  f"its answer is not a valid ARRIVE receipt: {exc}",
@@ -259,7 +260,7 @@ class XmlExchangeAdapter(Adapter):
                 raise PermanentError(f"callback body is not valid {charset}: {exc}",
                                      code="bad-receipt") from None
         try:
-            receipt = parse_receipt(data)
+            receipt = parse_receipt(data, self.legacy_tz)
         except ArchiveFormatError as exc:
             raise PermanentError(f"malformed receipt callback: {exc}", code="bad-receipt") from None
         item = PolledItem(key=self.callback_key(receipt), receipt=receipt, source=f"{self.name}:callback")
@@ -411,7 +412,7 @@ class XmlExchangeAdapter(Adapter):
             log.warning("%s: cannot read outbox/%s: %s", self.name, name, exc)
             return None
         try:
-            receipt = parse_receipt(data)
+            receipt = parse_receipt(data, self.legacy_tz)
         except ArchiveFormatError as exc:
             self._quarantine(outbox, name, f"not a valid receipt: {exc}")
             return None
@@ -443,7 +444,7 @@ class XmlExchangeAdapter(Adapter):
         if (dest / target).exists():
             # Same name seen before (the legacy side reuses HZ_ names): keep both copies (a
             # random part, as the SFTP adapter's: two reuses within a second stay apart)
-            target = f"{name[:-4]}.{time.strftime('%Y%m%d%H%M%S')}.{secrets.token_hex(3)}.xml"
+            target = f"{name[:-4]}.{datetime.now(self.legacy_tz):%Y%m%d%H%M%S}.{secrets.token_hex(3)}.xml"
         if note is not None:
             (dest / (target + ".error")).write_bytes(xmlsafe.gb18030_encode(note))
         try:

@@ -557,8 +557,9 @@ def report() -> None:
 
 
 @report.command("sign-for", help="Timeliness of sign-for (签收及时性) per receiving unit, for the documents "
-                                 "delivered between --from and --to (dates in China time, both included; default: "
-                                 "the last 30 days): copies delivered, signed, signed within --within hours, "
+                                 "delivered between --from and --to (days in the node's time zone, [node] timezone, "
+                                 "China time by default; both included; default: the last 30 days): copies "
+                                 "delivered, signed, signed within --within hours, "
                                  "returned, still waiting, and the median and 90th percentile of the hours to 签收.")
 @click.option("--from", "start", type=click.DateTime(["%Y-%m-%d"]), help="first day, e.g. 2026-11-01")
 @click.option("--to", "end", type=click.DateTime(["%Y-%m-%d"]), help="last day, e.g. 2026-11-30")
@@ -568,19 +569,24 @@ def report() -> None:
 @pass_ctx
 def report_sign_for(c: Ctx, start: Any, end: Any, within: float, as_json: bool) -> None:
     from datetime import UTC, datetime, timedelta
-    from zoneinfo import ZoneInfo
 
-    from systems.documents import assessment
+    from gateway.config import zone
+    from systems.documents import assessment, rules
 
-    china = ZoneInfo("Asia/Shanghai")
+    tz_name = c.cfg().node.timezone
+    tz = zone(tz_name)
     now = datetime.now(UTC)
-    today = now.astimezone(china).date()
+    today = now.astimezone(tz).date()
     first = start.date() if start else today - timedelta(days=29)
     last = end.date() if end else today
+    for day, hint in ((first, "--from"), (last, "--to")):
+        if day.year not in rules.YEARS:  # the calendar's edges have no day after or UTC time
+            raise click.BadParameter(f"{day}: expected a day of the years {rules.YEARS.start}-{rules.YEARS.stop - 1}",
+                                     param_hint=hint)
     if last < first:
         raise click.BadParameter(f"{last} is before --from {first}", param_hint="--to")
-    since = datetime.combine(first, datetime.min.time(), china)
-    until = datetime.combine(last + timedelta(days=1), datetime.min.time(), china)
+    since = datetime.combine(first, datetime.min.time(), tz)
+    until = datetime.combine(last + timedelta(days=1), datetime.min.time(), tz)
     n = c.node()
     _require_schema(n)
     try:
@@ -591,7 +597,8 @@ def report_sign_for(c: Ctx, start: Any, end: Any, within: float, as_json: bool) 
         for r in rows:
             click.echo(json.dumps(r.as_dict(), ensure_ascii=False))
         return
-    click.echo(f"签收及时性 sign-for timeliness, documents delivered {first} – {last} (China time); "
+    shown = "China time" if tz_name == "Asia/Shanghai" else tz_name
+    click.echo(f"签收及时性 sign-for timeliness, documents delivered {first} – {last} ({shown}); "
                f"in time: within {within:g} h")
     cells = assessment.table(rows)
     widths = [max(_width(row[i]) for row in cells) for i in range(len(cells[0]))]
@@ -635,7 +642,8 @@ def sync(c: Ctx, job: str | None, list_jobs: bool) -> None:
         last = scheduler.last_runs(n, known)
         for j in scheduler.jobs():
             sc = n.config.schedules.get(j.name)
-            when = "—" if sc is None else f"{sc.cron} ({sc.timezone})" + ("" if sc.enabled else " disabled")
+            when = "—" if sc is None else (f"{sc.cron} ({sc.timezone or n.config.node.timezone})"
+                                           + ("" if sc.enabled else " disabled"))
             run = last.get(j.name)
             ran = "never run" if run is None else (
                 f"last run {run.started_at.astimezone(UTC).isoformat(timespec='seconds')} {run.outcome}")

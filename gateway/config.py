@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -72,6 +73,27 @@ def url_problem(url: object) -> str | None:
     if port == 0:
         return "has port 0; expected a port from 1 to 65535"
     return None
+
+
+#: China Standard Time (UTC+8 all year): where the offices are
+DEFAULT_TIMEZONE = "Asia/Shanghai"
+TIMEZONE_EXPECTED = "expected an IANA time zone name, e.g. Asia/Shanghai or UTC"
+
+
+def timezone_problem(name: object) -> str | None:
+    """Why ``name`` is no IANA time zone this machine (or the tzdata package) knows; None if it is one."""
+    if not isinstance(name, str):
+        return f"{name!r} is not a string; {TIMEZONE_EXPECTED}"
+    try:
+        ZoneInfo(name)
+    except (ValueError, KeyError, OSError):  # ZoneInfoNotFoundError is a KeyError; "../x" a ValueError
+        return f"{name!r} is not a time zone; {TIMEZONE_EXPECTED}"
+    return None
+
+
+def zone(name: str | None) -> ZoneInfo:
+    """The zone ``name`` (validated before), or the default one."""
+    return ZoneInfo(name or DEFAULT_TIMEZONE)
 
 
 def _name(key: str) -> str:
@@ -135,12 +157,24 @@ class NodeConfig(_Strict):
     #: units served by this node (统一社会信用代码): the senders it accepts from its callers
     units: list[str] = Field(default_factory=list)
     data_dir: str = "var"
+    #: the offices' time zone (IANA name): the legacy systems' times written without an offset
+    #: (unless ``[adapters.NAME] timezone`` says otherwise), the days of reports and the cron
+    #: expressions of ``[schedules]`` (unless a schedule names its own)
+    timezone: str = DEFAULT_TIMEZONE
 
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
         if not NODE_ID.fullmatch(v):
             raise ValueError(f"{v!r} is not a node id; {NODE_ID_EXPECTED}")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, v: str) -> str:
+        problem = timezone_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @field_validator("units")
@@ -259,12 +293,13 @@ class RouteConfig(_Strict):
 
 class ScheduleConfig(_Strict):
     """``[schedules.JOB]``: when a scheduled job runs. ``cron`` has five fields (minute hour
-    day month weekday) or six (with seconds first); times are the node's local time zone."""
+    day month weekday) or six (with seconds first), read in ``timezone`` (by default the
+    node's, ``[node] timezone``), never in the server's own (its TZ)."""
 
     cron: str
     enabled: bool = True
-    #: the time zone the cron expression is read in (China Standard Time by default)
-    timezone: str = "Asia/Shanghai"
+    #: the time zone the cron expression is read in; None: ``[node] timezone``
+    timezone: str | None = None
 
 
 class FerrySftpConfig(_Strict):

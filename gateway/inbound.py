@@ -134,6 +134,8 @@ def ingest(node: Node, adapter_name: str, item: PolledItem) -> str:
                 # long as that lasts, not just [worker] keep_ingested_days (gateway.prune)
                 seen.at = datetime.now(UTC)
             else:
+                if item.problem is not None:
+                    raise UnmatchedReceipt(item.problem)
                 if item.receipt is not None:
                     outcome = apply_receipt(s, item.receipt, adapter_name)
                 elif item.envelope is not None:

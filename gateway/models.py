@@ -28,7 +28,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 class UTCDateTime(TypeDecorator[datetime]):
     """A timestamp that is always timezone-aware UTC in Python. SQLite keeps no offset, and a
     naive time would be read as Beijing time by a caller in UTC+8; this attaches UTC on read
-    and converts to UTC on write."""
+    and converts to UTC on write. PostgreSQL gives a timestamptz in the session's TimeZone
+    (the server's ``timezone`` setting, or ``PGTZ``): it is converted to UTC on read, so that
+    no answer depends on how the database server was set up."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
@@ -39,8 +41,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
+        if value is not None:
+            value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
         return value
 
 

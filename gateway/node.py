@@ -137,7 +137,7 @@ class Node:
                 if name not in self.config.adapters:
                     raise KeyError(f"no adapter named {name!r} is configured")
                 ctx = AdapterContext(blobs=self.blobs, state=DbStateStore(self.db, name),
-                                     base_dir=Path(self.config.base_dir))
+                                     base_dir=Path(self.config.base_dir), timezone=self.config.node.timezone)
                 a = adapters.create(name, self.config.adapters[name], ctx)
                 self._adapters[name] = a
             return a

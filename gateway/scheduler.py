@@ -35,7 +35,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo
 
 from croniter import croniter
 from sqlalchemy import literal_column, select, text
@@ -43,7 +42,7 @@ from sqlalchemy.exc import IntegrityError
 
 from adapters.base import ConfigError as AdapterConfigError, DeliveryError
 from gateway import audit
-from gateway.config import Config, ConfigError, ScheduleConfig
+from gateway.config import Config, ConfigError, ScheduleConfig, timezone_problem, zone
 from gateway.db import outage, outage_text
 from gateway.models import JobRun
 
@@ -193,11 +192,9 @@ def validate(config: Config) -> None:
         except Exception as exc:  # noqa: BLE001 - croniter raises several kinds
             raise ConfigError(f"{where}.cron: {sc.cron!r} is not a valid cron expression ({exc}); "
                               f"{CRON_EXPECTED}") from None
-        try:
-            ZoneInfo(sc.timezone)
-        except (KeyError, ValueError):
-            raise ConfigError(f"{where}.timezone: {sc.timezone!r} is not an IANA time zone; "
-                              f"expected e.g. Asia/Shanghai or UTC") from None
+        problem = None if sc.timezone is None else timezone_problem(sc.timezone)
+        if problem:
+            raise ConfigError(f"{where}.timezone: {problem}")
     receipts, keep = config.schedules.get("receipts"), config.worker.keep_ingested_days
     if receipts is not None and receipts.enabled and keep:
         # an item still at its source (its acknowledgement failed) keeps its key only while the
@@ -436,8 +433,8 @@ def last_runs(node: Node, names: list[str]) -> dict[str, JobRun]:
 
 # -- the scheduler -------------------------------------------------------------------------
 class _Schedule:
-    def __init__(self, name: str, sc: ScheduleConfig) -> None:
-        self.name, self.cron, self.tz = name, sc.cron, ZoneInfo(sc.timezone)
+    def __init__(self, name: str, sc: ScheduleConfig, node_timezone: str) -> None:
+        self.name, self.cron, self.tz = name, sc.cron, zone(sc.timezone or node_timezone)
 
     def next_after(self, t: datetime) -> datetime:
         """The first tick strictly after ``t``, in UTC."""
@@ -476,7 +473,8 @@ class Scheduler:
         validate(node.config)
         self.node = node
         self.instance = instance_id or default_instance()
-        self.schedules = {name: _Schedule(name, sc) for name, sc in enabled_schedules(node.config).items()}
+        self.schedules = {name: _Schedule(name, sc, node.config.node.timezone)
+                          for name, sc in enabled_schedules(node.config).items()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._queues: dict[str, queue.Queue[Any]] = {}

@@ -15,7 +15,7 @@ import tracemalloc
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -662,6 +662,22 @@ def test_unreadable_receipt_goes_to_failed_at_once(
     assert reason in (drop.folder(UNIT_A, "failed") / (name + ".error")).read_text("gb18030")
 
 
+@pytest.mark.parametrize(("timezone", "expected"), [(None, "2026-11-26T16:30:00+00:00"),
+                                                     ("UTC", "2026-11-27T00:30:00+00:00")])
+def test_a_receipt_time_without_an_offset_is_local_time_of_the_adapter_zone(
+        drop: Drop, make_adapter, timezone: str | None, expected: str) -> None:
+    """``00:30`` on 27 November as the drop's clerk wrote it: Beijing time unless the adapter
+    says its legacy system keeps another zone; a bare date is no time and goes to failed/."""
+    ref, dated = str(uuid.uuid4()), str(uuid.uuid4())
+    for r, stamp in ((ref, b"2026-11-27T00:30:00"), (dated, b"2026-11-27")):
+        put_outbox(drop, f"HZ_{r}_{UNIT_A}.xml", receipt_bytes(r).replace(b"2026-11-20T10:15:00+08:00", stamp))
+    [item] = make_adapter(drop.config(**({"timezone": timezone} if timezone else {}))).poll()
+    assert item.receipt is not None and item.receipt.remote_ref == ref
+    assert item.receipt.time is not None and item.receipt.time.astimezone(UTC).isoformat() == expected
+    note = (drop.folder(UNIT_A, "failed") / f"HZ_{dated}_{UNIT_A}.xml.error").read_text("gb18030")
+    assert "receipt/time" in note and "'2026-11-27' is not a date and time" in note
+
+
 def test_max_per_poll_bounds_each_poll(drop: Drop, make_adapter) -> None:
     for unit in (UNIT_A, UNIT_B):
         for _ in range(3):
@@ -1130,7 +1146,8 @@ def test_encrypted_private_key_takes_its_passphrase_from_the_environment(
         SftpAdapter("countydrop", cfg, ctx)
 
 
-def test_ack_keeps_a_same_named_file_already_in_archive(drop: Drop, make_adapter) -> None:
+def test_ack_keeps_a_same_named_file_already_in_archive(drop: Drop, make_adapter,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The legacy side names an ARRIVE and the later SIGN alike (HZ_<docid>_<unit>.xml): the
     archive keeps both."""
     ref = str(uuid.uuid4())
@@ -1141,8 +1158,14 @@ def test_ack_keeps_a_same_named_file_already_in_archive(drop: Drop, make_adapter
     put_outbox(drop, name, receipt)
     [item] = make_adapter(drop.config()).poll()
 
-    item.ack()
-    item.ack()  # idempotent: the file is gone from the outbox, nothing moves twice
+    before = datetime.now(archive.CHINA_TZ).replace(microsecond=0)
+    with monkeypatch.context() as m:  # a server whose own clock is in neither zone
+        m.setenv("TZ", "America/New_York")
+        time.tzset()
+        item.ack()
+        item.ack()  # idempotent: the file is gone from the outbox, nothing moves twice
+    time.tzset()
+    after = datetime.now(archive.CHINA_TZ)
 
     archived = sorted(drop.listing(UNIT_A, "archive"))
     assert (drop.folder(UNIT_A, "archive") / name).read_bytes() == b"an older copy"
@@ -1150,6 +1173,9 @@ def test_ack_keeps_a_same_named_file_already_in_archive(drop: Drop, make_adapter
     assert len(kept) == 1 and (drop.folder(UNIT_A, "archive") / kept[0]).read_bytes() == receipt
     assert kept[0] + ".ok" in archived
     assert drop.listing(UNIT_A, "outbox") == []
+    # the copy's name has the time as the legacy side writes its own: Beijing time
+    stamp = datetime.strptime(kept[0][len(name) - 3:][:14], "%Y%m%d%H%M%S").replace(tzinfo=archive.CHINA_TZ)
+    assert before <= stamp <= after, kept[0]
 
 
 # -- the in-process simulator ------------------------------------------------------------------

@@ -54,3 +54,7 @@ def test_the_cli_reports_a_period_in_china_time_and_refuses_a_backward_one(tmp_p
     assert r.returncode == 2 and "--from" in r.stderr and "Traceback" not in r.stderr
     r = gateway("-c", str(conf), "report", "sign-for", "--within", "0", cwd=tmp_path)
     assert r.returncode == 2 and "--within" in r.stderr
+    for option, day in (("--to", "9999-12-31"), ("--from", "0001-01-01")):  # no day after, no UTC time
+        r = gateway("-c", str(conf), "report", "sign-for", option, day, cwd=tmp_path)
+        assert r.returncode == 2 and f"{option}: {day}: expected a day of the years 1949-2099" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr

@@ -313,7 +313,7 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder():
 
 def test_an_unknown_key_says_which_keys_that_place_takes(tmp_path):
     assert refused(tmp_path, {"node": {"nmae": "x"}}) == \
-        "node.toml: node.nmae: Extra inputs are not permitted (unknown key; expected one of id, name, units, data_dir)"
+        "node.toml: node.nmae: Extra inputs are not permitted (unknown key; expected one of id, name, units, data_dir, timezone)"
     assert refused(tmp_path, {"worker": {"retry": {"max_attemps": 3}}}).endswith(
         "worker.retry.max_attemps: Extra inputs are not permitted (unknown key; expected one of max_attempts, "
         "base_delay, max_delay)")

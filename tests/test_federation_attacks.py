@@ -243,6 +243,43 @@ def test_a_nonce_longer_than_this_node_keeps_is_refused_as_a_bad_signature(pref:
     assert entry.actor == "node:county-a"
 
 
+@pytest.mark.parametrize("created", [10**12, -10**12])
+def test_a_signature_created_beyond_any_calendar_date_is_stale_not_a_500(pref: Prefecture, created: int) -> None:
+    """``created`` is the signer's number of seconds; one no date has (year 33658, or before
+    year 1) is refused like any other request signed too far from this node's clock."""
+    raw = b'{"items": []}'
+    far = SimpleNamespace(timestamp=lambda: created)  # what the signing library reads of a datetime
+    headers = Signer("county-a", pref.keys["county-a"]).sign("POST", URL + "/status", {}, raw,
+                                                             created=far, to="prefecture")  # type: ignore[arg-type]
+    assert f"created={created};" in headers["Signature-Input"]
+    r = pref.client.post(URL + "/status", data=raw, headers={"Content-Type": "application/json", **headers})
+    assert r.status_code == 401, r.get_data(as_text=True)[:300]
+    assert r.get_json()["type"].endswith(":stale-request") and "clock" in r.get_json()["detail"]
+    [entry] = pref.audit("federation.reject")
+    assert entry.outcome == "stale-request"
+
+
+@pytest.mark.parametrize("at", ["9999-12-31T23:59:59-14:00", "昨天下午", "2026-11-20", 20261120])
+def test_a_status_time_no_column_can_keep_is_a_400_and_changes_nothing(pref: Prefecture, at: Any) -> None:
+    """A peer's ``at`` that is no time in range (UTC would be year 10000, or before year 1)
+    or no date-time at all is refused with the item's batch, neither a 500 the peer retries for
+    ever nor a 签收 silently dated on arrival."""
+    body = forward(CITY_B, "county-b", ["county-b"], to=COUNTY_A)
+    assert pref.post("county-b", "/messages", body).status_code == 200
+    item = {"message_id": body["message_id"], "unit": COUNTY_A, "status": "signed", "signer": "李某", "at": at}
+    r = pref.post("county-a", "/status", {"items": [item]})
+    assert r.status_code == 400, r.get_data(as_text=True)[:300]
+    assert r.get_json()["type"].endswith(":validation") and "ISO 8601" in r.get_json()["detail"]
+    with pref.node.db.sessions() as s:
+        assert s.execute(select(Delivery.status, Delivery.signed_at).where(
+            Delivery.message_id == body["message_id"])).all() == [("queued", None)]
+    item["at"] = "2026-11-27T00:30:00+08:00"  # the same report, sent right
+    assert pref.post("county-a", "/status", {"items": [item]}).get_json()["outcomes"] == {"signed": 1}
+    with pref.node.db.sessions() as s:
+        [signed_at] = s.scalars(select(Delivery.signed_at).where(Delivery.message_id == body["message_id"])).all()
+    assert signed_at.isoformat() == "2026-11-26T16:30:00+00:00"
+
+
 def test_a_county_whose_clearance_was_lowered_cannot_pull_what_was_queued_for_it_before(
         tmp_path: Path, database_url: str) -> None:
     """A 机密 document is queued for county A; then county A's link is lowered to 秘密 (its

@@ -166,3 +166,20 @@ def test_a_receipt_no_column_could_keep_is_refused_with_the_reason(box_node, ove
     assert said in body["detail"]
     got = api.get(f"/api/v1/documents/{mid}").get_json()["recipients"][0]
     assert got["status"] == "delivered" and got["receipts"] == []
+
+
+@pytest.mark.parametrize("stamp", ["2026-11-28", "2026-11-28 下午"])
+def test_a_receipt_whose_time_is_no_date_and_time_is_a_400_naming_the_field(box_node, stamp):
+    """A date alone says no time (midnight would be a guess); the box is told, nothing is stored."""
+    api = Api(box_node)
+    mid = api.post("/api/v1/documents", json=api.document(recipients=(EMERGENCY,))).get_json()["id"]
+    Worker(box_node).drain()
+    xml = write_receipt(Receipt(unit=EMERGENCY, action="SIGNED", remote_ref=remote_ref(mid, EMERGENCY), signer="吴某",
+                                receipt_no="YJJ-3", time=datetime(2026, 11, 28, 9, 0, tzinfo=UTC)))
+    xml = xml.replace(b"2026-11-28T09:00:00+00:00", stamp.encode("gb18030"))
+    r = api.client.post("/api/v1/callbacks/exchangebox", data=xml,
+                        headers={"Content-Type": "application/xml; charset=GB18030"})
+    body = _problem(r, 400, "validation")
+    assert "receipt/time" in body["detail"] and "is not a date and time" in body["detail"]
+    got = api.get(f"/api/v1/documents/{mid}").get_json()["recipients"][0]
+    assert got["status"] == "delivered" and got["receipts"] == []

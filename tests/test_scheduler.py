@@ -81,7 +81,7 @@ def _audit(node: Node, obj: str) -> list[AuditEntry]:
     ('[schedules.receipts]\ncron = "61 * * * *"\n', "schedules.receipts.cron", "not a valid cron expression"),
     ('[schedules.receipts]\ncron = "0 0 31 2 *"\n', "schedules.receipts.cron", "not a valid cron expression"),
     ('[schedules.receipts]\ncron = "*/5 * * * *"\ntimezone = "Mars/Olympus_Mons"\n',
-     "schedules.receipts.timezone", "not an IANA time zone"),
+     "schedules.receipts.timezone", "is not a time zone; expected an IANA time zone name"),
 ])
 def test_schedule_errors_name_the_file_the_key_and_the_expectation(tmp_path, body, key, expected):
     conf = _toml(tmp_path, f"sqlite:///{tmp_path}/gateway.db", body)
@@ -106,13 +106,40 @@ def test_good_schedules_pass_and_ticks_follow_the_time_zone(tmp_path):
         "receipts": {"cron": "0 9 * * 1-5"},  # 09:00 China Standard Time on weekdays
     }}, source="test")
     scheduler.validate(cfg)
-    s = scheduler._Schedule("receipts", cfg.schedules["receipts"])
+    s = scheduler._Schedule("receipts", cfg.schedules["receipts"], cfg.node.timezone)
     friday_noon_utc = datetime(2026, 1, 2, 12, 0, tzinfo=UTC)
     assert s.next_after(friday_noon_utc) == datetime(2026, 1, 5, 1, 0, tzinfo=UTC)  # Monday 09:00 +08:00
-    every_second = scheduler._Schedule("x", ScheduleConfig(cron="* * * * * *", timezone="UTC"))
+    every_second = scheduler._Schedule("x", ScheduleConfig(cron="* * * * * *", timezone="UTC"), "Asia/Shanghai")
     t = datetime(2026, 1, 1, 0, 0, 0, tzinfo=UTC)
     assert every_second.next_after(t) == t + timedelta(seconds=1)  # strictly after
     assert every_second.next_after(t + timedelta(microseconds=300)) == t + timedelta(seconds=1)
+
+
+def test_a_schedule_is_read_in_the_node_time_zone_unless_it_names_its_own(tmp_path):
+    """"Every day at 15:00" (the duty reports' hour) is 15:00 in [node] timezone, China by
+    default, whatever the server's own TZ; a schedule that names a zone is read in that one."""
+    china = datetime(2026, 11, 30, 7, 30, tzinfo=UTC)  # 15:30 in Beijing, the last day of the month
+    for node_tz, own, expected in [
+            (None, None, datetime(2026, 12, 1, 7, 0, tzinfo=UTC)),  # 15:00 +08:00 the next day
+            ("UTC", None, datetime(2026, 11, 30, 15, 0, tzinfo=UTC)),
+            ("UTC", "Asia/Shanghai", datetime(2026, 12, 1, 7, 0, tzinfo=UTC))]:
+        cfg = config_mod.from_mapping({"node": {"timezone": node_tz} if node_tz else {}, "schedules": {
+            "receipts": {"cron": "0 15 * * *", **({"timezone": own} if own else {})}}}, source="test")
+        scheduler.validate(cfg)
+        node = Node(cfg)
+        try:
+            [s] = scheduler.Scheduler(node).schedules.values()
+        finally:
+            node.close()
+        assert s.next_after(china) == expected, (node_tz, own)
+    conf = _toml(tmp_path, f"sqlite:///{tmp_path}/gateway.db",
+                 '[schedules.receipts]\ncron = "0 15 * * *"\n').read_text(encoding="utf-8")
+    path = tmp_path / "utc.toml"
+    path.write_text(conf.replace("[node]\n", '[node]\ntimezone = "UTC"\n', 1), encoding="utf-8")
+    migrate.upgrade(f"sqlite:///{tmp_path}/gateway.db")
+    r = CliRunner().invoke(main, ["-c", str(path), "sync", "--list"])
+    assert r.exit_code == 0, r.output
+    assert "0 15 * * * (UTC)" in r.output
 
 
 def test_runtime_runs_the_scheduler_only_where_the_worker_runs_and_a_schedule_is_enabled(tmp_path):

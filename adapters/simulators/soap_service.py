@@ -274,14 +274,15 @@ class DocExchangeState:
             return "RECALLED"
 
     # -- clerk API (the legacy system's own UI) ------------------------------------------
-    def sign(self, doc_id: str, signer: str, receipt_no: str | None = None) -> StoredReceipt:
-        """A clerk signs for (签收) a document; a ``SIGNED`` receipt appears."""
+    def sign(self, doc_id: str, signer: str, receipt_no: str | None = None, stamp: str | None = None) -> StoredReceipt:
+        """A clerk signs for (签收) a document; a ``SIGNED`` receipt appears. ``stamp``: the
+        receipt's ``time`` as the system writes it (a string, per the WSDL); default now, UTC+8."""
         with self._lock:
             doc = self._open_doc(doc_id)
             self._docs[doc_id] = replace(doc, status="SIGNED")
             seq = len(self._receipts) + 1
             return self._add_receipt(
-                doc, "SIGNED", signer, receipt_no=receipt_no or f"QS{seq:08d}"
+                doc, "SIGNED", signer, receipt_no=receipt_no or f"QS{seq:08d}", stamp=stamp
             )
 
     def return_document(self, doc_id: str, reason: str, signer: str, receipt_no: str | None = None) -> StoredReceipt:
@@ -303,10 +304,11 @@ class DocExchangeState:
         return doc
 
     def _add_receipt(self, doc: StoredDocument, action: str, signer: str, *,
-                     receipt_no: str | None = None, reason: str | None = None) -> StoredReceipt:
+                     receipt_no: str | None = None, reason: str | None = None,
+                     stamp: str | None = None) -> StoredReceipt:
         r = StoredReceipt(
             seq=len(self._receipts) + 1, doc_id=doc.doc_id, unit=doc.recipient_unit,
-            action=action, signer=signer, time=_now().isoformat(timespec="seconds"),
+            action=action, signer=signer, time=_now().isoformat(timespec="seconds") if stamp is None else stamp,
             receipt_no=receipt_no, reason=reason,
         )
         self._receipts.append(r)

@@ -378,7 +378,7 @@ def _sftp_adapter(node: Node, peer: str, direction: str, spec: FerrySftpConfig) 
         if getattr(spec, key) is not None:
             cfg[key] = getattr(spec, key)
     ctx = AdapterContext(blobs=node.blobs, state=DbStateStore(node.db, f"ferry-sftp:{peer}"),
-                         base_dir=Path(node.config.base_dir))
+                         base_dir=Path(node.config.base_dir), timezone=node.config.node.timezone)
     try:
         return sftp_adapter.SftpAdapter(name, cfg, ctx)
     except AdapterConfigError as exc:

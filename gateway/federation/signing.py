@@ -256,4 +256,9 @@ def verify(method: str, url: str, headers: Mapping[str, str] | Any, body: bytes,
 
 
 def _iso(ts: int) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
+    """A signature's ``created`` as a time, or as the number it is when no calendar has it
+    (year 10000 and later, before year 1: a peer's bug, refused as stale, never a 500)."""
+    try:
+        return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return f"{ts} (seconds since 1970, beyond any calendar date)"

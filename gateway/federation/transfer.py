@@ -290,13 +290,22 @@ def apply_statuses(node: Node, peer: str, items: Any) -> dict:
 
 
 def _time(v: Any) -> datetime | None:
+    """A status item's ``at``: None if it has none (the change is then dated on arrival); a
+    value that is no date-time a column can keep is refused, never replaced by another time."""
+    if v is None:
+        return None
+    expected = 'expected an ISO 8601 date-time with its offset, e.g. "2026-11-20T02:15:00+00:00", or null'
     if not isinstance(v, str):
-        return None
+        raise TransferError(400, "validation", f"a status item's at is {type(v).__name__}; {expected}")
     try:
-        t = datetime.fromisoformat(v.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+        t = datetime.fromisoformat(v)
+        if "T" not in v.upper() and " " not in v:  # fromisoformat takes a bare date as midnight
+            raise ValueError
+        # written by a node of an older version without its offset: its times were UTC
+        return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise TransferError(400, "validation", f"a status item's at {v[:60]!r} is not a date-time in "
+                                               f"range; {expected}") from None
 
 
 def apply_status(s: Session, peer: str, item: dict) -> str:
