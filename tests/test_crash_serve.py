@@ -220,7 +220,16 @@ def test_exchange_box_receipts_pushed_while_the_serving_process_is_killed_are_ap
         docs = [served.document(f"交换箱崩溃测试{i}", unit=CITY_B) for i in range(BOX_DOCS)]
         ids = []
         for i, doc in enumerate(docs):
-            r = requests.post(f"{served.url}/api/v1/documents", json=doc, headers=served.headers, timeout=30)
+            # the crash point may kill the server while this POST is in flight (a receipt is
+            # pushed meanwhile): as a calling system does, send it again with its key
+            headers = {**served.headers, "Idempotency-Key": f"box-crash-{i}"}
+            for attempt in range(3):
+                try:
+                    r = requests.post(f"{served.url}/api/v1/documents", json=doc, headers=headers, timeout=30)
+                    break
+                except requests.ConnectionError:
+                    assert attempt < 2 and (tmp_path / "killed").exists(), "the server went away unasked"
+                    served.wait_ready()
             assert r.status_code == 202, r.text
             ids.append(r.json()["id"])
             if i in (4, 8):
