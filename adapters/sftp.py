@@ -779,7 +779,8 @@ class SftpAdapter(Adapter):
         scan = self._scans.get(unit)
         ready: list[tuple[str, paramiko.SFTPAttributes | None]] = []
         if scan is not None:  # what the previous poll read but had no budget left for
-            ready, scan.pending = scan.pending[:budget], scan.pending[budget:]
+            carried, scan.pending = scan.pending[:budget], scan.pending[budget:]
+            ready = self._still_stable(sftp, unit, folder, carried, scan.no)
         limit = SCAN_FACTOR * self.settings.max_per_poll
         read = 0
         fresh = scan is None  # a pass begun by this poll ends it; one carried on may begin anew
@@ -818,6 +819,36 @@ class SftpAdapter(Adapter):
                     taken.add(found[0])
                     (ready if len(ready) < budget else scan.pending).append(found)
         return ready
+
+    def _still_stable(
+        self, sftp: paramiko.SFTPClient, unit: str, folder: str,
+        carried: list[tuple[str, paramiko.SFTPAttributes | None]], no: int,
+    ) -> list[tuple[str, paramiko.SFTPAttributes | None]]:
+        """stable-size: of the files an earlier poll found stable and left in the pass's
+        pending list, those that still have the size and time they had then. The legacy
+        writer, without done files, writes in place and reuses HZ_ names (an ARRIVE, then a
+        SIGN): a file it began writing again since is not read half-written (and refused to
+        failed/), but waits until it is stable again. done-file entries are looked at when
+        taken (their .ok says they are finished)."""
+        if self.settings.read_lock != "stable-size":
+            return carried
+        out: list[tuple[str, paramiko.SFTPAttributes | None]] = []
+        now = time.monotonic()
+        for name, seen in carried:
+            try:
+                attrs = sftp.lstat(posixpath.join(folder, name))
+            except FileNotFoundError:
+                continue  # taken (by another instance) or removed meanwhile
+            except OSError as exc:
+                if _breaks_connection(exc):
+                    raise
+                continue  # found again by a later pass
+            attrs.filename = name
+            if seen is not None and (attrs.st_size, attrs.st_mtime) == (seen.st_size, seen.st_mtime):
+                out.append((name, attrs))
+            else:
+                self._stable((unit, name), attrs, now, no)  # changed: its wait starts again
+        return out
 
     def _ready(
         self, unit: str, folder: str, e: paramiko.SFTPAttributes, scan: _Pass, now: float, wall: float

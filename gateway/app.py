@@ -18,12 +18,15 @@ log = logging.getLogger("gateway.app")
 
 def record_config(node: Node, process: str) -> None:
     """:meth:`Node.record_config`; a database that cannot take it yet (not migrated, not
-    reachable) does not stop the start: the API answers 503 until it can, and the log says so."""
+    reachable) does not stop the start, and the log says so: the API answers 503 while the
+    database is away (and, not migrated, /readyz says not ready). The configuration is then
+    recorded at the process's next start, not when the database comes back."""
     try:
         node.record_config(process)
     except Exception as exc:  # noqa: BLE001
         orig = getattr(exc, "orig", None) or exc
-        log.error("the configuration in force could not be recorded in the audit log (config.change): %s: %s",
+        log.error("the configuration in force could not be recorded in the audit log (config.change): %s: %s; "
+                  "it is recorded when this process next starts with the database reachable and migrated",
                   type(orig).__name__, " ".join(str(orig).split())[:300])
 
 

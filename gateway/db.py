@@ -63,6 +63,8 @@ os.register_at_fork(after_in_child=_after_fork)
 
 #: how long a SQLite connection waits for a lock held by another process before it fails
 BUSY_TIMEOUT_S = 30
+#: seconds a PostgreSQL connection may take to open (libpq's connect_timeout)
+CONNECT_TIMEOUT_S = 10
 
 #: how JSON columns are written: Chinese as UTF-8, not \uXXXX escapes (half the bytes of a
 #: title, and readable to an operator at the database's own prompt)
@@ -73,6 +75,12 @@ json_text = functools.partial(json.dumps, ensure_ascii=False)
 _SQLITE_FULL, _SQLITE_AWAY = 13, frozenset({5, 6, 10, 14})  # FULL; BUSY, LOCKED, IOERR, CANTOPEN
 #: PostgreSQL's SQLSTATE for a full disk (class 53: insufficient resources)
 _PG_DISK_FULL = "53100"
+#: PostgreSQL SQLSTATEs (prefixes) of a server that is away: class 08 (the connection), 53
+#: (insufficient resources: out of connections, of memory), 57P (shut down, starting up).
+#: Not the rest of psycopg's OperationalError: a statement timeout (57014), a lock timeout
+#: (55P03), a deadlock (40P01) or a value past a limit (54000) say something about the work,
+#: and a request that fails the same way every time must not be told to try again.
+_PG_AWAY = ("08", "53", "57P")
 
 
 def outage(exc: BaseException) -> str | None:
@@ -100,10 +108,13 @@ def outage(exc: BaseException) -> str | None:
         import psycopg
     except ImportError:  # pragma: no cover - a SQLite-only installation
         return None
-    if isinstance(orig, psycopg.Error) and getattr(orig, "sqlstate", None) == _PG_DISK_FULL:
+    sqlstate = getattr(orig, "sqlstate", None) if isinstance(orig, psycopg.Error) else None
+    if sqlstate == _PG_DISK_FULL:
         return "full"
-    if isinstance(orig, (psycopg.OperationalError, psycopg.InterfaceError)):
+    if isinstance(orig, psycopg.InterfaceError):
         return "away"
+    if isinstance(orig, psycopg.OperationalError) and (sqlstate is None or sqlstate.startswith(_PG_AWAY)):
+        return "away"  # no SQLSTATE: the client's own (connection refused, the server hung up)
     return None
 
 
@@ -147,8 +158,12 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
                 "BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
 
         return engine
+    # a database host that does not answer at all (down, firewalled) fails a connection after
+    # CONNECT_TIMEOUT_S, not the operating system's minutes: a gunicorn worker loading the app
+    # would otherwise be killed by its boot timeout over and over; a URL's own wins
+    connect_args = {} if "connect_timeout" in make_url(url).query else {"connect_timeout": CONNECT_TIMEOUT_S}
     engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
-                           json_serializer=json_text)
+                           json_serializer=json_text, connect_args=connect_args)
 
     @event.listens_for(engine, "before_cursor_execute")
     def _not_while_recording(conn, *_args):  # type: ignore[no-untyped-def]

@@ -70,7 +70,7 @@ class DbStateStore:
 
 
 #: where the configuration recorded last is kept (see :meth:`Node.record_config`)
-_CONFIG_STATE = ("node", "config")
+_CONFIG_STATE = ("node:", "config")  # no adapter has a name with ":" (config.ADAPTER_NAME)
 
 
 def os_user() -> str:

@@ -994,6 +994,36 @@ def test_stable_size_read_lock_waits_for_a_file_to_stop_changing(drop: Drop, mak
     assert [i.receipt.remote_ref for i in second if i.receipt] == [growing_ref]
 
 
+def test_stable_size_a_file_left_for_the_next_poll_is_taken_only_if_it_has_not_changed_since(
+    drop: Drop, make_adapter
+) -> None:
+    """A poll with no budget left keeps what it found ready for the next poll (its pass's
+    pending list). The legacy writer reuses HZ_ names (an ARRIVE, then a SIGN) and, without
+    done files, writes in place: a file it began writing again meanwhile is not read
+    half-written (and refused to failed/), but waits to be stable again."""
+    refs = [str(uuid.uuid4()), str(uuid.uuid4())]
+    paths = {r: put_outbox(drop, f"HZ_{r}_{UNIT_A}.xml", receipt_bytes(r), done=False) for r in refs}
+    adapter = make_adapter(drop.config(units=[UNIT_A], read_lock="stable-size", stable_seconds=0.3,
+                                       max_per_poll=1))
+    assert adapter.poll() == []  # first sight
+    time.sleep(0.35)
+    [first] = adapter.poll()  # both are stable; one is taken, the other left for the next poll
+    assert first.receipt is not None
+    first.ack()
+    [left] = [r for r in refs if r != first.receipt.remote_ref]
+    paths[left].write_bytes(receipt_bytes(left)[:40])  # the writer is at it again
+
+    assert adapter.poll() == []
+
+    assert not drop.folder(UNIT_A, "failed").exists() or drop.listing(UNIT_A, "failed") == []
+    assert drop.listing(UNIT_A, "outbox") == [paths[left].name]
+    paths[left].write_bytes(receipt_bytes(left))  # done writing
+    time.sleep(0.35)
+    adapter.poll()  # sees its new size
+    time.sleep(0.35)
+    assert [i.receipt.remote_ref for i in adapter.poll() if i.receipt] == [left]
+
+
 def test_duty_report_becomes_an_envelope_for_the_configured_unit(drop: Drop, make_adapter) -> None:
     name = f"ZB_{UNIT_A}_20261126145210.xml"
     original = (DATA / "ZB_1152230107CTPD8U2P_20261126145210.xml").read_bytes()

@@ -193,6 +193,7 @@ def test_the_api_answers_507_storage_full_and_stores_nothing(tmp_path, database_
         api = Api(node)
         r = api.post("/api/v1/blobs", data=b"body " * 1000, content_type="application/octet-stream")
         assert r.status_code == 507 and r.mimetype == "application/problem+json"
+        assert int(r.headers["Retry-After"]) >= 1  # as the OpenAPI document and docs/integrating.md say
         problem = r.get_json()
         assert problem["type"] == "urn:egov:gateway:problem:storage-full"
         assert "min_free_bytes" in problem["detail"] and "nothing was stored" in problem["detail"]

@@ -293,3 +293,104 @@ def test_a_scheduled_job_that_meets_the_database_away_is_one_log_line_and_the_ne
         assert [r.outcome for r in scheduler.last_runs(n, ["prune"]).values()] == ["ok"]
     finally:
         n.close()
+
+
+def test_a_refusal_the_outage_keeps_out_of_the_audit_log_is_a_line_now_and_then_not_a_traceback(  # type: ignore[no-untyped-def]
+        tmp_path, caplog, monkeypatch):
+    """A POST refused for its content (audited as a refused change, gateway.api.auth.Refusals)
+    while the database is away: the refusal is answered as always; that its audit entry could
+    not be written is said as the outage's answers say it (one line now and then), not with a
+    traceback for every refusal."""
+    import contextlib
+
+    import sqlalchemy.exc
+
+    from gateway.api import problems
+
+    cfg = node_config(tmp_path, f"sqlite:///{tmp_path}/gw.db")
+    migrate.upgrade(cfg.database_url())
+    node = Node(cfg)
+    try:
+        api = Api(node)
+        assert api.get("/api/v1/documents").status_code == 200  # the key is known (cached) from here on
+
+        @contextlib.contextmanager
+        def away():  # type: ignore[no-untyped-def]
+            raise sqlalchemy.exc.TimeoutError("QueuePool limit of size 10 overflow 10 reached")
+            yield
+
+        monkeypatch.setattr(node.db, "begin", away)
+        monkeypatch.setattr(problems.OUTAGE_LOG, "_last", -float("inf"))  # no line of an earlier test counts
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            for _ in range(3):
+                r = api.post("/api/v1/documents", data=b"{", content_type="application/json")
+                assert r.status_code == 400, r.get_data(as_text=True)
+        assert not any(r.exc_info for r in caplog.records), "an outage is not a bug: no traceback"
+        said = [r.getMessage() for r in caplog.records if "not audited" in r.getMessage()]
+        assert len(said) == 1 and "database is unavailable" in said[0], said
+    finally:
+        monkeypatch.undo()
+        node.close()
+
+
+def test_only_a_database_that_is_away_or_full_is_an_outage() -> None:
+    """psycopg's OperationalError also covers errors of the work itself: a statement timeout,
+    a lock timeout, a deadlock, a value past a limit. Answered 503 "send it again", a request
+    that fails the same way every time would be retried for ever, and its traceback (the bug
+    it shows) never logged."""
+    import psycopg
+    import psycopg.errors as pe
+    import sqlalchemy.exc
+
+    from gateway.db import outage
+
+    def wrapped(orig: Exception) -> Exception:
+        return sqlalchemy.exc.OperationalError("SELECT 1", {}, orig)
+
+    for away in (psycopg.OperationalError("connection failed: Connection refused"), pe.AdminShutdown("x"),
+                 pe.CannotConnectNow("x"), pe.TooManyConnections("x"), pe.ConnectionFailure("x")):
+        assert outage(wrapped(away)) == "away", away
+    assert outage(wrapped(pe.DiskFull("x"))) == "full"
+    for work in (pe.QueryCanceled("x"), pe.LockNotAvailable("x"), pe.DeadlockDetected("x"),
+                 pe.ProgramLimitExceeded("x"), pe.UndefinedTable("x")):
+        assert outage(wrapped(work)) is None, work
+
+
+def test_a_postgresql_host_that_never_answers_fails_a_connection_instead_of_hanging(monkeypatch):
+    """A database host that accepts TCP and then says nothing (a hung server, a half-open
+    firewall): the engine gives up after its connect timeout, and the error is an outage (503
+    to callers), where libpq alone would wait for ever and a gunicorn worker loading the app
+    would be killed by its boot timeout again and again. A URL's own connect_timeout wins."""
+    import socket
+
+    import sqlalchemy.exc
+
+    from gateway import db
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    monkeypatch.setattr(db, "CONNECT_TIMEOUT_S", 1)
+    try:
+        for url in (f"postgresql+psycopg://gw@127.0.0.1:{port}/gateway",
+                    f"postgresql+psycopg://gw@127.0.0.1:{port}/gateway?connect_timeout=2"):
+            engine = db.make_engine(url)
+            outcome: list[BaseException] = []
+
+            def connect(engine=engine, outcome=outcome) -> None:  # type: ignore[no-untyped-def]
+                try:
+                    engine.connect().close()
+                except BaseException as exc:  # noqa: BLE001 - the outcome is what the test checks
+                    outcome.append(exc)
+
+            t = threading.Thread(target=connect, daemon=True)
+            t.start()
+            t.join(60)  # a hang, not a speed: without a connect timeout this never ends
+            assert not t.is_alive(), f"connecting to a silent server did not give up ({url})"
+            assert len(outcome) == 1 and isinstance(outcome[0], sqlalchemy.exc.OperationalError), outcome
+            assert db.outage(outcome[0]) == "away"
+            engine.dispose()
+    finally:
+        silent.close()

@@ -19,11 +19,11 @@ from typing import Any
 from urllib.parse import urlsplit
 from datetime import datetime, UTC
 
-from flask import g, request
+from flask import current_app, g, request
 
 from gateway import audit
-from gateway.api.problems import Problem, shown
-from gateway.db import Database
+from gateway.api.problems import OUTAGE_LOG, Problem, shown
+from gateway.db import Database, outage, outage_text
 from gateway.envelope import CLASSIFICATION_LEVEL
 from gateway.events import shown_url
 from gateway.models import ApiKey
@@ -272,5 +272,10 @@ class Refusals:
                 audit.append(s, actor=caller.actor if caller else f"node:{peer}" if peer else "anonymous",
                              action="federation.reject" if peer else "api.refuse",
                              obj=f"{request.method} {shown(request.path)}"[:400], outcome=exc.kind, detail=detail)
-        except Exception:  # noqa: BLE001 - the refusal is answered all the same; the log has it
-            log.exception("could not audit a refused request")
+        except Exception as err:  # noqa: BLE001 - the refusal is answered all the same; the log has it
+            if outage(err) is None:
+                log.exception("could not audit a refused request")
+            else:  # the database is away or full: a line now and then, as for the outage's answers
+                OUTAGE_LOG.note(current_app, logging.WARNING, "%s %s: refused %s, not audited: the database is "
+                                "unavailable (%s)", request.method, shown(request.path), exc.kind,
+                                shown(outage_text(err)))

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from gateway import audit
 from gateway.api import auth
 from gateway.api.common import node
-from gateway.api.problems import Problem
+from gateway.api.problems import RETRY_AFTER_OUTAGE, Problem
 from gateway.api.spec import operation
 from gateway.blobs import BlobIncomplete, BlobNoSpace, BlobTooLarge
 from gateway.models import Blob, BlobGrant
@@ -58,7 +58,9 @@ def upload() -> Response:
                                        keep_free=n.config.api.min_free_bytes)
     except BlobNoSpace as exc:
         log.error("upload refused for want of space: %s", exc.strerror)
-        raise Problem(507, "storage-full", str(exc.strerror)) from None
+        # Retry-After as for a database without room (the OpenAPI document and the docs promise it)
+        raise Problem(507, "storage-full", str(exc.strerror),
+                      headers={"Retry-After": str(RETRY_AFTER_OUTAGE)}) from None
     except BlobTooLarge:
         if quota is not None and cap < limit:  # a stream of unknown length ran past the key's quota
             raise quota.refusal(None) from None

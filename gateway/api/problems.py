@@ -181,7 +181,8 @@ class _OutageLog:
         app.logger.log(level, msg, *args)
 
 
-_OUTAGE_LOG = _OutageLog()
+#: (gateway.api.auth.Refusals notes the refusals it cannot audit during an outage here too)
+OUTAGE_LOG = _OutageLog()
 
 
 def _outage_answer(app: Flask, kind: str, exc: BaseException) -> Response:
@@ -191,12 +192,12 @@ def _outage_answer(app: Flask, kind: str, exc: BaseException) -> Response:
     off on its way back, the same Idempotency-Key finds it when the caller tries again)."""
     text = outage_text(exc)
     if kind == "full":
-        _OUTAGE_LOG.note(app, logging.ERROR, "%s %s: no disk space left for the database (%s); answered 507",
+        OUTAGE_LOG.note(app, logging.ERROR, "%s %s: no disk space left for the database (%s); answered 507",
                          request.method, shown(request.path), shown(text))
         out = problem_response(507, "storage-full", "the node's database has no disk space left; nothing was "
                                                     "stored, try again later")
     else:
-        _OUTAGE_LOG.note(app, logging.WARNING, "%s %s: the database is unavailable (%s); answered 503",
+        OUTAGE_LOG.note(app, logging.WARNING, "%s %s: the database is unavailable (%s); answered 503",
                          request.method, shown(request.path), shown(text))
         out = problem_response(503, "database-unavailable", "the node's database is unavailable for the moment "
                                                             "(restarting, stopped or out of connections; its "
