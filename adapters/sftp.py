@@ -922,7 +922,7 @@ class SftpAdapter(Adapter):
             _makedirs(sftp, failed_dir)
             dst = posixpath.join(failed_dir, name)
             if _exists(sftp, dst) or _exists(sftp, dst + ERROR_SUFFIX):
-                dst = posixpath.join(failed_dir, f"{name[:-4]}.{time.strftime('%Y%m%d%H%M%S')}.{uuid.uuid4().hex[:6]}.xml")
+                dst = posixpath.join(failed_dir, f"{name[:-4]}.{datetime.now(self.legacy_tz):%Y%m%d%H%M%S}.{uuid.uuid4().hex[:6]}.xml")
             reason = (f"{name}{DONE_SUFFIX} was in the outbox without {name} for more than "
                       f"{self.settings.orphan_seconds:g} seconds: a done file whose file is gone")
             with sftp.open(dst + ERROR_SUFFIX, "wb") as fh:

@@ -69,8 +69,9 @@ class DbStateStore:
                     raise
 
 
-#: where the configuration recorded last is kept (see :meth:`Node.record_config`)
-_CONFIG_STATE = ("node:", "config")  # no adapter has a name with ":" (config.ADAPTER_NAME)
+#: where the configuration each kind of process recorded last is kept (see
+#: :meth:`Node.record_config`); no adapter has a name with ":" (config.ADAPTER_NAME)
+_CONFIG_STATE = "node:"
 
 
 def os_user() -> str:
@@ -203,7 +204,7 @@ class Node:
 
     def record_config(self, process: str) -> None:
         """Audit the configuration this process starts with (``config.change``) when it differs
-        from the one recorded last: its SHA-256, the previous one, the settings that changed
+        from the one the same kind of process (``api``, ``serve``, ``worker``) recorded last: its SHA-256, the previous one, the settings that changed
         (dotted keys) and the file. The settings themselves (never a secret: the file may only
         name where secrets are) are kept in ``adapter_state`` for the next comparison. Several
         processes starting with one configuration record it once."""
@@ -215,7 +216,10 @@ class Node:
         for last in (False, True):
             try:
                 with self.db.begin() as s:
-                    row = s.get(AdapterState, _CONFIG_STATE, with_for_update=True)
+                    # one row per kind of process: an API and a `gateway worker` given files of
+                    # their own would otherwise record a change at every restart of either
+                    state_key = (_CONFIG_STATE, f"config:{process}")
+                    row = s.get(AdapterState, state_key, with_for_update=True)
                     before = json.loads(row.value) if row else None
                     if before is not None and before.get("sha256") == digest:
                         return
@@ -229,7 +233,7 @@ class Node:
                                  detail=detail)
                     value = json.dumps({"sha256": digest, "settings": settings}, ensure_ascii=False)
                     if row is None:
-                        s.add(AdapterState(adapter=_CONFIG_STATE[0], key=_CONFIG_STATE[1], value=value))
+                        s.add(AdapterState(adapter=state_key[0], key=state_key[1], value=value))
                     else:
                         row.value = value
                 return

@@ -57,6 +57,19 @@ def test_a_start_with_a_changed_configuration_is_audited_once_with_what_changed(
     db.dispose()
 
 
+def test_an_api_and_a_worker_with_files_of_their_own_do_not_record_a_change_at_every_restart(tmp_path, database_url):
+    api_cfg = node_config(tmp_path, database_url)
+    worker_cfg = node_config(tmp_path, database_url, worker={"threads": 3})
+    migrate.upgrade(api_cfg.database_url())
+    for _ in range(2):  # both restarted twice, in turn
+        _start(api_cfg)
+        worker = Node(worker_cfg)
+        worker.record_config("worker")
+        worker.close()
+    entries = _entries(database_url, "config.change")
+    assert [(e.actor.split(":")[0], e.outcome) for e in entries] == [("api", "first"), ("worker", "first")]
+
+
 def test_a_schema_upgrade_is_audited(tmp_path, database_url):
     conf = tmp_path / "node.toml"
     conf.write_text(f'[node]\nid = "prefecture"\ndata_dir = "{tmp_path / "var"}"\n'

@@ -280,6 +280,29 @@ def test_a_status_time_no_column_can_keep_is_a_400_and_changes_nothing(pref: Pre
     assert signed_at.isoformat() == "2026-11-26T16:30:00+00:00"
 
 
+def test_reconcile_refuses_one_bad_time_in_a_peers_answer_and_repairs_the_rest(pref: Prefecture) -> None:
+    """The nightly reconcile asks a peer for the status of open copies; one item of its answer
+    with a time no column can keep is counted as refused and logged, the other items (and the
+    peers after this one) are still repaired, rather than the whole run failing on it."""
+    from gateway.federation import reconcile
+
+    ids = []
+    for title in ("对账一", "对账二"):
+        body = forward(CITY_B, "county-b", ["county-b"], to=COUNTY_A, title=title)
+        assert pref.post("county-b", "/messages", body).status_code == 200
+        ids.append(body["message_id"])
+    mine = {(mid, COUNTY_A): "queued" for mid in ids}
+    theirs = [{"message_id": ids[0], "unit": COUNTY_A, "status": "signed", "signer": "李某", "at": "昨天下午"},
+              {"message_id": ids[1], "unit": COUNTY_A, "status": "signed", "signer": "李某",
+               "at": "2026-11-27T00:30:00+08:00"}]
+    counts = {"checked": 2, "repaired": 0, "reforwarded": 0, "agree": 0}
+    reconcile._repair(pref.node, "county-a", mine, theirs, counts)
+    assert (counts["refused"], counts["repaired"]) == (1, 1)
+    with pref.node.db.sessions() as s:
+        rows = s.execute(select(Delivery.message_id, Delivery.status).where(Delivery.message_id.in_(ids))).all()
+    assert {mid: status for mid, status in rows} == {ids[0]: "queued", ids[1]: "signed"}
+
+
 def test_a_county_whose_clearance_was_lowered_cannot_pull_what_was_queued_for_it_before(
         tmp_path: Path, database_url: str) -> None:
     """A 机密 document is queued for county A; then county A's link is lowered to 秘密 (its

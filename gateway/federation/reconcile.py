@@ -14,6 +14,7 @@ For every copy forwarded to a peer that is not final here (still ``queued`` or
 """
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,6 +26,8 @@ from gateway import audit, pipeline
 from gateway.federation import require_peers, transfer
 from gateway.models import Delivery, Message, OutboxEntry
 from gateway.node import Node
+
+log = logging.getLogger(__name__)
 
 CHUNK = 500
 #: copies older than this are not reconciled (they are settled, or an operator's matter)
@@ -112,7 +115,14 @@ def _repair(node: Node, peer: str, mine: dict[tuple[str, str], str], theirs: lis
             elif status == mine[key] or status == "queued":
                 counts["agree"] += 1
             elif status in transfer.STATUS_FROM:
-                if transfer.apply_status(s, peer, item) == status:
+                try:
+                    applied = transfer.apply_status(s, peer, item)
+                except transfer.TransferError as exc:  # one item the peer got wrong (a bad time):
+                    # counted and logged; the others, and the peers after this one, go on
+                    counts["refused"] = counts.get("refused", 0) + 1
+                    log.warning("reconcile: %s's answer for %s at %s refused: %s", peer, key[0], key[1], exc.detail)
+                    continue
+                if applied == status:
                     counts["repaired"] += 1
                 else:
                     counts["agree"] += 1
