@@ -81,13 +81,17 @@ _PG_DISK_FULL = "53100"
 #: (55P03), a deadlock (40P01) or a value past a limit (54000) say something about the work,
 #: and a request that fails the same way every time must not be told to try again.
 _PG_AWAY = ("08", "53", "57P")
+#: a write refused because the server takes no writes just now: a primary demoted during a
+#: failover, a standby answering, or a database put read-only by its administrator
+_PG_READ_ONLY = "25006"
 
 
 def outage(exc: BaseException) -> str | None:
     """What an error says about the database, rather than about the work that met it:
     ``"full"`` (no disk space left for it: SQLite's file system, PostgreSQL's), ``"away"``
     (the server is down, restarting or refused the connection, every connection is taken,
-    the connection was cut, SQLite's file is locked or unreadable), or None (anything else:
+    the connection was cut, it takes no writes just now, SQLite's file is locked or
+    unreadable), or None (anything else:
     a constraint, a bug). An outage passes by itself or once an operator has acted; the
     work is not at fault, so it is answered 503 or 507 and retried, never logged as a bug."""
     if isinstance(exc, sqlalchemy.exc.TimeoutError):  # the pool: every connection in use
@@ -111,6 +115,8 @@ def outage(exc: BaseException) -> str | None:
     sqlstate = getattr(orig, "sqlstate", None) if isinstance(orig, psycopg.Error) else None
     if sqlstate == _PG_DISK_FULL:
         return "full"
+    if sqlstate == _PG_READ_ONLY:
+        return "away"
     if isinstance(orig, psycopg.InterfaceError):
         return "away"
     if isinstance(orig, psycopg.OperationalError) and (sqlstate is None or sqlstate.startswith(_PG_AWAY)):

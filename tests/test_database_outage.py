@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, func, select
 
 from adapters.simulators.cluster import to_toml
 from gateway import migrate
@@ -394,3 +394,39 @@ def test_a_postgresql_host_that_never_answers_fails_a_connection_instead_of_hang
             engine.dispose()
     finally:
         silent.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # PostgreSQL only
+def test_a_postgresql_that_takes_no_writes_answers_a_send_503_and_reads_still_work(api, database_url):  # type: ignore[no-untyped-def]
+    """A primary demoted in a failover, or a database its administrator put read-only, refuses
+    writes (SQLSTATE 25006): a document sent then is a 503 database-unavailable with
+    Retry-After (send it again), not a 500; reads are answered; once writes are taken again
+    the same request is stored once."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    admin = url.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
+    name = url.database
+
+    def read_only(on: bool) -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = {"on" if on else "off"}')
+            # the node's connections end (as in a failover), and its new ones take the setting
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+    doc = api.document(title="只读数据库")
+    read_only(True)
+    try:
+        for _ in range(3):  # the first may meet a connection the failover cut: the others are refused writes
+            r = api.post("/api/v1/documents", json=doc, headers={"Idempotency-Key": "ro-1"})
+            assert r.status_code == 503, r.get_data(as_text=True)[:500]
+            assert r.get_json()["type"].endswith(":database-unavailable") and int(r.headers["Retry-After"]) >= 1
+        assert api.get("/api/v1/documents").status_code == 200
+    finally:
+        read_only(False)
+    r = api.post("/api/v1/documents", json=doc, headers={"Idempotency-Key": "ro-1"})
+    assert r.status_code == 202, r.get_json()
+    with api.node.db.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Message)) == 1
