@@ -8,6 +8,7 @@ delivery.
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import datetime, UTC
 from urllib.parse import urlsplit, urlunsplit
 
@@ -75,7 +76,10 @@ def status_changed_many(s: Session | Connection, changes: list[tuple[int, str, s
         # a 签收 or 退回 happened when the receipt says, not when it reached this node
         at = t.signed_at if status in ("signed", "returned") and t.signed_at else now
         if t.webhook_url:
-            event = {"event": f"{t.subsystem}.status", "message_id": t.message_id, "unit": t.unit,
+            # id: one per status change, the same in every retry of its post (the payload is
+            # stored), so that a receiver drops a repeat by it
+            event = {"id": str(uuid.uuid4()), "event": f"{t.subsystem}.status", "message_id": t.message_id,
+                     "unit": t.unit,
                      "status": status, "previous": previous, "signer": t.signer, "receipt_no": t.receipt_no,
                      "reason": t.reason, "at": at.isoformat()}
             # one copy's changes reach the caller in the order they happened: a post being

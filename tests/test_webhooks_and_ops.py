@@ -71,6 +71,10 @@ def test_status_changes_reach_the_caller_signed_and_retried(gw_node, receiver):
     assert _drain_until(gw_node, lambda: sum(1 for _ in receiver.posts) >= 3)
     events = [json.loads(body) for headers, body in receiver.posts[1:]]  # the first answer was a 500
     assert sorted((e["status"], e["previous"]) for e in events) == [("delivered", "queued"), ("signed", "delivered")]
+    # each change has an id of its own, and the retry of a failed post carries the same one
+    failed = json.loads(receiver.posts[0][1])
+    assert [e["id"] for e in events if e["status"] == failed["status"]] == [failed["id"]]
+    assert len({e["id"] for e in events}) == 2
     # a 签收's time is the receipt's; the delivery's is when the gateway recorded it
     at = {e["status"]: datetime.fromisoformat(e["at"]) for e in events}
     assert at["signed"] == signed_at and at["delivered"] > signed_at
