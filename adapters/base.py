@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, Protocol
 from collections.abc import Callable, Iterable, Mapping
 
-from gateway.config import DEFAULT_TIMEZONE, read_secret, timezone_problem, zone
-from gateway.envelope import Envelope, Receipt, Recipient
+from gateway.config import DEFAULT_TIMEZONE, NODE_ID, read_secret, timezone_problem, zone
+from gateway.envelope import UUID7, Envelope, Receipt, Recipient
 
 
 _REF_NS = uuid.UUID("6f1b8a52-4d0e-5c39-9a57-2f0c1e6b7d10")
@@ -55,7 +55,7 @@ _REF_NS_BYTES = _REF_NS.bytes
 
 #: a message id this gateway made (a UUIDv7, gateway.envelope.new_message_id, followed since
 #: 2026-11-28 by ':' and the node id): its first 48 bits are the time in milliseconds
-_UUID7 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}(?::[a-z][a-z0-9-]{1,31})?")
+_UUID7 = re.compile(rf"{UUID7}(?::{NODE_ID.pattern})?")
 
 
 def remote_ref(message_id: str, unit: str) -> str:

@@ -20,6 +20,7 @@ from functools import lru_cache
 from lxml import etree
 
 from gateway import SCHEMAS, xmlsafe
+from gateway.config import NODE_ID
 from gateway.units import uscc_problem
 
 NS = "urn:egov:gateway:envelope:v1"
@@ -47,9 +48,10 @@ class Recipient:
     copy_no: str | None = None  # 份号, six digits
 
 
+#: a UUID version 7 as new_message_id writes it (lower-case hex)
+UUID7 = r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 #: a message id a node made (new_message_id with its node id): ``<UUIDv7>:<node id>``
-_NODE_MESSAGE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}:"
-                              r"(?P<node>[a-z][a-z0-9-]{1,31})")
+_NODE_MESSAGE_ID = re.compile(rf"{UUID7}:(?P<node>{NODE_ID.pattern})")
 
 
 def new_message_id(node: str | None = None) -> str:

@@ -111,7 +111,8 @@ IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
                    "description": "the caller's key for this request: sent again, the first answer is repeated "
                                   "(Idempotent-Replayed) and nothing is done twice",
                    "schema": {"type": "string", "minLength": 1, "maxLength": 200}}
-_DEFAULT_ERRORS = {"get": (400, 401, 403, 404, 503), "post": (400, 401, 403, 404, 409, 413, 415, 422, 503)}
+#: (503 and 507 are added to every operation that can fail: see document())
+_DEFAULT_ERRORS = {"get": (400, 401, 403, 404), "post": (400, 401, 403, 404, 409, 413, 415, 422)}
 
 
 def document() -> dict[str, Any]:
