@@ -12,7 +12,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, UTC
 from functools import lru_cache
@@ -72,12 +72,28 @@ def new_message_id(node: str | None = None) -> str:
     return plain if node is None else f"{plain}:{node}"
 
 
-def id_owner(message_id: str) -> str | None:
+def id_owner(message_id: str, known: Collection[str] = ()) -> str | None:
     """The node a message id belongs to: the node id in an id of the form ``<UUIDv7>:<node>``
-    (:func:`new_message_id`); None for any other id (a caller's own, or one a node made
-    before 2026-11-28), which any sender may use, the first one to be stored keeping it."""
+    (:func:`new_message_id`), or the last ``:``-separated part of any id when it names one
+    of the ``known`` nodes (a caller's own id as its node stores it, see :func:`own_id`).
+    None for any other id (one a legacy system gave, or one a node stored before
+    2026-11-28), which any sender may use, the first one to be stored keeping it."""
     m = _NODE_MESSAGE_ID.fullmatch(message_id)
-    return m["node"] if m else None
+    if m:
+        return m["node"]
+    head, sep, tail = message_id.rpartition(":")
+    return tail if sep and head and tail in known else None
+
+
+def own_id(message_id: str, node: str) -> str:
+    """The id node ``node`` stores a message under whose id a caller chose: the caller's id
+    followed by ``:`` and the node id, unless it ends so already (the caller sent the id
+    the gateway answered with) or is one a node made (:func:`id_owner`: refused elsewhere
+    when it is another node's). Two calling systems at two nodes that number their
+    messages alike (``oa-2026-37``) then never take each other's id where both arrive."""
+    if message_id.endswith(":" + node) or _NODE_MESSAGE_ID.fullmatch(message_id):
+        return message_id
+    return f"{message_id}:{node}"
 
 
 def same_message(a: bytes | str, b: bytes | str) -> bool:

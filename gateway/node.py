@@ -131,6 +131,11 @@ class Node:
         """The node that serves ``unit`` according to the newest stored directory."""
         return self.directory.node_for(unit)
 
+    def known_nodes(self) -> frozenset[str]:
+        """Every node id this node knows: its own, its peers' and the directory's (see
+        envelope.id_owner: an id ending in one of them is that node's)."""
+        return self.directory.nodes() | {self.id, *self.config.peers}
+
     def adapter(self, name: str) -> Adapter:
         with self._lock:
             a = self._adapters.get(name)

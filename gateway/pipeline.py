@@ -129,7 +129,7 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
     except EnvelopeError as exc:
         raise Rejected("validation", str(exc)) from None
     if not new_id:
-        problem = foreign_id(env.message_id, hops[0] if hops else node.id)
+        problem = foreign_id(env.message_id, hops[0] if hops else node.id, node.known_nodes())
         if problem:
             raise Rejected("foreign-message-id", problem, field="message_id")
     recipients = env.recipients if units is None else [r for r in env.recipients if r.unit in units]
@@ -162,18 +162,19 @@ def accept(node: Node, env: Envelope, *, actor: str, source: str = "api", api_ke
     return out
 
 
-def foreign_id(message_id: str, origin: str) -> str | None:
+def foreign_id(message_id: str, origin: str, known: Collection[str] = ()) -> str | None:
     """Why a message that comes from node ``origin`` (its first hop, or this node for one a
     caller or a legacy system gave it) may not have ``message_id``: the id is another node's
-    (``<UUIDv7>:<node id>``, see envelope.new_message_id). Without this check a node, or a
-    caller of one, that saw such an id could store a message under it wherever the real one
-    has not arrived yet, and the real one would be refused there (409 message-id-conflict)."""
-    owner = id_owner(message_id)
+    (``<UUIDv7>:<node id>``, see envelope.new_message_id, or any id ending in ``:<node id>``
+    of a ``known`` node, see envelope.own_id). Without this check a node, or a caller of one,
+    that saw such an id could store a message under it wherever the real one has not
+    arrived yet, and the real one would be refused there (409 message-id-conflict)."""
+    owner = id_owner(message_id, known)
     if owner is None or owner == origin:
         return None
-    return (f"message id {message_id} is one node {owner} made (an id of the form <UUIDv7>:<node id> is that "
-            f"node's), and this message comes from node {origin}; send it under an id of its own, or none "
-            f"(the gateway then makes one)")
+    return (f"message id {message_id} is node {owner}'s (an id ending in :{owner} is that node's), and this "
+            f"message comes from node {origin}; send it under an id of its own, or none (the gateway then "
+            f"makes one)")
 
 
 def _same_or_conflict(node: Node, env: Envelope, plan: _Plan) -> None:

@@ -292,13 +292,13 @@ def test_a_message_id_reused_for_a_different_message_is_a_conflict(sqlite_api):
     assert first.status_code == 202
     again = sqlite_api.post("/api/v1/documents", json=doc)  # the same message: a replay
     assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
-    assert again.get_json()["id"] == "caller-msg-0001"
+    assert again.get_json()["id"] == "caller-msg-0001:prefecture"
     other = {**doc, "title": "另一份通知"}
     body = _problem(sqlite_api.post("/api/v1/documents", json=other), 409, "message-id-conflict")
     assert "caller-msg-0001" in body["detail"]
     with sqlite_api.node.db.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Message)) == 1
-        assert "另一份通知".encode() not in s.get(Message, "caller-msg-0001").envelope_xml
+        assert "另一份通知".encode() not in s.get(Message, "caller-msg-0001:prefecture").envelope_xml
 
 
 def test_recalling_a_document_with_nothing_left_to_recall_is_a_conflict(sqlite_api):

@@ -291,6 +291,7 @@ def test_the_published_document_is_canonical_signed_and_lists_nodes_keys_and_uni
 def test_refresh_stores_a_newer_version_routes_by_it_and_configuration_wins(fed: Fed) -> None:
     with pytest.raises(NoRoute):
         fed.county.routes.route_for("documents", "notice", CITY_B)
+    assert fed.county.known_nodes() == {"county-a", "prefecture"}
     fed.serve(fed.published())
     detail = directory.refresh(fed.county)
     assert detail["outcome"] == "stored" and detail["nodes"] == 3 and detail["units"] == 5
@@ -303,6 +304,8 @@ def test_refresh_stores_a_newer_version_routes_by_it_and_configuration_wins(fed:
     # [[routes]] win over the directory (which puts COUNTY_B_ONLY at county B)
     assert routes.route_for("documents", "notice", COUNTY_B_ONLY) == Route("adapter", "rec")
     assert directory.state(fed.county).state == "ok"  # type: ignore[union-attr]
+    # the directory's nodes are known: an id ending in :county-b is county B's (envelope.id_owner)
+    assert fed.county.known_nodes() == {"county-a", "prefecture", "county-b"}
 
 
 def _tamper(doc: dict[str, Any]) -> None:

@@ -183,6 +183,55 @@ def test_same_message_id_or_idempotency_key_is_accepted_once(api, gw_node):
     assert _count(gw_node, Message) == 2
 
 
+def test_a_callers_own_id_is_stored_with_the_node_id_and_found_by_either_form(api, gw_node):
+    """A caller's message_id X is stored as X:<node> (envelope.own_id), so that calling systems
+    at two nodes that number alike never meet; X still finds, resends and recalls it."""
+    doc = api.document(message_id="oa-2026-000099")
+    r = api.post("/api/v1/documents", json=doc)
+    assert r.status_code == 202, r.get_json()
+    assert r.get_json()["id"] == "oa-2026-000099:prefecture"
+    assert r.headers["Location"].endswith("/api/v1/documents/oa-2026-000099:prefecture")
+    for given in ("oa-2026-000099", "oa-2026-000099:prefecture"):
+        again = api.post("/api/v1/documents", json={**doc, "message_id": given})
+        assert again.status_code == 202 and again.headers.get("Idempotent-Replayed") == "true", given
+        assert again.get_json()["id"] == "oa-2026-000099:prefecture"
+        got = api.get(f"/api/v1/documents/{given}")
+        assert got.status_code == 200 and got.get_json()["id"] == "oa-2026-000099:prefecture", given
+        xml = api.get(f"/api/v1/documents/{given}", headers={"Accept": "application/xml"})
+        assert b"<message-id>oa-2026-000099:prefecture</message-id>" in xml.data
+    other = api.post("/api/v1/documents", json={**doc, "message_id": "oa-2026-000099", "title": "另一份"})
+    assert other.status_code == 409 and other.get_json()["type"].endswith(":message-id-conflict")
+    assert api.post("/api/v1/documents/oa-2026-000099/recall").status_code == 202
+    assert api.get("/api/v1/documents/oa-2026-000099").get_json()["recipients"][0]["status"] == "recalled"
+    # the whole id must fit the envelope's 128 characters: the answer says how long X may be here
+    r = api.post("/api/v1/documents", json=api.document(message_id="x" * 120))
+    assert r.status_code == 422 and r.get_json()["errors"][0]["field"] == "message_id"
+    assert "at most 117 characters" in r.get_json()["detail"]
+    assert api.post("/api/v1/documents", json=api.document(message_id="y" * 117)).get_json()["id"] == "y" * 117 + ":prefecture"
+    assert _count(gw_node, Message) == 2
+
+
+def test_a_document_stored_under_the_callers_id_alone_keeps_it_when_sent_again(api, gw_node):
+    """A node of a version from before 2026-11-28 stored a caller's id as it was. After the
+    upgrade the caller resends (it never got the answer): a replay of that document, not a
+    second one under <id>:<node>."""
+    from gateway import pipeline
+    from gateway.envelope import Envelope
+
+    doc = api.document(message_id="oa-2026-000100")
+    first = api.post("/api/v1/documents", json=doc).get_json()["id"]
+    with gw_node.db.sessions() as s:
+        m = s.get(Message, first)
+        env, key = Envelope.from_xml(m.envelope_xml), m.api_key_id
+    # as the old version stored it: the caller's id alone, by the same key
+    env.message_id = "oa-2026-000101"
+    pipeline.accept(gw_node, env, actor="api", api_key_id=key)
+    r = api.post("/api/v1/documents", json={**doc, "message_id": "oa-2026-000101"})
+    assert r.status_code == 202 and r.headers.get("Idempotent-Replayed") == "true", r.get_json()
+    assert r.get_json()["id"] == "oa-2026-000101"
+    assert _count(gw_node, Message) == 2
+
+
 def test_ids_this_node_makes_are_its_own_and_no_caller_or_legacy_system_takes_another_nodes(api, gw_node):
     """An id the gateway makes is <UUIDv7>:<node id> (envelope.new_message_id). Only that node
     stores a message under it: a caller (or a legacy system) here that saw an id county B made
@@ -305,8 +354,9 @@ def test_canonical_xml_envelope_is_accepted_like_json(api, gw_node):
                       sizes={doc.body["sha256"]: 10})
     r = api.post("/api/v1/documents", data=env.to_xml(), content_type="application/xml")
     assert r.status_code == 202, r.get_json()
-    assert r.get_json()["id"] == "xml-msg-0001"
-    assert Envelope.from_xml(api.get("/api/v1/documents/xml-msg-0001", headers={"Accept": "application/xml"}).data)
+    assert r.get_json()["id"] == "xml-msg-0001:prefecture"  # the caller's own id, stored as this node's
+    got = Envelope.from_xml(api.get("/api/v1/documents/xml-msg-0001", headers={"Accept": "application/xml"}).data)
+    assert got.message_id == "xml-msg-0001:prefecture"
 
 
 def test_an_xml_callers_payload_is_checked_against_the_payload_xsd(api, gw_node):

@@ -107,6 +107,22 @@ def test_county_to_county_traffic_is_relayed_by_the_prefecture(cluster: Cluster)
     assert len(forwards) == 1 and json.loads(forwards[0][0])["node"] == "county-b"
 
 
+def test_calling_systems_at_two_counties_that_number_alike_both_reach_the_prefecture(cluster: Cluster) -> None:
+    """The OA systems of county A and city B (the same product) both number their document
+    oa-2026-000037. Each node stores it with its own id after the caller's, so the
+    prefecture, where both arrive, takes both, and each sign-for goes back to its sender."""
+    pref, a, b = cluster.nodes["prefecture"], cluster.nodes["county-a"], cluster.nodes["county-b"]
+    mid_a = send(a, COUNTY_A, (PREFECTURE,), title="甲县同号来文", message_id="oa-2026-000037")
+    mid_b = send(b, CITY_B, (PREFECTURE,), title="乙市同号来文", message_id="oa-2026-000037")
+    assert (mid_a, mid_b) == ("oa-2026-000037:county-a", "oa-2026-000037:county-b")
+    wait_for(a, mid_a, {PREFECTURE: "signed"})
+    wait_for(b, mid_b, {PREFECTURE: "signed"})
+    got = dict(rows(pref, select(Message.id, Message.sender_unit).where(Message.id.like("oa-2026-000037%"))))
+    assert got == {mid_a: COUNTY_A, mid_b: CITY_B}
+    # the caller's own id still names its document at its node
+    assert statuses(a, "oa-2026-000037")[PREFECTURE]["status"] == "signed"
+
+
 def _signer_as(cluster: Cluster, node_id: str) -> Signer:
     return Signer(node_id, nodekey.load_or_create(cluster.nodes[node_id].data_dir))
 

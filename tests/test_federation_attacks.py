@@ -202,6 +202,22 @@ def test_a_county_cannot_take_the_message_id_another_county_made(pref: Prefectur
         assert s.get(Message, real["message_id"]).sender_unit == CITY_B  # type: ignore[union-attr]
 
 
+def test_a_county_cannot_take_an_id_a_caller_of_another_county_chose(pref: Prefecture) -> None:
+    """County B stores its caller's own id as <id>:county-b (envelope.own_id). County A, which
+    saw it, cannot store a document under it at the prefecture first: the id names a node the
+    prefecture knows (a peer), and county A is not it."""
+    real = forward(CITY_B, "county-b", ["county-b"], title="乙市自编号", message_id="oa-2026-000037:county-b")
+    squat = forward(COUNTY_A, "county-a", ["county-a"], title="抢占自编号", message_id=real["message_id"])
+    r = pref.post("county-a", "/messages", squat)
+    assert r.status_code == 422, r.get_json()
+    assert r.get_json()["type"].endswith(":foreign-message-id") and "county-b" in r.get_json()["detail"]
+    assert real["message_id"] not in pref.messages()
+    assert pref.post("county-b", "/messages", real).status_code == 200
+    # an id whose last part names no node the prefecture knows is anybody's, as before
+    other = forward(COUNTY_A, "county-a", ["county-a"], title="普通编号", message_id="oa-2026-000038:nowhere")
+    assert pref.post("county-a", "/messages", other).status_code == 200
+
+
 def test_the_same_id_taking_in_a_batch_item_is_refused_and_audited(pref: Prefecture) -> None:
     real = forward(CITY_B, "county-b", ["county-b"], title="乙市批量")
     squat = forward(COUNTY_A, "county-a", ["county-a"], title="批量抢占", message_id=real["message_id"])

@@ -376,12 +376,18 @@ class DirectoryCache:
         self._checked = -math.inf
         self._version: int | None = None
         self._units: dict[str, str] = {}
+        self._nodes: frozenset[str] = frozenset()
         self._expires: datetime | None = None
         self._warned: int | None = None
 
     def node_for(self, unit: str) -> str | None:
         self.check()
         return self._units.get(unit)
+
+    def nodes(self) -> frozenset[str]:
+        """The node ids the newest stored directory names."""
+        self.check()
+        return self._nodes
 
     def check(self, force: bool = False) -> None:
         if not self.enabled or (not force and time.monotonic() - self._checked < self.interval):
@@ -409,6 +415,7 @@ class DirectoryCache:
             row = s.get(DirectoryVersion, newest) if newest is not None else None
         if row is None:
             self._version, self._units, self._expires = None, {}, None
+            self._nodes = frozenset()
         else:
             try:
                 d = parse(row.document)
@@ -416,6 +423,7 @@ class DirectoryCache:
                 log.error("directory version %d in the database does not parse (%s); ignored", row.version, exc)
                 return
             self._version, self._units, self._expires = d.version, d.units, d.expires_at
+            self._nodes = frozenset(n["id"] for n in d.nodes)
         if self.on_change is not None:
             self.on_change()
 

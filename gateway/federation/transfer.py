@@ -147,7 +147,7 @@ def prepare(node: Node, peer: str, body: Any) -> Incoming:
     if env.sender_node != hops[0]:
         raise TransferError(422, "validation", f"the envelope's sender node {env.sender_node!r} is not the first "
                                                f"hop {hops[0]!r}")
-    foreign = pipeline.foreign_id(mid, hops[0])
+    foreign = pipeline.foreign_id(mid, hops[0], node.known_nodes())
     if foreign:  # before anything is fetched; pipeline.accept checks it too
         raise TransferError(422, "foreign-message-id", foreign)
     # The origin must be known to serve the sender unit: by its [peers] entry or by the signed

@@ -30,7 +30,7 @@ from gateway.api.common import (
 )
 from gateway.api.problems import Problem, storable
 from gateway.api.spec import IDEMPOTENCY_KEY, operation
-from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError
+from gateway.envelope import CLASSIFICATION_LEVEL, Envelope, EnvelopeError, own_id
 from gateway.models import Delivery, IdempotencyRecord, Message, ReceiptRecord
 from gateway.pipeline import IdempotencyKey, Rejected, StoredMessage, accept
 from systems.documents import SLUG, payload
@@ -140,9 +140,35 @@ def _json(model, status: int = 200, **headers: str) -> Response:  # type: ignore
 _NO_XML = defer(Message.envelope_xml)
 
 
+#: the envelope's (and the stored id's) limit, schemas/envelope.xsd
+_ID_MAX = 128
+
+
+def _stored_id(n, given: str) -> str:  # type: ignore[no-untyped-def]
+    """The id a document whose ``message_id`` the caller chose is stored under: the caller's
+    id with this node's id after it (envelope.own_id), so that callers at two nodes that
+    number alike never meet where both send. A document a caller sent before 2026-11-28 is
+    stored under the caller's id alone: a resend of it keeps that id (and is a replay)."""
+    own = own_id(given, n.id)
+    if own == given:
+        return given
+    with n.db.sessions() as s:
+        if s.scalar(select(Message.id).where(Message.id == given, Message.api_key_id.is_not(None))) is not None:
+            return given
+    if len(own) > _ID_MAX:
+        msg = (f"at most {_ID_MAX - len(n.id) - 1} characters at this node, which stores a message id you choose "
+               f"as <your id>:{n.id} (at most {_ID_MAX}); got {len(given)}")
+        raise Problem(422, "validation", f"message_id: {msg}", errors=[{"field": "message_id", "message": msg}])
+    return own
+
+
 def _find(s: Session, message_id: str, caller: auth.Caller, with_xml: bool = False) -> Message:
-    """The caller's document ``message_id``, or the 404 / 403 answer."""
-    m = s.get(Message, message_id, options=[lazyload(Message.deliveries)] if with_xml else [_NO_XML])
+    """The caller's document ``message_id`` (the id the gateway answered with, or the
+    caller's own id without this node's id after it), or the 404 / 403 answer."""
+    options = [lazyload(Message.deliveries)] if with_xml else [_NO_XML]
+    m = s.get(Message, message_id, options=options)
+    if m is None and (own := own_id(message_id, node().id)) != message_id:
+        m = s.get(Message, own, options=options)
     if m is None or m.subsystem != SLUG or (m.api_key_id != caller.key_id and not caller.has("admin")):
         raise Problem(404, "not-found", f"no document {message_id} sent with this API key")
     if m.clearance > caller.clearance:
@@ -219,7 +245,8 @@ def send_document() -> Response:
     if sizes[doc.body["sha256"]] == 0:
         msg = "the body (正文) is empty: the content uploaded under this SHA-256 has no bytes"
         raise Problem(422, "validation", f"body.sha256: {msg}", errors=[{"field": "body.sha256", "message": msg}])
-    env = payload.to_envelope(doc, message_id=doc.message_id, node_id=n.id, sizes=sizes, plain=plain)
+    mid = None if doc.message_id is None else _stored_id(n, doc.message_id)
+    env = payload.to_envelope(doc, message_id=mid, node_id=n.id, sizes=sizes, plain=plain)
     idem_key = idempotency_key()
     idem = None if idem_key is None else IdempotencyKey(caller.key_id, idem_key, request_hash())
     summary = {"doc_number": doc.doc_number, "title": doc.title, "doc_type": doc.doc_type}
@@ -261,7 +288,7 @@ def get_document(message_id: str) -> Response:
     if wants_xml():  # the stored envelope: one read, and none of the status rows
         with n.db.sessions() as s:
             m = _find(s, message_id, caller, with_xml=True)
-            xml, classification = m.envelope_xml, m.classification
+            xml, classification, message_id = m.envelope_xml, m.classification, m.id
         _audit_read(n, caller, message_id, classification, "xml")
         return Response(xml, mimetype="application/xml")
     out = _load(message_id, caller)
@@ -366,7 +393,7 @@ def list_documents() -> Response:
 def recall_document(message_id: str) -> Response:
     n = node()
     caller = auth.require(n.db, "documents:recall")
-    _load(message_id, caller, receipts=False)  # ownership and clearance
+    message_id = _load(message_id, caller, receipts=False).id  # ownership and clearance; the stored id
     idem_key = idempotency_key()
     # what the key was first used for: this recall (a key used for a send, or for another
     # document's recall, is refused as reused)

@@ -104,7 +104,8 @@ class DocumentIn(BaseModel):
     }]})
 
     message_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{8,128}$",
-                                   description="the caller's own id for this message; resending it is idempotent")
+                                   description="the caller's own id for this message, stored as <id>:<node id> (the answer's "
+                                               "id); resending it is idempotent; GET and recall take either form")
     sender_unit: str = Field(description="统一社会信用代码 of the issuing unit (发文机关)", json_schema_extra=_USCC)
     issuer: str = Field(min_length=1, max_length=200, pattern=XML_TEXT, description="发文机关 name")
     doc_type: str = Field(description="文种, one of the 15 types (命令 may be written 令): " + " ".join(rules.DOC_TYPES),
