@@ -21,6 +21,11 @@ exists and afterwards moves both to ``archive/`` (or to ``failed/`` beside ``NAM
   reported once it is a day old.
 * The server's host key is pinned (``host_key`` or ``known_hosts_file``); any other key is
   refused as a security event (:class:`HostKeyMismatch`, a :class:`PermanentError`).
+* Symlinks (the server follows them anywhere in a path; SFTP v3 cannot ask it not to): files
+  are created with O_EXCL, never written through a name; a file is read only if lstat says it
+  is a regular file and the open file still has that size and time; a folder below ``root``
+  that is a symlink is refused (:meth:`SftpAdapter._check_folder`). What is left between a
+  check and its use only the server closes (docs/operating.md, "The drop's server").
 
 Configuration (``[adapters.NAME]``, Camel-like names)::
 
@@ -63,7 +68,7 @@ import string
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -129,6 +134,12 @@ SCAN_FACTOR = 20
 STALE_PART_SECONDS = 24 * 3600
 #: At most this many files whose move out of the outbox was refused are remembered for check().
 _STUCK_KEPT = 100
+#: A ``failed/`` folder whose modification time is what it was when it was last read through
+#: is not read again, once a reading began at least this long after that time was first seen:
+#: SFTP v3 gives times in whole seconds, so a note written later in the same second as a
+#: reading leaves the folder's time as it was, and only a reading a second later is sure to
+#: have seen everything written in that second (2: coarser file-system clocks).
+FAILED_SETTLE_SECONDS = 2.0
 
 _NS_KEYS = uuid.UUID("1f0d2c4e-7b0a-5e61-8d3c-5a9e0b7c2f41")
 
@@ -206,6 +217,21 @@ class SftpSettings:
 
 
 @dataclass
+class _FailedRead:
+    """What the last reading of a unit's ``failed/`` found (see SftpAdapter._refusals)."""
+
+    mtime: int  # the folder's modification time, taken just before the reading
+    first_seen: float  # when that time was first seen (time.monotonic())
+    settled: bool  # the reading began FAILED_SETTLE_SECONDS or more after first_seen
+    newest: int  # the newest time of the notes it found not older than the mark (0: none)
+    complete: bool  # all those notes fitted that poll's budget
+
+
+class UnsafeFolder(OSError):
+    """A folder of the drop below ``root`` is a symlink (or not a folder): never followed."""
+
+
+@dataclass
 class _Pass:
     """One pass through a unit's outbox, from one poll to the next (see SftpAdapter.poll)."""
 
@@ -246,6 +272,12 @@ class SftpAdapter(Adapter):
         self._stale_parts: dict[str, tuple[int, tuple[str, ...]]] = {}
         # (unit, name) -> why its move out of the outbox was refused (see _finish)
         self._stuck: dict[tuple[str, str], str] = {}
+        # unit -> what the last reading of its failed/ found (see _refusals)
+        self._failed_reads: dict[str, _FailedRead] = {}
+        # unit -> (name, time, size) of the notes taken not older than the mark (see _refusals)
+        self._notes_taken: dict[str, set[tuple[str, int, int]]] = {}
+        # folder -> why it is refused (a symlink), until a check finds it a folder again
+        self._unsafe: dict[str, str] = {}
 
     # -- configuration -------------------------------------------------------------------
     def _key(self, key: str) -> str:
@@ -394,6 +426,50 @@ class SftpAdapter(Adapter):
     # -- paths ---------------------------------------------------------------------------
     def _dir(self, template: str, unit: str) -> str:
         return posixpath.join(self.settings.root, template.format(unit=unit))
+
+    def _check_folder(
+        self, sftp: paramiko.SFTPClient, template: str, unit: str,
+        seen: dict[str, paramiko.SFTPAttributes] | None = None
+    ) -> paramiko.SFTPAttributes | None:
+        """lstat each folder below ``root`` on the way to ``unit``'s folder of ``template``
+        (``{unit}/inbox``: ``root/<unit>`` and ``root/<unit>/inbox``): that folder's attributes,
+        or None when one of them does not exist. Raises :class:`UnsafeFolder` when one is a
+        symlink or not a folder. The server follows a symlink anywhere in a path, so a folder
+        swapped for one by someone who may write its parent would take the gateway's writes
+        and moves out of the unit's folders (into another unit's inbox, say). Called before
+        each delivery, each poll of a unit and each move: what is left is the moment between
+        this check and the request that uses the path, which only the server's set-up closes
+        (docs/operating.md, "The drop's server"). ``seen``: folders already checked by the
+        caller's operation, with their attributes."""
+        path, attrs = self.settings.root, None
+        for part in template.format(unit=unit).split("/"):
+            if part in ("", "."):
+                continue
+            path = posixpath.join(path, part)
+            if seen is not None and path in seen:
+                attrs = seen[path]
+                continue
+            try:
+                attrs = sftp.lstat(path)
+            except FileNotFoundError:
+                if self._unsafe:
+                    with self._lock:
+                        self._unsafe.pop(path, None)
+                return None
+            mode = attrs.st_mode or 0
+            if not stat.S_ISDIR(mode):
+                what = "a symlink" if stat.S_ISLNK(mode) else "not a folder"
+                message = (f"{self._where}: {path} is {what}; the gateway never follows a symlink "
+                           f"below root, so it neither writes nor moves anything through it")
+                with self._lock:
+                    self._unsafe[path] = message
+                raise UnsafeFolder(message)
+            if self._unsafe:
+                with self._lock:
+                    self._unsafe.pop(path, None)
+            if seen is not None:
+                seen[path] = attrs
+        return attrs
 
     @property
     def _where(self) -> str:
@@ -595,6 +671,8 @@ class SftpAdapter(Adapter):
         step = f"looking for {final}"  # what the server refused, for the message
         try:
             with self._session() as sftp:
+                seen: dict[str, paramiko.SFTPAttributes] = {}
+                inbox_there = self._check_folder(sftp, self.settings.inbox, unit, seen) is not None
                 if _exists(sftp, final):
                     if self.settings.done_file and not _exists(sftp, final + DONE_SUFFIX):
                         step = f"creating {final}{DONE_SUFFIX}"
@@ -607,11 +685,12 @@ class SftpAdapter(Adapter):
                     )
                 refused = posixpath.join(self._dir(self.settings.move_failed, unit), name)
                 if _exists(sftp, refused):
+                    self._check_folder(sftp, self.settings.move_failed, unit, seen)
                     raise PermanentError(
                         f"the legacy system refused {name} (it is in {refused}): "
                         f"{_read_note(sftp, refused + ERROR_SUFFIX)}", code="refused"
                     )
-                if not _exists(sftp, inbox):
+                if not inbox_there:
                     raise RetryableError(
                         f"{self._where}: inbox {inbox} does not exist", code="no-inbox"
                     )
@@ -631,6 +710,8 @@ class SftpAdapter(Adapter):
                     _touch(sftp, final + DONE_SUFFIX)
         except DeliveryError:
             raise
+        except UnsafeFolder as exc:
+            raise RetryableError(f"delivering {name}: {exc}", code="unsafe-folder") from exc
         except archive.ArchiveFormatError as exc:
             raise PermanentError(
                 f"cannot write the archive for {delivery.delivery_id}: {exc}", code="format"
@@ -654,7 +735,8 @@ class SftpAdapter(Adapter):
         )
         # Unbuffered (bufsize=0): each archive chunk goes straight into pipelined 32 KB
         # write requests without a copy into paramiko's write buffer; memory is one chunk.
-        fh = sftp.open(path, "wb", bufsize=0)
+        # "x": O_CREAT|O_EXCL, never through a symlink planted under the name (see _create)
+        fh = sftp.open(path, "wxb", bufsize=0)
         written = 0
         try:
             fh.set_pipelined(True)
@@ -745,7 +827,13 @@ class SftpAdapter(Adapter):
     ) -> int:
         """Take up to ``budget`` files from one outbox; return how many were taken."""
         folder = self._dir(self.settings.outbox, unit)
-        refused = self._refusals(sftp, unit, budget, items)
+        seen: dict[str, paramiko.SFTPAttributes] = {}
+        try:
+            self._check_folder(sftp, self.settings.outbox, unit, seen)
+        except UnsafeFolder as exc:
+            log.error("sftp %s: outbox of %s not read: %s", self.name, unit, exc)
+            return 0
+        refused = self._refusals(sftp, unit, budget, items, seen)
         budget -= refused
         taken = 0
         for name, attrs in self._scan(sftp, unit, folder, budget):
@@ -913,6 +1001,9 @@ class SftpAdapter(Adapter):
         src = posixpath.join(folder, name + DONE_SUFFIX)
         archived = posixpath.join(self._dir(self.settings.move, unit), name)
         try:
+            seen: dict[str, paramiko.SFTPAttributes] = {}
+            self._check_folder(sftp, self.settings.move, unit, seen)
+            self._check_folder(sftp, self.settings.move_failed, unit, seen)
             if _exists(sftp, archived):
                 _rename_over(sftp, src, archived + DONE_SUFFIX)
                 log.warning("sftp %s: %s was left behind by an acknowledgement cut short; "
@@ -925,8 +1016,7 @@ class SftpAdapter(Adapter):
                 dst = posixpath.join(failed_dir, f"{name[:-4]}.{datetime.now(self.legacy_tz):%Y%m%d%H%M%S}.{uuid.uuid4().hex[:6]}.xml")
             reason = (f"{name}{DONE_SUFFIX} was in the outbox without {name} for more than "
                       f"{self.settings.orphan_seconds:g} seconds: a done file whose file is gone")
-            with sftp.open(dst + ERROR_SUFFIX, "wb") as fh:
-                fh.write(xmlsafe.gb18030_encode(reason + "\n", errors="replace"))
+            _create(sftp, dst + ERROR_SUFFIX, xmlsafe.gb18030_encode(reason + "\n", errors="replace"))
             _rename_over(sftp, src, dst + DONE_SUFFIX)
             log.warning("sftp %s: %s; moved to %s", self.name, reason, failed_dir)
         except FileNotFoundError:
@@ -936,20 +1026,54 @@ class SftpAdapter(Adapter):
                 raise
             log.error("sftp %s: could not move the done file %s away: %s", self.name, src, _describe(exc))
 
-    def _refusals(self, sftp: paramiko.SFTPClient, unit: str, budget: int, items: list[PolledItem]) -> int:
+    def _refusals(
+        self, sftp: paramiko.SFTPClient, unit: str, budget: int, items: list[PolledItem],
+        seen: dict[str, paramiko.SFTPAttributes]
+    ) -> int:
         """The legacy reader moves a document it cannot take to ``failed/`` beside a
         ``GW_<ref>.xml.error`` note: each such note becomes a REFUSED receipt, so the copy
         fails with the note as its reason instead of staying "delivered". The files stay
         where the legacy side put them (its folder); the key, made of the note's content, is
         what keeps a note from being taken twice. The folder is read a batch at a time and
-        only notes not older than the mark are kept (failed/ grows; it is not for us to empty)."""
+        only notes not older than the mark are kept (failed/ grows; it is not for us to empty).
+
+        Read only when it may hold something new, since a poll costs one READDIR round trip
+        per 100 entries there: not when its modification time (which every note created,
+        renamed in or removed changes) is what it was at the last reading, that reading began
+        ``FAILED_SETTLE_SECONDS`` or more after the time was first seen (so nothing of that
+        second was missed), fitted its notes in the poll and they have all been taken (the
+        mark reached the newest). Then the poll costs one LSTAT."""
         folder = self._dir(self.settings.move_failed, unit)
         mark_key = f"refused-mtime:{unit}"
         mark = archive.refusal_mark(self.context.state, mark_key)
         try:
+            attrs = self._check_folder(sftp, self.settings.move_failed, unit, seen)
+        except UnsafeFolder as exc:
+            log.error("sftp %s: %s of %s not read: %s", self.name, folder, unit, exc)
+            return 0
+        if attrs is None:
+            return 0
+        mtime = None if attrs.st_mtime is None else int(attrs.st_mtime)
+        now = time.monotonic()
+        last = self._failed_reads.get(unit)
+        if last is not None and mtime is not None and last.mtime == mtime:
+            if last.settled and last.complete and mark >= last.newest:
+                return 0  # nothing created, renamed in or removed since it was read through
+            first_seen = last.first_seen
+        else:
+            first_seen = now
+        # Notes of the mark's second are read again (the mark is in whole seconds); those this
+        # adapter saw taken are passed over, so that more of one second than a poll takes are
+        # each reached, instead of the first ones read again every poll.
+        with self._lock:  # acks may come from another thread
+            kept = self._notes_taken.setdefault(unit, set())
+            kept.difference_update([n for n in kept if n[1] < mark])
+            done = set(kept)
+        try:
             notes = [e for e in _iterdir(sftp, folder)
                      if isinstance(e.filename, str) and REFUSED_NOTE_RE.fullmatch(e.filename)
-                     and stat.S_ISREG(e.st_mode or 0) and (e.st_mtime or 0) >= mark]
+                     and stat.S_ISREG(e.st_mode or 0) and (e.st_mtime or 0) >= mark
+                     and _note_id(e) not in done]
         except FileNotFoundError:
             return 0
         except OSError as exc:
@@ -957,6 +1081,7 @@ class SftpAdapter(Adapter):
                 raise
             log.error("sftp %s: cannot list %s of %s: %s", self.name, folder, unit, _describe(exc))
             return 0
+        complete = len(notes) <= budget
         taken = 0
         for e in sorted(notes, key=lambda e: (e.st_mtime or 0, e.filename)):
             m = REFUSED_NOTE_RE.fullmatch(e.filename)
@@ -964,15 +1089,28 @@ class SftpAdapter(Adapter):
                 continue
             taken += 1
             try:
-                note = _read_file(sftp, posixpath.join(folder, e.filename), 64 * 1024, int(e.st_size or 0))
+                note = _read_file(sftp, posixpath.join(folder, e.filename), 64 * 1024, int(e.st_size or 0), e)
             except (OSError, EOFError, paramiko.SSHException) as exc:
                 log.warning("sftp %s: cannot read %s/%s: %s", self.name, folder, e.filename, _describe(exc))
+                complete = False
                 continue
             rel = posixpath.join(self.settings.move_failed.format(unit=unit), e.filename)
-            items.append(archive.refusal_item(
+            item = archive.refusal_item(
                 self.context.state, mark_key, ref=m["ref"], unit=unit, note=note, mtime=e.st_mtime or 0,
-                key=f"{self.name}:{rel}:{hashlib.sha256(note).hexdigest()}", source=f"{self._where}/{rel}"))
+                key=f"{self.name}:{rel}:{hashlib.sha256(note).hexdigest()}", source=f"{self._where}/{rel}")
+            taken_note = partial(self._note_taken, unit, _note_id(e))
+            item._ack = partial(_then, item._ack, taken_note)
+            item._reject = partial(_then_reject, item._reject, taken_note)
+            items.append(item)
+        self._failed_reads[unit] = _FailedRead(
+            mtime=mtime if mtime is not None else -1, first_seen=first_seen,
+            settled=mtime is not None and now - first_seen >= FAILED_SETTLE_SECONDS,
+            newest=max((int(e.st_mtime or 0) for e in notes), default=0), complete=complete)
         return taken
+
+    def _note_taken(self, unit: str, note: tuple[str, int, int]) -> None:
+        with self._lock:
+            self._notes_taken.setdefault(unit, set()).add(note)
 
     def _prefixes(self) -> tuple[str, ...]:
         return ("HZ_", "ZB_") if self.settings.duty_report_to else ("HZ_",)
@@ -1007,7 +1145,7 @@ class SftpAdapter(Adapter):
                 f"{e.st_size} bytes; at most {self.settings.max_file_size} are accepted",
             )
             return None
-        data = _read_file(sftp, path, self.settings.max_file_size, int(e.st_size or 0))
+        data = _read_file(sftp, path, self.settings.max_file_size, int(e.st_size or 0), e)
         digest = hashlib.sha256(data).hexdigest()
         rel = posixpath.join(self.settings.outbox.format(unit=unit), name)
         key = f"{self.name}:{rel}:{digest}"
@@ -1119,18 +1257,23 @@ class SftpAdapter(Adapter):
         if not _safe_component(name):  # defence in depth; callers pass listed, checked names
             raise PermanentError(f"refusing to move {name!r}", code="bad-name")
         src_dir = self._dir(self.settings.outbox, unit)
-        dst_dir = self._dir(self.settings.move_failed if failed else self.settings.move, unit)
-        _makedirs(sftp, dst_dir)
+        dst_template = self.settings.move_failed if failed else self.settings.move
+        dst_dir = self._dir(dst_template, unit)
+        # the folder moved to (the outbox was checked by the poll that read the file)
+        if self._check_folder(sftp, dst_template, unit) is None:
+            _makedirs(sftp, dst_dir)
         src, dst = posixpath.join(src_dir, name), posixpath.join(dst_dir, name)
-        if _exists(sftp, src) and _exists(sftp, dst):
+        src_there = _exists(sftp, src)
+        if src_there and (_exists(sftp, dst) or (failed and _exists(sftp, dst + ERROR_SUFFIX))):
             # the legacy side reuses HZ_ names (an ARRIVE, then a SIGN): keep both copies, the
-            # time in the name local time as in the legacy side's own names, whatever the server's TZ
+            # time in the name local time as in the legacy side's own names, whatever the server's
+            # TZ. A note without its file (a reject cut short, or anything else under the name)
+            # is left too: the new note is created, never written through what is there.
             stamp = f"{datetime.now(self.legacy_tz):%Y%m%d%H%M%S}"
             dst = posixpath.join(dst_dir, f"{name[:-4]}.{stamp}.{uuid.uuid4().hex[:6]}.xml")
-        if failed:  # in GB18030, as everything on the drop (legacy README §2)
+        if failed and src_there:  # in GB18030, as everything on the drop (legacy README §2)
             note = (reason or "rejected").strip()[:4000] + "\n"
-            with sftp.open(dst + ERROR_SUFFIX, "wb") as fh:
-                fh.write(xmlsafe.gb18030_encode(note, errors="replace"))
+            _create(sftp, dst + ERROR_SUFFIX, xmlsafe.gb18030_encode(note, errors="replace"))
         try:
             _rename_over(sftp, src, dst)
         except FileNotFoundError:
@@ -1146,14 +1289,28 @@ class SftpAdapter(Adapter):
     # -- health --------------------------------------------------------------------------
     def check(self) -> Health:
         """Connect (or reuse the connection), stat ``root`` and each configured unit's inbox
-        and outbox (a folder missing fails deliveries or leaves receipts uncollected)."""
+        and outbox (a folder missing fails deliveries or leaves receipts uncollected); lstat
+        them and its archive/ and failed/ (a symlink among them is refused: see
+        :meth:`_check_folder`)."""
         t0 = time.perf_counter()
+        s = self.settings
         try:
             with self._session() as sftp:
-                sftp.stat(self.settings.root)
-                missing = [path for unit in self.settings.units
-                           for path in (self._dir(self.settings.inbox, unit), self._dir(self.settings.outbox, unit))
-                           if not _exists(sftp, path)]
+                sftp.stat(s.root)
+                missing: list[str] = []
+                for unit in s.units:
+                    seen: dict[str, paramiko.SFTPAttributes] = {}
+                    for template in (s.inbox, s.outbox, s.move, s.move_failed):
+                        try:
+                            there = self._check_folder(sftp, template, unit, seen) is not None
+                        except UnsafeFolder:
+                            continue  # named below
+                        if not there and template in (s.inbox, s.outbox):
+                            missing.append(self._dir(template, unit))
+                with self._lock:
+                    unsafe = list(self._unsafe.values())
+                if unsafe:
+                    return Health(False, f"{len(unsafe)} folder(s) of the drop refused: {unsafe[0]}")
                 if missing:
                     more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
                     return Health(False, f"{self._where}: {len(missing)} unit folder(s) do not exist: "
@@ -1228,10 +1385,28 @@ def _close_quietly(client: paramiko.SFTPClient) -> None:
         pass
 
 
+def _note_id(e: paramiko.SFTPAttributes) -> tuple[str, int, int]:
+    return str(e.filename), int(e.st_mtime or 0), int(e.st_size or 0)
+
+
+def _then(first: Callable[[], None] | None, then: Callable[[], None]) -> None:
+    if first is not None:
+        first()
+    then()
+
+
+def _then_reject(first: Callable[[str], None] | None, then: Callable[[], None], reason: str) -> None:
+    if first is not None:
+        first(reason)
+    then()
+
+
 def _read_note(sftp: paramiko.SFTPClient, path: str) -> str:
     try:
-        with sftp.open(path, "rb") as fh:
-            return archive.note_text(fh.read(64 * 1024)) or "no reason given"
+        attrs = sftp.lstat(path)
+        if not stat.S_ISREG(attrs.st_mode or 0):
+            return "no note beside it (not a regular file: never followed)"
+        return archive.note_text(_read_file(sftp, path, 64 * 1024, 0, attrs, cut=True)) or "no reason given"
     except (OSError, EOFError, paramiko.SSHException):
         return "no note beside it"
 
@@ -1244,8 +1419,23 @@ def _exists(sftp: paramiko.SFTPClient, path: str) -> bool:
         return False
 
 
+def _create(sftp: paramiko.SFTPClient, path: str, data: bytes = b"") -> None:
+    """Create ``path`` holding ``data``, never through a symlink: O_CREAT|O_EXCL (SFTP v3's
+    SSH_FXF_EXCL, paramiko's "x") fails on any name that exists, a symlink included (even a
+    dangling one), where O_TRUNC would write into what a link planted under the name points
+    to. OpenSSH answers such a failure "Failure" (SFTP v3 has no "exists" status)."""
+    with sftp.open(path, "wxb") as fh:
+        if data:
+            fh.write(data)
+
+
 def _touch(sftp: paramiko.SFTPClient, path: str) -> None:
-    sftp.open(path, "wb").close()
+    """The empty done file ``path``; whatever is already there under the name is left alone."""
+    try:
+        _create(sftp, path)
+    except OSError as exc:
+        if _breaks_connection(exc) or not _exists(sftp, path):
+            raise
 
 
 def _remove_quietly(sftp: paramiko.SFTPClient, path: str) -> None:
@@ -1278,9 +1468,14 @@ def _makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
         _makedirs(sftp, parent)
     try:
         sftp.mkdir(path)
-    except OSError:
-        if not _exists(sftp, path):  # someone else may have created it meanwhile
-            raise
+    except OSError as exc:
+        try:  # someone else may have created it meanwhile: a folder, nothing else
+            attrs = sftp.lstat(path)
+        except FileNotFoundError:
+            raise exc from None
+        if not stat.S_ISDIR(attrs.st_mode or 0):
+            raise UnsafeFolder(f"{path} is not a folder (a symlink?): it appeared while the gateway "
+                               f"was creating it, and is never followed") from None
 
 
 def _opendir(sftp: paramiko.SFTPClient, path: str) -> bytes:
@@ -1323,11 +1518,24 @@ def _iterdir(sftp: paramiko.SFTPClient, path: str) -> Iterator[paramiko.SFTPAttr
     sftp._request(paramiko.sftp.CMD_CLOSE, handle)
 
 
-def _read_file(sftp: paramiko.SFTPClient, path: str, limit: int, size_hint: int) -> bytes:
+def _read_file(
+    sftp: paramiko.SFTPClient, path: str, limit: int, size_hint: int,
+    listed: paramiko.SFTPAttributes | None = None, *, cut: bool = False,
+) -> bytes:
+    """At most ``limit`` bytes of ``path`` (more: EFBIG, unless ``cut``). With ``listed`` (its
+    lstat attributes, from a listing or an LSTAT), the open file must still be a regular file
+    of that size and time (FSTAT on the handle): a name swapped for a symlink since it was
+    looked at is opened through the link (SFTP v3 has no O_NOFOLLOW), and is then refused
+    unless what the link points to has the very size and time the file had."""
     with sftp.open(path, "rb") as fh:
+        if listed is not None:
+            now = fh.stat()
+            if not stat.S_ISREG(now.st_mode or 0) or (now.st_size, now.st_mtime) != (listed.st_size, listed.st_mtime):
+                raise OSError(f"{path} is no longer the file listed (replaced since, or written "
+                              f"again): left for a later poll")
         if size_hint > 64 * 1024:  # prefetch pipelines reads but costs a thread; not for receipts
             fh.prefetch(size_hint)
-        data = fh.read(limit + 1)
+        data = fh.read(limit + (0 if cut else 1))
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"{path} grew beyond {limit} bytes while being read")
     return data

@@ -30,6 +30,7 @@ from adapters.base import (
     PermanentError,
     RetryableError,
 )
+from adapters import sftp as sftp_adapter
 from adapters.sftp import HostKeyMismatch, SftpAdapter, fingerprint, parse_public_key
 from adapters.simulators.sftp_server import (
     DropSFTPInterface,
@@ -1310,3 +1311,291 @@ def test_simulator_takes_public_keys_only_and_stops_its_threads(tmp_path: Path) 
     while set(threading.enumerate()) - before and time.monotonic() < deadline:
         time.sleep(0.02)
     assert set(threading.enumerate()) - before == set()
+
+
+# -- failed/ is read through only when it may hold something new ------------------------------
+def listings_of(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The folders the adapter opens to list (its OPENDIR requests), in order; the requests
+    still go to the server."""
+    opened: list[str] = []
+    real = sftp_adapter._opendir
+
+    def opendir(sftp: paramiko.SFTPClient, path: str) -> bytes:
+        opened.append(path)
+        return real(sftp, path)
+
+    monkeypatch.setattr(sftp_adapter, "_opendir", opendir)
+    return opened
+
+
+def crowded_failed(drop: Drop, files: int) -> tuple[Path, float]:
+    """A failed/ of unit A holding ``files`` old rejected files and notes, its own time an
+    hour ago: (the folder, that time)."""
+    failed = drop.folder(UNIT_A, "failed")
+    failed.mkdir()
+    old = float(int(time.time()) - 3600)
+    for _ in range(files // 2):
+        name = f"HZ_{uuid.uuid4()}_{UNIT_A}.xml"
+        for path in (failed / name, failed / (name + ".error")):
+            path.write_bytes(b"x")
+            os.utime(path, (old, old))
+    os.utime(failed, (old, old))
+    return failed, old
+
+
+def refuse(failed: Path, note: str = "密级标注缺失") -> str:
+    """The legacy reader moves a document of ours to failed/ beside its note: its ref."""
+    ref = str(uuid.uuid4())
+    (failed / f"GW_{ref}.xml").write_bytes(b"<archive/>")
+    (failed / f"GW_{ref}.xml.error").write_bytes(note.encode("gb18030"))
+    return ref
+
+
+def test_a_failed_folder_is_not_read_again_while_nothing_changed_there(
+    drop: Drop, make_adapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """failed/ keeps every refused file (it is not the gateway's to empty): 300 entries are
+    three READDIR answers, 20,000 two hundred, every poll. Read only when its time changed,
+    or while something found there is not taken yet."""
+    monkeypatch.setattr(sftp_adapter, "FAILED_SETTLE_SECONDS", 0)  # see the next test for it
+    failed, _ = crowded_failed(drop, 300)
+    opened = listings_of(monkeypatch)
+    adapter = make_adapter(drop.config(units=[UNIT_A]))
+    folder = adapter._dir(adapter.settings.move_failed, UNIT_A)
+
+    for _ in range(4):
+        assert adapter.poll() == []
+    assert opened.count(folder) == 1
+
+    ref = refuse(failed)  # a note appears: the folder's time changes
+    [item] = adapter.poll()
+    assert item.receipt is not None and (item.receipt.action, item.receipt.remote_ref) == ("REFUSED", ref)
+    [again] = adapter.poll()  # not taken (the ingest failed, say): read again, though unchanged
+    assert again.key == item.key and opened.count(folder) == 3
+    again.ack()
+    assert adapter.poll() == [] and opened.count(folder) == 3  # taken: not read again
+
+
+def test_a_note_written_in_the_second_failed_was_read_in_is_not_missed(drop: Drop, make_adapter) -> None:
+    """SFTP gives times in whole seconds: a note written in the second the folder was read in
+    leaves its time as it was. An unchanged time is trusted only once a reading began
+    FAILED_SETTLE_SECONDS after that time was first seen."""
+    failed, old = crowded_failed(drop, 10)
+    adapter = make_adapter(drop.config(units=[UNIT_A]))
+    assert adapter.poll() == []
+
+    ref = refuse(failed, "附件无法打开")
+    os.utime(failed, (old, old))  # as a note written within that second leaves it
+
+    [item] = adapter.poll()
+    assert item.receipt is not None and (item.receipt.remote_ref, item.receipt.reason) == (ref, "附件无法打开")
+
+
+def test_notes_of_one_second_beyond_a_polls_budget_are_each_taken_once(
+    drop: Drop, make_adapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mark of notes taken is in whole seconds, so notes of its second are read again:
+    those taken are passed over (else the first max_per_poll of a second would come back
+    every poll and the rest never), and failed/ is read again while notes wait."""
+    monkeypatch.setattr(sftp_adapter, "FAILED_SETTLE_SECONDS", 0)
+    failed, _ = crowded_failed(drop, 10)
+    refs = {refuse(failed) for _ in range(3)}
+    now = float(int(time.time()))
+    for ref in refs:
+        os.utime(failed / f"GW_{ref}.xml.error", (now, now))
+    os.utime(failed, (now - 60, now - 60))
+    opened = listings_of(monkeypatch)
+    adapter = make_adapter(drop.config(units=[UNIT_A], max_per_poll=2))
+    folder = adapter._dir(adapter.settings.move_failed, UNIT_A)
+
+    taken: list[str] = []
+    for _ in range(2):
+        for item in adapter.poll():
+            assert item.receipt is not None
+            taken.append(item.receipt.remote_ref)
+            item.ack()
+
+    assert sorted(taken) == sorted(refs)
+    assert adapter.poll() == [] and opened.count(folder) == 2
+
+
+# -- symlinks: never written, moved or read through ---------------------------------------------
+@pytest.mark.parametrize("when", ["before", "after the check"])
+def test_a_note_is_never_written_through_a_symlink_planted_under_its_name(
+    drop: Drop, make_adapter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """Whoever may write failed/ (the legacy side's folder) can leave a link where the gateway
+    will write a reject's note: the note is created (O_EXCL), never written through it; one
+    found there is left, and the file goes to failed/ under another name with its note."""
+    target = tmp_path / "authorized_keys"  # any file the drop's user may write
+    target.write_text("ssh-ed25519 AAAA admin\n")
+    failed = drop.folder(UNIT_A, "failed")
+    failed.mkdir()
+    name = f"HZ_{uuid.uuid4()}_{UNIT_A}.xml"
+    put_outbox(drop, name, b"<receipt")
+    if when == "before":
+        (failed / (name + ".error")).symlink_to(target)
+    else:  # between the gateway's look at the name and its OPEN
+        real_open = paramiko.SFTPClient.open
+
+        def racing_open(self: paramiko.SFTPClient, filename: str, mode: str = "r", bufsize: int = -1) -> Any:
+            note = failed / (name + ".error")
+            if filename.endswith(note.name) and not note.is_symlink():
+                note.symlink_to(target)
+            return real_open(self, filename, mode, bufsize)
+
+        monkeypatch.setattr(paramiko.SFTPClient, "open", racing_open)
+
+    assert make_adapter(drop.config(units=[UNIT_A])).poll() == []  # refused at once
+
+    assert target.read_text() == "ssh-ed25519 AAAA admin\n"
+    assert (failed / (name + ".error")).is_symlink()  # left as it was
+    if when == "before":
+        [moved] = [p for p in failed.iterdir() if p.name.endswith(".xml") and p.name != name]
+        assert moved.read_bytes() == b"<receipt"
+        assert "receipt" in moved.with_name(moved.name + ".error").read_text(encoding="gb18030")
+    else:  # the move is given up: the file stays, and is refused again by a later poll
+        assert drop.listing(UNIT_A, "outbox") == [name, name + ".ok"]
+
+
+def test_a_done_file_is_never_created_through_a_symlink_planted_under_its_name(
+    drop: Drop, blobs: BlobStore, make_adapter, tmp_path: Path
+) -> None:
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep me")
+    d = make_delivery(blobs)
+    inbox = drop.folder(UNIT_A, "inbox")
+    (inbox / f"GW_{d.remote_ref}.xml.ok").symlink_to(target)
+
+    make_adapter(drop.config()).deliver(d)
+
+    assert target.read_bytes() == b"keep me"  # not truncated
+    assert (inbox / f"GW_{d.remote_ref}.xml").is_file()
+
+
+def test_an_upload_never_goes_through_a_symlink_planted_after_the_check(
+    drop: Drop, blobs: BlobStore, make_adapter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The .part left by an earlier attempt is removed before the upload; a link planted
+    between that and the upload's OPEN is refused (O_EXCL), not written through."""
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep me")
+    d = make_delivery(blobs)
+    part = drop.folder(UNIT_A, "inbox") / f"GW_{d.remote_ref}.xml.part"
+    real_open = paramiko.SFTPClient.open
+
+    def racing_open(self: paramiko.SFTPClient, filename: str, mode: str = "r", bufsize: int = -1) -> Any:
+        if filename.endswith(".part") and not part.is_symlink():
+            part.symlink_to(target)  # the legacy host's user, just before the gateway's OPEN
+        return real_open(self, filename, mode, bufsize)
+
+    monkeypatch.setattr(paramiko.SFTPClient, "open", racing_open)
+    with pytest.raises(RetryableError, match=r"writing .*\.part"):
+        make_adapter(drop.config()).deliver(d)
+    assert target.read_bytes() == b"keep me"
+
+
+def test_a_file_swapped_for_a_symlink_after_it_was_looked_at_is_not_read(
+    drop: Drop, make_adapter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SFTP v3 opens through links: the open file must still be what lstat saw (FSTAT)."""
+    ref = str(uuid.uuid4())
+    name = f"HZ_{ref}_{UNIT_A}.xml"
+    path = put_outbox(drop, name, receipt_bytes(ref))
+    secret = tmp_path / "secret.xml"  # a file the drop's user may read and the swapper not
+    secret.write_bytes(receipt_bytes(ref).replace(b"JXF-2026-0002", b"JXF-2026-00020"))  # valid too
+    real_open = paramiko.SFTPClient.open
+
+    def racing_open(self: paramiko.SFTPClient, filename: str, mode: str = "r", bufsize: int = -1) -> Any:
+        if filename.endswith(name) and not path.is_symlink():
+            path.unlink()
+            path.symlink_to(secret)
+        return real_open(self, filename, mode, bufsize)
+
+    monkeypatch.setattr(paramiko.SFTPClient, "open", racing_open)
+    adapter = make_adapter(drop.config(units=[UNIT_A]))
+    assert adapter.poll() == []
+    monkeypatch.undo()
+    assert adapter.poll() == []  # read again later: a symlink, refused to failed/
+    assert (drop.folder(UNIT_A, "failed") / name).is_symlink()
+
+
+def test_a_symlinked_inbox_is_refused(drop: Drop, blobs: BlobStore, make_adapter) -> None:
+    """Unit A's inbox swapped for a link to unit B's: A's documents must not reach B."""
+    inbox_a, inbox_b = drop.folder(UNIT_A, "inbox"), drop.folder(UNIT_B, "inbox")
+    inbox_a.rmdir()
+    inbox_a.symlink_to(inbox_b)
+    adapter = make_adapter(drop.config())
+
+    with pytest.raises(RetryableError, match=f"{UNIT_A}/inbox is a symlink") as exc_info:
+        adapter.deliver(make_delivery(blobs))
+    assert exc_info.value.code == "unsafe-folder"
+    assert os.listdir(inbox_b) == []
+    health = adapter.check()
+    assert not health.ok and f"{UNIT_A}/inbox is a symlink" in health.message
+
+    inbox_a.unlink()
+    inbox_a.mkdir()
+    adapter.deliver(make_delivery(blobs))
+    assert adapter.check().ok
+
+
+def test_a_symlinked_outbox_is_not_read_and_the_other_units_are(
+    drop: Drop, make_adapter, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ref, other = str(uuid.uuid4()), str(uuid.uuid4())
+    (elsewhere / f"HZ_{ref}_{UNIT_A}.xml").write_bytes(receipt_bytes(ref))
+    (elsewhere / f"HZ_{ref}_{UNIT_A}.xml.ok").touch()
+    drop.folder(UNIT_A, "outbox").rmdir()
+    drop.folder(UNIT_A, "outbox").symlink_to(elsewhere)
+    put_outbox(drop, f"HZ_{other}_{UNIT_B}.xml", receipt_bytes(other, UNIT_B), unit=UNIT_B)
+    adapter = make_adapter(drop.config())
+
+    assert [i.receipt.remote_ref for i in adapter.poll() if i.receipt] == [other]
+    assert sorted(os.listdir(elsewhere)) == [f"HZ_{ref}_{UNIT_A}.xml", f"HZ_{ref}_{UNIT_A}.xml.ok"]
+    assert f"{UNIT_A}/outbox is a symlink" in adapter.check().message
+
+
+def test_nothing_is_moved_into_a_symlinked_archive(drop: Drop, make_adapter, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ref = str(uuid.uuid4())
+    name = f"HZ_{ref}_{UNIT_A}.xml"
+    put_outbox(drop, name, receipt_bytes(ref))
+    adapter = make_adapter(drop.config(units=[UNIT_A]))
+    [item] = adapter.poll()
+    drop.folder(UNIT_A, "archive").symlink_to(elsewhere)  # after the poll, before the ack
+
+    item.ack()  # refused like any move the server refuses: the file stays, check() says why
+
+    assert os.listdir(elsewhere) == []
+    assert drop.listing(UNIT_A, "outbox") == [name, name + ".ok"]
+    health = adapter.check()
+    assert not health.ok and f"{UNIT_A}/archive is a symlink" in health.message
+
+
+def test_nothing_is_moved_into_a_symlink_planted_while_archive_is_created(
+    drop: Drop, make_adapter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ref = str(uuid.uuid4())
+    name = f"HZ_{ref}_{UNIT_A}.xml"
+    put_outbox(drop, name, receipt_bytes(ref))
+    adapter = make_adapter(drop.config(units=[UNIT_A]))
+    [item] = adapter.poll()
+    archive_dir = drop.folder(UNIT_A, "archive")
+    real_mkdir = paramiko.SFTPClient.mkdir
+
+    def racing_mkdir(self: paramiko.SFTPClient, path: str, mode: int = 0o777) -> None:
+        if path.endswith(f"{UNIT_A}/archive") and not archive_dir.is_symlink():
+            archive_dir.symlink_to(elsewhere)  # just before the gateway's MKDIR
+        real_mkdir(self, path, mode)
+
+    monkeypatch.setattr(paramiko.SFTPClient, "mkdir", racing_mkdir)
+    item.ack()
+
+    assert os.listdir(elsewhere) == []
+    assert drop.listing(UNIT_A, "outbox") == [name, name + ".ok"]
