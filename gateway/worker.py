@@ -10,6 +10,9 @@
   are ready, so the database is not the bottleneck in front of a fast legacy system.
 * Failures retry with exponential backoff and jitter up to the adapter's ``max_attempts``;
   permanent errors and exhausted retries are dead-lettered (status ``failed``).
+* A peer node that does not answer (its link down for hours or days) is held: its rows wait
+  in the queue, untried and not counted against ``max_attempts``, while one request now and
+  then (at most every ``max_delay``) finds out whether it is back; then they are all due.
 * Delivery is at-least-once: a crash after the adapter call but before the outcome is
   committed makes the row run again, and the adapter's idempotency (per-delivery
   ``remote_ref``) makes the second call a no-op at the receiver.
@@ -43,6 +46,7 @@ from gateway import audit, events, nodekey
 from gateway.config import RetryPolicy
 from gateway.db import driver_mark, driver_stamp, outage, outage_text
 from gateway.envelope import Envelope, Recipient
+from gateway.federation.client import UNREACHABLE, UNREACHABLE_CODES
 from gateway.models import table, Delivery, Message, OutboxEntry
 from gateway.node import Node
 
@@ -58,6 +62,8 @@ log = logging.getLogger("gateway.worker")
 RECORD_WINDOW = 0.05
 #: forwards to one node sent together in one request (the receiver accepts them in turn)
 FORWARDS_PER_REQUEST = 8
+#: outbox kinds that go to a peer node (when their target is one)
+PEER_KINDS = ("forward", "status", "recall")
 
 
 def backoff(policy: RetryPolicy, attempt: int) -> float:
@@ -235,6 +241,9 @@ class Worker:
         self._key: Ed25519PrivateKey | SM2PrivateKey | None = None
         #: peers whose rows only the sync jobs carry (batch and ferry links)
         self.parked = [name for name, p in node.config.peers.items() if p.link != "http"]
+        #: peers that did not answer: until when (monotonic) their rows are left in the queue,
+        #: and how long that hold was (it doubles, up to the peer's max_delay); guarded by _cv
+        self._held: dict[str, tuple[float, float]] = {}
 
     # -- claiming ------------------------------------------------------------------------
     def claim(self, limit: int, *, target: str | None = None) -> list[Job]:
@@ -248,7 +257,9 @@ class Worker:
         if target is None:
             with self._cv:
                 in_hand = list(self._in_hand)
-            claim, params = _CLAIM_PG if pg else _CLAIM, {"parked": self.parked, "in_hand": in_hand}
+                mono = time.monotonic()
+                held = [peer for peer, (until, _) in self._held.items() if until > mono]
+            claim, params = _CLAIM_PG if pg else _CLAIM, {"parked": self.parked + held, "in_hand": in_hand}
         else:
             claim, params = _CLAIM_TARGET_PG if pg else _CLAIM_TARGET, {"for_target": target}
         with self.node.db.begin_core() as s:
@@ -414,6 +425,23 @@ class Worker:
         entry = s.get(OutboxEntry, o.job.id, with_for_update=True)
         if entry is None or entry.state != "claimed" or entry.claimed_by != self.id:
             return  # our lease expired and another worker took the row over
+        if o.extra.get("held"):
+            # the node does not answer: the row waits for it, its retry budget untouched (a link
+            # may be down for a week; what was sent over it must not fail meanwhile); this
+            # worker leaves the node alone until its hold ends (Worker._note_peer)
+            entry.state, entry.claimed_by, entry.lease_until = "pending", None, None
+            if not o.extra.get("tried"):
+                return  # not tried: nothing happened to record
+            message = str(o.error)[:2000]
+            entry.last_error = message
+            d = s.get(Delivery, entry.delivery_id) if entry.delivery_id else None
+            if d is not None and entry.kind == "forward" and d.status == "queued":
+                d.last_error = message
+            audit.append(s, actor=f"worker:{self.id}", action="delivery.attempt",
+                         obj=f"delivery:{d.message_id}/{d.unit}" if d else f"outbox:{entry.id}", outcome="waiting",
+                         detail={"target": entry.target, "attempt": entry.attempts + 1, "error": message,
+                                 "retryable": True})
+            return
         entry.attempts += 1
         # locked, as a receipt locks it: one applied meanwhile (签收) is seen, never overwritten
         d = s.get(Delivery, entry.delivery_id, with_for_update=True) if entry.delivery_id else None
@@ -541,6 +569,90 @@ class Worker:
         """Status reports and forwards for one node travel together: one signed request
         (``/status``, or ``/batch`` for forwards, applied there in order). Everything else
         runs one by one."""
+        first = jobs[0]
+        to_peer = first.kind in PEER_KINDS and first.target in self.node.config.peers
+        probe = False
+        if to_peer:
+            hold, probe = self._hold_or_probe(first.target)
+            if hold is not None:  # claimed before the node stopped answering: not tried now
+                return [self._held_outcome(j, None) for j in jobs]
+        outcomes = self._execute_group(jobs)
+        if to_peer:
+            self._note_peer(first.target, outcomes, probe)
+        return outcomes
+
+    # -- peers that do not answer ------------------------------------------------------------
+    def _hold_or_probe(self, peer: str) -> tuple[float | None, bool]:
+        """(seconds left of the hold on ``peer``, or None; whether this request is the one
+        that finds out if a held peer is back). While that request runs the hold is extended,
+        so that the peer's other rows wait for its answer rather than each try too."""
+        with self._cv:
+            until, last = self._held.get(peer, (0.0, 0.0))
+            mono = time.monotonic()
+            if until > mono:
+                return until - mono, False
+            if last:
+                self._held[peer] = (mono + last, last)
+                return None, True
+        return None, False
+
+    @staticmethod
+    def _held_outcome(job: Job, error: DeliveryError | None) -> Outcome:
+        """The outcome of a row for a held peer: ``error`` when it was tried (the request that
+        found the node away), none when it was not. The row goes back to the queue as it was
+        (its due time too: when the node is back, the claim takes the most urgent first)."""
+        return Outcome(job, error=error or RetryableError(f"node {job.target} does not answer; waiting for it",
+                                                          code=UNREACHABLE),
+                       extra={"held": True, "tried": error is not None})
+
+    def _note_peer(self, peer: str, outcomes: list[Outcome], probe: bool) -> None:
+        """After a request to ``peer``: hold it when it did not answer (no connection, a
+        timeout, 502/503/504), so that its other rows wait in the queue instead of each
+        spending a delivery thread (and a timeout) and a retry on a link that is down. The
+        hold doubles with each request that finds the node still away, up to the peer's
+        ``max_delay``. Let it go when it answered, and make its waiting rows due."""
+        def away(e: DeliveryError | None) -> bool:
+            return e is not None and e.retryable and e.code in UNREACHABLE_CODES
+
+        failed = next((o.error for o in outcomes if away(o.error)), None)
+        if failed is not None:
+            policy = self._policy("forward", peer)
+            with self._cv:
+                until, last = self._held.get(peer, (0.0, 0.0))
+                mono = time.monotonic()
+                if until <= mono or probe:  # (else another request found it away just now)
+                    hold = min(policy.max_delay, max(policy.base_delay, 2 * last))
+                    self._held[peer] = (mono + hold, hold)
+            if not last:
+                log.warning("node %s does not answer (%s); its forwards, status reports and recalls wait in the queue "
+                            "(not counted as failed attempts); asking it again every %g s at most", peer, failed,
+                            policy.max_delay)
+            for i, o in enumerate(outcomes):
+                if away(o.error):
+                    outcomes[i] = self._held_outcome(o.job, o.error)
+            return
+        if not any(o.error is not None or not o.extra.get("skipped") for o in outcomes):
+            return  # nothing was sent (every unit of the forward recalled): nothing learnt
+        with self._cv:
+            was = self._held.pop(peer, None)
+        if was is not None:
+            log.info("node %s answers again; %d rows queued for it are due now", peer, self._due_now(peer))
+
+    def _due_now(self, peer: str) -> int:
+        """Make every row waiting for ``peer`` due now (the link is back)."""
+        now = datetime.now(UTC)
+        try:
+            with self.node.db.begin() as s:
+                res = s.execute(update(OutboxEntry).where(
+                    OutboxEntry.target == peer, OutboxEntry.state == "pending", OutboxEntry.kind.in_(PEER_KINDS),
+                    OutboxEntry.next_attempt_at > now).values(next_attempt_at=now),
+                    execution_options={"synchronize_session": False})
+                return cast(CursorResult, res).rowcount or 0
+        except Exception as exc:  # noqa: BLE001 - they come due by themselves, within max_delay
+            log.warning("could not make the rows for node %s due now: %s", peer, exc)
+            return 0
+
+    def _execute_group(self, jobs: list[Job]) -> list[Outcome]:
         if len(jobs) == 1:
             return [self.execute(jobs[0])]
         try:

@@ -8,13 +8,16 @@ them, in queue order, as a batch of *items*::
      single request to /federation/v1/messages, /status or /recall}
 
 The receiver applies the items in order, each in its own transaction and each idempotent,
-and records every item it has applied (sending node, ``seq``): its cursor. A batch cut in
+and records every item it has applied (sending node, ``seq`` and what the item is): its cursor. A batch cut in
 the middle is simply sent again; the items recorded before the cut are answered
 ``duplicate`` without being applied twice, and an item that hits trouble that may pass (a
 peer that does not answer a blob fetch) stops the batch there, so nothing overtakes it — a
 续报 never arrives before its 初报. (The record is per item, not a high-water mark: outbox
 ids are handed out at insert and, on PostgreSQL, concurrent transactions may commit them out
-of order, so a lower ``seq`` can become visible after a higher one was sent.)
+of order, so a lower ``seq`` can become visible after a higher one was sent.) What the item is
+(its kind, message and copy, and for a status report the report itself) is part of the key:
+a sender restored from a backup hands out outbox ids again, and a new item under a ``seq``
+seen before must be applied, not answered ``duplicate`` and lost.
 
 * ``push`` (job): send our queued items to each batch peer (``POST /federation/v1/batch``).
 * ``pull`` (job): fetch the items a batch peer has queued for us (``GET /federation/v1/batch``;
@@ -24,6 +27,8 @@ of order, so a lower ``seq`` can become visible after a higher one was sent.)
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Any
 
@@ -49,32 +54,47 @@ _SECURITY_REFUSALS = ("forbidden-unit", "clearance-too-low", "foreign-message-id
 
 
 # -- the receiver's cursor -----------------------------------------------------------------
-def _key(peer: str, seq: int) -> str:
-    return f"batch:{peer}:{seq}"
+def _identity(item: dict[str, Any]) -> str:
+    """What an item is, whatever ``seq`` it travels under: the same for every sending of one
+    outbox row (a forward's units may shrink by a recall meanwhile, its inline blobs may
+    differ: neither is part of it), different for another row given the same ``seq``."""
+    kind = item.get("kind")
+    if kind == "status":
+        what: Any = {k: v for k, v in item.items() if k != "seq"}
+    else:
+        what = {"kind": kind, "message_id": item.get("message_id"),
+                "units": item.get("units") if kind == "recall" else None}
+    canonical = json.dumps(what, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
 
 
-def _applied(node: Node, peer: str, seqs: list[int]) -> dict[int, str]:
-    """Of ``seqs``, the items recorded before, with their outcome (ok or rejected)."""
-    if not seqs:
+def _key(peer: str, item: dict[str, Any]) -> str:
+    return f"batch:{peer}:{item['seq']}:{_identity(item)}"
+
+
+def _applied(node: Node, peer: str, items: list[dict[str, Any]]) -> dict[int, str]:
+    """Of ``items``, the seqs of those recorded before, with their outcome (ok or rejected)."""
+    if not items:
         return {}
+    keys = {_key(peer, i): i["seq"] for i in items}
     with node.db.sessions() as s:
-        done: dict[str, str] = {key: outcome for key, outcome in s.execute(
-            select(IngestedItem.key, IngestedItem.outcome).where(IngestedItem.key.in_([_key(peer, q) for q in seqs])))}
-    return {q: done[_key(peer, q)] for q in seqs if _key(peer, q) in done}
+        return {keys[key]: outcome for key, outcome in s.execute(
+            select(IngestedItem.key, IngestedItem.outcome).where(IngestedItem.key.in_(list(keys))))}
 
 
-def _record_applied(node: Node, peer: str, results: list[dict[str, Any]]) -> None:
+def _record_applied(node: Node, peer: str, items: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
     """Remember what was applied (or refused for good), after the items' own transactions: a
     crash in between makes a resent item run again, which its idempotency absorbs."""
     done = [r for r in results if r["outcome"] in ("ok", "rejected")]
     if not done:
         return
+    by_seq = {i["seq"]: i for i in items}
+    keyed = [(_key(peer, by_seq[r["seq"]]), r) for r in done]
     with node.db.begin() as s:
-        present = set(s.scalars(select(IngestedItem.key).where(
-            IngestedItem.key.in_([_key(peer, r["seq"]) for r in done]))))
-        new = [r for r in done if _key(peer, r["seq"]) not in present]
-        s.add_all([IngestedItem(key=_key(peer, r["seq"]), adapter=f"peer:{peer}", outcome=r["outcome"]) for r in new])
-        for r in new:  # a single request refused so is audited too (gateway.api.auth.Refusals)
+        present = set(s.scalars(select(IngestedItem.key).where(IngestedItem.key.in_([k for k, _ in keyed]))))
+        new = [(k, r) for k, r in keyed if k not in present]
+        s.add_all([IngestedItem(key=k, adapter=f"peer:{peer}", outcome=r["outcome"]) for k, r in new])
+        for _, r in new:  # a single request refused so is audited too (gateway.api.auth.Refusals)
             if r["outcome"] == "rejected" and r.get("type") in _SECURITY_REFUSALS:
                 audit.append(s, actor=f"node:{peer}", action="federation.reject", obj=f"batch item {r['seq']}",
                              outcome=r["type"], detail={"reason": str(r.get("detail"))[:500]})
@@ -122,7 +142,7 @@ def apply_items(node: Node, peer: str, items: Any) -> dict[str, Any]:
     seqs = [i.get("seq") for i in items]
     if not all(isinstance(q, int) for q in seqs) or seqs != sorted(seqs) or len(set(seqs)) != len(seqs):
         raise transfer.TransferError(400, "validation", "items: each needs an integer seq, strictly increasing")
-    seen = _applied(node, peer, seqs)
+    seen = _applied(node, peer, items)
     results: list[dict[str, Any]] = []
     pending: list[tuple[int, transfer.Incoming]] = []  # checked forwards, accepted together
 
@@ -171,7 +191,7 @@ def apply_items(node: Node, peer: str, items: Any) -> dict[str, Any]:
     if not stopped:
         flush()
     results.sort(key=lambda r: r["seq"])
-    _record_applied(node, peer, results)
+    _record_applied(node, peer, items, results)
     return {"node": node.id, "results": results}
 
 

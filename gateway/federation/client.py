@@ -16,6 +16,12 @@ from gateway.federation import keys
 from gateway.federation.signing import ANSWER_HEADER, Signer, answer_verifies, nonce_of
 
 PREFIX = "/federation/v1"
+#: the code of a RetryableError that says the peer gave no answer at all (no connection, a
+#: timeout): the link or the node is down
+UNREACHABLE = "unreachable"
+#: codes of errors that say the peer cannot be reached now: no answer, or a 502/503/504 (a
+#: proxy before it, or the node itself while its database is away)
+UNREACHABLE_CODES = frozenset({UNREACHABLE, "502", "503", "504"})
 
 
 class PeerClient:
@@ -52,7 +58,7 @@ class PeerClient:
         try:
             r = self._session().post(url, data=body, headers=headers, timeout=self.config.peers[peer].timeout)
         except requests.RequestException as exc:
-            raise RetryableError(f"node {peer}: {type(exc).__name__}: {exc}") from None
+            raise RetryableError(f"node {peer}: {type(exc).__name__}: {exc}", code=UNREACHABLE) from None
         return _answer(peer, r, partial(self._verify_answer, peer, nonce_of(headers)))
 
     def _verify_answer(self, peer: str, nonce: str, r: requests.Response) -> None:
@@ -74,7 +80,7 @@ class PeerClient:
         try:
             r = self._session().get(url, headers=headers, stream=True, timeout=self.config.peers[peer].timeout)
         except requests.RequestException as exc:
-            raise RetryableError(f"node {peer}: {type(exc).__name__}: {exc}") from None
+            raise RetryableError(f"node {peer}: {type(exc).__name__}: {exc}", code=UNREACHABLE) from None
         try:
             if r.status_code != 200:
                 _answer(peer, r)
