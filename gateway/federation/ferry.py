@@ -312,7 +312,8 @@ class SftpLocation(Location):
         part, final = self._path(name + PART_EXT), self._path(name)
         sftp_adapter._remove_quietly(sftp, part)
         # unbuffered: each write goes out as pipelined 32 KiB requests, memory is one chunk
-        fh = sftp.open(part, "wb", bufsize=0)
+        # "x": O_CREAT|O_EXCL, never written through a symlink planted under the name
+        fh = sftp.open(part, "wxb", bufsize=0)
         try:
             fh.set_pipelined(True)
             counter = _Counting(fh)
@@ -343,8 +344,7 @@ class SftpLocation(Location):
         sftp_adapter._makedirs(sftp, dst)
         target = _free_name(name, lambda n: sftp_adapter._exists(sftp, posixpath.join(dst, n)))
         if note is not None:
-            with sftp.open(posixpath.join(dst, target + ERROR_EXT), "wb") as fh:
-                fh.write(note.encode("utf-8"))
+            sftp_adapter._create(sftp, posixpath.join(dst, target + ERROR_EXT), note.encode("utf-8"))
         sftp_adapter._rename_over(sftp, self._path(name), posixpath.join(dst, target))
         try:
             sftp_adapter._rename_over(sftp, self._path(name + SIG_EXT), posixpath.join(dst, target + SIG_EXT))
