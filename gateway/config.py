@@ -208,6 +208,10 @@ class ApiConfig(_Strict):
     #: uploads never leave less than this free on the blob store's file system (the database
     #: and the delivery queue usually share it); 0: only a full disk stops an upload
     min_free_bytes: int = Field(default=256 * 1024**2, ge=0, le=_MAX_BYTES)
+    #: /readyz says not ready once the data folder's file system (and a SQLite database's, where
+    #: it is elsewhere) has less than this free: a document accepted then would fail 507
+    #: storage-full soon. Below min_free_bytes, so that uploads are refused first; 0: not checked
+    ready_min_free_bytes: int = Field(default=64 * 1024**2, ge=0, le=_MAX_BYTES)
     #: new content one API key may upload in any 24 hours (content already stored costs
     #: nothing); past it an upload is refused 429 ``upload-quota``, so that no single caller
     #: can use up the disk every caller's uploads share. 0: no limit

@@ -10,12 +10,54 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import datetime, UTC
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Connection, and_, bindparam, insert, or_, select
 from sqlalchemy.orm import Session
 
-from gateway.models import table, ApiKey, Delivery, Message, OutboxEntry
+from gateway.config import SUBSYSTEMS
+from gateway.models import table, ApiKey, DELIVERY_STATUSES, Delivery, Message, OutboxEntry
+
+
+# The OpenAPI document's ``webhooks`` describe the body from this model (its docstring and
+# descriptions are the caller's); status_changed_many writes it field for field, and
+# tests/test_openapi_contract.py holds a real post to it.
+class WebhookEvent(BaseModel):
+    """一份收文的状态变化 (a copy's status changed): the body of every webhook post, every
+    field always sent (null where there is no value)."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+    id: uuid.UUID = Field(description="one per status change, the same in every retry of its post: drop a repeat "
+                                      "by it")
+    event: str = Field(description="<subsystem>.status (documents.status for documents)",
+                       json_schema_extra={"enum": [f"{s}.status" for s in SUBSYSTEMS]})
+    message_id: str = Field(description="the document's id, as the 202 of POST /api/v1/documents gave it")
+    unit: str = Field(description="统一社会信用代码 of the receiving unit whose copy changed")
+    status: str = Field(description="the copy's new status", json_schema_extra={"enum": list(DELIVERY_STATUSES)})
+    previous: str = Field(description="its status before; when it is not the one you hold, read GET "
+                                      "/api/v1/documents/{id}", json_schema_extra={"enum": list(DELIVERY_STATUSES)})
+    signer: str | None = Field(default=None, description="签收人, once signed for")
+    receipt_no: str | None = Field(default=None, description="the receiving system's receipt number")
+    reason: str | None = Field(default=None, description="退回 reason, or why a recall did not happen")
+    at: datetime = Field(description="when the change happened, in UTC (Z): for signed and returned the time the "
+                                     "receipt gives, otherwise when the gateway recorded it")
+
+
+def utc_text(t: datetime) -> str:
+    """A time as the API writes it (pydantic): ISO 8601 in UTC with ``Z``."""
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def as_posted(payload: dict[str, Any]) -> dict[str, Any]:
+    """A stored webhook payload as it is posted. Payloads are stored at the status change and
+    posted (and retried) later: those stored by earlier versions wrote ``at`` with
+    ``+00:00``, and are posted with ``Z`` like every other, so that a receiver sees one form."""
+    at = payload.get("at")
+    if isinstance(at, str) and at.endswith("+00:00"):
+        return {**payload, "at": at.removesuffix("+00:00") + "Z"}
+    return payload
 
 
 def shown_url(url: str) -> str:
@@ -81,7 +123,7 @@ def status_changed_many(s: Session | Connection, changes: list[tuple[int, str, s
             event = {"id": str(uuid.uuid4()), "event": f"{t.subsystem}.status", "message_id": t.message_id,
                      "unit": t.unit,
                      "status": status, "previous": previous, "signer": t.signer, "receipt_no": t.receipt_no,
-                     "reason": t.reason, "at": at.isoformat()}
+                     "reason": t.reason, "at": utc_text(at)}  # (schema: WebhookEvent)
             # one copy's changes reach the caller in the order they happened: a post being
             # retried holds back the later ones of that copy (the worker's in-order claim)
             rows.append(dict(kind="webhook", delivery_id=delivery_id, target=t.webhook_url, payload=event,

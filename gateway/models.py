@@ -88,6 +88,10 @@ class Message(Base):
     )
 
 
+#: a copy's status (``Delivery.status``), as the API and the webhooks show it
+DELIVERY_STATUSES = ("queued", "delivered", "signed", "returned", "recalled", "failed")
+
+
 class Delivery(Base):
     """One recipient unit's copy of a message (收文单位), with its status."""
 
@@ -103,7 +107,7 @@ class Delivery(Base):
     #: "adapter" (a legacy system here) or "node" (forwarded to the next node, ``target``)
     route_kind: Mapped[str] = mapped_column(String(8))
     target: Mapped[str | None] = mapped_column(String(64))
-    #: queued, delivered, signed, returned, recalled, failed
+    #: one of DELIVERY_STATUSES
     status: Mapped[str] = mapped_column(String(12))
     remote_ref: Mapped[str] = mapped_column(String(64), index=True)
     remote_id: Mapped[str | None] = mapped_column(String(200))

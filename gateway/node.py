@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import adapters
 from adapters.base import Adapter, AdapterContext
+from gateway import room
 from gateway.blobs import BlobStore
 from gateway.config import Config
 from gateway.db import Database
@@ -98,6 +99,9 @@ class Node:
         # titles and contents) and the node key live below it
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.blobs = BlobStore(self.data_dir / "blobs")
+        #: when a write last met a full database, and the folders whose free space /readyz watches
+        self.full_database = room.FullDatabase(self.data_dir)
+        self.storage_folders = room.folders(self.data_dir, self.db.url)
         from gateway import payloads
 
         payloads.warm()  # before any request or delivery thread can race to build them

@@ -510,7 +510,7 @@ class Worker:
             from gateway.federation.keys import own_key
 
             self._key = own_key(self.node.config)
-        body = json.dumps(payload, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        body = json.dumps(events.as_posted(payload), ensure_ascii=False, sort_keys=True).encode("utf-8")
         ts = str(int(time.time()))
         sig = nodekey.sign(self._key, ts.encode() + b"." + body)
         headers = {"Content-Type": "application/json; charset=utf-8", "Gateway-Timestamp": ts,

@@ -134,6 +134,36 @@ def test_a_delivery_made_while_postgresql_was_away_is_recorded_once_it_is_back(p
     assert list(rec.effects.values()) == [1], rec.effects
 
 
+def _no_room_left(node: Node) -> dict[str, int]:
+    """From now on SQLite's file may not grow (its own page limit, which fails as a full file
+    system does: SQLITE_FULL); set ``["pages"]`` to 0 and drop the connections to give room."""
+    room = {"pages": 0}  # 0: no limit
+
+    @event.listens_for(node.db.engine, "connect")
+    def _limit(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        if room["pages"]:
+            dbapi_conn.execute(f"PRAGMA max_page_count={room['pages']}")
+
+    room["pages"] = node.db.engine.pool.connect().dbapi_connection.execute("PRAGMA page_count").fetchone()[0]
+    node.db.engine.dispose()  # every connection opened from now on has no room left
+    node.db._drop_group_connection()
+    return room
+
+
+def _fill(api: Api, doc: dict) -> list[int]:
+    """Send ``doc`` until the database is full (the file has a little slack in its last
+    pages); the statuses, the last a 507 storage-full."""
+    statuses = []
+    for i in range(200):
+        r = api.post("/api/v1/documents", json=doc, headers={"Idempotency-Key": f"满-{i}"})
+        statuses.append(r.status_code)
+        if r.status_code != 202:
+            _problem(r, 507, "storage-full")
+            break
+    assert statuses[-1] == 507, statuses
+    return statuses
+
+
 def test_sqlite_out_of_space_answers_507_and_stores_nothing_until_there_is_room(tmp_path, caplog):  # type: ignore[no-untyped-def]
     """SQLite's SQLITE_FULL (a full file system; here SQLite's own page limit, which fails the
     same way at the same place) is a 507 storage-full with Retry-After, not a 500."""
@@ -144,27 +174,10 @@ def test_sqlite_out_of_space_answers_507_and_stores_nothing_until_there_is_room(
         api = Api(node)
         doc = api.document(title="磁盘已满")
         assert api.post("/api/v1/documents", json=doc).status_code == 202
-        room = {"pages": 0}  # 0: no limit
-
-        @event.listens_for(node.db.engine, "connect")
-        def _limit(dbapi_conn, _record):  # type: ignore[no-untyped-def]
-            if room["pages"]:
-                dbapi_conn.execute(f"PRAGMA max_page_count={room['pages']}")
-
-        pages = node.db.engine.pool.connect().dbapi_connection.execute("PRAGMA page_count").fetchone()[0]
-        room["pages"] = pages
-        node.db.engine.dispose()  # every connection opened from now on has no room left
-        node.db._drop_group_connection()
+        room = _no_room_left(node)
         caplog.clear()
         big = {**doc, "title": "磁盘已满" * 100}
-        statuses = []
-        for i in range(200):  # the file has a little slack in its last pages: fill it
-            r = api.post("/api/v1/documents", json=big, headers={"Idempotency-Key": f"满-{i}"})
-            statuses.append(r.status_code)
-            if r.status_code != 202:
-                _problem(r, 507, "storage-full")
-                break
-        assert statuses[-1] == 507, statuses
+        statuses = _fill(api, big)
         assert not any(r.exc_info for r in caplog.records)
         room["pages"] = 0
         node.db.engine.dispose()
@@ -175,6 +188,45 @@ def test_sqlite_out_of_space_answers_507_and_stores_nothing_until_there_is_room(
             assert len(s.scalars(select(Message.id)).all()) == len(statuses) + 1
     finally:
         node.close()
+
+
+def test_readyz_says_not_ready_for_a_while_after_an_accept_met_a_full_database(tmp_path):  # type: ignore[no-untyped-def]
+    """Every accept fails 507 while the database's disk is full, a disk the node may not see
+    (PostgreSQL's): once one did, /readyz answers 503 for FULL_RECENTLY seconds, in every
+    process of the node (another process of the same node is a second Node here), so that a
+    load balancer sends the accepts elsewhere; then it is ready again and the next 507, if
+    the disk is still full, takes it out again."""
+    from gateway.app import create_app
+    from gateway.room import FULL_RECENTLY
+
+    cfg = node_config(tmp_path, f"sqlite:///{tmp_path}/gw.db")
+    migrate.upgrade(cfg.database_url())
+    node, other = Node(cfg), None
+    try:
+        api = Api(node)
+        doc = api.document(title="磁盘已满")
+        assert api.client.get("/readyz").status_code == 200
+        mark = node.data_dir / "storage-full.seen"
+        assert not mark.exists()  # the probe wrote nothing
+        _no_room_left(node)
+        _fill(api, {**doc, "title": "磁盘已满" * 100})
+        r = api.client.get("/readyz")
+        assert r.status_code == 503 and r.get_json()["status"] == "not ready", r.get_json()
+        said = r.get_json()["checks"]["storage"]
+        assert said.startswith("full: ") and "no disk space left" in said and "507" in said, said
+        other = Node(cfg)  # another gunicorn worker of the node: it answered no 507 itself
+        assert create_app(node=other).test_client().get("/readyz").status_code == 503
+        os.utime(mark, (time.time() - FULL_RECENTLY - 1,) * 2)  # as if FULL_RECENTLY seconds had passed
+        later = Node(cfg)  # (a process whose own memory is clear, and whose database has room)
+        try:
+            r = create_app(node=later).test_client().get("/readyz")
+            assert r.status_code == 200 and r.get_json()["checks"]["storage"] == "ok", r.get_json()
+        finally:
+            later.close()
+    finally:
+        node.close()
+        if other is not None:
+            other.close()
 
 
 @pytest.mark.postgres

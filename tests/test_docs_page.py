@@ -32,6 +32,9 @@ def test_docs_page_renders_the_operations_offline(browser, tmp_path):
         assert text.index("发送公文分三步") < text.index("/api/v1/documents")  # the Chinese guide comes first
         ops = {el.get_attribute("data-path") for el in page.query_selector_all(".opblock-summary-path")}
         assert {"/healthz", "/readyz", "/metrics", "/api/v1/webhooks/public-key"} <= ops
+        # the posts the gateway makes to a caller (OpenAPI 3.1 webhooks), under their own heading
+        page.wait_for_selector("text=回调 Webhooks", timeout=15000)
+        assert "状态回调 (a copy's status changed)" in page.inner_text("body")
         # Swagger UI's own buttons and headings carry a Chinese label first
         page.wait_for_selector("text=授权 Authorize", timeout=15000)
         page.click(".opblock-summary-path[data-path='/api/v1/documents'] >> xpath=ancestor::*[contains(@class,'opblock-summary')]")

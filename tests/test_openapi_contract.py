@@ -3,6 +3,7 @@ every answer's status, media type, headers and body are in it, and what its sche
 server takes (and what they refuse it refuses)."""
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +20,7 @@ from gateway.inbound import collect
 from gateway.worker import Worker
 from systems.documents import rules
 from systems.documents.schemas import RECIPIENT_STATUSES
-from tests.plugins.gatewaynode import COUNTY_A
+from tests.plugins.gatewaynode import COUNTY_A, Api
 
 
 @pytest.fixture
@@ -229,3 +230,38 @@ def test_every_call_that_reads_the_database_documents_its_503_with_retry_after(s
             answer = op["responses"].get("503")
             assert answer is not None, (method, path)
             assert "Retry-After" in answer["headers"], (method, path)
+
+
+def test_the_webhook_posts_are_in_the_document_and_a_real_post_keeps_to_it(sqlite_api, spec):
+    """OpenAPI 3.1 ``webhooks``: the body a receiver gets (its schema from events.WebhookEvent,
+    every field required), the signature headers and the answers the gateway takes; a post
+    the worker sends over real HTTP has each required header and a body the schema admits."""
+    from tests.test_webhooks_and_ops import Receiver
+
+    hook = spec["webhooks"]["documentStatus"]["post"]
+    assert hook["summary"] and hook["operationId"] == "on_document_status"
+    assert set(hook["responses"]) == {"2XX", "default"}
+    headers = {p["name"]: p for p in hook["parameters"]}
+    assert set(headers) == {"Gateway-Timestamp", "Gateway-Node", "Gateway-Signature"}
+    assert all(p["in"] == "header" and p["required"] for p in headers.values())
+    schema = hook["requestBody"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/WebhookEvent"}
+    event = spec["components"]["schemas"]["WebhookEvent"]
+    assert set(event["required"]) == set(event["properties"])
+    assert event["properties"]["status"]["enum"] == list(RECIPIENT_STATUSES)
+    receiver = Receiver()
+    try:
+        api = Api(sqlite_api.node, webhook_url=receiver.url)
+        api.post("/api/v1/documents", json=api.document())
+        Worker(api.node).drain()
+        assert receiver.posts, "no webhook was posted"
+        for sent, body in receiver.posts:
+            for name, p in headers.items():
+                assert name in sent, name
+                jsonschema.validate(sent[name], p["schema"])
+            posted = json.loads(body)
+            jsonschema.validate(posted, {**schema, "components": spec["components"]},
+                                format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+            assert set(posted) == set(event["properties"])
+    finally:
+        receiver.server.shutdown()

@@ -4,9 +4,11 @@ from __future__ import annotations
 import base64
 import os
 import json
+import re
 import threading
 import time
 from datetime import datetime, UTC
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -91,6 +93,88 @@ def test_status_changes_reach_the_caller_signed_and_retried(gw_node, receiver):
     with pytest.raises(InvalidSignature):
         pub.verify(base64.b64decode(headers["Gateway-Signature"][8:]),
                    headers["Gateway-Timestamp"].encode() + b"." + body.replace(b'"unit"', b'"unjt"'))
+
+
+#: a time as the API writes it: UTC, with Z
+_UTC_Z = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?Z")
+_INTEGRATING = Path(__file__).resolve().parent.parent / "docs" / "integrating.md"
+
+
+def test_webhook_times_are_written_as_the_api_writes_them_even_for_a_post_stored_before(gw_node):
+    """``at`` is UTC with ``Z``, as in the API's answers. A payload is stored at the status
+    change and posted (retried) later: one stored by an earlier version, with ``+00:00``, is
+    posted with ``Z`` too, the same event (id) at the same instant."""
+    from sqlalchemy import select, update
+
+    from gateway.models import OutboxEntry
+
+    receiver = Receiver(fail_first=1)
+    try:
+        api = Api(gw_node, webhook_url=receiver.url)
+        mid = api.post("/api/v1/documents", json=api.document()).get_json()["id"]
+        worker = Worker(gw_node)
+        worker.drain()  # delivered; its post is answered 500 and waits for its retry
+        first = json.loads(receiver.posts[0][1])
+        assert _UTC_Z.fullmatch(first["at"]), first["at"]
+        accepted = api.get(f"/api/v1/documents/{mid}").get_json()["accepted_at"]
+        assert _UTC_Z.fullmatch(accepted), accepted  # the API's form
+        with gw_node.db.begin() as s:  # as an earlier version stored it, and due now
+            row = s.scalars(select(OutboxEntry).where(OutboxEntry.kind == "webhook")).one()
+            assert row.payload["at"] == first["at"]  # stored as posted
+            old = datetime.fromisoformat(first["at"]).isoformat()
+            assert old.endswith("+00:00")
+            row.payload = {**row.payload, "at": old}
+            s.execute(update(OutboxEntry).where(OutboxEntry.id == row.id).values(next_attempt_at=datetime.now(UTC)))
+        worker.drain()
+        retried = json.loads(receiver.posts[1][1])
+        assert retried == first, (retried, first)
+    finally:
+        receiver.server.shutdown()
+
+
+def _block(text: str, after: str, lang: str) -> str:
+    """The first ```lang block of docs text after the heading ``after``."""
+    m = re.search(re.escape(after) + r".*?```" + lang + r"\n(.*?)```", text, re.S)
+    assert m, (after, lang)
+    return m.group(1)
+
+
+def test_the_verification_snippet_and_example_of_the_docs_run_as_written(gw_node):
+    """docs/integrating.md's "Webhooks": the Python snippet, run as printed (the node's address
+    its only change) against the node over real HTTP, accepts the node's real posts and
+    refuses a changed body or a stale timestamp; the example body has the fields and the
+    time form of a real post, and keeps to the OpenAPI document's schema."""
+    import jsonschema
+
+    from gateway.app import create_app
+
+    docs = _INTEGRATING.read_text(encoding="utf-8")
+    snippet, example = _block(docs, "## Webhooks", "python"), _block(docs, "## Webhooks", "json")
+    served = make_server("127.0.0.1", 0, create_app(node=gw_node), threaded=True)
+    threading.Thread(target=served.serve_forever, daemon=True).start()
+    receiver = Receiver()
+    try:
+        assert 'BASE = "http://127.0.0.1:8080"' in snippet
+        code = snippet.replace('BASE = "http://127.0.0.1:8080"', f'BASE = "http://127.0.0.1:{served.server_port}"')
+        names: dict = {}
+        exec(compile(code, str(_INTEGRATING), "exec"), names)  # noqa: S102 - the documentation's own code
+        verified = names["verified"]
+        api = Api(gw_node, webhook_url=receiver.url)
+        api.post("/api/v1/documents", json=api.document())
+        assert _drain_until(gw_node, lambda: len(receiver.posts) >= 1)
+        headers, body = receiver.posts[0]
+        assert verified(headers, body)
+        assert not verified(headers, body.replace(b'"unit"', b'"unjt"'))
+        assert not verified({**headers, "Gateway-Timestamp": str(int(time.time()) - 3600)}, body)
+        shown, real = json.loads(example), json.loads(body)
+        assert set(shown) == set(real), (shown, real)
+        assert _UTC_Z.fullmatch(shown["at"]) and _UTC_Z.fullmatch(real["at"]), (shown["at"], real["at"])
+        spec = api.client.get("/api/v1/openapi.json").get_json()
+        jsonschema.validate(shown, {"$ref": "#/components/schemas/WebhookEvent", "components": spec["components"]},
+                            format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    finally:
+        receiver.server.shutdown()
+        served.shutdown()
 
 
 def test_a_copys_webhooks_reach_the_caller_in_the_order_its_status_changed(gw_node):
@@ -260,6 +344,34 @@ def test_readyz_says_not_ready_before_migrations(tmp_path):
     r = create_app(node=node).test_client().get("/readyz")
     assert r.status_code == 503 and "gateway db upgrade" in r.get_json()["checks"]["migrations"]
     node.close()
+
+
+def test_readyz_says_not_ready_while_the_data_folder_has_less_room_than_the_setting(api, gw_node):
+    """Below [api] ready_min_free_bytes free on the data folder's file system every accept
+    would soon fail 507 storage-full: /readyz answers 503 and says why, so that a load
+    balancer sends the accepts elsewhere. The probe writes nothing."""
+    from gateway.blobs import free_bytes
+
+    ready = api.client.get("/readyz")
+    assert ready.status_code == 200 and ready.get_json()["checks"]["storage"] == "ok"
+    gw_node.config.api.ready_min_free_bytes = free_bytes(gw_node.data_dir) + 2**40  # more than there is
+    r = api.client.get("/readyz")
+    assert r.status_code == 503 and r.get_json()["status"] == "not ready", r.get_json()
+    said = r.get_json()["checks"]["storage"]
+    assert said.startswith("full: ") and str(gw_node.data_dir) in said and "ready_min_free_bytes" in said, said
+    assert r.get_json()["checks"]["database"] == "ok"  # reads still work: only the room is short
+    gw_node.config.api.ready_min_free_bytes = 0  # not checked
+    assert api.client.get("/readyz").status_code == 200
+    assert not (gw_node.data_dir / "storage-full.seen").exists()  # no write per probe
+
+
+def test_readyz_watches_the_folder_of_a_sqlite_database_kept_outside_the_data_folder(tmp_path):
+    from gateway.room import folders
+
+    data = tmp_path / "var"
+    assert folders(data, f"sqlite:///{data}/gateway.db") == [data]
+    assert folders(data, f"sqlite:///{tmp_path}/db/gw.db") == [data, (tmp_path / "db").resolve()]
+    assert folders(data, "postgresql://gw@db.internal/gateway") == [data]  # its disk is the server's
 
 
 def test_blob_upload_is_streamed_and_content_addressed(api, gw_node):

@@ -22,6 +22,7 @@ from gateway.api.spec import document, operation
 from gateway.federation import directory
 from gateway.migrate import NewerSchema, current_is_head
 from gateway.models import Delivery, JobRun, OutboxEntry
+from gateway.room import FULL_RECENTLY, shortage
 
 bp = Blueprint("ops", __name__)
 
@@ -37,8 +38,8 @@ class Readiness(BaseModel):
 
     status: Literal["ready", "degraded", "not ready"]
     node: str
-    checks: dict[str, str] = Field(description="database, migrations and, where there is one, the federation "
-                                               "directory: ok or what is wrong")
+    checks: dict[str, str] = Field(description="database, migrations, storage (room for an accept) and, where "
+                                               "there is one, the federation directory: ok or what is wrong")
 
 
 class WebhookKey(BaseModel):
@@ -61,7 +62,7 @@ def healthz() -> Response:
 
 
 @operation(method="get", path="/readyz", operation_id="get_readiness",
-           summary="就绪检查 (database reachable, schema current)",
+           summary="就绪检查 (database reachable, schema current, room to store an accept)",
            tag="运维 (operations)", scope=None, errors=(),
            responses={200: (Readiness, "ready, or degraded (an expired federation directory still routes)"),
                       503: (Readiness, "not ready: the checks say what is wrong")})
@@ -85,6 +86,15 @@ def readyz() -> Response:
     except Exception as exc:  # noqa: BLE001
         checks["database"] = f"unreachable: {type(exc).__name__}"
         ok = False
+    # room for an accept: without it every accept would fail 507 storage-full
+    full = shortage(n.storage_folders, n.config.api.ready_min_free_bytes)
+    ago = n.full_database.seconds_ago()
+    if full is None and ago is not None:
+        full = (f"full: a write met a database with no disk space left {max(ago, 0):.0f} s ago (answered 507 "
+                f"storage-full): free space on the database's disk; not ready until {FULL_RECENTLY:g} s after the "
+                f"last such write")
+    checks["storage"] = full or "ok"
+    ok = ok and full is None
     fed_dir = directory.state(n) if ok else None
     if fed_dir is not None:  # an expired directory still routes: ready, but degraded
         checks["directory"] = fed_dir.text
@@ -214,7 +224,7 @@ margin:0 auto;padding:16px 20px 0;color:#3b4151;line-height:1.7}.gw-intro h1{fon
     "Parameter content type": "参数内容类型",
     "Response content type": "响应内容类型", "Send empty value": "发送空值", "Authorized": "已授权",
     "required": "必填", "Reset": "重置", "Hide": "隐藏", "Loading...": "加载中…",
-    "Example Description": "示例说明", "Examples": "示例", "Undocumented": "未说明"};
+    "Example Description": "示例说明", "Examples": "示例", "Undocumented": "未说明", "Webhooks": "回调"};
   // sentences split over several text nodes (Controls <code>Accept</code> header.): by the
   // whole text of their <small> element, labelled once
   const whole = {"Controls Accept header.": "选择应答格式（Accept 请求头）"};

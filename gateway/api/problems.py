@@ -192,6 +192,9 @@ def _outage_answer(app: Flask, kind: str, exc: BaseException) -> Response:
     off on its way back, the same Idempotency-Key finds it when the caller tries again)."""
     text = outage_text(exc)
     if kind == "full":
+        node = app.extensions.get("gateway.node")
+        if node is not None:  # /readyz says not ready for a while (a load balancer sends the accepts elsewhere)
+            node.full_database.note()
         OUTAGE_LOG.note(app, logging.ERROR, "%s %s: no disk space left for the database (%s); answered 507",
                          request.method, shown(request.path), shown(text))
         out = problem_response(507, "storage-full", "the node's database has no disk space left; nothing was "

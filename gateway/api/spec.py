@@ -111,6 +111,26 @@ IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
                    "description": "the caller's key for this request: sent again, the first answer is repeated "
                                   "(Idempotent-Replayed) and nothing is done twice",
                    "schema": {"type": "string", "minLength": 1, "maxLength": 200}}
+#: the headers of every webhook post: how a receiver knows it came from this node, unchanged
+WEBHOOK_HEADERS: list[dict[str, Any]] = [
+    {"name": "Gateway-Timestamp", "in": "header", "required": True,
+     "description": "Unix time in seconds when this attempt was signed (every attempt is signed anew): refuse one "
+                    "more than a few minutes from your clock",
+     "schema": {"type": "string", "pattern": "^[0-9]+$"}, "example": "1795876039"},
+    {"name": "Gateway-Node", "in": "header", "required": True, "description": "the id of the node that sent it",
+     "schema": {"type": "string"}},
+    {"name": "Gateway-Signature", "in": "header", "required": True,
+     "description": "<algorithm>=<base64>: the node key's signature over Gateway-Timestamp + '.' + the body's bytes "
+                    "exactly as received. ed25519 (Ed25519), or sm2-sm3 (SM2 with SM3 and the default ID, r || s) "
+                    "on a node configured for 国密. The key: GET /api/v1/webhooks/public-key",
+     "schema": {"type": "string", "pattern": "^(ed25519|sm2-sm3)=[A-Za-z0-9+/]+={0,2}$"}},
+]
+WEBHOOK_DESCRIPTION = (
+    "网关向 API 密钥登记的回调地址（--webhook-url）POST 每一份收文的状态变化。\n\n"
+    "The gateway POSTs every status change of a copy of a document the key sent to the key's webhook URL (not "
+    "the accept itself: the 202 says that). Verify Gateway-Signature before trusting the body. Delivery is at "
+    "least once and in order for each copy: drop a repeat by its id; while a post is being retried, the later "
+    "changes of the same copy wait for it. Redirects are not followed.")
 #: (503 and 507 are added to every operation that can fail: see document())
 _DEFAULT_ERRORS = {"get": (400, 401, 403, 404), "post": (400, 401, 403, 404, 409, 413, 415, 422)}
 
@@ -181,6 +201,23 @@ def document() -> dict[str, Any]:
             if str(status) in o["responses"]:
                 o["responses"][str(status)]["headers"] = {name: RESPONSE_HEADERS[name] for name in names}
         paths.setdefault(op.path, {})[op.method] = o
+    from gateway.config import WebhookConfig
+    from gateway.events import WebhookEvent
+
+    hooks = WebhookConfig()  # the defaults: the document is the same whatever a node sets
+
+    webhooks = {"documentStatus": {"post": {
+        "summary": "状态回调 (a copy's status changed)", "tags": ["回调 (webhooks)"],
+        "operationId": "on_document_status", "description": WEBHOOK_DESCRIPTION,
+        "parameters": [dict(h) for h in WEBHOOK_HEADERS],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": ref(WebhookEvent,
+                                                                                          "serialization")}}},
+        "responses": {
+            "2XX": {"description": "stored on your side: the post is done (answer only once the event is stored)"},
+            "default": {"description": f"anything else, a redirect included, or no answer within [webhooks] "
+                                       f"timeout ({hooks.timeout:g} s by default): the post is retried with "
+                                       f"exponential backoff ({hooks.retry.max_attempts} attempts by default), then "
+                                       f"left to the node's operator (gateway outbox retry)"}}}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "电子政务内网集成网关 API (e-government intranet gateway)", "version": gateway.__version__,
@@ -190,6 +227,7 @@ def document() -> dict[str, Any]:
                                 "or X-API-Key). Errors are RFC 9457 application/problem+json with a stable type. "
                                 "POSTs honour Idempotency-Key."},
         "paths": paths,
+        "webhooks": webhooks,
         "components": {"schemas": schemas, "securitySchemes": {
             "apiKey": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer gw_<id>_<secret>"},
             "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key",

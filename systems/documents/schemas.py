@@ -11,6 +11,7 @@ from typing_extensions import TypedDict  # pydantic needs it before Python 3.12
 
 from gateway import xmlsafe
 from gateway.envelope import RECEIPT_ACTIONS, URGENCY_RANK
+from gateway.models import DELIVERY_STATUSES
 from gateway.units import uscc_problem
 from systems.documents import rules
 
@@ -23,7 +24,7 @@ _DATE: JsonDict = {"pattern": f"^(?:{_YEAR}年(?:[1-9]|1[0-2])月(?:[1-9]|[12][0
                               f"|{_YEAR}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01]))$"}
 _DOC_NUMBER: JsonDict = {"pattern": r"^[^\s\x00-\x1f〔〕\[\]［］()（）【】第０-９\uFFFE\uFFFF]+〔" + _YEAR + r"〕[1-9][0-9]{0,5}号$"}
 #: a recipient's status (the list's ?status= takes the same)
-RECIPIENT_STATUSES = ("queued", "delivered", "signed", "returned", "recalled", "failed")
+RECIPIENT_STATUSES = DELIVERY_STATUSES
 #: free text the envelope (XML) can carry (see gateway.xmlsafe.XML_TEXT)
 XML_TEXT = xmlsafe.XML_TEXT
 
