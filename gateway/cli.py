@@ -105,7 +105,38 @@ def db_upgrade(c: Ctx) -> None:
                                  detail={"from": before, "to": head})
         finally:
             db.dispose()
-    click.echo(f"database at {_safe_url(url)} is at the newest schema")
+    click.echo(f"database at {_safe_url(url)} is at the newest schema (revision {head})")
+
+
+@db.command("downgrade", help="Step the schema down to REVISION, the newest revision of the older version to run "
+                              "again (a rollback; stop every process of the node and take a backup first).")
+@click.argument("revision")
+@pass_ctx
+def db_downgrade(c: Ctx, revision: str) -> None:
+    from gateway import audit as audit_mod
+    from gateway import migrate
+    from gateway.db import Database
+
+    try:
+        url = c.cfg().database_url()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        before = migrate.downgrade(url, revision)
+    except (migrate.NewerSchema, migrate.BadRevision) as exc:
+        raise click.ClickException(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - the database cannot be reached or read
+        raise click.ClickException(f"{c.cfg().source}: database.url: cannot migrate the database at "
+                                   f"{_safe_url(url)}: {_reason(exc)}") from None
+    db = Database(url, 1)
+    try:  # the audit log is part of every revision
+        with db.begin() as s:
+            audit_mod.append(s, actor=f"cli:{_user()}", action="schema.downgrade", obj="database",
+                             detail={"from": before, "to": revision})
+    finally:
+        db.dispose()
+    click.echo(f"database at {_safe_url(url)} is at schema revision {revision} (was {before}); "
+               f"start the version whose newest revision that is")
 
 
 def _reason(exc: BaseException) -> str:

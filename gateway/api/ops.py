@@ -81,7 +81,8 @@ def readyz() -> Response:
         else:
             checks["migrations"] = "ok"
     except NewerSchema:
-        checks["migrations"] = "newer than this version of the gateway: run the version that migrated it"
+        checks["migrations"] = ("newer than this version of the gateway: run the version that migrated it, or "
+                                 "step it down with that version's 'gateway db downgrade'")
         ok = False
     except Exception as exc:  # noqa: BLE001
         checks["database"] = f"unreachable: {type(exc).__name__}"
