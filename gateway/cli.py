@@ -841,7 +841,7 @@ def federation_key(c: Ctx) -> None:
 
     cfg = c.cfg()
     try:
-        click.echo(keys.public_text(keys.own_key(cfg)))
+        click.echo(keys.public_text(keys.own_key(cfg, actor=f"cli:{_user()}")))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 

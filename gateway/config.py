@@ -30,7 +30,7 @@ class ConfigError(Exception):
     """Raised with a message fit for an operator: file, key, what was expected."""
 
 
-#: ``[worker] keep_ingested_days``, when not 0, is at least this
+#: ``[worker] keep_ingested_days`` and ``keep_peer_items_days``, when not 0, are at least this
 MIN_KEEP_INGESTED_DAYS = 7
 #: ``[node] id`` and every ``[peers.NODE_ID]``: node ids become folder and file names
 NODE_ID = re.compile(r"[a-z][a-z0-9-]{1,31}")
@@ -256,6 +256,13 @@ class WorkerConfig(_Strict):
     #: ``prune`` job once their item has not been seen at its source for this many days: it was
     #: archived or moved there, or passed by a receipt cursor; 0 keeps them for ever
     keep_ingested_days: int = Field(default=90, ge=0, le=3650)
+    #: the records of the items batch and ferry peers sent (gateway.federation.batch, ferry)
+    #: are forgotten by the ``prune`` job once the peer has not sent the item again for this
+    #: many days; one refused is kept; 0 keeps them all for ever
+    keep_peer_items_days: int = Field(default=90, ge=0, le=3650)
+    #: runs of scheduled jobs (job_runs) started this many days ago are removed by the
+    #: ``prune`` job, all but each job's newest and newest successful; the audit log keeps them
+    keep_job_runs_days: int = Field(default=90, ge=1, le=3650)
 
     @field_validator("keep_ingested_days")
     @classmethod
@@ -264,6 +271,15 @@ class WorkerConfig(_Strict):
             raise ValueError(f"{v} days is too short a time to forget what was taken from a legacy system (a "
                              f"source out of reach for a few days may still hold it); expected 0 (kept for "
                              f"ever) or {MIN_KEEP_INGESTED_DAYS} to 3650")
+        return v
+
+    @field_validator("keep_peer_items_days")
+    @classmethod
+    def _keep_peer_items(cls, v: int) -> int:
+        if 0 < v < MIN_KEEP_INGESTED_DAYS:
+            raise ValueError(f"{v} days is too short a time to forget what a peer sent (a link down for a few "
+                             f"days brings its unanswered items again); expected 0 (kept for ever) or "
+                             f"{MIN_KEEP_INGESTED_DAYS} to 3650")
         return v
 
 

@@ -175,11 +175,15 @@ class IngestedItem(Base):
     items and ferry files peers sent (``adapter`` ``peer:NODE`` / ``ferry:NODE``)."""
 
     __tablename__ = "ingested"
+    #: the ``prune`` job finds the keys not seen for a while by it (migration 0013)
+    __table_args__ = (Index("ix_ingested_at", "at"),)
     key: Mapped[str] = mapped_column(String(400), primary_key=True)
     adapter: Mapped[str] = mapped_column(String(64))
     outcome: Mapped[str] = mapped_column(String(200))
-    #: when the item was taken, or last seen again at its source (gateway.inbound); a legacy
-    #: item's key is forgotten [worker] keep_ingested_days after it (gateway.prune)
+    #: when the item was taken, or last seen again at its source (gateway.inbound) or sent
+    #: again by its peer (gateway.federation.batch, ferry); a key is forgotten [worker]
+    #: keep_ingested_days (legacy items) or keep_peer_items_days (peers' items) after it
+    #: (gateway.prune)
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

@@ -216,7 +216,14 @@ class Node:
         from the one the same kind of process (``api``, ``serve``, ``worker``) recorded last: its SHA-256, the previous one, the settings that changed
         (dotted keys) and the file. The settings themselves (never a secret: the file may only
         name where secrets are) are kept in ``adapter_state`` for the next comparison. Several
-        processes starting with one configuration record it once."""
+        processes starting with one configuration record it once. The node key is recorded
+        too (``node.key``, see :func:`gateway.federation.keys.record_own_key`)."""
+        from gateway.federation.keys import record_own_key
+
+        self._record_settings(process)
+        record_own_key(self.db, self.config, f"{process}:{os_user()}")
+
+    def _record_settings(self, process: str) -> None:
         from gateway import audit
 
         settings = self.config.model_dump(mode="json", exclude={"source", "base_dir", "simulators"})

@@ -29,10 +29,12 @@ SM2_FILE = "node-sm2.pem"
 K = TypeVar("K")
 
 
-def _load_or_create(path: Path, load: Callable[[bytes], K], generate: Callable[[], tuple[K, bytes]]) -> K:
+def _load_or_create(path: Path, load: Callable[[bytes], K], generate: Callable[[], tuple[K, bytes]],
+                    on_create: Callable[[K], None] | None = None) -> K:
     """The key in ``path``, or a new one written there (mode 0600). The new key is written
     to a temporary file of this call's own and linked into place, so two processes starting
-    at once never overwrite each other's key: the loser of the race loads the winner's."""
+    at once never overwrite each other's key: the loser of the race loads the winner's.
+    ``on_create(key)`` is called by the process that made the key, once it is in place."""
     while True:
         if path.exists():
             return load(path.read_bytes())
@@ -46,6 +48,8 @@ def _load_or_create(path: Path, load: Callable[[bytes], K], generate: Callable[[
                 os.fsync(f.fileno())
             os.link(tmp, path)  # fails if the key exists: never overwrite a key
             fsync_dir(path.parent)  # peers pin this key: a crash must not lose its name
+            if on_create is not None:
+                on_create(key)
             return key
         except FileExistsError:
             continue  # another process created it meanwhile: use that one
@@ -53,8 +57,9 @@ def _load_or_create(path: Path, load: Callable[[bytes], K], generate: Callable[[
             os.unlink(tmp)
 
 
-def load_or_create(data_dir: Path) -> Ed25519PrivateKey:
-    """The node's Ed25519 key (``<data_dir>/node-ed25519.pem``)."""
+def load_or_create(data_dir: Path, on_create: Callable[[Ed25519PrivateKey], None] | None = None) -> Ed25519PrivateKey:
+    """The node's Ed25519 key (``<data_dir>/node-ed25519.pem``); ``on_create`` as for
+    :func:`_load_or_create` (gateway.federation.keys.own_key audits a new key)."""
     path = data_dir / ED25519_FILE
 
     def load(pem: bytes) -> Ed25519PrivateKey:
@@ -71,10 +76,10 @@ def load_or_create(data_dir: Path) -> Ed25519PrivateKey:
         return key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption())
 
-    return _load_or_create(path, load, generate)
+    return _load_or_create(path, load, generate, on_create)
 
 
-def load_or_create_sm2(data_dir: Path) -> SM2PrivateKey:
+def load_or_create_sm2(data_dir: Path, on_create: Callable[[SM2PrivateKey], None] | None = None) -> SM2PrivateKey:
     """The node's SM2 key (``<data_dir>/node-sm2.pem``), for ``[federation] algorithm = "sm2"``."""
     from gateway.federation.sm2 import SM2PrivateKey
 
@@ -90,7 +95,7 @@ def load_or_create_sm2(data_dir: Path) -> SM2PrivateKey:
         key = SM2PrivateKey.generate()
         return key, key.private_pem()
 
-    return _load_or_create(path, load, generate)
+    return _load_or_create(path, load, generate, on_create)
 
 
 def public_pem(key: Ed25519PrivateKey | SM2PrivateKey) -> str:

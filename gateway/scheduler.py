@@ -159,8 +159,9 @@ def _prune(node: Node) -> dict[str, Any]:
 
 
 register("prune", _prune, "remove outbox rows done for [worker] keep_done_days, Idempotency-Keys older "
-                          "than [api] idempotency_days and the keys of legacy items not seen for [worker] "
-                          "keep_ingested_days")
+                          "than [api] idempotency_days, the keys of legacy items not seen for [worker] "
+                          "keep_ingested_days, the records of peers' items not sent again for "
+                          "keep_peer_items_days and job runs older than keep_job_runs_days")
 
 
 # -- configuration -------------------------------------------------------------------------

@@ -123,3 +123,63 @@ def test_no_housekeeping_job_removes_audit_entries_however_old(tmp_path, databas
             assert audit.verify(s).ok
     finally:
         node.close()
+
+
+def _conf(tmp_path, database_url: str):  # type: ignore[no-untyped-def]
+    """The file of node_config's node (the same data_dir and database), for the CLI."""
+    conf = tmp_path / "node.toml"
+    conf.write_text(f'[node]\nid = "prefecture"\ndata_dir = "{tmp_path / "var"}"\n'
+                    f'[database]\nurl = "{database_url}"\n', encoding="utf-8")
+    return conf
+
+
+def test_making_the_node_key_is_audited_and_a_start_finds_a_key_replaced(tmp_path, database_url):
+    """Peers pin the node key: a new one cuts them off until they pin it too. Making it
+    (`gateway federation key`, or on first use) is an admin.node_key.create entry with the
+    public key; a process that starts with another key in the file than the one recorded (the
+    file replaced, or restored from another node) records node.key, outcome changed."""
+    from gateway import nodekey
+    from gateway.federation.keys import public_text
+
+    cfg = node_config(tmp_path, database_url)
+    migrate.upgrade(cfg.database_url())
+    conf = _conf(tmp_path, database_url)
+    printed = []
+    for _ in range(2):  # the second prints the same key: nothing made, nothing recorded
+        r = CliRunner().invoke(main, ["-c", str(conf), "federation", "key"], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        printed.append(r.output.strip())
+    assert printed[0] == printed[1]
+    [made] = _entries(database_url, "admin.node_key.create")
+    assert made.actor.startswith("cli:") and made.object == "node:prefecture"
+    assert json.loads(made.detail) == {"algorithm": "ed25519", "public_key": printed[0],
+                                       "file": str(tmp_path / "var" / nodekey.ED25519_FILE)}
+    _start(cfg)
+    assert _entries(database_url, "node.key") == []  # the key recorded is the one in place
+
+    (tmp_path / "var" / nodekey.ED25519_FILE).unlink()  # replaced behind the gateway's back
+    other = public_text(nodekey.load_or_create(tmp_path / "var"))
+    _start(cfg)
+    _start(cfg)
+    [changed] = _entries(database_url, "node.key")
+    assert changed.outcome == "changed" and changed.actor.startswith("api:")
+    assert json.loads(changed.detail)["public_key"] == other
+    assert json.loads(changed.detail)["previous_public_key"] == printed[0]
+    db = Database(database_url, 1)
+    with db.sessions() as s:
+        assert audit.verify(s).ok
+    db.dispose()
+
+
+def test_a_node_key_made_before_the_database_is_ready_is_recorded_at_the_next_start(tmp_path, database_url, caplog):
+    cfg = node_config(tmp_path, database_url)
+    r = CliRunner().invoke(main, ["-c", str(_conf(tmp_path, database_url)), "federation", "key"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0 and r.output.startswith("ed25519:"), r.output  # the key is made all the same
+    assert "could not be written to the audit log (admin.node_key.create)" in caplog.text
+    migrate.upgrade(cfg.database_url())
+    _start(cfg)
+    _start(cfg)
+    [first] = _entries(database_url, "node.key")
+    assert first.outcome == "first" and json.loads(first.detail)["public_key"] == r.output.strip()
+    assert _entries(database_url, "admin.node_key.create") == []

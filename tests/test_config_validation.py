@@ -367,3 +367,16 @@ def test_keep_ingested_days_is_0_or_a_week_or_more_and_outlasts_the_pauses_of_th
     scheduler.validate(ok(tmp_path, {"schedules": monthly}))  # 90 days: two runs at least
     scheduler.validate(ok(tmp_path, {"worker": {"keep_ingested_days": 0}, "schedules": monthly}))
     scheduler.validate(ok(tmp_path, {"worker": {"keep_ingested_days": 7}, "schedules": {"receipts": {"cron": "*/5 * * * *"}}}))
+
+
+def test_keep_peer_items_days_is_0_or_a_week_or_more_and_keep_job_runs_days_a_day_or_more(tmp_path):
+    """What peers sent is forgotten once not sent again for keep_peer_items_days (a link down
+    for a few days sends its unanswered items again); job runs go after keep_job_runs_days (a
+    tick more than a minute late is never run, so a day is enough to keep it to one run)."""
+    msg = refused(tmp_path, {"worker": {"keep_peer_items_days": 3}})
+    assert msg.startswith("node.toml: worker.keep_peer_items_days: 3 days is too short") and "0 (kept for ever)" in msg
+    assert [ok(tmp_path, {"worker": {"keep_peer_items_days": d}}).worker.keep_peer_items_days for d in (0, 7)] == [0, 7]
+    assert refused(tmp_path, {"worker": {"keep_job_runs_days": 0}}).startswith("node.toml: worker.keep_job_runs_days")
+    assert "greater than or equal to 1" in refused(tmp_path, {"worker": {"keep_job_runs_days": 0}})
+    defaults = ok(tmp_path, {}).worker
+    assert (defaults.keep_peer_items_days, defaults.keep_job_runs_days) == (90, 90)

@@ -19,16 +19,17 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from adapters.simulators.cluster import CITY_B, PREFECTURE, Cluster, NodeProc
-from gateway import migrate, nodekey
+from gateway import migrate, nodekey, prune
 from gateway import config as config_mod
 from gateway.federation import ferry
 from gateway.federation.keys import public_text
@@ -248,10 +249,11 @@ def _manifest(data: bytes) -> bytes:
 
 
 # -- in-process nodes (SFTP; a file still arriving) ---------------------------------------------
-def _pair(tmp_path: Path, out_b: Any, in_b: Any, out_pref: Any, in_pref: Any, settle: float = 0) -> tuple[Node, Node]:
-    """The prefecture and county B as in-process nodes on their own SQLite databases, linked
-    by a ferry: the prefecture writes to ``out_b`` and reads ``in_pref``, county B reads
-    ``in_b`` and writes ``out_pref``."""
+def _pair(tmp_path: Path, out_b: Any, in_b: Any, out_pref: Any, in_pref: Any, settle: float = 0,
+          b_url: str | None = None) -> tuple[Node, Node]:
+    """The prefecture and county B as in-process nodes on their own SQLite databases (county
+    B's at ``b_url`` if given), linked by a ferry: the prefecture writes to ``out_b`` and reads
+    ``in_pref``, county B reads ``in_b`` and writes ``out_pref``."""
     RecordingAdapter.instances.clear()
     ids = {"prefecture": PREFECTURE, "county-b": CITY_B}
     for n in ids:
@@ -264,7 +266,7 @@ def _pair(tmp_path: Path, out_b: Any, in_b: Any, out_pref: Any, in_pref: Any, se
     for me, other in (("prefecture", "county-b"), ("county-b", "prefecture")):
         out, into = (out_b, in_pref) if me == "prefecture" else (out_pref, in_b)
         raw = {"node": {"id": me, "units": [ids[me]], "data_dir": str(tmp_path / me)},
-               "database": {"url": f"sqlite:///{tmp_path / me / 'gateway.db'}"},
+               "database": {"url": b_url if b_url and me == "county-b" else f"sqlite:///{tmp_path / me / 'gateway.db'}"},
                "worker": {"threads": 2, "idle_sleep": 0.05, "lease_seconds": 30,
                           "retry": {"max_attempts": 3, "base_delay": 0.01, "max_delay": 0.05}},
                "adapters": {f"rec-{me}": {"type": "recording"}},
@@ -287,11 +289,12 @@ def _send(pref: Node) -> str:
 
 
 @contextmanager
-def _two_files(tmp_path: Path) -> Iterator[SimpleNamespace]:
+def _two_files(tmp_path: Path, b_url: str | None = None) -> Iterator[SimpleNamespace]:
     """Two in-process nodes on a folder ferry; the prefecture has sent two documents, one
     file each (``one`` and ``two``, their ids ``first`` and ``second``), not yet imported."""
     to_b, to_pref = tmp_path / "to-b", tmp_path / "to-pref"
-    pref, b = _pair(tmp_path, out_b=str(to_b), in_b=str(to_b), out_pref=str(to_pref), in_pref=str(to_pref))
+    pref, b = _pair(tmp_path, out_b=str(to_b), in_b=str(to_b), out_pref=str(to_pref), in_pref=str(to_pref),
+                    b_url=b_url)
     try:
         first = _send(pref)
         [one] = ferry.ferry_out(pref)["county-b"]["files"]
@@ -301,6 +304,24 @@ def _two_files(tmp_path: Path) -> Iterator[SimpleNamespace]:
     finally:
         pref.close()
         b.close()
+
+
+def test_a_file_that_comes_again_keeps_its_record_past_keep_peer_items_days(tmp_path: Path, database_url: str) -> None:
+    """The record of an imported file (and of each of its items) is forgotten by ``prune``
+    once the file has not come for [worker] keep_peer_items_days; a file that comes again is
+    marked as come now, and its record stays."""
+    with _two_files(tmp_path, b_url=database_url) as t:
+        got = ferry.ferry_in(t.b)["prefecture"]
+        assert [f["file"] for f in got["imported"]] == [t.one["file"], t.two["file"]]
+        with t.b.db.begin() as s:
+            s.execute(update(IngestedItem).values(at=datetime.now(UTC) - timedelta(days=91)))
+            two = s.scalars(select(IngestedItem.key).where(IngestedItem.key.like("ferry:prefecture:2:%"))).one()
+        ferry.resend(t.pref, "county-b", 2)
+        assert [f["file"] for f in ferry.ferry_in(t.b)["prefecture"]["duplicate"]] == [t.two["file"]]
+
+        assert prune.run(t.b)["peer_items_removed"] == 3  # file 1 and both items
+        with t.b.db.sessions() as s:
+            assert list(s.scalars(select(IngestedItem.key))) == [two]
 
 
 def test_round_trip_over_sftp_to_a_real_openssh_server(openssh_server: SftpEndpoint, tmp_path: Path) -> None:

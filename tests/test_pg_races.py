@@ -32,18 +32,18 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import make_url
 
 from adapters.base import PermanentError, RetryableError, remote_ref
 from adapters.simulators.exchange_box import FolderClerk
 from adapters.simulators.sftp_server import LegacySftpClerk
 from adapters.simulators.soap_service import DocExchangeState, SoapServiceServer
-from gateway import audit, deadletter, inbound, migrate, pipeline, scheduler
+from gateway import audit, deadletter, inbound, migrate, pipeline, prune, scheduler
 from gateway import config as config_mod
 from gateway.envelope import Receipt
 from gateway.inbound import apply_receipt
-from gateway.models import AuditEntry, Delivery, JobRun, Message, OutboxEntry, ReceiptRecord
+from gateway.models import AuditEntry, Delivery, IngestedItem, JobRun, Message, OutboxEntry, ReceiptRecord
 from gateway.node import Node
 from gateway.federation.transfer import apply_status
 from gateway.worker import Outcome, Worker
@@ -544,6 +544,32 @@ def test_a_receipt_written_under_a_name_another_instance_just_collected_is_not_a
 #: the other process's [worker] settings, by role (short leases where leases run out)
 _WORKER = {"drain": {"threads": 2, "retry": {"max_attempts": 20, "base_delay": 0.01, "max_delay": 0.05}},
            "pause-in-adapter": {"lease_seconds": 0.5}, "outlive-lease": {"lease_seconds": 1.0, "threads": 2}}
+
+
+def test_a_legacy_key_seen_again_while_prune_removes_it_is_kept(pg_node):
+    """An item not seen at its source for keep_ingested_days comes back (the source was out of
+    reach) just as ``prune`` removes its key: the collection run refreshes the key and holds its
+    row; prune, which picked the key while it was old, waits, then finds it seen again and
+    keeps it. (Forgotten, the item would be taken a second time at the next run.)"""
+    key = "rec:HZ_back.xml:1"
+    with pg_node.db.begin() as s:
+        s.add(IngestedItem(key=key, adapter="rec", outcome="ok", at=datetime.now(UTC) - timedelta(days=100)))
+    result: dict[str, Any] = {}
+    pruning = threading.Thread(target=lambda: result.update(prune.run(pg_node)))
+    with pg_node.db.begin() as s:
+        s.execute(update(IngestedItem).where(IngestedItem.key == key).values(at=datetime.now(UTC)))  # seen again
+        pruning.start()
+        url = _libpq(pg_node.config.database_url())
+        deadline = time.monotonic() + 60
+        with psycopg.connect(url, autocommit=True) as conn:
+            while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                               "AND wait_event_type = 'Lock'").fetchone()[0] < 1:
+                assert pruning.is_alive() and time.monotonic() < deadline, "prune never waited for the row"
+                time.sleep(0.02)
+    pruning.join(60)
+    assert result["ingested_removed"] == 0
+    with pg_node.db.sessions() as s:
+        assert s.get(IngestedItem, key) is not None
 
 
 def _other(role: str, tmp: str, url: str, *args: str) -> dict:

@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import event, insert
 
 from adapters.base import remote_ref
-from gateway import scheduler
-from gateway.models import Delivery, JobRun, Message, table
+from gateway import prune, scheduler
+from gateway.models import Delivery, IngestedItem, JobRun, Message, table
 from gateway.node import Node
 from tests.plugins.gatewaynode import COUNTY_A, PREFECTURE, Api
 
@@ -166,3 +166,28 @@ def test_a_jobs_check_for_abandoned_runs_does_not_read_its_history(gw_node):
     with gw_node.db.engine.connect() as conn:
         plan = " ".join(r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params))
     assert "ix_job_runs_running" in plan, plan
+
+
+def test_a_prune_with_little_to_remove_reads_no_history(gw_node):
+    """``prune`` runs every night over the keys of every item ever taken and every job run:
+    each slice of what it forgets is found by an index (ix_ingested_at, migration 0013;
+    ix_job_runs_job_started), so a run with nothing old reads next to nothing, where a
+    scan read every key on every run (millions after a few years)."""
+    now = datetime.now(UTC)
+    rows = 3000
+    with gw_node.db.begin() as s:
+        s.execute(insert(table(IngestedItem)), [
+            dict(key=f"rec:HZ_{i}.xml:{i}" if i % 2 else f"batch:county-a:{i}",
+                 adapter="rec" if i % 2 else "peer:county-a", outcome="ok", at=now - timedelta(minutes=i))
+            for i in range(rows)])
+        s.execute(insert(table(JobRun)), [
+            dict(job="vol-poll", tick=now - timedelta(minutes=5 * i), trigger="schedule", instance="n1",
+                 outcome="ok", detail={}, started_at=now - timedelta(minutes=5 * i)) for i in range(1, rows + 1)])
+    _analyze(gw_node)
+    with _statements(gw_node) as seen:
+        out = prune.run(gw_node)
+    assert (out["ingested_removed"], out["peer_items_removed"], out["job_runs_removed"]) == (0, 0, 0)
+    reads = [(q, p) for q, p in seen if "FROM ingested" in q or "FROM job_runs" in q]
+    assert len(reads) >= 4, reads  # the two kinds of keys, the jobs' names and their runs
+    costs = [_cost(gw_node, q, p) for q, p in reads]
+    assert max(costs) < rows / 10, list(zip(costs, (q for q, _ in reads)))

@@ -17,7 +17,9 @@ ids are handed out at insert and, on PostgreSQL, concurrent transactions may com
 of order, so a lower ``seq`` can become visible after a higher one was sent.) What the item is
 (its kind, message and copy, and for a status report the report itself) is part of the key:
 a sender restored from a backup hands out outbox ids again, and a new item under a ``seq``
-seen before must be applied, not answered ``duplicate`` and lost.
+seen before must be applied, not answered ``duplicate`` and lost. A record is marked each
+time its item comes again and forgotten by the ``prune`` job [worker] keep_peer_items_days
+after the last time (gateway.prune says why that is safe); a refused item's record is kept.
 
 * ``push`` (job): send our queued items to each batch peer (``POST /federation/v1/batch``).
 * ``pull`` (job): fetch the items a batch peer has queued for us (``GET /federation/v1/batch``;
@@ -30,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, update
@@ -73,13 +76,24 @@ def _key(peer: str, item: dict[str, Any]) -> str:
 
 
 def _applied(node: Node, peer: str, items: list[dict[str, Any]]) -> dict[int, str]:
-    """Of ``items``, the seqs of those recorded before, with their outcome (ok or rejected)."""
+    """Of ``items``, the seqs of those recorded before, with their outcome (ok or rejected).
+    Their records are marked as sent again now: the peer has not recorded this node's answer,
+    and the ``prune`` job keeps a record [worker] keep_peer_items_days after it was last sent."""
     if not items:
         return {}
     keys = {_key(peer, i): i["seq"] for i in items}
     with node.db.sessions() as s:
-        return {keys[key]: outcome for key, outcome in s.execute(
+        done: dict[int, tuple[str, str]] = {keys[key]: (key, outcome) for key, outcome in s.execute(
             select(IngestedItem.key, IngestedItem.outcome).where(IngestedItem.key.in_(list(keys))))}
+    if done:
+        _sent_again(node, [key for key, _ in done.values()])
+    return {seq: outcome for seq, (_, outcome) in done.items()}
+
+
+def _sent_again(node: Node, keys: list[str]) -> None:
+    with node.db.begin() as s:
+        s.execute(update(IngestedItem).where(IngestedItem.key.in_(keys)).values(at=datetime.now(UTC)),
+                  execution_options={"synchronize_session": False})
 
 
 def _record_applied(node: Node, peer: str, items: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:

@@ -1022,6 +1022,9 @@ def _apply(node: Node, peer: str, loc: Location, inc: _Incoming) -> dict[str, An
 def _duplicate(node: Node, peer: str, loc: Location, inc: _Incoming) -> None:
     log.info("ferry-in %s: %s was imported before; archiving it again", peer, inc.name)
     with node.db.begin() as s:
+        # sent again: its record is kept [worker] keep_peer_items_days from now (gateway.prune)
+        s.execute(update(IngestedItem).where(IngestedItem.key == file_key(peer, inc.seq, inc.digest))
+                  .values(at=datetime.now(UTC)), execution_options={"synchronize_session": False})
         audit.append(s, actor=f"node:{peer}", action="ferry.import", obj=f"ferry:{peer}/{inc.name}",
                      outcome="duplicate", detail={"file": inc.name, "sequence": inc.seq,
                                                   "manifest_sha256": inc.digest, "location": loc.where})

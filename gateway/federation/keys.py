@@ -13,7 +13,9 @@ Ed25519 is the default; ``[federation] algorithm = "sm2"`` gives the node an SM2
 from __future__ import annotations
 
 import base64
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -22,6 +24,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from gateway import nodekey
 from gateway.config import Config, ConfigError, PeerConfig
 from gateway.federation.sm2 import SM2PrivateKey, SM2PublicKey
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from gateway.db import Database
+
+log = logging.getLogger("gateway.federation.keys")
 
 #: this node's own key
 NodeKey = Ed25519PrivateKey | SM2PrivateKey
@@ -32,25 +41,110 @@ _FORMS = ("PEM text, ed25519:<base64 of the 32 raw bytes> or "
           "sm2:<base64 of the 65-byte uncompressed point 04||x||y>")
 
 
-def own_key(config: Config) -> NodeKey:
+def own_key(config: Config, actor: str | None = None) -> NodeKey:
     """This node's key, made on first use. A key file that cannot be read as one is a
-    ConfigError: making a new key in its place would break every peer that pinned it."""
+    ConfigError: making a new key in its place would break every peer that pinned it.
+
+    A key made here is audited (``admin.node_key.create``, by ``actor``: peers pin it, and a
+    new one cuts them off until they pin it too). Should the database not take the entry
+    (not reachable, not migrated yet), the log says so and the next start of a process
+    records the key it finds (:func:`record_own_key`)."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    made: list[NodeKey] = []
     try:
         if config.federation.algorithm == "sm2":
-            return nodekey.load_or_create_sm2(config.data_dir)
-        return nodekey.load_or_create(config.data_dir)
+            key: NodeKey = nodekey.load_or_create_sm2(config.data_dir, on_create=made.append)
+        else:
+            key = nodekey.load_or_create(config.data_dir, on_create=made.append)
     except (ValueError, OSError) as exc:
         raise ConfigError(f"{config.source}: the node key: {exc}; restore the file from a backup (peers pinned "
                           f"its public key), or move it away to make a new key, which every peer must then "
                           f"pin") from None
+    if made:
+        _audit_created(config, key, actor)
+    return key
+
+
+def key_file(config: Config) -> Path:
+    """Where the node key of ``[federation] algorithm`` is kept."""
+    return config.data_dir / (nodekey.SM2_FILE if config.federation.algorithm == "sm2" else nodekey.ED25519_FILE)
 
 
 def check_own_key(config: Config) -> None:
     """At start: the node key, if it has been made, can be read (ConfigError otherwise)."""
-    name = nodekey.SM2_FILE if config.federation.algorithm == "sm2" else nodekey.ED25519_FILE
-    if (config.data_dir / name).exists() or (config.data_dir / name).is_symlink():
+    path = key_file(config)
+    if path.exists() or path.is_symlink():
         own_key(config)
+
+
+#: where the public key the audit log last recorded is kept (adapter_state; see gateway.node)
+_RECORD = "node:"
+
+
+def _audit_created(config: Config, key: NodeKey, actor: str | None) -> None:
+    from gateway import audit
+    from gateway.db import Database
+    from gateway.node import os_user
+
+    public = public_text(key)
+    try:
+        db = Database(config.database_url(), 1)
+        try:
+            with db.begin() as s:
+                audit.append(s, actor=actor or f"process:{os_user()}", action="admin.node_key.create",
+                             obj=f"node:{config.node.id}", detail={"algorithm": algorithm_of(key),
+                                                                   "public_key": public, "file": str(key_file(config))})
+                _remember(s, key, public)
+        finally:
+            db.dispose()
+    except Exception as exc:  # noqa: BLE001 - the key is made; the entry follows at the next start
+        orig = getattr(exc, "orig", None) or exc
+        log.error("a new node key (%s) was made in %s, and its creation could not be written to the audit log "
+                  "(admin.node_key.create): %s: %s; it is recorded when a process of the node next starts with "
+                  "the database reachable and migrated", public, key_file(config), type(orig).__name__,
+                  " ".join(str(orig).split())[:300])
+
+
+def _remember(s: Session, key: NodeKey, public: str) -> str | None:
+    """Record ``public`` as the node key of its algorithm; the one recorded before, if any."""
+    from gateway.models import AdapterState
+
+    row = s.get(AdapterState, (_RECORD, f"key:{algorithm_of(key)}"), with_for_update=True)
+    before = row.value if row else None
+    if row is None:
+        s.add(AdapterState(adapter=_RECORD, key=f"key:{algorithm_of(key)}", value=public))
+    else:
+        row.value = public
+    return before
+
+
+def record_own_key(db: Database, config: Config, actor: str) -> None:
+    """At a process's start: audit the node key in place (``node.key``) unless the audit log
+    recorded it last: ``first`` (no key recorded: made by an older version, or its
+    ``admin.node_key.create`` entry lost), ``changed`` (the file holds another key than the
+    one recorded: replaced, or restored from another node). No key yet: nothing."""
+    from gateway import audit
+
+    path = key_file(config)
+    if not path.exists():
+        return
+    key = own_key(config, actor)
+    public = public_text(key)
+    for last in (False, True):
+        try:
+            with db.begin() as s:
+                before = _remember(s, key, public)
+                if before == public:
+                    return
+                detail = {"algorithm": algorithm_of(key), "public_key": public, "file": str(path)}
+                if before is not None:
+                    detail["previous_public_key"] = before
+                audit.append(s, actor=actor, action="node.key", obj=f"node:{config.node.id}",
+                             outcome="first" if before is None else "changed", detail=detail)
+            return
+        except db.integrity_errors:  # another process recorded it first: compare again
+            if last:
+                raise
 
 
 def public_of(key: NodeKey | PeerKey) -> PeerKey:
