@@ -479,7 +479,10 @@ class Database:
                 if outage(exc) is None:  # an outage: each caller says so (503, the worker's log)
                     log.error("group commit of %d units failed: %s", len(batch), exc)
                 error = exc
-                self._drop_group_connection()
+                # its state is unknown (a broken one may still be in libpq's pipeline mode): closed
+                # as it is, not rolled back first (which fails on a lost connection, and logs
+                # a traceback, once per lost group)
+                self._drop_group_connection(broken=True)
             mine = me in batch  # always, unless more than GROUP_MAX were queued before it
             if mine:
                 # The next group is written (by the next leader) while this one's fsync runs.
@@ -636,7 +639,7 @@ class Database:
             if not (self.postgres and _server_hung_up(conn)):
                 return conn
             log.warning("the database server closed the group commit connection; opening a new one")
-            self._drop_group_connection()
+            self._drop_group_connection(broken=True)
         conn = self._gconn = self._write_engine.connect()
         self._sync_self = False
         self._prepared = pgbatch.Prepared()
@@ -658,13 +661,20 @@ class Database:
                 self._sync_self = True
         return conn
 
-    def _drop_group_connection(self) -> None:
+    def _drop_group_connection(self, broken: bool = False) -> None:
+        """Close the group's connection; ``broken``: without the rollback a pool connection
+        gets when it is closed (the group connection runs in autocommit mode, and a failed
+        group leaves nothing open on it worth rolling back)."""
         conn, self._gconn = self._gconn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - a broken connection is dropped either way
-                conn.invalidate()
+        if conn is None:
+            return
+        if broken:
+            conn.invalidate()
+            return
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - a broken connection is dropped either way
+            conn.invalidate()
 
     CHECKPOINT_SECONDS = 1.0
 

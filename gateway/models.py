@@ -96,8 +96,13 @@ class Delivery(Base):
     """One recipient unit's copy of a message (收文单位), with its status."""
 
     __tablename__ = "deliveries"
-    # The unique (message_id, unit) index also serves lookups by message_id.
-    __table_args__ = (UniqueConstraint("message_id", "unit"),)
+    # The unique (message_id, unit) index also serves lookups by message_id. Copies by their
+    # delivery time, for ``report sign-for`` (migration 0014): only delivered ones, so that an
+    # accept writes no entry, and a change after the delivery (签收) none either.
+    __table_args__ = (UniqueConstraint("message_id", "unit"),
+                      Index("ix_deliveries_delivered_at", "delivered_at",
+                            sqlite_where=text("delivered_at IS NOT NULL"),
+                            postgresql_where=text("delivered_at IS NOT NULL")))
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     message_id: Mapped[str] = mapped_column(ForeignKey("messages.id"))
     unit: Mapped[str] = mapped_column(String(18))

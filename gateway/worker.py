@@ -1,8 +1,14 @@
 """The delivery worker: claim outbox rows, call the adapter, record the outcome.
 
 * Claims are leased (``lease_seconds``); a row whose worker died returns to the queue when
-  its lease expires. On PostgreSQL, claims use ``FOR UPDATE SKIP LOCKED`` so several
-  workers share the queue without blocking each other.
+  its lease expires. A live worker renews the leases of the rows it holds (waiting, being
+  delivered, or delivered with the outcome not recorded yet) every quarter lease, and first
+  thing once the database is back after an outage; and a worker takes rows back only after
+  it has reached the database for a whole lease without a break. So an outage longer than
+  the lease does not let one worker take back, and deliver again, a row another worker
+  delivered just before it (that one renews as soon as the database answers, well inside
+  the other's lease of waiting). On PostgreSQL, claims use ``FOR UPDATE SKIP LOCKED`` so
+  several workers share the queue without blocking each other.
 * Rows are claimed by urgency (特急 first), then due time, then age, and only as many as
   there are idle threads, so an urgent document never waits behind a claimed backlog.
 * The claim reads everything a delivery needs (envelope, recipient) in the same
@@ -132,6 +138,11 @@ _DONE = (update(_OUTBOX)
                 _OUTBOX.c.claimed_by == bindparam("me"))
          .values(state="done", attempts=_OUTBOX.c.attempts + 1, finished_at=bindparam("now"), last_error=None)
          .returning(_OUTBOX.c.id, _OUTBOX.c.delivery_id, _OUTBOX.c.attempts, _OUTBOX.c.target))
+_RENEW = (update(_OUTBOX)
+          .where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True)), _OUTBOX.c.state == "claimed",
+                 _OUTBOX.c.claimed_by == bindparam("me"))
+          .values(lease_until=bindparam("lease"))
+          .returning(_OUTBOX.c.id))
 
 
 def queued_units(node: Node, message_id: str, target: str, units: list[str], resend: bool = False) -> list[str]:
@@ -237,6 +248,11 @@ class Worker:
         #: ids of rows delivered (or tried) whose outcomes wait for the database to come back:
         #: this worker's reaper leaves them claimed (guarded by _cv)
         self._unrecorded: set[int] = set()
+        #: since when (time.monotonic) this worker has reached the database without a break;
+        #: None before its first round and while an outage lasts. Its reaper takes rows back
+        #: only once this is a lease ago: a worker that held rows across the outage renews
+        #: their leases first thing when the database is back, well inside that lease
+        self._db_ok_since: float | None = None
         self._http = requests.Session()
         self._key: Ed25519PrivateKey | SM2PrivateKey | None = None
         #: peers whose rows only the sync jobs carry (batch and ferry links)
@@ -287,6 +303,33 @@ class Worker:
                             .values(state="pending", claimed_by=None, lease_until=None),
                             execution_options={"synchronize_session": False})
             return cast(CursorResult, res).rowcount or 0
+
+    def renew_leases(self) -> int:
+        """Extend the leases of the rows this worker holds (claimed and waiting here, being
+        delivered, or delivered with the outcome not recorded yet), so that no other worker
+        takes them back while this one is alive. A row another worker has taken over
+        meanwhile (this worker's lease ran out while it could not reach the database) is not
+        renewed; if it had not been started here, it is dropped from the local queue and not
+        delivered: the other worker delivers it. The number of rows renewed."""
+        with self._cv:
+            held = list(self._in_hand)
+        if not held:
+            return 0
+        lease = datetime.now(UTC) + timedelta(seconds=self.cfg.lease_seconds)
+        with self.node.db.begin_core() as s:
+            kept = set(s.execute(_RENEW, {"ids": held, "me": self.id, "lease": lease}).scalars())
+        lost = set(held) - kept
+        if lost:
+            with self._cv:
+                # only rows not started yet can still be left to their new owner
+                dropped = [j for j in self._ready if j.id in lost]
+                if dropped:
+                    self._ready = deque(j for j in self._ready if j.id not in lost)
+                    self._in_hand.difference_update(j.id for j in dropped)
+            log.warning("%d claimed rows were taken over by another worker (their lease ran out while this one could "
+                        "not reach the database); %d of them not started here are left to it",
+                        len(lost), len(dropped))
+        return len(kept)
 
     # -- processing ----------------------------------------------------------------------
     def execute(self, job: Job) -> Outcome:
@@ -388,6 +431,9 @@ class Worker:
                         f"last_error = NULL WHERE id IN ({marks}) AND state = 'claimed' AND claimed_by = {m} "
                         f"RETURNING id, delivery_id, attempts, target", (stamp, *by_id, self.id))
             mine = cur.fetchall()
+            if len(mine) < len(by_id):
+                log.warning("%d delivery outcomes not recorded: their rows were taken over by another worker "
+                            "(their lease ran out), which delivers them again", len(by_id) - len(mine))
             if not mine:
                 return  # every lease expired and other workers took the rows over
             delivery_ids = [r[1] for r in mine]
@@ -715,16 +761,30 @@ class Worker:
         (bench/urgency.py measures it).
 
         The batch is also bounded by the pace of delivery: no more rows than are delivered in
-        a quarter of the lease. A row waiting here longer than its lease would be taken back
-        (and tried a second time) while a slow peer holds every thread."""
-        last_reap = 0.0
+        a quarter of the lease. The leases of the rows held here are renewed, but rows queued
+        here behind a slow peer are rows no other worker can take meanwhile, and a worker
+        that dies leaves them all to wait for their lease.
+
+        Every quarter lease, and first thing once the database is back after an outage, it
+        renews the leases of the rows this worker holds (:meth:`renew_leases`); it takes back
+        expired rows of other workers (:meth:`reap_expired_leases`) only once it has reached
+        the database for a whole lease without a break."""
+        last_reap = last_renew = 0.0
+        every = max(1.0, self.cfg.lease_seconds / 4)
         away = False  # the last round met a database outage
         pace_at, pace_done, pace = time.monotonic(), 0, None
+        self._db_ok_since = None
         self.node.db.hold_connection()
         while not self._stop.is_set():
             try:
                 now = time.monotonic()
-                if now - last_reap > max(1.0, self.cfg.lease_seconds / 4):
+                ok_since: float | None = self._db_ok_since
+                if ok_since is None or now - last_renew > every:
+                    # first thing once the database answers again: the rows held across an
+                    # outage are this worker's before any other worker's reaper may take them
+                    self.renew_leases()
+                    last_renew = now
+                if ok_since is not None and now - ok_since >= self.cfg.lease_seconds and now - last_reap > every:
                     self.reap_expired_leases()
                     last_reap = now
                 with self._cv:
@@ -743,12 +803,15 @@ class Worker:
                             # an urgent row claimed now goes ahead of ordinary rows claimed earlier
                             self._ready = deque(sorted([*self._ready, *fresh], key=lambda j: j.priority))
                             self._cv.notify(len(fresh))
+                if self._db_ok_since is None:
+                    self._db_ok_since = now
                 self._wake.wait(self.cfg.idle_sleep)
                 self._wake.clear()
                 if away:
                     log.info("the database is back; claiming rows again")
                     away = False
             except Exception as exc:  # the database may be briefly unavailable
+                self._db_ok_since = None
                 if outage(exc) is None:
                     log.exception("dispatcher loop error; retrying")
                 elif not away:  # one line an outage, not one a second
@@ -825,6 +888,7 @@ class Worker:
                 if outage(exc) is None:
                     raise
                 now = time.monotonic()
+                self._db_ok_since = None  # the dispatcher's reaper waits a lease from its return
                 if away_since is None:
                     away_since = now
                     with self._cv:

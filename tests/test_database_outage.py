@@ -11,22 +11,27 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import event, func, select
+from sqlalchemy.engine import make_url
 
-from adapters.simulators.cluster import to_toml
+from adapters.simulators.cluster import stop_process_group, to_toml
+from adapters.simulators.soap_service import DocExchangeState, SoapServiceServer
+from gateway import config as config_mod
 from gateway import migrate
-from gateway.models import Delivery, Message, OutboxEntry
+from gateway.models import AuditEntry, Delivery, Message, OutboxEntry
 from gateway.node import Node
 from gateway.worker import Worker
-from tests.plugins.gatewaynode import Api, RecordingAdapter, node_config
+from tests.plugins.gatewaynode import COUNTY_A, PREFECTURE, Api, RecordingAdapter, node_config
 from tests.plugins.postgres import PrivateCluster, _pg_bin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -277,6 +282,210 @@ def test_gateway_worker_rides_out_a_postgresql_restart_and_stops_on_sigterm(pg, 
     text = log.read_text(errors="replace")
     assert "Traceback" not in text, text
     assert "the database is unavailable" in text and "the database is back" in text, text
+
+
+class GatedProxy:
+    """A TCP proxy on loopback in front of PostgreSQL for one process: ``cut()`` drops its
+    connections and refuses new ones (that process alone cannot reach the database) until
+    ``open()``."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.closed = False
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.port = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            try:
+                if self.closed:
+                    raise OSError("cut")
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for x in (src, dst):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            x.close()
+
+    def cut(self) -> None:
+        self.closed = True
+        with self._lock:
+            for x in self._open:
+                try:
+                    x.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                x.close()
+            self._open.clear()
+
+    def open(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.cut()
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sock.close()
+
+
+class GatedSoapState(DocExchangeState):
+    """The legacy SOAP service, counting SendDocument calls; the first one is held (before it
+    takes effect) until the test lets it go on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sends = 0
+        self.arrived, self.go_on = threading.Event(), threading.Event()
+
+    def send_document(self, fields: Any) -> str:
+        with self._lock:
+            self.sends += 1
+            first = self.sends == 1
+        if first:
+            self.arrived.set()
+            assert self.go_on.wait(60)
+        return super().send_document(fields)
+
+
+@pytest.mark.postgres
+def test_two_workers_an_outage_longer_than_the_lease_the_document_goes_to_the_soap_service_once(pg, tmp_path):  # type: ignore[no-untyped-def]
+    """Two ``gateway worker`` processes share the database. Worker A calls the legacy SOAP
+    service; PostgreSQL stops before A can record the outcome and stays away longer than the
+    lease; when it is back, A reaches it a moment after B (its connection takes longer to come
+    back). B does not take the row back and send the document a second time: A renews the
+    leases of what it holds as soon as it can, and B takes rows back only after it has reached
+    the database for a whole lease. One SendDocument call, A's outcome recorded."""
+    cluster, _ = pg
+    lease = 4
+    soap = SoapServiceServer(GatedSoapState()).start()
+    state = soap.state
+    assert isinstance(state, GatedSoapState)
+    proxies = [GatedProxy(cluster.port), GatedProxy(cluster.port)]
+    url = make_url(pg[1].db.url)
+    raw = {"node": {"id": "prefecture", "name": "州人民政府办公室", "data_dir": str(tmp_path / "var"),
+                    "units": [PREFECTURE]},
+           "database": {"url": url.render_as_string(hide_password=False)},
+           "worker": {"threads": 2, "idle_sleep": 0.05, "lease_seconds": lease, "poll_interval": 600},
+           "adapters": {"docexchange": {"type": "soap", "wsdl": str(ROOT / "schemas/legacy/docexchange.wsdl"),
+                                        "address": soap.url, "timeout": 60}},
+           "routes": [{"units": [COUNTY_A], "adapter": "docexchange"}]}
+    node = Node(config_mod.from_mapping(raw, source="test"))
+    procs: list[subprocess.Popen] = []
+    logs = [tmp_path / "worker0.log", tmp_path / "worker1.log"]
+    try:
+        for i, proxy in enumerate(proxies):  # each worker reaches the database through its own proxy
+            conf = tmp_path / f"worker{i}.toml"
+            conf.write_text(to_toml({**raw, "database": {"url": url.set(port=proxy.port).render_as_string(
+                hide_password=False)}}), encoding="utf-8")
+            with open(logs[i], "wb") as out:
+                procs.append(subprocess.Popen([sys.executable, "-m", "gateway.cli", "-c", str(conf), "worker"],
+                                              cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=out,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+
+        def said(i: int) -> str:
+            return logs[i].read_text(errors="replace")
+
+        deadline = time.monotonic() + 60
+        while not all("running" in said(i) for i in range(2)):
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, said(0) + said(1)
+            time.sleep(0.1)
+        api = Api(node)
+        mid = api.post("/api/v1/documents", json=api.document()).get_json()["id"]
+        assert state.arrived.wait(30), said(0) + said(1)
+        with node.db.sessions() as s:
+            holder = s.scalar(select(OutboxEntry.claimed_by))
+        a = next(i for i, p in enumerate(procs) if f":{p.pid}:" in (holder or ""))
+        time.sleep(lease / 2)  # a worker that holds a row does not lose it while its call takes long
+        cluster.stop_server()
+        for proxy in proxies:
+            proxy.cut()
+        state.go_on.set()  # the service takes the document and answers; A cannot record it
+        time.sleep(lease + 1)
+        cluster.start_again()
+        proxies[1 - a].open()
+        time.sleep(lease / 2)  # B is back; A's connection takes longer
+        proxies[a].open()
+        while time.monotonic() < deadline + 30:
+            with node.db.sessions() as s:
+                if s.scalar(select(OutboxEntry.state)) == "done":
+                    break
+            time.sleep(0.1)
+        time.sleep(1)
+        for p in procs:
+            stop_process_group(p, 30)
+        with node.db.sessions() as s:
+            row = s.execute(select(OutboxEntry.state, OutboxEntry.claimed_by, OutboxEntry.attempts)).one()
+            status = s.scalar(select(Delivery.status).where(Delivery.message_id == mid))
+            attempts = s.execute(select(AuditEntry.actor, AuditEntry.outcome)
+                                 .where(AuditEntry.action == "delivery.attempt")).all()
+        assert state.sends == 1, (state.sends, said(0), said(1))
+        assert (row.state, row.claimed_by, row.attempts) == ("done", holder, 1)
+        assert status == "delivered"
+        assert [tuple(x) for x in attempts] == [(f"worker:{holder}", "delivered")]
+        assert "Traceback" not in said(0) + said(1)
+    finally:
+        for p in procs:
+            stop_process_group(p, 30)
+        for proxy in proxies:
+            proxy.close()
+        soap.stop()
+        node.close()
+
+
+def test_renewing_leases_extends_the_rows_still_held_and_drops_the_unstarted_ones_taken_over(gw_node):  # type: ignore[no-untyped-def]
+    """After an outage a worker renews the leases of the rows it holds. A row it claimed but
+    had not started, which another worker took over meanwhile (this worker was cut off from
+    the database longer than the lease), is left to that worker: dropped from the local
+    queue, not delivered here as well. The rows still its own get a new lease."""
+    from collections import deque
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    api = Api(gw_node)
+    for title in ("续租一", "续租二"):
+        assert api.post("/api/v1/documents", json=api.document(title=title)).status_code == 202
+    w = Worker(gw_node, worker_id="worker-a")
+    jobs = w.claim(2)
+    assert len(jobs) == 2
+    w._ready, w._in_hand = deque(jobs), {j.id for j in jobs}  # as the dispatcher keeps them
+    lost, kept = jobs
+    with gw_node.db.begin() as s:  # the other worker's reaper and claim, while worker-a was away
+        s.execute(update(OutboxEntry).where(OutboxEntry.id == lost.id).values(claimed_by="worker-b"))
+        s.execute(update(OutboxEntry).values(lease_until=datetime.now(UTC) - timedelta(seconds=1)))
+    assert w.renew_leases() == 1
+    assert [j.id for j in w._ready] == [kept.id] and w._in_hand == {kept.id}
+    with gw_node.db.sessions() as s:
+        leases = dict(s.execute(select(OutboxEntry.claimed_by, OutboxEntry.lease_until)).all())
+    assert leases["worker-a"] > datetime.now(UTC) + timedelta(seconds=gw_node.config.worker.lease_seconds / 2)
+    assert leases["worker-b"] < datetime.now(UTC)  # not worker-a's to renew
 
 
 _CHECKPOINT_WITHOUT_ROOM = r"""

@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from gateway import migrate, nodekey
 from gateway.app import create_app
 from gateway.federation.keys import public_text
 from gateway.federation import signing
 from gateway.federation.signing import Signer
-from gateway.models import AuditEntry, Delivery, Message
+from gateway.models import AuditEntry, Delivery, Message, OutboxEntry
 from gateway.node import Node
 from systems.documents.payload import to_envelope
 from systems.documents.schemas import DocumentIn
@@ -317,6 +317,24 @@ def test_reconcile_refuses_one_bad_time_in_a_peers_answer_and_repairs_the_rest(p
     with pref.node.db.sessions() as s:
         rows = s.execute(select(Delivery.message_id, Delivery.status).where(Delivery.message_id.in_(ids))).all()
     assert {mid: status for mid, status in rows} == {ids[0]: "queued", ids[1]: "signed"}
+
+
+def test_reconcile_leaves_out_the_copies_whose_forward_is_still_on_its_way(pref: Prefecture) -> None:
+    """The peer cannot know a copy whose forward has not left yet: reconcile does not ask
+    about it (it would answer "unknown", and the copy would be forwarded a second time). Each
+    copy is judged by its own message's forward, not by one message's for all."""
+    from gateway.federation import reconcile
+
+    ids = []
+    for title in ("在途一", "在途二"):
+        body = forward(CITY_B, "county-b", ["county-b"], to=COUNTY_A, title=title)
+        assert pref.post("county-b", "/messages", body).status_code == 200
+        ids.append(body["message_id"])
+    assert reconcile._open_copies(pref.node, "county-a") == []  # both forwards still queued here
+    with pref.node.db.begin() as s:  # the second one's forward has left
+        s.execute(update(OutboxEntry).where(OutboxEntry.kind == "forward", OutboxEntry.delivery_id.in_(
+            select(Delivery.id).where(Delivery.message_id == ids[1]))).values(state="done"))
+    assert [(m, u) for _, m, u, _ in reconcile._open_copies(pref.node, "county-a")] == [(ids[1], COUNTY_A)]
 
 
 def test_a_county_whose_clearance_was_lowered_cannot_pull_what_was_queued_for_it_before(

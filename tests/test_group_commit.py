@@ -436,6 +436,43 @@ def test_a_group_sent_in_one_message_is_undone_alone_when_one_unit_fails(databas
         db.dispose()
 
 
+def _own_backend_ends(conn):  # type: ignore[no-untyped-def]
+    """A write_only unit during which the server ends the group's connection (as a server
+    crash or an administrator's pg_terminate_backend ends it while a group is on the wire)."""
+    cur = group_cursor(conn)
+    try:
+        cur.execute("SELECT pg_terminate_backend(pg_backend_pid())", ())
+    finally:
+        cur.close()
+    return "gone"
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_connection_lost_while_a_group_is_sent_in_one_message_is_dropped_without_a_traceback(
+        database_url, sends, caplog):
+    """The connection breaks while pgbatch has a group in libpq's pipeline mode: the callers
+    get an outage (503 at the API), and the connection is dropped as broken. Closing it like a
+    healthy one made SQLAlchemy roll it back first, which failed on the lost connection and
+    logged "Exception during reset" with a traceback through pgbatch, once per lost group."""
+    from gateway.db import outage
+
+    migrate.upgrade(database_url)
+    db = Database(database_url)
+    try:
+        assert db.write(_put("before"), write_only=True) == "before"
+        caplog.clear()
+        with pytest.raises(Exception) as lost:
+            db.write(_own_backend_ends, write_only=True)
+        assert outage(lost.value) == "away", lost.value
+        assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"], \
+            [(r.name, r.getMessage()) for r in caplog.records]
+        assert db.write(_put("after"), write_only=True) == "after"  # a new connection
+        assert sends == [(1, "committed"), (1, "BatchFailed"), (1, "committed")]
+        assert _keys(db) == ["after", "before"]
+    finally:
+        db.dispose()
+
+
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_statements_sent_in_one_message_are_prepared_again_when_the_server_forgot_them(database_url, sends,
                                                                                        monkeypatch):

@@ -233,13 +233,15 @@ def test_a_worker_paused_past_its_lease_cannot_overwrite_the_outcome_of_the_one_
     assert [tuple(a) for a in attempts] == [("worker:worker-b", "delivered")]
 
 
-def test_an_attempt_that_outlives_its_lease_is_not_recorded_over_the_same_workers_next_attempt(pg_node):
-    """One worker's adapter call takes longer than the lease: its own dispatcher takes the row
-    back. The call then fails for good; the row was not claimed a second time by the same
-    worker meanwhile, so that late failure cannot dead-letter a copy that is delivered."""
+def test_an_attempt_that_outlives_its_lease_keeps_its_row_until_its_outcome_is_recorded(pg_node):
+    """One worker's adapter call takes three leases: its dispatcher renews the row's lease
+    meanwhile, so no reaper (its own or another worker's) takes the row back and nobody
+    claims it a second time. The late failure is recorded as a retry; the next attempt
+    delivers the document, once."""
     api = Api(pg_node)
     mid = api.post("/api/v1/documents", json=api.document()).get_json()["id"]
     out = _finish(_start(pg_node, "outlive-lease"))
+    assert out["calls"] == 2 and out["reaped"] == 0 and out["claims"] == 2 and out["rows"] == 1, out
     assert out["delivered"] == 1, out  # the legacy system has the document (once)
     assert _status(pg_node, mid) == "delivered", out
     with pg_node.db.sessions() as s:
@@ -686,51 +688,41 @@ def _drain(node: Node, refused: float, go: Path) -> dict:
 
 
 def _outlive_lease(node: Node) -> dict:
-    """A worker whose first adapter call returns (a refusal) only after its own dispatcher
-    has taken the row back and had a chance to claim it again; the next attempt succeeds."""
+    """A worker whose first adapter call takes three leases, then fails (retryable); the
+    next attempt succeeds. Its dispatcher keeps renewing the row's lease meanwhile."""
     w = Worker(node, worker_id="slow-worker", threads=2)
-    reaped, claimed_after_reap, recorded = threading.Event(), threading.Event(), threading.Event()
-    records: list[int] = []
-    reap, claim, record = w.reap_expired_leases, w.claim, w.record
+    reaped: list[int] = []
+    claimed: list[int] = []
+    reap, claim = w.reap_expired_leases, w.claim
 
     def reap_spy() -> int:
         n = reap()
-        if n:
-            reaped.set()
+        reaped.append(n)
         return n
 
     def claim_spy(limit: int, **kw: object) -> list:
-        before = reaped.is_set()
         jobs = claim(limit, **kw)  # type: ignore[arg-type]
-        if before:
-            claimed_after_reap.set()
+        claimed.extend(j.id for j in jobs)
         return jobs
 
-    def record_spy(outs: list) -> None:
-        try:
-            record(outs)
-        finally:
-            records.append(len(outs))
-            recorded.set()
-
     calls: list[int] = []
+    lease = node.config.worker.lease_seconds
 
     def hook(_delivery: object) -> None:
         calls.append(1)
         if len(calls) == 1:
-            assert claimed_after_reap.wait(30)
-            raise PermanentError("对方系统拒收 (refused, too late)")
-        assert recorded.wait(30)  # the late refusal is recorded first
+            time.sleep(3 * lease)
+            raise RetryableError("对方系统超时 (timed out, too late)")
 
-    w.reap_expired_leases, w.claim, w.record = reap_spy, claim_spy, record_spy  # type: ignore[method-assign]
+    w.reap_expired_leases, w.claim = reap_spy, claim_spy  # type: ignore[method-assign]
     node.adapter("rec").hook = hook  # type: ignore[attr-defined]
     w.start()
     deadline = time.monotonic() + 30
-    while len(records) < 2 and time.monotonic() < deadline:
+    while not node.adapter("rec").delivered and time.monotonic() < deadline:  # type: ignore[attr-defined]
         time.sleep(0.05)
     w.stop()
     return {"delivered": len(node.adapter("rec").delivered), "calls": len(calls),  # type: ignore[attr-defined]
-            "records": records}
+            "reaped": sum(reaped), "claims": len(claimed), "rows": len(set(claimed))}
 
 
 if __name__ == "__main__":

@@ -191,3 +191,82 @@ def test_a_prune_with_little_to_remove_reads_no_history(gw_node):
     assert len(reads) >= 4, reads  # the two kinds of keys, the jobs' names and their runs
     costs = [_cost(gw_node, q, p) for q, p in reads]
     assert max(costs) < rows / 10, list(zip(costs, (q for q, _ in reads)))
+
+
+def _seed_months(node: Node, days: int = 150) -> datetime:
+    """N documents over ``days`` days up to now, 3 copies each: two delivered here (most signed
+    within hours), one forwarded to node county-a; one forwarded copy in 100 still open
+    (delivered, not signed). Returns now."""
+    now = datetime.now(UTC)
+    step = timedelta(days=days) / N
+    msgs, dels = [], []
+    for i in range(N):
+        at = now - step * (N - i)
+        mid = f"vol-{i:06d}"
+        msgs.append(dict(id=mid, subsystem="documents", type="document", sender_unit=PREFECTURE,
+                         classification="非密", clearance=0, urgency="平件", api_key_id=None, source="api",
+                         summary={"title": "通知"}, envelope_xml=b"<e/>", accepted_at=at))
+        for k in range(3):
+            unit = f"{COUNTY_A[:-2]}{k:02d}"
+            to_node, still_open = k == 2, k == 2 and i % 100 == 0
+            delivered, signed = at + timedelta(hours=1), at + timedelta(hours=5 + i % 40)
+            dels.append(dict(message_id=mid, unit=unit, route_kind="node" if to_node else "adapter",
+                             target="county-a" if to_node else "rec", status="delivered" if still_open else "signed",
+                             remote_ref=remote_ref(mid, unit), delivered_at=delivered,
+                             signed_at=None if still_open else signed,
+                             updated_at=delivered if still_open else signed))
+    with node.db.begin() as s:
+        s.execute(insert(table(Message)), msgs)
+        s.execute(insert(table(Delivery)), dels)
+    _analyze(node)
+    return now
+
+
+def _sign_for_cost(node: Node, start: datetime, end: datetime) -> float:
+    from systems.documents import assessment
+
+    with _statements(node) as seen:
+        rows = assessment.sign_for(node.db, start, end, 24, end)
+    assert rows, "the period has deliveries"
+    (statement, params), = [(q, p) for q, p in seen if "FROM deliveries" in q]
+    return _cost(node, statement, params)
+
+
+def test_the_sign_for_report_of_a_month_reads_that_months_copies_not_every_copy(gw_node):
+    """``gateway report sign-for`` reads the copies delivered in its period through the index
+    of delivery times (ix_deliveries_delivered_at, migration 0014): the last ten days of five
+    months of copies cost a fraction of the whole five months, as a month costs a fraction of
+    a year at a node."""
+    now = _seed_months(gw_node)
+    ten_days = _sign_for_cost(gw_node, now - timedelta(days=10), now)
+    everything = _sign_for_cost(gw_node, now - timedelta(days=151), now)
+    assert ten_days * 3 < everything, (ten_days, everything)  # a scan of the table costs about the same for both
+
+
+def _open_copies_cost(node: Node, **kw: Any) -> float:
+    from gateway.federation import reconcile
+
+    with _statements(node) as seen:
+        reconcile._open_copies(node, "county-a", **kw)
+    return sum(_cost(node, q, p) for q, p in seen)
+
+
+def test_reconcile_reads_the_copies_of_its_window_not_every_copy(gw_node, monkeypatch):
+    """The ``reconcile`` job reads the copies of the messages accepted in its window (30
+    days), a range of the primary key found through the index of acceptance times, slice by
+    slice: the last 30 days of five months cost a fraction of the five months."""
+    from gateway.federation import reconcile
+
+    _seed_months(gw_node)
+    month = _open_copies_cost(gw_node)
+    monkeypatch.setattr(reconcile, "WINDOW", timedelta(days=200))
+    everything = _open_copies_cost(gw_node)
+    assert month * 3 < everything, (month, everything)
+    monkeypatch.undo()
+    # two open copies in the last 30 days (one every hundred messages), a slice of one each
+    first = reconcile._open_copies(gw_node, "county-a", limit=1)
+    rest = reconcile._open_copies(gw_node, "county-a", after=first[-1][0], limit=1)
+    assert len(first) == 1 and len(rest) == 1
+    assert reconcile._open_copies(gw_node, "county-a", after=rest[-1][0], limit=1) == []
+    ids = [c[0] for c in first + rest]
+    assert ids == sorted(set(ids)) and {c[3] for c in first + rest} == {"delivered"}

@@ -18,8 +18,8 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, select
-from sqlalchemy.orm import aliased
+from sqlalchemy import and_, exists, func, select
+from sqlalchemy.orm import Session, aliased
 
 from adapters.base import PermanentError, RetryableError
 from gateway import audit, pipeline
@@ -29,8 +29,9 @@ from gateway.node import Node
 
 log = logging.getLogger(__name__)
 
-CHUNK = 500
-#: copies older than this are not reconciled (they are settled, or an operator's matter)
+CHUNK = 500  # copies asked about in one request (one keyset slice)
+#: copies of messages accepted longer ago than this are not reconciled (they are settled, or an
+#: operator's matter)
 WINDOW = timedelta(days=30)
 _OPEN = ("queued", "delivered")
 
@@ -58,20 +59,39 @@ def answer(node: Node, peer: str, items: Any) -> dict[str, Any]:
                                        for m, u in sorted(wanted)]}
 
 
-def _open_copies(node: Node, peer: str) -> list[tuple[str, str, str]]:
+def _open_copies(node: Node, peer: str, after: int | None = None,
+                 limit: int = CHUNK) -> list[tuple[int, str, str, str]]:
+    """The next ``limit`` copies forwarded to ``peer`` that are not final here, of messages
+    accepted in the last WINDOW, past copy id ``after`` (a keyset slice, in id order; None:
+    from the start of the window): (id, message id, unit, status). Copies are numbered in the
+    order their messages were accepted, so the window is a range of the primary key, read
+    from its start instead of the whole table."""
     fwd = aliased(OutboxEntry)
     sibling = aliased(Delivery)
+    # the forward of a message to a node hangs on its first copy for that node; correlated to
+    # the copy asked about (two levels down, SQLAlchemy would otherwise read ``deliveries`` in
+    # the subquery anew: a check of one arbitrary message, the same for every copy)
     in_flight = exists().where(
         fwd.kind == "forward", fwd.target == peer, fwd.state.in_(("pending", "claimed")),
         fwd.delivery_id == select(sibling.id).where(
             and_(sibling.message_id == Delivery.message_id, sibling.route_kind == "node", sibling.target == peer))
-        .order_by(sibling.id).limit(1).scalar_subquery())
-    since = datetime.now(UTC) - WINDOW
+        .order_by(sibling.id).limit(1).correlate(Delivery).scalar_subquery())
     with node.db.sessions() as s:
-        return [(r.message_id, r.unit, r.status) for r in s.execute(
-            select(Delivery.message_id, Delivery.unit, Delivery.status).where(
-                Delivery.route_kind == "node", Delivery.target == peer, Delivery.status.in_(_OPEN),
-                Delivery.updated_at >= since, ~in_flight).order_by(Delivery.id))]
+        if after is None:
+            after = _before_window(s, datetime.now(UTC) - WINDOW)
+        return [(r.id, r.message_id, r.unit, r.status) for r in s.execute(
+            select(Delivery.id, Delivery.message_id, Delivery.unit, Delivery.status).where(
+                Delivery.id > after, Delivery.route_kind == "node", Delivery.target == peer,
+                Delivery.status.in_(_OPEN), ~in_flight).order_by(Delivery.id).limit(limit))]
+
+
+def _before_window(s: Session, since: datetime) -> int:
+    """The copy id just before the copies of the first message accepted at ``since`` or later
+    (through the index of acceptance times); the last copy's id if there is none."""
+    first = s.scalar(select(Message.id).where(Message.accepted_at >= since).order_by(Message.accepted_at).limit(1))
+    if first is None:
+        return s.scalar(select(func.max(Delivery.id))) or 0
+    return (s.scalar(select(func.min(Delivery.id)).where(Delivery.message_id == first)) or 1) - 1
 
 
 def run(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
@@ -83,12 +103,14 @@ def run(node: Node, peers: list[str] | None = None) -> dict[str, Any]:
             "peer it can ask (one with a url, not on a ferry link)"):
         counts = {"checked": 0, "repaired": 0, "reforwarded": 0, "agree": 0}
         try:
-            copies = _open_copies(node, peer)
-            for i in range(0, len(copies), CHUNK):
-                chunk = copies[i:i + CHUNK]
-                mine = {(m, u): st for m, u, st in chunk}
+            after = None
+            # slice by slice (keyset on the copy id): the open copies of a long outage are
+            # never all in memory at once, and each slice is one question to the peer
+            while chunk := _open_copies(node, peer, after):
+                after = chunk[-1][0]
+                mine = {(m, u): st for _, m, u, st in chunk}
                 got = node.federation.client.post(peer, "/reconcile", {
-                    "items": [{"message_id": m, "unit": u} for m, u, _ in chunk]})
+                    "items": [{"message_id": m, "unit": u} for _, m, u, _ in chunk]})
                 counts["checked"] += len(chunk)
                 _repair(node, peer, mine, got.get("items", []), counts)
             out[peer] = counts
