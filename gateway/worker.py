@@ -321,14 +321,16 @@ class Worker:
         lost = set(held) - kept
         if lost:
             with self._cv:
-                # only rows not started yet can still be left to their new owner
+                # only rows not started yet can still be left to their new owner; a row started
+                # here is also not renewed once its outcome is recorded (the recorder lets go of
+                # it just after its commit), and one taken over is said by record()
                 dropped = [j for j in self._ready if j.id in lost]
                 if dropped:
                     self._ready = deque(j for j in self._ready if j.id not in lost)
                     self._in_hand.difference_update(j.id for j in dropped)
-            log.warning("%d claimed rows were taken over by another worker (their lease ran out while this one could "
-                        "not reach the database); %d of them not started here are left to it",
-                        len(lost), len(dropped))
+            if dropped:
+                log.warning("%d claimed rows not started here were taken over by another worker (their lease ran out "
+                            "while this one could not reach the database); they are left to it", len(dropped))
         return len(kept)
 
     # -- processing ----------------------------------------------------------------------

@@ -7,7 +7,6 @@ import base64
 import hashlib
 import io
 import os
-import socket
 import stat
 import threading
 import time
@@ -42,6 +41,7 @@ from gateway import xmlsafe
 from gateway.blobs import BlobStore
 from gateway.envelope import Attachment, Envelope, Receipt, validate
 from tests.plugins.sshd import SftpEndpoint, give_to
+from tests.plugins.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.sshd
 
@@ -173,76 +173,9 @@ def put_outbox(
     return path
 
 
-class CuttingProxy:
-    """A TCP proxy on loopback in front of sshd. It counts connections and, when
-    ``cut_after`` is set, drops a connection once that many client->server bytes passed."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.cut_after: int | None = None
-        self.connections = 0
-        self.cuts = 0
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self._sock.settimeout(0.2)
-        self.port = self._sock.getsockname()[1]
-        self._stop = threading.Event()
-        self._open: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self.connections += 1
-            self._open += [client, upstream]
-            limit = self.cut_after
-            threading.Thread(target=self._pump, args=(client, upstream, limit), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
-        passed = 0
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if limit is not None and passed + len(data) > limit:
-                    self.cuts += 1
-                    break  # the cable is pulled: nothing more reaches the server
-                dst.sendall(data)
-                passed += len(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def sever(self) -> None:
-        """Pull the cable on every connection made so far."""
-        for s in self._open:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self._sock.close()
-        for s in self._open:
-            s.close()
-
-
 @pytest.fixture
-def proxy(openssh_server: SftpEndpoint) -> Iterator[CuttingProxy]:
-    p = CuttingProxy(openssh_server.port)
+def proxy(openssh_server: SftpEndpoint) -> Iterator[TcpProxy]:
+    p = TcpProxy(openssh_server.port)
     yield p
     p.close()
 
@@ -394,7 +327,7 @@ def test_redelivery_completes_a_missing_done_file(
 
 
 def test_connection_cut_mid_upload_leaves_no_final_file_and_retry_succeeds(
-    drop: Drop, blobs: BlobStore, make_adapter, proxy: CuttingProxy
+    drop: Drop, blobs: BlobStore, make_adapter, proxy: TcpProxy
 ) -> None:
     big = os.urandom(6 * 1024 * 1024)
     d = make_delivery(blobs, body=big)
@@ -434,7 +367,7 @@ def test_a_drop_that_refuses_deletes_takes_deliveries(
 
 
 def test_two_deliveries_share_one_connection(
-    drop: Drop, blobs: BlobStore, make_adapter, proxy: CuttingProxy
+    drop: Drop, blobs: BlobStore, make_adapter, proxy: TcpProxy
 ) -> None:
     adapter = make_adapter(drop.config(port=proxy.port))
     adapter.deliver(make_delivery(blobs))
@@ -1092,7 +1025,7 @@ def test_a_utf8_receipt_naming_no_encoding_is_read_as_utf8() -> None:
 
 # -- connection handling -----------------------------------------------------------------------
 def test_concurrent_deliveries_share_one_connection(
-    drop: Drop, blobs: BlobStore, make_adapter, proxy: CuttingProxy
+    drop: Drop, blobs: BlobStore, make_adapter, proxy: TcpProxy
 ) -> None:
     adapter = make_adapter(drop.config(port=proxy.port))
     deliveries = [make_delivery(blobs, unit=(UNIT_A, UNIT_B)[i % 2]) for i in range(8)]
@@ -1116,7 +1049,7 @@ def test_concurrent_deliveries_share_one_connection(
 
 
 def test_a_connection_that_died_unnoticed_is_replaced_on_the_next_call(
-    drop: Drop, blobs: BlobStore, make_adapter, proxy: CuttingProxy, monkeypatch
+    drop: Drop, blobs: BlobStore, make_adapter, proxy: TcpProxy, monkeypatch
 ) -> None:
     adapter = make_adapter(drop.config(port=proxy.port))
     adapter.deliver(make_delivery(blobs))

@@ -232,6 +232,52 @@ def test_a_document_stored_under_the_callers_id_alone_keeps_it_when_sent_again(a
     assert _count(gw_node, Message) == 2
 
 
+def test_the_callers_own_id_alone_finds_its_document_where_another_is_stored_under_it(api, gw_node):
+    """A node of an older version stored a document of a caller at another node under that
+    caller's id alone (oa-2026-000102), and forwarded it here. A caller here sends its own
+    oa-2026-000102 (stored as oa-2026-000102:prefecture): the id alone finds, and recalls,
+    the caller's document, not the other one (a 404 to a key without admin; to this one, with
+    admin, the other document, whose copies its recall would have recalled)."""
+    from gateway import pipeline
+    from gateway.envelope import Envelope
+
+    doc = api.document(message_id="oa-2026-000103")
+    first = api.post("/api/v1/documents", json=doc).get_json()["id"]
+    with gw_node.db.sessions() as s:
+        env = Envelope.from_xml(s.get(Message, first).envelope_xml)
+    env.message_id = "oa-2026-000102"  # another node's caller's, as an older version stored it
+    pipeline.accept(gw_node, env, actor="node:county-b")
+    r = api.post("/api/v1/documents", json={**doc, "message_id": "oa-2026-000102", "title": "本级来文"})
+    assert r.status_code == 202 and r.get_json()["id"] == "oa-2026-000102:prefecture", r.get_json()
+    got = api.get("/api/v1/documents/oa-2026-000102")
+    assert got.status_code == 200 and got.get_json()["id"] == "oa-2026-000102:prefecture", got.get_json()
+    xml = api.get("/api/v1/documents/oa-2026-000102", headers={"Accept": "application/xml"})
+    assert b"<message-id>oa-2026-000102:prefecture</message-id>" in xml.data
+    assert api.post("/api/v1/documents/oa-2026-000102/recall").status_code == 202
+    with gw_node.db.sessions() as s:
+        assert s.scalars(select(Delivery.status).where(Delivery.message_id == "oa-2026-000102")).all() == ["queued"]
+
+
+def test_another_keys_document_stored_under_the_id_alone_does_not_stand_in_the_callers_way(api, gw_node):
+    """Before 2026-11-28 calling system Y stored oa-2026-000104 here under that id alone.
+    Calling system X, at the same node and numbering alike, sends its own oa-2026-000104:
+    stored as oa-2026-000104:prefecture, not refused as Y's id (409) nor taken for Y's."""
+    from gateway import pipeline
+    from gateway.envelope import Envelope
+
+    first = api.post("/api/v1/documents", json=api.document(message_id="oa-2026-000105")).get_json()["id"]
+    with gw_node.db.sessions() as s:
+        m = s.get(Message, first)
+        env, y = Envelope.from_xml(m.envelope_xml), m.api_key_id
+    env.message_id = "oa-2026-000104"  # Y's, as the old version stored it
+    pipeline.accept(gw_node, env, actor="api", api_key_id=y)
+    x = Api(gw_node, scopes=("documents:send", "documents:read", "blobs:write"))
+    r = x.post("/api/v1/documents", json=x.document(message_id="oa-2026-000104", title="乙系统的文"))
+    assert r.status_code == 202 and r.get_json()["id"] == "oa-2026-000104:prefecture", r.get_json()
+    assert x.get("/api/v1/documents/oa-2026-000104").get_json()["title"] == "乙系统的文"
+    assert _count(gw_node, Message) == 3
+
+
 def test_ids_this_node_makes_are_its_own_and_no_caller_or_legacy_system_takes_another_nodes(api, gw_node):
     """An id the gateway makes is <UUIDv7>:<node id> (envelope.new_message_id). Only that node
     stores a message under it: a caller (or a legacy system) here that saw an id county B made

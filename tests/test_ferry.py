@@ -24,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import paramiko
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select, update
@@ -324,14 +325,19 @@ def test_a_file_that_comes_again_keeps_its_record_past_keep_peer_items_days(tmp_
             assert list(s.scalars(select(IngestedItem.key))) == [two]
 
 
+def _sftp_spec(ep: SftpEndpoint, sub: str, folder: str) -> dict[str, Any]:
+    """A ferry location in ``sub/folder`` on the real OpenSSH server ``ep``."""
+    return {"host": ep.host, "port": ep.port, "username": ep.username,
+            "private_key_file": str(ep.client_key_path), "host_key": ep.host_key_line,
+            "path": posixpath.join(ep.remote_root, sub, folder), "connect_timeout": 5}
+
+
 def test_round_trip_over_sftp_to_a_real_openssh_server(openssh_server: SftpEndpoint, tmp_path: Path) -> None:
     ep = openssh_server
     sub = f"ferry-{uuid.uuid4().hex[:8]}"
 
     def spec(folder: str) -> dict[str, Any]:
-        return {"host": ep.host, "port": ep.port, "username": ep.username,
-                "private_key_file": str(ep.client_key_path), "host_key": ep.host_key_line,
-                "path": posixpath.join(ep.remote_root, sub, folder), "connect_timeout": 5}
+        return _sftp_spec(ep, sub, folder)
 
     # one folder per direction on the server: the device's two sides
     pref, b = _pair(tmp_path, out_b=spec("to-county-b"), in_b=spec("to-county-b"),
@@ -360,6 +366,60 @@ def test_round_trip_over_sftp_to_a_real_openssh_server(openssh_server: SftpEndpo
             assert s.scalar(select(Delivery.status).where(Delivery.message_id == mid, Delivery.unit == CITY_B)) \
                 == "delivered"
         assert ferry.ferry_out(b)["prefecture"]["files"] == []  # nothing left to send
+    finally:
+        pref.close()
+        b.close()
+
+
+@pytest.mark.parametrize("when", ["left before", "planted after the check"])
+def test_a_rejected_file_s_note_over_sftp_is_never_written_through_a_symlink(
+    openssh_server: SftpEndpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """Whoever may write the ferry folder (the device's side) can leave a link, or a note of a
+    move cut short, where a rejected file's .error note goes: the note is created (O_EXCL),
+    never written through it. One there before the move is passed by (the file goes to
+    failed/ under another name with its note); one planted between the look and the OPEN
+    makes the move fail, and the file stays to be judged again."""
+    ep = openssh_server
+    sub = f"ferry-{uuid.uuid4().hex[:8]}"
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep me")
+
+    def spec(folder: str) -> dict[str, Any]:
+        return _sftp_spec(ep, sub, folder)
+
+    pref, b = _pair(tmp_path, out_b=spec("to-county-b"), in_b=spec("to-county-b"),
+                    out_pref=spec("to-prefecture"), in_pref=spec("to-prefecture"))
+    try:
+        _send(pref)
+        [written] = ferry.ferry_out(pref)["county-b"]["files"]
+        remote = ep.data_root / sub / "to-county-b"
+        path = remote / written["file"]
+        path.write_bytes(path.read_bytes()[:100])  # truncated: rejected whole
+        note = remote / "failed" / (written["file"] + ".error")
+        note.parent.mkdir()
+        if when == "left before":
+            note.symlink_to(target)
+        else:
+            real_open = paramiko.SFTPClient.open
+
+            def racing_open(self: paramiko.SFTPClient, filename: str, mode: str = "r", bufsize: int = -1) -> Any:
+                if filename.endswith(note.name) and not note.is_symlink():
+                    note.symlink_to(target)
+                return real_open(self, filename, mode, bufsize)
+
+            monkeypatch.setattr(paramiko.SFTPClient, "open", racing_open)
+
+        with pytest.raises(ferry.FerryFailed):
+            ferry.ferry_in(b)
+
+        assert target.read_bytes() == b"keep me" and note.is_symlink()
+        if when == "left before":
+            [moved] = [p for p in note.parent.iterdir() if p.name.endswith(ferry.EXT)]
+            assert moved.name != written["file"] and not path.exists()
+            assert "truncated" in moved.with_name(moved.name + ".error").read_text(encoding="utf-8")
+        else:
+            assert path.exists()
     finally:
         pref.close()
         b.close()

@@ -172,7 +172,10 @@ class _Counting:
 
 
 def _free_name(name: str, taken: Callable[[str], bool]) -> str:
-    if not taken(name) and not taken(name + SIG_EXT):
+    """``name``, or a new name beside it when the name, its .sig or its .error note is taken
+    there (a note left by a move cut short, or a link planted under its name: the note is
+    created O_EXCL over SFTP, and would fail there for good)."""
+    if not any(taken(name + ext) for ext in ("", SIG_EXT, ERROR_EXT)):
         return name
     stem = name.removesuffix(EXT)
     return f"{stem}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}{EXT}"

@@ -144,16 +144,17 @@ _NO_XML = defer(Message.envelope_xml)
 _ID_MAX = 128
 
 
-def _stored_id(n, given: str) -> str:  # type: ignore[no-untyped-def]
+def _stored_id(n, given: str, caller: auth.Caller) -> str:  # type: ignore[no-untyped-def]
     """The id a document whose ``message_id`` the caller chose is stored under: the caller's
     id with this node's id after it (envelope.own_id), so that callers at two nodes that
-    number alike never meet where both send. A document a caller sent before 2026-11-28 is
-    stored under the caller's id alone: a resend of it keeps that id (and is a replay)."""
+    number alike never meet where both send. A document this caller sent before 2026-11-28
+    is stored under its id alone: a resend of it keeps that id (and is a replay). Another
+    key's document stored so does not stand in the way (two callers here numbering alike)."""
     own = own_id(given, n.id)
     if own == given:
         return given
     with n.db.sessions() as s:
-        if s.scalar(select(Message.id).where(Message.id == given, Message.api_key_id.is_not(None))) is not None:
+        if s.scalar(select(Message.id).where(Message.id == given, Message.api_key_id == caller.key_id)) is not None:
             return given
     if len(own) > _ID_MAX:
         msg = (f"at most {_ID_MAX - len(n.id) - 1} characters at this node, which stores a message id you choose "
@@ -167,8 +168,12 @@ def _find(s: Session, message_id: str, caller: auth.Caller, with_xml: bool = Fal
     caller's own id without this node's id after it), or the 404 / 403 answer."""
     options = [lazyload(Message.deliveries)] if with_xml else [_NO_XML]
     m = s.get(Message, message_id, options=options)
-    if m is None and (own := own_id(message_id, node().id)) != message_id:
-        m = s.get(Message, own, options=options)
+    if (m is None or m.api_key_id != caller.key_id) and (own := own_id(message_id, node().id)) != message_id:
+        # the id alone may name another's document here (one a node of an older version stored
+        # under a caller's id as it was, forwarded from another node): the caller's own comes first
+        mine = s.get(Message, own, options=options)
+        if mine is not None and (m is None or mine.api_key_id == caller.key_id):
+            m = mine
     if m is None or m.subsystem != SLUG or (m.api_key_id != caller.key_id and not caller.has("admin")):
         raise Problem(404, "not-found", f"no document {message_id} sent with this API key")
     if m.clearance > caller.clearance:
@@ -245,7 +250,7 @@ def send_document() -> Response:
     if sizes[doc.body["sha256"]] == 0:
         msg = "the body (正文) is empty: the content uploaded under this SHA-256 has no bytes"
         raise Problem(422, "validation", f"body.sha256: {msg}", errors=[{"field": "body.sha256", "message": msg}])
-    mid = None if doc.message_id is None else _stored_id(n, doc.message_id)
+    mid = None if doc.message_id is None else _stored_id(n, doc.message_id, caller)
     env = payload.to_envelope(doc, message_id=mid, node_id=n.id, sizes=sizes, plain=plain)
     idem_key = idempotency_key()
     idem = None if idem_key is None else IdempotencyKey(caller.key_id, idem_key, request_hash())
