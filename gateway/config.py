@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from gateway.units import uscc_problem
 
@@ -264,21 +264,14 @@ class WorkerConfig(_Strict):
     #: ``prune`` job, all but each job's newest and newest successful; the audit log keeps them
     keep_job_runs_days: int = Field(default=90, ge=1, le=3650)
 
-    @field_validator("keep_ingested_days")
+    @field_validator("keep_ingested_days", "keep_peer_items_days")
     @classmethod
-    def _keep_ingested(cls, v: int) -> int:
+    def _keep_taken(cls, v: int, info: ValidationInfo) -> int:
         if 0 < v < MIN_KEEP_INGESTED_DAYS:
-            raise ValueError(f"{v} days is too short a time to forget what was taken from a legacy system (a "
-                             f"source out of reach for a few days may still hold it); expected 0 (kept for "
-                             f"ever) or {MIN_KEEP_INGESTED_DAYS} to 3650")
-        return v
-
-    @field_validator("keep_peer_items_days")
-    @classmethod
-    def _keep_peer_items(cls, v: int) -> int:
-        if 0 < v < MIN_KEEP_INGESTED_DAYS:
-            raise ValueError(f"{v} days is too short a time to forget what a peer sent (a link down for a few "
-                             f"days brings its unanswered items again); expected 0 (kept for ever) or "
+            what = ("what was taken from a legacy system (a source out of reach for a few days may still hold it)"
+                    if info.field_name == "keep_ingested_days" else
+                    "what a peer sent (a link down for a few days brings its unanswered items again)")
+            raise ValueError(f"{v} days is too short a time to forget {what}; expected 0 (kept for ever) or "
                              f"{MIN_KEEP_INGESTED_DAYS} to 3650")
         return v
 

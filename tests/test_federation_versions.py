@@ -5,10 +5,8 @@ read safely (an envelope of another version, a status it has no meaning for) it 
 problem answer that says so, and nothing of it is stored."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from lxml import etree
 from sqlalchemy import select
 
@@ -17,19 +15,14 @@ from gateway.envelope import NS, Envelope
 from gateway.federation import directory
 from gateway.federation.keys import public_text
 from gateway.models import Delivery, Message
-from tests.plugins.gatewaynode import CITY_B, COUNTY_A, RecordingAdapter
+from tests.plugins.gatewaynode import CITY_B, COUNTY_A
+from tests import test_federation_attacks
 from tests.test_federation_attacks import Prefecture, forward
+
+pref = test_federation_attacks.pref  # the prefecture with two county peers (the fixture)
 
 DOC = "urn:egov:gateway:documents:v1"
 EXT = "urn:example:gateway-ext:v9"  # a later version's extension namespace
-
-
-@pytest.fixture
-def pref(tmp_path: Path, database_url: str) -> Iterator[Prefecture]:
-    RecordingAdapter.instances.clear()
-    p = Prefecture(tmp_path, database_url)
-    yield p
-    p.node.close()
 
 
 def _with_extensions(xml: str) -> str:
